@@ -1,0 +1,157 @@
+//! The data-plane request header: a fixed 64-byte binary layout (never serde), carried as the
+//! metadata part of a [`kind::DATA`](crate::codec::kind::DATA) frame; block data follows as the
+//! frame's raw data part.
+//!
+//! ```text
+//! op u8 | flags u8 | reserved u16 | pg u32 | pool u64 | epoch u64 | vtree u64 | chunk u64 |
+//! offset u32 | len u32 | fence u64 | reserved u64
+//! ```
+//! `offset`/`len` are bytes inside the chunk (for [`DataOp::AllocStatus`], `chunk` is the first
+//! chunk and `len` a chunk count). `fence` is the volume mapping generation the SDC was given
+//! (0 when the request does not come from a mapped volume).
+
+use crate::ids::*;
+
+pub const DATA_HEADER_LEN: usize = 64;
+
+/// Set on a write that must be durable when acknowledged (NBD FUA).
+pub const FLAG_FUA: u8 = 1;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum DataOp {
+    /// Read `len` bytes; the response's data holds them.
+    Read = 1,
+    /// Write the frame's data (SDC → primary).
+    Write = 2,
+    /// Write forwarded by a primary to its secondary.
+    ReplicaWrite = 3,
+    /// Make every acknowledged write on this SDS durable.
+    Flush = 4,
+    /// Deallocate a range (reads return zeros afterwards).
+    Trim = 5,
+    /// Write zeros over a range.
+    WriteZeroes = 6,
+    /// Which of `len` chunks from `chunk` this SDS holds: the response is one byte per chunk.
+    AllocStatus = 7,
+    /// Trim forwarded by a primary to its secondary.
+    ReplicaTrim = 8,
+    /// Read this SDS's own copy, whatever its role (admin comparison of copies).
+    ReadLocal = 9,
+}
+
+impl DataOp {
+    pub fn from_u8(v: u8) -> Option<DataOp> {
+        use DataOp::*;
+        Some(match v {
+            1 => Read,
+            2 => Write,
+            3 => ReplicaWrite,
+            4 => Flush,
+            5 => Trim,
+            6 => WriteZeroes,
+            7 => AllocStatus,
+            8 => ReplicaTrim,
+            9 => ReadLocal,
+            _ => return None,
+        })
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DataHeader {
+    pub op: DataOp,
+    pub flags: u8,
+    pub pool: PoolId,
+    pub pg: PgId,
+    pub epoch: Epoch,
+    pub chunk: ChunkId,
+    pub offset: u32,
+    pub len: u32,
+    pub fence: u64,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum DataHeaderError {
+    #[error("data header of {0} bytes, expected {DATA_HEADER_LEN}")]
+    Length(usize),
+    #[error("unknown data op {0}")]
+    Op(u8),
+    #[error("range {offset}+{len} exceeds the chunk")]
+    Range { offset: u32, len: u32 },
+}
+
+impl DataHeader {
+    pub fn encode(&self) -> [u8; DATA_HEADER_LEN] {
+        let mut b = [0u8; DATA_HEADER_LEN];
+        b[0] = self.op as u8;
+        b[1] = self.flags;
+        b[4..8].copy_from_slice(&self.pg.0.to_le_bytes());
+        b[8..16].copy_from_slice(&self.pool.0.to_le_bytes());
+        b[16..24].copy_from_slice(&self.epoch.0.to_le_bytes());
+        b[24..32].copy_from_slice(&self.chunk.vtree.0.to_le_bytes());
+        b[32..40].copy_from_slice(&self.chunk.index.0.to_le_bytes());
+        b[40..44].copy_from_slice(&self.offset.to_le_bytes());
+        b[44..48].copy_from_slice(&self.len.to_le_bytes());
+        b[48..56].copy_from_slice(&self.fence.to_le_bytes());
+        b
+    }
+
+    /// Decode and validate: the op is known and, for byte ranges, the range lies in one chunk.
+    pub fn decode(b: &[u8]) -> Result<DataHeader, DataHeaderError> {
+        let b: &[u8; DATA_HEADER_LEN] =
+            b.try_into().map_err(|_| DataHeaderError::Length(b.len()))?;
+        let u32_at = |i: usize| u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
+        let u64_at = |i: usize| {
+            let mut a = [0u8; 8];
+            a.copy_from_slice(&b[i..i + 8]);
+            u64::from_le_bytes(a)
+        };
+        let op = DataOp::from_u8(b[0]).ok_or(DataHeaderError::Op(b[0]))?;
+        let h = DataHeader {
+            op,
+            flags: b[1],
+            pg: PgId(u32_at(4)),
+            pool: PoolId(u64_at(8)),
+            epoch: Epoch(u64_at(16)),
+            chunk: ChunkId { vtree: VtreeId(u64_at(24)), index: ChunkIndex(u64_at(32)) },
+            offset: u32_at(40),
+            len: u32_at(44),
+            fence: u64_at(48),
+        };
+        let ranged = !matches!(op, DataOp::Flush | DataOp::AllocStatus);
+        if ranged && u64::from(h.offset) + u64::from(h.len) > crate::CHUNK_SIZE {
+            return Err(DataHeaderError::Range { offset: h.offset, len: h.len });
+        }
+        Ok(h)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn round_trips_and_rejects_truncation(op in 1u8..=9, flags: u8, pg: u32, pool: u64, epoch: u64,
+            vtree: u64, idx: u64, offset in 0u32..(1 << 20), fence: u64) {
+            let len = ((1u32 << 20) - offset).min(65536);
+            let h = DataHeader { op: DataOp::from_u8(op).expect("op"), flags, pool: PoolId(pool), pg: PgId(pg),
+                epoch: Epoch(epoch), chunk: ChunkId { vtree: VtreeId(vtree), index: ChunkIndex(idx) },
+                offset, len, fence };
+            let b = h.encode();
+            prop_assert_eq!(DataHeader::decode(&b), Ok(h));
+            for n in 0..DATA_HEADER_LEN {
+                prop_assert!(DataHeader::decode(&b[..n]).is_err());
+            }
+        }
+    }
+
+    #[test]
+    fn range_past_chunk_is_refused() {
+        let h = DataHeader { op: DataOp::Write, flags: 0, pool: PoolId(1), pg: PgId(0), epoch: Epoch(1),
+            chunk: ChunkId { vtree: VtreeId(1), index: ChunkIndex(0) }, offset: 1 << 20, len: 1, fence: 0 };
+        assert!(matches!(DataHeader::decode(&h.encode()), Err(DataHeaderError::Range { .. })));
+    }
+}

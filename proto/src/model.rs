@@ -1,0 +1,286 @@
+//! The replicated object model: what the MDM state machine holds and every other process caches.
+//!
+//! Only the MDM changes it (through Raft); SDS and SDC receive copies with secrets removed
+//! ([`ClusterState::redacted`]). Maps are `BTreeMap`s so that applying the same log gives the
+//! same state, byte for byte, on every MDM.
+
+use crate::ids::*;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::fmt;
+
+/// Default number of placement groups in a new pool.
+pub const DEFAULT_PG_COUNT: u32 = 256;
+/// Largest PG count a pool may have.
+pub const PG_COUNT_MAX: u32 = 16384;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub enum ClusterMode {
+    #[default]
+    #[serde(rename = "1_node")]
+    OneNode,
+    #[serde(rename = "3_node")]
+    ThreeNode,
+    #[serde(rename = "5_node")]
+    FiveNode,
+}
+
+impl ClusterMode {
+    pub fn voters(self) -> usize {
+        match self {
+            ClusterMode::OneNode => 1,
+            ClusterMode::ThreeNode => 3,
+            ClusterMode::FiveNode => 5,
+        }
+    }
+    pub fn parse(s: &str) -> Option<ClusterMode> {
+        match s {
+            "1_node" => Some(ClusterMode::OneNode),
+            "3_node" => Some(ClusterMode::ThreeNode),
+            "5_node" => Some(ClusterMode::FiveNode),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for ClusterMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ClusterMode::OneNode => "1_node",
+            ClusterMode::ThreeNode => "3_node",
+            ClusterMode::FiveNode => "5_node",
+        })
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum Role {
+    Monitor,
+    Configure,
+    Administrator,
+}
+
+impl Role {
+    pub fn parse(s: &str) -> Option<Role> {
+        match s.to_ascii_lowercase().as_str() {
+            "monitor" => Some(Role::Monitor),
+            "configure" => Some(Role::Configure),
+            "administrator" => Some(Role::Administrator),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self, f)
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MdmRole {
+    /// A voting member.
+    Manager,
+    /// A learner that receives the log and can be promoted by switching cluster mode.
+    Standby,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MdmMember {
+    pub id: MdmId,
+    pub name: String,
+    /// Address of its QUIC port, `ip:port`.
+    pub addr: String,
+    pub role: MdmRole,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct User {
+    pub name: String,
+    pub role: Role,
+    pub salt: String,
+    pub password_sha256: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProtectionDomain {
+    pub id: PdId,
+    pub name: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FaultSet {
+    pub id: FaultSetId,
+    pub name: String,
+    pub pd: PdId,
+}
+
+/// The copies of one placement group: `[primary, secondary]`, either may be missing while the
+/// pool lacks SDS or after a failure.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct PgMapping {
+    pub primary: Option<SdsId>,
+    pub secondary: Option<SdsId>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoragePool {
+    pub id: PoolId,
+    pub name: String,
+    pub pd: PdId,
+    pub media_type: String,
+    pub pg_count: u32,
+    /// Bumped on every change to `pgs`.
+    pub epoch: Epoch,
+    /// Indexed by `PgId`.
+    pub pgs: Vec<PgMapping>,
+}
+
+impl StoragePool {
+    pub fn pg(&self, pg: PgId) -> Option<&PgMapping> {
+        self.pgs.get(pg.0 as usize)
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SdsState {
+    /// Added, never seen yet.
+    Initializing,
+    Normal,
+    Down,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DeviceState {
+    /// Waiting for the SDS to report its capacity.
+    Initializing,
+    Normal,
+    Failed,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Device {
+    pub id: DeviceId,
+    pub path: String,
+    pub pool: PoolId,
+    pub capacity_bytes: u64,
+    pub state: DeviceState,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Sds {
+    pub id: SdsId,
+    pub name: String,
+    /// Data address, `ip:port`.
+    pub addr: String,
+    pub pd: PdId,
+    pub fault_set: Option<FaultSetId>,
+    pub devices: Vec<Device>,
+    pub state: SdsState,
+}
+
+impl Sds {
+    /// Usable capacity this SDS brings to `pool` (devices not failed).
+    pub fn capacity_in(&self, pool: PoolId) -> u64 {
+        self.devices
+            .iter()
+            .filter(|d| d.pool == pool && d.state != DeviceState::Failed)
+            .map(|d| d.capacity_bytes)
+            .sum()
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Volume {
+    pub id: VolumeId,
+    pub name: String,
+    pub pool: PoolId,
+    pub size_bytes: u64,
+    pub thin: bool,
+    pub vtree: VtreeId,
+    pub created_unix: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Sdc {
+    pub id: SdcId,
+    pub guid: String,
+    pub name: String,
+    pub ip: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Mapping {
+    pub volume: VolumeId,
+    pub sdc: SdcId,
+    /// 0 = unlimited.
+    pub iops_limit: u64,
+    /// 0 = unlimited.
+    pub bandwidth_limit_kbps: u64,
+}
+
+/// The whole replicated state.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct ClusterState {
+    /// Raft index of the last applied change: a version number for caches.
+    pub version: u64,
+    pub cluster_id: u64,
+    pub cluster_name: String,
+    /// Key that signs session tokens. Never leaves the MDMs.
+    pub secret: String,
+    pub mode: ClusterMode,
+    pub mdms: BTreeMap<MdmId, MdmMember>,
+    pub next_id: u64,
+    pub users: BTreeMap<String, User>,
+    pub pds: BTreeMap<PdId, ProtectionDomain>,
+    pub fault_sets: BTreeMap<FaultSetId, FaultSet>,
+    pub pools: BTreeMap<PoolId, StoragePool>,
+    pub sds: BTreeMap<SdsId, Sds>,
+    pub volumes: BTreeMap<VolumeId, Volume>,
+    pub sdcs: BTreeMap<SdcId, Sdc>,
+    pub mappings: Vec<Mapping>,
+}
+
+impl ClusterState {
+    /// A copy safe to hand to SDS, SDC and scli: no token key, no password hashes.
+    pub fn redacted(&self) -> ClusterState {
+        let mut s = self.clone();
+        s.secret.clear();
+        for u in s.users.values_mut() {
+            u.salt.clear();
+            u.password_sha256.clear();
+        }
+        s
+    }
+
+    pub fn pd_by_name(&self, name: &str) -> Option<&ProtectionDomain> {
+        self.pds.values().find(|p| p.name == name)
+    }
+    pub fn pool_by_name(&self, name: &str) -> Option<&StoragePool> {
+        self.pools.values().find(|p| p.name == name)
+    }
+    pub fn sds_by_name(&self, name: &str) -> Option<&Sds> {
+        self.sds.values().find(|s| s.name == name)
+    }
+    pub fn volume_by_name(&self, name: &str) -> Option<&Volume> {
+        self.volumes.values().find(|v| v.name == name)
+    }
+    pub fn fault_set_by_name(&self, pd: PdId, name: &str) -> Option<&FaultSet> {
+        self.fault_sets.values().find(|f| f.pd == pd && f.name == name)
+    }
+    pub fn mappings_of(&self, volume: VolumeId) -> impl Iterator<Item = &Mapping> {
+        self.mappings.iter().filter(move |m| m.volume == volume)
+    }
+    /// Raw capacity of a pool: the sum of its devices that are not failed.
+    pub fn pool_raw_capacity(&self, pool: PoolId) -> u64 {
+        self.sds.values().map(|s| s.capacity_in(pool)).sum()
+    }
+    /// Bytes of raw capacity reserved by thick volumes (two copies each).
+    pub fn pool_thick_reserved(&self, pool: PoolId) -> u64 {
+        self.volumes
+            .values()
+            .filter(|v| v.pool == pool && !v.thin)
+            .map(|v| v.size_bytes.saturating_mul(2))
+            .sum()
+    }
+}

@@ -1,0 +1,123 @@
+//! Control messages: what scli, SDS, SDC and MDMs ask an MDM, as JSON in the metadata part of a
+//! [`kind::CONTROL`](crate::codec::kind::CONTROL) frame. A successful response carries an
+//! [`MdmResponse`]; a failed one carries the frame status ([`ErrorCode`](crate::ErrorCode)) and
+//! a human message. For [`ErrorCode::NotLeader`](crate::ErrorCode::NotLeader) the message is the
+//! leader's address, or empty while none is known.
+
+use crate::ids::*;
+use crate::model::{ClusterMode, ClusterState, Role};
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum MdmRequest {
+    /// Exchange a username and password for a session token.
+    Login { username: String, password: String },
+    /// Change the object model (goes through Raft).
+    Command { token: String, command: Command },
+    /// Read the object model.
+    Query { token: String, query: Query },
+    /// An SDS announces itself (by the name scli gave it) and reports its devices.
+    SdsHello { name: String, devices: Vec<DeviceReport> },
+    /// An SDC registers its stable GUID.
+    SdcRegister { guid: String, name: String, ip: String },
+    /// The redacted cluster map, if newer than `known_version`.
+    GetMap { known_version: u64 },
+    /// Who is this MDM (used before adding it as a standby).
+    Identify,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct DeviceReport {
+    pub path: String,
+    pub capacity_bytes: u64,
+    pub failed: bool,
+}
+
+/// Picks an SDC the ScaleIO way: by name, IP or GUID.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SdcSelector {
+    Name(String),
+    Ip(String),
+    Guid(String),
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct NewDevice {
+    pub path: String,
+    pub pool: String,
+    /// Capacity to assume until the SDS reports the real one.
+    pub capacity_bytes: Option<u64>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum Command {
+    AddProtectionDomain { name: String },
+    AddFaultSet { pd: String, name: String },
+    AddStoragePool { pd: String, name: String, media_type: String, pg_count: Option<u32> },
+    AddSds { name: String, addr: String, pd: String, fault_set: Option<String>, devices: Vec<NewDevice> },
+    RemoveSds { name: String },
+    AddSdsDevice { sds: String, device: NewDevice },
+    AddVolume { pool: String, name: String, size_bytes: u64, thin: bool },
+    RemoveVolume { name: String },
+    ModifyVolumeCapacity { name: String, size_bytes: u64 },
+    RenameVolume { name: String, new_name: String },
+    MapVolumeToSdc { volume: String, sdc: SdcSelector, allow_multi_map: bool },
+    UnmapVolumeFromSdc { volume: String, sdc: Option<SdcSelector> },
+    SetSdcVolumeLimits { volume: String, sdc: SdcSelector, iops_limit: Option<u64>, bandwidth_limit_kbps: Option<u64> },
+    AddUser { name: String, role: Role, password: String },
+    AddStandbyMdm { addr: String, name: Option<String> },
+    SwitchClusterMode { mode: ClusterMode },
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum Query {
+    /// Everything: cluster, PDs, pools, SDS, volumes, SDCs.
+    All,
+    Cluster,
+    ProtectionDomain { name: String },
+    StoragePool { name: String },
+    AllSds,
+    Sds { name: String },
+    /// One SDC, or all of them when `None`.
+    Sdc { sdc: Option<SdcSelector> },
+    Volume { name: String },
+    AllVolumes,
+}
+
+/// The cluster's Raft view, as `--query_cluster` prints it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ClusterStatus {
+    pub mode: ClusterMode,
+    /// `Normal` when every manager is reachable, `Degraded` otherwise.
+    pub state: String,
+    pub active: usize,
+    pub total: usize,
+    pub leader: Option<MdmStatus>,
+    pub followers: Vec<MdmStatus>,
+    pub standbys: Vec<MdmStatus>,
+    pub term: u64,
+    pub commit_index: u64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct MdmStatus {
+    pub id: MdmId,
+    pub name: String,
+    pub addr: String,
+    /// Leader's view: does it hear from this member.
+    pub active: bool,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum MdmResponse {
+    /// A command succeeded.
+    Done { message: String, object_id: Option<String> },
+    Session { token: String, role: Role, expires_unix: u64 },
+    /// A query's answer: the cluster status and the (redacted) state.
+    View { status: ClusterStatus, state: Box<ClusterState> },
+    /// The answer to `SdsHello`.
+    SdsWelcome { id: SdsId },
+    SdcRegistered { id: SdcId },
+    Map { state: Option<Box<ClusterState>> },
+    Identity { id: MdmId, cluster_id: u64 },
+}

@@ -1,0 +1,549 @@
+//! The transport: QUIC (quinn) with mutual TLS against the cluster CA, and request/response
+//! multiplexing over long-lived bidirectional streams.
+//!
+//! One [`Endpoint`] per process both listens and dials. A connection's first request is a
+//! [`kind::HELLO`](crate::codec::kind::HELLO): with TLS 1.3 a client whose certificate the
+//! server refuses still sees `connect()` succeed, so the hello surfaces the refusal as an error at
+//! once. After it, an [`RpcClient`] sends frames tagged with request ids on one stream and a
+//! reader task routes the responses, which may arrive in any order. The server side reads frames,
+//! runs the [`Handler`] for each in its own task (bounded per stream) and writes responses as
+//! they complete.
+//!
+//! Everything about QUIC stays in this module so the transport can be tuned or replaced.
+
+use crate::ca::{CA_CERT_FILE, CLUSTER_SERVER_NAME, NODE_CERT_FILE, NODE_KEY_FILE};
+use crate::codec::{kind, CodecError, Frame, Header, FLAG_RESPONSE, HEADER_LEN};
+use crate::error::{ErrorCode, WireError};
+use bytes::{Bytes, BytesMut};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot, Semaphore};
+
+/// ALPN protocol name of Meshblock's wire protocol.
+const ALPN: &[u8] = b"meshblock/1";
+/// Frames queued for one stream's writer before senders wait.
+const SEND_QUEUE_FRAMES: usize = 1024;
+/// Requests one stream may have in flight on the server side.
+const SERVER_INFLIGHT_PER_STREAM: usize = 512;
+/// Idle time after which a silent connection is considered dead.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Keep-alive interval (must be well under the idle timeout).
+const KEEP_ALIVE: Duration = Duration::from_millis(1000);
+/// How long a dial (handshake + hello) may take.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    #[error("read {path}: {source}")]
+    File {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("no certificate or key found in {0}")]
+    NoIdentity(PathBuf),
+    #[error("TLS configuration: {0}")]
+    Tls(String),
+    #[error("bind {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("connect to {addr}: {reason}")]
+    Connect { addr: SocketAddr, reason: String },
+    #[error("connection closed: {0}")]
+    Closed(String),
+    #[error("bad frame: {0}")]
+    Codec(#[from] CodecError),
+    #[error("timed out after {0:?}")]
+    Timeout(Duration),
+}
+
+/// A process's identity: its certificate and key, and the cluster CA it trusts.
+#[derive(Clone)]
+pub struct Identity {
+    certs: Vec<CertificateDer<'static>>,
+    key: Arc<PrivateKeyDer<'static>>,
+    roots: Arc<rustls::RootCertStore>,
+}
+
+impl Identity {
+    /// Load `node.pem`, `node.key` and `ca.pem` from a certificate directory.
+    pub fn load(dir: &Path) -> Result<Identity, TransportError> {
+        let read = |name: &str| {
+            let path = dir.join(name);
+            std::fs::read(&path).map_err(|source| TransportError::File { path, source })
+        };
+        let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&read(NODE_CERT_FILE)?)
+            .collect::<Result<_, _>>()
+            .map_err(|e| TransportError::Tls(format!("parse {NODE_CERT_FILE}: {e}")))?;
+        let key = PrivateKeyDer::from_pem_slice(&read(NODE_KEY_FILE)?)
+            .map_err(|e| TransportError::Tls(format!("parse {NODE_KEY_FILE}: {e}")))?;
+        if certs.is_empty() {
+            return Err(TransportError::NoIdentity(dir.to_owned()));
+        }
+        let mut roots = rustls::RootCertStore::empty();
+        for ca in CertificateDer::pem_slice_iter(&read(CA_CERT_FILE)?) {
+            let ca = ca.map_err(|e| TransportError::Tls(format!("parse {CA_CERT_FILE}: {e}")))?;
+            roots.add(ca).map_err(|e| TransportError::Tls(format!("add CA: {e}")))?;
+        }
+        Ok(Identity { certs, key: Arc::new(key), roots: Arc::new(roots) })
+    }
+
+    fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+        Arc::new(rustls::crypto::ring::default_provider())
+    }
+
+    fn server_config(&self) -> Result<quinn::ServerConfig, TransportError> {
+        let tls = |e: &dyn std::fmt::Display| TransportError::Tls(e.to_string());
+        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+            self.roots.clone(),
+            Self::provider(),
+        )
+        .build()
+        .map_err(|e| tls(&e))?;
+        let mut cfg = rustls::ServerConfig::builder_with_provider(Self::provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(|e| tls(&e))?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(self.certs.clone(), self.key.clone_key())
+            .map_err(|e| tls(&e))?;
+        cfg.alpn_protocols = vec![ALPN.to_vec()];
+        let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(cfg).map_err(|e| tls(&e))?;
+        let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+        server.transport_config(transport_config());
+        Ok(server)
+    }
+
+    fn client_config(&self) -> Result<quinn::ClientConfig, TransportError> {
+        let tls = |e: &dyn std::fmt::Display| TransportError::Tls(e.to_string());
+        let mut cfg = rustls::ClientConfig::builder_with_provider(Self::provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(|e| tls(&e))?
+            .with_root_certificates(self.roots.clone())
+            .with_client_auth_cert(self.certs.clone(), self.key.clone_key())
+            .map_err(|e| tls(&e))?;
+        cfg.alpn_protocols = vec![ALPN.to_vec()];
+        let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(cfg).map_err(|e| tls(&e))?;
+        let mut client = quinn::ClientConfig::new(Arc::new(crypto));
+        client.transport_config(transport_config());
+        Ok(client)
+    }
+}
+
+fn transport_config() -> Arc<quinn::TransportConfig> {
+    let mut t = quinn::TransportConfig::default();
+    t.max_concurrent_bidi_streams(256u32.into());
+    t.max_concurrent_uni_streams(0u32.into());
+    t.stream_receive_window((64u32 << 20).into());
+    t.receive_window((256u32 << 20).into());
+    t.send_window(256 << 20);
+    t.keep_alive_interval(Some(KEEP_ALIVE));
+    t.max_idle_timeout(IDLE_TIMEOUT.try_into().ok());
+    Arc::new(t)
+}
+
+/// Who is on the other end of a connection, as its CA-signed certificate says.
+#[derive(Clone, Debug)]
+pub struct Peer {
+    /// The certificate's common name (`mdm`, `sds:NAME`, `sdc:NAME`, `admin`...).
+    pub name: String,
+    pub addr: SocketAddr,
+}
+
+fn peer_name(conn: &quinn::Connection) -> String {
+    let Some(identity) = conn.peer_identity() else { return String::new() };
+    let Ok(certs) = identity.downcast::<Vec<CertificateDer<'static>>>() else {
+        return String::new();
+    };
+    let Some(first) = certs.first() else { return String::new() };
+    match x509_parser::parse_x509_certificate(first.as_ref()) {
+        Ok((_, cert)) => cert
+            .subject()
+            .iter_common_name()
+            .next()
+            .and_then(|cn| cn.as_str().ok())
+            .unwrap_or_default()
+            .to_string(),
+        Err(_) => String::new(),
+    }
+}
+
+/// Serves requests. One call per request frame; the response's kind and request id are filled
+/// in by the transport.
+pub trait Handler: Send + Sync + 'static {
+    fn handle(&self, peer: Arc<Peer>, req: Frame) -> impl Future<Output = Response> + Send;
+}
+
+/// A handler's answer: status, metadata and data.
+#[derive(Debug, Default)]
+pub struct Response {
+    pub status: u16,
+    pub meta: Bytes,
+    pub data: Bytes,
+}
+
+impl Response {
+    pub fn ok(meta: impl Into<Bytes>, data: Bytes) -> Response {
+        Response { status: ErrorCode::Ok as u16, meta: meta.into(), data }
+    }
+    pub fn error(e: &WireError) -> Response {
+        Response { status: e.code as u16, meta: Bytes::from(e.message.clone()), data: Bytes::new() }
+    }
+}
+
+/// A QUIC endpoint with this process's identity: it dials, and listens when bound to a port.
+#[derive(Clone)]
+pub struct Endpoint {
+    inner: quinn::Endpoint,
+    name: Arc<str>,
+}
+
+impl Endpoint {
+    /// An endpoint that listens on `addr` (and can dial).
+    pub fn server(addr: SocketAddr, identity: &Identity, name: &str) -> Result<Endpoint, TransportError> {
+        let mut ep = quinn::Endpoint::server(identity.server_config()?, addr)
+            .map_err(|source| TransportError::Bind { addr, source })?;
+        ep.set_default_client_config(identity.client_config()?);
+        Ok(Endpoint { inner: ep, name: name.into() })
+    }
+
+    /// An endpoint that only dials, bound to an ephemeral port on `bind_ip`'s family.
+    pub fn client(identity: &Identity, name: &str) -> Result<Endpoint, TransportError> {
+        let addr: SocketAddr = ([0, 0, 0, 0], 0).into();
+        let mut ep =
+            quinn::Endpoint::client(addr).map_err(|source| TransportError::Bind { addr, source })?;
+        ep.set_default_client_config(identity.client_config()?);
+        Ok(Endpoint { inner: ep, name: name.into() })
+    }
+
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        self.inner.local_addr().ok()
+    }
+
+    /// Dial `addr`, open the long-lived request stream and exchange hellos.
+    pub async fn connect(&self, addr: SocketAddr) -> Result<RpcClient, TransportError> {
+        let fut = async {
+            let connecting = self
+                .inner
+                .connect(addr, CLUSTER_SERVER_NAME)
+                .map_err(|e| TransportError::Connect { addr, reason: e.to_string() })?;
+            let conn = connecting
+                .await
+                .map_err(|e| TransportError::Connect { addr, reason: e.to_string() })?;
+            let client = RpcClient::open(conn).await?;
+            let hello = Frame::request(kind::HELLO, Bytes::from(self.name.to_string()), Bytes::new());
+            let reply = client
+                .call(hello)
+                .await
+                .map_err(|e| TransportError::Connect { addr, reason: format!("peer refused us: {e}") })?;
+            if reply.status != ErrorCode::Ok as u16 {
+                return Err(TransportError::Connect { addr, reason: "hello refused".into() });
+            }
+            Ok(client)
+        };
+        match tokio::time::timeout(CONNECT_TIMEOUT, fut).await {
+            Ok(r) => r,
+            Err(_) => Err(TransportError::Connect { addr, reason: format!("no answer within {CONNECT_TIMEOUT:?}") }),
+        }
+    }
+
+    /// Accept connections until the endpoint closes, serving each stream with `handler`.
+    pub async fn serve<H: Handler>(&self, handler: Arc<H>) {
+        while let Some(incoming) = self.inner.accept().await {
+            let handler = handler.clone();
+            let name = self.name.clone();
+            tokio::spawn(async move {
+                let conn = match incoming.await {
+                    Ok(c) => c,
+                    Err(e) => {
+                        tracing::debug!("incoming connection failed: {e}");
+                        return;
+                    }
+                };
+                let peer = Arc::new(Peer { name: peer_name(&conn), addr: conn.remote_address() });
+                loop {
+                    match conn.accept_bi().await {
+                        Ok((send, recv)) => {
+                            tokio::spawn(serve_stream(send, recv, peer.clone(), handler.clone(), name.clone()));
+                        }
+                        Err(_) => break,
+                    }
+                }
+            });
+        }
+    }
+
+    /// Close the endpoint and every connection.
+    pub fn close(&self) {
+        self.inner.close(0u32.into(), b"shutdown");
+    }
+}
+
+async fn read_frame(recv: &mut quinn::RecvStream) -> Result<Option<Frame>, TransportError> {
+    let mut hdr = [0u8; HEADER_LEN];
+    match recv.read_exact(&mut hdr).await {
+        Ok(()) => {}
+        Err(quinn::ReadExactError::FinishedEarly(0)) => return Ok(None),
+        Err(e) => return Err(TransportError::Closed(e.to_string())),
+    }
+    let h = Header::decode(&hdr)?;
+    let meta = read_part(recv, h.meta_len).await?;
+    let data = read_part(recv, h.data_len).await?;
+    Ok(Some(Frame { kind: h.kind, status: h.status, flags: h.flags, request_id: h.request_id, meta, data }))
+}
+
+async fn read_part(recv: &mut quinn::RecvStream, len: u32) -> Result<Bytes, TransportError> {
+    if len == 0 {
+        return Ok(Bytes::new());
+    }
+    let mut buf = BytesMut::zeroed(len as usize);
+    recv.read_exact(&mut buf).await.map_err(|e| TransportError::Closed(e.to_string()))?;
+    Ok(buf.freeze())
+}
+
+async fn write_frame(send: &mut quinn::SendStream, f: Frame) -> Result<(), TransportError> {
+    let hdr = Bytes::copy_from_slice(&f.header().encode());
+    let mut parts = [hdr, f.meta, f.data];
+    send.write_all_chunks(&mut parts).await.map_err(|e| TransportError::Closed(e.to_string()))
+}
+
+async fn serve_stream<H: Handler>(
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+    peer: Arc<Peer>,
+    handler: Arc<H>,
+    name: Arc<str>,
+) {
+    let (tx, mut rx) = mpsc::channel::<Frame>(SEND_QUEUE_FRAMES);
+    let writer = tokio::spawn(async move {
+        while let Some(f) = rx.recv().await {
+            if write_frame(&mut send, f).await.is_err() {
+                break;
+            }
+        }
+        let _ = send.finish();
+    });
+    let inflight = Arc::new(Semaphore::new(SERVER_INFLIGHT_PER_STREAM));
+    loop {
+        let frame = match read_frame(&mut recv).await {
+            Ok(Some(f)) => f,
+            Ok(None) => break,
+            Err(TransportError::Codec(e)) => {
+                // A malformed frame desynchronises the stream: answer once, then close it.
+                tracing::debug!(peer = %peer.addr, "malformed frame: {e}");
+                let err = WireError::new(ErrorCode::BadRequest, format!("malformed frame: {e}"));
+                let r = Response::error(&err);
+                let _ = tx.send(Frame::response_to(0, 0, r.status, r.meta, r.data)).await;
+                break;
+            }
+            Err(_) => break,
+        };
+        if frame.flags & FLAG_RESPONSE != 0 {
+            continue;
+        }
+        if frame.kind == kind::HELLO {
+            let reply = Frame::response_to(kind::HELLO, frame.request_id, 0, Bytes::from(name.to_string()), Bytes::new());
+            if tx.send(reply).await.is_err() {
+                break;
+            }
+            continue;
+        }
+        let Ok(permit) = inflight.clone().acquire_owned().await else { break };
+        let (handler, peer, tx) = (handler.clone(), peer.clone(), tx.clone());
+        tokio::spawn(async move {
+            let (k, id) = (frame.kind, frame.request_id);
+            let r = handler.handle(peer, frame).await;
+            let _ = tx.send(Frame::response_to(k, id, r.status, r.meta, r.data)).await;
+            drop(permit);
+        });
+    }
+    drop(tx);
+    let _ = writer.await;
+}
+
+struct ClientInner {
+    tx: mpsc::Sender<Frame>,
+    pending: Mutex<HashMap<u64, oneshot::Sender<Frame>>>,
+    next_id: AtomicU64,
+    closed: AtomicBool,
+    conn: quinn::Connection,
+}
+
+/// The client end of one long-lived request stream. Cheap to clone; calls may run concurrently
+/// and their responses come back in any order.
+#[derive(Clone)]
+pub struct RpcClient {
+    inner: Arc<ClientInner>,
+}
+
+impl RpcClient {
+    async fn open(conn: quinn::Connection) -> Result<RpcClient, TransportError> {
+        let (mut send, mut recv) = conn.open_bi().await.map_err(|e| TransportError::Closed(e.to_string()))?;
+        let (tx, mut rx) = mpsc::channel::<Frame>(SEND_QUEUE_FRAMES);
+        let inner = Arc::new(ClientInner {
+            tx,
+            pending: Mutex::new(HashMap::new()),
+            next_id: AtomicU64::new(1),
+            closed: AtomicBool::new(false),
+            conn,
+        });
+        tokio::spawn(async move {
+            while let Some(f) = rx.recv().await {
+                if write_frame(&mut send, f).await.is_err() {
+                    break;
+                }
+            }
+            let _ = send.finish();
+        });
+        let weak = Arc::downgrade(&inner);
+        tokio::spawn(async move {
+            loop {
+                let frame = read_frame(&mut recv).await;
+                let Some(inner) = weak.upgrade() else { break };
+                match frame {
+                    Ok(Some(f)) => {
+                        let waiter = inner.pending.lock().ok().and_then(|mut p| p.remove(&f.request_id));
+                        if let Some(w) = waiter {
+                            let _ = w.send(f);
+                        }
+                    }
+                    _ => {
+                        inner.closed.store(true, Ordering::SeqCst);
+                        if let Ok(mut p) = inner.pending.lock() {
+                            p.clear();
+                        }
+                        break;
+                    }
+                }
+            }
+        });
+        Ok(RpcClient { inner })
+    }
+
+    /// True once the stream or connection failed; dial again.
+    pub fn is_closed(&self) -> bool {
+        self.inner.closed.load(Ordering::SeqCst) || self.inner.conn.close_reason().is_some()
+    }
+
+    pub fn remote_address(&self) -> SocketAddr {
+        self.inner.conn.remote_address()
+    }
+
+    /// Send a request and wait for its response. Cancel-safe: dropping the future forgets the
+    /// request (a late response is discarded).
+    pub async fn call(&self, mut req: Frame) -> Result<Frame, TransportError> {
+        if self.is_closed() {
+            return Err(TransportError::Closed("connection lost".into()));
+        }
+        let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+        req.request_id = id;
+        req.flags &= !FLAG_RESPONSE;
+        let (tx, rx) = oneshot::channel();
+        if let Ok(mut p) = self.inner.pending.lock() {
+            p.insert(id, tx);
+        }
+        let guard = PendingGuard { inner: &self.inner, id };
+        self.inner.tx.send(req).await.map_err(|_| TransportError::Closed("writer stopped".into()))?;
+        let r = rx.await.map_err(|_| TransportError::Closed("connection lost".into()));
+        drop(guard);
+        r
+    }
+
+    /// [`call`](Self::call) with a deadline.
+    pub async fn call_timeout(&self, req: Frame, timeout: Duration) -> Result<Frame, TransportError> {
+        tokio::time::timeout(timeout, self.call(req)).await.map_err(|_| TransportError::Timeout(timeout))?
+    }
+
+    /// Close the connection.
+    pub fn close(&self) {
+        self.inner.conn.close(0u32.into(), b"bye");
+    }
+}
+
+struct PendingGuard<'a> {
+    inner: &'a ClientInner,
+    id: u64,
+}
+
+impl Drop for PendingGuard<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut p) = self.inner.pending.lock() {
+            p.remove(&self.id);
+        }
+    }
+}
+
+/// Turn a response frame's status into a result, keeping the frame on success.
+pub fn check_status(f: Frame) -> Result<Frame, WireError> {
+    if f.status == ErrorCode::Ok as u16 {
+        return Ok(f);
+    }
+    let code = ErrorCode::from_u16(f.status).unwrap_or(ErrorCode::Internal);
+    Err(WireError::new(code, String::from_utf8_lossy(&f.meta).into_owned()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Echo;
+    impl Handler for Echo {
+        async fn handle(&self, peer: Arc<Peer>, req: Frame) -> Response {
+            Response::ok(Bytes::from(peer.name.clone()), req.data)
+        }
+    }
+
+    fn identities(dir: &Path) -> (Identity, Identity) {
+        crate::ca::init_ca(&dir.join("ca"), "t").expect("init ca");
+        crate::ca::issue(&dir.join("ca"), "server", &dir.join("s")).expect("issue");
+        crate::ca::issue(&dir.join("ca"), "client", &dir.join("c")).expect("issue");
+        (Identity::load(&dir.join("s")).expect("load"), Identity::load(&dir.join("c")).expect("load"))
+    }
+
+    fn tmp(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("mb-transport-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        d
+    }
+
+    #[tokio::test]
+    async fn mutual_tls_round_trip_and_rogue_refused() {
+        let dir = tmp("rt");
+        let (s, c) = identities(&dir);
+        let server = Endpoint::server("127.0.0.1:0".parse().expect("addr"), &s, "server").expect("bind");
+        let addr = server.local_addr().expect("addr");
+        let srv = server.clone();
+        tokio::spawn(async move { srv.serve(Arc::new(Echo)).await });
+
+        let client = Endpoint::client(&c, "client").expect("client");
+        let rpc = client.connect(addr).await.expect("connect");
+        let mut calls = Vec::new();
+        for i in 0..64u32 {
+            let rpc = rpc.clone();
+            calls.push(tokio::spawn(async move {
+                let data = Bytes::from(vec![i as u8; 4096 + i as usize]);
+                let r = rpc.call(Frame::request(kind::DATA, Bytes::new(), data.clone())).await.expect("call");
+                assert_eq!(r.data, data);
+                assert_eq!(&r.meta[..], b"client");
+            }));
+        }
+        for c in calls {
+            c.await.expect("join");
+        }
+
+        crate::ca::make_rogue_identity(&dir.join("rogue"), "client").expect("rogue");
+        let rogue = Identity::load(&dir.join("rogue")).expect("load rogue");
+        let rogue_ep = Endpoint::client(&rogue, "rogue").expect("client");
+        assert!(rogue_ep.connect(addr).await.is_err(), "a peer the CA did not sign must be refused");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
