@@ -1,1 +1,16 @@
-//! placeholder
+//! The Meshblock metadata manager (MDM): a Raft group that owns the cluster's object model
+//! (protection domains, fault sets, pools, SDS, volumes, SDCs, mappings, users) and the placement
+//! of data. It never sees user data.
+//!
+//! Modules: [`raft`] (ready loop and Raft storage), [`store`] (the `MetaStore` seam over sled),
+//! [`state_machine`] (applies committed ops), [`placement`] (pure PG assignment), [`service`]
+//! (requests over QUIC), [`auth`], [`config`], [`metrics`].
+
+pub mod auth;
+pub mod config;
+pub mod metrics;
+pub mod placement;
+pub mod raft;
+pub mod service;
+pub mod state_machine;
+pub mod store;

@@ -44,15 +44,22 @@ fn write_file(path: &Path, contents: &str, private: bool) -> Result<(), CaError>
     if private {
         opts.mode(0o600);
     }
-    let mut f = opts
-        .open(path)
-        .map_err(|source| CaError::File { path: path.to_owned(), source })?;
+    let mut f = opts.open(path).map_err(|source| CaError::File {
+        path: path.to_owned(),
+        source,
+    })?;
     f.write_all(contents.as_bytes())
-        .map_err(|source| CaError::File { path: path.to_owned(), source })
+        .map_err(|source| CaError::File {
+            path: path.to_owned(),
+            source,
+        })
 }
 
 fn read_file(path: &Path) -> Result<String, CaError> {
-    fs::read_to_string(path).map_err(|source| CaError::File { path: path.to_owned(), source })
+    fs::read_to_string(path).map_err(|source| CaError::File {
+        path: path.to_owned(),
+        source,
+    })
 }
 
 /// Create a new cluster CA in `dir` (`ca.pem`, `ca.key`). Refuses to overwrite an existing one.
@@ -61,7 +68,10 @@ pub fn init_ca(dir: &Path, cluster_name: &str) -> Result<(), CaError> {
     if cert_path.exists() {
         return Err(CaError::Exists(dir.to_owned()));
     }
-    fs::create_dir_all(dir).map_err(|source| CaError::File { path: dir.to_owned(), source })?;
+    fs::create_dir_all(dir).map_err(|source| CaError::File {
+        path: dir.to_owned(),
+        source,
+    })?;
     let key = KeyPair::generate()?;
     let params = ca_params(cluster_name)?;
     let cert = params.self_signed(&key)?;
@@ -92,13 +102,19 @@ pub fn issue(ca_dir: &Path, common_name: &str, out_dir: &Path) -> Result<(), CaE
     let issuer = Issuer::from_ca_cert_pem(&ca_pem, ca_key)?;
     let key = KeyPair::generate()?;
     let mut params = CertificateParams::new(vec![CLUSTER_SERVER_NAME.to_string()])?;
-    params.distinguished_name.push(DnType::CommonName, common_name);
+    params
+        .distinguished_name
+        .push(DnType::CommonName, common_name);
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-    params.extended_key_usages =
-        vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+    params.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ];
     let cert = params.signed_by(&key, &issuer)?;
-    fs::create_dir_all(out_dir)
-        .map_err(|source| CaError::File { path: out_dir.to_owned(), source })?;
+    fs::create_dir_all(out_dir).map_err(|source| CaError::File {
+        path: out_dir.to_owned(),
+        source,
+    })?;
     write_file(&out_dir.join(NODE_KEY_FILE), &key.serialize_pem(), true)?;
     write_file(&out_dir.join(NODE_CERT_FILE), &cert.pem(), false)?;
     write_file(&out_dir.join(CA_CERT_FILE), &ca_pem, false)?;

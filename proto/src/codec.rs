@@ -72,7 +72,10 @@ impl Header {
     }
 
     pub fn decode(b: &[u8]) -> Result<Header, CodecError> {
-        let b: &[u8; HEADER_LEN] = b.get(..HEADER_LEN).and_then(|s| s.try_into().ok()).ok_or(CodecError::Truncated)?;
+        let b: &[u8; HEADER_LEN] = b
+            .get(..HEADER_LEN)
+            .and_then(|s| s.try_into().ok())
+            .ok_or(CodecError::Truncated)?;
         let magic = u16::from_le_bytes([b[0], b[1]]);
         if magic != MAGIC {
             return Err(CodecError::BadMagic(magic));
@@ -112,12 +115,32 @@ pub struct Frame {
 
 impl Frame {
     pub fn request(kind: u8, meta: impl Into<Bytes>, data: Bytes) -> Frame {
-        Frame { kind, status: 0, flags: 0, request_id: 0, meta: meta.into(), data }
+        Frame {
+            kind,
+            status: 0,
+            flags: 0,
+            request_id: 0,
+            meta: meta.into(),
+            data,
+        }
     }
 
     /// A response to `req` with the given status, metadata and data.
-    pub fn response_to(req_kind: u8, request_id: u64, status: u16, meta: Bytes, data: Bytes) -> Frame {
-        Frame { kind: req_kind, status, flags: FLAG_RESPONSE, request_id, meta, data }
+    pub fn response_to(
+        req_kind: u8,
+        request_id: u64,
+        status: u16,
+        meta: Bytes,
+        data: Bytes,
+    ) -> Frame {
+        Frame {
+            kind: req_kind,
+            status,
+            flags: FLAG_RESPONSE,
+            request_id,
+            meta,
+            data,
+        }
     }
 
     pub fn header(&self) -> Header {
@@ -157,11 +180,24 @@ mod tests {
 
     #[test]
     fn oversized_lengths_are_refused() {
-        let mut h = Header { kind: 1, status: 0, flags: 0, request_id: 1, meta_len: 0, data_len: 0 };
+        let mut h = Header {
+            kind: 1,
+            status: 0,
+            flags: 0,
+            request_id: 1,
+            meta_len: 0,
+            data_len: 0,
+        };
         h.data_len = DATA_LEN_MAX + 1;
-        assert_eq!(Header::decode(&h.encode()), Err(CodecError::DataTooLong(DATA_LEN_MAX + 1)));
+        assert_eq!(
+            Header::decode(&h.encode()),
+            Err(CodecError::DataTooLong(DATA_LEN_MAX + 1))
+        );
         h.data_len = 0;
         h.meta_len = META_LEN_MAX + 1;
-        assert_eq!(Header::decode(&h.encode()), Err(CodecError::MetaTooLong(META_LEN_MAX + 1)));
+        assert_eq!(
+            Header::decode(&h.encode()),
+            Err(CodecError::MetaTooLong(META_LEN_MAX + 1))
+        );
     }
 }

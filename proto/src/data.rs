@@ -114,14 +114,20 @@ impl DataHeader {
             pg: PgId(u32_at(4)),
             pool: PoolId(u64_at(8)),
             epoch: Epoch(u64_at(16)),
-            chunk: ChunkId { vtree: VtreeId(u64_at(24)), index: ChunkIndex(u64_at(32)) },
+            chunk: ChunkId {
+                vtree: VtreeId(u64_at(24)),
+                index: ChunkIndex(u64_at(32)),
+            },
             offset: u32_at(40),
             len: u32_at(44),
             fence: u64_at(48),
         };
         let ranged = !matches!(op, DataOp::Flush | DataOp::AllocStatus);
         if ranged && u64::from(h.offset) + u64::from(h.len) > crate::CHUNK_SIZE {
-            return Err(DataHeaderError::Range { offset: h.offset, len: h.len });
+            return Err(DataHeaderError::Range {
+                offset: h.offset,
+                len: h.len,
+            });
         }
         Ok(h)
     }
@@ -150,8 +156,23 @@ mod tests {
 
     #[test]
     fn range_past_chunk_is_refused() {
-        let h = DataHeader { op: DataOp::Write, flags: 0, pool: PoolId(1), pg: PgId(0), epoch: Epoch(1),
-            chunk: ChunkId { vtree: VtreeId(1), index: ChunkIndex(0) }, offset: 1 << 20, len: 1, fence: 0 };
-        assert!(matches!(DataHeader::decode(&h.encode()), Err(DataHeaderError::Range { .. })));
+        let h = DataHeader {
+            op: DataOp::Write,
+            flags: 0,
+            pool: PoolId(1),
+            pg: PgId(0),
+            epoch: Epoch(1),
+            chunk: ChunkId {
+                vtree: VtreeId(1),
+                index: ChunkIndex(0),
+            },
+            offset: 1 << 20,
+            len: 1,
+            fence: 0,
+        };
+        assert!(matches!(
+            DataHeader::decode(&h.encode()),
+            Err(DataHeaderError::Range { .. })
+        ));
     }
 }

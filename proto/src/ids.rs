@@ -112,7 +112,10 @@ mod tests {
     fn pg_spreads_chunks_evenly() {
         let mut counts = vec![0u32; 256];
         for i in 0..256 * 100 {
-            let c = ChunkId { vtree: VtreeId(7), index: ChunkIndex(i) };
+            let c = ChunkId {
+                vtree: VtreeId(7),
+                index: ChunkIndex(i),
+            };
             counts[c.pg(256).0 as usize] += 1;
         }
         let max = counts.iter().copied().max().unwrap_or(0);

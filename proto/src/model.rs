@@ -266,7 +266,9 @@ impl ClusterState {
         self.volumes.values().find(|v| v.name == name)
     }
     pub fn fault_set_by_name(&self, pd: PdId, name: &str) -> Option<&FaultSet> {
-        self.fault_sets.values().find(|f| f.pd == pd && f.name == name)
+        self.fault_sets
+            .values()
+            .find(|f| f.pd == pd && f.name == name)
     }
     pub fn mappings_of(&self, volume: VolumeId) -> impl Iterator<Item = &Mapping> {
         self.mappings.iter().filter(move |m| m.volume == volume)

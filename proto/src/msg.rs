@@ -17,9 +17,16 @@ pub enum MdmRequest {
     /// Read the object model.
     Query { token: String, query: Query },
     /// An SDS announces itself (by the name scli gave it) and reports its devices.
-    SdsHello { name: String, devices: Vec<DeviceReport> },
+    SdsHello {
+        name: String,
+        devices: Vec<DeviceReport>,
+    },
     /// An SDC registers its stable GUID.
-    SdcRegister { guid: String, name: String, ip: String },
+    SdcRegister {
+        guid: String,
+        name: String,
+        ip: String,
+    },
     /// The redacted cluster map, if newer than `known_version`.
     GetMap { known_version: u64 },
     /// Who is this MDM (used before adding it as a standby).
@@ -51,22 +58,77 @@ pub struct NewDevice {
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub enum Command {
-    AddProtectionDomain { name: String },
-    AddFaultSet { pd: String, name: String },
-    AddStoragePool { pd: String, name: String, media_type: String, pg_count: Option<u32> },
-    AddSds { name: String, addr: String, pd: String, fault_set: Option<String>, devices: Vec<NewDevice> },
-    RemoveSds { name: String },
-    AddSdsDevice { sds: String, device: NewDevice },
-    AddVolume { pool: String, name: String, size_bytes: u64, thin: bool },
-    RemoveVolume { name: String },
-    ModifyVolumeCapacity { name: String, size_bytes: u64 },
-    RenameVolume { name: String, new_name: String },
-    MapVolumeToSdc { volume: String, sdc: SdcSelector, allow_multi_map: bool },
-    UnmapVolumeFromSdc { volume: String, sdc: Option<SdcSelector> },
-    SetSdcVolumeLimits { volume: String, sdc: SdcSelector, iops_limit: Option<u64>, bandwidth_limit_kbps: Option<u64> },
-    AddUser { name: String, role: Role, password: String },
-    AddStandbyMdm { addr: String, name: Option<String> },
-    SwitchClusterMode { mode: ClusterMode },
+    AddProtectionDomain {
+        name: String,
+    },
+    AddFaultSet {
+        pd: String,
+        name: String,
+    },
+    AddStoragePool {
+        pd: String,
+        name: String,
+        media_type: String,
+        pg_count: Option<u32>,
+    },
+    AddSds {
+        name: String,
+        addr: String,
+        pd: String,
+        fault_set: Option<String>,
+        devices: Vec<NewDevice>,
+    },
+    RemoveSds {
+        name: String,
+    },
+    AddSdsDevice {
+        sds: String,
+        device: NewDevice,
+    },
+    AddVolume {
+        pool: String,
+        name: String,
+        size_bytes: u64,
+        thin: bool,
+    },
+    RemoveVolume {
+        name: String,
+    },
+    ModifyVolumeCapacity {
+        name: String,
+        size_bytes: u64,
+    },
+    RenameVolume {
+        name: String,
+        new_name: String,
+    },
+    MapVolumeToSdc {
+        volume: String,
+        sdc: SdcSelector,
+        allow_multi_map: bool,
+    },
+    UnmapVolumeFromSdc {
+        volume: String,
+        sdc: Option<SdcSelector>,
+    },
+    SetSdcVolumeLimits {
+        volume: String,
+        sdc: SdcSelector,
+        iops_limit: Option<u64>,
+        bandwidth_limit_kbps: Option<u64>,
+    },
+    AddUser {
+        name: String,
+        role: Role,
+        password: String,
+    },
+    AddStandbyMdm {
+        addr: String,
+        name: Option<String>,
+    },
+    SwitchClusterMode {
+        mode: ClusterMode,
+    },
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -74,13 +136,23 @@ pub enum Query {
     /// Everything: cluster, PDs, pools, SDS, volumes, SDCs.
     All,
     Cluster,
-    ProtectionDomain { name: String },
-    StoragePool { name: String },
+    ProtectionDomain {
+        name: String,
+    },
+    StoragePool {
+        name: String,
+    },
     AllSds,
-    Sds { name: String },
+    Sds {
+        name: String,
+    },
     /// One SDC, or all of them when `None`.
-    Sdc { sdc: Option<SdcSelector> },
-    Volume { name: String },
+    Sdc {
+        sdc: Option<SdcSelector>,
+    },
+    Volume {
+        name: String,
+    },
     AllVolumes,
 }
 
@@ -111,13 +183,32 @@ pub struct MdmStatus {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub enum MdmResponse {
     /// A command succeeded.
-    Done { message: String, object_id: Option<String> },
-    Session { token: String, role: Role, expires_unix: u64 },
+    Done {
+        message: String,
+        object_id: Option<String>,
+    },
+    Session {
+        token: String,
+        role: Role,
+        expires_unix: u64,
+    },
     /// A query's answer: the cluster status and the (redacted) state.
-    View { status: ClusterStatus, state: Box<ClusterState> },
+    View {
+        status: ClusterStatus,
+        state: Box<ClusterState>,
+    },
     /// The answer to `SdsHello`.
-    SdsWelcome { id: SdsId },
-    SdcRegistered { id: SdcId },
-    Map { state: Option<Box<ClusterState>> },
-    Identity { id: MdmId, cluster_id: u64 },
+    SdsWelcome {
+        id: SdsId,
+    },
+    SdcRegistered {
+        id: SdcId,
+    },
+    Map {
+        state: Option<Box<ClusterState>>,
+    },
+    Identity {
+        id: MdmId,
+        cluster_id: u64,
+    },
 }

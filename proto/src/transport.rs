@@ -82,9 +82,10 @@ impl Identity {
             let path = dir.join(name);
             std::fs::read(&path).map_err(|source| TransportError::File { path, source })
         };
-        let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&read(NODE_CERT_FILE)?)
-            .collect::<Result<_, _>>()
-            .map_err(|e| TransportError::Tls(format!("parse {NODE_CERT_FILE}: {e}")))?;
+        let certs: Vec<CertificateDer<'static>> =
+            CertificateDer::pem_slice_iter(&read(NODE_CERT_FILE)?)
+                .collect::<Result<_, _>>()
+                .map_err(|e| TransportError::Tls(format!("parse {NODE_CERT_FILE}: {e}")))?;
         let key = PrivateKeyDer::from_pem_slice(&read(NODE_KEY_FILE)?)
             .map_err(|e| TransportError::Tls(format!("parse {NODE_KEY_FILE}: {e}")))?;
         if certs.is_empty() {
@@ -93,9 +94,15 @@ impl Identity {
         let mut roots = rustls::RootCertStore::empty();
         for ca in CertificateDer::pem_slice_iter(&read(CA_CERT_FILE)?) {
             let ca = ca.map_err(|e| TransportError::Tls(format!("parse {CA_CERT_FILE}: {e}")))?;
-            roots.add(ca).map_err(|e| TransportError::Tls(format!("add CA: {e}")))?;
+            roots
+                .add(ca)
+                .map_err(|e| TransportError::Tls(format!("add CA: {e}")))?;
         }
-        Ok(Identity { certs, key: Arc::new(key), roots: Arc::new(roots) })
+        Ok(Identity {
+            certs,
+            key: Arc::new(key),
+            roots: Arc::new(roots),
+        })
     }
 
     fn provider() -> Arc<rustls::crypto::CryptoProvider> {
@@ -160,11 +167,15 @@ pub struct Peer {
 }
 
 fn peer_name(conn: &quinn::Connection) -> String {
-    let Some(identity) = conn.peer_identity() else { return String::new() };
+    let Some(identity) = conn.peer_identity() else {
+        return String::new();
+    };
     let Ok(certs) = identity.downcast::<Vec<CertificateDer<'static>>>() else {
         return String::new();
     };
-    let Some(first) = certs.first() else { return String::new() };
+    let Some(first) = certs.first() else {
+        return String::new();
+    };
     match x509_parser::parse_x509_certificate(first.as_ref()) {
         Ok((_, cert)) => cert
             .subject()
@@ -193,10 +204,18 @@ pub struct Response {
 
 impl Response {
     pub fn ok(meta: impl Into<Bytes>, data: Bytes) -> Response {
-        Response { status: ErrorCode::Ok as u16, meta: meta.into(), data }
+        Response {
+            status: ErrorCode::Ok as u16,
+            meta: meta.into(),
+            data,
+        }
     }
     pub fn error(e: &WireError) -> Response {
-        Response { status: e.code as u16, meta: Bytes::from(e.message.clone()), data: Bytes::new() }
+        Response {
+            status: e.code as u16,
+            meta: Bytes::from(e.message.clone()),
+            data: Bytes::new(),
+        }
     }
 }
 
@@ -209,20 +228,30 @@ pub struct Endpoint {
 
 impl Endpoint {
     /// An endpoint that listens on `addr` (and can dial).
-    pub fn server(addr: SocketAddr, identity: &Identity, name: &str) -> Result<Endpoint, TransportError> {
+    pub fn server(
+        addr: SocketAddr,
+        identity: &Identity,
+        name: &str,
+    ) -> Result<Endpoint, TransportError> {
         let mut ep = quinn::Endpoint::server(identity.server_config()?, addr)
             .map_err(|source| TransportError::Bind { addr, source })?;
         ep.set_default_client_config(identity.client_config()?);
-        Ok(Endpoint { inner: ep, name: name.into() })
+        Ok(Endpoint {
+            inner: ep,
+            name: name.into(),
+        })
     }
 
     /// An endpoint that only dials, bound to an ephemeral port on `bind_ip`'s family.
     pub fn client(identity: &Identity, name: &str) -> Result<Endpoint, TransportError> {
         let addr: SocketAddr = ([0, 0, 0, 0], 0).into();
-        let mut ep =
-            quinn::Endpoint::client(addr).map_err(|source| TransportError::Bind { addr, source })?;
+        let mut ep = quinn::Endpoint::client(addr)
+            .map_err(|source| TransportError::Bind { addr, source })?;
         ep.set_default_client_config(identity.client_config()?);
-        Ok(Endpoint { inner: ep, name: name.into() })
+        Ok(Endpoint {
+            inner: ep,
+            name: name.into(),
+        })
     }
 
     pub fn local_addr(&self) -> Option<SocketAddr> {
@@ -232,27 +261,43 @@ impl Endpoint {
     /// Dial `addr`, open the long-lived request stream and exchange hellos.
     pub async fn connect(&self, addr: SocketAddr) -> Result<RpcClient, TransportError> {
         let fut = async {
-            let connecting = self
-                .inner
-                .connect(addr, CLUSTER_SERVER_NAME)
-                .map_err(|e| TransportError::Connect { addr, reason: e.to_string() })?;
-            let conn = connecting
-                .await
-                .map_err(|e| TransportError::Connect { addr, reason: e.to_string() })?;
+            let connecting = self.inner.connect(addr, CLUSTER_SERVER_NAME).map_err(|e| {
+                TransportError::Connect {
+                    addr,
+                    reason: e.to_string(),
+                }
+            })?;
+            let conn = connecting.await.map_err(|e| TransportError::Connect {
+                addr,
+                reason: e.to_string(),
+            })?;
             let client = RpcClient::open(conn).await?;
-            let hello = Frame::request(kind::HELLO, Bytes::from(self.name.to_string()), Bytes::new());
+            let hello = Frame::request(
+                kind::HELLO,
+                Bytes::from(self.name.to_string()),
+                Bytes::new(),
+            );
             let reply = client
                 .call(hello)
                 .await
-                .map_err(|e| TransportError::Connect { addr, reason: format!("peer refused us: {e}") })?;
+                .map_err(|e| TransportError::Connect {
+                    addr,
+                    reason: format!("peer refused us: {e}"),
+                })?;
             if reply.status != ErrorCode::Ok as u16 {
-                return Err(TransportError::Connect { addr, reason: "hello refused".into() });
+                return Err(TransportError::Connect {
+                    addr,
+                    reason: "hello refused".into(),
+                });
             }
             Ok(client)
         };
         match tokio::time::timeout(CONNECT_TIMEOUT, fut).await {
             Ok(r) => r,
-            Err(_) => Err(TransportError::Connect { addr, reason: format!("no answer within {CONNECT_TIMEOUT:?}") }),
+            Err(_) => Err(TransportError::Connect {
+                addr,
+                reason: format!("no answer within {CONNECT_TIMEOUT:?}"),
+            }),
         }
     }
 
@@ -269,17 +314,44 @@ impl Endpoint {
                         return;
                     }
                 };
-                let peer = Arc::new(Peer { name: peer_name(&conn), addr: conn.remote_address() });
-                loop {
-                    match conn.accept_bi().await {
-                        Ok((send, recv)) => {
-                            tokio::spawn(serve_stream(send, recv, peer.clone(), handler.clone(), name.clone()));
-                        }
-                        Err(_) => break,
-                    }
+                let peer = Arc::new(Peer {
+                    name: peer_name(&conn),
+                    addr: conn.remote_address(),
+                });
+                while let Ok((send, recv)) = conn.accept_bi().await {
+                    tokio::spawn(serve_stream(
+                        send,
+                        recv,
+                        peer.clone(),
+                        handler.clone(),
+                        name.clone(),
+                    ));
                 }
             });
         }
+    }
+
+    /// Dial `addr` and open a raw stream, skipping the hello: only for tests that send
+    /// malformed bytes on purpose.
+    pub async fn connect_raw(
+        &self,
+        addr: SocketAddr,
+    ) -> Result<(quinn::SendStream, quinn::RecvStream), TransportError> {
+        let conn = self
+            .inner
+            .connect(addr, CLUSTER_SERVER_NAME)
+            .map_err(|e| TransportError::Connect {
+                addr,
+                reason: e.to_string(),
+            })?
+            .await
+            .map_err(|e| TransportError::Connect {
+                addr,
+                reason: e.to_string(),
+            })?;
+        conn.open_bi()
+            .await
+            .map_err(|e| TransportError::Closed(e.to_string()))
     }
 
     /// Close the endpoint and every connection.
@@ -298,7 +370,14 @@ async fn read_frame(recv: &mut quinn::RecvStream) -> Result<Option<Frame>, Trans
     let h = Header::decode(&hdr)?;
     let meta = read_part(recv, h.meta_len).await?;
     let data = read_part(recv, h.data_len).await?;
-    Ok(Some(Frame { kind: h.kind, status: h.status, flags: h.flags, request_id: h.request_id, meta, data }))
+    Ok(Some(Frame {
+        kind: h.kind,
+        status: h.status,
+        flags: h.flags,
+        request_id: h.request_id,
+        meta,
+        data,
+    }))
 }
 
 async fn read_part(recv: &mut quinn::RecvStream, len: u32) -> Result<Bytes, TransportError> {
@@ -306,14 +385,18 @@ async fn read_part(recv: &mut quinn::RecvStream, len: u32) -> Result<Bytes, Tran
         return Ok(Bytes::new());
     }
     let mut buf = BytesMut::zeroed(len as usize);
-    recv.read_exact(&mut buf).await.map_err(|e| TransportError::Closed(e.to_string()))?;
+    recv.read_exact(&mut buf)
+        .await
+        .map_err(|e| TransportError::Closed(e.to_string()))?;
     Ok(buf.freeze())
 }
 
 async fn write_frame(send: &mut quinn::SendStream, f: Frame) -> Result<(), TransportError> {
     let hdr = Bytes::copy_from_slice(&f.header().encode());
     let mut parts = [hdr, f.meta, f.data];
-    send.write_all_chunks(&mut parts).await.map_err(|e| TransportError::Closed(e.to_string()))
+    send.write_all_chunks(&mut parts)
+        .await
+        .map_err(|e| TransportError::Closed(e.to_string()))
 }
 
 async fn serve_stream<H: Handler>(
@@ -342,7 +425,9 @@ async fn serve_stream<H: Handler>(
                 tracing::debug!(peer = %peer.addr, "malformed frame: {e}");
                 let err = WireError::new(ErrorCode::BadRequest, format!("malformed frame: {e}"));
                 let r = Response::error(&err);
-                let _ = tx.send(Frame::response_to(0, 0, r.status, r.meta, r.data)).await;
+                let _ = tx
+                    .send(Frame::response_to(0, 0, r.status, r.meta, r.data))
+                    .await;
                 break;
             }
             Err(_) => break,
@@ -351,18 +436,28 @@ async fn serve_stream<H: Handler>(
             continue;
         }
         if frame.kind == kind::HELLO {
-            let reply = Frame::response_to(kind::HELLO, frame.request_id, 0, Bytes::from(name.to_string()), Bytes::new());
+            let reply = Frame::response_to(
+                kind::HELLO,
+                frame.request_id,
+                0,
+                Bytes::from(name.to_string()),
+                Bytes::new(),
+            );
             if tx.send(reply).await.is_err() {
                 break;
             }
             continue;
         }
-        let Ok(permit) = inflight.clone().acquire_owned().await else { break };
+        let Ok(permit) = inflight.clone().acquire_owned().await else {
+            break;
+        };
         let (handler, peer, tx) = (handler.clone(), peer.clone(), tx.clone());
         tokio::spawn(async move {
             let (k, id) = (frame.kind, frame.request_id);
             let r = handler.handle(peer, frame).await;
-            let _ = tx.send(Frame::response_to(k, id, r.status, r.meta, r.data)).await;
+            let _ = tx
+                .send(Frame::response_to(k, id, r.status, r.meta, r.data))
+                .await;
             drop(permit);
         });
     }
@@ -387,7 +482,10 @@ pub struct RpcClient {
 
 impl RpcClient {
     async fn open(conn: quinn::Connection) -> Result<RpcClient, TransportError> {
-        let (mut send, mut recv) = conn.open_bi().await.map_err(|e| TransportError::Closed(e.to_string()))?;
+        let (mut send, mut recv) = conn
+            .open_bi()
+            .await
+            .map_err(|e| TransportError::Closed(e.to_string()))?;
         let (tx, mut rx) = mpsc::channel::<Frame>(SEND_QUEUE_FRAMES);
         let inner = Arc::new(ClientInner {
             tx,
@@ -411,7 +509,11 @@ impl RpcClient {
                 let Some(inner) = weak.upgrade() else { break };
                 match frame {
                     Ok(Some(f)) => {
-                        let waiter = inner.pending.lock().ok().and_then(|mut p| p.remove(&f.request_id));
+                        let waiter = inner
+                            .pending
+                            .lock()
+                            .ok()
+                            .and_then(|mut p| p.remove(&f.request_id));
                         if let Some(w) = waiter {
                             let _ = w.send(f);
                         }
@@ -451,16 +553,45 @@ impl RpcClient {
         if let Ok(mut p) = self.inner.pending.lock() {
             p.insert(id, tx);
         }
-        let guard = PendingGuard { inner: &self.inner, id };
-        self.inner.tx.send(req).await.map_err(|_| TransportError::Closed("writer stopped".into()))?;
-        let r = rx.await.map_err(|_| TransportError::Closed("connection lost".into()));
+        let guard = PendingGuard {
+            inner: &self.inner,
+            id,
+        };
+        self.inner
+            .tx
+            .send(req)
+            .await
+            .map_err(|_| TransportError::Closed("writer stopped".into()))?;
+        let r = rx
+            .await
+            .map_err(|_| TransportError::Closed("connection lost".into()));
         drop(guard);
         r
     }
 
+    /// Send a request without waiting for (or keeping) its response: for messages whose
+    /// delivery the protocol above already tolerates losing, such as Raft's.
+    pub fn notify(&self, mut req: Frame) -> Result<(), TransportError> {
+        if self.is_closed() {
+            return Err(TransportError::Closed("connection lost".into()));
+        }
+        req.request_id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+        req.flags &= !FLAG_RESPONSE;
+        self.inner
+            .tx
+            .try_send(req)
+            .map_err(|_| TransportError::Closed("send queue full".into()))
+    }
+
     /// [`call`](Self::call) with a deadline.
-    pub async fn call_timeout(&self, req: Frame, timeout: Duration) -> Result<Frame, TransportError> {
-        tokio::time::timeout(timeout, self.call(req)).await.map_err(|_| TransportError::Timeout(timeout))?
+    pub async fn call_timeout(
+        &self,
+        req: Frame,
+        timeout: Duration,
+    ) -> Result<Frame, TransportError> {
+        tokio::time::timeout(timeout, self.call(req))
+            .await
+            .map_err(|_| TransportError::Timeout(timeout))?
     }
 
     /// Close the connection.
@@ -488,7 +619,10 @@ pub fn check_status(f: Frame) -> Result<Frame, WireError> {
         return Ok(f);
     }
     let code = ErrorCode::from_u16(f.status).unwrap_or(ErrorCode::Internal);
-    Err(WireError::new(code, String::from_utf8_lossy(&f.meta).into_owned()))
+    Err(WireError::new(
+        code,
+        String::from_utf8_lossy(&f.meta).into_owned(),
+    ))
 }
 
 #[cfg(test)]
@@ -506,7 +640,10 @@ mod tests {
         crate::ca::init_ca(&dir.join("ca"), "t").expect("init ca");
         crate::ca::issue(&dir.join("ca"), "server", &dir.join("s")).expect("issue");
         crate::ca::issue(&dir.join("ca"), "client", &dir.join("c")).expect("issue");
-        (Identity::load(&dir.join("s")).expect("load"), Identity::load(&dir.join("c")).expect("load"))
+        (
+            Identity::load(&dir.join("s")).expect("load"),
+            Identity::load(&dir.join("c")).expect("load"),
+        )
     }
 
     fn tmp(name: &str) -> PathBuf {
@@ -519,7 +656,8 @@ mod tests {
     async fn mutual_tls_round_trip_and_rogue_refused() {
         let dir = tmp("rt");
         let (s, c) = identities(&dir);
-        let server = Endpoint::server("127.0.0.1:0".parse().expect("addr"), &s, "server").expect("bind");
+        let server =
+            Endpoint::server("127.0.0.1:0".parse().expect("addr"), &s, "server").expect("bind");
         let addr = server.local_addr().expect("addr");
         let srv = server.clone();
         tokio::spawn(async move { srv.serve(Arc::new(Echo)).await });
@@ -531,7 +669,10 @@ mod tests {
             let rpc = rpc.clone();
             calls.push(tokio::spawn(async move {
                 let data = Bytes::from(vec![i as u8; 4096 + i as usize]);
-                let r = rpc.call(Frame::request(kind::DATA, Bytes::new(), data.clone())).await.expect("call");
+                let r = rpc
+                    .call(Frame::request(kind::DATA, Bytes::new(), data.clone()))
+                    .await
+                    .expect("call");
                 assert_eq!(r.data, data);
                 assert_eq!(&r.meta[..], b"client");
             }));
@@ -543,7 +684,10 @@ mod tests {
         crate::ca::make_rogue_identity(&dir.join("rogue"), "client").expect("rogue");
         let rogue = Identity::load(&dir.join("rogue")).expect("load rogue");
         let rogue_ep = Endpoint::client(&rogue, "rogue").expect("client");
-        assert!(rogue_ep.connect(addr).await.is_err(), "a peer the CA did not sign must be refused");
+        assert!(
+            rogue_ep.connect(addr).await.is_err(),
+            "a peer the CA did not sign must be refused"
+        );
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -1,1 +1,497 @@
-//! Helpers shared by the integration tests.
+//! Helpers shared by the integration tests: scratch directories, a port allocator, real
+//! processes with logs in files (killed when dropped), an MDM cluster builder, scli runs, and
+//! waiting on conditions with a deadline (never fixed sleeps).
+
+use anyhow::{bail, Context};
+use std::net::{SocketAddr, TcpListener, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::time::{Duration, Instant};
+
+/// Where the release binaries are (`./test` builds them first).
+pub fn bin(name: &str) -> PathBuf {
+    if let Ok(dir) = std::env::var("MESHBLOCK_BIN_DIR") {
+        return Path::new(&dir).join(name);
+    }
+    // target/<profile>/deps/this-test -> target/<profile>/NAME
+    let exe = std::env::current_exe().expect("current exe");
+    let profile_dir = exe.parent().and_then(|p| p.parent()).expect("target dir");
+    profile_dir.join(name)
+}
+
+/// A scratch directory removed on drop (kept when MESHBLOCK_KEEP_TEST_DIRS is set).
+pub struct TestDir {
+    pub path: PathBuf,
+}
+
+impl TestDir {
+    pub fn new(name: &str) -> TestDir {
+        let base = std::env::var("MESHBLOCK_TEST_TMP")
+            .map(PathBuf::from)
+            .unwrap_or_else(|_| std::env::temp_dir());
+        let path = base.join(format!(
+            "mb-{name}-{}-{}",
+            std::process::id(),
+            rand::random::<u32>()
+        ));
+        std::fs::create_dir_all(&path).expect("create test dir");
+        TestDir { path }
+    }
+    pub fn join(&self, p: &str) -> PathBuf {
+        self.path.join(p)
+    }
+}
+
+impl Drop for TestDir {
+    fn drop(&mut self) {
+        if std::env::var_os("MESHBLOCK_KEEP_TEST_DIRS").is_none() {
+            let _ = std::fs::remove_dir_all(&self.path);
+        }
+    }
+}
+
+static NEXT_PORT: AtomicU16 = AtomicU16::new(0);
+
+/// A loopback port free for both UDP (QUIC) and TCP (metrics, NBD).
+pub fn free_port() -> u16 {
+    if NEXT_PORT.load(Ordering::SeqCst) == 0 {
+        let base = 20000 + (std::process::id() % 200) as u16 * 100;
+        let _ = NEXT_PORT.compare_exchange(0, base, Ordering::SeqCst, Ordering::SeqCst);
+    }
+    loop {
+        let p = NEXT_PORT.fetch_add(1, Ordering::SeqCst);
+        if p > 60000 {
+            NEXT_PORT.store(20000, Ordering::SeqCst);
+            continue;
+        }
+        if UdpSocket::bind(("127.0.0.1", p)).is_ok() && TcpListener::bind(("127.0.0.1", p)).is_ok()
+        {
+            return p;
+        }
+    }
+}
+
+/// Poll `f` until it returns `Some`, or fail after `timeout` with `what`.
+pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    let mut delay = Duration::from_millis(10);
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        if Instant::now() > deadline {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        std::thread::park_timeout(delay);
+        delay = (delay * 2).min(Duration::from_millis(200));
+    }
+}
+
+/// A running process; SIGKILLed and reaped on drop.
+pub struct Proc {
+    pub name: String,
+    pub child: Option<Child>,
+    pub log: PathBuf,
+    cmd: Vec<String>,
+}
+
+impl Proc {
+    pub fn spawn(name: &str, program: &Path, args: &[String], log: PathBuf) -> Proc {
+        let mut p = Proc {
+            name: name.into(),
+            child: None,
+            log,
+            cmd: Vec::new(),
+        };
+        p.cmd = std::iter::once(program.display().to_string())
+            .chain(args.iter().cloned())
+            .collect();
+        p.start();
+        p
+    }
+
+    pub fn start(&mut self) {
+        assert!(self.child.is_none(), "{} is already running", self.name);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("open log");
+        let err = log.try_clone().expect("clone log");
+        let child = Command::new(&self.cmd[0])
+            .args(&self.cmd[1..])
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(err)
+            .spawn()
+            .unwrap_or_else(|e| panic!("start {}: {e}", self.cmd[0]));
+        self.child = Some(child);
+    }
+
+    pub fn pid(&self) -> Option<i32> {
+        self.child.as_ref().map(|c| c.id() as i32)
+    }
+
+    pub fn signal(&self, sig: i32) {
+        if let Some(pid) = self.pid() {
+            // SAFETY: kill(2) on our own child's pid.
+            unsafe { libc::kill(pid, sig) };
+        }
+    }
+
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// True while the process runs.
+    pub fn alive(&mut self) -> bool {
+        match self.child.as_mut() {
+            Some(c) => matches!(c.try_wait(), Ok(None)),
+            None => false,
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Some(c) = self.child.as_mut() {
+            // Resume a frozen process so it can die.
+            // SAFETY: kill(2) on our own child's pid.
+            unsafe { libc::kill(c.id() as i32, libc::SIGCONT) };
+        }
+        self.kill();
+    }
+}
+
+/// The outcome of one scli run.
+#[derive(Debug)]
+pub struct Scli {
+    pub ok: bool,
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Scli {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.stdout)
+            .unwrap_or_else(|e| panic!("scli output is not JSON ({e}): {}", self.stdout))
+    }
+}
+
+/// One MDM of a test cluster.
+pub struct Mdm {
+    pub name: String,
+    pub addr: SocketAddr,
+    pub metrics: SocketAddr,
+    pub proc: Proc,
+}
+
+impl Mdm {
+    /// A metric's value from its Prometheus endpoint.
+    pub fn metric(&self, name: &str) -> Option<f64> {
+        let body = http_get(self.metrics, "/metrics").ok()?;
+        body.lines()
+            .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+    }
+    pub fn is_leader(&self) -> bool {
+        self.metric("meshblock_mdm_is_leader") == Some(1.0)
+    }
+}
+
+/// A minimal HTTP GET over TCP.
+pub fn http_get(addr: SocketAddr, path: &str) -> anyhow::Result<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+    s.set_read_timeout(Some(Duration::from_secs(2)))?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut out = String::new();
+    s.read_to_string(&mut out)?;
+    Ok(out
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default())
+}
+
+pub const ADMIN_PASSWORD: &str = "Password1";
+
+/// A cluster of MDMs on loopback, with a CA, an admin certificate and an scli session.
+pub struct Cluster {
+    pub dir: TestDir,
+    pub mdms: Vec<Mdm>,
+    pub extra_mdm_args: Vec<String>,
+}
+
+impl Cluster {
+    /// Start `n` MDMs (1, 3 or 5): the first bootstraps, the others join as standbys, then the
+    /// cluster switches to `n`_node mode.
+    pub fn start(name: &str, n: usize, extra_mdm_args: &[&str]) -> Cluster {
+        let dir = TestDir::new(name);
+        let mdm = bin("mdm");
+        run_ok(
+            &mdm,
+            &["ca", "init", "--dir", &dir.join("ca").display().to_string()],
+        );
+        for who in ["mdm", "admin", "sdc"] {
+            run_ok(
+                &mdm,
+                &[
+                    "ca",
+                    "issue",
+                    "--ca-dir",
+                    &dir.join("ca").display().to_string(),
+                    "--name",
+                    who,
+                    "--out",
+                    &dir.join(&format!("certs/{who}")).display().to_string(),
+                ],
+            );
+        }
+        let mut c = Cluster {
+            dir,
+            mdms: Vec::new(),
+            extra_mdm_args: extra_mdm_args.iter().map(|s| s.to_string()).collect(),
+        };
+        for i in 1..=n {
+            c.spawn_mdm(i, i == 1);
+        }
+        c.wait_leader(Duration::from_secs(10));
+        wait_for("admin login", Duration::from_secs(10), || {
+            let r = c.scli_raw(&[
+                "--login",
+                "--username",
+                "admin",
+                "--password",
+                ADMIN_PASSWORD,
+                "--mdm_ip",
+                &c.mdm_ips(),
+            ]);
+            r.ok.then_some(())
+        });
+        for i in 2..=n {
+            let addr = c.mdms[i - 1].addr.to_string();
+            let name = c.mdms[i - 1].name.clone();
+            c.must_scli(&[
+                "--add_standby_mdm",
+                "--new_mdm_ip",
+                &addr,
+                "--mdm_name",
+                &name,
+            ]);
+        }
+        if n > 1 {
+            c.must_scli(&[
+                "--switch_cluster_mode",
+                "--cluster_mode",
+                &format!("{n}_node"),
+            ]);
+        }
+        c
+    }
+
+    fn spawn_mdm(&mut self, i: usize, bootstrap: bool) {
+        let port = free_port();
+        let mport = free_port();
+        let name = format!("mdm{i}");
+        let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+        let metrics: SocketAddr = ([127, 0, 0, 1], mport).into();
+        let mut args: Vec<String> = vec![
+            "run".into(),
+            "--name".into(),
+            name.clone(),
+            "--listen".into(),
+            addr.to_string(),
+            "--data-dir".into(),
+            self.dir.join(&name).display().to_string(),
+            "--cert-dir".into(),
+            self.dir.join("certs/mdm").display().to_string(),
+            "--metrics-listen".into(),
+            metrics.to_string(),
+        ];
+        args.extend(self.extra_mdm_args.iter().cloned());
+        if bootstrap {
+            args.extend([
+                "--bootstrap".into(),
+                "--admin-password".into(),
+                ADMIN_PASSWORD.into(),
+            ]);
+        }
+        let proc = Proc::spawn(
+            &name,
+            &bin("mdm"),
+            &args,
+            self.dir.join(&format!("{name}.log")),
+        );
+        self.mdms.push(Mdm {
+            name,
+            addr,
+            metrics,
+            proc,
+        });
+    }
+
+    pub fn mdm_ips(&self) -> String {
+        self.mdms
+            .iter()
+            .map(|m| m.addr.to_string())
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// Index of the MDM that leads, waiting for one.
+    pub fn wait_leader(&self, timeout: Duration) -> usize {
+        wait_for("an MDM leader", timeout, || {
+            self.mdms
+                .iter()
+                .position(|m| m.proc.child.is_some() && m.is_leader())
+        })
+    }
+
+    pub fn session_file(&self) -> PathBuf {
+        self.dir.join("scli-session.json")
+    }
+
+    /// Run scli with this cluster's admin certificate and session.
+    pub fn scli_raw(&self, args: &[&str]) -> Scli {
+        self.scli_as(&self.session_file(), args)
+    }
+
+    pub fn scli_as(&self, session: &Path, args: &[&str]) -> Scli {
+        let out: Output = Command::new(bin("scli"))
+            .args(args)
+            .env("MESHBLOCK_CERT_DIR", self.dir.join("certs/admin"))
+            .env("MESHBLOCK_SCLI_SESSION", session)
+            .output()
+            .expect("run scli");
+        Scli {
+            ok: out.status.success(),
+            code: out.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+
+    /// Run scli and panic unless it succeeds.
+    pub fn must_scli(&self, args: &[&str]) -> Scli {
+        let r = self.scli_raw(args);
+        assert!(
+            r.ok,
+            "scli {args:?} failed ({}): {}{}",
+            r.code, r.stdout, r.stderr
+        );
+        r
+    }
+
+    pub fn query_all(&self) -> serde_json::Value {
+        self.must_scli(&["--query_all", "--json"]).json()
+    }
+
+    /// Restart a stopped MDM with its old data and port.
+    pub fn restart(&mut self, i: usize) {
+        self.mdms[i].proc.start();
+    }
+}
+
+/// Run a command and fail unless it succeeds.
+pub fn run_ok(program: &Path, args: &[&str]) -> String {
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("run {}: {e}", program.display()));
+    if !out.status.success() {
+        panic!(
+            "{} {args:?} failed: {}{}",
+            program.display(),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Run a command, returning its output whatever the status.
+pub fn run(program: &str, args: &[&str]) -> anyhow::Result<Output> {
+    Command::new(program)
+        .args(args)
+        .output()
+        .with_context(|| format!("run {program}"))
+}
+
+/// Fail unless a program is installed.
+pub fn require(program: &str) -> anyhow::Result<()> {
+    match Command::new("sh")
+        .args(["-c", &format!("command -v {program}")])
+        .output()
+    {
+        Ok(o) if o.status.success() => Ok(()),
+        _ => bail!("{program} is not installed; ./test installs it"),
+    }
+}
+
+/// Send one control request to the leader (following redirects) with the given certificate.
+pub fn control_request(
+    cert_dir: &Path,
+    mdm_ips: &str,
+    req: &proto::msg::MdmRequest,
+) -> Result<proto::msg::MdmResponse, proto::WireError> {
+    use proto::codec::{kind, Frame};
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let id = proto::transport::Identity::load(cert_dir).expect("load identity");
+        let ep = proto::transport::Endpoint::client(&id, "test").expect("endpoint");
+        let mut addrs: Vec<String> = mdm_ips.split(',').map(String::from).collect();
+        let mut last = proto::WireError::new(proto::ErrorCode::Unavailable, "no MDM answered");
+        for _ in 0..10 {
+            let Some(a) = addrs.first().cloned() else {
+                break;
+            };
+            addrs.rotate_left(1);
+            let Ok(sock) = a.parse() else { continue };
+            let Ok(c) = ep.connect(sock).await else {
+                continue;
+            };
+            let body = serde_json::to_vec(req).expect("encode");
+            let f = match c
+                .call_timeout(
+                    Frame::request(kind::CONTROL, body, bytes::Bytes::new()),
+                    Duration::from_secs(10),
+                )
+                .await
+            {
+                Ok(f) => f,
+                Err(_) => continue,
+            };
+            match proto::transport::check_status(f) {
+                Ok(f) => return Ok(serde_json::from_slice(&f.meta).expect("decode response")),
+                Err(e) if e.code == proto::ErrorCode::NotLeader && !e.message.is_empty() => {
+                    addrs.insert(0, e.message.clone());
+                    last = e;
+                }
+                Err(e) => {
+                    last = e;
+                    if last.code != proto::ErrorCode::NotLeader
+                        && last.code != proto::ErrorCode::Unavailable
+                    {
+                        return Err(last);
+                    }
+                }
+            }
+        }
+        Err(last)
+    })
+}

@@ -1,0 +1,136 @@
+//! `MdmConfig`: the MDM daemon's configuration file (TOML). Every field has a default; unknown
+//! keys are reported as warnings, not errors, so a config written for a newer version still
+//! starts an older one (rollbacks).
+
+use serde::{Deserialize, Serialize};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+/// Default QUIC port of an MDM.
+pub const DEFAULT_PORT: u16 = 7611;
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct MdmConfig {
+    /// Name of this MDM as `scli --query_cluster` shows it. Default: "mdm".
+    pub name: String,
+    /// QUIC address to listen on for scli, SDS, SDC and the other MDMs. Default: 0.0.0.0:7611.
+    pub listen: SocketAddr,
+    /// Address the other processes reach this MDM at. Default: `listen`, or 127.0.0.1 with its
+    /// port when `listen` is a wildcard.
+    pub advertise: Option<SocketAddr>,
+    /// Directory of the Raft log, hard state and snapshots (sled). Default: /var/lib/meshblock/mdm.
+    pub data_dir: PathBuf,
+    /// Directory with node.pem, node.key and ca.pem signed by the cluster CA.
+    /// Default: /etc/meshblock/certs.
+    pub cert_dir: PathBuf,
+    /// HTTP address serving Prometheus metrics at /metrics. Default: 127.0.0.1:9611.
+    pub metrics_listen: SocketAddr,
+    /// Raft tick, in milliseconds. Default: 100.
+    pub tick_ms: u64,
+    /// Ticks without a leader before a follower campaigns (randomised up to twice this). Default: 10.
+    pub election_ticks: usize,
+    /// Ticks between leader heartbeats. Default: 2.
+    pub heartbeat_ticks: usize,
+    /// Applied entries between log compactions into a snapshot. Default: 1000.
+    pub snapshot_interval_entries: u64,
+    /// Lifetime of an scli session token, in seconds. Default: 28800 (8 hours).
+    pub session_ttl_secs: u64,
+    /// Name of the cluster, set when it is created. Default: "meshblock".
+    pub cluster_name: String,
+}
+
+impl Default for MdmConfig {
+    fn default() -> Self {
+        MdmConfig {
+            name: "mdm".into(),
+            listen: SocketAddr::from(([0, 0, 0, 0], DEFAULT_PORT)),
+            advertise: None,
+            data_dir: PathBuf::from("/var/lib/meshblock/mdm"),
+            cert_dir: PathBuf::from("/etc/meshblock/certs"),
+            metrics_listen: SocketAddr::from(([127, 0, 0, 1], 9611)),
+            tick_ms: 100,
+            election_ticks: 10,
+            heartbeat_ticks: 2,
+            snapshot_interval_entries: 1000,
+            session_ttl_secs: 8 * 3600,
+            cluster_name: "meshblock".into(),
+        }
+    }
+}
+
+impl MdmConfig {
+    /// The address other processes dial.
+    pub fn advertise_addr(&self) -> SocketAddr {
+        match self.advertise {
+            Some(a) => a,
+            None if self.listen.ip().is_unspecified() => {
+                SocketAddr::from(([127, 0, 0, 1], self.listen.port()))
+            }
+            None => self.listen,
+        }
+    }
+
+    /// Every problem at once.
+    pub fn validate(&self) -> Result<(), String> {
+        let mut problems = Vec::new();
+        if self.tick_ms == 0 {
+            problems.push("tick_ms must be > 0".to_string());
+        }
+        if self.election_ticks <= self.heartbeat_ticks {
+            problems.push("election_ticks must be larger than heartbeat_ticks".to_string());
+        }
+        if self.snapshot_interval_entries == 0 {
+            problems.push("snapshot_interval_entries must be > 0".to_string());
+        }
+        if self.session_ttl_secs == 0 {
+            problems.push("session_ttl_secs must be > 0".to_string());
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(problems.join("; "))
+        }
+    }
+
+    /// Parse a TOML file; unknown keys are returned for the caller to warn about.
+    pub fn parse(text: &str) -> Result<(MdmConfig, Vec<String>), toml::de::Error> {
+        let cfg: MdmConfig = toml::from_str(text)?;
+        let raw: toml::Table = toml::from_str(text)?;
+        let known = toml::Table::try_from(MdmConfig::default()).unwrap_or_default();
+        let unknown = raw
+            .keys()
+            .filter(|k| !known.contains_key(*k) && *k != "advertise")
+            .cloned()
+            .collect();
+        Ok((cfg, unknown))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_round_trip_and_match_the_checked_in_file() {
+        let text = toml::to_string(&MdmConfig::default()).expect("serialize");
+        let (back, unknown) = MdmConfig::parse(&text).expect("parse");
+        assert_eq!(back, MdmConfig::default());
+        assert!(unknown.is_empty());
+        let checked_in = include_str!("../../docs/config/mdm.default.toml");
+        let (file, unknown) =
+            MdmConfig::parse(checked_in).expect("parse docs/config/mdm.default.toml");
+        assert!(unknown.is_empty(), "unknown keys {unknown:?}");
+        assert_eq!(
+            file,
+            MdmConfig::default(),
+            "docs/config/mdm.default.toml is out of date"
+        );
+    }
+
+    #[test]
+    fn unknown_keys_are_reported() {
+        let (_, unknown) = MdmConfig::parse("name = \"x\"\nfuture_knob = 3\n").expect("parse");
+        assert_eq!(unknown, vec!["future_knob".to_string()]);
+    }
+}

@@ -1,0 +1,94 @@
+//! MDM metrics (Prometheus text format) and the small HTTP server that serves them.
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+#[derive(Default)]
+pub struct MdmMetrics {
+    registry: Registry,
+    pub is_leader: Gauge,
+    pub term: Gauge,
+    pub commit_index: Gauge,
+    pub applied_index: Gauge,
+    pub requests: Counter,
+    pub request_errors: Counter,
+    pub proposals: Counter,
+}
+
+impl MdmMetrics {
+    pub fn new() -> Arc<MdmMetrics> {
+        let mut m = MdmMetrics::default();
+        let r = &mut m.registry;
+        r.register(
+            "meshblock_mdm_is_leader",
+            "1 when this MDM leads the cluster",
+            m.is_leader.clone(),
+        );
+        r.register(
+            "meshblock_mdm_raft_term",
+            "Current Raft term",
+            m.term.clone(),
+        );
+        r.register(
+            "meshblock_mdm_raft_commit_index",
+            "Raft commit index",
+            m.commit_index.clone(),
+        );
+        r.register(
+            "meshblock_mdm_raft_applied_index",
+            "Raft applied index",
+            m.applied_index.clone(),
+        );
+        r.register(
+            "meshblock_mdm_requests",
+            "Control requests served",
+            m.requests.clone(),
+        );
+        r.register(
+            "meshblock_mdm_request_errors",
+            "Control requests answered with an error",
+            m.request_errors.clone(),
+        );
+        r.register(
+            "meshblock_mdm_proposals",
+            "Changes proposed to Raft",
+            m.proposals.clone(),
+        );
+        Arc::new(m)
+    }
+
+    pub fn render(&self) -> String {
+        let mut s = String::new();
+        let _ = encode(&mut s, &self.registry);
+        s
+    }
+}
+
+/// Serve `GET /metrics` on `addr` until the process ends.
+pub async fn serve(addr: SocketAddr, metrics: Arc<MdmMetrics>) -> std::io::Result<()> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    loop {
+        let (mut sock, _) = listener.accept().await?;
+        let metrics = metrics.clone();
+        tokio::spawn(async move {
+            let mut buf = [0u8; 2048];
+            let n = sock.read(&mut buf).await.unwrap_or(0);
+            let req = String::from_utf8_lossy(&buf[..n]);
+            let (status, body) = if req.starts_with("GET /metrics") {
+                ("200 OK", metrics.render())
+            } else {
+                ("404 Not Found", "try /metrics\n".to_string())
+            };
+            let resp = format!(
+                "HTTP/1.1 {status}\r\ncontent-type: text/plain; version=0.0.4\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = sock.write_all(resp.as_bytes()).await;
+        });
+    }
+}

@@ -1,0 +1,623 @@
+//! The MDM's network face: control requests from scli, SDS and SDC, and Raft messages between
+//! MDMs, all over the QUIC transport.
+//!
+//! Everything but `Identify` is answered by the leader only; a follower answers
+//! `ErrorCode::NotLeader` with the leader's address so the client can go there. Reads are
+//! served by a leader that has applied an entry of its own term, so they see every
+//! acknowledged change.
+
+use crate::auth;
+use crate::metrics::MdmMetrics;
+use crate::raft::{RaftHandle, RaftMsg};
+use crate::state_machine::{self, Op, Outcome};
+use proto::codec::{kind, Frame};
+use proto::model::{ClusterMode, ClusterState, MdmMember, MdmRole, Role, User};
+use proto::msg::*;
+use proto::transport::{check_status, Endpoint, Handler, Peer, Response, RpcClient};
+use proto::{ErrorCode, MdmId, WireError};
+use protobuf::Message as _;
+use raft::eraftpb::{ConfChangeType, Message};
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::mpsc;
+
+/// Raft messages queued per peer before new ones are dropped.
+const PEER_QUEUE_LEN: usize = 1024;
+/// How long a membership step may take.
+const MEMBERSHIP_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Metadata of a RAFT frame.
+#[derive(Serialize, Deserialize)]
+struct RaftMeta {
+    from: u64,
+    from_addr: String,
+}
+
+pub struct Service {
+    pub raft: RaftHandle,
+    pub endpoint: Endpoint,
+    pub advertise: String,
+    pub session_ttl_secs: u64,
+    pub metrics: Arc<MdmMetrics>,
+    /// Peer addresses learnt from incoming Raft messages (before the state knows them).
+    peers: Mutex<HashMap<u64, String>>,
+}
+
+fn json<T: Serialize>(v: &T) -> Response {
+    match serde_json::to_vec(v) {
+        Ok(b) => Response::ok(b, bytes::Bytes::new()),
+        Err(e) => Response::error(&WireError::new(ErrorCode::Internal, e.to_string())),
+    }
+}
+
+fn fail<T>(code: ErrorCode, msg: impl Into<String>) -> Result<T, WireError> {
+    Err(WireError::new(code, msg))
+}
+
+impl Service {
+    pub fn new(
+        raft: RaftHandle,
+        endpoint: Endpoint,
+        advertise: String,
+        session_ttl_secs: u64,
+        metrics: Arc<MdmMetrics>,
+    ) -> Arc<Service> {
+        Arc::new(Service {
+            raft,
+            endpoint,
+            advertise,
+            session_ttl_secs,
+            metrics,
+            peers: Mutex::new(HashMap::new()),
+        })
+    }
+
+    fn peer_addr(&self, id: u64) -> Option<String> {
+        if let Ok(s) = self.raft.shared.state.read() {
+            if let Some(m) = s.mdms.get(&MdmId(id)) {
+                return Some(m.addr.clone());
+            }
+        }
+        self.peers.lock().ok().and_then(|p| p.get(&id).cloned())
+    }
+
+    /// Refuse unless this MDM leads and has caught up with its term.
+    fn require_leader(&self) -> Result<(), WireError> {
+        let st = self.raft.shared.status();
+        if st.is_leader && st.leader_ready {
+            return Ok(());
+        }
+        if st.is_leader {
+            return fail(
+                ErrorCode::Unavailable,
+                "the MDM leader is still catching up; retry",
+            );
+        }
+        let hint = if st.leader_id != 0 {
+            self.peer_addr(st.leader_id).unwrap_or_default()
+        } else {
+            String::new()
+        };
+        fail(ErrorCode::NotLeader, hint)
+    }
+
+    fn authorize(&self, token: &str, need: Role) -> Result<String, WireError> {
+        let secret = self
+            .raft
+            .shared
+            .state
+            .read()
+            .map(|s| s.secret.clone())
+            .unwrap_or_default();
+        let (user, role) = auth::verify_token(&secret, token, auth::now_unix())?;
+        if role < need {
+            return fail(
+                ErrorCode::PermissionDenied,
+                format!("User {user} has role {role}; this command needs {need}"),
+            );
+        }
+        Ok(user)
+    }
+
+    async fn control(&self, peer: &Peer, req: MdmRequest) -> Result<MdmResponse, WireError> {
+        if let MdmRequest::Identify = req {
+            let cluster_id = self
+                .raft
+                .shared
+                .state
+                .read()
+                .map(|s| s.cluster_id)
+                .unwrap_or(0);
+            return Ok(MdmResponse::Identity {
+                id: self.raft.id,
+                cluster_id,
+            });
+        }
+        self.require_leader()?;
+        match req {
+            MdmRequest::Identify => unreachable!("answered above"),
+            MdmRequest::Login { username, password } => self.login(&username, &password),
+            MdmRequest::Command { token, command } => {
+                let need = match command {
+                    Command::AddUser { .. }
+                    | Command::AddStandbyMdm { .. }
+                    | Command::SwitchClusterMode { .. } => Role::Administrator,
+                    _ => Role::Configure,
+                };
+                let user = self.authorize(&token, need)?;
+                tracing::info!(%user, peer = %peer.addr, "command {}", command_name(&command));
+                let out = self.command(command).await?;
+                Ok(MdmResponse::Done {
+                    message: out.message,
+                    object_id: out.object_id.map(|i| format!("{i:016x}")),
+                })
+            }
+            MdmRequest::Query { token, query } => {
+                self.authorize(&token, Role::Monitor)?;
+                self.query(&query)
+            }
+            MdmRequest::SdsHello { name, devices } => self.sds_hello(&name, devices).await,
+            MdmRequest::SdcRegister { guid, name, ip } => {
+                let state = self.raft.shared.read_state();
+                if let Some(c) = state.sdcs.values().find(|c| c.guid == guid) {
+                    if c.name == name || name.is_empty() {
+                        return Ok(MdmResponse::SdcRegistered { id: c.id });
+                    }
+                }
+                let ip = if ip.is_empty() {
+                    peer.addr.ip().to_string()
+                } else {
+                    ip
+                };
+                let out = self.propose(Op::SdcRegister { guid, name, ip }).await?;
+                Ok(MdmResponse::SdcRegistered {
+                    id: proto::SdcId(out.object_id.unwrap_or(0)),
+                })
+            }
+            MdmRequest::GetMap { known_version } => {
+                let state = self.raft.shared.read_state();
+                if state.version > known_version {
+                    Ok(MdmResponse::Map {
+                        state: Some(Box::new(state.redacted())),
+                    })
+                } else {
+                    Ok(MdmResponse::Map { state: None })
+                }
+            }
+        }
+    }
+
+    fn login(&self, username: &str, password: &str) -> Result<MdmResponse, WireError> {
+        let state = self.raft.shared.read_state();
+        let denied = || {
+            WireError::new(
+                ErrorCode::Unauthenticated,
+                "Login failed: wrong username or password",
+            )
+        };
+        let user = state.users.get(username).ok_or_else(denied)?;
+        if auth::hash_password(&user.salt, password) != user.password_sha256 {
+            return Err(denied());
+        }
+        let expires_unix = auth::now_unix() + self.session_ttl_secs;
+        let token = auth::make_token(&state.secret, username, user.role, expires_unix);
+        Ok(MdmResponse::Session {
+            token,
+            role: user.role,
+            expires_unix,
+        })
+    }
+
+    async fn propose(&self, op: Op) -> Result<Outcome, WireError> {
+        self.metrics.proposals.inc();
+        self.raft.propose(op).await.map_err(|e| self.redirect(e))
+    }
+
+    /// A `NotLeader` from the Raft thread gets the leader's address filled in.
+    fn redirect(&self, e: WireError) -> WireError {
+        if e.code == ErrorCode::NotLeader && e.message.is_empty() {
+            let st = self.raft.shared.status();
+            return WireError::new(
+                ErrorCode::NotLeader,
+                self.peer_addr(st.leader_id).unwrap_or_default(),
+            );
+        }
+        e
+    }
+
+    async fn command(&self, command: Command) -> Result<Outcome, WireError> {
+        match command {
+            Command::AddUser {
+                name,
+                role,
+                password,
+            } => {
+                state_machine::validate_name("user", &name)?;
+                if password.len() < 6 {
+                    return fail(
+                        ErrorCode::BadRequest,
+                        "The password must have at least 6 characters",
+                    );
+                }
+                let salt = auth::random_hex(16);
+                let password_sha256 = auth::hash_password(&salt, &password);
+                self.propose(Op::AddUser {
+                    user: User {
+                        name,
+                        role,
+                        salt,
+                        password_sha256,
+                    },
+                })
+                .await
+            }
+            Command::AddStandbyMdm { addr, name } => self.add_standby(&addr, name).await,
+            Command::SwitchClusterMode { mode } => self.switch_mode(mode).await,
+            command => self.propose(Op::Command { command }).await,
+        }
+    }
+
+    async fn add_standby(&self, addr: &str, name: Option<String>) -> Result<Outcome, WireError> {
+        let sock: std::net::SocketAddr = addr.parse().map_err(|_| {
+            WireError::new(
+                ErrorCode::BadRequest,
+                format!("Invalid MDM address {addr}: use IP:PORT"),
+            )
+        })?;
+        let client = self
+            .endpoint
+            .connect(sock)
+            .await
+            .map_err(|e| WireError::new(ErrorCode::Unavailable, format!("Could not reach the new MDM at {addr}: {e}. Is it running with this cluster's certificates?")))?;
+        let resp = call_control(&client, &MdmRequest::Identify).await?;
+        client.close();
+        let MdmResponse::Identity { id, cluster_id } = resp else {
+            return fail(ErrorCode::Internal, "unexpected answer to Identify");
+        };
+        let state = self.raft.shared.read_state();
+        if cluster_id != 0 && cluster_id != state.cluster_id {
+            return fail(
+                ErrorCode::Conflict,
+                format!("The MDM at {addr} belongs to another cluster"),
+            );
+        }
+        if state.mdms.contains_key(&id) || state.mdms.values().any(|m| m.addr == addr) {
+            return fail(
+                ErrorCode::AlreadyExists,
+                format!("The MDM at {addr} is already a member of the cluster"),
+            );
+        }
+        let name = name.unwrap_or_else(|| format!("mdm-{:04x}", id.0 & 0xffff));
+        state_machine::validate_name("MDM", &name)?;
+        if state.mdms.values().any(|m| m.name == name) {
+            return fail(
+                ErrorCode::AlreadyExists,
+                format!("An MDM named {name} already exists"),
+            );
+        }
+        if let Ok(mut p) = self.peers.lock() {
+            p.insert(id.0, addr.to_string());
+        }
+        let member = MdmMember {
+            id,
+            name,
+            addr: addr.to_string(),
+            role: MdmRole::Standby,
+        };
+        self.membership(ConfChangeType::AddLearnerNode, member)
+            .await?;
+        Ok(Outcome {
+            message: "Successfully added a standby MDM.".into(),
+            object_id: Some(id.0),
+        })
+    }
+
+    async fn membership(&self, t: ConfChangeType, member: MdmMember) -> Result<Outcome, WireError> {
+        match tokio::time::timeout(MEMBERSHIP_TIMEOUT, self.raft.conf_change(t, member)).await {
+            Ok(r) => r.map_err(|e| self.redirect(e)),
+            Err(_) => fail(
+                ErrorCode::Unavailable,
+                "the membership change did not commit in time; check --query_cluster",
+            ),
+        }
+    }
+
+    async fn switch_mode(&self, mode: ClusterMode) -> Result<Outcome, WireError> {
+        let state = self.raft.shared.read_state();
+        let status = self.raft.shared.status();
+        let want = mode.voters();
+        let managers: Vec<MdmMember> = state
+            .mdms
+            .values()
+            .filter(|m| m.role == MdmRole::Manager)
+            .cloned()
+            .collect();
+        let standbys: Vec<MdmMember> = state
+            .mdms
+            .values()
+            .filter(|m| m.role == MdmRole::Standby)
+            .cloned()
+            .collect();
+        if managers.len() < want {
+            let need = want - managers.len();
+            if standbys.len() < need {
+                return fail(ErrorCode::Conflict, format!(
+                    "Switching to {mode} needs {want} managers: there are {} managers and {} standby MDMs. Add standby MDMs with --add_standby_mdm first",
+                    managers.len(), standbys.len()));
+            }
+            for m in standbys.into_iter().take(need) {
+                self.membership(ConfChangeType::AddNode, m).await?;
+            }
+        } else if managers.len() > want {
+            let extra: Vec<MdmMember> = managers
+                .into_iter()
+                .filter(|m| m.id.0 != status.id)
+                .take(state.mdms.len())
+                .collect();
+            let drop = state
+                .mdms
+                .values()
+                .filter(|m| m.role == MdmRole::Manager)
+                .count()
+                - want;
+            for m in extra.into_iter().take(drop) {
+                self.membership(ConfChangeType::RemoveNode, m.clone())
+                    .await?;
+                self.membership(
+                    ConfChangeType::AddLearnerNode,
+                    MdmMember {
+                        role: MdmRole::Standby,
+                        ..m
+                    },
+                )
+                .await?;
+            }
+        }
+        self.propose(Op::SetMode { mode }).await
+    }
+
+    async fn sds_hello(
+        &self,
+        name: &str,
+        devices: Vec<DeviceReport>,
+    ) -> Result<MdmResponse, WireError> {
+        let state = self.raft.shared.read_state();
+        let Some(sds) = state.sds_by_name(name) else {
+            return fail(
+                ErrorCode::NotFound,
+                format!("No SDS named {name} was added; add it with scli --add_sds"),
+            );
+        };
+        let changed = sds.state != proto::model::SdsState::Normal
+            || devices.iter().any(|r| {
+                sds.devices.iter().any(|d| {
+                    d.path == r.path
+                        && (d.capacity_bytes != r.capacity_bytes
+                            || (d.state == proto::model::DeviceState::Failed) != r.failed
+                            || d.state == proto::model::DeviceState::Initializing)
+                })
+            });
+        let id = sds.id;
+        if changed {
+            self.propose(Op::SdsReport { sds: id, devices }).await?;
+        }
+        Ok(MdmResponse::SdsWelcome { id })
+    }
+
+    fn query(&self, q: &Query) -> Result<MdmResponse, WireError> {
+        let state = self.raft.shared.read_state();
+        let missing = |what: &str, name: &str| {
+            WireError::new(
+                ErrorCode::NotFound,
+                format!("Could not find the {what} {name}"),
+            )
+        };
+        match q {
+            Query::ProtectionDomain { name } if state.pd_by_name(name).is_none() => {
+                return Err(missing("protection domain", name))
+            }
+            Query::StoragePool { name } if state.pool_by_name(name).is_none() => {
+                return Err(missing("storage pool", name))
+            }
+            Query::Sds { name } if state.sds_by_name(name).is_none() => {
+                return Err(missing("SDS", name))
+            }
+            Query::Volume { name } if state.volume_by_name(name).is_none() => {
+                return Err(missing("volume", name))
+            }
+            Query::Sdc { sdc: Some(sel) } => {
+                state_machine::sdc_id(&state, sel)?;
+            }
+            _ => {}
+        }
+        Ok(MdmResponse::View {
+            status: self.cluster_status(&state),
+            state: Box::new(state.redacted()),
+        })
+    }
+
+    fn cluster_status(&self, state: &ClusterState) -> ClusterStatus {
+        let st = self.raft.shared.status();
+        let describe = |id: u64| {
+            let m = state.mdms.get(&MdmId(id));
+            MdmStatus {
+                id: MdmId(id),
+                name: m.map(|m| m.name.clone()).unwrap_or_default(),
+                addr: m.map(|m| m.addr.clone()).unwrap_or_default(),
+                active: st.active.get(&id).copied().unwrap_or(false),
+            }
+        };
+        let leader = (st.leader_id != 0).then(|| describe(st.leader_id));
+        let followers: Vec<MdmStatus> = st
+            .voters
+            .iter()
+            .filter(|v| **v != st.leader_id)
+            .map(|v| describe(*v))
+            .collect();
+        let standbys: Vec<MdmStatus> = st.learners.iter().map(|v| describe(*v)).collect();
+        let active = leader
+            .iter()
+            .chain(followers.iter())
+            .filter(|m| m.active)
+            .count();
+        let total = st.voters.len();
+        ClusterStatus {
+            mode: state.mode,
+            state: if active == total {
+                "Normal".into()
+            } else {
+                "Degraded".into()
+            },
+            active,
+            total,
+            leader,
+            followers,
+            standbys,
+            term: st.term,
+            commit_index: st.commit,
+        }
+    }
+
+    fn step_raft(&self, req: &Frame) -> Result<(), WireError> {
+        let bad = |e: &dyn std::fmt::Display| {
+            WireError::new(ErrorCode::BadRequest, format!("bad raft message: {e}"))
+        };
+        let meta: RaftMeta = serde_json::from_slice(&req.meta).map_err(|e| bad(&e))?;
+        let msg = Message::parse_from_bytes(&req.data).map_err(|e| bad(&e))?;
+        if msg.from != meta.from || msg.to != self.raft.id.0 {
+            return Err(bad(&"sender or recipient does not match"));
+        }
+        if let Ok(mut p) = self.peers.lock() {
+            if p.get(&meta.from) != Some(&meta.from_addr) {
+                p.insert(meta.from, meta.from_addr);
+            }
+        }
+        self.raft.send(RaftMsg::Step(Box::new(msg)))
+    }
+}
+
+fn command_name(c: &Command) -> &'static str {
+    match c {
+        Command::AddProtectionDomain { .. } => "add_protection_domain",
+        Command::AddFaultSet { .. } => "add_fault_set",
+        Command::AddStoragePool { .. } => "add_storage_pool",
+        Command::AddSds { .. } => "add_sds",
+        Command::RemoveSds { .. } => "remove_sds",
+        Command::AddSdsDevice { .. } => "add_sds_device",
+        Command::AddVolume { .. } => "add_volume",
+        Command::RemoveVolume { .. } => "remove_volume",
+        Command::ModifyVolumeCapacity { .. } => "modify_volume_capacity",
+        Command::RenameVolume { .. } => "rename_volume",
+        Command::MapVolumeToSdc { .. } => "map_volume_to_sdc",
+        Command::UnmapVolumeFromSdc { .. } => "unmap_volume_from_sdc",
+        Command::SetSdcVolumeLimits { .. } => "set_sdc_volume_limits",
+        Command::AddUser { .. } => "add_user",
+        Command::AddStandbyMdm { .. } => "add_standby_mdm",
+        Command::SwitchClusterMode { .. } => "switch_cluster_mode",
+    }
+}
+
+/// Send one control request and decode the answer.
+pub async fn call_control(client: &RpcClient, req: &MdmRequest) -> Result<MdmResponse, WireError> {
+    let body =
+        serde_json::to_vec(req).map_err(|e| WireError::new(ErrorCode::Internal, e.to_string()))?;
+    let f = client
+        .call_timeout(
+            Frame::request(kind::CONTROL, body, bytes::Bytes::new()),
+            Duration::from_secs(10),
+        )
+        .await
+        .map_err(|e| WireError::new(ErrorCode::Unavailable, e.to_string()))?;
+    let f = check_status(f)?;
+    serde_json::from_slice(&f.meta)
+        .map_err(|e| WireError::new(ErrorCode::Internal, format!("bad answer: {e}")))
+}
+
+impl Handler for Service {
+    async fn handle(&self, peer: Arc<Peer>, req: Frame) -> Response {
+        let r = match req.kind {
+            kind::CONTROL => {
+                self.metrics.requests.inc();
+                match serde_json::from_slice::<MdmRequest>(&req.meta) {
+                    Ok(m) => self.control(&peer, m).await.map(|r| json(&r)),
+                    Err(e) => fail(
+                        ErrorCode::BadRequest,
+                        format!("malformed control request: {e}"),
+                    ),
+                }
+            }
+            kind::RAFT => self
+                .step_raft(&req)
+                .map(|()| Response::ok(bytes::Bytes::new(), bytes::Bytes::new())),
+            other => fail(
+                ErrorCode::BadRequest,
+                format!("frame kind {other} is not served by an MDM"),
+            ),
+        };
+        match r {
+            Ok(r) => r,
+            Err(e) => {
+                if req.kind == kind::CONTROL {
+                    self.metrics.request_errors.inc();
+                }
+                Response::error(&e)
+            }
+        }
+    }
+}
+
+/// Deliver outgoing Raft messages: one queue and one connection per peer.
+pub async fn raft_network(svc: Arc<Service>, mut outbox: mpsc::Receiver<Message>) {
+    let mut queues: HashMap<u64, mpsc::Sender<Message>> = HashMap::new();
+    while let Some(m) = outbox.recv().await {
+        let to = m.to;
+        let q = queues.entry(to).or_insert_with(|| {
+            let (tx, rx) = mpsc::channel(PEER_QUEUE_LEN);
+            tokio::spawn(peer_sender(svc.clone(), to, rx));
+            tx
+        });
+        let _ = q.try_send(m);
+    }
+}
+
+async fn peer_sender(svc: Arc<Service>, to: u64, mut rx: mpsc::Receiver<Message>) {
+    let mut client: Option<RpcClient> = None;
+    let mut retry_at = tokio::time::Instant::now();
+    let from_addr = svc.advertise.clone();
+    let meta = serde_json::to_vec(&RaftMeta {
+        from: svc.raft.id.0,
+        from_addr,
+    })
+    .unwrap_or_default();
+    while let Some(m) = rx.recv().await {
+        if client.as_ref().is_none_or(|c| c.is_closed()) {
+            client = None;
+            if tokio::time::Instant::now() < retry_at {
+                continue;
+            }
+            let Some(addr) = svc.peer_addr(to).and_then(|a| a.parse().ok()) else {
+                continue;
+            };
+            match svc.endpoint.connect(addr).await {
+                Ok(c) => client = Some(c),
+                Err(e) => {
+                    tracing::debug!(peer = to, "raft peer unreachable: {e}");
+                    retry_at = tokio::time::Instant::now() + Duration::from_millis(300);
+                    continue;
+                }
+            }
+        }
+        let Ok(data) = m.write_to_bytes() else {
+            continue;
+        };
+        if let Some(c) = &client {
+            if c.notify(Frame::request(kind::RAFT, meta.clone(), data.into()))
+                .is_err()
+            {
+                client = None;
+            }
+        }
+    }
+}

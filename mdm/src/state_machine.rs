@@ -1,0 +1,899 @@
+//! The state machine: applies committed Raft entries ([`Op`]) to the [`ClusterState`].
+//!
+//! `apply` is deterministic (no clock, no RNG, no I/O): every input it needs (time, salts, new
+//! cluster secret) was fixed by the proposing leader and is inside the entry. It validates each
+//! command against the state it is applied to, so a command that lost a race is refused here
+//! and changes nothing. Placement is recomputed here too, and every change to a pool's PG map
+//! bumps the pool's epoch.
+
+use crate::placement::{self, Candidate};
+use proto::model::*;
+use proto::msg::{Command, DeviceReport, NewDevice, SdcSelector};
+use proto::*;
+use serde::{Deserialize, Serialize};
+
+/// Largest volume accepted: 1 PiB.
+pub const VOLUME_SIZE_MAX: u64 = 1 << 50;
+/// Longest object name (ScaleIO's limit).
+pub const NAME_LEN_MAX: usize = 31;
+
+/// A committed change.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum Op {
+    Bootstrap {
+        cluster_id: u64,
+        cluster_name: String,
+        secret: String,
+        admin: User,
+        mdm: MdmMember,
+    },
+    Command {
+        command: Command,
+    },
+    AddUser {
+        user: User,
+    },
+    SetMode {
+        mode: ClusterMode,
+    },
+    SdsReport {
+        sds: SdsId,
+        devices: Vec<DeviceReport>,
+    },
+    SdcRegister {
+        guid: String,
+        name: String,
+        ip: String,
+    },
+}
+
+/// A log entry's payload: who proposed it (to answer the waiting client) and the op.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Proposal {
+    pub proposer: u64,
+    pub seq: u64,
+    pub op: Op,
+}
+
+/// What a successful op reports.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Outcome {
+    pub message: String,
+    pub object_id: Option<u64>,
+}
+
+fn done(message: impl Into<String>, id: Option<u64>) -> Result<Outcome, WireError> {
+    Ok(Outcome {
+        message: message.into(),
+        object_id: id,
+    })
+}
+
+fn err<T>(code: ErrorCode, msg: impl Into<String>) -> Result<T, WireError> {
+    Err(WireError::new(code, msg))
+}
+
+fn not_found<T>(what: &str, name: &str) -> Result<T, WireError> {
+    err(
+        ErrorCode::NotFound,
+        format!("Could not find the {what} {name}"),
+    )
+}
+
+pub fn validate_name(what: &str, name: &str) -> Result<(), WireError> {
+    let ok_chars = name
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || "_-.".contains(c));
+    if name.is_empty() || name.len() > NAME_LEN_MAX || !ok_chars {
+        return err(
+            ErrorCode::BadRequest,
+            format!("Invalid {what} name '{name}': use 1-{NAME_LEN_MAX} letters, digits, '_', '-' or '.'"),
+        );
+    }
+    Ok(())
+}
+
+fn gib(bytes: u64) -> String {
+    let g = bytes as f64 / (1u64 << 30) as f64;
+    if g.fract() == 0.0 {
+        format!("{g:.0}")
+    } else {
+        format!("{g:.2}")
+    }
+}
+
+fn new_id(s: &mut ClusterState) -> u64 {
+    s.next_id += 1;
+    // Ids carry the cluster id's high bits so ids of two clusters are unlikely to collide.
+    (s.cluster_id & 0xFFFF_FFFF_0000_0000) | s.next_id
+}
+
+/// Apply one committed op at log `index`.
+pub fn apply(s: &mut ClusterState, op: &Op, index: u64) -> Result<Outcome, WireError> {
+    let before = s.clone();
+    let r = apply_inner(s, op);
+    match &r {
+        Ok(_) => s.version = index,
+        // A refused command changes nothing.
+        Err(_) => *s = before,
+    }
+    r
+}
+
+fn apply_inner(s: &mut ClusterState, op: &Op) -> Result<Outcome, WireError> {
+    match op {
+        Op::Bootstrap {
+            cluster_id,
+            cluster_name,
+            secret,
+            admin,
+            mdm,
+        } => {
+            if s.cluster_id != 0 {
+                return err(ErrorCode::Conflict, "The cluster is already initialized");
+            }
+            s.cluster_id = *cluster_id;
+            s.cluster_name = cluster_name.clone();
+            s.secret = secret.clone();
+            s.mode = ClusterMode::OneNode;
+            s.users.insert(admin.name.clone(), admin.clone());
+            s.mdms.insert(mdm.id, mdm.clone());
+            done("Cluster initialized", Some(*cluster_id))
+        }
+        Op::AddUser { user } => {
+            validate_name("user", &user.name)?;
+            if s.users.contains_key(&user.name) {
+                return err(
+                    ErrorCode::AlreadyExists,
+                    format!("A user named {} already exists", user.name),
+                );
+            }
+            s.users.insert(user.name.clone(), user.clone());
+            done(
+                format!(
+                    "Successfully created user {} with role {}",
+                    user.name, user.role
+                ),
+                None,
+            )
+        }
+        Op::SetMode { mode } => {
+            s.mode = *mode;
+            done(
+                format!("Successfully switched the cluster mode to {mode}"),
+                None,
+            )
+        }
+        Op::SdsReport { sds, devices } => sds_report(s, *sds, devices),
+        Op::SdcRegister { guid, name, ip } => {
+            if let Some(sdc) = s.sdcs.values_mut().find(|c| &c.guid == guid) {
+                sdc.name = name.clone();
+                sdc.ip = ip.clone();
+                let id = sdc.id.0;
+                return done("SDC re-registered", Some(id));
+            }
+            if guid.is_empty() || guid.len() > 64 {
+                return err(ErrorCode::BadRequest, "SDC GUID must be 1-64 characters");
+            }
+            let id = SdcId(new_id(s));
+            let name = if name.is_empty() {
+                format!("sdc-{}", &guid[..guid.len().min(8)])
+            } else {
+                name.clone()
+            };
+            s.sdcs.insert(
+                id,
+                Sdc {
+                    id,
+                    guid: guid.clone(),
+                    name,
+                    ip: ip.clone(),
+                },
+            );
+            done("SDC registered", Some(id.0))
+        }
+        Op::Command { command } => apply_command(s, command),
+    }
+}
+
+fn pd_id(s: &ClusterState, name: &str) -> Result<PdId, WireError> {
+    s.pd_by_name(name)
+        .map(|p| p.id)
+        .map_or_else(|| not_found("protection domain", name), Ok)
+}
+
+fn pool_id(s: &ClusterState, name: &str) -> Result<PoolId, WireError> {
+    s.pool_by_name(name)
+        .map(|p| p.id)
+        .map_or_else(|| not_found("storage pool", name), Ok)
+}
+
+fn volume_id(s: &ClusterState, name: &str) -> Result<VolumeId, WireError> {
+    s.volume_by_name(name)
+        .map(|v| v.id)
+        .map_or_else(|| not_found("volume", name), Ok)
+}
+
+/// Resolve an SDC selector.
+pub fn sdc_id(s: &ClusterState, sel: &SdcSelector) -> Result<SdcId, WireError> {
+    let found = s.sdcs.values().find(|c| match sel {
+        SdcSelector::Name(n) => &c.name == n,
+        SdcSelector::Ip(ip) => &c.ip == ip,
+        SdcSelector::Guid(g) => c.guid.eq_ignore_ascii_case(g),
+    });
+    match found {
+        Some(c) => Ok(c.id),
+        None => err(ErrorCode::NotFound, "Could not find the SDC"),
+    }
+}
+
+fn apply_command(s: &mut ClusterState, c: &Command) -> Result<Outcome, WireError> {
+    match c {
+        Command::AddProtectionDomain { name } => {
+            validate_name("protection domain", name)?;
+            if s.pd_by_name(name).is_some() {
+                return err(
+                    ErrorCode::AlreadyExists,
+                    format!("A protection domain named {name} already exists"),
+                );
+            }
+            let id = PdId(new_id(s));
+            s.pds.insert(
+                id,
+                ProtectionDomain {
+                    id,
+                    name: name.clone(),
+                },
+            );
+            done("Successfully created protection domain.", Some(id.0))
+        }
+        Command::AddFaultSet { pd, name } => {
+            validate_name("fault set", name)?;
+            let pd = pd_id(s, pd)?;
+            if s.fault_set_by_name(pd, name).is_some() {
+                return err(
+                    ErrorCode::AlreadyExists,
+                    format!("A fault set named {name} already exists in this protection domain"),
+                );
+            }
+            let id = FaultSetId(new_id(s));
+            s.fault_sets.insert(
+                id,
+                FaultSet {
+                    id,
+                    name: name.clone(),
+                    pd,
+                },
+            );
+            done("Successfully created fault set.", Some(id.0))
+        }
+        Command::AddStoragePool {
+            pd,
+            name,
+            media_type,
+            pg_count,
+        } => {
+            validate_name("storage pool", name)?;
+            let pd = pd_id(s, pd)?;
+            if s.pool_by_name(name).is_some() {
+                return err(
+                    ErrorCode::AlreadyExists,
+                    format!("A storage pool named {name} already exists"),
+                );
+            }
+            let media = match media_type.to_ascii_uppercase().as_str() {
+                "" | "HDD" => "HDD",
+                "SSD" => "SSD",
+                "TRANSITIONAL" => "Transitional",
+                other => {
+                    return err(
+                        ErrorCode::BadRequest,
+                        format!("Invalid media type {other}: use HDD, SSD or Transitional"),
+                    )
+                }
+            };
+            let pg_count = pg_count.unwrap_or(DEFAULT_PG_COUNT);
+            if pg_count == 0 || pg_count > PG_COUNT_MAX {
+                return err(
+                    ErrorCode::BadRequest,
+                    format!("PG count must be 1-{PG_COUNT_MAX}"),
+                );
+            }
+            let id = PoolId(new_id(s));
+            s.pools.insert(
+                id,
+                StoragePool {
+                    id,
+                    name: name.clone(),
+                    pd,
+                    media_type: media.to_string(),
+                    pg_count,
+                    epoch: Epoch(1),
+                    pgs: vec![PgMapping::default(); pg_count as usize],
+                },
+            );
+            replace_placement(s, id);
+            done("Successfully created storage pool.", Some(id.0))
+        }
+        Command::AddSds {
+            name,
+            addr,
+            pd,
+            fault_set,
+            devices,
+        } => add_sds(s, name, addr, pd, fault_set.as_deref(), devices),
+        Command::RemoveSds { name } => remove_sds(s, name),
+        Command::AddSdsDevice { sds, device } => {
+            let Some(sd) = s.sds_by_name(sds).cloned() else {
+                return not_found("SDS", sds);
+            };
+            let dev = new_device(s, sd.pd, device)?;
+            if sd.devices.iter().any(|d| d.path == dev.path) {
+                return err(
+                    ErrorCode::AlreadyExists,
+                    format!("SDS {sds} already has device {}", dev.path),
+                );
+            }
+            let (pool, id) = (dev.pool, dev.id);
+            if let Some(x) = s.sds.get_mut(&sd.id) {
+                x.devices.push(dev);
+            }
+            replace_placement(s, pool);
+            done("Successfully added a device to SDS.", Some(id.0))
+        }
+        Command::AddVolume {
+            pool,
+            name,
+            size_bytes,
+            thin,
+        } => {
+            validate_name("volume", name)?;
+            let pool = pool_id(s, pool)?;
+            if s.volume_by_name(name).is_some() {
+                return err(
+                    ErrorCode::AlreadyExists,
+                    format!("A volume named {name} already exists"),
+                );
+            }
+            let size = round_size(*size_bytes)?;
+            if !thin {
+                check_thick_fits(s, pool, size)?;
+            }
+            let id = VolumeId(new_id(s));
+            let vtree = VtreeId(new_id(s));
+            s.volumes.insert(
+                id,
+                Volume {
+                    id,
+                    name: name.clone(),
+                    pool,
+                    size_bytes: size,
+                    thin: *thin,
+                    vtree,
+                    created_unix: 0,
+                },
+            );
+            done(
+                format!("Successfully created volume of size {} GB.", gib(size)),
+                Some(id.0),
+            )
+        }
+        Command::RemoveVolume { name } => {
+            let id = volume_id(s, name)?;
+            if s.mappings_of(id).next().is_some() {
+                return err(
+                    ErrorCode::Conflict,
+                    format!("Volume {name} is mapped to an SDC; unmap it first"),
+                );
+            }
+            s.volumes.remove(&id);
+            done("Successfully removed volume.", Some(id.0))
+        }
+        Command::ModifyVolumeCapacity { name, size_bytes } => {
+            let id = volume_id(s, name)?;
+            let size = round_size(*size_bytes)?;
+            let Some(v) = s.volumes.get(&id).cloned() else {
+                return not_found("volume", name);
+            };
+            if size <= v.size_bytes {
+                return err(ErrorCode::BadRequest, format!(
+                    "The new size ({} GB) must be larger than the current size ({} GB): volumes only grow",
+                    gib(size), gib(v.size_bytes)));
+            }
+            if !v.thin {
+                check_thick_fits(s, v.pool, size - v.size_bytes)?;
+            }
+            if let Some(v) = s.volumes.get_mut(&id) {
+                v.size_bytes = size;
+            }
+            done(
+                format!("Successfully modified volume size to {} GB.", gib(size)),
+                Some(id.0),
+            )
+        }
+        Command::RenameVolume { name, new_name } => {
+            let id = volume_id(s, name)?;
+            validate_name("volume", new_name)?;
+            if s.volume_by_name(new_name).is_some() {
+                return err(
+                    ErrorCode::AlreadyExists,
+                    format!("A volume named {new_name} already exists"),
+                );
+            }
+            if let Some(v) = s.volumes.get_mut(&id) {
+                v.name = new_name.clone();
+            }
+            done("Successfully renamed volume.", Some(id.0))
+        }
+        Command::MapVolumeToSdc {
+            volume,
+            sdc,
+            allow_multi_map,
+        } => {
+            let vid = volume_id(s, volume)?;
+            let sid = sdc_id(s, sdc)?;
+            if s.mappings.iter().any(|m| m.volume == vid && m.sdc == sid) {
+                return err(
+                    ErrorCode::AlreadyExists,
+                    "The volume is already mapped to this SDC",
+                );
+            }
+            if !allow_multi_map && s.mappings_of(vid).next().is_some() {
+                return err(ErrorCode::Conflict, "The volume is already mapped to another SDC; add --allow_multi_map to map it to more than one");
+            }
+            s.mappings.push(Mapping {
+                volume: vid,
+                sdc: sid,
+                iops_limit: 0,
+                bandwidth_limit_kbps: 0,
+            });
+            done("Successfully mapped volume to SDC.", Some(vid.0))
+        }
+        Command::UnmapVolumeFromSdc { volume, sdc } => {
+            let vid = volume_id(s, volume)?;
+            let before = s.mappings.len();
+            match sdc {
+                Some(sel) => {
+                    let sid = sdc_id(s, sel)?;
+                    s.mappings.retain(|m| !(m.volume == vid && m.sdc == sid));
+                }
+                None => s.mappings.retain(|m| m.volume != vid),
+            }
+            if s.mappings.len() == before {
+                return err(ErrorCode::NotFound, "The volume is not mapped to this SDC");
+            }
+            done("Successfully unmapped volume from SDC.", Some(vid.0))
+        }
+        Command::SetSdcVolumeLimits {
+            volume,
+            sdc,
+            iops_limit,
+            bandwidth_limit_kbps,
+        } => {
+            let vid = volume_id(s, volume)?;
+            let sid = sdc_id(s, sdc)?;
+            if iops_limit.is_none() && bandwidth_limit_kbps.is_none() {
+                return err(
+                    ErrorCode::BadRequest,
+                    "Give --limit_iops and/or --limit_bandwidth_kbps",
+                );
+            }
+            if let Some(i) = iops_limit {
+                if *i != 0 && *i < 11 {
+                    return err(
+                        ErrorCode::BadRequest,
+                        "The IOPS limit must be 0 (unlimited) or at least 11",
+                    );
+                }
+            }
+            let Some(m) = s
+                .mappings
+                .iter_mut()
+                .find(|m| m.volume == vid && m.sdc == sid)
+            else {
+                return err(ErrorCode::NotFound, "The volume is not mapped to this SDC");
+            };
+            if let Some(i) = iops_limit {
+                m.iops_limit = *i;
+            }
+            if let Some(b) = bandwidth_limit_kbps {
+                m.bandwidth_limit_kbps = *b;
+            }
+            done("Successfully set the SDC's volume limits.", Some(vid.0))
+        }
+        Command::AddUser { .. }
+        | Command::AddStandbyMdm { .. }
+        | Command::SwitchClusterMode { .. } => {
+            err(ErrorCode::Internal, "this command is not applied directly")
+        }
+    }
+}
+
+fn round_size(size: u64) -> Result<u64, WireError> {
+    if size == 0 || size > VOLUME_SIZE_MAX {
+        return err(
+            ErrorCode::BadRequest,
+            format!(
+                "Volume size must be more than 0 and at most {} GB",
+                VOLUME_SIZE_MAX >> 30
+            ),
+        );
+    }
+    Ok(size.div_ceil(CHUNK_SIZE) * CHUNK_SIZE)
+}
+
+fn check_thick_fits(s: &ClusterState, pool: PoolId, size: u64) -> Result<(), WireError> {
+    let raw = s.pool_raw_capacity(pool);
+    let reserved = s.pool_thick_reserved(pool);
+    let free = raw.saturating_sub(reserved);
+    if size.saturating_mul(2) > free {
+        return err(ErrorCode::NoSpace, format!(
+            "Not enough capacity in the storage pool: a thick volume of {} GB needs {} GB of raw capacity (two copies), {} GB is free",
+            gib(size), gib(size.saturating_mul(2)), gib(free)));
+    }
+    Ok(())
+}
+
+fn new_device(s: &mut ClusterState, pd: PdId, d: &NewDevice) -> Result<Device, WireError> {
+    if d.path.is_empty() || d.path.len() > 1024 {
+        return err(ErrorCode::BadRequest, "Invalid device path");
+    }
+    let pool = pool_id(s, &d.pool)?;
+    if s.pools.get(&pool).map(|p| p.pd) != Some(pd) {
+        return err(
+            ErrorCode::BadRequest,
+            format!(
+                "Storage pool {} is not in the SDS's protection domain",
+                d.pool
+            ),
+        );
+    }
+    let (capacity_bytes, state) = match d.capacity_bytes {
+        Some(c) if c > 0 => (c, DeviceState::Normal),
+        _ => (0, DeviceState::Initializing),
+    };
+    Ok(Device {
+        id: DeviceId(new_id(s)),
+        path: d.path.clone(),
+        pool,
+        capacity_bytes,
+        state,
+    })
+}
+
+fn add_sds(
+    s: &mut ClusterState,
+    name: &str,
+    addr: &str,
+    pd: &str,
+    fault_set: Option<&str>,
+    devices: &[NewDevice],
+) -> Result<Outcome, WireError> {
+    validate_name("SDS", name)?;
+    if s.sds_by_name(name).is_some() {
+        return err(
+            ErrorCode::AlreadyExists,
+            format!("An SDS named {name} already exists"),
+        );
+    }
+    if addr.parse::<std::net::SocketAddr>().is_err() {
+        return err(
+            ErrorCode::BadRequest,
+            format!("Invalid SDS address {addr}: use IP:PORT"),
+        );
+    }
+    if s.sds.values().any(|x| x.addr == addr) {
+        return err(
+            ErrorCode::AlreadyExists,
+            format!("An SDS with address {addr} already exists"),
+        );
+    }
+    let pd = pd_id(s, pd)?;
+    let fault_set = match fault_set {
+        Some(f) => match s.fault_set_by_name(pd, f) {
+            Some(fs) => Some(fs.id),
+            None => return not_found("fault set", f),
+        },
+        None => None,
+    };
+    if devices.is_empty() {
+        return err(
+            ErrorCode::BadRequest,
+            "An SDS needs at least one device (--device_path)",
+        );
+    }
+    let mut devs: Vec<Device> = Vec::new();
+    for d in devices {
+        let dev = new_device(s, pd, d)?;
+        if devs.iter().any(|x| x.path == dev.path) {
+            return err(
+                ErrorCode::BadRequest,
+                format!("Device {} is given twice", dev.path),
+            );
+        }
+        devs.push(dev);
+    }
+    let pools: Vec<PoolId> = devs.iter().map(|d| d.pool).collect();
+    let id = SdsId(new_id(s));
+    s.sds.insert(
+        id,
+        Sds {
+            id,
+            name: name.to_string(),
+            addr: addr.to_string(),
+            pd,
+            fault_set,
+            devices: devs,
+            state: SdsState::Initializing,
+        },
+    );
+    for p in pools {
+        replace_placement(s, p);
+    }
+    done("Successfully created SDS.", Some(id.0))
+}
+
+fn remove_sds(s: &mut ClusterState, name: &str) -> Result<Outcome, WireError> {
+    let Some(sd) = s.sds_by_name(name).cloned() else {
+        return not_found("SDS", name);
+    };
+    let pools: Vec<PoolId> = s.pools.keys().copied().collect();
+    for p in &pools {
+        let holds = s.pools[p]
+            .pgs
+            .iter()
+            .any(|m| m.primary == Some(sd.id) || m.secondary == Some(sd.id));
+        let has_volumes = s.volumes.values().any(|v| v.pool == *p);
+        if holds && has_volumes {
+            return err(ErrorCode::Conflict, format!(
+                "SDS {name} holds data of storage pool {}; moving data off an SDS needs rebalance, which this version cannot do yet: remove the pool's volumes first",
+                s.pools[p].name));
+        }
+    }
+    s.sds.remove(&sd.id);
+    for p in pools {
+        replace_placement(s, p);
+    }
+    done("Successfully removed SDS.", Some(sd.id.0))
+}
+
+fn sds_report(
+    s: &mut ClusterState,
+    id: SdsId,
+    reports: &[DeviceReport],
+) -> Result<Outcome, WireError> {
+    let Some(sd) = s.sds.get_mut(&id) else {
+        return err(ErrorCode::NotFound, "Could not find the SDS");
+    };
+    let mut pools = Vec::new();
+    sd.state = SdsState::Normal;
+    for r in reports {
+        if let Some(d) = sd.devices.iter_mut().find(|d| d.path == r.path) {
+            let state = if r.failed {
+                DeviceState::Failed
+            } else {
+                DeviceState::Normal
+            };
+            if d.capacity_bytes != r.capacity_bytes || d.state != state {
+                d.capacity_bytes = r.capacity_bytes;
+                d.state = state;
+                pools.push(d.pool);
+            }
+        }
+    }
+    for p in pools {
+        replace_placement(s, p);
+    }
+    done("SDS report recorded", Some(id.0))
+}
+
+/// Recompute a pool's placement. A pool without volumes holds no data, so its whole map may
+/// change; once volumes exist, only PGs with no copy at all (which hold no data) are filled in:
+/// moving PGs that hold data is rebalance, which copies first.
+pub fn replace_placement(s: &mut ClusterState, pool: PoolId) {
+    let Some(p) = s.pools.get(&pool) else { return };
+    let cands: Vec<Candidate> = s
+        .sds
+        .values()
+        .filter(|x| x.pd == p.pd && x.state != SdsState::Down)
+        .map(|x| Candidate {
+            id: x.id,
+            fault_set: x.fault_set,
+            capacity: x.capacity_in(pool),
+        })
+        .collect();
+    let fresh = placement::assign(p.pg_count, &cands);
+    let has_volumes = s.volumes.values().any(|v| v.pool == pool);
+    let Some(p) = s.pools.get_mut(&pool) else {
+        return;
+    };
+    let next: Vec<PgMapping> = if has_volumes {
+        p.pgs
+            .iter()
+            .zip(&fresh)
+            .map(|(old, new)| {
+                if old.primary.is_none() && old.secondary.is_none() {
+                    *new
+                } else {
+                    *old
+                }
+            })
+            .collect()
+    } else {
+        fresh
+    };
+    if next != p.pgs {
+        p.pgs = next;
+        p.epoch = p.epoch.next();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cmd(s: &mut ClusterState, c: Command) -> Result<Outcome, WireError> {
+        let v = s.version + 1;
+        apply(s, &Op::Command { command: c }, v)
+    }
+
+    fn cluster() -> ClusterState {
+        let mut s = ClusterState::default();
+        let admin = User {
+            name: "admin".into(),
+            role: Role::Administrator,
+            salt: "s".into(),
+            password_sha256: "h".into(),
+        };
+        let mdm = MdmMember {
+            id: MdmId(1),
+            name: "mdm1".into(),
+            addr: "127.0.0.1:1".into(),
+            role: MdmRole::Manager,
+        };
+        apply(
+            &mut s,
+            &Op::Bootstrap {
+                cluster_id: 0xabcd_0000_0000_0000,
+                cluster_name: "c".into(),
+                secret: "x".into(),
+                admin,
+                mdm,
+            },
+            1,
+        )
+        .expect("bootstrap");
+        cmd(&mut s, Command::AddProtectionDomain { name: "pd1".into() }).expect("pd");
+        cmd(
+            &mut s,
+            Command::AddStoragePool {
+                pd: "pd1".into(),
+                name: "sp1".into(),
+                media_type: "".into(),
+                pg_count: Some(64),
+            },
+        )
+        .expect("pool");
+        for i in 1..=3 {
+            cmd(
+                &mut s,
+                Command::AddSds {
+                    name: format!("sds{i}"),
+                    addr: format!("127.0.0.1:{}", 7000 + i),
+                    pd: "pd1".into(),
+                    fault_set: None,
+                    devices: vec![NewDevice {
+                        path: "/d".into(),
+                        pool: "sp1".into(),
+                        capacity_bytes: Some(100 << 30),
+                    }],
+                },
+            )
+            .expect("sds");
+        }
+        s
+    }
+
+    #[test]
+    fn placement_follows_sds_and_bumps_epoch() {
+        let s = cluster();
+        let p = s.pool_by_name("sp1").expect("pool");
+        assert!(p
+            .pgs
+            .iter()
+            .all(|m| m.primary.is_some() && m.secondary.is_some()));
+        assert!(p.epoch.0 > 1);
+    }
+
+    #[test]
+    fn refused_commands_change_nothing() {
+        let mut s = cluster();
+        let before = s.clone();
+        for c in [
+            Command::AddProtectionDomain { name: "pd1".into() },
+            Command::AddProtectionDomain {
+                name: "bad name!".into(),
+            },
+            Command::AddStoragePool {
+                pd: "nope".into(),
+                name: "sp2".into(),
+                media_type: "".into(),
+                pg_count: None,
+            },
+            Command::AddVolume {
+                pool: "sp1".into(),
+                name: "big".into(),
+                size_bytes: 200 << 30,
+                thin: false,
+            },
+            Command::RemoveVolume {
+                name: "nope".into(),
+            },
+            Command::RemoveSds {
+                name: "nope".into(),
+            },
+        ] {
+            assert!(cmd(&mut s, c).is_err());
+            assert_eq!(s, before);
+        }
+    }
+
+    #[test]
+    fn thick_volumes_reserve_capacity() {
+        let mut s = cluster();
+        // 300 GiB raw, 150 GiB usable.
+        cmd(
+            &mut s,
+            Command::AddVolume {
+                pool: "sp1".into(),
+                name: "a".into(),
+                size_bytes: 100 << 30,
+                thin: false,
+            },
+        )
+        .expect("fits");
+        let e = cmd(
+            &mut s,
+            Command::AddVolume {
+                pool: "sp1".into(),
+                name: "b".into(),
+                size_bytes: 60 << 30,
+                thin: false,
+            },
+        );
+        assert_eq!(e.expect_err("must not fit").code, ErrorCode::NoSpace);
+        cmd(
+            &mut s,
+            Command::AddVolume {
+                pool: "sp1".into(),
+                name: "c".into(),
+                size_bytes: 60 << 30,
+                thin: true,
+            },
+        )
+        .expect("thin fits");
+    }
+
+    #[test]
+    fn sds_holding_data_cannot_be_removed() {
+        let mut s = cluster();
+        cmd(
+            &mut s,
+            Command::AddVolume {
+                pool: "sp1".into(),
+                name: "a".into(),
+                size_bytes: 1 << 30,
+                thin: true,
+            },
+        )
+        .expect("vol");
+        let e = cmd(
+            &mut s,
+            Command::RemoveSds {
+                name: "sds1".into(),
+            },
+        )
+        .expect_err("refused");
+        assert_eq!(e.code, ErrorCode::Conflict);
+    }
+}
