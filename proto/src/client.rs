@@ -12,6 +12,8 @@ use tokio::sync::Mutex;
 
 /// Time one request may take on one MDM.
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long dialling one MDM may take (they sit on a LAN).
+const DIAL_TIMEOUT: Duration = Duration::from_millis(1500);
 /// Pause between rounds over all MDMs while none leads.
 const RETRY_PAUSE: Duration = Duration::from_millis(200);
 
@@ -19,6 +21,8 @@ pub struct MdmClient {
     endpoint: Endpoint,
     addrs: Mutex<Vec<SocketAddr>>,
     conn: Mutex<Option<RpcClient>>,
+    /// Addresses whose last dial failed.
+    dead: Mutex<std::collections::HashSet<SocketAddr>>,
 }
 
 impl MdmClient {
@@ -27,6 +31,7 @@ impl MdmClient {
             endpoint,
             addrs: Mutex::new(addrs),
             conn: Mutex::new(None),
+            dead: Mutex::new(Default::default()),
         }
     }
 
@@ -61,63 +66,140 @@ impl MdmClient {
         }
     }
 
-    /// One pass: the current connection, then each address (following a redirect first).
+    /// One pass: the current connection, else every address dialled at once (a dead MDM must
+    /// not cost a handshake timeout) and asked as soon as its connection is up; a redirect to
+    /// the leader is followed at once.
     async fn try_once(&self, body: &[u8]) -> Result<MdmResponse, WireError> {
-        let addrs = self.addrs.lock().await.clone();
-        let mut candidates: Vec<Option<SocketAddr>> = vec![None];
-        candidates.extend(addrs.iter().copied().map(Some));
         let mut last = WireError::new(ErrorCode::Unavailable, "no MDM could be reached");
-        let mut i = 0;
-        while i < candidates.len() && i < 16 {
-            let target = candidates[i];
-            i += 1;
-            let client = match self.client_for(target).await {
-                Some(c) => c,
-                None => continue,
+        let current = self.conn.lock().await.clone().filter(|c| !c.is_closed());
+        if let Some(c) = current {
+            match self.ask(&c, body).await {
+                Ok(r) => return Ok(r),
+                Err((e, _)) if !matches!(e.code, ErrorCode::NotLeader | ErrorCode::Unavailable) => {
+                    return Err(e)
+                }
+                Err((e, leader)) => {
+                    last = e;
+                    if let Some(r) = self.follow(leader, body, &mut last).await {
+                        return r;
+                    }
+                }
+            }
+        }
+        let addrs = self.addrs.lock().await.clone();
+        let dead = self.dead.lock().await.clone();
+        let mut set = tokio::task::JoinSet::new();
+        // Addresses that failed last time are dialled too, but not waited for once every
+        // other address has been tried.
+        let mut pending_live = addrs.iter().filter(|a| !dead.contains(a)).count();
+        for a in addrs {
+            let ep = self.endpoint.clone();
+            set.spawn(async move { (a, tokio::time::timeout(DIAL_TIMEOUT, ep.connect(a)).await) });
+        }
+        while pending_live > 0 || dead.is_empty() {
+            let Some(joined) = set.join_next().await else {
+                break;
             };
-            let frame = Frame::request(kind::CONTROL, body.to_vec(), bytes::Bytes::new());
-            let resp = match client.call_timeout(frame, CALL_TIMEOUT).await {
-                Ok(f) => f,
-                Err(e) => {
-                    *self.conn.lock().await = None;
-                    last = WireError::new(
-                        ErrorCode::Unavailable,
-                        format!("MDM {} did not answer: {e}", client.remote_address()),
-                    );
+            let Ok((addr, dialled)) = joined else {
+                continue;
+            };
+            if !dead.contains(&addr) {
+                pending_live = pending_live.saturating_sub(1);
+            }
+            let c = match dialled {
+                Ok(Ok(c)) => {
+                    self.dead.lock().await.remove(&addr);
+                    c
+                }
+                _ => {
+                    self.dead.lock().await.insert(addr);
                     continue;
                 }
             };
-            match check_status(resp) {
-                Ok(f) => {
-                    *self.conn.lock().await = Some(client);
-                    return serde_json::from_slice(&f.meta).map_err(|e| {
-                        WireError::new(ErrorCode::Internal, format!("undecodable MDM answer: {e}"))
-                    });
+            match self.ask(&c, body).await {
+                Ok(r) => return Ok(r),
+                Err((e, _)) if !matches!(e.code, ErrorCode::NotLeader | ErrorCode::Unavailable) => {
+                    return Err(e)
                 }
-                Err(e) if e.code == ErrorCode::NotLeader => {
-                    *self.conn.lock().await = None;
-                    if let Ok(leader) = e.message.parse::<SocketAddr>() {
-                        let mut a = self.addrs.lock().await;
-                        if !a.contains(&leader) {
-                            a.push(leader);
-                        }
-                        candidates.insert(i, Some(leader));
-                    }
+                Err((e, leader)) => {
                     last = e;
+                    if let Some(r) = self.follow(leader, body, &mut last).await {
+                        return r;
+                    }
                 }
-                Err(e) => return Err(e),
             }
         }
         Err(last)
     }
 
-    async fn client_for(&self, target: Option<SocketAddr>) -> Option<RpcClient> {
-        match target {
-            None => {
-                let c = self.conn.lock().await.clone()?;
-                (!c.is_closed()).then_some(c)
+    /// Dial the leader a redirect named; `None` when there was none or it did not answer.
+    async fn follow(
+        &self,
+        leader: Option<SocketAddr>,
+        body: &[u8],
+        last: &mut WireError,
+    ) -> Option<Result<MdmResponse, WireError>> {
+        let leader = leader?;
+        {
+            let mut a = self.addrs.lock().await;
+            if !a.contains(&leader) {
+                a.push(leader);
             }
-            Some(addr) => self.endpoint.connect(addr).await.ok(),
+        }
+        if self.dead.lock().await.contains(&leader) {
+            return None;
+        }
+        let c = match tokio::time::timeout(DIAL_TIMEOUT, self.endpoint.connect(leader)).await {
+            Ok(Ok(c)) => c,
+            _ => {
+                // A follower may still name a leader that just died.
+                self.dead.lock().await.insert(leader);
+                return None;
+            }
+        };
+        match self.ask(&c, body).await {
+            Ok(r) => Some(Ok(r)),
+            Err((e, _)) if !matches!(e.code, ErrorCode::NotLeader | ErrorCode::Unavailable) => {
+                Some(Err(e))
+            }
+            Err((e, _)) => {
+                *last = e;
+                None
+            }
+        }
+    }
+
+    /// Ask one MDM. On `NotLeader`, the error comes with the leader's address when known.
+    async fn ask(
+        &self,
+        client: &RpcClient,
+        body: &[u8],
+    ) -> Result<MdmResponse, (WireError, Option<SocketAddr>)> {
+        let frame = Frame::request(kind::CONTROL, body.to_vec(), bytes::Bytes::new());
+        let resp = match client.call_timeout(frame, CALL_TIMEOUT).await {
+            Ok(f) => f,
+            Err(e) => {
+                *self.conn.lock().await = None;
+                let msg = format!("MDM {} did not answer: {e}", client.remote_address());
+                return Err((WireError::new(ErrorCode::Unavailable, msg), None));
+            }
+        };
+        match check_status(resp) {
+            Ok(f) => {
+                *self.conn.lock().await = Some(client.clone());
+                serde_json::from_slice(&f.meta).map_err(|e| {
+                    (
+                        WireError::new(ErrorCode::Internal, format!("undecodable MDM answer: {e}")),
+                        None,
+                    )
+                })
+            }
+            Err(e) if e.code == ErrorCode::NotLeader => {
+                *self.conn.lock().await = None;
+                let leader = e.message.parse::<SocketAddr>().ok();
+                Err((e, leader))
+            }
+            Err(e) => Err((e, None)),
         }
     }
 }

@@ -1,1 +1,38 @@
-fn main() {}
+//! `scli`: Meshblock's admin command line, in ScaleIO's grammar: one command flag plus options,
+//! e.g. `scli --add_volume --storage_pool_name sp1 --size_gb 8 --volume_name v1`.
+//! Errors go to stderr as `Error: ...` with exit code 1.
+
+mod args;
+mod client;
+mod output;
+mod session;
+
+use args::Args;
+use clap::Parser;
+
+fn main() {
+    let args = Args::parse();
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("Error: start the runtime: {e}");
+            std::process::exit(1);
+        }
+    };
+    match rt.block_on(args::run(args)) {
+        Ok(out) => {
+            use std::io::Write;
+            if !out.is_empty() {
+                // A closed pipe (`scli ... | head`) is not an error worth a panic.
+                let _ = writeln!(std::io::stdout(), "{out}");
+            }
+        }
+        Err(e) => {
+            eprintln!("Error: {e:#}");
+            std::process::exit(1);
+        }
+    }
+}

@@ -119,7 +119,17 @@ impl Proc {
             .open(&self.log)
             .expect("open log");
         let err = log.try_clone().expect("clone log");
-        let child = Command::new(&self.cmd[0])
+        let mut cmd = Command::new(&self.cmd[0]);
+        // SAFETY: prctl in the forked child before exec; async-signal-safe.
+        unsafe {
+            use std::os::unix::process::CommandExt;
+            cmd.pre_exec(|| {
+                // Die with the test thread that started us, even if the test panics.
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
+        let child = cmd
             .args(&self.cmd[1..])
             .stdin(Stdio::null())
             .stdout(log)

@@ -96,15 +96,16 @@ impl RaftStorage {
         &self.cs
     }
 
-    /// Bootstrap a brand-new single-voter cluster: the node becomes initialized with itself as
-    /// the only voter and campaigns.
+    /// Bootstrap a brand-new single-voter cluster: an initial snapshot at index 1 carries the
+    /// conf state, so members added later learn the first voter from it (through the snapshot
+    /// the leader sends them) rather than never hearing of it.
     pub fn initialize(&mut self, voter: u64) -> Result<(), raft::Error> {
-        let cs = ConfState {
-            voters: vec![voter],
-            ..Default::default()
-        };
-        self.set_conf_state(cs)?;
-        self.store.flush().map_err(store_err)
+        let mut snap = Snapshot::default();
+        let meta = snap.mut_metadata();
+        meta.index = 1;
+        meta.term = 1;
+        meta.mut_conf_state().voters = vec![voter];
+        self.apply_snapshot(&snap)
     }
 
     /// Append entries (truncating any conflicting suffix) and store the hard state, then make it

@@ -1,0 +1,631 @@
+//! The command line: one command flag plus its options, as ScaleIO spells them, and the
+//! dispatch from a command to an MDM request.
+
+use crate::{client, output, session};
+use anyhow::{anyhow, bail, Context};
+use clap::Parser;
+use proto::model::{ClusterMode, Role};
+use proto::msg::{Command, MdmRequest, MdmResponse, NewDevice, Query, SdcSelector};
+
+#[derive(Parser, Debug, Default)]
+#[command(
+    name = "scli",
+    version,
+    rename_all = "snake_case",
+    about = "Meshblock admin CLI (ScaleIO grammar): one command flag plus its options"
+)]
+pub struct Args {
+    // ---- commands ----
+    /// Log in: --username --password [--mdm_ip].
+    #[arg(long)]
+    pub login: bool,
+    /// Forget the saved session.
+    #[arg(long)]
+    pub logout: bool,
+    /// --protection_domain_name.
+    #[arg(long)]
+    pub add_protection_domain: bool,
+    /// --protection_domain_name --fault_set_name.
+    #[arg(long)]
+    pub add_fault_set: bool,
+    /// --protection_domain_name --storage_pool_name [--media_type HDD|SSD] [--pg_count N].
+    #[arg(long)]
+    pub add_storage_pool: bool,
+    /// --sds_ip IP:PORT --sds_name --protection_domain_name --storage_pool_name --device_path P[,P] [--device_capacity_gb G[,G]] [--fault_set_name].
+    #[arg(long)]
+    pub add_sds: bool,
+    /// --sds_name.
+    #[arg(long)]
+    pub remove_sds: bool,
+    /// --sds_name --device_path --storage_pool_name [--device_capacity_gb].
+    #[arg(long)]
+    pub add_sds_device: bool,
+    /// --storage_pool_name --size_gb --volume_name [--thin_provisioned|--thick_provisioned].
+    #[arg(long)]
+    pub add_volume: bool,
+    /// --volume_name.
+    #[arg(long)]
+    pub remove_volume: bool,
+    /// --volume_name --size_gb (volumes only grow).
+    #[arg(long)]
+    pub modify_volume_capacity: bool,
+    /// --volume_name --new_name.
+    #[arg(long)]
+    pub rename_volume: bool,
+    /// --volume_name (--sdc_name|--sdc_ip|--sdc_guid) [--allow_multi_map].
+    #[arg(long)]
+    pub map_volume_to_sdc: bool,
+    /// --volume_name (--sdc_name|--sdc_ip|--sdc_guid|--all_sdcs).
+    #[arg(long)]
+    pub unmap_volume_from_sdc: bool,
+    /// --volume_name (--sdc_name|--sdc_ip|--sdc_guid) [--limit_iops N] [--limit_bandwidth_kbps N]; 0 = unlimited.
+    #[arg(long)]
+    pub set_sdc_volume_limits: bool,
+    /// --username --user_role Monitor|Configure|Administrator --password.
+    #[arg(long)]
+    pub add_user: bool,
+    /// --new_mdm_ip IP:PORT [--mdm_name].
+    #[arg(long)]
+    pub add_standby_mdm: bool,
+    /// --cluster_mode 1_node|3_node|5_node.
+    #[arg(long)]
+    pub switch_cluster_mode: bool,
+    #[arg(long)]
+    pub query_all: bool,
+    #[arg(long)]
+    pub query_cluster: bool,
+    /// --protection_domain_name.
+    #[arg(long)]
+    pub query_protection_domain: bool,
+    /// --storage_pool_name.
+    #[arg(long)]
+    pub query_storage_pool: bool,
+    #[arg(long)]
+    pub query_all_sds: bool,
+    /// --sds_name.
+    #[arg(long)]
+    pub query_sds: bool,
+    /// [--sdc_name|--sdc_ip|--sdc_guid]: one SDC, or all.
+    #[arg(long)]
+    pub query_sdc: bool,
+    /// --volume_name.
+    #[arg(long)]
+    pub query_volume: bool,
+    #[arg(long)]
+    pub query_all_volumes: bool,
+
+    // ---- options ----
+    /// MDM addresses, comma-separated IP or IP:PORT (default port 7611).
+    #[arg(long)]
+    pub mdm_ip: Option<String>,
+    /// Certificate directory (default $MESHBLOCK_CERT_DIR or ~/.meshblock/certs).
+    #[arg(long)]
+    pub cert_dir: Option<String>,
+    /// Print queries as JSON.
+    #[arg(long)]
+    pub json: bool,
+    #[arg(long)]
+    pub username: Option<String>,
+    #[arg(long, env = "MESHBLOCK_PASSWORD", hide_env_values = true)]
+    pub password: Option<String>,
+    #[arg(long)]
+    pub user_role: Option<String>,
+    #[arg(long)]
+    pub protection_domain_name: Option<String>,
+    #[arg(long)]
+    pub fault_set_name: Option<String>,
+    #[arg(long)]
+    pub storage_pool_name: Option<String>,
+    #[arg(long)]
+    pub media_type: Option<String>,
+    #[arg(long)]
+    pub pg_count: Option<String>,
+    #[arg(long)]
+    pub sds_ip: Option<String>,
+    #[arg(long)]
+    pub sds_name: Option<String>,
+    #[arg(long)]
+    pub device_path: Option<String>,
+    #[arg(long)]
+    pub device_capacity_gb: Option<String>,
+    #[arg(long)]
+    pub volume_name: Option<String>,
+    #[arg(long)]
+    pub new_name: Option<String>,
+    #[arg(long)]
+    pub size_gb: Option<String>,
+    #[arg(long)]
+    pub thin_provisioned: bool,
+    #[arg(long)]
+    pub thick_provisioned: bool,
+    #[arg(long)]
+    pub sdc_name: Option<String>,
+    #[arg(long)]
+    pub sdc_ip: Option<String>,
+    #[arg(long)]
+    pub sdc_guid: Option<String>,
+    #[arg(long)]
+    pub all_sdcs: bool,
+    #[arg(long)]
+    pub allow_multi_map: bool,
+    #[arg(long)]
+    pub limit_iops: Option<String>,
+    #[arg(long)]
+    pub limit_bandwidth_kbps: Option<String>,
+    #[arg(long)]
+    pub new_mdm_ip: Option<String>,
+    #[arg(long)]
+    pub mdm_name: Option<String>,
+    #[arg(long)]
+    pub cluster_mode: Option<String>,
+}
+
+fn need<'a>(v: &'a Option<String>, flag: &str) -> anyhow::Result<&'a str> {
+    match v.as_deref() {
+        Some(s) if !s.trim().is_empty() => Ok(s),
+        _ => bail!("missing {flag}"),
+    }
+}
+
+fn parse_u64(v: &str, flag: &str) -> anyhow::Result<u64> {
+    v.trim()
+        .parse()
+        .map_err(|_| anyhow!("{flag} must be a whole number, got '{v}'"))
+}
+
+/// GB (GiB) given as a decimal number, in bytes; must be positive.
+pub fn parse_gb(v: &str, flag: &str) -> anyhow::Result<u64> {
+    let g: f64 = v
+        .trim()
+        .parse()
+        .map_err(|_| anyhow!("{flag} must be a number of GB, got '{v}'"))?;
+    if !g.is_finite() || g <= 0.0 || g > (1u64 << 20) as f64 {
+        bail!("{flag} must be more than 0 and at most 1048576 GB, got '{v}'");
+    }
+    Ok((g * (1u64 << 30) as f64).ceil() as u64)
+}
+
+impl Args {
+    fn commands(&self) -> Vec<&'static str> {
+        let all = [
+            (self.login, "--login"),
+            (self.logout, "--logout"),
+            (self.add_protection_domain, "--add_protection_domain"),
+            (self.add_fault_set, "--add_fault_set"),
+            (self.add_storage_pool, "--add_storage_pool"),
+            (self.add_sds, "--add_sds"),
+            (self.remove_sds, "--remove_sds"),
+            (self.add_sds_device, "--add_sds_device"),
+            (self.add_volume, "--add_volume"),
+            (self.remove_volume, "--remove_volume"),
+            (self.modify_volume_capacity, "--modify_volume_capacity"),
+            (self.rename_volume, "--rename_volume"),
+            (self.map_volume_to_sdc, "--map_volume_to_sdc"),
+            (self.unmap_volume_from_sdc, "--unmap_volume_from_sdc"),
+            (self.set_sdc_volume_limits, "--set_sdc_volume_limits"),
+            (self.add_user, "--add_user"),
+            (self.add_standby_mdm, "--add_standby_mdm"),
+            (self.switch_cluster_mode, "--switch_cluster_mode"),
+            (self.query_all, "--query_all"),
+            (self.query_cluster, "--query_cluster"),
+            (self.query_protection_domain, "--query_protection_domain"),
+            (self.query_storage_pool, "--query_storage_pool"),
+            (self.query_all_sds, "--query_all_sds"),
+            (self.query_sds, "--query_sds"),
+            (self.query_sdc, "--query_sdc"),
+            (self.query_volume, "--query_volume"),
+            (self.query_all_volumes, "--query_all_volumes"),
+        ];
+        all.iter().filter(|(on, _)| *on).map(|(_, n)| *n).collect()
+    }
+
+    fn sdc(&self) -> anyhow::Result<Option<SdcSelector>> {
+        let given: Vec<SdcSelector> = [
+            self.sdc_name.clone().map(SdcSelector::Name),
+            self.sdc_ip.clone().map(SdcSelector::Ip),
+            self.sdc_guid.clone().map(SdcSelector::Guid),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        if given.len() > 1 {
+            bail!("give only one of --sdc_name, --sdc_ip, --sdc_guid");
+        }
+        Ok(given.into_iter().next())
+    }
+
+    fn need_sdc(&self) -> anyhow::Result<SdcSelector> {
+        self.sdc()?
+            .ok_or_else(|| anyhow!("missing --sdc_name, --sdc_ip or --sdc_guid"))
+    }
+
+    fn devices(&self, pool: &str) -> anyhow::Result<Vec<NewDevice>> {
+        let paths: Vec<&str> = need(&self.device_path, "--device_path")?
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .collect();
+        let caps: Vec<Option<u64>> = match &self.device_capacity_gb {
+            None => vec![None; paths.len()],
+            Some(c) => {
+                let v: Vec<Option<u64>> = c
+                    .split(',')
+                    .map(|g| parse_gb(g, "--device_capacity_gb").map(Some))
+                    .collect::<Result<_, _>>()?;
+                if v.len() != paths.len() {
+                    bail!("--device_capacity_gb needs one value per --device_path ({} paths, {} capacities)", paths.len(), v.len());
+                }
+                v
+            }
+        };
+        Ok(paths
+            .iter()
+            .zip(caps)
+            .map(|(p, c)| NewDevice {
+                path: p.to_string(),
+                pool: pool.to_string(),
+                capacity_bytes: c,
+            })
+            .collect())
+    }
+
+    /// Build the command, or `None` for queries and session commands.
+    pub fn command(&self, name: &str) -> anyhow::Result<Option<Command>> {
+        let pd =
+            || need(&self.protection_domain_name, "--protection_domain_name").map(String::from);
+        let pool = || need(&self.storage_pool_name, "--storage_pool_name").map(String::from);
+        let vol = || need(&self.volume_name, "--volume_name").map(String::from);
+        let c = match name {
+            "--add_protection_domain" => Command::AddProtectionDomain { name: pd()? },
+            "--add_fault_set" => Command::AddFaultSet {
+                pd: pd()?,
+                name: need(&self.fault_set_name, "--fault_set_name")?.into(),
+            },
+            "--add_storage_pool" => Command::AddStoragePool {
+                pd: pd()?,
+                name: pool()?,
+                media_type: self.media_type.clone().unwrap_or_default(),
+                pg_count: self
+                    .pg_count
+                    .as_deref()
+                    .map(|v| {
+                        parse_u64(v, "--pg_count").and_then(|n| {
+                            u32::try_from(n).map_err(|_| anyhow!("--pg_count is too large"))
+                        })
+                    })
+                    .transpose()?,
+            },
+            "--add_sds" => Command::AddSds {
+                name: need(&self.sds_name, "--sds_name")?.into(),
+                addr: need(&self.sds_ip, "--sds_ip")?.into(),
+                pd: pd()?,
+                fault_set: self.fault_set_name.clone(),
+                devices: self.devices(&pool()?)?,
+            },
+            "--remove_sds" => Command::RemoveSds {
+                name: need(&self.sds_name, "--sds_name")?.into(),
+            },
+            "--add_sds_device" => {
+                let mut d = self.devices(&pool()?)?;
+                if d.len() != 1 {
+                    bail!("--add_sds_device takes one --device_path");
+                }
+                Command::AddSdsDevice {
+                    sds: need(&self.sds_name, "--sds_name")?.into(),
+                    device: d.remove(0),
+                }
+            }
+            "--add_volume" => {
+                if self.thin_provisioned && self.thick_provisioned {
+                    bail!("give --thin_provisioned or --thick_provisioned, not both");
+                }
+                Command::AddVolume {
+                    pool: pool()?,
+                    name: vol()?,
+                    size_bytes: parse_gb(need(&self.size_gb, "--size_gb")?, "--size_gb")?,
+                    thin: !self.thick_provisioned,
+                }
+            }
+            "--remove_volume" => Command::RemoveVolume { name: vol()? },
+            "--modify_volume_capacity" => Command::ModifyVolumeCapacity {
+                name: vol()?,
+                size_bytes: parse_gb(need(&self.size_gb, "--size_gb")?, "--size_gb")?,
+            },
+            "--rename_volume" => Command::RenameVolume {
+                name: vol()?,
+                new_name: need(&self.new_name, "--new_name")?.into(),
+            },
+            "--map_volume_to_sdc" => Command::MapVolumeToSdc {
+                volume: vol()?,
+                sdc: self.need_sdc()?,
+                allow_multi_map: self.allow_multi_map,
+            },
+            "--unmap_volume_from_sdc" => {
+                let sdc = self.sdc()?;
+                if sdc.is_none() && !self.all_sdcs {
+                    bail!("missing --sdc_name, --sdc_ip, --sdc_guid or --all_sdcs");
+                }
+                Command::UnmapVolumeFromSdc {
+                    volume: vol()?,
+                    sdc,
+                }
+            }
+            "--set_sdc_volume_limits" => {
+                let iops = self
+                    .limit_iops
+                    .as_deref()
+                    .map(|v| parse_u64(v, "--limit_iops"))
+                    .transpose()?;
+                let bw = self
+                    .limit_bandwidth_kbps
+                    .as_deref()
+                    .map(|v| parse_u64(v, "--limit_bandwidth_kbps"))
+                    .transpose()?;
+                if iops.is_none() && bw.is_none() {
+                    bail!("missing --limit_iops and/or --limit_bandwidth_kbps");
+                }
+                Command::SetSdcVolumeLimits {
+                    volume: vol()?,
+                    sdc: self.need_sdc()?,
+                    iops_limit: iops,
+                    bandwidth_limit_kbps: bw,
+                }
+            }
+            "--add_user" => {
+                let role = need(&self.user_role, "--user_role")?;
+                let role = Role::parse(role).ok_or_else(|| {
+                    anyhow!("invalid --user_role '{role}': use Monitor, Configure or Administrator")
+                })?;
+                Command::AddUser {
+                    name: need(&self.username, "--username")?.into(),
+                    role,
+                    password: need(&self.password, "--password")?.into(),
+                }
+            }
+            "--add_standby_mdm" => Command::AddStandbyMdm {
+                addr: need(&self.new_mdm_ip, "--new_mdm_ip")?.into(),
+                name: self.mdm_name.clone(),
+            },
+            "--switch_cluster_mode" => {
+                let m = need(&self.cluster_mode, "--cluster_mode")?;
+                Command::SwitchClusterMode {
+                    mode: ClusterMode::parse(m).ok_or_else(|| {
+                        anyhow!("invalid --cluster_mode '{m}': use 1_node, 3_node or 5_node")
+                    })?,
+                }
+            }
+            _ => return Ok(None),
+        };
+        Ok(Some(c))
+    }
+
+    pub fn query(&self, name: &str) -> anyhow::Result<Option<Query>> {
+        Ok(Some(match name {
+            "--query_all" => Query::All,
+            "--query_cluster" => Query::Cluster,
+            "--query_protection_domain" => Query::ProtectionDomain {
+                name: need(&self.protection_domain_name, "--protection_domain_name")?.into(),
+            },
+            "--query_storage_pool" => Query::StoragePool {
+                name: need(&self.storage_pool_name, "--storage_pool_name")?.into(),
+            },
+            "--query_all_sds" => Query::AllSds,
+            "--query_sds" => Query::Sds {
+                name: need(&self.sds_name, "--sds_name")?.into(),
+            },
+            "--query_sdc" => Query::Sdc { sdc: self.sdc()? },
+            "--query_volume" => Query::Volume {
+                name: need(&self.volume_name, "--volume_name")?.into(),
+            },
+            "--query_all_volumes" => Query::AllVolumes,
+            _ => return Ok(None),
+        }))
+    }
+}
+
+/// Run the command line; the returned text goes to stdout.
+pub async fn run(a: Args) -> anyhow::Result<String> {
+    let cmds = a.commands();
+    let name = match cmds.as_slice() {
+        [one] => *one,
+        [] => bail!("no command given; see scli --help"),
+        many => bail!("give exactly one command, got {}", many.join(" ")),
+    };
+    if name == "--logout" {
+        session::remove()?;
+        return Ok("Logged out.".into());
+    }
+    if name == "--login" {
+        let user = need(&a.username, "--username")?.to_string();
+        let password = need(&a.password, "--password")?.to_string();
+        let ips = match &a.mdm_ip {
+            Some(ips) => ips.clone(),
+            None => session::load()
+                .map(|s| s.mdm_ips)
+                .map_err(|_| anyhow!("missing --mdm_ip"))?,
+        };
+        let c = client::connect(&ips, a.cert_dir.as_deref()).await?;
+        let r = client::request(
+            &c,
+            &MdmRequest::Login {
+                username: user.clone(),
+                password,
+            },
+        )
+        .await?;
+        let MdmResponse::Session {
+            token,
+            role,
+            expires_unix,
+        } = r
+        else {
+            bail!("unexpected answer from the MDM")
+        };
+        // Remember every MDM of the cluster, not only the ones given, so a later failover of
+        // the one we logged in through does not strand this session.
+        let mut all: Vec<String> = ips
+            .split(',')
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty())
+            .collect();
+        if let Ok(MdmResponse::View { state, .. }) = client::request(
+            &c,
+            &MdmRequest::Query {
+                token: token.clone(),
+                query: Query::Cluster,
+            },
+        )
+        .await
+        {
+            for m in state.mdms.values() {
+                if !all.contains(&m.addr) {
+                    all.push(m.addr.clone());
+                }
+            }
+        }
+        let ips = all.join(",");
+        session::save(&session::Session {
+            username: user.clone(),
+            role: role.to_string(),
+            token,
+            expires_unix,
+            mdm_ips: ips,
+        })?;
+        return Ok(format!("Logged in. User role is {role}. System ID is not shown; session valid until {} (unix time).", expires_unix));
+    }
+    // Validate the arguments before anything else, so a wrong command never reaches the MDM.
+    let command = a.command(name)?;
+    let query = if command.is_none() {
+        a.query(name)?
+    } else {
+        None
+    };
+    let s = session::load()?;
+    let ips = a.mdm_ip.clone().unwrap_or_else(|| s.mdm_ips.clone());
+    let c = client::connect(&ips, a.cert_dir.as_deref())
+        .await
+        .context("connect to the MDM")?;
+    if let Some(command) = command {
+        let r = client::request(
+            &c,
+            &MdmRequest::Command {
+                token: s.token,
+                command,
+            },
+        )
+        .await?;
+        return match r {
+            MdmResponse::Done { message, object_id } => Ok(match object_id {
+                Some(id) => format!("{message} Object ID {id}"),
+                None => message,
+            }),
+            _ => Err(anyhow!("unexpected answer from the MDM")),
+        };
+    }
+    let Some(query) = query else {
+        bail!("unknown command {name}")
+    };
+    let r = client::request(
+        &c,
+        &MdmRequest::Query {
+            token: s.token,
+            query: query.clone(),
+        },
+    )
+    .await?;
+    let MdmResponse::View { status, state } = r else {
+        bail!("unexpected answer from the MDM")
+    };
+    remember_mdms(&state);
+    output::render(&query, &a, &status, &state)
+}
+
+/// Add MDMs the cluster knows to the session, so later failovers find them.
+fn remember_mdms(state: &proto::model::ClusterState) {
+    let Ok(mut s) = session::load() else { return };
+    let mut ips: Vec<String> = s
+        .mdm_ips
+        .split(',')
+        .map(|x| x.trim().to_string())
+        .filter(|x| !x.is_empty())
+        .collect();
+    let before = ips.len();
+    for m in state.mdms.values() {
+        if !ips.contains(&m.addr) {
+            ips.push(m.addr.clone());
+        }
+    }
+    if ips.len() != before {
+        s.mdm_ips = ips.join(",");
+        let _ = session::save(&s);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(v: &[&str]) -> Args {
+        Args::try_parse_from(std::iter::once("scli").chain(v.iter().copied())).expect("parse")
+    }
+
+    #[test]
+    fn commands_need_their_options() {
+        let a = parse(&[
+            "--add_volume",
+            "--storage_pool_name",
+            "sp1",
+            "--volume_name",
+            "v",
+        ]);
+        assert!(a
+            .command("--add_volume")
+            .expect_err("size missing")
+            .to_string()
+            .contains("--size_gb"));
+        let a = parse(&[
+            "--add_volume",
+            "--storage_pool_name",
+            "sp1",
+            "--volume_name",
+            "v",
+            "--size_gb",
+            "0.5",
+        ]);
+        match a.command("--add_volume").expect("ok") {
+            Some(Command::AddVolume {
+                size_bytes, thin, ..
+            }) => assert_eq!((size_bytes, thin), (512 << 20, true)),
+            other => panic!("{other:?}"),
+        }
+        assert!(parse(&["--map_volume_to_sdc", "--volume_name", "v"])
+            .command("--map_volume_to_sdc")
+            .is_err());
+        assert!(parse(&[
+            "--add_user",
+            "--username",
+            "u",
+            "--user_role",
+            "King",
+            "--password",
+            "x"
+        ])
+        .command("--add_user")
+        .is_err());
+    }
+
+    #[test]
+    fn sizes_are_validated() {
+        assert!(parse_gb("abc", "--size_gb").is_err());
+        assert!(parse_gb("-1", "--size_gb").is_err());
+        assert!(parse_gb("0", "--size_gb").is_err());
+        assert_eq!(parse_gb("8", "--size_gb").expect("8"), 8 << 30);
+    }
+
+    #[test]
+    fn exactly_one_command() {
+        let a = parse(&["--query_all", "--query_cluster"]);
+        assert_eq!(a.commands().len(), 2);
+        assert!(parse(&[]).commands().is_empty());
+    }
+}

@@ -1,0 +1,299 @@
+//! Query output: ScaleIO-style text, or JSON (`--json`) for scripts. JSON output is
+//! deterministic (maps are ordered) so scripts can diff it.
+
+use crate::args::Args;
+use anyhow::anyhow;
+use proto::model::{ClusterState, StoragePool, Volume};
+use proto::msg::{ClusterStatus, MdmStatus, Query};
+use serde_json::{json, Value};
+use std::fmt::Write;
+
+fn gb(bytes: u64) -> String {
+    let g = bytes as f64 / (1u64 << 30) as f64;
+    if g.fract() == 0.0 {
+        format!("{g:.0} GB")
+    } else {
+        format!("{g:.2} GB")
+    }
+}
+
+fn pool_json(s: &ClusterState, p: &StoragePool) -> Value {
+    let raw = s.pool_raw_capacity(p.id);
+    let reserved = s.pool_thick_reserved(p.id);
+    let placed = p
+        .pgs
+        .iter()
+        .filter(|m| m.primary.is_some() && m.secondary.is_some())
+        .count();
+    json!({
+        "id": p.id, "name": p.name, "protection_domain": s.pds.get(&p.pd).map(|d| d.name.clone()),
+        "media_type": p.media_type, "pg_count": p.pg_count, "map_epoch": p.epoch, "pgs_fully_placed": placed,
+        "raw_capacity_bytes": raw, "usable_capacity_bytes": raw / 2, "thick_reserved_bytes": reserved / 2,
+        "volumes": s.volumes.values().filter(|v| v.pool == p.id).map(|v| v.name.clone()).collect::<Vec<_>>(),
+    })
+}
+
+fn volume_json(s: &ClusterState, v: &Volume) -> Value {
+    let maps: Vec<Value> = s.mappings_of(v.id).map(|m| {
+        let sdc = s.sdcs.get(&m.sdc);
+        json!({"sdc_id": m.sdc, "sdc_name": sdc.map(|c| c.name.clone()), "sdc_ip": sdc.map(|c| c.ip.clone()),
+               "iops_limit": m.iops_limit, "bandwidth_limit_kbps": m.bandwidth_limit_kbps})
+    }).collect();
+    json!({
+        "id": v.id, "name": v.name, "size_bytes": v.size_bytes, "provisioning": if v.thin { "thin" } else { "thick" },
+        "storage_pool": s.pools.get(&v.pool).map(|p| p.name.clone()), "vtree": v.vtree, "mapped_sdcs": maps,
+    })
+}
+
+fn sds_json(s: &ClusterState, x: &proto::model::Sds) -> Value {
+    let mut v = serde_json::to_value(x).unwrap_or(Value::Null);
+    v["protection_domain"] = json!(s.pds.get(&x.pd).map(|d| d.name.clone()));
+    v["fault_set_name"] = json!(x
+        .fault_set
+        .and_then(|f| s.fault_sets.get(&f))
+        .map(|f| f.name.clone()));
+    let pgs: usize = s
+        .pools
+        .values()
+        .map(|p| {
+            p.pgs
+                .iter()
+                .filter(|m| m.primary == Some(x.id) || m.secondary == Some(x.id))
+                .count()
+        })
+        .sum();
+    v["pg_copies"] = json!(pgs);
+    v
+}
+
+fn mdm_line(m: &MdmStatus) -> String {
+    let status = if m.active { "Normal" } else { "Disconnected" };
+    format!(
+        "    Name: {}, ID: 0x{:016x}, Address: {}, Status: {status}\n",
+        m.name, m.id.0, m.addr
+    )
+}
+
+fn cluster_text(c: &ClusterStatus) -> String {
+    let mut o = String::new();
+    let _ = writeln!(
+        o,
+        "Cluster:\n    Mode: {}, State: {}, Active: {}/{}, Term: {}",
+        c.mode, c.state, c.active, c.total, c.term
+    );
+    o.push_str("Master MDM:\n");
+    match &c.leader {
+        Some(l) => o.push_str(&mdm_line(&MdmStatus {
+            active: true,
+            ..l.clone()
+        })),
+        None => o.push_str("    (none)\n"),
+    }
+    if !c.followers.is_empty() {
+        o.push_str("Slave MDMs:\n");
+        c.followers.iter().for_each(|m| o.push_str(&mdm_line(m)));
+    }
+    if !c.standbys.is_empty() {
+        o.push_str("Standby MDMs:\n");
+        c.standbys.iter().for_each(|m| o.push_str(&mdm_line(m)));
+    }
+    o.trim_end().to_string()
+}
+
+fn pool_text(s: &ClusterState, p: &StoragePool) -> String {
+    let j = pool_json(s, p);
+    format!(
+        "Storage Pool {} (Id: {}) has {} volumes\n    Protection Domain: {}, Media type: {}\n    PGs: {} ({} fully placed), map epoch {}\n    Raw capacity: {}, usable (2 copies): {}, reserved by thick volumes: {}",
+        p.name, p.id, j["volumes"].as_array().map_or(0, |v| v.len()), j["protection_domain"].as_str().unwrap_or("?"), p.media_type,
+        p.pg_count, j["pgs_fully_placed"], p.epoch.0, gb(j["raw_capacity_bytes"].as_u64().unwrap_or(0)),
+        gb(j["usable_capacity_bytes"].as_u64().unwrap_or(0)), gb(j["thick_reserved_bytes"].as_u64().unwrap_or(0)))
+}
+
+fn volume_text(s: &ClusterState, v: &Volume) -> String {
+    let mut o = format!(
+        "Volume ID: {} Name: {}\n    Size: {}, {} provisioned, Storage Pool: {}\n",
+        v.id,
+        v.name,
+        gb(v.size_bytes),
+        if v.thin { "Thin" } else { "Thick" },
+        s.pools.get(&v.pool).map(|p| p.name.as_str()).unwrap_or("?")
+    );
+    let maps: Vec<_> = s.mappings_of(v.id).collect();
+    if maps.is_empty() {
+        o.push_str("    Not mapped to any SDC");
+    }
+    for m in maps {
+        let sdc = s.sdcs.get(&m.sdc);
+        let lim = |x: u64| {
+            if x == 0 {
+                "unlimited".to_string()
+            } else {
+                x.to_string()
+            }
+        };
+        let _ = writeln!(
+            o,
+            "    Mapped to SDC {} (IP {}), IOPS limit: {}, bandwidth limit: {} KB/s",
+            sdc.map(|c| c.name.as_str()).unwrap_or("?"),
+            sdc.map(|c| c.ip.as_str()).unwrap_or("?"),
+            lim(m.iops_limit),
+            lim(m.bandwidth_limit_kbps)
+        );
+    }
+    o.trim_end().to_string()
+}
+
+fn sds_text(s: &ClusterState, x: &proto::model::Sds) -> String {
+    let j = sds_json(s, x);
+    let mut o = format!("SDS ID: {} Name: {} IP: {} State: {:?}\n    Protection Domain: {}, Fault Set: {}, PG copies: {}\n",
+        x.id, x.name, x.addr, x.state, j["protection_domain"].as_str().unwrap_or("?"), j["fault_set_name"].as_str().unwrap_or("(none)"), j["pg_copies"]);
+    for d in &x.devices {
+        let _ = writeln!(
+            o,
+            "    Device {} Path: {} Pool: {} Capacity: {} State: {:?}",
+            d.id,
+            d.path,
+            s.pools.get(&d.pool).map(|p| p.name.as_str()).unwrap_or("?"),
+            gb(d.capacity_bytes),
+            d.state
+        );
+    }
+    o.trim_end().to_string()
+}
+
+pub fn render(q: &Query, a: &Args, c: &ClusterStatus, s: &ClusterState) -> anyhow::Result<String> {
+    let missing = |what: &str| anyhow!("MDM failed command.  Status: Could not find the {what}");
+    let (text, value): (String, Value) = match q {
+        Query::All => {
+            let mut t = cluster_text(c);
+            for pd in s.pds.values() {
+                let _ = write!(t, "\nProtection Domain {} (Id: {})", pd.name, pd.id);
+                for p in s.pools.values().filter(|p| p.pd == pd.id) {
+                    let _ = write!(t, "\n{}", pool_text(s, p));
+                }
+            }
+            let _ = write!(
+                t,
+                "\n{} SDS, {} volumes, {} SDCs",
+                s.sds.len(),
+                s.volumes.len(),
+                s.sdcs.len()
+            );
+            (t, json!({"cluster": c, "state": s}))
+        }
+        Query::Cluster => (cluster_text(c), serde_json::to_value(c)?),
+        Query::ProtectionDomain { name } => {
+            let pd = s
+                .pd_by_name(name)
+                .ok_or_else(|| missing("protection domain"))?;
+            let pools: Vec<Value> = s
+                .pools
+                .values()
+                .filter(|p| p.pd == pd.id)
+                .map(|p| pool_json(s, p))
+                .collect();
+            let sds: Vec<String> = s
+                .sds
+                .values()
+                .filter(|x| x.pd == pd.id)
+                .map(|x| x.name.clone())
+                .collect();
+            let fs: Vec<String> = s
+                .fault_sets
+                .values()
+                .filter(|f| f.pd == pd.id)
+                .map(|f| f.name.clone())
+                .collect();
+            let t = format!("Protection Domain {} (Id: {})\n    Storage pools: {}\n    Fault sets: {}\n    SDS: {}", pd.name, pd.id,
+                pools.iter().filter_map(|p| p["name"].as_str()).collect::<Vec<_>>().join(", "), fs.join(", "), sds.join(", "));
+            (
+                t,
+                json!({"id": pd.id, "name": pd.name, "storage_pools": pools, "fault_sets": fs, "sds": sds}),
+            )
+        }
+        Query::StoragePool { name } => {
+            let p = s
+                .pool_by_name(name)
+                .ok_or_else(|| missing("storage pool"))?;
+            (pool_text(s, p), pool_json(s, p))
+        }
+        Query::AllSds => {
+            let t: Vec<String> = s.sds.values().map(|x| sds_text(s, x)).collect();
+            let t = if t.is_empty() {
+                "No SDS defined".to_string()
+            } else {
+                t.join("\n")
+            };
+            (
+                t,
+                Value::Array(s.sds.values().map(|x| sds_json(s, x)).collect()),
+            )
+        }
+        Query::Sds { name } => {
+            let x = s.sds_by_name(name).ok_or_else(|| missing("SDS"))?;
+            (sds_text(s, x), sds_json(s, x))
+        }
+        Query::Sdc { sdc } => {
+            let list: Vec<&proto::model::Sdc> = s
+                .sdcs
+                .values()
+                .filter(|c| match sdc {
+                    None => true,
+                    Some(proto::msg::SdcSelector::Name(n)) => &c.name == n,
+                    Some(proto::msg::SdcSelector::Ip(i)) => &c.ip == i,
+                    Some(proto::msg::SdcSelector::Guid(g)) => c.guid.eq_ignore_ascii_case(g),
+                })
+                .collect();
+            let t: Vec<String> = list
+                .iter()
+                .map(|c| {
+                    let vols: Vec<String> = s
+                        .mappings
+                        .iter()
+                        .filter(|m| m.sdc == c.id)
+                        .filter_map(|m| s.volumes.get(&m.volume).map(|v| v.name.clone()))
+                        .collect();
+                    format!(
+                        "SDC ID: {} Name: {} IP: {} GUID: {}\n    Mapped volumes: {}",
+                        c.id,
+                        c.name,
+                        c.ip,
+                        c.guid,
+                        if vols.is_empty() {
+                            "(none)".into()
+                        } else {
+                            vols.join(", ")
+                        }
+                    )
+                })
+                .collect();
+            let t = if t.is_empty() {
+                "No SDC registered".to_string()
+            } else {
+                t.join("\n")
+            };
+            (t, serde_json::to_value(&list)?)
+        }
+        Query::Volume { name } => {
+            let v = s.volume_by_name(name).ok_or_else(|| missing("volume"))?;
+            (volume_text(s, v), volume_json(s, v))
+        }
+        Query::AllVolumes => {
+            let t: Vec<String> = s.volumes.values().map(|v| volume_text(s, v)).collect();
+            let t = if t.is_empty() {
+                "No volumes defined".to_string()
+            } else {
+                t.join("\n")
+            };
+            (
+                t,
+                Value::Array(s.volumes.values().map(|v| volume_json(s, v)).collect()),
+            )
+        }
+    };
+    if a.json {
+        Ok(serde_json::to_string_pretty(&value)?)
+    } else {
+        Ok(text)
+    }
+}

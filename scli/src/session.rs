@@ -1,0 +1,78 @@
+//! The login session: a token from `--login`, kept in `$MESHBLOCK_SCLI_SESSION` or
+//! `~/.meshblock/scli-session.json` (mode 0600) with the MDM addresses it came from.
+
+use anyhow::{bail, Context};
+use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
+
+#[derive(Serialize, Deserialize)]
+pub struct Session {
+    pub username: String,
+    pub role: String,
+    pub token: String,
+    pub expires_unix: u64,
+    pub mdm_ips: String,
+}
+
+pub fn path() -> PathBuf {
+    if let Some(p) = std::env::var_os("MESHBLOCK_SCLI_SESSION") {
+        return PathBuf::from(p);
+    }
+    home().join(".meshblock/scli-session.json")
+}
+
+pub fn home() -> PathBuf {
+    std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/root"))
+}
+
+pub fn now_unix() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+pub fn save(s: &Session) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let p = path();
+    if let Some(dir) = p.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+    }
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&p)
+        .with_context(|| format!("write {}", p.display()))?;
+    f.write_all(serde_json::to_string_pretty(s)?.as_bytes())
+        .with_context(|| format!("write {}", p.display()))
+}
+
+/// The saved session, refusing an expired one.
+pub fn load() -> anyhow::Result<Session> {
+    let p = path();
+    let text = match std::fs::read_to_string(&p) {
+        Ok(t) => t,
+        Err(_) => {
+            bail!("not logged in: run scli --login --username USER --password PASSWORD --mdm_ip IP")
+        }
+    };
+    let s: Session = serde_json::from_str(&text)
+        .with_context(|| format!("read the session in {}; log in again", p.display()))?;
+    if s.expires_unix <= now_unix() {
+        bail!("session expired, log in again with scli --login");
+    }
+    Ok(s)
+}
+
+pub fn remove() -> anyhow::Result<()> {
+    match std::fs::remove_file(path()) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e).context("remove the session file"),
+    }
+}
