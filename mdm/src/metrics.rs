@@ -1,12 +1,10 @@
-//! MDM metrics (Prometheus text format) and the small HTTP server that serves them.
+//! MDM metrics (Prometheus text format).
 
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
-use std::net::SocketAddr;
 use std::sync::Arc;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 #[derive(Default)]
 pub struct MdmMetrics {
@@ -70,25 +68,9 @@ impl MdmMetrics {
 }
 
 /// Serve `GET /metrics` on `addr` until the process ends.
-pub async fn serve(addr: SocketAddr, metrics: Arc<MdmMetrics>) -> std::io::Result<()> {
-    let listener = tokio::net::TcpListener::bind(addr).await?;
-    loop {
-        let (mut sock, _) = listener.accept().await?;
-        let metrics = metrics.clone();
-        tokio::spawn(async move {
-            let mut buf = [0u8; 2048];
-            let n = sock.read(&mut buf).await.unwrap_or(0);
-            let req = String::from_utf8_lossy(&buf[..n]);
-            let (status, body) = if req.starts_with("GET /metrics") {
-                ("200 OK", metrics.render())
-            } else {
-                ("404 Not Found", "try /metrics\n".to_string())
-            };
-            let resp = format!(
-                "HTTP/1.1 {status}\r\ncontent-type: text/plain; version=0.0.4\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-                body.len()
-            );
-            let _ = sock.write_all(resp.as_bytes()).await;
-        });
-    }
+pub async fn serve(
+    addr: std::net::SocketAddr,
+    metrics: std::sync::Arc<MdmMetrics>,
+) -> std::io::Result<()> {
+    proto::http::serve_metrics(addr, std::sync::Arc::new(move || metrics.render())).await
 }

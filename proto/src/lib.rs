@@ -9,6 +9,7 @@ pub mod client;
 pub mod codec;
 pub mod data;
 pub mod error;
+pub mod http;
 pub mod ids;
 pub mod model;
 pub mod msg;

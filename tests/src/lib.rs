@@ -505,3 +505,157 @@ pub fn control_request(
         Err(last)
     })
 }
+
+/// A whole cluster with data plane: 1 MDM, `n_sds` SDS with sparse-file devices, one SDC
+/// serving volume `vol1` (thin) on a unix socket.
+pub struct DataCluster {
+    pub c: Cluster,
+    pub sds: Vec<Proc>,
+    pub sds_addrs: Vec<SocketAddr>,
+    pub sdc: Proc,
+    pub socket: PathBuf,
+}
+
+impl DataCluster {
+    pub fn start(name: &str, n_sds: usize, vol_gb: u32) -> DataCluster {
+        let c = Cluster::start(name, 1, &[]);
+        c.must_scli(&["--add_protection_domain", "--protection_domain_name", "pd1"]);
+        c.must_scli(&[
+            "--add_storage_pool",
+            "--protection_domain_name",
+            "pd1",
+            "--storage_pool_name",
+            "sp1",
+            "--pg_count",
+            "64",
+        ]);
+        let mut sds = Vec::new();
+        let mut sds_addrs = Vec::new();
+        for i in 1..=n_sds {
+            let n = format!("sds{i}");
+            let dev = c.dir.join(&format!("{n}.img"));
+            std::fs::File::create(&dev)
+                .and_then(|f| f.set_len(4 << 30))
+                .expect("device file");
+            run_ok(
+                &bin("mdm"),
+                &[
+                    "ca",
+                    "issue",
+                    "--ca-dir",
+                    &c.dir.join("ca").display().to_string(),
+                    "--name",
+                    &format!("sds:{n}"),
+                    "--out",
+                    &c.dir.join(&format!("certs/{n}")).display().to_string(),
+                ],
+            );
+            let addr: SocketAddr = ([127, 0, 0, 1], free_port()).into();
+            c.must_scli(&[
+                "--add_sds",
+                "--sds_ip",
+                &addr.to_string(),
+                "--sds_name",
+                &n,
+                "--protection_domain_name",
+                "pd1",
+                "--storage_pool_name",
+                "sp1",
+                "--device_path",
+                &dev.display().to_string(),
+            ]);
+            let args: Vec<String> = vec![
+                "--name".into(),
+                n.clone(),
+                "--listen".into(),
+                addr.to_string(),
+                "--mdm".into(),
+                c.mdm_ips(),
+                "--cert-dir".into(),
+                c.dir.join(&format!("certs/{n}")).display().to_string(),
+                "--device".into(),
+                dev.display().to_string(),
+                "--metrics-listen".into(),
+                format!("127.0.0.1:{}", free_port()),
+            ];
+            sds.push(Proc::spawn(
+                &n,
+                &bin("sds"),
+                &args,
+                c.dir.join(&format!("{n}.log")),
+            ));
+            sds_addrs.push(addr);
+        }
+        wait_for(
+            "every PG placed on SDS with reported capacity",
+            Duration::from_secs(20),
+            || {
+                let v = c.scli_raw(&[
+                    "--query_storage_pool",
+                    "--storage_pool_name",
+                    "sp1",
+                    "--json",
+                ]);
+                (v.ok && v.json()["pgs_fully_placed"] == 64).then_some(())
+            },
+        );
+        let socket = c.dir.join("sdc/nbd.sock");
+        let args: Vec<String> = vec![
+            "run".into(),
+            "--name".into(),
+            "sdc1".into(),
+            "--mdm".into(),
+            c.mdm_ips(),
+            "--cert-dir".into(),
+            c.dir.join("certs/sdc").display().to_string(),
+            "--state-dir".into(),
+            c.dir.join("sdc").display().to_string(),
+            "--nbd-socket".into(),
+            socket.display().to_string(),
+            "--metrics-listen".into(),
+            format!("127.0.0.1:{}", free_port()),
+        ];
+        let sdc = Proc::spawn("sdc1", &bin("sdc"), &args, c.dir.join("sdc1.log"));
+        wait_for("the SDC to register", Duration::from_secs(20), || {
+            c.scli_raw(&["--query_sdc", "--sdc_name", "sdc1"])
+                .ok
+                .then_some(())
+        });
+        c.must_scli(&[
+            "--add_volume",
+            "--storage_pool_name",
+            "sp1",
+            "--size_gb",
+            &vol_gb.to_string(),
+            "--volume_name",
+            "vol1",
+            "--thin_provisioned",
+        ]);
+        c.must_scli(&[
+            "--map_volume_to_sdc",
+            "--volume_name",
+            "vol1",
+            "--sdc_name",
+            "sdc1",
+        ]);
+        let d = DataCluster {
+            c,
+            sds,
+            sds_addrs,
+            sdc,
+            socket,
+        };
+        let uri = d.uri("vol1");
+        wait_for("vol1 exported over NBD", Duration::from_secs(20), || {
+            run("nbdinfo", &["--size", &uri])
+                .ok()
+                .filter(|o| o.status.success())
+                .map(|_| ())
+        });
+        d
+    }
+
+    pub fn uri(&self, vol: &str) -> String {
+        format!("nbd+unix:///{vol}?socket={}", self.socket.display())
+    }
+}

@@ -1,0 +1,405 @@
+//! Data plane with real processes (mdm, sds, sdc) and NBD clients nobody here wrote:
+//! qemu-img, qemu-io, nbdinfo, nbdcopy, fio; garbage clients; the two copies compared.
+
+use meshblock_tests::*;
+use proto::codec::{kind, Frame};
+use proto::data::{DataHeader, DataOp};
+use std::io::{Read, Write};
+use std::time::Duration;
+
+fn must(program: &str, args: &[&str]) -> String {
+    let o = run(program, args).unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        o.status.success(),
+        "{program} {args:?} failed: {}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn random_file(path: &std::path::Path, bytes: usize) {
+    let mut f = std::fs::File::create(path).expect("create");
+    let mut buf = vec![0u8; 1 << 20];
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15 ^ bytes as u64;
+    for _ in 0..bytes / buf.len() {
+        for b in buf.chunks_mut(8) {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            b.copy_from_slice(&x.to_le_bytes()[..b.len()]);
+        }
+        f.write_all(&buf).expect("write");
+    }
+}
+
+#[test]
+fn real_clients_round_trip_and_agree() {
+    for p in ["qemu-img", "qemu-io", "nbdinfo", "nbdcopy", "fio"] {
+        require(p).expect("client installed");
+    }
+    let d = DataCluster::start("nbd-clients", 3, 8);
+    let uri = d.uri("vol1");
+
+    // nbdinfo: size, flags, base:allocation.
+    let info = must("nbdinfo", &["--json", &uri]);
+    let j: serde_json::Value = serde_json::from_str(&info).expect("nbdinfo json");
+    let e = &j["exports"][0];
+    assert_eq!(e["export-size"], 8u64 << 30);
+    for flag in [
+        "can_flush",
+        "can_fua",
+        "can_trim",
+        "can_zero",
+        "can_multi_conn",
+        "can_fast_zero",
+    ] {
+        assert_eq!(e[flag], true, "{flag} in {e}");
+    }
+    assert!(e["contexts"]
+        .as_array()
+        .expect("contexts")
+        .iter()
+        .any(|c| c == "base:allocation"));
+
+    // qemu-img convert 256 MiB in and out, compare.
+    let src = d.c.dir.join("src.img");
+    random_file(&src, 256 << 20);
+    must(
+        "qemu-img",
+        &[
+            "convert",
+            "-n",
+            "-f",
+            "raw",
+            "-O",
+            "raw",
+            &src.display().to_string(),
+            &uri,
+        ],
+    );
+    let back = d.c.dir.join("back.img");
+    must(
+        "qemu-img",
+        &[
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            "raw",
+            &uri,
+            &back.display().to_string(),
+        ],
+    );
+    let back_trunc = std::fs::File::options()
+        .write(true)
+        .open(&back)
+        .expect("open");
+    back_trunc.set_len(256 << 20).expect("truncate");
+    must(
+        "qemu-img",
+        &[
+            "compare",
+            "-f",
+            "raw",
+            "-F",
+            "raw",
+            &src.display().to_string(),
+            &back.display().to_string(),
+        ],
+    );
+
+    // Holes are reported for unwritten chunks.
+    let map = must("nbdinfo", &["--map", &uri]);
+    assert!(map.contains("hole"), "{map}");
+
+    // nbdcopy both ways.
+    let copy = d.c.dir.join("copy.img");
+    must("nbdcopy", &[&uri, &copy.display().to_string()]);
+    let mut a = vec![0u8; 1 << 20];
+    let mut b = vec![0u8; 1 << 20];
+    let (mut fa, mut fb) = (
+        std::fs::File::open(&src).expect("src"),
+        std::fs::File::open(&copy).expect("copy"),
+    );
+    for _ in 0..256 {
+        fa.read_exact(&mut a).expect("read");
+        fb.read_exact(&mut b).expect("read");
+        assert!(a == b, "nbdcopy out differs");
+    }
+    must("nbdcopy", &[&src.display().to_string(), &uri, "--flush"]);
+
+    // qemu-io: pattern writes (pipelined), write -z, discard, flush, reads with patterns.
+    let io = must(
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            &uri,
+            "-c",
+            "aio_write -P 0xab 300M 64k",
+            "-c",
+            "aio_write -P 0xcd 301M 64k",
+            "-c",
+            "aio_flush",
+            "-c",
+            "write -z 302M 1M",
+            "-c",
+            "discard 303M 1M",
+            "-c",
+            "flush",
+            "-c",
+            "read -P 0xab 300M 64k",
+            "-c",
+            "read -P 0xcd 301M 64k",
+            "-c",
+            "read -P 0 302M 1M",
+            "-c",
+            "read -P 0 303M 1M",
+        ],
+    );
+    assert!(!io.contains("Pattern verification failed"), "{io}");
+
+    // fio's nbd engine with verification at QD32.
+    let out = must(
+        "fio",
+        &[
+            "--name=verify",
+            "--ioengine=nbd",
+            &format!("--uri={uri}"),
+            "--rw=randwrite",
+            "--bs=4k",
+            "--iodepth=32",
+            "--size=512m",
+            "--offset=1g",
+            "--verify=crc32c",
+            "--verify_fatal=1",
+            "--do_verify=1",
+            "--output-format=terse",
+        ],
+    );
+    assert!(!out.is_empty());
+
+    // Both copies of every written chunk are byte-identical.
+    compare_copies(&d);
+}
+
+/// Read every allocated chunk from its primary and its secondary (ReadLocal) and compare.
+fn compare_copies(d: &DataCluster) {
+    let v = d.c.query_all();
+    let state: proto::model::ClusterState =
+        serde_json::from_value(v["state"].clone()).expect("state");
+    let vol = state.volume_by_name("vol1").expect("vol1");
+    let pool = &state.pools[&vol.pool];
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("rt");
+    rt.block_on(async {
+        let id = proto::transport::Identity::load(&d.c.dir.join("certs/sdc")).expect("identity");
+        let ep = proto::transport::Endpoint::client(&id, "checker").expect("ep");
+        let mut clients = std::collections::HashMap::new();
+        for s in state.sds.values() {
+            clients.insert(
+                s.id,
+                ep.connect(s.addr.parse().expect("addr"))
+                    .await
+                    .expect("connect sds"),
+            );
+        }
+        let chunks = vol.size_bytes / proto::CHUNK_SIZE;
+        let mut compared = 0;
+        for i in 0..chunks {
+            let chunk = proto::ChunkId {
+                vtree: vol.vtree,
+                index: proto::ChunkIndex(i),
+            };
+            let pg = chunk.pg(pool.pg_count);
+            let m = pool.pgs[pg.0 as usize];
+            let (Some(p), Some(s)) = (m.primary, m.secondary) else {
+                continue;
+            };
+            let h = DataHeader {
+                op: DataOp::AllocStatus,
+                flags: 0,
+                pool: pool.id,
+                pg,
+                epoch: pool.epoch,
+                chunk,
+                offset: 0,
+                len: 1,
+                fence: 0,
+            };
+            let r = clients[&p]
+                .call(Frame::request(
+                    kind::DATA,
+                    h.encode().to_vec(),
+                    bytes::Bytes::new(),
+                ))
+                .await
+                .expect("alloc");
+            if r.data.first() != Some(&1) {
+                continue;
+            }
+            let h = DataHeader {
+                op: DataOp::ReadLocal,
+                len: proto::CHUNK_SIZE as u32,
+                ..h
+            };
+            let a = clients[&p]
+                .call(Frame::request(
+                    kind::DATA,
+                    h.encode().to_vec(),
+                    bytes::Bytes::new(),
+                ))
+                .await
+                .expect("read primary");
+            let b = clients[&s]
+                .call(Frame::request(
+                    kind::DATA,
+                    h.encode().to_vec(),
+                    bytes::Bytes::new(),
+                ))
+                .await
+                .expect("read secondary");
+            assert_eq!(a.status, 0);
+            assert_eq!(b.status, 0);
+            assert!(a.data == b.data, "copies of chunk {chunk} differ");
+            compared += 1;
+        }
+        assert!(compared > 200, "only {compared} chunks compared");
+        println!("compared {compared} chunks: both copies identical");
+    });
+}
+
+fn nbd_connect(d: &DataCluster) -> std::os::unix::net::UnixStream {
+    let s = std::os::unix::net::UnixStream::connect(&d.socket).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    s
+}
+
+/// Handshake to transmission with OPT_GO on vol1 (simple replies).
+fn go(s: &mut std::os::unix::net::UnixStream) {
+    let mut hello = [0u8; 18];
+    s.read_exact(&mut hello).expect("hello");
+    s.write_all(&3u32.to_be_bytes()).expect("flags");
+    let name = b"vol1";
+    let mut opt = Vec::new();
+    opt.extend(0x4948_4156_454f_5054u64.to_be_bytes());
+    opt.extend(7u32.to_be_bytes());
+    opt.extend(((4 + name.len() + 2) as u32).to_be_bytes());
+    opt.extend((name.len() as u32).to_be_bytes());
+    opt.extend(name);
+    opt.extend(0u16.to_be_bytes());
+    s.write_all(&opt).expect("go");
+    loop {
+        let mut h = [0u8; 20];
+        s.read_exact(&mut h).expect("reply");
+        let typ = u32::from_be_bytes(h[12..16].try_into().expect("4"));
+        let len = u32::from_be_bytes(h[16..20].try_into().expect("4"));
+        let mut body = vec![0u8; len as usize];
+        s.read_exact(&mut body).expect("body");
+        if typ == 1 {
+            return;
+        }
+        assert!(typ < 0x8000_0000, "GO refused: {typ:#x}");
+    }
+}
+
+fn request(cmd: u16, handle: u64, offset: u64, len: u32) -> Vec<u8> {
+    let mut r = Vec::new();
+    r.extend(0x2560_9513u32.to_be_bytes());
+    r.extend(0u16.to_be_bytes());
+    r.extend(cmd.to_be_bytes());
+    r.extend(handle.to_be_bytes());
+    r.extend(offset.to_be_bytes());
+    r.extend(len.to_be_bytes());
+    r
+}
+
+fn simple_error(s: &mut std::os::unix::net::UnixStream) -> u32 {
+    let mut h = [0u8; 16];
+    s.read_exact(&mut h).expect("reply");
+    u32::from_be_bytes(h[4..8].try_into().expect("4"))
+}
+
+#[test]
+fn garbage_clients_get_errors_and_others_keep_working() {
+    require("qemu-io").expect("qemu-io");
+    let d = DataCluster::start("nbd-garbage", 2, 1);
+    let uri = d.uri("vol1");
+    must(
+        "qemu-io",
+        &["-f", "raw", &uri, "-c", "write -P 0x5a 0 1M", "-c", "flush"],
+    );
+
+    // Garbage instead of client flags and options.
+    let mut s = nbd_connect(&d);
+    let _ = s.write_all(b"GET / HTTP/1.1\r\n\r\nxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx");
+    let mut sink = Vec::new();
+    let _ = s.read_to_end(&mut sink);
+    // Truncated handshake.
+    let mut s = nbd_connect(&d);
+    let _ = s.write_all(&[0, 0]);
+    drop(s);
+    // Unknown option, then an oversized one: errors, the session stays in sync.
+    let mut s = nbd_connect(&d);
+    let mut hello = [0u8; 18];
+    s.read_exact(&mut hello).expect("hello");
+    s.write_all(&3u32.to_be_bytes()).expect("flags");
+    let mut opt = Vec::new();
+    opt.extend(0x4948_4156_454f_5054u64.to_be_bytes());
+    opt.extend(99u32.to_be_bytes());
+    opt.extend(0u32.to_be_bytes());
+    s.write_all(&opt).expect("opt");
+    let mut h = [0u8; 20];
+    s.read_exact(&mut h).expect("reply");
+    assert_eq!(
+        u32::from_be_bytes(h[12..16].try_into().expect("4")),
+        (1 << 31) + 1,
+        "ERR_UNSUP"
+    );
+    drop(s);
+    // Transmission garbage: out of range, oversized, unknown command, bad magic.
+    let mut s = nbd_connect(&d);
+    go(&mut s);
+    s.write_all(&request(0, 1, 1 << 40, 4096))
+        .expect("read beyond end");
+    assert_eq!(simple_error(&mut s), 22, "EINVAL");
+    s.write_all(&request(0, 2, 0, 64 << 20))
+        .expect("oversized read");
+    assert_eq!(simple_error(&mut s), 22, "EINVAL");
+    s.write_all(&request(42, 3, 0, 0)).expect("unknown command");
+    assert_eq!(simple_error(&mut s), 22, "EINVAL");
+    let mut w = request(1, 4, (1 << 30) - 512, 4096);
+    w.extend(vec![0u8; 4096]);
+    s.write_all(&w).expect("write beyond end");
+    assert_eq!(simple_error(&mut s), 28, "ENOSPC");
+    s.write_all(b"\xde\xad\xbe\xefgarbage-garbage-garbage-garbage")
+        .expect("bad magic");
+    let _ = s.read_to_end(&mut sink);
+    // The daemon still serves, and the data is unchanged.
+    let io = must("qemu-io", &["-f", "raw", &uri, "-c", "read -P 0x5a 0 1M"]);
+    assert!(!io.contains("Pattern verification failed"), "{io}");
+    assert!(d.sdc.child.is_some());
+}
+
+#[test]
+fn unmapping_closes_the_export() {
+    let d = DataCluster::start("nbd-unmap", 2, 1);
+    d.c.must_scli(&[
+        "--unmap_volume_from_sdc",
+        "--volume_name",
+        "vol1",
+        "--sdc_name",
+        "sdc1",
+    ]);
+    let uri = d.uri("vol1");
+    wait_for("the export to disappear", Duration::from_secs(10), || {
+        run("nbdinfo", &["--size", &uri])
+            .ok()
+            .filter(|o| !o.status.success())
+            .map(|_| ())
+    });
+}
