@@ -10,12 +10,11 @@
 //!                         "written" bitmap, page crc32 in the last 4 bytes
 //! [data_offset + i*1M)    data of slot i
 //! ```
-//! Every metadata update is one aligned 4 KiB write. A write lands data first, then the meta
-//! page with the new CRCs. Callers serialise writes to one chunk (the service holds a per-chunk
+//! Every metadata update is one aligned 4 KiB write, submitted together with the data write. Callers serialise writes to one chunk (the service holds a per-chunk
 //! lock across local write and forward); reads may run concurrently.
 //!
-//! Not yet crash-consistent across the two writes (a crash between them can leave a block whose
-//! CRC does not match): the issue "Data safety" adds a journal. Unwritten blocks read as zeros.
+//! Not yet crash-consistent across the two writes (a crash that lands one but not the other can
+//! leave a block whose CRC does not match): the issue "Data safety" adds a journal. Unwritten blocks read as zeros.
 
 use crate::device::{AlignedBuf, BlockDevice, DeviceError, ALIGN};
 use proto::{ChunkId, ChunkIndex, VtreeId, CHUNK_SIZE};
@@ -332,10 +331,13 @@ impl<D: BlockDevice> ChunkStore<D> {
             meta.written[b / 64] |= 1 << (b % 64);
         }
         meta.generation += 1;
-        self.dev.write(self.data_at(slot, b0), buf).await?;
-        self.dev
-            .write(self.meta_offset + slot as u64 * META_PAGE, meta.encode())
-            .await?;
+        // Data and its meta page go to the device together (one round of device latency).
+        let (d, m) = tokio::join!(
+            self.dev.write(self.data_at(slot, b0), buf),
+            self.dev.write(self.meta_offset + slot as u64 * META_PAGE, meta.encode())
+        );
+        d?;
+        m?;
         if let Some(Ok(mut s)) = self.slots.get(slot).map(|s| s.lock()) {
             *s = Some(meta);
         }
