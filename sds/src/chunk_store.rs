@@ -334,7 +334,8 @@ impl<D: BlockDevice> ChunkStore<D> {
         // Data and its meta page go to the device together (one round of device latency).
         let (d, m) = tokio::join!(
             self.dev.write(self.data_at(slot, b0), buf),
-            self.dev.write(self.meta_offset + slot as u64 * META_PAGE, meta.encode())
+            self.dev
+                .write(self.meta_offset + slot as u64 * META_PAGE, meta.encode())
         );
         d?;
         m?;
