@@ -96,7 +96,7 @@ enum CaCmd {
 }
 
 fn main() -> anyhow::Result<()> {
-    install_panic_hook();
+    proto::daemon::install_panic_hook("mdm");
     let cli = Cli::parse();
     match cli.cmd {
         Cmd::Ca(CaCmd::Init { dir, cluster_name }) => {
@@ -121,17 +121,6 @@ fn main() -> anyhow::Result<()> {
         }
         Cmd::Run(args) => run(args),
     }
-}
-
-fn install_panic_hook() {
-    std::panic::set_hook(Box::new(|info| {
-        let bt = std::backtrace::Backtrace::force_capture();
-        eprintln!(
-            "mdm {} panicked: {info}\n{bt}\nThis is a bug; please report it.",
-            env!("CARGO_PKG_VERSION")
-        );
-        std::process::abort();
-    }));
 }
 
 fn load_config(path: &Path) -> anyhow::Result<MdmConfig> {
@@ -271,21 +260,10 @@ async fn serve(cfg: MdmConfig, bootstrap: bool, admin_password: String) -> anyho
     let ep = endpoint.clone();
     tokio::select! {
         _ = ep.serve(svc) => {}
-        _ = shutdown_signal() => tracing::info!("shutting down"),
+        _ = proto::daemon::shutdown_signal() => tracing::info!("shutting down"),
     }
     endpoint.close();
     Ok(())
-}
-
-async fn shutdown_signal() {
-    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(_) => return std::future::pending().await,
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
-    }
 }
 
 /// Once this MDM leads its fresh single-node group, commit the cluster's birth: its id, token

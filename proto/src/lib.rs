@@ -7,6 +7,7 @@
 pub mod ca;
 pub mod client;
 pub mod codec;
+pub mod daemon;
 pub mod data;
 pub mod error;
 pub mod http;

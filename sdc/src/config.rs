@@ -110,3 +110,24 @@ impl SdcConfig {
         ))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_round_trip_and_match_the_checked_in_file() {
+        let text = toml::to_string(&SdcConfig::default()).expect("serialize");
+        let (back, unknown) = SdcConfig::parse(&text).expect("parse");
+        assert_eq!(back, SdcConfig::default());
+        assert!(unknown.is_empty(), "{unknown:?}");
+        let (file, unknown) = SdcConfig::parse(include_str!("../../docs/config/sdc.default.toml"))
+            .expect("parse the checked-in defaults");
+        assert!(unknown.is_empty(), "{unknown:?}");
+        assert_eq!(
+            file,
+            SdcConfig::default(),
+            "docs/config/sdc.default.toml is out of date"
+        );
+    }
+}

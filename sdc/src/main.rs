@@ -61,14 +61,7 @@ struct RunArgs {
 }
 
 fn main() -> anyhow::Result<()> {
-    std::panic::set_hook(Box::new(|info| {
-        let bt = std::backtrace::Backtrace::force_capture();
-        eprintln!(
-            "sdc {} panicked: {info}\n{bt}\nThis is a bug; please report it.",
-            env!("CARGO_PKG_VERSION")
-        );
-        std::process::abort();
-    }));
+    proto::daemon::install_panic_hook("sdc");
     match Cli::parse().cmd {
         Cmd::PrintDefaultConfig => {
             print!("{}", toml::to_string(&SdcConfig::default())?);
@@ -157,19 +150,8 @@ async fn run(cfg: SdcConfig) -> anyhow::Result<()> {
     tracing::info!(sdc_id = %me, "registered with the MDM");
     tokio::select! {
         _ = daemon::follow_map(io, me, exports, &cfg) => {}
-        _ = shutdown_signal() => tracing::info!("shutting down"),
+        _ = proto::daemon::shutdown_signal() => tracing::info!("shutting down"),
     }
     let _ = std::fs::remove_file(&cfg.nbd_socket);
     Ok(())
-}
-
-async fn shutdown_signal() {
-    let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-    else {
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
-    }
 }

@@ -87,3 +87,24 @@ impl SdsConfig {
         ))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_round_trip_and_match_the_checked_in_file() {
+        let text = toml::to_string(&SdsConfig::default()).expect("serialize");
+        let (back, unknown) = SdsConfig::parse(&text).expect("parse");
+        assert_eq!(back, SdsConfig::default());
+        assert!(unknown.is_empty(), "{unknown:?}");
+        let (file, unknown) = SdsConfig::parse(include_str!("../../docs/config/sds.default.toml"))
+            .expect("parse the checked-in defaults");
+        assert!(unknown.is_empty(), "{unknown:?}");
+        assert_eq!(
+            file,
+            SdsConfig::default(),
+            "docs/config/sds.default.toml is out of date"
+        );
+    }
+}

@@ -50,14 +50,7 @@ struct Args {
 }
 
 fn main() -> anyhow::Result<()> {
-    std::panic::set_hook(Box::new(|info| {
-        let bt = std::backtrace::Backtrace::force_capture();
-        eprintln!(
-            "sds {} panicked: {info}\n{bt}\nThis is a bug; please report it.",
-            env!("CARGO_PKG_VERSION")
-        );
-        std::process::abort();
-    }));
+    proto::daemon::install_panic_hook("sds");
     let a = Args::parse();
     if a.print_default_config {
         print!("{}", toml::to_string(&SdsConfig::default())?);
@@ -160,7 +153,7 @@ async fn run(cfg: SdsConfig) -> anyhow::Result<()> {
     let ep = endpoint.clone();
     tokio::select! {
         _ = ep.serve(sds) => {}
-        _ = shutdown_signal() => tracing::info!("shutting down"),
+        _ = proto::daemon::shutdown_signal() => tracing::info!("shutting down"),
     }
     store.flush().await.ok();
     endpoint.close();
@@ -210,16 +203,5 @@ async fn report_loop(
             }
         }
         sds.refresh_map().await;
-    }
-}
-
-async fn shutdown_signal() {
-    let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-    else {
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
     }
 }

@@ -175,6 +175,7 @@ fn real_clients_round_trip_and_agree() {
             "--verify=crc32c",
             "--verify_fatal=1",
             "--do_verify=1",
+            "--verify_state_save=0",
             "--output-format=terse",
         ],
     );
