@@ -180,6 +180,25 @@ fn real_clients_round_trip_and_agree() {
         ],
     );
     assert!(!out.is_empty());
+    // And several GiB with larger blocks, still verified.
+    must(
+        "fio",
+        &[
+            "--name=verify-big",
+            "--ioengine=nbd",
+            &format!("--uri={uri}"),
+            "--rw=randwrite",
+            "--bs=256k",
+            "--iodepth=32",
+            "--size=3g",
+            "--offset=2g",
+            "--verify=crc32c",
+            "--verify_fatal=1",
+            "--do_verify=1",
+            "--verify_state_save=0",
+            "--output-format=terse",
+        ],
+    );
 
     // Both copies of every written chunk are byte-identical.
     compare_copies(&d);
@@ -403,4 +422,102 @@ fn unmapping_closes_the_export() {
             .filter(|o| !o.status.success())
             .map(|_| ())
     });
+}
+
+/// Undo, in reverse order, what the filesystem test set up, whether it passed or not.
+struct FsGuard {
+    mount: Option<std::path::PathBuf>,
+    loopdev: Option<String>,
+    fuse_dir: Option<std::path::PathBuf>,
+    fuse: Option<std::process::Child>,
+}
+
+impl Drop for FsGuard {
+    fn drop(&mut self) {
+        if let Some(m) = self.mount.take() {
+            let _ = run("umount", &[&m.display().to_string()]);
+        }
+        if let Some(l) = self.loopdev.take() {
+            let _ = run("losetup", &["-d", &l]);
+        }
+        if let Some(f) = self.fuse_dir.take() {
+            let _ = run("fusermount3", &["-u", &f.display().to_string()]);
+        }
+        if let Some(mut c) = self.fuse.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn sha256_of(path: &std::path::Path) -> String {
+    use sha2::{Digest, Sha256};
+    hex::encode(Sha256::digest(std::fs::read(path).expect("read file")))
+}
+
+#[test]
+fn ext4_on_a_loop_device_over_nbdfuse_survives_remount() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        println!("SKIP: mounting needs root");
+        return;
+    }
+    for p in ["nbdfuse", "losetup", "mkfs.ext4", "fusermount3"] {
+        require(p).expect("tool installed");
+    }
+    let d = DataCluster::start("nbd-fs", 2, 1);
+    let fuse_dir = d.c.dir.join("fuse");
+    let mnt = d.c.dir.join("mnt");
+    std::fs::create_dir_all(&fuse_dir).expect("fuse dir");
+    std::fs::create_dir_all(&mnt).expect("mount dir");
+    let mut g = FsGuard {
+        mount: None,
+        loopdev: None,
+        fuse_dir: None,
+        fuse: None,
+    };
+    // nbdfuse stays in the foreground, so the guard owns the process.
+    let child = std::process::Command::new("nbdfuse")
+        .args([&fuse_dir.join("vol1").display().to_string(), &d.uri("vol1")])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start nbdfuse");
+    g.fuse = Some(child);
+    g.fuse_dir = Some(fuse_dir.clone());
+    let file = fuse_dir.join("vol1");
+    wait_for("the FUSE file", Duration::from_secs(20), || {
+        std::fs::metadata(&file)
+            .ok()
+            .filter(|m| m.len() == 1 << 30)
+            .map(|_| ())
+    });
+    let loopdev = must(
+        "losetup",
+        &["--find", "--show", &file.display().to_string()],
+    )
+    .trim()
+    .to_string();
+    g.loopdev = Some(loopdev.clone());
+    must("mkfs.ext4", &["-q", "-F", &loopdev]);
+    must("mount", &[&loopdev, &mnt.display().to_string()]);
+    g.mount = Some(mnt.clone());
+    random_file(&mnt.join("big.bin"), 32 << 20);
+    std::fs::write(mnt.join("hello.txt"), b"hello from meshblock\n").expect("write");
+    let want = (
+        sha256_of(&mnt.join("big.bin")),
+        sha256_of(&mnt.join("hello.txt")),
+    );
+    must("sync", &[]);
+    must("umount", &[&mnt.display().to_string()]);
+    g.mount = None;
+    // Drop the page cache of the loop device so the remount reads through NBD.
+    let _ = std::fs::write("/proc/sys/vm/drop_caches", "3");
+    must("mount", &[&loopdev, &mnt.display().to_string()]);
+    g.mount = Some(mnt.clone());
+    let got = (
+        sha256_of(&mnt.join("big.bin")),
+        sha256_of(&mnt.join("hello.txt")),
+    );
+    assert_eq!(want, got, "files changed across umount and remount");
 }
