@@ -1,91 +1,258 @@
-//! `SdsConfig`: the SDS daemon's configuration (TOML). Unknown keys are warned about, not
-//! refused; on-disk formats, in contrast, carry a version and are never guessed.
+//! `SdsConfig`: the SDS daemon's configuration (TOML), its defaults and its validation.
+//!
+//! Unknown keys produce a warning, not a failure, so a config written for a newer version still
+//! starts an older one during a rollback. That leniency never applies to on-disk formats, which
+//! carry explicit versions (see [`crate::chunk_store`]).
 
 use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
-#[serde(default)]
-pub struct SdsConfig {
-    /// The SDS's name, as given to `scli --add_sds --sds_name`. Default: "" = the hostname.
-    pub name: String,
-    /// QUIC address for data requests (from SDCs and other SDS). Default: 0.0.0.0:7072.
-    pub listen: SocketAddr,
-    /// MDM addresses, `ip:port`. Default: ["127.0.0.1:7611"].
-    pub mdm: Vec<String>,
-    /// Directory with node.pem, node.key and ca.pem signed by the cluster CA.
-    /// Default: /etc/meshblock/certs.
-    pub cert_dir: PathBuf,
-    /// Devices (block devices or plain files) this SDS serves; the paths given to scli.
-    /// Default: none.
-    pub devices: Vec<PathBuf>,
-    /// Use io_uring (true) or pread/pwrite threads (false). Default: true.
-    pub io_uring: bool,
-    /// HTTP address serving Prometheus metrics at /metrics. Default: 127.0.0.1:9072.
-    pub metrics_listen: SocketAddr,
-    /// How often the SDS reports to the MDM and asks for a newer map, in ms. Default: 500.
-    pub map_poll_ms: u64,
+/// Port of an MDM address given without one.
+pub const MDM_DEFAULT_PORT: u16 = 7611;
+pub const DEFAULT_LISTEN: ([u8; 4], u16) = ([0, 0, 0, 0], 7072);
+pub const DEFAULT_METRICS_LISTEN: ([u8; 4], u16) = ([127, 0, 0, 1], 9072);
+pub const DEFAULT_CERT_DIR: &str = "/etc/meshblock/certs";
+pub const DEFAULT_MAP_POLL_INTERVAL_MS: u64 = 500;
+pub const DEFAULT_HELLO_INTERVAL_MS: u64 = 1000;
+pub const DEFAULT_FORWARD_TIMEOUT_MS: u64 = 5000;
+
+fn default_listen() -> SocketAddr {
+    DEFAULT_LISTEN.into()
 }
+fn default_mdm() -> Vec<String> {
+    vec![format!("127.0.0.1:{MDM_DEFAULT_PORT}")]
+}
+fn default_cert_dir() -> PathBuf {
+    PathBuf::from(DEFAULT_CERT_DIR)
+}
+fn default_io_uring() -> bool {
+    true
+}
+fn default_metrics_listen() -> SocketAddr {
+    DEFAULT_METRICS_LISTEN.into()
+}
+fn default_map_poll_interval_ms() -> u64 {
+    DEFAULT_MAP_POLL_INTERVAL_MS
+}
+fn default_hello_interval_ms() -> u64 {
+    DEFAULT_HELLO_INTERVAL_MS
+}
+fn default_forward_timeout_ms() -> u64 {
+    DEFAULT_FORWARD_TIMEOUT_MS
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SdsConfig {
+    /// This SDS's name, as given to `scli --add_sds --sds_name`; its certificate's common name
+    /// is `sds:NAME`. Default: "" (the host name).
+    #[serde(default)]
+    pub name: String,
+    /// UDP address of the QUIC data port (SDCs and peer SDS connect here). Default:
+    /// 0.0.0.0:7072.
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    /// MDM addresses, `ip` or `ip:port` (port 7611 when absent); any member will do, the
+    /// leader is found from there. Default: ["127.0.0.1:7611"].
+    #[serde(default = "default_mdm")]
+    pub mdm: Vec<String>,
+    /// Directory holding node.pem, node.key and ca.pem (signed by the cluster CA). Default:
+    /// /etc/meshblock/certs.
+    #[serde(default = "default_cert_dir")]
+    pub cert_dir: PathBuf,
+    /// Devices to serve: block devices or regular (sparse) files, used whole, paths exactly as
+    /// given to scli. A blank device is formatted on first use. Default: none (required).
+    #[serde(default)]
+    pub devices: Vec<PathBuf>,
+    /// Use io_uring (true) or pread/pwrite threads (false, e.g. under Docker's default seccomp
+    /// profile). Default: true.
+    #[serde(default = "default_io_uring")]
+    pub io_uring: bool,
+    /// TCP address serving Prometheus metrics at GET /metrics. Default: 127.0.0.1:9072.
+    #[serde(default = "default_metrics_listen")]
+    pub metrics_listen: SocketAddr,
+    /// Interval between asks for a newer cluster map, in milliseconds. Default: 500.
+    #[serde(default = "default_map_poll_interval_ms")]
+    pub map_poll_interval_ms: u64,
+    /// Interval between hellos (registration, device reports, heartbeat) to the MDM, in
+    /// milliseconds. Default: 1000.
+    #[serde(default = "default_hello_interval_ms")]
+    pub hello_interval_ms: u64,
+    /// How long a primary waits for its secondary to apply a forwarded write, in
+    /// milliseconds; keep it below the SDC's 10 s call timeout. Default: 5000.
+    #[serde(default = "default_forward_timeout_ms")]
+    pub forward_timeout_ms: u64,
+}
+
+/// Every key with its documentation, in file order (printed by `--print-default-config`).
+const FIELD_DOCS: &[(&str, &str)] = &[
+    (
+        "name",
+        "This SDS's name, as given to `scli --add_sds --sds_name`; its certificate's common \
+         name is `sds:NAME`. Empty means the host name.",
+    ),
+    (
+        "listen",
+        "UDP address of the QUIC data port (SDCs and peer SDS connect here).",
+    ),
+    (
+        "mdm",
+        "MDM addresses, `ip` or `ip:port` (port 7611 when absent); any member will do, the \
+         leader is found from there.",
+    ),
+    (
+        "cert_dir",
+        "Directory holding node.pem, node.key and ca.pem (signed by the cluster CA).",
+    ),
+    (
+        "devices",
+        "Devices to serve: block devices or regular (sparse) files, used whole, paths exactly \
+         as given to scli. A blank device is formatted on first use. Required.",
+    ),
+    (
+        "io_uring",
+        "Use io_uring (true) or pread/pwrite threads (false, e.g. under Docker's default \
+         seccomp profile).",
+    ),
+    (
+        "metrics_listen",
+        "TCP address serving Prometheus metrics at GET /metrics.",
+    ),
+    (
+        "map_poll_interval_ms",
+        "Interval between asks for a newer cluster map, in milliseconds.",
+    ),
+    (
+        "hello_interval_ms",
+        "Interval between hellos (registration, device reports, heartbeat) to the MDM, in \
+         milliseconds.",
+    ),
+    (
+        "forward_timeout_ms",
+        "How long a primary waits for its secondary to apply a forwarded write, in \
+         milliseconds; keep it below the SDC's 10 s call timeout.",
+    ),
+];
 
 impl Default for SdsConfig {
     fn default() -> Self {
         SdsConfig {
             name: String::new(),
-            listen: SocketAddr::from(([0, 0, 0, 0], 7072)),
-            mdm: vec!["127.0.0.1:7611".into()],
-            cert_dir: PathBuf::from("/etc/meshblock/certs"),
+            listen: default_listen(),
+            mdm: default_mdm(),
+            cert_dir: default_cert_dir(),
             devices: Vec::new(),
-            io_uring: true,
-            metrics_listen: SocketAddr::from(([127, 0, 0, 1], 9072)),
-            map_poll_ms: 500,
+            io_uring: default_io_uring(),
+            metrics_listen: default_metrics_listen(),
+            map_poll_interval_ms: default_map_poll_interval_ms(),
+            hello_interval_ms: default_hello_interval_ms(),
+            forward_timeout_ms: default_forward_timeout_ms(),
         }
     }
 }
 
+/// A configuration that cannot run: every problem found, one per line.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid configuration:\n  {}", .0.join("\n  "))]
+pub struct ConfigProblems(pub Vec<String>);
+
 impl SdsConfig {
-    pub fn validate(&self) -> Result<(), String> {
+    /// Parse TOML; also returns the keys this version does not know.
+    pub fn parse(text: &str) -> Result<(SdsConfig, Vec<String>), toml::de::Error> {
+        let cfg: SdsConfig = toml::from_str(text)?;
+        let raw: toml::Table = toml::from_str(text)?;
+        let unknown = raw
+            .keys()
+            .filter(|k| !FIELD_DOCS.iter().any(|(known, _)| known == k))
+            .cloned()
+            .collect();
+        Ok((cfg, unknown))
+    }
+
+    /// The MDM addresses, parsed.
+    pub fn mdm_addrs(&self) -> Result<Vec<SocketAddr>, String> {
+        proto::client::parse_addrs(&self.mdm.join(","), MDM_DEFAULT_PORT)
+    }
+
+    pub fn map_poll_interval(&self) -> Duration {
+        Duration::from_millis(self.map_poll_interval_ms)
+    }
+
+    pub fn hello_interval(&self) -> Duration {
+        Duration::from_millis(self.hello_interval_ms)
+    }
+
+    pub fn forward_timeout(&self) -> Duration {
+        Duration::from_millis(self.forward_timeout_ms)
+    }
+
+    /// Check everything at once.
+    pub fn validate(&self) -> Result<(), ConfigProblems> {
         let mut p = Vec::new();
+        if self.name.is_empty() {
+            p.push("name: empty (and no host name to default to)".to_string());
+        }
         if self.devices.is_empty() {
             p.push("devices: give at least one device (--device PATH)".to_string());
         }
-        if self.devices.len() > 1 {
-            p.push("devices: this version serves one device per SDS process".to_string());
+        for (i, d) in self.devices.iter().enumerate() {
+            if self.devices[..i].contains(d) {
+                p.push(format!("devices: {} is listed twice", d.display()));
+            }
         }
-        if self.mdm.iter().any(|a| a.parse::<SocketAddr>().is_err()) || self.mdm.is_empty() {
-            p.push("mdm: give MDM addresses as IP:PORT".to_string());
+        if let Err(e) = self.mdm_addrs() {
+            p.push(format!("mdm: {e}"));
         }
-        if self.map_poll_ms == 0 {
-            p.push("map_poll_ms must be > 0".to_string());
+        if self.cert_dir.as_os_str().is_empty() {
+            p.push("cert_dir: empty".to_string());
+        }
+        for (key, v) in [
+            ("map_poll_interval_ms", self.map_poll_interval_ms),
+            ("hello_interval_ms", self.hello_interval_ms),
+            ("forward_timeout_ms", self.forward_timeout_ms),
+        ] {
+            if v == 0 {
+                p.push(format!("{key}: must be more than 0"));
+            }
         }
         if p.is_empty() {
             Ok(())
         } else {
-            Err(p.join("; "))
+            Err(ConfigProblems(p))
         }
     }
 
-    pub fn parse(text: &str) -> Result<(SdsConfig, Vec<String>), toml::de::Error> {
-        let cfg: SdsConfig = toml::from_str(text)?;
-        let raw: toml::Table = toml::from_str(text)?;
-        let known = [
-            "name",
-            "listen",
-            "mdm",
-            "cert_dir",
-            "devices",
-            "io_uring",
-            "metrics_listen",
-            "map_poll_ms",
-        ];
-        Ok((
-            cfg,
-            raw.keys()
-                .filter(|k| !known.contains(&k.as_str()))
-                .cloned()
-                .collect(),
-        ))
+    /// The defaults as commented TOML (what `--print-default-config` prints).
+    pub fn default_toml() -> String {
+        let table = toml::Table::try_from(SdsConfig::default()).unwrap_or_default();
+        let mut out = String::from("# Meshblock SDS configuration (sds --config FILE).\n");
+        for (key, doc) in FIELD_DOCS {
+            out.push('\n');
+            for line in wrap(doc, 96) {
+                out.push_str("# ");
+                out.push_str(&line);
+                out.push('\n');
+            }
+            let value = table.get(*key).map(|v| v.to_string()).unwrap_or_default();
+            out.push_str(&format!("{key} = {value}\n"));
+        }
+        out
     }
+}
+
+fn wrap(text: &str, width: usize) -> Vec<String> {
+    let mut lines: Vec<String> = Vec::new();
+    for word in text.split_whitespace() {
+        match lines.last_mut() {
+            Some(cur) if cur.len() + 1 + word.len() <= width => {
+                cur.push(' ');
+                cur.push_str(word);
+            }
+            _ => lines.push(word.to_string()),
+        }
+    }
+    lines
 }
 
 #[cfg(test)]
@@ -93,18 +260,64 @@ mod tests {
     use super::*;
 
     #[test]
-    fn defaults_round_trip_and_match_the_checked_in_file() {
-        let text = toml::to_string(&SdsConfig::default()).expect("serialize");
-        let (back, unknown) = SdsConfig::parse(&text).expect("parse");
-        assert_eq!(back, SdsConfig::default());
-        assert!(unknown.is_empty(), "{unknown:?}");
-        let (file, unknown) = SdsConfig::parse(include_str!("../../docs/config/sds.default.toml"))
-            .expect("parse the checked-in defaults");
-        assert!(unknown.is_empty(), "{unknown:?}");
+    fn defaults_round_trip_through_toml_with_every_key_documented() {
+        let text = SdsConfig::default_toml();
+        let (cfg, unknown) = SdsConfig::parse(&text).expect("parse the defaults");
+        assert_eq!(cfg, SdsConfig::default());
+        assert!(unknown.is_empty());
+        let table = toml::Table::try_from(SdsConfig::default()).expect("serialize");
+        for key in table.keys() {
+            assert!(
+                FIELD_DOCS.iter().any(|(k, _)| k == key),
+                "key {key} has no doc"
+            );
+        }
         assert_eq!(
-            file,
-            SdsConfig::default(),
-            "docs/config/sds.default.toml is out of date"
+            table.len(),
+            FIELD_DOCS.len(),
+            "a documented key no longer exists"
         );
+    }
+
+    #[test]
+    fn defaults_match_the_checked_in_file() {
+        let checked_in = include_str!("../../docs/config/sds.default.toml");
+        assert_eq!(
+            checked_in,
+            SdsConfig::default_toml(),
+            "docs/config/sds.default.toml is out of date: regenerate it with \
+             `sds --print-default-config`"
+        );
+        let (file, unknown) = SdsConfig::parse(checked_in).expect("parse the checked-in file");
+        assert!(unknown.is_empty(), "{unknown:?}");
+        assert_eq!(file, SdsConfig::default());
+    }
+
+    #[test]
+    fn missing_keys_take_defaults_and_unknown_keys_are_reported() {
+        let (cfg, unknown) =
+            SdsConfig::parse("name = \"sds1\"\ndevices = [\"/dev/x\"]\nfuture_key = 3\n")
+                .expect("parse");
+        assert_eq!(cfg.name, "sds1");
+        assert_eq!(cfg.listen, default_listen());
+        assert_eq!(unknown, vec!["future_key".to_string()]);
+        assert!(cfg.validate().is_ok());
+    }
+
+    #[test]
+    fn validate_reports_every_problem() {
+        let cfg = SdsConfig {
+            mdm: vec!["not-an-ip".into()],
+            map_poll_interval_ms: 0,
+            ..Default::default()
+        };
+        let ConfigProblems(p) = cfg.validate().expect_err("invalid");
+        assert_eq!(p.len(), 4, "{p:?}");
+        let dup = SdsConfig {
+            name: "a".into(),
+            devices: vec!["/d".into(), "/d".into()],
+            ..Default::default()
+        };
+        assert_eq!(dup.validate().expect_err("dup").0.len(), 1);
     }
 }

@@ -1,11 +1,30 @@
 //! The Meshblock storage data server (SDS): serves chunk reads and writes from local devices
 //! through io_uring, mirrors each write to the PG's secondary, and fences stale epochs.
 //!
-//! Modules: [`device`] (the only one touching io_uring), [`chunk_store`] (on-disk chunk layout
-//! and checksums), [`service`] (the data protocol, fencing, mirroring), [`config`], [`metrics`].
+//! Public modules first: [`device`] (the only one touching io_uring), [`chunk_store`] (on-disk
+//! chunk layout and checksums of one device), [`storage`] (all devices as one chunk space),
+//! [`routing`] (the cached cluster map and the epoch/PG fence), [`replication`] (forwarding to
+//! the secondary), [`service`] (the data protocol handler), [`mdm_client`] (registration and map
+//! polling), [`config`], [`metrics`]. Then helpers: [`range_lock`], [`failpoints`].
+//!
+//! How `main` assembles a daemon: open each device ([`device::AnyDevice`]) and its
+//! [`chunk_store::ChunkStore`], wrap them in a [`storage::Storage`], create a
+//! [`routing::MapCache`], build the [`service::Service`] on a QUIC `Endpoint` and serve it with
+//! `endpoint.serve(service)`, and run an [`mdm_client::MdmLink`] that keeps the map cache and
+//! this SDS's id current.
 
 pub mod chunk_store;
 pub mod config;
 pub mod device;
+pub mod mdm_client;
 pub mod metrics;
+pub mod replication;
+pub mod routing;
 pub mod service;
+pub mod storage;
+
+pub mod failpoints;
+pub mod range_lock;
+
+#[cfg(test)]
+mod test_util;

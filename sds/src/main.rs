@@ -1,99 +1,133 @@
-//! The `sds` binary: one storage data server.
+//! The `sds` binary: one storage data server. Reads the configuration (file, then flags), opens
+//! the devices, joins the cluster through the MDM and serves data requests over QUIC.
 
 use anyhow::Context;
 use clap::Parser;
-use proto::client::{parse_addrs, MdmClient};
-use proto::msg::{DeviceReport, MdmRequest, MdmResponse};
+use proto::client::MdmClient;
 use proto::transport::{Endpoint, Identity};
 use sds::chunk_store::ChunkStore;
 use sds::config::SdsConfig;
-use sds::device::AnyDevice;
-use sds::service::Sds;
+use sds::device::{AnyDevice, DeviceOptions};
+use sds::mdm_client::{LinkOptions, MdmLink};
+use sds::metrics::SdsMetrics;
+use sds::routing::MapCache;
+use sds::service::{Service, ServiceOptions};
+use sds::storage::Storage;
+use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::Ordering;
+use std::process::ExitCode;
 use std::sync::Arc;
-use std::time::Duration;
 
 #[derive(Parser)]
 #[command(name = "sds", version, about = "Meshblock storage data server (SDS)")]
 struct Args {
-    /// Configuration file (TOML); flags override it.
-    #[arg(long)]
+    /// Configuration file (TOML); the flags below override it.
+    #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
-    /// The name given to `scli --add_sds --sds_name`.
+    /// This SDS's name, as given to `scli --add_sds --sds_name`.
     #[arg(long)]
     name: Option<String>,
-    /// QUIC data address.
-    #[arg(long)]
-    listen: Option<std::net::SocketAddr>,
-    /// MDM addresses, comma-separated IP:PORT.
-    #[arg(long)]
+    /// QUIC data address (UDP).
+    #[arg(long, value_name = "IP:PORT")]
+    listen: Option<SocketAddr>,
+    /// MDM addresses, comma-separated `ip[:port]`.
+    #[arg(long, value_name = "ADDRS")]
     mdm: Option<String>,
     /// Certificate directory (node.pem, node.key, ca.pem).
-    #[arg(long)]
+    #[arg(long, value_name = "DIR")]
     cert_dir: Option<PathBuf>,
-    /// A device (block device or file) to serve.
-    #[arg(long)]
+    /// A device (block device or file) to serve; repeat for several. Replaces the file's list.
+    #[arg(long, value_name = "PATH")]
     device: Vec<PathBuf>,
     /// Prometheus metrics HTTP address.
-    #[arg(long)]
-    metrics_listen: Option<std::net::SocketAddr>,
-    /// Use pread/pwrite instead of io_uring.
+    #[arg(long, value_name = "IP:PORT")]
+    metrics_listen: Option<SocketAddr>,
+    /// Use pread/pwrite threads instead of io_uring.
     #[arg(long)]
     no_io_uring: bool,
-    /// Print the default configuration as TOML and exit.
+    /// Print the default configuration as commented TOML and exit.
     #[arg(long)]
     print_default_config: bool,
-    /// Validate the configuration and exit.
+    /// Validate the configuration (file and flags), list unknown keys, and exit.
     #[arg(long)]
     check_config: bool,
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> ExitCode {
     proto::daemon::install_panic_hook("sds");
-    let a = Args::parse();
-    if a.print_default_config {
-        print!("{}", toml::to_string(&SdsConfig::default())?);
-        return Ok(());
+    let args = Args::parse();
+    if args.print_default_config {
+        print!("{}", SdsConfig::default_toml());
+        return ExitCode::SUCCESS;
     }
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
         .init();
-    let mut cfg = match &a.config {
+    match start(&args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("failed to {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn start(args: &Args) -> anyhow::Result<()> {
+    let cfg = configure(args)?;
+    if args.check_config {
+        println!("configuration OK");
+        return Ok(());
+    }
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("sds-worker")
+        .build()
+        .context("start the runtime")?
+        .block_on(run(cfg))
+}
+
+/// The configuration: file, then flags, then validation.
+fn configure(args: &Args) -> anyhow::Result<SdsConfig> {
+    let mut cfg = match &args.config {
         Some(p) => {
             let text =
                 std::fs::read_to_string(p).with_context(|| format!("read {}", p.display()))?;
             let (cfg, unknown) =
                 SdsConfig::parse(&text).with_context(|| format!("parse {}", p.display()))?;
             for k in unknown {
-                tracing::warn!("unknown config key {k} ignored");
+                tracing::warn!(file = %p.display(), "unknown configuration key {k} ignored");
             }
             cfg
         }
         None => SdsConfig::default(),
     };
-    if let Some(v) = a.name {
-        cfg.name = v;
+    if let Some(v) = &args.name {
+        cfg.name = v.clone();
     }
-    if let Some(v) = a.listen {
+    if let Some(v) = args.listen {
         cfg.listen = v;
     }
-    if let Some(v) = a.mdm {
-        cfg.mdm = v.split(',').map(|s| s.trim().to_string()).collect();
+    if let Some(v) = &args.mdm {
+        cfg.mdm = v
+            .split(',')
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty())
+            .collect();
     }
-    if let Some(v) = a.cert_dir {
-        cfg.cert_dir = v;
+    if let Some(v) = &args.cert_dir {
+        cfg.cert_dir = v.clone();
     }
-    if !a.device.is_empty() {
-        cfg.devices = a.device;
+    if !args.device.is_empty() {
+        cfg.devices = args.device.clone();
     }
-    if let Some(v) = a.metrics_listen {
+    if let Some(v) = args.metrics_listen {
         cfg.metrics_listen = v;
     }
-    if a.no_io_uring {
+    if args.no_io_uring {
         cfg.io_uring = false;
     }
     if cfg.name.is_empty() {
@@ -101,107 +135,96 @@ fn main() -> anyhow::Result<()> {
             .map(|s| s.trim().to_string())
             .unwrap_or_default();
     }
-    cfg.validate()
-        .map_err(anyhow::Error::msg)
-        .context("validate the configuration")?;
-    if a.check_config {
-        println!("configuration OK");
-        return Ok(());
+    cfg.validate().context("validate the configuration")?;
+    Ok(cfg)
+}
+
+async fn open_storage(cfg: &SdsConfig) -> anyhow::Result<Storage<AnyDevice>> {
+    let opts = DeviceOptions::default();
+    let mut stores = Vec::new();
+    for path in &cfg.devices {
+        let shown = path.display().to_string();
+        let dev = AnyDevice::open(path, cfg.io_uring, &opts)
+            .with_context(|| format!("open device {shown}"))?;
+        let engine = dev.engine();
+        let store = ChunkStore::open(dev)
+            .await
+            .with_context(|| format!("open the chunk store on {shown}"))?;
+        tracing::info!(
+            device = %shown,
+            engine,
+            formatted = store.was_formatted(),
+            capacity_bytes = store.capacity_bytes(),
+            chunks = store.chunk_count(),
+            "device ready"
+        );
+        stores.push((shown, store));
     }
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
-    rt.block_on(run(cfg))
+    Ok(Storage::new(stores))
 }
 
 async fn run(cfg: SdsConfig) -> anyhow::Result<()> {
-    let path = cfg.devices[0].clone();
-    let dev = AnyDevice::open(&path, cfg.io_uring)
-        .with_context(|| format!("open device {}", path.display()))?;
-    let store = Arc::new(
-        ChunkStore::open(dev)
-            .await
-            .with_context(|| format!("open the chunk store on {}", path.display()))?,
-    );
-    tracing::info!(device = %path.display(), capacity = store.capacity_bytes(), chunks = store.used_chunks(), "chunk store open");
+    let storage = Arc::new(open_storage(&cfg).await?);
     let identity = Identity::load(&cfg.cert_dir).context("load this SDS's certificate")?;
-    let endpoint =
-        Endpoint::server(cfg.listen, &identity, &format!("sds:{}", cfg.name)).context("listen")?;
-    let addrs = parse_addrs(&cfg.mdm.join(","), 7611).map_err(anyhow::Error::msg)?;
-    let mdm = Arc::new(MdmClient::new(endpoint.clone(), addrs));
-    let metrics = sds::metrics::SdsMetrics::new();
-    let sds = Sds::new(
-        cfg.name.clone(),
-        store.clone(),
+    let endpoint = Endpoint::server(cfg.listen, &identity, &format!("sds:{}", cfg.name))
+        .context("open the QUIC data port")?;
+    let metrics = Arc::new(SdsMetrics::new());
+    let map = Arc::new(MapCache::new());
+    let service = Service::new(
+        storage.clone(),
+        map.clone(),
         endpoint.clone(),
-        mdm.clone(),
         metrics.clone(),
+        ServiceOptions {
+            forward_timeout: cfg.forward_timeout(),
+            ..ServiceOptions::default()
+        },
     );
-    let m = metrics.clone();
-    let maddr = cfg.metrics_listen;
+
+    let addrs = cfg.mdm_addrs().map_err(anyhow::Error::msg)?;
+    let reports = storage.clone();
+    let gauge = metrics.clone();
+    let link = Arc::new(
+        MdmLink::new(
+            MdmClient::new(endpoint.clone(), addrs),
+            cfg.name.clone(),
+            map.clone(),
+            Arc::new(move || reports.reports()),
+            LinkOptions {
+                hello_interval: cfg.hello_interval(),
+                map_poll_interval: cfg.map_poll_interval(),
+                ..LinkOptions::default()
+            },
+        )
+        .on_hello(Arc::new(move |ok| {
+            gauge.mdm_connected.set(i64::from(ok));
+        })),
+    );
+    tokio::spawn(link.run());
+
+    let metrics_listener = tokio::net::TcpListener::bind(cfg.metrics_listen)
+        .await
+        .with_context(|| format!("listen for metrics on {}", cfg.metrics_listen))?;
+    let svc = service.clone();
     tokio::spawn(async move {
-        if let Err(e) = sds::metrics::serve(maddr, m).await {
-            tracing::warn!("metrics endpoint on {maddr} stopped: {e}");
+        let render = Arc::new(move || {
+            svc.update_gauges();
+            svc.metrics().render()
+        });
+        if let Err(e) = sds::metrics::serve_on(metrics_listener, render).await {
+            tracing::warn!("the metrics endpoint stopped: {e}");
         }
     });
-    let s2 = sds.clone();
-    let device_path = path.display().to_string();
-    let poll = Duration::from_millis(cfg.map_poll_ms);
-    tokio::spawn(async move { report_loop(s2, mdm, device_path, poll).await });
-    tracing::info!(listen = %cfg.listen, "SDS {} serving", cfg.name);
-    let ep = endpoint.clone();
+
+    tracing::info!(name = %cfg.name, listen = %cfg.listen, "SDS serving");
     tokio::select! {
-        _ = ep.serve(sds) => {}
+        _ = endpoint.serve(service.clone()) => {}
         _ = proto::daemon::shutdown_signal() => tracing::info!("shutting down"),
     }
-    store.flush().await.ok();
     endpoint.close();
+    storage
+        .flush()
+        .await
+        .context("flush the devices at shutdown")?;
     Ok(())
-}
-
-/// Say hello to the MDM (name, device capacity and health) and follow the map.
-async fn report_loop(
-    sds: Arc<Sds<AnyDevice>>,
-    mdm: Arc<MdmClient>,
-    device: String,
-    poll: Duration,
-) {
-    let mut tick = tokio::time::interval(poll);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut n: u64 = 0;
-    loop {
-        tick.tick().await;
-        n += 1;
-        let failed = sds.device_failed.load(Ordering::SeqCst);
-        sds.metrics.device_failed.set(i64::from(failed));
-        sds.metrics.chunks_used.set(sds.store.used_chunks() as i64);
-        if sds.id().is_none() || n.is_multiple_of(4) || failed {
-            let report = DeviceReport {
-                path: device.clone(),
-                capacity_bytes: sds.store.capacity_bytes(),
-                failed,
-            };
-            match mdm
-                .request(
-                    &MdmRequest::SdsHello {
-                        name: sds.name.clone(),
-                        devices: vec![report],
-                    },
-                    Duration::from_secs(5),
-                )
-                .await
-            {
-                Ok(MdmResponse::SdsWelcome { id }) => {
-                    if sds.id().is_none() {
-                        tracing::info!(sds_id = %id, "joined the cluster");
-                    }
-                    sds.set_id(id);
-                }
-                Ok(_) => {}
-                Err(e) => tracing::warn!("failed to report to the MDM: {e}"),
-            }
-        }
-        sds.refresh_map().await;
-    }
 }

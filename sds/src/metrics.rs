@@ -1,37 +1,132 @@
-//! SDS metrics (Prometheus text) and the HTTP endpoint serving them.
+//! The SDS's Prometheus metrics (`meshblock_sds_*`) and the tiny HTTP responder serving them at
+//! `GET /metrics`.
+//!
+//! Counters are atomics bumped on the I/O path; gauges (device state, chunk counts, map version)
+//! are set by whoever owns the state, just before rendering.
 
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
+use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-#[derive(Default)]
+/// Label set with one `(name, value)` pair.
+pub type Labels = Vec<(String, String)>;
+
+/// Renders the metrics text (may refresh gauges first).
+pub type Render = Arc<dyn Fn() -> String + Send + Sync>;
+
+/// Largest HTTP request head read.
+const MAX_REQUEST: usize = 8192;
+/// Connections served at once.
+const MAX_CONNECTIONS: usize = 16;
+/// Time a client gets to send its request and read the answer.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
 pub struct SdsMetrics {
     registry: Registry,
+    /// Read requests served (primary reads and ReadLocal).
     pub reads: Counter,
+    /// Write requests applied locally (Write and ReplicaWrite).
     pub writes: Counter,
-    pub errors: Counter,
+    /// Writes forwarded to a secondary.
+    pub forwards: Counter,
+    /// Trim and write-zeroes requests applied locally.
+    pub trims: Counter,
+    pub flushes: Counter,
+    pub read_bytes: Counter,
+    pub written_bytes: Counter,
+    /// Requests answered with an error, by wire error code.
+    pub request_errors: Family<Labels, Counter>,
+    /// Blocks whose CRC32 did not match their data.
     pub checksum_errors: Counter,
+    /// Device operations that failed.
     pub device_errors: Counter,
-    pub chunks_used: Gauge,
-    pub device_failed: Gauge,
+    /// 1 per device that has failed.
+    pub device_failed: Family<Labels, Gauge>,
+    pub chunks_allocated: Gauge,
+    pub map_version: Gauge,
+    /// 1 while the last hello to the MDM succeeded.
+    pub mdm_connected: Gauge,
+    /// Service time of primary reads, seconds.
+    pub read_seconds: Histogram,
+    /// Service time of primary writes including the forward, seconds.
+    pub write_seconds: Histogram,
+}
+
+impl Default for SdsMetrics {
+    fn default() -> Self {
+        SdsMetrics::new()
+    }
 }
 
 impl SdsMetrics {
-    pub fn new() -> Arc<SdsMetrics> {
-        let mut m = SdsMetrics::default();
+    pub fn new() -> SdsMetrics {
+        let buckets = || Histogram::new(exponential_buckets(25e-6, 2.0, 16));
+        let mut m = SdsMetrics {
+            registry: Registry::default(),
+            reads: Counter::default(),
+            writes: Counter::default(),
+            forwards: Counter::default(),
+            trims: Counter::default(),
+            flushes: Counter::default(),
+            read_bytes: Counter::default(),
+            written_bytes: Counter::default(),
+            request_errors: Family::default(),
+            checksum_errors: Counter::default(),
+            device_errors: Counter::default(),
+            device_failed: Family::default(),
+            chunks_allocated: Gauge::default(),
+            map_version: Gauge::default(),
+            mdm_connected: Gauge::default(),
+            read_seconds: buckets(),
+            write_seconds: buckets(),
+        };
         let r = &mut m.registry;
-        r.register("meshblock_sds_reads", "Chunk reads served", m.reads.clone());
+        r.register(
+            "meshblock_sds_reads",
+            "Read requests served",
+            m.reads.clone(),
+        );
         r.register(
             "meshblock_sds_writes",
-            "Chunk writes applied (primary and replica)",
+            "Write requests applied locally (primary and replica)",
             m.writes.clone(),
         );
         r.register(
+            "meshblock_sds_forwards",
+            "Writes forwarded to a secondary",
+            m.forwards.clone(),
+        );
+        r.register(
+            "meshblock_sds_trims",
+            "Trim and write-zeroes requests applied locally",
+            m.trims.clone(),
+        );
+        r.register(
+            "meshblock_sds_flushes",
+            "Flush requests served",
+            m.flushes.clone(),
+        );
+        r.register(
+            "meshblock_sds_read_bytes",
+            "Bytes read for clients",
+            m.read_bytes.clone(),
+        );
+        r.register(
+            "meshblock_sds_written_bytes",
+            "Bytes written locally",
+            m.written_bytes.clone(),
+        );
+        r.register(
             "meshblock_sds_request_errors",
-            "Data requests answered with an error",
-            m.errors.clone(),
+            "Data requests answered with an error, by code",
+            m.request_errors.clone(),
         );
         r.register(
             "meshblock_sds_checksum_errors",
@@ -40,33 +135,160 @@ impl SdsMetrics {
         );
         r.register(
             "meshblock_sds_device_errors",
-            "Device I/O errors",
+            "Device operations that failed",
             m.device_errors.clone(),
         );
         r.register(
-            "meshblock_sds_chunks_used",
-            "Chunks allocated on this SDS",
-            m.chunks_used.clone(),
-        );
-        r.register(
             "meshblock_sds_device_failed",
-            "1 when a device has failed",
+            "1 when the device has failed",
             m.device_failed.clone(),
         );
-        Arc::new(m)
+        r.register(
+            "meshblock_sds_chunks_allocated",
+            "Chunks allocated on this SDS",
+            m.chunks_allocated.clone(),
+        );
+        r.register(
+            "meshblock_sds_map_version",
+            "Version of the cached cluster map",
+            m.map_version.clone(),
+        );
+        r.register(
+            "meshblock_sds_mdm_connected",
+            "1 while the MDM answers this SDS's hellos",
+            m.mdm_connected.clone(),
+        );
+        r.register(
+            "meshblock_sds_read_seconds",
+            "Service time of primary reads",
+            m.read_seconds.clone(),
+        );
+        r.register(
+            "meshblock_sds_write_seconds",
+            "Service time of primary writes including the forward",
+            m.write_seconds.clone(),
+        );
+        m
     }
 
+    /// Count an error answer with wire code `code`.
+    pub fn request_error(&self, code: proto::ErrorCode) {
+        self.request_errors
+            .get_or_create(&vec![("code".to_string(), format!("{code:?}"))])
+            .inc();
+    }
+
+    /// Set a device's failed gauge.
+    pub fn set_device_failed(&self, path: &str, failed: bool) {
+        self.device_failed
+            .get_or_create(&vec![("device".to_string(), path.to_string())])
+            .set(i64::from(failed));
+    }
+
+    /// The Prometheus text exposition.
     pub fn render(&self) -> String {
         let mut s = String::new();
-        let _ = encode(&mut s, &self.registry);
+        if encode(&mut s, &self.registry).is_err() {
+            s.clear();
+        }
         s
     }
 }
 
-/// Serve `GET /metrics` on `addr` until the process ends.
-pub async fn serve(
-    addr: std::net::SocketAddr,
-    metrics: std::sync::Arc<SdsMetrics>,
-) -> std::io::Result<()> {
-    proto::http::serve_metrics(addr, std::sync::Arc::new(move || metrics.render())).await
+/// Serve `GET /metrics` on `addr` until the process ends; `render` produces the body. Anything
+/// else gets a 404.
+pub async fn serve(addr: SocketAddr, render: Render) -> std::io::Result<()> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    serve_on(listener, render).await
+}
+
+/// [`serve`] on a bound listener (tests bind port 0).
+pub async fn serve_on(listener: tokio::net::TcpListener, render: Render) -> std::io::Result<()> {
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    loop {
+        let (sock, _) = listener.accept().await?;
+        let Ok(permit) = slots.clone().acquire_owned().await else {
+            return Ok(());
+        };
+        let render = render.clone();
+        tokio::spawn(async move {
+            let _ = tokio::time::timeout(REQUEST_TIMEOUT, answer(sock, render)).await;
+            drop(permit);
+        });
+    }
+}
+
+async fn answer(mut sock: tokio::net::TcpStream, render: Render) -> std::io::Result<()> {
+    let mut buf = vec![0u8; MAX_REQUEST];
+    let mut n = 0;
+    while n < buf.len() && !buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {
+        let got = sock.read(&mut buf[n..]).await?;
+        if got == 0 {
+            break;
+        }
+        n += got;
+    }
+    let line = buf[..n].split(|b| *b == b'\n').next().unwrap_or_default();
+    let mut parts = line.split(|b| *b == b' ');
+    let method = parts.next().unwrap_or_default();
+    let target = parts.next().unwrap_or_default();
+    let path = target.split(|b| *b == b'?').next().unwrap_or_default();
+    let (status, body) = if method == b"GET" && path == b"/metrics" {
+        ("200 OK", render())
+    } else {
+        ("404 Not Found", "try GET /metrics\n".to_string())
+    };
+    let head = format!(
+        "HTTP/1.1 {status}\r\ncontent-type: text/plain; version=0.0.4; charset=utf-8\r\n\
+         content-length: {}\r\nconnection: close\r\n\r\n",
+        body.len()
+    );
+    sock.write_all(head.as_bytes()).await?;
+    sock.write_all(body.as_bytes()).await?;
+    sock.shutdown().await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn get(addr: SocketAddr, path: &str) -> String {
+        let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        s.write_all(format!("GET {path} HTTP/1.1\r\nhost: x\r\n\r\n").as_bytes())
+            .await
+            .expect("send");
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.expect("read");
+        out
+    }
+
+    #[tokio::test]
+    async fn metrics_are_served_over_http() {
+        let m = Arc::new(SdsMetrics::new());
+        m.reads.inc();
+        m.request_error(proto::ErrorCode::StaleEpoch);
+        m.set_device_failed("/dev/x", true);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let m2 = m.clone();
+        tokio::spawn(serve_on(listener, Arc::new(move || m2.render())));
+        let body = get(addr, "/metrics").await;
+        assert!(body.starts_with("HTTP/1.1 200 OK"), "{body}");
+        assert!(body.contains("meshblock_sds_reads_total 1"), "{body}");
+        assert!(
+            body.contains("meshblock_sds_request_errors_total{code=\"StaleEpoch\"} 1"),
+            "{body}"
+        );
+        assert!(
+            body.contains("meshblock_sds_device_failed{device=\"/dev/x\"} 1"),
+            "{body}"
+        );
+        assert!(
+            body.contains("meshblock_sds_write_seconds_bucket"),
+            "{body}"
+        );
+        assert!(get(addr, "/other").await.starts_with("HTTP/1.1 404"));
+    }
 }

@@ -1,371 +1,351 @@
-//! The SDS data service: serves `kind::DATA` frames (the fixed `DataHeader` plus raw bytes),
-//! fences stale epochs and PGs this SDS does not hold, mirrors writes to the secondary.
+//! The SDS data service: the [`Handler`] for `kind::DATA` frames (the fixed 64-byte
+//! [`DataHeader`] as metadata, raw block bytes as data). It fences every request against the
+//! cached map ([`crate::routing`]), applies it to local [`Storage`], and mirrors primary writes
+//! to the PG's secondary ([`crate::replication`]).
 //!
-//! PERFORMANCE-CRITICAL: runs per 4 KiB request; no logging above DEBUG on the I/O path.
+//! PERFORMANCE-CRITICAL: runs per request; no logging above DEBUG on the I/O path.
 //!
-//! Rules, per request: the pool's epoch in the request must not be older than the newest this
-//! SDS has seen for the pool (a newer one first refreshes the map from the MDM); a primary op
-//! needs this SDS to be the PG's primary, a replica op its secondary; the chunk must map to the
-//! PG. The primary holds the chunk's lock across its local write and the forward to the
-//! secondary, so overlapping writes reach both copies in the same order, and acknowledges only
-//! when both are written.
+//! Rules:
+//! - Read, Write, Trim and WriteZeroes need this SDS to be the PG's primary; ReplicaWrite and
+//!   ReplicaTrim its secondary (and a peer certificate of an SDS). The chunk must map to the PG.
+//!   A request whose epoch is older than the newest this SDS saw for the pool is refused with
+//!   `StaleEpoch`; a newer one makes the SDS fetch the map first.
+//! - The primary writes locally and forwards to the secondary in parallel, and acknowledges
+//!   only when both copies are written. It holds the chunk's block-range lock across both, so
+//!   overlapping writes reach the two copies in the same order. A PG without a secondary
+//!   (degraded) is written locally only.
+//! - FUA: write, then flush, on both copies (the flag is forwarded). Flush flushes every local
+//!   device; the SDC sends it to every SDS it wrote to, so the primary forwards nothing.
+//! - WriteZeroes is forwarded as ReplicaTrim: both make the range read as zeros here.
+//! - ReadLocal reads this SDS's copy whatever its role; AllocStatus answers one byte per chunk.
+//! - Errors: device failure → `Io` (and the device is reported failed), checksum mismatch →
+//!   `Checksum`, malformed header or data length → `BadRequest`, fence → `StaleEpoch`/`WrongPg`,
+//!   secondary unreachable → `Unavailable` (the SDC retries until the MDM re-maps the PG).
+//!
+//! Known gap: a forward that timed out may still be applied by the secondary after a later
+//! overlapping write; replica writes carry no per-chunk sequence yet to reject it.
 
-use crate::chunk_store::{ChunkStore, StoreError};
+use crate::chunk_store::StoreError;
 use crate::device::BlockDevice;
 use crate::metrics::SdsMetrics;
+use crate::range_lock::{BlockMask, RangeLocks};
+use crate::replication::{ForwardError, Replicator};
+use crate::routing::{MapCache, Refusal, Role, Route};
+use crate::storage::Storage;
 use bytes::Bytes;
-use proto::client::MdmClient;
 use proto::codec::{kind, Frame};
 use proto::data::{DataHeader, DataOp, FLAG_FUA};
-use proto::model::ClusterState;
-use proto::msg::{MdmRequest, MdmResponse};
-use proto::transport::{Endpoint, Handler, Peer, Response, RpcClient};
-use proto::{Epoch, ErrorCode, PoolId, SdsId, WireError};
-use std::collections::HashMap;
-use std::hash::{Hash, Hasher};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
-use std::time::Duration;
+use proto::transport::{Endpoint, Handler, Peer, Response};
+use proto::{ErrorCode, WireError};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-/// Chunk lock shards.
-const LOCK_SHARDS: usize = 1024;
-/// Time a forward to the secondary may take.
-const FORWARD_TIMEOUT: Duration = Duration::from_secs(10);
+/// Most chunks one AllocStatus request may ask about (the answer is one byte each).
+pub const ALLOC_STATUS_MAX_CHUNKS: u32 = 1 << 16;
+/// Prefix of the certificate name of an SDS (`sds:NAME`).
+const SDS_PEER_PREFIX: &str = "sds:";
 
-pub struct Sds<D> {
-    pub name: String,
-    pub store: Arc<ChunkStore<D>>,
-    map: RwLock<Arc<ClusterState>>,
-    me: RwLock<Option<SdsId>>,
-    seen: Mutex<HashMap<PoolId, Epoch>>,
-    locks: Vec<tokio::sync::Mutex<()>>,
-    peers: Mutex<HashMap<SdsId, RpcClient>>,
-    endpoint: Endpoint,
-    mdm: Arc<MdmClient>,
-    refreshing: tokio::sync::Mutex<()>,
-    pub device_failed: AtomicBool,
-    pub metrics: Arc<SdsMetrics>,
+/// Timeouts of the data service.
+#[derive(Clone, Debug)]
+pub struct ServiceOptions {
+    /// How long a forward to the secondary may take (below the SDC's 10 s call timeout, so
+    /// the SDC hears `Unavailable` and retries rather than timing out).
+    pub forward_timeout: Duration,
+    /// How long dialling a secondary may take.
+    pub dial_timeout: Duration,
+    /// How long a request from a newer epoch waits for the newer map.
+    pub refresh_timeout: Duration,
 }
 
-fn err(code: ErrorCode, msg: impl Into<String>) -> WireError {
-    WireError::new(code, msg)
+impl Default for ServiceOptions {
+    fn default() -> Self {
+        ServiceOptions {
+            forward_timeout: Duration::from_secs(5),
+            dial_timeout: Duration::from_secs(2),
+            refresh_timeout: Duration::from_secs(2),
+        }
+    }
 }
 
-impl<D: BlockDevice> Sds<D> {
+/// The data service of one SDS.
+pub struct Service<D> {
+    storage: Arc<Storage<D>>,
+    map: Arc<MapCache>,
+    replicas: Replicator,
+    order: RangeLocks,
+    metrics: Arc<SdsMetrics>,
+    opts: ServiceOptions,
+}
+
+fn bad_request(msg: impl Into<String>) -> WireError {
+    WireError::new(ErrorCode::BadRequest, msg)
+}
+
+impl<D: BlockDevice> Service<D> {
+    /// A service over `storage`, fenced by `map` (which [`crate::mdm_client`] keeps current),
+    /// forwarding through `endpoint`. Serve it with `endpoint.serve(service)`.
     pub fn new(
-        name: String,
-        store: Arc<ChunkStore<D>>,
+        storage: Arc<Storage<D>>,
+        map: Arc<MapCache>,
         endpoint: Endpoint,
-        mdm: Arc<MdmClient>,
         metrics: Arc<SdsMetrics>,
-    ) -> Arc<Sds<D>> {
-        Arc::new(Sds {
-            name,
-            store,
-            map: RwLock::new(Arc::new(ClusterState::default())),
-            me: RwLock::new(None),
-            seen: Mutex::new(HashMap::new()),
-            locks: (0..LOCK_SHARDS)
-                .map(|_| tokio::sync::Mutex::new(()))
-                .collect(),
-            peers: Mutex::new(HashMap::new()),
-            endpoint,
-            mdm,
-            refreshing: tokio::sync::Mutex::new(()),
-            device_failed: AtomicBool::new(false),
+        opts: ServiceOptions,
+    ) -> Arc<Service<D>> {
+        Arc::new(Service {
+            storage,
+            map,
+            replicas: Replicator::new(endpoint, opts.dial_timeout, opts.forward_timeout),
+            order: RangeLocks::new(),
             metrics,
+            opts,
         })
     }
 
-    pub fn set_id(&self, id: SdsId) {
-        if let Ok(mut m) = self.me.write() {
-            *m = Some(id);
+    pub fn storage(&self) -> &Arc<Storage<D>> {
+        &self.storage
+    }
+
+    pub fn map(&self) -> &Arc<MapCache> {
+        &self.map
+    }
+
+    pub fn metrics(&self) -> &Arc<SdsMetrics> {
+        &self.metrics
+    }
+
+    /// Set the gauges from the current state (call before rendering metrics).
+    pub fn update_gauges(&self) {
+        self.metrics
+            .chunks_allocated
+            .set(self.storage.chunk_count() as i64);
+        self.metrics.map_version.set(self.map.version() as i64);
+        for d in self.storage.devices() {
+            self.metrics.set_device_failed(&d.path, d.failed());
         }
     }
 
-    pub fn id(&self) -> Option<SdsId> {
-        self.me.read().ok().and_then(|m| *m)
-    }
-
-    pub fn map(&self) -> Arc<ClusterState> {
-        self.map.read().map(|m| m.clone()).unwrap_or_default()
-    }
-
-    /// Install a newer map and remember its epochs as seen.
-    pub fn set_map(&self, m: ClusterState) {
-        if let Ok(mut seen) = self.seen.lock() {
-            for p in m.pools.values() {
-                let e = seen.entry(p.id).or_default();
-                *e = (*e).max(p.epoch);
+    async fn route(&self, h: &DataHeader, role: Role) -> Result<Route, WireError> {
+        let r = match self.map.check(h, role) {
+            Err(Refusal::NewerEpoch { .. }) => {
+                self.map.refresh(self.opts.refresh_timeout).await;
+                self.map.check(h, role)
             }
-        }
-        if let Ok(mut cur) = self.map.write() {
-            if m.version > cur.version {
-                *cur = Arc::new(m);
-            }
-        }
-    }
-
-    pub async fn refresh_map(&self) {
-        let known = self.map().version;
-        let _g = self.refreshing.lock().await;
-        if self.map().version > known {
-            return;
-        }
-        if let Ok(MdmResponse::Map { state: Some(s) }) = self
-            .mdm
-            .request(
-                &MdmRequest::GetMap {
-                    known_version: known,
-                },
-                Duration::from_secs(3),
-            )
-            .await
-        {
-            self.set_map(*s);
-        }
-    }
-
-    fn lock_for(&self, h: &DataHeader) -> &tokio::sync::Mutex<()> {
-        let mut s = std::collections::hash_map::DefaultHasher::new();
-        h.chunk.hash(&mut s);
-        &self.locks[(s.finish() as usize) % LOCK_SHARDS]
-    }
-
-    /// The fence: epoch and role checks.
-    async fn check(
-        &self,
-        h: &DataHeader,
-        want_primary: bool,
-    ) -> Result<(Arc<ClusterState>, Option<SdsId>), WireError> {
-        let me = self.id().ok_or_else(|| {
-            err(
-                ErrorCode::Unavailable,
-                "this SDS has not joined the cluster yet",
-            )
-        })?;
-        let mut map = self.map();
-        let known = map.pools.get(&h.pool).map(|p| p.epoch).unwrap_or_default();
-        if h.epoch > known {
-            self.refresh_map().await;
-            map = self.map();
-        }
-        let pool = map
-            .pools
-            .get(&h.pool)
-            .ok_or_else(|| err(ErrorCode::WrongPg, format!("unknown pool {}", h.pool)))?;
-        {
-            let mut seen = self
-                .seen
-                .lock()
-                .map_err(|_| err(ErrorCode::Internal, "lock"))?;
-            let e = seen.entry(h.pool).or_default();
-            if h.epoch < *e {
-                return Err(err(
-                    ErrorCode::StaleEpoch,
-                    format!("request epoch {} is older than {}", h.epoch, *e),
-                ));
-            }
-            if h.epoch > pool.epoch {
-                return Err(err(
-                    ErrorCode::Unavailable,
-                    format!("epoch {} is not known here yet", h.epoch),
-                ));
-            }
-            *e = h.epoch;
-        }
-        if h.chunk.pg(pool.pg_count) != h.pg {
-            return Err(err(
-                ErrorCode::BadRequest,
-                format!("chunk {} is not in PG {}", h.chunk, h.pg),
-            ));
-        }
-        let pg = pool
-            .pg(h.pg)
-            .ok_or_else(|| err(ErrorCode::WrongPg, format!("no PG {}", h.pg)))?;
-        let ok = if want_primary {
-            pg.primary == Some(me)
-        } else {
-            pg.secondary == Some(me)
+            r => r,
         };
-        if !ok {
-            let role = if want_primary { "primary" } else { "secondary" };
-            return Err(err(
-                ErrorCode::WrongPg,
-                format!("this SDS is not the {role} of PG {}", h.pg),
-            ));
-        }
-        let secondary = if want_primary { pg.secondary } else { None };
-        Ok((map, secondary))
+        r.map_err(refusal)
     }
 
-    fn store_err(&self, e: StoreError) -> WireError {
-        match e {
-            StoreError::ChecksumMismatch { .. } => {
-                self.metrics.checksum_errors.inc();
-                err(ErrorCode::Checksum, e.to_string())
-            }
-            StoreError::NoSpace => err(ErrorCode::NoSpace, e.to_string()),
-            StoreError::Device(_) => {
+    fn store_error(&self, e: StoreError) -> WireError {
+        let code = match &e {
+            StoreError::Device(d) => {
                 self.metrics.device_errors.inc();
-                if !self.device_failed.swap(true, Ordering::SeqCst) {
-                    tracing::error!("device failed: {e}; reporting it to the MDM");
+                if d.is_device_failure() {
+                    ErrorCode::Io
+                } else {
+                    ErrorCode::Internal
                 }
-                err(ErrorCode::Io, e.to_string())
             }
-            other => err(ErrorCode::Io, other.to_string()),
-        }
-    }
-
-    async fn peer(&self, id: SdsId, map: &ClusterState) -> Result<RpcClient, WireError> {
-        if let Some(c) = self.peers.lock().ok().and_then(|p| p.get(&id).cloned()) {
-            if !c.is_closed() {
-                return Ok(c);
+            StoreError::ChecksumMismatch { chunk, offset } => {
+                self.metrics.checksum_errors.inc();
+                tracing::warn!(%chunk, offset, "stored block failed its checksum");
+                ErrorCode::Checksum
             }
-        }
-        let addr = map
-            .sds
-            .get(&id)
-            .and_then(|s| s.addr.parse().ok())
-            .ok_or_else(|| err(ErrorCode::Unavailable, format!("no address for SDS {id}")))?;
-        let c = self.endpoint.connect(addr).await.map_err(|e| {
-            err(
-                ErrorCode::Unavailable,
-                format!("secondary SDS {id} unreachable: {e}"),
-            )
-        })?;
-        if let Ok(mut p) = self.peers.lock() {
-            p.insert(id, c.clone());
-        }
-        Ok(c)
-    }
-
-    async fn forward(
-        &self,
-        to: SdsId,
-        map: &ClusterState,
-        mut h: DataHeader,
-        data: Bytes,
-    ) -> Result<(), WireError> {
-        h.op = match h.op {
-            DataOp::Trim => DataOp::ReplicaTrim,
-            _ => DataOp::ReplicaWrite,
+            StoreError::NoSpace => ErrorCode::NoSpace,
+            StoreError::Range { .. } => ErrorCode::BadRequest,
+            StoreError::Superblock(_)
+            | StoreError::MetaVersion { .. }
+            | StoreError::TooSmall { .. } => ErrorCode::Internal,
         };
-        let c = self.peer(to, map).await?;
-        let f = Frame::request(kind::DATA, Bytes::copy_from_slice(&h.encode()), data);
-        match c.call_timeout(f, FORWARD_TIMEOUT).await {
-            Ok(r) => proto::transport::check_status(r).map(|_| ()),
-            Err(e) => {
-                if let Ok(mut p) = self.peers.lock() {
-                    p.remove(&to);
-                }
-                Err(err(
-                    ErrorCode::Unavailable,
-                    format!("forward to secondary {to}: {e}"),
-                ))
-            }
-        }
+        WireError::new(code, e.to_string())
     }
 
-    async fn local_write(&self, h: &DataHeader, data: &[u8]) -> Result<(), WireError> {
+    fn forward_error(&self, e: ForwardError) -> WireError {
+        let code = match &e {
+            ForwardError::Refused { error, .. } => match error.code {
+                // The secondary knows a newer map: so must we, and so must the SDC.
+                ErrorCode::StaleEpoch | ErrorCode::WrongPg => {
+                    self.map.request_refresh();
+                    error.code
+                }
+                ErrorCode::NoSpace => ErrorCode::NoSpace,
+                _ => ErrorCode::Unavailable,
+            },
+            ForwardError::Unreachable { .. } | ForwardError::Lost { .. } => ErrorCode::Unavailable,
+        };
+        tracing::debug!("forward failed: {e}");
+        WireError::new(code, e.to_string())
+    }
+
+    /// Apply a write, trim or write-zeroes to the local copy; FUA flushes afterwards.
+    async fn apply(&self, h: &DataHeader, data: &[u8]) -> Result<(), WireError> {
         let r = match h.op {
-            DataOp::Trim | DataOp::ReplicaTrim => self.store.trim(h.chunk, h.offset, h.len).await,
-            _ => self.store.write(h.chunk, h.offset, data).await,
+            DataOp::Write | DataOp::ReplicaWrite => {
+                self.metrics.writes.inc();
+                self.metrics.written_bytes.inc_by(data.len() as u64);
+                self.storage.write(h.chunk, h.offset, data).await
+            }
+            _ => {
+                self.metrics.trims.inc();
+                self.storage.zero(h.chunk, h.offset, h.len).await
+            }
         };
-        r.map_err(|e| self.store_err(e))?;
+        r.map_err(|e| self.store_error(e))?;
         if h.flags & FLAG_FUA != 0 {
-            self.store.flush().await.map_err(|e| self.store_err(e))?;
+            self.storage
+                .flush()
+                .await
+                .map_err(|e| self.store_error(e))?;
         }
         Ok(())
     }
 
-    async fn serve(&self, h: DataHeader, data: Bytes) -> Result<Bytes, WireError> {
-        let ranged = matches!(h.op, DataOp::Write | DataOp::ReplicaWrite);
-        if ranged && data.len() != h.len as usize {
-            return Err(err(
-                ErrorCode::BadRequest,
-                format!("header says {} bytes, frame carries {}", h.len, data.len()),
-            ));
+    /// The primary's write: local and forward in parallel, under the chunk range lock.
+    async fn primary_write(
+        &self,
+        h: DataHeader,
+        route: Route,
+        data: Bytes,
+    ) -> Result<(), WireError> {
+        let _order = self
+            .order
+            .lock(h.chunk, BlockMask::bytes(h.offset, h.len))
+            .await;
+        let Some((sds, addr)) = route.secondary else {
+            return self.apply(&h, &data).await;
+        };
+        let replica = DataHeader {
+            op: if h.op == DataOp::Write {
+                DataOp::ReplicaWrite
+            } else {
+                DataOp::ReplicaTrim
+            },
+            ..h
+        };
+        crate::failpoints::fail_point(crate::failpoints::SERVICE_BEFORE_FORWARD);
+        self.metrics.forwards.inc();
+        // The forward goes first: its first poll queues the frame for the network, which is
+        // the longer leg, before the local write takes its turn.
+        let (remote, local) = tokio::join!(
+            self.replicas.forward(sds, addr, &replica, data.clone()),
+            self.apply(&h, &data)
+        );
+        local?;
+        remote.map_err(|e| self.forward_error(e))
+    }
+
+    async fn read(&self, h: &DataHeader) -> Result<Bytes, WireError> {
+        self.metrics.reads.inc();
+        self.metrics.read_bytes.inc_by(u64::from(h.len));
+        self.storage
+            .read(h.chunk, h.offset, h.len)
+            .await
+            .map_err(|e| self.store_error(e))
+    }
+
+    /// Serve one decoded request.
+    pub async fn serve(&self, peer: &Peer, h: DataHeader, data: Bytes) -> Result<Bytes, WireError> {
+        let carries_data = matches!(h.op, DataOp::Write | DataOp::ReplicaWrite);
+        if carries_data && data.len() != h.len as usize {
+            return Err(bad_request(format!(
+                "the header says {} bytes, the frame carries {}",
+                h.len,
+                data.len()
+            )));
+        }
+        if !carries_data && !data.is_empty() {
+            return Err(bad_request(format!("{:?} carries no data", h.op)));
         }
         match h.op {
             DataOp::Read => {
-                self.check(&h, true).await?;
-                self.metrics.reads.inc();
-                self.store
-                    .read(h.chunk, h.offset, h.len)
-                    .await
-                    .map(Bytes::from)
-                    .map_err(|e| self.store_err(e))
+                let started = Instant::now();
+                self.route(&h, Role::Primary).await?;
+                let out = self.read(&h).await?;
+                self.metrics
+                    .read_seconds
+                    .observe(started.elapsed().as_secs_f64());
+                Ok(out)
             }
-            DataOp::ReadLocal => self
-                .store
-                .read(h.chunk, h.offset, h.len)
-                .await
-                .map(Bytes::from)
-                .map_err(|e| self.store_err(e)),
+            DataOp::ReadLocal => self.read(&h).await,
             DataOp::Write | DataOp::Trim | DataOp::WriteZeroes => {
-                let (map, secondary) = self.check(&h, true).await?;
-                let (h, data) = if h.op == DataOp::WriteZeroes {
-                    (
-                        DataHeader {
-                            op: DataOp::Write,
-                            ..h
-                        },
-                        Bytes::from(vec![0u8; h.len as usize]),
-                    )
-                } else {
-                    (h, data)
-                };
-                self.metrics.writes.inc();
-                let _order = self.lock_for(&h).lock().await;
-                match secondary {
-                    Some(s) => {
-                        let (a, b) = tokio::join!(
-                            self.local_write(&h, &data),
-                            self.forward(s, &map, h, data.clone())
-                        );
-                        a?;
-                        b?;
-                    }
-                    None => self.local_write(&h, &data).await?,
-                }
+                let started = Instant::now();
+                let route = self.route(&h, Role::Primary).await?;
+                self.primary_write(h, route, data).await?;
+                self.metrics
+                    .write_seconds
+                    .observe(started.elapsed().as_secs_f64());
                 Ok(Bytes::new())
             }
             DataOp::ReplicaWrite | DataOp::ReplicaTrim => {
-                self.check(&h, false).await?;
-                self.metrics.writes.inc();
-                self.local_write(&h, &data).await?;
+                if !peer.name.starts_with(SDS_PEER_PREFIX) {
+                    return Err(WireError::new(
+                        ErrorCode::PermissionDenied,
+                        format!(
+                            "replica requests come from SDS only, not from '{}'",
+                            peer.name
+                        ),
+                    ));
+                }
+                self.route(&h, Role::Secondary).await?;
+                self.apply(&h, &data).await?;
                 Ok(Bytes::new())
             }
             DataOp::Flush => {
-                self.store.flush().await.map_err(|e| self.store_err(e))?;
+                self.metrics.flushes.inc();
+                self.storage
+                    .flush()
+                    .await
+                    .map_err(|e| self.store_error(e))?;
                 Ok(Bytes::new())
             }
-            DataOp::AllocStatus => Ok(Bytes::from(self.store.allocated(
-                h.chunk.vtree,
-                h.chunk.index.0,
-                h.len.min(1 << 16),
-            ))),
+            DataOp::AllocStatus => {
+                if h.len > ALLOC_STATUS_MAX_CHUNKS {
+                    return Err(bad_request(format!(
+                        "AllocStatus of {} chunks; at most {ALLOC_STATUS_MAX_CHUNKS}",
+                        h.len
+                    )));
+                }
+                let v = self
+                    .storage
+                    .allocated(h.chunk.vtree, h.chunk.index.0, h.len);
+                Ok(Bytes::from(v))
+            }
         }
     }
 }
 
-impl<D: BlockDevice> Handler for Sds<D> {
-    async fn handle(&self, _peer: Arc<Peer>, req: Frame) -> Response {
-        if req.kind != kind::DATA {
-            return Response::error(&err(
-                ErrorCode::BadRequest,
-                format!("frame kind {} is not served by an SDS", req.kind),
-            ));
+/// The wire code of a fence refusal.
+fn refusal(r: Refusal) -> WireError {
+    let code = match r {
+        Refusal::StaleEpoch { .. } => ErrorCode::StaleEpoch,
+        Refusal::NotJoined | Refusal::NewerEpoch { .. } | Refusal::NoPeerAddress(_) => {
+            ErrorCode::Unavailable
         }
-        let h = match DataHeader::decode(&req.meta) {
-            Ok(h) => h,
-            Err(e) => return Response::error(&err(ErrorCode::BadRequest, e.to_string())),
+        Refusal::UnknownPool(_)
+        | Refusal::NoSuchPg { .. }
+        | Refusal::ChunkNotInPg { .. }
+        | Refusal::WrongRole { .. } => ErrorCode::WrongPg,
+    };
+    WireError::new(code, r.to_string())
+}
+
+impl<D: BlockDevice> Handler for Service<D> {
+    async fn handle(&self, peer: Arc<Peer>, req: Frame) -> Response {
+        let r = if req.kind != kind::DATA {
+            Err(bad_request(format!(
+                "frame kind {} is not served by an SDS",
+                req.kind
+            )))
+        } else {
+            match DataHeader::decode(&req.meta) {
+                Ok(h) => self.serve(&peer, h, req.data).await,
+                Err(e) => Err(bad_request(format!("malformed data header: {e}"))),
+            }
         };
-        match self.serve(h, req.data).await {
+        match r {
             Ok(data) => Response::ok(Bytes::new(), data),
             Err(e) => {
-                self.metrics.errors.inc();
+                self.metrics.request_error(e.code);
+                tracing::debug!(peer = %peer.addr, code = ?e.code, "refused a data request: {e}");
                 Response::error(&e)
             }
         }

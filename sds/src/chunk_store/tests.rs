@@ -1,0 +1,411 @@
+//! Chunk store tests: round trips, holes, persistence, trim, checksums, device faults, power
+//! loss and load-time recovery of duplicate or torn meta pages.
+
+use super::*;
+use crate::device::{
+    CrashMode, DeviceOptions, EioRule, FaultOp, FaultyDevice, FileDevice, UringDevice,
+};
+use crate::test_util::Scratch;
+use std::io::{Read, Seek, SeekFrom, Write};
+
+const DEV: u64 = 16 << 20;
+
+fn c(i: u64) -> ChunkId {
+    ChunkId {
+        vtree: VtreeId(7),
+        index: ChunkIndex(i),
+    }
+}
+
+fn uring(f: &Scratch) -> UringDevice {
+    UringDevice::open(&f.0, &DeviceOptions::small()).expect("open device")
+}
+
+fn faulty(f: &Scratch, seed: u64) -> Arc<FaultyDevice<FileDevice>> {
+    let d = FileDevice::open(&f.0, &DeviceOptions::small()).expect("open device");
+    Arc::new(FaultyDevice::new(d, seed))
+}
+
+fn bytes(seed: u8, len: usize) -> Vec<u8> {
+    (0..len).map(|i| (i as u8).wrapping_mul(7) ^ seed).collect()
+}
+
+#[tokio::test]
+async fn round_trip_partial_writes_and_holes() {
+    let f = Scratch::new("cs-rt", DEV);
+    let s = ChunkStore::open(uring(&f)).await.expect("open");
+    assert!(s.was_formatted());
+    assert_eq!(
+        &s.read(c(0), 0, 4096).await.expect("hole")[..],
+        &[0u8; 4096][..]
+    );
+
+    s.write(c(0), 100, b"hello").await.expect("write");
+    s.write(c(0), 4090, &[7u8; 20])
+        .await
+        .expect("straddling write");
+    s.write(c(0), 3 * 4096, &bytes(1, 8192))
+        .await
+        .expect("aligned write");
+    s.write(c(3), 0, &bytes(2, CHUNK_SIZE as usize))
+        .await
+        .expect("whole chunk");
+
+    assert_eq!(
+        &s.read(c(0), 96, 12).await.expect("read")[..],
+        b"\0\0\0\0hello\0\0\0"
+    );
+    assert_eq!(
+        &s.read(c(0), 4090, 20).await.expect("read")[..],
+        &[7u8; 20][..]
+    );
+    assert_eq!(
+        &s.read(c(0), 3 * 4096, 8192).await.expect("read")[..],
+        &bytes(1, 8192)[..]
+    );
+    // A read across written and never-written blocks.
+    let r = s.read(c(0), 4096, 3 * 4096).await.expect("read");
+    assert_eq!(&r[..14], &[7u8; 14][..]);
+    assert!(r[14..2 * 4096].iter().all(|b| *b == 0));
+    assert_eq!(&r[2 * 4096..], &bytes(1, 8192)[..4096]);
+    assert_eq!(
+        s.read(c(3), 0, CHUNK_SIZE as u32).await.expect("read"),
+        bytes(2, CHUNK_SIZE as usize)
+    );
+    // Overwrite inside a block keeps its neighbours.
+    s.write(c(3), 5000, b"xyz").await.expect("overwrite");
+    let mut want = bytes(2, 8192);
+    want[5000..5003].copy_from_slice(b"xyz");
+    assert_eq!(s.read(c(3), 0, 8192).await.expect("read"), want);
+
+    assert_eq!(s.allocated(VtreeId(7), 0, 5), vec![1, 0, 0, 1, 0]);
+    assert_eq!(s.chunks_of(VtreeId(7)), vec![ChunkIndex(0), ChunkIndex(3)]);
+    assert!(s.chunks_of(VtreeId(8)).is_empty());
+    assert!(matches!(
+        s.read(c(0), (1 << 20) - 1, 2).await,
+        Err(StoreError::Range { .. })
+    ));
+    assert!(matches!(
+        s.write(c(0), 1 << 20, b"x").await,
+        Err(StoreError::Range { .. })
+    ));
+    assert_eq!(s.read(c(0), 0, 0).await.expect("empty read").len(), 0);
+}
+
+#[tokio::test]
+async fn data_and_allocation_survive_reopen() {
+    let f = Scratch::new("cs-reopen", DEV);
+    let free;
+    {
+        let s = ChunkStore::open(uring(&f)).await.expect("open");
+        s.write(c(0), 100, b"hello").await.expect("write");
+        s.write(c(5), 8192, &bytes(3, 12288)).await.expect("write");
+        s.write(c(6), 0, b"gone").await.expect("write");
+        s.trim(c(6), 0, CHUNK_SIZE as u32).await.expect("trim");
+        s.flush().await.expect("flush");
+        free = s.free_slots();
+    }
+    let s = ChunkStore::open(uring(&f)).await.expect("reopen");
+    assert!(!s.was_formatted());
+    assert_eq!(s.corrupt_pages_at_open(), 0);
+    assert_eq!(s.free_slots(), free);
+    assert_eq!(&s.read(c(0), 100, 5).await.expect("read")[..], b"hello");
+    assert_eq!(
+        s.read(c(5), 8192, 12288).await.expect("read"),
+        bytes(3, 12288)
+    );
+    assert_eq!(s.allocated(VtreeId(7), 0, 7), vec![1, 0, 0, 0, 0, 1, 0]);
+    // New writes after a reopen get later generations than the loaded pages.
+    let before = s.meta_of(c(0)).expect("meta").generation;
+    s.write(c(0), 0, b"!").await.expect("write");
+    assert!(s.meta_of(c(0)).expect("meta").generation > before);
+}
+
+#[tokio::test]
+async fn trim_and_write_zeroes() {
+    let f = Scratch::new("cs-trim", DEV);
+    let s = ChunkStore::open(uring(&f)).await.expect("open");
+    let all = s.free_slots();
+    s.write(c(1), 0, &bytes(4, 16384)).await.expect("write");
+    assert_eq!(s.free_slots(), all - 1);
+
+    // A partial trim: whole blocks are dropped, edges are zeroed, the rest stays.
+    s.trim(c(1), 1000, 9000).await.expect("trim");
+    let mut want = bytes(4, 16384);
+    want[1000..10000].fill(0);
+    assert_eq!(s.read(c(1), 0, 16384).await.expect("read"), want);
+    assert!(
+        !s.meta_of(c(1)).expect("meta").is_written(1),
+        "a whole block was dropped"
+    );
+    // Write-zeroes inside one block.
+    s.write_zeroes(c(1), 12000, 10).await.expect("write zeroes");
+    want[12000..12010].fill(0);
+    assert_eq!(s.read(c(1), 0, 16384).await.expect("read"), want);
+    // Trimming what was never written, or a chunk that does not exist, is a no-op.
+    s.trim(c(1), 100_000, 4096).await.expect("trim hole");
+    s.trim(c(2), 0, 4096).await.expect("trim absent chunk");
+    assert!(!s.contains(c(2)));
+
+    // Zeroing the rest empties the chunk: its slot is freed.
+    s.trim(c(1), 0, 16384).await.expect("trim");
+    assert!(!s.contains(c(1)));
+    assert_eq!(s.free_slots(), all);
+    s.write(c(1), 0, b"again").await.expect("write");
+    s.trim(c(1), 0, CHUNK_SIZE as u32)
+        .await
+        .expect("whole-chunk trim");
+    assert_eq!(s.free_slots(), all);
+    assert_eq!(&s.read(c(1), 0, 8).await.expect("read")[..], &[0u8; 8][..]);
+}
+
+/// Flip one byte of the device file behind the store's back.
+fn corrupt_file(f: &Scratch, at: u64) {
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&f.0)
+        .expect("open file");
+    let mut b = [0u8; 1];
+    file.seek(SeekFrom::Start(at)).expect("seek");
+    file.read_exact(&mut b).expect("read");
+    b[0] ^= 0x40;
+    file.seek(SeekFrom::Start(at)).expect("seek");
+    file.write_all(&b).expect("write");
+    file.sync_all().expect("sync");
+}
+
+#[tokio::test]
+async fn a_flipped_byte_is_a_checksum_mismatch() {
+    let f = Scratch::new("cs-crc", DEV);
+    let at;
+    {
+        let s = ChunkStore::open(uring(&f)).await.expect("open");
+        s.write(c(1), 0, &bytes(5, 3 * 4096)).await.expect("write");
+        s.flush().await.expect("flush");
+        at = s.block_offset(c(1), 1).expect("offset") + 17;
+    }
+    corrupt_file(&f, at);
+    let s = ChunkStore::open(uring(&f)).await.expect("reopen");
+    match s.read(c(1), 4096, 10).await {
+        Err(StoreError::ChecksumMismatch { chunk, offset }) => {
+            assert_eq!((chunk, offset), (c(1), 4096));
+        }
+        other => panic!("expected a checksum mismatch, got {other:?}"),
+    }
+    assert!(
+        s.read(c(1), 0, 4096).await.is_ok(),
+        "the blocks around it are intact"
+    );
+    assert!(s.read(c(1), 8192, 4096).await.is_ok());
+    // A partial write must not merge with corrupt data.
+    assert!(matches!(
+        s.write(c(1), 4096 + 5, b"x").await,
+        Err(StoreError::ChecksumMismatch { .. })
+    ));
+    // A whole-block write replaces it.
+    s.write(c(1), 4096, &[1u8; 4096]).await.expect("rewrite");
+    assert_eq!(
+        &s.read(c(1), 4096, 4096).await.expect("read")[..],
+        &[1u8; 4096][..]
+    );
+}
+
+#[tokio::test]
+async fn device_errors_surface_as_errors() {
+    let f = Scratch::new("cs-eio", DEV);
+    let d = faulty(&f, 1);
+    let s = ChunkStore::open(d.clone()).await.expect("open");
+    s.write(c(1), 0, &[5u8; 8192]).await.expect("write");
+    let at = s.block_offset(c(1), 1).expect("offset");
+    d.add_eio(EioRule::always(FaultOp::Read, Some(at..at + 4096)));
+    match s.read(c(1), 0, 8192).await {
+        Err(StoreError::Device(e)) => assert!(e.is_device_failure()),
+        other => panic!("expected EIO, got {other:?}"),
+    }
+    assert!(s.read(c(1), 0, 4096).await.is_ok(), "the other block reads");
+    d.clear_faults();
+    d.add_eio(EioRule::always(FaultOp::Write, None));
+    assert!(matches!(
+        s.write(c(2), 0, b"x").await,
+        Err(StoreError::Device(_))
+    ));
+    d.clear_faults();
+    d.add_bit_flips(at..at + 1, 1.0);
+    assert!(matches!(
+        s.read(c(1), 4096, 4096).await,
+        Err(StoreError::ChecksumMismatch { offset: 4096, .. })
+    ));
+}
+
+#[tokio::test]
+async fn foreign_or_newer_devices_are_refused() {
+    // Not blank at the superblock, no magic: other data, never formatted over.
+    let f = Scratch::new("cs-foreign", DEV);
+    {
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&f.0)
+            .expect("open");
+        file.write_all(b"an ext4 superblock, say").expect("write");
+    }
+    let e = ChunkStore::open(uring(&f)).await.err().expect("refused");
+    assert!(
+        matches!(e, StoreError::Superblock(SuperblockError::ForeignMagic(_))),
+        "{e}"
+    );
+
+    // Our magic, a future version.
+    let f = Scratch::new("cs-version", DEV);
+    drop(ChunkStore::open(uring(&f)).await.expect("format"));
+    {
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&f.0)
+            .expect("open");
+        file.seek(SeekFrom::Start(8)).expect("seek");
+        file.write_all(&2u32.to_le_bytes()).expect("write");
+    }
+    let e = ChunkStore::open(uring(&f)).await.err().expect("refused");
+    assert!(
+        matches!(
+            e,
+            StoreError::Superblock(SuperblockError::Version { found: 2 })
+        ),
+        "{e}"
+    );
+
+    let f = Scratch::new("cs-small", 1 << 20);
+    assert!(matches!(
+        ChunkStore::open(uring(&f)).await,
+        Err(StoreError::TooSmall { .. })
+    ));
+}
+
+#[tokio::test]
+async fn parallel_writes_to_one_chunk_all_reach_the_meta_page() {
+    let f = Scratch::new("cs-par", DEV);
+    {
+        let s = Arc::new(ChunkStore::open(uring(&f)).await.expect("open"));
+        let mut tasks = Vec::new();
+        for b in 0..64u32 {
+            let s = s.clone();
+            tasks.push(tokio::spawn(async move {
+                s.write(c(0), b * 4096, &bytes(b as u8, 4096)).await
+            }));
+        }
+        // Overlapping writers of one block are serialised: the block ends up whole.
+        for k in 0..8u8 {
+            let s = s.clone();
+            tasks.push(tokio::spawn(async move {
+                s.write(c(0), 100 * 4096 + 10, &[k; 4000]).await
+            }));
+        }
+        for t in tasks {
+            t.await.expect("join").expect("write");
+        }
+        s.flush().await.expect("flush");
+    }
+    let s = ChunkStore::open(uring(&f)).await.expect("reopen");
+    for b in 0..64u32 {
+        let got = s
+            .read(c(0), b * 4096, 4096)
+            .await
+            .expect("read after reopen");
+        assert_eq!(got, bytes(b as u8, 4096), "block {b}");
+    }
+    let r = s.read(c(0), 100 * 4096 + 10, 4000).await.expect("read");
+    assert!(r.iter().all(|x| *x == r[0]), "one writer's data, not a mix");
+}
+
+#[tokio::test]
+async fn flushed_data_survives_a_power_loss() {
+    let f = Scratch::new("cs-crash", DEV);
+    let d = faulty(&f, 11);
+    d.set_volatile_cache(true);
+    {
+        let s = ChunkStore::open(d.clone()).await.expect("open");
+        s.write(c(0), 0, &bytes(1, 8192)).await.expect("write");
+        s.write(c(1), 0, &bytes(2, 4096)).await.expect("write");
+        s.flush().await.expect("flush");
+        // Not flushed: other blocks of the same chunk, and a new chunk.
+        s.write(c(0), 4 * 4096, &bytes(3, 4096))
+            .await
+            .expect("write");
+        s.write(c(2), 0, &bytes(4, 4096)).await.expect("write");
+        assert!(d.unflushed() > 0);
+    }
+    d.crash(CrashMode::DropUnflushed).await.expect("crash");
+    let s = ChunkStore::open(d.clone()).await.expect("reopen");
+    assert_eq!(s.read(c(0), 0, 8192).await.expect("read"), bytes(1, 8192));
+    assert_eq!(s.read(c(1), 0, 4096).await.expect("read"), bytes(2, 4096));
+    assert_eq!(
+        &s.read(c(0), 4 * 4096, 8)
+            .await
+            .expect("lost write reads zeros")[..],
+        &[0u8; 8]
+    );
+    assert!(!s.contains(c(2)));
+
+    // Some unflushed writes land whole, others not at all: flushed blocks stay readable.
+    s.write(c(0), 8 * 4096, &bytes(5, 4096))
+        .await
+        .expect("write");
+    s.write(c(3), 0, &bytes(6, 4096)).await.expect("write");
+    s.write(c(1), 4096, &bytes(7, 4096)).await.expect("write");
+    drop(s);
+    d.crash(CrashMode::Partial { tear: false })
+        .await
+        .expect("crash");
+    let s = ChunkStore::open(d.clone()).await.expect("reopen");
+    assert_eq!(s.read(c(0), 0, 8192).await.expect("read"), bytes(1, 8192));
+    assert_eq!(s.read(c(1), 0, 4096).await.expect("read"), bytes(2, 4096));
+}
+
+#[tokio::test]
+async fn load_keeps_the_later_of_two_claims_and_skips_corrupt_pages() {
+    let f = Scratch::new("cs-claims", DEV);
+    let d = faulty(&f, 2);
+    let sb = {
+        let s = ChunkStore::open(d.clone()).await.expect("open");
+        s.write(c(0), 0, b"old").await.expect("write");
+        s.write(c(1), 0, b"one").await.expect("write");
+        *s.superblock()
+    };
+    // A later claim of chunk 0 in slot 9 (as if a free of slot 0 had been lost in a crash).
+    let mut m = ChunkMeta::new(c(0));
+    m.generation = 1000;
+    let mut data = AlignedBuf::zeroed(4096);
+    data.as_mut_slice()[..3].copy_from_slice(b"new");
+    m.set_written(0, crc32fast::hash(data.as_slice()));
+    let mut page = AlignedBuf::zeroed(PAGE);
+    m.encode(page.as_mut_slice(), sb.device_uuid, SlotIndex(9));
+    d.write(sb.meta_offset + 9 * PAGE as u64, page)
+        .await
+        .expect("write page");
+    d.write(sb.data_offset + 9 * CHUNK_SIZE, data)
+        .await
+        .expect("write data");
+    // Tear chunk 1's page (slot 1).
+    let mut torn = d
+        .read(sb.meta_offset + PAGE as u64, AlignedBuf::zeroed(PAGE))
+        .await
+        .expect("read");
+    torn.as_mut_slice()[2000] ^= 1;
+    d.write(sb.meta_offset + PAGE as u64, torn)
+        .await
+        .expect("write");
+
+    let s = ChunkStore::open(d.clone()).await.expect("reopen");
+    assert_eq!(&s.read(c(0), 0, 3).await.expect("read")[..], b"new");
+    assert_eq!(s.corrupt_pages_at_open(), 1);
+    assert!(
+        !s.contains(c(1)),
+        "a corrupt page loses its chunk on this copy"
+    );
+    drop(s);
+    // The older claim was freed on the device: it never comes back.
+    let s = ChunkStore::open(d.clone()).await.expect("reopen");
+    assert_eq!(&s.read(c(0), 0, 3).await.expect("read")[..], b"new");
+    assert_eq!(s.chunk_count(), 1);
+}

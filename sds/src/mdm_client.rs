@@ -1,0 +1,171 @@
+//! The SDS's link to the MDM: registration, device reports and map following.
+//!
+//! Two loops, both for the life of the process:
+//! - **hello**: at start and every `hello_interval`, `SdsHello { name, devices }` (CONTROL frame,
+//!   JSON). The SDS identifies itself by its certificate; the answer `SdsWelcome { id }` gives
+//!   its id. Device reports carry `failed: true` once a device has failed. The hello doubles as
+//!   the SDS's heartbeat.
+//! - **map**: every `map_poll_interval`, or at once when the data path asks
+//!   ([`MapCache::request_refresh`]), `GetMap { known_version }`; a newer map is installed in
+//!   the [`MapCache`].
+//!
+//! [`MdmClient`] (proto) follows `NotLeader` redirects (the error names the leader's `ip:port`,
+//! or nothing) and tries every configured address.
+//!
+//! Logging: a failing MDM is logged at WARN once per outage, not once per attempt.
+
+use crate::routing::MapCache;
+use proto::client::MdmClient;
+use proto::msg::{DeviceReport, MdmRequest, MdmResponse};
+use proto::{SdsId, WireError};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Produces the device reports of the next hello.
+pub type DeviceReports = Arc<dyn Fn() -> Vec<DeviceReport> + Send + Sync>;
+
+/// Called after every hello with whether it succeeded (for a metrics gauge).
+pub type HelloObserver = Arc<dyn Fn(bool) + Send + Sync>;
+
+/// Timing of the link.
+#[derive(Clone, Debug)]
+pub struct LinkOptions {
+    pub hello_interval: Duration,
+    pub map_poll_interval: Duration,
+    /// How long one request may keep trying (leader changes included).
+    pub request_timeout: Duration,
+}
+
+impl Default for LinkOptions {
+    fn default() -> Self {
+        LinkOptions {
+            hello_interval: Duration::from_secs(1),
+            map_poll_interval: Duration::from_millis(500),
+            request_timeout: Duration::from_secs(2),
+        }
+    }
+}
+
+/// Why a request to the MDM failed.
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    #[error("MDM: {0}")]
+    Mdm(#[from] WireError),
+    #[error("the MDM answered {0} with an unexpected response")]
+    Unexpected(&'static str),
+}
+
+pub struct MdmLink {
+    client: MdmClient,
+    name: String,
+    map: Arc<MapCache>,
+    devices: DeviceReports,
+    opts: LinkOptions,
+    connected: AtomicBool,
+    on_hello: Option<HelloObserver>,
+}
+
+impl MdmLink {
+    /// A link for the SDS `name`; `devices` is asked for fresh reports at every hello.
+    pub fn new(
+        client: MdmClient,
+        name: String,
+        map: Arc<MapCache>,
+        devices: DeviceReports,
+        opts: LinkOptions,
+    ) -> MdmLink {
+        MdmLink {
+            client,
+            name,
+            map,
+            devices,
+            opts,
+            connected: AtomicBool::new(true),
+            on_hello: None,
+        }
+    }
+
+    /// Call `f(succeeded)` after every hello.
+    pub fn on_hello(mut self, f: HelloObserver) -> MdmLink {
+        self.on_hello = Some(f);
+        self
+    }
+
+    /// Send one hello; on welcome, record the id.
+    pub async fn hello(&self) -> Result<SdsId, LinkError> {
+        let req = MdmRequest::SdsHello {
+            name: self.name.clone(),
+            devices: (self.devices)(),
+        };
+        match self.client.request(&req, self.opts.request_timeout).await? {
+            MdmResponse::SdsWelcome { id } => {
+                if self.map.me() != Some(id) {
+                    tracing::info!(sds_id = %id, name = %self.name, "welcomed by the MDM");
+                    self.map.set_me(id);
+                    self.map.request_refresh();
+                }
+                Ok(id)
+            }
+            _ => Err(LinkError::Unexpected("SdsHello")),
+        }
+    }
+
+    /// Ask once for a map newer than the cached one; returns whether one was installed.
+    pub async fn poll_map(&self) -> Result<bool, LinkError> {
+        let req = MdmRequest::GetMap {
+            known_version: self.map.version(),
+        };
+        match self.client.request(&req, self.opts.request_timeout).await? {
+            MdmResponse::Map { state: Some(s) } => {
+                let version = s.version;
+                let installed = self.map.install(*s);
+                if installed {
+                    tracing::debug!(version, "installed a newer cluster map");
+                }
+                Ok(installed)
+            }
+            MdmResponse::Map { state: None } => Ok(false),
+            _ => Err(LinkError::Unexpected("GetMap")),
+        }
+    }
+
+    async fn hello_loop(&self) {
+        let mut tick = tokio::time::interval(self.opts.hello_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let r = self.hello().await;
+            let ok = r.is_ok();
+            let was = self.connected.swap(ok, Ordering::Relaxed);
+            match r {
+                Ok(_) if !was => tracing::info!("the MDM answers again"),
+                Err(e) if was => tracing::warn!("failed to report to the MDM: {e}; retrying"),
+                Err(e) => tracing::debug!("failed to report to the MDM: {e}"),
+                Ok(_) => {}
+            }
+            if let Some(f) = &self.on_hello {
+                f(ok);
+            }
+        }
+    }
+
+    async fn map_loop(&self) {
+        let mut tick = tokio::time::interval(self.opts.map_poll_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = self.map.refresh_requested() => {}
+            }
+            if let Err(e) = self.poll_map().await {
+                tracing::debug!("failed to fetch the cluster map: {e}");
+            }
+        }
+    }
+
+    /// Run both loops until the process ends.
+    pub async fn run(self: Arc<Self>) {
+        tokio::join!(self.hello_loop(), self.map_loop());
+    }
+}

@@ -1,0 +1,23 @@
+//! Helpers shared by the unit tests.
+
+use std::path::PathBuf;
+
+/// A sparse scratch file, removed on drop.
+pub(crate) struct Scratch(pub PathBuf);
+
+impl Scratch {
+    pub fn new(name: &str, size: u64) -> Scratch {
+        static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let p = std::env::temp_dir().join(format!("mb-sds-{name}-{}-{n}", std::process::id()));
+        let f = std::fs::File::create(&p).expect("create scratch file");
+        f.set_len(size).expect("size scratch file");
+        Scratch(p)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
