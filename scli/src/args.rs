@@ -106,7 +106,8 @@ pub struct Args {
     pub json: bool,
     #[arg(long)]
     pub username: Option<String>,
-    #[arg(long, env = "MESHBLOCK_PASSWORD", hide_env_values = true)]
+    /// Password (for --login also from MESHBLOCK_PASSWORD; never for --add_user).
+    #[arg(long)]
     pub password: Option<String>,
     #[arg(long)]
     pub user_role: Option<String>,
@@ -437,7 +438,16 @@ pub async fn run(a: Args) -> anyhow::Result<String> {
     }
     if name == "--login" {
         let user = need(&a.username, "--username")?.to_string();
-        let password = need(&a.password, "--password")?.to_string();
+        // The environment only ever supplies the login password, so it cannot leak into
+        // another command such as --add_user.
+        let password = match a
+            .password
+            .clone()
+            .or_else(|| std::env::var("MESHBLOCK_PASSWORD").ok())
+        {
+            Some(p) if !p.is_empty() => p,
+            _ => bail!("missing --password (or MESHBLOCK_PASSWORD)"),
+        };
         let ips = match &a.mdm_ip {
             Some(ips) => ips.clone(),
             None => session::load()
@@ -620,6 +630,15 @@ mod tests {
         assert!(parse_gb("-1", "--size_gb").is_err());
         assert!(parse_gb("0", "--size_gb").is_err());
         assert_eq!(parse_gb("8", "--size_gb").expect("8"), 8 << 30);
+    }
+
+    #[test]
+    fn add_user_never_takes_the_password_from_the_environment() {
+        std::env::set_var("MESHBLOCK_PASSWORD", "AdminSecret1");
+        let a = parse(&["--add_user", "--username", "u", "--user_role", "Monitor"]);
+        let e = a.command("--add_user").expect_err("password missing");
+        assert!(e.to_string().contains("--password"), "{e}");
+        std::env::remove_var("MESHBLOCK_PASSWORD");
     }
 
     #[test]

@@ -41,15 +41,21 @@ pub fn save(s: &Session) -> anyhow::Result<()> {
     if let Some(dir) = p.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
     }
+    // Write a private temporary file and rename it over the old one: atomic, and the session
+    // is 0600 even when an older file had looser permissions.
+    let tmp = p.with_extension("json.tmp");
+    let _ = std::fs::remove_file(&tmp);
     let mut f = std::fs::OpenOptions::new()
         .write(true)
-        .create(true)
-        .truncate(true)
+        .create_new(true)
         .mode(0o600)
-        .open(&p)
-        .with_context(|| format!("write {}", p.display()))?;
+        .open(&tmp)
+        .with_context(|| format!("write {}", tmp.display()))?;
     f.write_all(serde_json::to_string_pretty(s)?.as_bytes())
-        .with_context(|| format!("write {}", p.display()))
+        .with_context(|| format!("write {}", tmp.display()))?;
+    f.sync_all()
+        .with_context(|| format!("write {}", tmp.display()))?;
+    std::fs::rename(&tmp, &p).with_context(|| format!("replace {}", p.display()))
 }
 
 /// The saved session, refusing an expired one.
