@@ -645,14 +645,14 @@ async fn the_mdm_link_follows_the_leader_registers_and_fetches_the_map() {
         },
     ));
     let task = tokio::spawn(link.run());
-    let until = tokio::time::Instant::now() + DEADLINE;
-    while map.me() != Some(A) || map.version() != 33 {
-        assert!(
-            tokio::time::Instant::now() < until,
-            "the link did not register in time"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    // Check the condition on every tick of an interval, under one deadline.
+    let registered = tokio::time::timeout(DEADLINE, async {
+        let mut tick = tokio::time::interval(Duration::from_millis(10));
+        while map.me() != Some(A) || map.version() != 33 {
+            tick.tick().await;
+        }
+    });
+    registered.await.expect("the link did not register in time");
     assert_eq!(map.floor(POOL), Epoch(4));
     let seen = leader.seen.lock().expect("seen").clone();
     let reported = seen.iter().find_map(|m| match m {

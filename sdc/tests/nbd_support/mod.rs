@@ -149,17 +149,19 @@ pub fn run(bin: &str, args: &[&str], timeout: Duration) -> Output {
         let _ = err.read_to_string(&mut s);
         s
     });
-    let deadline = Instant::now() + timeout;
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("wait for client") {
-            break status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
+    // Block on the exit status in a thread; the deadline is a channel timeout, not a poll.
+    let pid = child.id() as i32;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait());
+    });
+    let status = match rx.recv_timeout(timeout) {
+        Ok(r) => r.expect("wait for client"),
+        Err(_) => {
+            // SAFETY: kill(2) on our own child; the waiting thread reaps it.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
             panic!("{bin} {args:?} did not finish within {timeout:?}");
         }
-        std::thread::sleep(Duration::from_millis(20));
     };
     Output {
         ok: status.success(),
@@ -182,9 +184,12 @@ pub fn must(bin: &str, args: &[&str]) -> String {
 /// Polls `f` until it returns true or the deadline passes.
 pub fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;
+    let mut pause = Duration::from_millis(1);
     while !f() {
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(10));
+        // Back off between polls of the condition (as tests/src/lib.rs `wait_for` does).
+        std::thread::park_timeout(pause);
+        pause = (pause * 2).min(Duration::from_millis(50));
     }
 }
 
