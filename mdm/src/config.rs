@@ -38,6 +38,9 @@ pub struct MdmConfig {
     pub session_ttl_secs: u64,
     /// Name of the cluster, set when it is created. Default: "meshblock".
     pub cluster_name: String,
+    /// An SDS the leader has not heard from (hello) for this long is declared down and its PGs
+    /// fail over to their other copy. Must exceed the SDS's `lease_ms`. Default: 1500.
+    pub sds_down_timeout_ms: u64,
 }
 
 impl Default for MdmConfig {
@@ -55,6 +58,7 @@ impl Default for MdmConfig {
             snapshot_interval_entries: 1000,
             session_ttl_secs: 8 * 3600,
             cluster_name: "meshblock".into(),
+            sds_down_timeout_ms: 1500,
         }
     }
 }
@@ -85,6 +89,9 @@ impl MdmConfig {
         }
         if self.session_ttl_secs == 0 {
             problems.push("session_ttl_secs must be > 0".to_string());
+        }
+        if self.sds_down_timeout_ms < 200 {
+            problems.push("sds_down_timeout_ms must be at least 200".to_string());
         }
         if problems.is_empty() {
             Ok(())

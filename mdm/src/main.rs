@@ -227,8 +227,10 @@ async fn serve(cfg: MdmConfig, bootstrap: bool, admin_password: String) -> anyho
         advertise.clone(),
         cfg.session_ttl_secs,
         metrics.clone(),
+        Duration::from_millis(cfg.sds_down_timeout_ms),
     );
     tokio::spawn(service::raft_network(svc.clone(), out_rx));
+    tokio::spawn(svc.clone().watch_sds());
     let m = metrics.clone();
     let metrics_addr = cfg.metrics_listen;
     tokio::spawn(async move {

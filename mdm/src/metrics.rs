@@ -16,12 +16,18 @@ pub struct MdmMetrics {
     pub requests: Counter,
     pub request_errors: Counter,
     pub proposals: Counter,
+    pub sds_declared_down: Counter,
 }
 
 impl MdmMetrics {
     pub fn new() -> Arc<MdmMetrics> {
         let mut m = MdmMetrics::default();
         let r = &mut m.registry;
+        r.register(
+            "meshblock_mdm_sds_declared_down",
+            "SDS this MDM declared down after missing heartbeats",
+            m.sds_declared_down.clone(),
+        );
         r.register(
             "meshblock_mdm_is_leader",
             "1 when this MDM leads the cluster",

@@ -88,9 +88,40 @@ pub fn assign(pg_count: u32, candidates: &[Candidate]) -> Vec<PgMapping> {
         out.push(PgMapping {
             primary: Some(cands[p].id),
             secondary: Some(cands[s].id),
+            rebuild: None,
         });
     }
     out
+}
+
+/// A new second copy for a PG whose only copy is on `primary` (forward rebuild): the candidate
+/// with the fewest copies (`load`) per byte of capacity that is neither `primary` nor in its
+/// fault domain. `None` when no candidate qualifies (the PG stays degraded).
+pub fn pick_secondary(
+    primary: SdsId,
+    candidates: &[Candidate],
+    load: &BTreeMap<SdsId, u32>,
+) -> Option<SdsId> {
+    let use_fault_sets = candidates.iter().any(|c| c.fault_set.is_some());
+    let domain_of = |c: &Candidate| match (use_fault_sets, c.fault_set) {
+        (true, Some(fs)) => Domain::FaultSet(fs),
+        _ => Domain::Single(c.id),
+    };
+    let home = candidates
+        .iter()
+        .find(|c| c.id == primary)
+        .map(domain_of)
+        .unwrap_or(Domain::Single(primary));
+    candidates
+        .iter()
+        .filter(|c| c.capacity > 0 && c.id != primary && domain_of(c) != home)
+        .min_by(|a, b| {
+            let fill = |c: &Candidate| {
+                f64::from(load.get(&c.id).copied().unwrap_or(0) + 1) / c.capacity as f64
+            };
+            fill(a).total_cmp(&fill(b)).then(a.id.cmp(&b.id))
+        })
+        .map(|c| c.id)
 }
 
 /// Target number of copies per candidate: 2 per PG in all, by capacity, no domain above one

@@ -11,7 +11,7 @@ use crate::metrics::MdmMetrics;
 use crate::raft::{RaftHandle, RaftMsg};
 use crate::state_machine::{self, Op, Outcome};
 use proto::codec::{kind, Frame};
-use proto::model::{ClusterMode, ClusterState, MdmMember, MdmRole, Role, User};
+use proto::model::{ClusterMode, ClusterState, MdmMember, MdmRole, Role, SdsState, User};
 use proto::msg::*;
 use proto::transport::{check_status, Endpoint, Handler, Peer, Response, RpcClient};
 use proto::{ErrorCode, MdmId, WireError};
@@ -20,7 +20,7 @@ use raft::eraftpb::{ConfChangeType, Message};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
 /// Raft messages queued per peer before new ones are dropped.
@@ -43,6 +43,17 @@ pub struct Service {
     pub metrics: Arc<MdmMetrics>,
     /// Peer addresses learnt from incoming Raft messages (before the state knows them).
     peers: Mutex<HashMap<u64, String>>,
+    /// When the leader last heard each SDS (leader-only, reset at every new term).
+    liveness: Mutex<Liveness>,
+    sds_down_timeout: Duration,
+}
+
+/// The leader's heartbeat clock per SDS.
+#[derive(Default)]
+struct Liveness {
+    /// The term these timestamps belong to: a new leader starts every SDS's clock afresh.
+    term: u64,
+    last: HashMap<proto::SdsId, Instant>,
 }
 
 fn json<T: Serialize>(v: &T) -> Response {
@@ -63,6 +74,7 @@ impl Service {
         advertise: String,
         session_ttl_secs: u64,
         metrics: Arc<MdmMetrics>,
+        sds_down_timeout: Duration,
     ) -> Arc<Service> {
         Arc::new(Service {
             raft,
@@ -71,7 +83,80 @@ impl Service {
             session_ttl_secs,
             metrics,
             peers: Mutex::new(HashMap::new()),
+            liveness: Mutex::new(Liveness::default()),
+            sds_down_timeout,
         })
+    }
+
+    /// Record a hello from `sds` (leader only).
+    fn heard(&self, sds: proto::SdsId) {
+        let term = self.raft.shared.status().term;
+        if let Ok(mut l) = self.liveness.lock() {
+            if l.term != term {
+                l.term = term;
+                l.last.clear();
+            }
+            l.last.insert(sds, Instant::now());
+        }
+    }
+
+    /// SDS the leader has not heard from within the down timeout (a new leader first waits a
+    /// full timeout for everyone).
+    fn silent_sds(&self, state: &ClusterState, term: u64) -> Vec<proto::SdsId> {
+        let now = Instant::now();
+        let Ok(mut l) = self.liveness.lock() else {
+            return Vec::new();
+        };
+        if l.term != term {
+            l.term = term;
+            l.last.clear();
+        }
+        let mut out = Vec::new();
+        for sds in state.sds.values() {
+            if sds.state != SdsState::Normal {
+                continue;
+            }
+            let last = *l.last.entry(sds.id).or_insert(now);
+            if now.duration_since(last) > self.sds_down_timeout {
+                out.push(sds.id);
+            }
+        }
+        out
+    }
+
+    /// The leader's failure detector: declare SDS down through Raft once they have been silent
+    /// past the timeout. Runs for the life of the process; idle on followers.
+    pub async fn watch_sds(self: Arc<Self>) {
+        let period = (self.sds_down_timeout / 5).max(Duration::from_millis(50));
+        let mut tick = tokio::time::interval(period);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let st = self.raft.shared.status();
+            if !(st.is_leader && st.leader_ready) {
+                continue;
+            }
+            let state = self.raft.shared.read_state();
+            for sds in self.silent_sds(&state, st.term) {
+                let name = state
+                    .sds
+                    .get(&sds)
+                    .map(|x| x.name.clone())
+                    .unwrap_or_default();
+                tracing::warn!(
+                    %name,
+                    timeout_ms = self.sds_down_timeout.as_millis() as u64,
+                    "SDS silent past the down timeout: declaring it down"
+                );
+                match self.propose(Op::SdsDown { sds }).await {
+                    Ok(out) => {
+                        self.metrics.sds_declared_down.inc();
+                        tracing::warn!(%name, "{}", out.message)
+                    }
+                    Err(e) => tracing::warn!(%name, "could not declare the SDS down: {e}"),
+                }
+            }
+        }
     }
 
     fn peer_addr(&self, id: u64) -> Option<String> {
@@ -158,7 +243,45 @@ impl Service {
                 self.authorize(&token, Role::Monitor)?;
                 self.query(&query)
             }
-            MdmRequest::SdsHello { name, devices } => self.sds_hello(&name, devices).await,
+            MdmRequest::SdsHello { name, devices } => {
+                require_sds_peer(peer, &name)?;
+                self.sds_hello(&name, devices).await
+            }
+            MdmRequest::PgRebuilt {
+                name,
+                pool,
+                pg,
+                target,
+                rebuild,
+            } => {
+                require_sds_peer(peer, &name)?;
+                let state = self.raft.shared.read_state();
+                let me = state.sds_by_name(&name).map(|x| x.id);
+                let primary = state
+                    .pools
+                    .get(&pool)
+                    .and_then(|p| p.pg(pg))
+                    .and_then(|m| m.primary);
+                if me.is_none() || me != primary {
+                    return fail(
+                        ErrorCode::Conflict,
+                        format!("SDS {name} is not the primary of PG {pg}"),
+                    );
+                }
+                let out = self
+                    .propose(Op::PgRebuilt {
+                        pool,
+                        pg,
+                        target,
+                        rebuild,
+                    })
+                    .await?;
+                tracing::info!(sds = %name, %pg, %target, "{}", out.message);
+                Ok(MdmResponse::Done {
+                    message: out.message,
+                    object_id: None,
+                })
+            }
             MdmRequest::SdcRegister { guid, name, ip } => {
                 let state = self.raft.shared.read_state();
                 if let Some(c) = state.sdcs.values().find(|c| c.guid == guid) {
@@ -400,10 +523,17 @@ impl Service {
                 })
             });
         let id = sds.id;
+        self.heard(id);
         if changed {
+            if sds.state == proto::model::SdsState::Down {
+                tracing::info!(%name, "a down SDS reports again; it holds no copy until rebuilt");
+            }
             self.propose(Op::SdsReport { sds: id, devices }).await?;
         }
-        Ok(MdmResponse::SdsWelcome { id })
+        // The SDS may serve only once it has a map at least as new as this: the one that
+        // records it as Normal (and, after an outage, without the PGs it lost).
+        let map_version = self.raft.shared.read_state().version;
+        Ok(MdmResponse::SdsWelcome { id, map_version })
     }
 
     fn query(&self, q: &Query) -> Result<MdmResponse, WireError> {
@@ -495,6 +625,20 @@ impl Service {
             }
         }
         self.raft.send(RaftMsg::Step(Box::new(msg)))
+    }
+}
+
+/// An SDS speaks for itself only: its certificate must be `sds:NAME`.
+fn require_sds_peer(peer: &Peer, name: &str) -> Result<(), WireError> {
+    match peer.name.strip_prefix("sds:") {
+        Some(n) if n == name => Ok(()),
+        _ => fail(
+            ErrorCode::PermissionDenied,
+            format!(
+                "certificate '{}' may not speak for SDS {name}; issue it with `mdm ca issue --name sds:{name}`",
+                peer.name
+            ),
+        ),
     }
 }
 

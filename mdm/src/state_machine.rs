@@ -45,6 +45,18 @@ pub enum Op {
         name: String,
         ip: String,
     },
+    /// The leader stopped hearing from an SDS: its PGs fail over to their other copy.
+    SdsDown {
+        sds: SdsId,
+    },
+    /// The primary finished copying a PG to its rebuilding secondary.
+    PgRebuilt {
+        pool: PoolId,
+        pg: PgId,
+        target: SdsId,
+        /// The `rebuild` epoch of the assignment the copy was made for.
+        rebuild: Epoch,
+    },
 }
 
 /// A log entry's payload: who proposed it (to answer the waiting client) and the op.
@@ -193,6 +205,13 @@ fn apply_inner(s: &mut ClusterState, op: &Op) -> Result<Outcome, WireError> {
             done("SDC registered", Some(id.0))
         }
         Op::Command { command } => apply_command(s, command),
+        Op::SdsDown { sds } => sds_down(s, *sds),
+        Op::PgRebuilt {
+            pool,
+            pg,
+            target,
+            rebuild,
+        } => pg_rebuilt(s, *pool, *pg, *target, *rebuild),
     }
 }
 
@@ -666,7 +685,9 @@ fn sds_report(
         return err(ErrorCode::NotFound, "Could not find the SDS");
     };
     let mut pools = Vec::new();
+    let returned = sd.state != SdsState::Normal;
     sd.state = SdsState::Normal;
+    let pd = sd.pd;
     for r in reports {
         if let Some(d) = sd.devices.iter_mut().find(|d| d.path == r.path) {
             let state = if r.failed {
@@ -681,10 +702,141 @@ fn sds_report(
             }
         }
     }
+    if returned {
+        // Its return may make unavailable PGs available and give degraded ones a new copy.
+        pools.extend(s.pools.values().filter(|p| p.pd == pd).map(|p| p.id));
+        pools.sort();
+        pools.dedup();
+    }
     for p in pools {
         replace_placement(s, p);
+        heal(s, p, false);
     }
     done("SDS report recorded", Some(id.0))
+}
+
+/// Declare an SDS down. In every PG it held: a lost secondary (or rebuild target) is dropped;
+/// a lost primary is replaced by its in-sync secondary; a PG whose only in-sync copy was on it
+/// keeps naming it as primary and is unavailable until it returns. Then degraded PGs get a new
+/// secondary to rebuild onto. Every pool whose map changed gets a new epoch.
+fn sds_down(s: &mut ClusterState, id: SdsId) -> Result<Outcome, WireError> {
+    let Some(sd) = s.sds.get_mut(&id) else {
+        return err(ErrorCode::NotFound, "Could not find the SDS");
+    };
+    if sd.state == SdsState::Down {
+        return done("SDS already down", Some(id.0));
+    }
+    sd.state = SdsState::Down;
+    let name = sd.name.clone();
+    let pools: Vec<PoolId> = s.pools.keys().copied().collect();
+    let mut failed_over = 0u32;
+    let mut lost = 0u32;
+    for pool in pools {
+        let Some(p) = s.pools.get_mut(&pool) else {
+            continue;
+        };
+        let mut changed = false;
+        for m in p.pgs.iter_mut() {
+            if m.secondary == Some(id) {
+                m.secondary = None;
+                m.rebuild = None;
+                changed = true;
+            }
+            if m.primary == Some(id) {
+                if m.secondary.is_some() && m.rebuild.is_none() {
+                    m.primary = m.secondary.take();
+                    failed_over += 1;
+                } else {
+                    // No in-sync copy elsewhere: the PG waits for this SDS.
+                    m.secondary = None;
+                    m.rebuild = None;
+                    lost += 1;
+                }
+                changed = true;
+            }
+        }
+        if changed {
+            p.epoch = p.epoch.next();
+        }
+        heal(s, pool, changed);
+    }
+    done(
+        format!("SDS {name} declared down: {failed_over} PGs failed over, {lost} PGs unavailable"),
+        Some(id.0),
+    )
+}
+
+/// Give every degraded PG of `pool` (live primary, no secondary) a new secondary to rebuild
+/// onto, chosen by [`placement::pick_secondary`]. Bumps the epoch when it assigns any (and
+/// does not bump it again when the caller already did: `bumped`).
+fn heal(s: &mut ClusterState, pool: PoolId, bumped: bool) {
+    let Some(p) = s.pools.get(&pool) else { return };
+    let cands: Vec<Candidate> = s
+        .sds
+        .values()
+        .filter(|x| x.pd == p.pd && x.state == SdsState::Normal)
+        .map(|x| Candidate {
+            id: x.id,
+            fault_set: x.fault_set,
+            capacity: x.capacity_in(pool),
+        })
+        .collect();
+    let live = |id: SdsId| cands.iter().any(|c| c.id == id);
+    let mut load: std::collections::BTreeMap<SdsId, u32> = Default::default();
+    for m in &p.pgs {
+        for x in [m.primary, m.secondary].into_iter().flatten() {
+            *load.entry(x).or_default() += 1;
+        }
+    }
+    let mut next = p.pgs.clone();
+    let rebuild_epoch = if bumped { p.epoch } else { p.epoch.next() };
+    let mut assigned = false;
+    for m in next.iter_mut() {
+        let (Some(primary), None) = (m.primary, m.secondary) else {
+            continue;
+        };
+        if !live(primary) {
+            continue;
+        }
+        if let Some(t) = placement::pick_secondary(primary, &cands, &load) {
+            m.secondary = Some(t);
+            m.rebuild = Some(rebuild_epoch);
+            *load.entry(t).or_default() += 1;
+            assigned = true;
+        }
+    }
+    if assigned {
+        if let Some(p) = s.pools.get_mut(&pool) {
+            p.pgs = next;
+            p.epoch = rebuild_epoch;
+        }
+    }
+}
+
+/// The primary reports a finished copy: the secondary becomes a full copy, if the assignment
+/// is still the one the copy was made for.
+fn pg_rebuilt(
+    s: &mut ClusterState,
+    pool: PoolId,
+    pg: PgId,
+    target: SdsId,
+    rebuild: Epoch,
+) -> Result<Outcome, WireError> {
+    let Some(p) = s.pools.get_mut(&pool) else {
+        return err(ErrorCode::NotFound, "Could not find the storage pool");
+    };
+    let Some(m) = p.pgs.get_mut(pg.0 as usize) else {
+        return err(ErrorCode::NotFound, format!("Pool has no PG {pg}"));
+    };
+    if m.secondary != Some(target) || m.rebuild != Some(rebuild) {
+        return err(
+            ErrorCode::Conflict,
+            format!("PG {pg} is no longer rebuilding onto SDS {target} for epoch {rebuild}"),
+        );
+    }
+    // No copy changes role, so the epoch stays: in-flight I/O is not refused for this.
+    m.rebuild = None;
+    done(format!("PG {pg} rebuilt onto SDS {target}"), None)
 }
 
 /// Recompute a pool's placement. A pool without volumes holds no data, so its whole map may

@@ -117,10 +117,45 @@ pub struct FaultSet {
 
 /// The copies of one placement group: `[primary, secondary]`, either may be missing while the
 /// pool lacks SDS or after a failure.
+///
+/// - Normal: both set, `rebuild` is `None`.
+/// - Degraded: only `primary` is set; writes go to one copy.
+/// - Rebuilding: `secondary` is being filled by the primary (`rebuild` names the epoch the copy
+///   was assigned at); it receives every new write but serves no read, and the PG counts as one
+///   copy until the primary reports the copy done.
+/// - Unavailable: `primary` names an SDS that is down: it held the newest data when the PG lost
+///   its last live copy, so the PG serves nothing until that SDS returns (never stale data).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub struct PgMapping {
     pub primary: Option<SdsId>,
     pub secondary: Option<SdsId>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rebuild: Option<Epoch>,
+}
+
+/// What a PG can do, derived from its mapping and the state of its SDS.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum PgState {
+    Normal,
+    Rebuilding,
+    Degraded,
+    Unavailable,
+    /// No copy assigned (a pool without SDS).
+    Unassigned,
+}
+
+impl PgMapping {
+    /// The PG's state in `s`.
+    pub fn state(&self, s: &ClusterState) -> PgState {
+        let up = |id: SdsId| s.sds.get(&id).is_some_and(|x| x.state != SdsState::Down);
+        match (self.primary, self.secondary) {
+            (None, _) => PgState::Unassigned,
+            (Some(p), _) if !up(p) => PgState::Unavailable,
+            (Some(_), Some(_)) if self.rebuild.is_some() => PgState::Rebuilding,
+            (Some(_), Some(_)) => PgState::Normal,
+            (Some(_), None) => PgState::Degraded,
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -139,6 +174,44 @@ pub struct StoragePool {
 impl StoragePool {
     pub fn pg(&self, pg: PgId) -> Option<&PgMapping> {
         self.pgs.get(pg.0 as usize)
+    }
+}
+
+/// A pool's health, as `--query_storage_pool` shows it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PoolHealth {
+    /// The worst PG state: Normal, Rebuilding, Degraded or Unavailable.
+    pub state: String,
+    pub normal_pgs: u32,
+    pub rebuilding_pgs: u32,
+    pub degraded_pgs: u32,
+    pub unavailable_pgs: u32,
+}
+
+impl ClusterState {
+    /// Count the pool's PGs by state.
+    pub fn pool_health(&self, pool: &StoragePool) -> PoolHealth {
+        let mut h = PoolHealth::default();
+        let mut worst = PgState::Normal;
+        for m in &pool.pgs {
+            let st = m.state(self);
+            worst = worst.max(st);
+            match st {
+                PgState::Normal => h.normal_pgs += 1,
+                PgState::Rebuilding => h.rebuilding_pgs += 1,
+                PgState::Degraded => h.degraded_pgs += 1,
+                PgState::Unavailable | PgState::Unassigned => h.unavailable_pgs += 1,
+            }
+        }
+        h.state = match worst {
+            PgState::Unassigned if pool.pgs.iter().all(|m| m.primary.is_none()) => "NoCapacity",
+            PgState::Normal => "Normal",
+            PgState::Rebuilding => "Rebuilding",
+            PgState::Degraded => "Degraded",
+            PgState::Unavailable | PgState::Unassigned => "Unavailable",
+        }
+        .to_string();
+        h
     }
 }
 

@@ -27,6 +27,15 @@ pub enum MdmRequest {
         name: String,
         ip: String,
     },
+    /// The primary of a PG finished copying it onto its rebuilding secondary.
+    PgRebuilt {
+        /// The reporting SDS (must be the PG's primary; checked against its certificate).
+        name: String,
+        pool: PoolId,
+        pg: PgId,
+        target: SdsId,
+        rebuild: Epoch,
+    },
     /// The redacted cluster map, if newer than `known_version`.
     GetMap { known_version: u64 },
     /// Who is this MDM (used before adding it as a standby).
@@ -200,6 +209,9 @@ pub enum MdmResponse {
     /// The answer to `SdsHello`.
     SdsWelcome {
         id: SdsId,
+        /// The SDS serves only once its map is at least this new.
+        #[serde(default)]
+        map_version: u64,
     },
     SdcRegistered {
         id: SdcId,

@@ -226,6 +226,22 @@ pub struct Endpoint {
     name: Arc<str>,
 }
 
+/// Random 8-byte connection ids that any process accepts as possibly its own (see
+/// [`Endpoint::server`]).
+struct RandomCids;
+
+impl quinn::ConnectionIdGenerator for RandomCids {
+    fn generate_cid(&mut self) -> quinn::ConnectionId {
+        quinn::ConnectionId::new(&rand::random::<[u8; 8]>())
+    }
+    fn cid_len(&self) -> usize {
+        8
+    }
+    fn cid_lifetime(&self) -> Option<Duration> {
+        None
+    }
+}
+
 impl Endpoint {
     /// An endpoint that listens on `addr` (and can dial).
     pub fn server(
@@ -233,7 +249,23 @@ impl Endpoint {
         identity: &Identity,
         name: &str,
     ) -> Result<Endpoint, TransportError> {
-        let mut ep = quinn::Endpoint::server(identity.server_config()?, addr)
+        // A stateless-reset key derived from this node's private key: after a restart the new
+        // process can reset the connections peers still hold to the old one, so they redial at
+        // once instead of waiting out the idle timeout.
+        let seed = ring::digest::digest(&ring::digest::SHA256, identity.key.secret_der());
+        let reset_key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, seed.as_ref());
+        let mut config = quinn::EndpointConfig::new(Arc::new(reset_key));
+        // quinn's default connection ids are signed with a per-process key, so a restarted
+        // process would drop the old connections' packets without answering them with a
+        // reset: use plain random ids, which every process answers.
+        config.cid_generator(|| Box::new(RandomCids));
+        let runtime = quinn::default_runtime().ok_or_else(|| TransportError::Bind {
+            addr,
+            source: std::io::Error::other("no async runtime"),
+        })?;
+        let socket = std::net::UdpSocket::bind(addr)
+            .map_err(|source| TransportError::Bind { addr, source })?;
+        let mut ep = quinn::Endpoint::new(config, Some(identity.server_config()?), socket, runtime)
             .map_err(|source| TransportError::Bind { addr, source })?;
         ep.set_default_client_config(identity.client_config()?);
         Ok(Endpoint {

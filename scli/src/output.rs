@@ -25,7 +25,10 @@ fn pool_json(s: &ClusterState, p: &StoragePool) -> Value {
         .iter()
         .filter(|m| m.primary.is_some() && m.secondary.is_some())
         .count();
+    let h = s.pool_health(p);
     json!({
+        "state": h.state, "normal_pgs": h.normal_pgs, "rebuilding_pgs": h.rebuilding_pgs,
+        "degraded_pgs": h.degraded_pgs, "unavailable_pgs": h.unavailable_pgs,
         "id": p.id, "name": p.name, "protection_domain": s.pds.get(&p.pd).map(|d| d.name.clone()),
         "media_type": p.media_type, "pg_count": p.pg_count, "map_epoch": p.epoch, "pgs_fully_placed": placed,
         "raw_capacity_bytes": raw, "usable_capacity_bytes": raw / 2, "thick_reserved_bytes": reserved / 2,
@@ -103,8 +106,9 @@ fn cluster_text(c: &ClusterStatus) -> String {
 fn pool_text(s: &ClusterState, p: &StoragePool) -> String {
     let j = pool_json(s, p);
     format!(
-        "Storage Pool {} (Id: {}) has {} volumes\n    Protection Domain: {}, Media type: {}\n    PGs: {} ({} fully placed), map epoch {}\n    Raw capacity: {}, usable (2 copies): {}, reserved by thick volumes: {}",
-        p.name, p.id, j["volumes"].as_array().map_or(0, |v| v.len()), j["protection_domain"].as_str().unwrap_or("?"), p.media_type,
+        "Storage Pool {} (Id: {}) has {} volumes\n    State: {} (PGs: {} normal, {} rebuilding, {} degraded, {} unavailable)\n    Protection Domain: {}, Media type: {}\n    PGs: {} ({} fully placed), map epoch {}\n    Raw capacity: {}, usable (2 copies): {}, reserved by thick volumes: {}",
+        p.name, p.id, j["volumes"].as_array().map_or(0, |v| v.len()), j["state"].as_str().unwrap_or("?"),
+        j["normal_pgs"], j["rebuilding_pgs"], j["degraded_pgs"], j["unavailable_pgs"], j["protection_domain"].as_str().unwrap_or("?"), p.media_type,
         p.pg_count, j["pgs_fully_placed"], p.epoch.0, gb(j["raw_capacity_bytes"].as_u64().unwrap_or(0)),
         gb(j["usable_capacity_bytes"].as_u64().unwrap_or(0)), gb(j["thick_reserved_bytes"].as_u64().unwrap_or(0)))
 }

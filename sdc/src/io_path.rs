@@ -31,6 +31,11 @@ const RETRY_PAUSE: Duration = Duration::from_millis(50);
 const MAP_REFRESH_TIMEOUT: Duration = Duration::from_secs(5);
 /// Time one chunk request may take on one SDS before it is retried elsewhere.
 const SDS_CALL_TIMEOUT: Duration = Duration::from_secs(10);
+/// A request waiting this long makes the SDC poll the MDM fast ([`IoPath::fast_poll`]), so a
+/// failover is seen within a poll period.
+const STUCK_AFTER: Duration = Duration::from_millis(200);
+/// The fast poll period while requests are stuck.
+const FAST_POLL: Duration = Duration::from_millis(150);
 
 static ZEROS: [u8; CHUNK_SIZE as usize] = [0u8; CHUNK_SIZE as usize];
 
@@ -56,6 +61,19 @@ pub struct IoPath {
     conns: Mutex<HashMap<SdsId, RpcClient>>,
     refreshing: tokio::sync::Mutex<()>,
     io_timeout: Duration,
+    /// Bumped on every installed map.
+    changed: tokio::sync::watch::Sender<u64>,
+    /// Requests waiting longer than [`STUCK_AFTER`] right now.
+    stuck: std::sync::atomic::AtomicUsize,
+}
+
+/// Counts a request as stuck while alive.
+struct Stuck<'a>(&'a std::sync::atomic::AtomicUsize);
+
+impl Drop for Stuck<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 impl IoPath {
@@ -67,7 +85,52 @@ impl IoPath {
             conns: Mutex::new(HashMap::new()),
             refreshing: tokio::sync::Mutex::new(()),
             io_timeout,
+            changed: tokio::sync::watch::channel(0).0,
+            stuck: std::sync::atomic::AtomicUsize::new(0),
         })
+    }
+
+    /// Poll the MDM every [`FAST_POLL`] while some request is stuck (its SDS may be dead and
+    /// the MDM about to move its PGs). Runs for the life of the process.
+    pub async fn fast_poll(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(FAST_POLL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            if self.stuck.load(std::sync::atomic::Ordering::Relaxed) > 0 {
+                self.refresh_map().await;
+            }
+        }
+    }
+
+    /// Resolves once the map names another primary for `pg` of `pool` than `primary`; after
+    /// [`STUCK_AFTER`] it also counts as stuck, which speeds up map polling.
+    async fn primary_moved(&self, pool: proto::PoolId, pg: proto::PgId, primary: SdsId) {
+        let mut rx = self.changed.subscribe();
+        let moved = |m: &ClusterState| {
+            m.pools
+                .get(&pool)
+                .and_then(|p| p.pg(pg))
+                .is_none_or(|x| x.primary != Some(primary))
+        };
+        let wait = async {
+            loop {
+                if moved(&self.map()) {
+                    return;
+                }
+                if rx.changed().await.is_err() {
+                    std::future::pending::<()>().await;
+                }
+            }
+        };
+        let mut wait = std::pin::pin!(wait);
+        if tokio::time::timeout(STUCK_AFTER, &mut wait).await.is_ok() {
+            return;
+        }
+        self.stuck
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let _stuck = Stuck(&self.stuck);
+        wait.await
     }
 
     pub fn map(&self) -> Arc<ClusterState> {
@@ -78,7 +141,10 @@ impl IoPath {
     pub fn set_map(&self, m: ClusterState) -> bool {
         if let Ok(mut cur) = self.map.write() {
             if m.version > cur.version {
+                let v = m.version;
                 *cur = Arc::new(m);
+                drop(cur);
+                self.changed.send_replace(v);
                 return true;
             }
         }
@@ -228,7 +294,14 @@ impl VolumeIo {
                     len: p.len,
                     fence: 0,
                 };
-                match self.io.send(primary, &map, h, data.clone()).await {
+                let sent = tokio::select! {
+                    r = self.io.send(primary, &map, h, data.clone()) => r,
+                    _ = self.io.primary_moved(pool.id, route.pg, primary) => Err((
+                        ErrorCode::StaleEpoch,
+                        format!("PG {} moved away from SDS {primary}", route.pg),
+                    )),
+                };
+                match sent {
                     Ok(f) => {
                         if op != DataOp::Read {
                             if let Ok(mut d) = self.dirty.lock() {
@@ -255,7 +328,10 @@ impl VolumeIo {
                 return Err(IoError::Unavailable(last));
             }
             if !self.io.refresh_map().await {
-                tokio::time::sleep(RETRY_PAUSE).await;
+                // Nothing newer yet: wait for a map change (the fast poll is running while
+                // requests are stuck), at most a short pause.
+                let mut rx = self.io.changed.subscribe();
+                let _ = tokio::time::timeout(RETRY_PAUSE, rx.changed()).await;
             }
         }
     }
@@ -340,32 +416,7 @@ impl VolumeIo {
             Ok(mut d) => d.drain().collect(),
             Err(_) => return Err(IoError::Storage("flush state poisoned".into())),
         };
-        let map = self.io.map();
-        let rs = futures_join(targets.iter().map(|sds| {
-            let map = map.clone();
-            async move {
-                let h = DataHeader {
-                    op: DataOp::Flush,
-                    flags: 0,
-                    pool: proto::PoolId(0),
-                    pg: proto::PgId(0),
-                    epoch: proto::Epoch(0),
-                    chunk: ChunkId {
-                        vtree: proto::VtreeId(0),
-                        index: ChunkIndex(0),
-                    },
-                    offset: 0,
-                    len: 0,
-                    fence: 0,
-                };
-                self.io
-                    .send(*sds, &map, h, Bytes::new())
-                    .await
-                    .map(|_| ())
-                    .map_err(|(_, m)| (*sds, m))
-            }
-        }))
-        .await;
+        let rs = futures_join(targets.iter().map(|sds| self.flush_one(*sds))).await;
         let mut failed = Vec::new();
         for r in rs {
             if let Err((sds, m)) = r {
@@ -384,6 +435,53 @@ impl VolumeIo {
             failed.len(),
             failed[0].1
         )))
+    }
+
+    /// Flush one SDS, retrying through reconnects until the I/O timeout. An SDS the MDM
+    /// declared down that no PG waits for any more needs no flush: every write it acknowledged
+    /// is also on the copy that took over (a dirty SDS too, flushed alongside).
+    async fn flush_one(&self, sds: SdsId) -> Result<(), (SdsId, String)> {
+        let deadline = tokio::time::Instant::now() + self.io.io_timeout;
+        let h = DataHeader {
+            op: DataOp::Flush,
+            flags: 0,
+            pool: proto::PoolId(0),
+            pg: proto::PgId(0),
+            epoch: proto::Epoch(0),
+            chunk: ChunkId {
+                vtree: proto::VtreeId(0),
+                index: ChunkIndex(0),
+            },
+            offset: 0,
+            len: 0,
+            fence: 0,
+        };
+        loop {
+            let map = self.io.map();
+            let down = map
+                .sds
+                .get(&sds)
+                .is_none_or(|x| x.state == proto::model::SdsState::Down);
+            let waited_for = map
+                .pools
+                .values()
+                .any(|p| p.pgs.iter().any(|m| m.primary == Some(sds)));
+            if down && !waited_for {
+                return Ok(());
+            }
+            let last = match self.io.send(sds, &map, h, Bytes::new()).await {
+                Ok(_) => return Ok(()),
+                Err((ErrorCode::Unavailable, m)) => m,
+                Err((_, m)) => return Err((sds, m)),
+            };
+            if tokio::time::Instant::now() >= deadline {
+                return Err((sds, last));
+            }
+            if !self.io.refresh_map().await {
+                let mut rx = self.io.changed.subscribe();
+                let _ = tokio::time::timeout(RETRY_PAUSE, rx.changed()).await;
+            }
+        }
     }
 
     /// Allocation of `[offset, offset+len)` by whole chunks: `(length, allocated)` runs.

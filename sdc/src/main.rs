@@ -142,6 +142,7 @@ async fn run(cfg: SdcConfig) -> anyhow::Result<()> {
         endpoint,
         Duration::from_millis(cfg.io_timeout_ms),
     );
+    tokio::spawn(io.clone().fast_poll());
     let exports: Arc<dyn daemon::Exports> = sdc::export::NbdExports::start(&cfg)
         .await
         .context("start the NBD server")?;

@@ -15,7 +15,9 @@ pub const DEFAULT_LISTEN: ([u8; 4], u16) = ([0, 0, 0, 0], 7072);
 pub const DEFAULT_METRICS_LISTEN: ([u8; 4], u16) = ([127, 0, 0, 1], 9072);
 pub const DEFAULT_CERT_DIR: &str = "/etc/meshblock/certs";
 pub const DEFAULT_MAP_POLL_INTERVAL_MS: u64 = 500;
-pub const DEFAULT_HELLO_INTERVAL_MS: u64 = 1000;
+pub const DEFAULT_HELLO_INTERVAL_MS: u64 = 200;
+pub const DEFAULT_LEASE_MS: u64 = 1200;
+pub const DEFAULT_REBUILD_CONCURRENCY: u32 = 4;
 pub const DEFAULT_FORWARD_TIMEOUT_MS: u64 = 5000;
 
 fn default_listen() -> SocketAddr {
@@ -41,6 +43,12 @@ fn default_hello_interval_ms() -> u64 {
 }
 fn default_forward_timeout_ms() -> u64 {
     DEFAULT_FORWARD_TIMEOUT_MS
+}
+fn default_lease_ms() -> u64 {
+    DEFAULT_LEASE_MS
+}
+fn default_rebuild_concurrency() -> u32 {
+    DEFAULT_REBUILD_CONCURRENCY
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -76,13 +84,21 @@ pub struct SdsConfig {
     #[serde(default = "default_map_poll_interval_ms")]
     pub map_poll_interval_ms: u64,
     /// Interval between hellos (registration, device reports, heartbeat) to the MDM, in
-    /// milliseconds. Default: 1000.
+    /// milliseconds. Default: 200.
     #[serde(default = "default_hello_interval_ms")]
     pub hello_interval_ms: u64,
     /// How long a primary waits for its secondary to apply a forwarded write, in
     /// milliseconds; keep it below the SDC's 10 s call timeout. Default: 5000.
     #[serde(default = "default_forward_timeout_ms")]
     pub forward_timeout_ms: u64,
+    /// How long after sending its last answered hello this SDS keeps serving I/O without
+    /// hearing from the MDM, in milliseconds. Must be below the MDM's `sds_down_timeout_ms`
+    /// (1500): an SDS the MDM may have declared down has stopped serving by then. Default: 1200.
+    #[serde(default = "default_lease_ms")]
+    pub lease_ms: u64,
+    /// PGs this SDS copies at once as a rebuild source (one chunk at a time each). Default: 4.
+    #[serde(default = "default_rebuild_concurrency")]
+    pub rebuild_concurrency: u32,
 }
 
 /// Every key with its documentation, in file order (printed by `--print-default-config`).
@@ -133,6 +149,16 @@ const FIELD_DOCS: &[(&str, &str)] = &[
         "How long a primary waits for its secondary to apply a forwarded write, in \
          milliseconds; keep it below the SDC's 10 s call timeout.",
     ),
+    (
+        "lease_ms",
+        "How long after sending its last answered hello this SDS keeps serving I/O without \
+         hearing from the MDM, in milliseconds. Must be below the MDM's sds_down_timeout_ms \
+         (1500): an SDS the MDM may have declared down has stopped serving by then.",
+    ),
+    (
+        "rebuild_concurrency",
+        "PGs this SDS copies at once as a rebuild source (one chunk at a time each).",
+    ),
 ];
 
 impl Default for SdsConfig {
@@ -148,6 +174,8 @@ impl Default for SdsConfig {
             map_poll_interval_ms: default_map_poll_interval_ms(),
             hello_interval_ms: default_hello_interval_ms(),
             forward_timeout_ms: default_forward_timeout_ms(),
+            lease_ms: default_lease_ms(),
+            rebuild_concurrency: default_rebuild_concurrency(),
         }
     }
 }
@@ -187,6 +215,10 @@ impl SdsConfig {
         Duration::from_millis(self.forward_timeout_ms)
     }
 
+    pub fn lease(&self) -> Duration {
+        Duration::from_millis(self.lease_ms)
+    }
+
     /// Check everything at once.
     pub fn validate(&self) -> Result<(), ConfigProblems> {
         let mut p = Vec::new();
@@ -211,10 +243,18 @@ impl SdsConfig {
             ("map_poll_interval_ms", self.map_poll_interval_ms),
             ("hello_interval_ms", self.hello_interval_ms),
             ("forward_timeout_ms", self.forward_timeout_ms),
+            ("lease_ms", self.lease_ms),
+            ("rebuild_concurrency", u64::from(self.rebuild_concurrency)),
         ] {
             if v == 0 {
                 p.push(format!("{key}: must be more than 0"));
             }
+        }
+        if self.hello_interval_ms >= self.lease_ms {
+            p.push(
+                "hello_interval_ms: must be below lease_ms, or the lease lapses between hellos"
+                    .to_string(),
+            );
         }
         if p.is_empty() {
             Ok(())

@@ -3,8 +3,9 @@
 //!
 //! Public modules first: [`device`] (the only one touching io_uring), [`chunk_store`] (on-disk
 //! chunk layout and checksums of one device), [`storage`] (all devices as one chunk space),
-//! [`routing`] (the cached cluster map and the epoch/PG fence), [`replication`] (forwarding to
-//! the secondary), [`service`] (the data protocol handler), [`mdm_client`] (registration and map
+//! [`routing`] (the cached cluster map, the epoch/PG fence and the MDM lease), [`replication`]
+//! (forwarding to the secondary), [`service`] (the data protocol handler), [`rebuild`] (copying
+//! a PG to a new secondary as its primary), [`mdm_client`] (registration, heartbeat, map
 //! polling), [`config`], [`metrics`]. Then helpers: [`range_lock`], [`failpoints`].
 //!
 //! How `main` assembles a daemon: open each device ([`device::AnyDevice`]) and its
@@ -18,6 +19,7 @@ pub mod config;
 pub mod device;
 pub mod mdm_client;
 pub mod metrics;
+pub mod rebuild;
 pub mod replication;
 pub mod routing;
 pub mod service;

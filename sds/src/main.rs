@@ -10,6 +10,7 @@ use sds::config::SdsConfig;
 use sds::device::{AnyDevice, DeviceOptions};
 use sds::mdm_client::{LinkOptions, MdmLink};
 use sds::metrics::SdsMetrics;
+use sds::rebuild::Rebuilder;
 use sds::routing::MapCache;
 use sds::service::{Service, ServiceOptions};
 use sds::storage::Storage;
@@ -193,6 +194,7 @@ async fn run(cfg: SdsConfig) -> anyhow::Result<()> {
             LinkOptions {
                 hello_interval: cfg.hello_interval(),
                 map_poll_interval: cfg.map_poll_interval(),
+                lease: Some(cfg.lease()),
                 ..LinkOptions::default()
             },
         )
@@ -200,7 +202,8 @@ async fn run(cfg: SdsConfig) -> anyhow::Result<()> {
             gauge.mdm_connected.set(i64::from(ok));
         })),
     );
-    tokio::spawn(link.run());
+    tokio::spawn(link.clone().run());
+    tokio::spawn(Rebuilder::new(service.clone(), link.clone(), cfg.rebuild_concurrency).run());
 
     let metrics_listener = tokio::net::TcpListener::bind(cfg.metrics_listen)
         .await

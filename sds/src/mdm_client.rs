@@ -17,7 +17,7 @@
 use crate::routing::MapCache;
 use proto::client::MdmClient;
 use proto::msg::{DeviceReport, MdmRequest, MdmResponse};
-use proto::{SdsId, WireError};
+use proto::{Epoch, PgId, PoolId, SdsId, WireError};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -35,6 +35,9 @@ pub struct LinkOptions {
     pub map_poll_interval: Duration,
     /// How long one request may keep trying (leader changes included).
     pub request_timeout: Duration,
+    /// Serve only under a lease of this length from each answered hello (see
+    /// [`MapCache`]); `None` serves without one (tests that drive the map by hand).
+    pub lease: Option<Duration>,
 }
 
 impl Default for LinkOptions {
@@ -43,6 +46,7 @@ impl Default for LinkOptions {
             hello_interval: Duration::from_secs(1),
             map_poll_interval: Duration::from_millis(500),
             request_timeout: Duration::from_secs(2),
+            lease: None,
         }
     }
 }
@@ -75,6 +79,9 @@ impl MdmLink {
         devices: DeviceReports,
         opts: LinkOptions,
     ) -> MdmLink {
+        if opts.lease.is_some() {
+            map.require_lease();
+        }
         MdmLink {
             client,
             name,
@@ -98,11 +105,22 @@ impl MdmLink {
             name: self.name.clone(),
             devices: (self.devices)(),
         };
-        match self.client.request(&req, self.opts.request_timeout).await? {
-            MdmResponse::SdsWelcome { id } => {
+        let sent = std::time::Instant::now();
+        // A hello that takes longer than the lease grants nothing.
+        let timeout = match self.opts.lease {
+            Some(l) => self.opts.request_timeout.min(l),
+            None => self.opts.request_timeout,
+        };
+        match self.client.request(&req, timeout).await? {
+            MdmResponse::SdsWelcome { id, map_version } => {
                 if self.map.me() != Some(id) {
                     tracing::info!(sds_id = %id, name = %self.name, "welcomed by the MDM");
                     self.map.set_me(id);
+                }
+                if let Some(lease) = self.opts.lease {
+                    self.map.grant_lease(sent, lease, map_version);
+                }
+                if self.map.version() < map_version {
                     self.map.request_refresh();
                 }
                 Ok(id)
@@ -127,6 +145,33 @@ impl MdmLink {
             }
             MdmResponse::Map { state: None } => Ok(false),
             _ => Err(LinkError::Unexpected("GetMap")),
+        }
+    }
+
+    /// Tell the MDM this SDS (the PG's primary) finished copying `pg` onto `target`. Retries
+    /// until the MDM answers; `Ok(false)` when it refused (the assignment changed meanwhile).
+    pub async fn report_rebuilt(
+        &self,
+        pool: PoolId,
+        pg: PgId,
+        target: SdsId,
+        rebuild: Epoch,
+    ) -> Result<bool, LinkError> {
+        let req = MdmRequest::PgRebuilt {
+            name: self.name.clone(),
+            pool,
+            pg,
+            target,
+            rebuild,
+        };
+        match self.client.request(&req, self.opts.request_timeout).await {
+            Ok(MdmResponse::Done { .. }) => {
+                self.map.request_refresh();
+                Ok(true)
+            }
+            Ok(_) => Err(LinkError::Unexpected("PgRebuilt")),
+            Err(e) if e.code == proto::ErrorCode::Conflict => Ok(false),
+            Err(e) => Err(e.into()),
         }
     }
 

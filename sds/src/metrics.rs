@@ -57,12 +57,51 @@ pub struct SdsMetrics {
     pub read_seconds: Histogram,
     /// Service time of primary writes including the forward, seconds.
     pub write_seconds: Histogram,
+    /// Chunks copied (or trimmed) onto rebuild targets as a primary.
+    pub rebuild_chunks: Counter,
+    /// Bytes copied onto rebuild targets.
+    pub rebuild_bytes: Counter,
+    /// PGs this SDS finished rebuilding (as their primary).
+    pub rebuilt_pgs: Counter,
+    /// PGs this SDS is copying right now.
+    pub rebuilding_pgs: Gauge,
+    /// 1 while this SDS holds a lease from the MDM and may serve.
+    pub leased: Gauge,
 }
 
 impl Default for SdsMetrics {
     fn default() -> Self {
         SdsMetrics::new()
     }
+}
+
+fn r_rebuild(m: &mut SdsMetrics) {
+    let r = &mut m.registry;
+    r.register(
+        "meshblock_sds_rebuild_chunks",
+        "Chunks copied or trimmed onto rebuild targets (as primary)",
+        m.rebuild_chunks.clone(),
+    );
+    r.register(
+        "meshblock_sds_rebuild_bytes",
+        "Bytes copied onto rebuild targets (as primary)",
+        m.rebuild_bytes.clone(),
+    );
+    r.register(
+        "meshblock_sds_rebuilt_pgs",
+        "PGs this SDS finished copying to a new secondary",
+        m.rebuilt_pgs.clone(),
+    );
+    r.register(
+        "meshblock_sds_rebuilding_pgs",
+        "PGs being copied by this SDS now",
+        m.rebuilding_pgs.clone(),
+    );
+    r.register(
+        "meshblock_sds_leased",
+        "1 while this SDS holds a lease from the MDM and may serve I/O",
+        m.leased.clone(),
+    );
 }
 
 impl SdsMetrics {
@@ -86,7 +125,13 @@ impl SdsMetrics {
             mdm_connected: Gauge::default(),
             read_seconds: buckets(),
             write_seconds: buckets(),
+            rebuild_chunks: Counter::default(),
+            rebuild_bytes: Counter::default(),
+            rebuilt_pgs: Counter::default(),
+            rebuilding_pgs: Gauge::default(),
+            leased: Gauge::default(),
         };
+        r_rebuild(&mut m);
         let r = &mut m.registry;
         r.register(
             "meshblock_sds_reads",

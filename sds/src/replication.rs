@@ -125,11 +125,31 @@ impl Replicator {
         h: &DataHeader,
         data: Bytes,
     ) -> Result<(), ForwardError> {
+        self.send(sds, addr, h, data).await.map(|_| ())
+    }
+
+    /// Send a request that carries no data (e.g. AllocStatus) and return the answer's data.
+    pub async fn call(
+        &self,
+        sds: SdsId,
+        addr: SocketAddr,
+        h: &DataHeader,
+    ) -> Result<Bytes, ForwardError> {
+        self.send(sds, addr, h, Bytes::new()).await
+    }
+
+    async fn send(
+        &self,
+        sds: SdsId,
+        addr: SocketAddr,
+        h: &DataHeader,
+        data: Bytes,
+    ) -> Result<Bytes, ForwardError> {
         let (peer, client) = self.client(sds, addr).await?;
         let frame = Frame::request(kind::DATA, Bytes::copy_from_slice(&h.encode()), data);
         match client.call_timeout(frame, self.call_timeout).await {
             Ok(resp) => check_status(resp)
-                .map(|_| ())
+                .map(|f| f.data)
                 .map_err(|error| ForwardError::Refused { sds, error }),
             Err(e) => {
                 // The connection is suspect (or dead): the next forward dials again.

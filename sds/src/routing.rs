@@ -17,7 +17,7 @@ use proto::{ChunkId, Epoch, PgId, PoolId, SdsId};
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::sync::{watch, Notify};
 
 /// The role a request needs this SDS to hold in the chunk's PG.
@@ -41,6 +41,10 @@ impl std::fmt::Display for Role {
 pub enum Refusal {
     #[error("this SDS has not been welcomed by the MDM yet")]
     NotJoined,
+    #[error(
+        "this SDS has not heard from the MDM within its lease; it serves nothing until it does"
+    )]
+    NoLease,
     #[error("request epoch {got} of pool {pool} is older than {have}; refresh the map")]
     StaleEpoch {
         pool: PoolId,
@@ -80,6 +84,8 @@ pub enum Refusal {
 pub struct Route {
     /// The secondary to forward to (primary requests of a PG that has one).
     pub secondary: Option<(SdsId, SocketAddr)>,
+    /// Version of the map this route was computed from.
+    pub version: u64,
 }
 
 /// The fence: may `me`, whose newest seen epoch for the pool is `floor`, act on `h` in `role`
@@ -163,16 +169,34 @@ pub fn check(
         }
         _ => None,
     };
-    Ok(Route { secondary })
+    Ok(Route {
+        secondary,
+        version: map.version,
+    })
 }
 
 /// The cached cluster map, this SDS's id, and the per-pool epoch high-water marks.
+///
+/// **Lease**: once [`require_lease`](MapCache::require_lease) is called (the daemon does, tests
+/// that install maps by hand need not), the fence also refuses everything unless the MDM
+/// answered a hello sent less than the lease ago and the installed map is at least as new as
+/// the one that answer named. The MDM declares an SDS down only after a longer silence, so an
+/// SDS that was frozen or cut off has stopped serving before its PGs move elsewhere, and an SDS
+/// that comes back serves nothing until it has the map that says what it still holds.
 pub struct MapCache {
     state: RwLock<Arc<ClusterState>>,
     floors: Mutex<HashMap<PoolId, Epoch>>,
     me: RwLock<Option<SdsId>>,
     version: watch::Sender<u64>,
     refresh_wanted: Notify,
+    lease: Mutex<Lease>,
+}
+
+#[derive(Default)]
+struct Lease {
+    required: bool,
+    until: Option<Instant>,
+    min_version: u64,
 }
 
 impl Default for MapCache {
@@ -190,6 +214,55 @@ impl MapCache {
             me: RwLock::new(None),
             version: watch::channel(0).0,
             refresh_wanted: Notify::new(),
+            lease: Mutex::new(Lease::default()),
+        }
+    }
+
+    /// Serve only under a lease from now on.
+    pub fn require_lease(&self) {
+        if let Ok(mut l) = self.lease.lock() {
+            l.required = true;
+        }
+    }
+
+    /// The MDM answered a hello sent at `sent`: serve until `sent + lease`, once the map is at
+    /// least `min_version`.
+    pub fn grant_lease(&self, sent: Instant, lease: Duration, min_version: u64) {
+        if let Ok(mut l) = self.lease.lock() {
+            let until = sent + lease;
+            if l.until.is_none_or(|u| u < until) {
+                l.until = Some(until);
+            }
+            l.min_version = l.min_version.max(min_version);
+        }
+    }
+
+    /// Whether the lease (if required) allows serving now.
+    pub fn leased(&self) -> bool {
+        let Ok(l) = self.lease.lock() else {
+            return false;
+        };
+        !l.required
+            || (l.until.is_some_and(|u| Instant::now() < u) && self.version() >= l.min_version)
+    }
+
+    /// Resolves when the map no longer names `secondary` as the secondary of `pg` (it was
+    /// declared down, or the PG moved): a forward still waiting for it is pointless.
+    pub async fn secondary_replaced(&self, pool: PoolId, pg: PgId, secondary: SdsId) {
+        let mut rx = self.version.subscribe();
+        loop {
+            let still = self
+                .state()
+                .pools
+                .get(&pool)
+                .and_then(|p| p.pg(pg))
+                .is_some_and(|m| m.secondary == Some(secondary));
+            if !still {
+                return;
+            }
+            if rx.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
         }
     }
 
@@ -245,6 +318,9 @@ impl MapCache {
     /// Run the fence against the current map.
     pub fn check(&self, h: &DataHeader, role: Role) -> Result<Route, Refusal> {
         let me = self.me().ok_or(Refusal::NotJoined)?;
+        if !self.leased() {
+            return Err(Refusal::NoLease);
+        }
         check(&self.state(), self.floor(h.pool), me, h, role)
     }
 
@@ -300,18 +376,22 @@ mod tests {
                     PgMapping {
                         primary: Some(A),
                         secondary: Some(B),
+                        rebuild: None,
                     },
                     PgMapping {
                         primary: Some(B),
                         secondary: Some(A),
+                        rebuild: None,
                     },
                     PgMapping {
                         primary: Some(A),
                         secondary: None,
+                        rebuild: None,
                     },
                     PgMapping {
                         primary: None,
                         secondary: None,
+                        rebuild: None,
                     },
                 ],
             },
@@ -367,16 +447,23 @@ mod tests {
         assert_eq!(
             check(&m, floor, A, &header(0, 3), Role::Primary),
             Ok(Route {
-                secondary: Some((B, b_addr))
+                secondary: Some((B, b_addr)),
+                version: 1,
             })
         );
         assert_eq!(
             check(&m, floor, B, &header(0, 3), Role::Secondary),
-            Ok(Route { secondary: None })
+            Ok(Route {
+                secondary: None,
+                version: 1,
+            })
         );
         assert_eq!(
             check(&m, floor, A, &header(2, 3), Role::Primary),
-            Ok(Route { secondary: None })
+            Ok(Route {
+                secondary: None,
+                version: 1,
+            })
         );
         let stale = refused(check(&m, floor, A, &header(0, 2), Role::Primary));
         assert!(matches!(stale, Refusal::StaleEpoch { .. }));

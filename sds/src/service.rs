@@ -119,6 +119,7 @@ impl<D: BlockDevice> Service<D> {
             .chunks_allocated
             .set(self.storage.chunk_count() as i64);
         self.metrics.map_version.set(self.map.version() as i64);
+        self.metrics.leased.set(i64::from(self.map.leased()));
         for d in self.storage.devices() {
             self.metrics.set_device_failed(&d.path, d.failed());
         }
@@ -210,6 +211,13 @@ impl<D: BlockDevice> Service<D> {
             .order
             .lock(h.chunk, BlockMask::bytes(h.offset, h.len))
             .await;
+        // The map may have changed while this write waited for the lock (a rebuild copy of
+        // this chunk, for one, holds it): route again so the write reaches the current copies.
+        let route = if self.map.state().version == route.version {
+            route
+        } else {
+            self.map.check(&h, Role::Primary).map_err(refusal)?
+        };
         let Some((sds, addr)) = route.secondary else {
             return self.apply(&h, &data).await;
         };
@@ -225,12 +233,128 @@ impl<D: BlockDevice> Service<D> {
         self.metrics.forwards.inc();
         // The forward goes first: its first poll queues the frame for the network, which is
         // the longer leg, before the local write takes its turn.
-        let (remote, local) = tokio::join!(
-            self.replicas.forward(sds, addr, &replica, data.clone()),
-            self.apply(&h, &data)
-        );
+        let forward = async {
+            tokio::select! {
+                r = self.replicas.forward(sds, addr, &replica, data.clone()) => {
+                    r.map_err(|e| self.forward_error(e))
+                }
+                _ = self.map.secondary_replaced(h.pool, h.pg, sds) => Err(WireError::new(
+                    ErrorCode::StaleEpoch,
+                    format!("the secondary SDS {sds} of PG {} was replaced; retry with the new map", h.pg),
+                )),
+            }
+        };
+        let (remote, local) = tokio::join!(forward, self.apply(&h, &data));
         local?;
-        remote.map_err(|e| self.forward_error(e))
+        remote
+    }
+
+    /// Rebuild: make `target`'s copy of `chunk` equal to this primary's, under the chunk's
+    /// whole range lock so no user write interleaves. `target_has` says whether the target
+    /// holds the chunk (a chunk neither holds needs nothing). Returns the bytes copied.
+    pub async fn copy_chunk(
+        &self,
+        pool: proto::PoolId,
+        pg: proto::PgId,
+        chunk: proto::ChunkId,
+        target: proto::SdsId,
+        target_has: bool,
+    ) -> Result<u64, WireError> {
+        let _order = self.order.lock(chunk, BlockMask::all()).await;
+        let epoch = self
+            .map
+            .state()
+            .pools
+            .get(&pool)
+            .map(|p| p.epoch)
+            .unwrap_or_default();
+        let h = DataHeader {
+            op: DataOp::ReplicaWrite,
+            flags: 0,
+            pool,
+            pg,
+            epoch,
+            chunk,
+            offset: 0,
+            len: proto::CHUNK_SIZE as u32,
+            fence: 0,
+        };
+        let route = self.map.check(&h, Role::Primary).map_err(refusal)?;
+        let addr = match route.secondary {
+            Some((s, addr)) if s == target => addr,
+            _ => {
+                return Err(WireError::new(
+                    ErrorCode::StaleEpoch,
+                    format!("SDS {target} is no longer the secondary of PG {pg}"),
+                ))
+            }
+        };
+        let (h, data) = if self.storage.contains(chunk) {
+            let data = self
+                .storage
+                .read(chunk, 0, proto::CHUNK_SIZE as u32)
+                .await
+                .map_err(|e| self.store_error(e))?;
+            (h, data)
+        } else if target_has {
+            (
+                DataHeader {
+                    op: DataOp::ReplicaTrim,
+                    ..h
+                },
+                Bytes::new(),
+            )
+        } else {
+            return Ok(0);
+        };
+        let n = data.len() as u64;
+        self.replicas
+            .forward(target, addr, &h, data)
+            .await
+            .map_err(|e| self.forward_error(e))?;
+        self.metrics.rebuild_chunks.inc();
+        self.metrics.rebuild_bytes.inc_by(n);
+        Ok(n)
+    }
+
+    /// Ask `target` which chunks `first .. first + count` of `vtree` it holds (one byte each).
+    pub async fn remote_allocation(
+        &self,
+        target: proto::SdsId,
+        pool: proto::PoolId,
+        vtree: proto::VtreeId,
+        first: u64,
+        count: u32,
+    ) -> Result<Bytes, WireError> {
+        let map = self.map.state();
+        let addr = map
+            .sds
+            .get(&target)
+            .and_then(|x| x.addr.parse().ok())
+            .ok_or_else(|| {
+                WireError::new(
+                    ErrorCode::Unavailable,
+                    format!("SDS {target} has no address"),
+                )
+            })?;
+        let h = DataHeader {
+            op: DataOp::AllocStatus,
+            flags: 0,
+            pool,
+            pg: proto::PgId(0),
+            epoch: map.pools.get(&pool).map(|p| p.epoch).unwrap_or_default(),
+            chunk: proto::ChunkId {
+                vtree,
+                index: proto::ChunkIndex(first),
+            },
+            offset: 0,
+            len: count,
+            fence: 0,
+        };
+        self.replicas
+            .call(target, addr, &h)
+            .await
+            .map_err(|e| self.forward_error(e))
     }
 
     async fn read(&self, h: &DataHeader) -> Result<Bytes, WireError> {
@@ -317,9 +441,10 @@ impl<D: BlockDevice> Service<D> {
 fn refusal(r: Refusal) -> WireError {
     let code = match r {
         Refusal::StaleEpoch { .. } => ErrorCode::StaleEpoch,
-        Refusal::NotJoined | Refusal::NewerEpoch { .. } | Refusal::NoPeerAddress(_) => {
-            ErrorCode::Unavailable
-        }
+        Refusal::NotJoined
+        | Refusal::NoLease
+        | Refusal::NewerEpoch { .. }
+        | Refusal::NoPeerAddress(_) => ErrorCode::Unavailable,
         Refusal::UnknownPool(_)
         | Refusal::NoSuchPg { .. }
         | Refusal::ChunkNotInPg { .. }

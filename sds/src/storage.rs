@@ -170,6 +170,23 @@ impl<D: BlockDevice> Storage<D> {
         first_err.map_or(Ok(()), Err)
     }
 
+    /// Whether `chunk` is allocated on any device.
+    pub fn contains(&self, chunk: ChunkId) -> bool {
+        self.locate(chunk).is_some()
+    }
+
+    /// Every allocated chunk of `vtree` on any device, ascending.
+    pub fn chunks_of(&self, vtree: VtreeId) -> Vec<proto::ChunkIndex> {
+        let mut out: Vec<proto::ChunkIndex> = self
+            .devices
+            .iter()
+            .flat_map(|d| d.store.chunks_of(vtree))
+            .collect();
+        out.sort();
+        out.dedup();
+        out
+    }
+
     /// One byte per chunk `first .. first + count` of `vtree`: 1 if allocated on any device.
     pub fn allocated(&self, vtree: VtreeId, first: u64, count: u32) -> Vec<u8> {
         let mut out = vec![0u8; count as usize];

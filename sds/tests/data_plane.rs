@@ -125,14 +125,17 @@ fn cluster(a: SocketAddr, b: SocketAddr, epoch: u64, version: u64) -> ClusterSta
             1 => PgMapping {
                 primary: Some(B),
                 secondary: Some(A),
+                rebuild: None,
             },
             p if p % 2 == 0 => PgMapping {
                 primary: Some(A),
                 secondary: Some(B),
+                rebuild: None,
             },
             _ => PgMapping {
                 primary: Some(A),
                 secondary: None,
+                rebuild: None,
             },
         })
         .collect();
@@ -444,6 +447,7 @@ async fn stale_epochs_wrong_pgs_and_bad_requests_are_refused() {
         pool.pgs[0] = PgMapping {
             primary: Some(B),
             secondary: Some(A),
+            rebuild: None,
         };
     }
     p.a.service.map().install(next.clone());
@@ -590,7 +594,10 @@ impl Handler for FakeMdm {
             return Response::error(&WireError::new(ErrorCode::BadRequest, "json"));
         };
         let resp = match &m {
-            MdmRequest::SdsHello { .. } => MdmResponse::SdsWelcome { id: A },
+            MdmRequest::SdsHello { .. } => MdmResponse::SdsWelcome {
+                id: A,
+                map_version: 0,
+            },
             MdmRequest::GetMap { known_version } => MdmResponse::Map {
                 state: (*known_version < self.state.version).then(|| Box::new(self.state.clone())),
             },
@@ -641,6 +648,7 @@ async fn the_mdm_link_follows_the_leader_registers_and_fetches_the_map() {
         LinkOptions {
             hello_interval: Duration::from_millis(100),
             map_poll_interval: Duration::from_millis(100),
+            lease: None,
             request_timeout: Duration::from_secs(2),
         },
     ));

@@ -84,7 +84,8 @@ fn cluster(a: SocketAddr, b: SocketAddr, mirrored: bool) -> ClusterState {
             pgs: vec![
                 PgMapping {
                     primary: Some(SdsId(1)),
-                    secondary
+                    secondary,
+                    rebuild: None,
                 };
                 PGS as usize
             ],

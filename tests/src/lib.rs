@@ -512,6 +512,8 @@ pub struct DataCluster {
     pub c: Cluster,
     pub sds: Vec<Proc>,
     pub sds_addrs: Vec<SocketAddr>,
+    /// Each SDS's Prometheus endpoint.
+    pub sds_metrics: Vec<SocketAddr>,
     pub sdc: Proc,
     pub socket: PathBuf,
 }
@@ -531,6 +533,7 @@ impl DataCluster {
         ]);
         let mut sds = Vec::new();
         let mut sds_addrs = Vec::new();
+        let mut sds_metrics = Vec::new();
         for i in 1..=n_sds {
             let n = format!("sds{i}");
             let dev = c.dir.join(&format!("{n}.img"));
@@ -551,6 +554,8 @@ impl DataCluster {
                 ],
             );
             let addr: SocketAddr = ([127, 0, 0, 1], free_port()).into();
+            let metrics: SocketAddr = ([127, 0, 0, 1], free_port()).into();
+            sds_metrics.push(metrics);
             c.must_scli(&[
                 "--add_sds",
                 "--sds_ip",
@@ -576,7 +581,7 @@ impl DataCluster {
                 "--device".into(),
                 dev.display().to_string(),
                 "--metrics-listen".into(),
-                format!("127.0.0.1:{}", free_port()),
+                metrics.to_string(),
             ];
             sds.push(Proc::spawn(
                 &n,
@@ -642,6 +647,7 @@ impl DataCluster {
             c,
             sds,
             sds_addrs,
+            sds_metrics,
             sdc,
             socket,
         };
@@ -657,5 +663,116 @@ impl DataCluster {
 
     pub fn uri(&self, vol: &str) -> String {
         format!("nbd+unix:///{vol}?socket={}", self.socket.display())
+    }
+}
+
+pub mod nbd;
+
+/// The cluster map, as an SDS or SDC gets it.
+pub fn cluster_map(c: &Cluster) -> proto::model::ClusterState {
+    match control_request(
+        &c.dir.join("certs/admin"),
+        &c.mdm_ips(),
+        &proto::msg::MdmRequest::GetMap { known_version: 0 },
+    ) {
+        Ok(proto::msg::MdmResponse::Map { state: Some(s) }) => *s,
+        other => panic!("GetMap: {other:?}"),
+    }
+}
+
+/// Compare, chunk by chunk, the two copies of every chunk of `volume` in
+/// `[0, chunks)`: each PG's primary and secondary are read with `ReadLocal` (the SDS's own
+/// copy, whatever its role). Returns (chunks compared, descriptions of the differences).
+pub fn compare_copies(c: &Cluster, volume: &str, chunks: u64) -> (u64, Vec<String>) {
+    use proto::codec::{kind, Frame};
+    use proto::data::{DataHeader, DataOp};
+    let map = cluster_map(c);
+    let vol = map
+        .volume_by_name(volume)
+        .expect("volume in the map")
+        .clone();
+    let pool = map.pools.get(&vol.pool).expect("pool").clone();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let id = proto::transport::Identity::load(&c.dir.join("certs/admin")).expect("identity");
+        let ep = proto::transport::Endpoint::client(&id, "test").expect("endpoint");
+        let mut conns = std::collections::HashMap::new();
+        let mut compared = 0;
+        let mut diffs = Vec::new();
+        for index in 0..chunks {
+            let chunk = proto::ChunkId {
+                vtree: vol.vtree,
+                index: proto::ChunkIndex(index),
+            };
+            let pg = chunk.pg(pool.pg_count);
+            let m = pool.pgs[pg.0 as usize];
+            let (Some(a), Some(b)) = (m.primary, m.secondary) else {
+                diffs.push(format!(
+                    "chunk {index}: PG {pg} has fewer than two copies: {m:?}"
+                ));
+                continue;
+            };
+            let mut copies = Vec::new();
+            for sds in [a, b] {
+                let addr: SocketAddr = map.sds[&sds].addr.parse().expect("sds addr");
+                if let std::collections::hash_map::Entry::Vacant(e) = conns.entry(sds) {
+                    e.insert(ep.connect(addr).await.expect("connect to SDS"));
+                }
+                let h = DataHeader {
+                    op: DataOp::ReadLocal,
+                    flags: 0,
+                    pool: pool.id,
+                    pg,
+                    epoch: pool.epoch,
+                    chunk,
+                    offset: 0,
+                    len: proto::CHUNK_SIZE as u32,
+                    fence: 0,
+                };
+                let f = conns[&sds]
+                    .call_timeout(
+                        Frame::request(
+                            kind::DATA,
+                            bytes::Bytes::copy_from_slice(&h.encode()),
+                            bytes::Bytes::new(),
+                        ),
+                        Duration::from_secs(10),
+                    )
+                    .await
+                    .expect("ReadLocal");
+                let f = proto::transport::check_status(f).expect("ReadLocal status");
+                copies.push(f.data);
+            }
+            compared += 1;
+            if copies[0] != copies[1] {
+                let at = copies[0]
+                    .iter()
+                    .zip(copies[1].iter())
+                    .position(|(x, y)| x != y)
+                    .unwrap_or(0);
+                diffs.push(format!(
+                    "chunk {index} (PG {pg}): copies on SDS {a} and {b} differ from byte {at}"
+                ));
+            }
+        }
+        (compared, diffs)
+    })
+}
+
+/// The pool's health fields from `--query_storage_pool --json`.
+pub fn pool_state(c: &Cluster, pool: &str) -> serde_json::Value {
+    let v = c.scli_raw(&[
+        "--query_storage_pool",
+        "--storage_pool_name",
+        pool,
+        "--json",
+    ]);
+    if v.ok {
+        v.json()
+    } else {
+        serde_json::Value::Null
     }
 }

@@ -1,0 +1,220 @@
+//! Rebuild as a source: this SDS, primary of a PG the MDM gave a new (rebuilding) secondary,
+//! copies the PG's chunks to it and then reports the copy done, which makes the secondary a
+//! full copy (`Op::PgRebuilt` at the MDM).
+//!
+//! How a PG is copied, while user writes keep flowing to both copies (the primary forwards
+//! every write to a rebuilding secondary too):
+//! 1. the chunks to visit: every chunk of the pool's volumes that maps to the PG and that this
+//!    SDS holds, plus those the target holds (asked with AllocStatus: a returning SDS may have
+//!    stale chunks, which must be trimmed);
+//! 2. each chunk under its whole-chunk order lock ([`Service::copy_chunk`]): the whole 1 MiB is
+//!    read here and written there, or trimmed there when this SDS has no such chunk; no user
+//!    write of that chunk can interleave, and writes after it are forwarded as usual;
+//! 3. report to the MDM with the assignment's `rebuild` epoch; a changed assignment is refused.
+//!
+//! A failed copy is retried after a pause for as long as the map still asks for it; a PG whose
+//! assignment disappears (target declared down, PG moved) is abandoned. At most
+//! `concurrency` PGs are copied at once.
+
+use crate::device::BlockDevice;
+use crate::mdm_client::MdmLink;
+use crate::routing::MapCache;
+use crate::service::{Service, ALLOC_STATUS_MAX_CHUNKS};
+use proto::model::ClusterState;
+use proto::{ChunkId, ChunkIndex, Epoch, PgId, PoolId, SdsId, CHUNK_SIZE};
+use std::collections::{BTreeSet, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::Semaphore;
+
+/// Pause before retrying a PG whose copy failed.
+const RETRY_PAUSE: Duration = Duration::from_millis(500);
+
+/// One copy the map asks this SDS to make.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Assignment {
+    pub pool: PoolId,
+    pub pg: PgId,
+    pub target: SdsId,
+    pub rebuild: Epoch,
+}
+
+/// The copies `me` must make according to `map`.
+pub fn assignments(map: &ClusterState, me: SdsId) -> Vec<Assignment> {
+    let mut out = Vec::new();
+    for p in map.pools.values() {
+        for (i, m) in p.pgs.iter().enumerate() {
+            if let (Some(pr), Some(target), Some(rebuild)) = (m.primary, m.secondary, m.rebuild) {
+                if pr == me {
+                    out.push(Assignment {
+                        pool: p.id,
+                        pg: PgId(i as u32),
+                        target,
+                        rebuild,
+                    });
+                }
+            }
+        }
+    }
+    out
+}
+
+pub struct Rebuilder<D> {
+    service: Arc<Service<D>>,
+    link: Arc<MdmLink>,
+    map: Arc<MapCache>,
+    running: Mutex<HashSet<Assignment>>,
+    slots: Semaphore,
+}
+
+impl<D: BlockDevice> Rebuilder<D> {
+    pub fn new(
+        service: Arc<Service<D>>,
+        link: Arc<MdmLink>,
+        concurrency: u32,
+    ) -> Arc<Rebuilder<D>> {
+        Arc::new(Rebuilder {
+            map: service.map().clone(),
+            service,
+            link,
+            running: Mutex::new(HashSet::new()),
+            slots: Semaphore::new(concurrency.max(1) as usize),
+        })
+    }
+
+    fn still_assigned(&self, a: &Assignment) -> bool {
+        let Some(me) = self.map.me() else {
+            return false;
+        };
+        assignments(&self.map.state(), me).contains(a)
+    }
+
+    /// Watch the map and start a copy for every new assignment; runs for the life of the
+    /// process.
+    pub async fn run(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(Duration::from_millis(200));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut seen_version = 0;
+        loop {
+            tick.tick().await;
+            let map = self.map.state();
+            if map.version == seen_version {
+                continue;
+            }
+            seen_version = map.version;
+            let Some(me) = self.map.me() else { continue };
+            for a in assignments(&map, me) {
+                let fresh = self
+                    .running
+                    .lock()
+                    .map(|mut r| r.insert(a))
+                    .unwrap_or(false);
+                if fresh {
+                    let this = self.clone();
+                    tokio::spawn(async move {
+                        this.rebuild(a).await;
+                        if let Ok(mut r) = this.running.lock() {
+                            r.remove(&a);
+                        }
+                    });
+                }
+            }
+        }
+    }
+
+    async fn rebuild(&self, a: Assignment) {
+        let Ok(_slot) = self.slots.acquire().await else {
+            return;
+        };
+        self.service.metrics().rebuilding_pgs.inc();
+        let started = Instant::now();
+        loop {
+            if !self.still_assigned(&a) {
+                tracing::info!(pool = %a.pool, pg = %a.pg, target = %a.target,
+                    "rebuild no longer assigned; abandoned");
+                break;
+            }
+            match self.copy_pg(&a).await {
+                Ok(bytes) => match self
+                    .link
+                    .report_rebuilt(a.pool, a.pg, a.target, a.rebuild)
+                    .await
+                {
+                    Ok(true) => {
+                        self.service.metrics().rebuilt_pgs.inc();
+                        tracing::info!(pool = %a.pool, pg = %a.pg, target = %a.target, bytes,
+                            seconds = started.elapsed().as_secs_f64(), "PG rebuilt");
+                        break;
+                    }
+                    Ok(false) => break,
+                    Err(e) => {
+                        tracing::warn!(pg = %a.pg, "could not report a finished rebuild: {e}; retrying")
+                    }
+                },
+                Err(e) => {
+                    tracing::warn!(pool = %a.pool, pg = %a.pg, target = %a.target,
+                        "rebuild copy failed: {e}; retrying")
+                }
+            }
+            let mut rx = std::pin::pin!(tokio::time::sleep(RETRY_PAUSE));
+            (&mut rx).await;
+        }
+        self.service.metrics().rebuilding_pgs.dec();
+    }
+
+    /// Copy every chunk of the PG that either side holds; returns the bytes copied.
+    async fn copy_pg(&self, a: &Assignment) -> Result<u64, proto::WireError> {
+        let map = self.map.state();
+        let Some(pool) = map.pools.get(&a.pool) else {
+            return Ok(0);
+        };
+        let pg_count = pool.pg_count;
+        let storage = self.service.storage();
+        let mut bytes = 0;
+        for v in map.volumes.values().filter(|v| v.pool == a.pool) {
+            let in_pg = |index: u64| {
+                ChunkId {
+                    vtree: v.vtree,
+                    index: ChunkIndex(index),
+                }
+                .pg(pg_count)
+                    == a.pg
+            };
+            let mut local: BTreeSet<u64> = storage
+                .chunks_of(v.vtree)
+                .into_iter()
+                .map(|c| c.0)
+                .filter(|i| in_pg(*i))
+                .collect();
+            let mut remote = BTreeSet::new();
+            let chunks = v.size_bytes.div_ceil(CHUNK_SIZE);
+            let mut first = 0;
+            while first < chunks {
+                let count = (chunks - first).min(u64::from(ALLOC_STATUS_MAX_CHUNKS)) as u32;
+                let have = self
+                    .service
+                    .remote_allocation(a.target, a.pool, v.vtree, first, count)
+                    .await?;
+                for (i, b) in have.iter().enumerate() {
+                    let index = first + i as u64;
+                    if *b != 0 && in_pg(index) {
+                        remote.insert(index);
+                    }
+                }
+                first += u64::from(count);
+            }
+            local.extend(remote.iter().copied());
+            for index in local {
+                let chunk = ChunkId {
+                    vtree: v.vtree,
+                    index: ChunkIndex(index),
+                };
+                bytes += self
+                    .service
+                    .copy_chunk(a.pool, a.pg, chunk, a.target, remote.contains(&index))
+                    .await?;
+            }
+        }
+        Ok(bytes)
+    }
+}
