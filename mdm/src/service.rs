@@ -46,6 +46,8 @@ pub struct Service {
     /// When the leader last heard each SDS (leader-only, reset at every new term).
     liveness: Mutex<Liveness>,
     sds_down_timeout: Duration,
+    /// What each SDS reported in its last hello to this MDM (soft state, not replicated).
+    sds_stats: Mutex<std::collections::BTreeMap<String, SdsStats>>,
 }
 
 /// The leader's heartbeat clock per SDS.
@@ -85,6 +87,7 @@ impl Service {
             peers: Mutex::new(HashMap::new()),
             liveness: Mutex::new(Liveness::default()),
             sds_down_timeout,
+            sds_stats: Mutex::new(Default::default()),
         })
     }
 
@@ -243,8 +246,15 @@ impl Service {
                 self.authorize(&token, Role::Monitor)?;
                 self.query(&query)
             }
-            MdmRequest::SdsHello { name, devices } => {
+            MdmRequest::SdsHello {
+                name,
+                devices,
+                stats,
+            } => {
                 require_sds_peer(peer, &name)?;
+                if let Ok(mut m) = self.sds_stats.lock() {
+                    m.insert(name.clone(), stats);
+                }
                 self.sds_hello(&name, devices).await
             }
             MdmRequest::PgRebuilt {
@@ -594,6 +604,7 @@ impl Service {
             .count();
         let total = st.voters.len();
         ClusterStatus {
+            sds_stats: self.sds_stats.lock().map(|m| m.clone()).unwrap_or_default(),
             mode: state.mode,
             state: if active == total {
                 "Normal".into()

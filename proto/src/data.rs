@@ -38,6 +38,9 @@ pub enum DataOp {
     ReplicaTrim = 8,
     /// Read this SDS's own copy, whatever its role (admin comparison of copies).
     ReadLocal = 9,
+    /// Secondary → primary: my copy of this block range failed its checksum; send me yours
+    /// (as a ReplicaWrite, under the primary's write ordering).
+    Repair = 10,
 }
 
 impl DataOp {
@@ -53,6 +56,7 @@ impl DataOp {
             7 => AllocStatus,
             8 => ReplicaTrim,
             9 => ReadLocal,
+            10 => Repair,
             _ => return None,
         })
     }

@@ -20,6 +20,9 @@ pub enum MdmRequest {
     SdsHello {
         name: String,
         devices: Vec<DeviceReport>,
+        /// Data-integrity counters and scrubber progress (kept by the leader in memory).
+        #[serde(default)]
+        stats: SdsStats,
     },
     /// An SDC registers its stable GUID.
     SdcRegister {
@@ -168,6 +171,9 @@ pub enum Query {
 /// The cluster's Raft view, as `--query_cluster` prints it.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct ClusterStatus {
+    /// What each SDS last reported about checksums and scrubbing, by SDS name.
+    #[serde(default)]
+    pub sds_stats: std::collections::BTreeMap<String, SdsStats>,
     pub mode: ClusterMode,
     /// `Normal` when every manager is reachable, `Degraded` otherwise.
     pub state: String,
@@ -178,6 +184,24 @@ pub struct ClusterStatus {
     pub standbys: Vec<MdmStatus>,
     pub term: u64,
     pub commit_index: u64,
+}
+
+/// An SDS's data-integrity counters since it started, and its scrubber's progress.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SdsStats {
+    /// Blocks found failing their CRC32 (by reads or the scrubber).
+    pub checksum_errors: u64,
+    /// Of those, blocks rewritten from the other copy.
+    pub repaired_blocks: u64,
+    /// Blocks with no good copy left: reads of them fail with an I/O error.
+    pub unrecoverable_blocks: u64,
+    /// Full scrub passes completed.
+    pub scrub_passes: u64,
+    /// Chunks verified in the current pass, of `scrub_chunks_total`.
+    pub scrub_chunks_done: u64,
+    pub scrub_chunks_total: u64,
+    /// The scrubber's rate limit, bytes per second.
+    pub scrub_rate_bytes: u64,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

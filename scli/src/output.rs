@@ -48,8 +48,10 @@ fn volume_json(s: &ClusterState, v: &Volume) -> Value {
     })
 }
 
-fn sds_json(s: &ClusterState, x: &proto::model::Sds) -> Value {
+fn sds_json(s: &ClusterState, c: &ClusterStatus, x: &proto::model::Sds) -> Value {
     let mut v = serde_json::to_value(x).unwrap_or(Value::Null);
+    v["integrity"] = serde_json::to_value(c.sds_stats.get(&x.name).cloned().unwrap_or_default())
+        .unwrap_or(Value::Null);
     v["protection_domain"] = json!(s.pds.get(&x.pd).map(|d| d.name.clone()));
     v["fault_set_name"] = json!(x
         .fault_set
@@ -147,10 +149,23 @@ fn volume_text(s: &ClusterState, v: &Volume) -> String {
     o.trim_end().to_string()
 }
 
-fn sds_text(s: &ClusterState, x: &proto::model::Sds) -> String {
-    let j = sds_json(s, x);
+fn sds_text(s: &ClusterState, c: &ClusterStatus, x: &proto::model::Sds) -> String {
+    let j = sds_json(s, c, x);
     let mut o = format!("SDS ID: {} Name: {} IP: {} State: {:?}\n    Protection Domain: {}, Fault Set: {}, PG copies: {}\n",
         x.id, x.name, x.addr, x.state, j["protection_domain"].as_str().unwrap_or("?"), j["fault_set_name"].as_str().unwrap_or("(none)"), j["pg_copies"]);
+    if let Some(st) = c.sds_stats.get(&x.name) {
+        let pct = if st.scrub_chunks_total == 0 {
+            100.0
+        } else {
+            100.0 * st.scrub_chunks_done as f64 / st.scrub_chunks_total as f64
+        };
+        let _ = writeln!(
+            o,
+            "    Checksum errors: {} found, {} repaired, {} unrecoverable; Scrubber: {} passes, current pass {}/{} chunks ({pct:.0}%) at {} MiB/s",
+            st.checksum_errors, st.repaired_blocks, st.unrecoverable_blocks, st.scrub_passes,
+            st.scrub_chunks_done, st.scrub_chunks_total, st.scrub_rate_bytes >> 20
+        );
+    }
     for d in &x.devices {
         let _ = writeln!(
             o,
@@ -222,7 +237,7 @@ pub fn render(q: &Query, a: &Args, c: &ClusterStatus, s: &ClusterState) -> anyho
             (pool_text(s, p), pool_json(s, p))
         }
         Query::AllSds => {
-            let t: Vec<String> = s.sds.values().map(|x| sds_text(s, x)).collect();
+            let t: Vec<String> = s.sds.values().map(|x| sds_text(s, c, x)).collect();
             let t = if t.is_empty() {
                 "No SDS defined".to_string()
             } else {
@@ -230,12 +245,12 @@ pub fn render(q: &Query, a: &Args, c: &ClusterStatus, s: &ClusterState) -> anyho
             };
             (
                 t,
-                Value::Array(s.sds.values().map(|x| sds_json(s, x)).collect()),
+                Value::Array(s.sds.values().map(|x| sds_json(s, c, x)).collect()),
             )
         }
         Query::Sds { name } => {
             let x = s.sds_by_name(name).ok_or_else(|| missing("SDS"))?;
-            (sds_text(s, x), sds_json(s, x))
+            (sds_text(s, c, x), sds_json(s, c, x))
         }
         Query::Sdc { sdc } => {
             let list: Vec<&proto::model::Sdc> = s

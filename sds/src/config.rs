@@ -18,6 +18,7 @@ pub const DEFAULT_MAP_POLL_INTERVAL_MS: u64 = 500;
 pub const DEFAULT_HELLO_INTERVAL_MS: u64 = 200;
 pub const DEFAULT_LEASE_MS: u64 = 1200;
 pub const DEFAULT_REBUILD_CONCURRENCY: u32 = 4;
+pub const DEFAULT_SCRUB_RATE_MIB_S: u64 = 4;
 pub const DEFAULT_FORWARD_TIMEOUT_MS: u64 = 5000;
 
 fn default_listen() -> SocketAddr {
@@ -49,6 +50,9 @@ fn default_lease_ms() -> u64 {
 }
 fn default_rebuild_concurrency() -> u32 {
     DEFAULT_REBUILD_CONCURRENCY
+}
+fn default_scrub_rate_mib_s() -> u64 {
+    DEFAULT_SCRUB_RATE_MIB_S
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -99,6 +103,10 @@ pub struct SdsConfig {
     /// PGs this SDS copies at once as a rebuild source (one chunk at a time each). Default: 4.
     #[serde(default = "default_rebuild_concurrency")]
     pub rebuild_concurrency: u32,
+    /// How fast the scrubber re-reads and verifies this SDS's data, MiB per second (0 turns it
+    /// off). Default: 4.
+    #[serde(default = "default_scrub_rate_mib_s")]
+    pub scrub_rate_mib_s: u64,
 }
 
 /// Every key with its documentation, in file order (printed by `--print-default-config`).
@@ -159,6 +167,11 @@ const FIELD_DOCS: &[(&str, &str)] = &[
         "rebuild_concurrency",
         "PGs this SDS copies at once as a rebuild source (one chunk at a time each).",
     ),
+    (
+        "scrub_rate_mib_s",
+        "How fast the scrubber re-reads and verifies this SDS's data, MiB per second (0 turns \
+         it off). Blocks failing their checksum are repaired from the other copy.",
+    ),
 ];
 
 impl Default for SdsConfig {
@@ -176,6 +189,7 @@ impl Default for SdsConfig {
             forward_timeout_ms: default_forward_timeout_ms(),
             lease_ms: default_lease_ms(),
             rebuild_concurrency: default_rebuild_concurrency(),
+            scrub_rate_mib_s: default_scrub_rate_mib_s(),
         }
     }
 }

@@ -5,7 +5,8 @@
 //! chunk layout and checksums of one device), [`storage`] (all devices as one chunk space),
 //! [`routing`] (the cached cluster map, the epoch/PG fence and the MDM lease), [`replication`]
 //! (forwarding to the secondary), [`service`] (the data protocol handler), [`rebuild`] (copying
-//! a PG to a new secondary as its primary), [`mdm_client`] (registration, heartbeat, map
+//! a PG to a new secondary as its primary), [`scrub`] (verifying stored data and repairing it
+//! from the other copy), [`mdm_client`] (registration, heartbeat, map
 //! polling), [`config`], [`metrics`]. Then helpers: [`range_lock`], [`failpoints`].
 //!
 //! How `main` assembles a daemon: open each device ([`device::AnyDevice`]) and its
@@ -22,6 +23,7 @@ pub mod metrics;
 pub mod rebuild;
 pub mod replication;
 pub mod routing;
+pub mod scrub;
 pub mod service;
 pub mod storage;
 

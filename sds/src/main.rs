@@ -12,6 +12,7 @@ use sds::mdm_client::{LinkOptions, MdmLink};
 use sds::metrics::SdsMetrics;
 use sds::rebuild::Rebuilder;
 use sds::routing::MapCache;
+use sds::scrub::Scrubber;
 use sds::service::{Service, ServiceOptions};
 use sds::storage::Storage;
 use std::net::SocketAddr;
@@ -46,6 +47,9 @@ struct Args {
     /// Use pread/pwrite threads instead of io_uring.
     #[arg(long)]
     no_io_uring: bool,
+    /// Scrubber rate in MiB/s (0 turns it off).
+    #[arg(long, value_name = "MIB_S")]
+    scrub_rate_mib_s: Option<u64>,
     /// Print the default configuration as commented TOML and exit.
     #[arg(long)]
     print_default_config: bool,
@@ -131,6 +135,9 @@ fn configure(args: &Args) -> anyhow::Result<SdsConfig> {
     if args.no_io_uring {
         cfg.io_uring = false;
     }
+    if let Some(v) = args.scrub_rate_mib_s {
+        cfg.scrub_rate_mib_s = v;
+    }
     if cfg.name.is_empty() {
         cfg.name = std::fs::read_to_string("/proc/sys/kernel/hostname")
             .map(|s| s.trim().to_string())
@@ -182,6 +189,7 @@ async fn run(cfg: SdsConfig) -> anyhow::Result<()> {
         },
     );
 
+    let scrubber = Scrubber::new(service.clone(), cfg.scrub_rate_mib_s << 20);
     let addrs = cfg.mdm_addrs().map_err(anyhow::Error::msg)?;
     let reports = storage.clone();
     let gauge = metrics.clone();
@@ -200,10 +208,15 @@ async fn run(cfg: SdsConfig) -> anyhow::Result<()> {
         )
         .on_hello(Arc::new(move |ok| {
             gauge.mdm_connected.set(i64::from(ok));
-        })),
+        }))
+        .with_stats({
+            let s = scrubber.clone();
+            Arc::new(move || s.stats())
+        }),
     );
     tokio::spawn(link.clone().run());
     tokio::spawn(Rebuilder::new(service.clone(), link.clone(), cfg.rebuild_concurrency).run());
+    tokio::spawn(scrubber.run());
 
     let metrics_listener = tokio::net::TcpListener::bind(cfg.metrics_listen)
         .await

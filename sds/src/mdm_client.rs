@@ -1,10 +1,11 @@
 //! The SDS's link to the MDM: registration, device reports and map following.
 //!
 //! Two loops, both for the life of the process:
-//! - **hello**: at start and every `hello_interval`, `SdsHello { name, devices }` (CONTROL frame,
-//!   JSON). The SDS identifies itself by its certificate; the answer `SdsWelcome { id }` gives
-//!   its id. Device reports carry `failed: true` once a device has failed. The hello doubles as
-//!   the SDS's heartbeat.
+//! - **hello**: at start and every `hello_interval`, `SdsHello { name, devices, stats }`
+//!   (CONTROL frame, JSON). The SDS identifies itself by its certificate; the answer
+//!   `SdsWelcome { id, map_version }` gives its id and renews its lease (see [`MapCache`]).
+//!   Device reports carry `failed: true` once a device has failed; `stats` carries the checksum
+//!   counters and scrub progress. The hello doubles as the SDS's heartbeat.
 //! - **map**: every `map_poll_interval`, or at once when the data path asks
 //!   ([`MapCache::request_refresh`]), `GetMap { known_version }`; a newer map is installed in
 //!   the [`MapCache`].
@@ -16,7 +17,7 @@
 
 use crate::routing::MapCache;
 use proto::client::MdmClient;
-use proto::msg::{DeviceReport, MdmRequest, MdmResponse};
+use proto::msg::{DeviceReport, MdmRequest, MdmResponse, SdsStats};
 use proto::{Epoch, PgId, PoolId, SdsId, WireError};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -24,6 +25,9 @@ use std::time::Duration;
 
 /// Produces the device reports of the next hello.
 pub type DeviceReports = Arc<dyn Fn() -> Vec<DeviceReport> + Send + Sync>;
+
+/// Produces the integrity counters and scrub progress of the next hello.
+pub type StatsReport = Arc<dyn Fn() -> SdsStats + Send + Sync>;
 
 /// Called after every hello with whether it succeeded (for a metrics gauge).
 pub type HelloObserver = Arc<dyn Fn(bool) + Send + Sync>;
@@ -68,6 +72,7 @@ pub struct MdmLink {
     opts: LinkOptions,
     connected: AtomicBool,
     on_hello: Option<HelloObserver>,
+    stats: Option<StatsReport>,
 }
 
 impl MdmLink {
@@ -90,7 +95,14 @@ impl MdmLink {
             opts,
             connected: AtomicBool::new(true),
             on_hello: None,
+            stats: None,
         }
+    }
+
+    /// Report `f()` in every hello.
+    pub fn with_stats(mut self, f: StatsReport) -> MdmLink {
+        self.stats = Some(f);
+        self
     }
 
     /// Call `f(succeeded)` after every hello.
@@ -104,6 +116,7 @@ impl MdmLink {
         let req = MdmRequest::SdsHello {
             name: self.name.clone(),
             devices: (self.devices)(),
+            stats: self.stats.as_ref().map(|f| f()).unwrap_or_default(),
         };
         let sent = std::time::Instant::now();
         // A hello that takes longer than the lease grants nothing.

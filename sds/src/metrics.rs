@@ -67,6 +67,14 @@ pub struct SdsMetrics {
     pub rebuilding_pgs: Gauge,
     /// 1 while this SDS holds a lease from the MDM and may serve.
     pub leased: Gauge,
+    /// Blocks rewritten from the other copy after failing their checksum.
+    pub repaired_blocks: Counter,
+    /// Blocks failing their checksum with no good copy to repair from.
+    pub unrecoverable_blocks: Counter,
+    /// Chunks the scrubber verified.
+    pub scrubbed_chunks: Counter,
+    /// Full scrub passes completed.
+    pub scrub_passes: Counter,
 }
 
 impl Default for SdsMetrics {
@@ -96,6 +104,26 @@ fn r_rebuild(m: &mut SdsMetrics) {
         "meshblock_sds_rebuilding_pgs",
         "PGs being copied by this SDS now",
         m.rebuilding_pgs.clone(),
+    );
+    r.register(
+        "meshblock_sds_repaired_blocks",
+        "Blocks rewritten from the other copy after failing their checksum",
+        m.repaired_blocks.clone(),
+    );
+    r.register(
+        "meshblock_sds_unrecoverable_blocks",
+        "Blocks failing their checksum with no good copy to repair from",
+        m.unrecoverable_blocks.clone(),
+    );
+    r.register(
+        "meshblock_sds_scrubbed_chunks",
+        "Chunks verified by the scrubber",
+        m.scrubbed_chunks.clone(),
+    );
+    r.register(
+        "meshblock_sds_scrub_passes",
+        "Full scrub passes completed",
+        m.scrub_passes.clone(),
     );
     r.register(
         "meshblock_sds_leased",
@@ -130,6 +158,10 @@ impl SdsMetrics {
             rebuilt_pgs: Counter::default(),
             rebuilding_pgs: Gauge::default(),
             leased: Gauge::default(),
+            repaired_blocks: Counter::default(),
+            unrecoverable_blocks: Counter::default(),
+            scrubbed_chunks: Counter::default(),
+            scrub_passes: Counter::default(),
         };
         r_rebuild(&mut m);
         let r = &mut m.registry;

@@ -42,6 +42,8 @@ use std::time::{Duration, Instant};
 
 /// Most chunks one AllocStatus request may ask about (the answer is one byte each).
 pub const ALLOC_STATUS_MAX_CHUNKS: u32 = 1 << 16;
+/// Checksum (and repair) granularity.
+const BLOCK_BYTES: u32 = 4096;
 /// Prefix of the certificate name of an SDS (`sds:NAME`).
 const SDS_PEER_PREFIX: &str = "sds:";
 
@@ -357,6 +359,181 @@ impl<D: BlockDevice> Service<D> {
             .map_err(|e| self.forward_error(e))
     }
 
+    /// A primary read; a block failing its checksum is repaired from the secondary and the
+    /// read retried. With no good copy the read fails with `Checksum` (never wrong data).
+    async fn read_repairing(&self, h: &DataHeader) -> Result<Bytes, WireError> {
+        // Each round repairs one block; a chunk has BLOCKS of them.
+        for _ in 0..=crate::range_lock::BLOCKS {
+            self.metrics.reads.inc();
+            self.metrics.read_bytes.inc_by(u64::from(h.len));
+            match self.storage.read(h.chunk, h.offset, h.len).await {
+                Err(StoreError::ChecksumMismatch { chunk, offset }) => {
+                    self.metrics.checksum_errors.inc();
+                    self.repair_local(h.pool, h.pg, chunk, offset).await?;
+                }
+                r => return r.map_err(|e| self.store_error(e)),
+            }
+        }
+        Err(WireError::new(
+            ErrorCode::Checksum,
+            "repairs did not converge",
+        ))
+    }
+
+    /// As the PG's primary, replace this SDS's block at `offset` of `chunk` (which failed its
+    /// checksum) with the in-sync secondary's copy, under the block's write-order lock.
+    pub async fn repair_local(
+        &self,
+        pool: proto::PoolId,
+        pg: proto::PgId,
+        chunk: proto::ChunkId,
+        offset: u32,
+    ) -> Result<(), WireError> {
+        let block = offset / BLOCK_BYTES * BLOCK_BYTES;
+        let _order = self
+            .order
+            .lock(chunk, BlockMask::bytes(block, BLOCK_BYTES))
+            .await;
+        let unrecoverable = |why: String| {
+            self.metrics.unrecoverable_blocks.inc();
+            tracing::error!(%chunk, offset = block, "block failed its checksum and cannot be repaired: {why}");
+            WireError::new(
+                ErrorCode::Checksum,
+                format!("block at {block} of chunk {chunk} failed its checksum and no good copy is left: {why}"),
+            )
+        };
+        let map = self.map.state();
+        let Some(p) = map.pools.get(&pool) else {
+            return Err(unrecoverable("its pool is not in the map".into()));
+        };
+        let secondary = p
+            .pg(pg)
+            .filter(|m| m.rebuild.is_none())
+            .and_then(|m| m.secondary)
+            .filter(|s| Some(*s) != self.map.me());
+        let Some(secondary) = secondary else {
+            return Err(unrecoverable("the PG has no in-sync second copy".into()));
+        };
+        let Some(addr) = map.sds.get(&secondary).and_then(|x| x.addr.parse().ok()) else {
+            return Err(unrecoverable(format!("SDS {secondary} has no address")));
+        };
+        let h = DataHeader {
+            op: DataOp::ReadLocal,
+            flags: 0,
+            pool,
+            pg,
+            epoch: p.epoch,
+            chunk,
+            offset: block,
+            len: BLOCK_BYTES,
+            fence: 0,
+        };
+        let good = match self.replicas.call(secondary, addr, &h).await {
+            Ok(d) if d.len() == BLOCK_BYTES as usize => d,
+            Ok(d) => {
+                return Err(unrecoverable(format!(
+                    "the secondary sent {} bytes",
+                    d.len()
+                )))
+            }
+            Err(e) => return Err(unrecoverable(format!("the secondary's copy: {e}"))),
+        };
+        self.storage
+            .write(chunk, block, &good)
+            .await
+            .map_err(|e| self.store_error(e))?;
+        self.metrics.repaired_blocks.inc();
+        tracing::warn!(%chunk, offset = block, from = %secondary, "repaired a block that failed its checksum from the other copy");
+        Ok(())
+    }
+
+    /// As the PG's primary, answer a secondary's repair request: send it this SDS's copy of the
+    /// blocks as a ReplicaWrite, under the blocks' write-order lock so no user write of them
+    /// interleaves.
+    async fn serve_repair(&self, h: &DataHeader) -> Result<(), WireError> {
+        if !h.offset.is_multiple_of(BLOCK_BYTES)
+            || h.len == 0
+            || !h.len.is_multiple_of(BLOCK_BYTES)
+            || u64::from(h.offset) + u64::from(h.len) > proto::CHUNK_SIZE
+        {
+            return Err(bad_request(
+                "a repair covers whole 4 KiB blocks of one chunk",
+            ));
+        }
+        let route = self.route(h, Role::Primary).await?;
+        let Some((secondary, addr)) = route.secondary else {
+            return Err(WireError::new(
+                ErrorCode::WrongPg,
+                "the PG has no secondary to repair",
+            ));
+        };
+        let _order = self
+            .order
+            .lock(h.chunk, BlockMask::bytes(h.offset, h.len))
+            .await;
+        let data = self
+            .storage
+            .read(h.chunk, h.offset, h.len)
+            .await
+            .map_err(|e| self.store_error(e))?;
+        let w = DataHeader {
+            op: DataOp::ReplicaWrite,
+            ..*h
+        };
+        self.replicas
+            .forward(secondary, addr, &w, data)
+            .await
+            .map_err(|e| self.forward_error(e))
+    }
+
+    /// As the PG's secondary, ask the primary to rewrite this SDS's copy of a block.
+    pub async fn request_repair(
+        &self,
+        pool: proto::PoolId,
+        pg: proto::PgId,
+        chunk: proto::ChunkId,
+        offset: u32,
+    ) -> Result<(), WireError> {
+        let map = self.map.state();
+        let p = map
+            .pools
+            .get(&pool)
+            .ok_or_else(|| WireError::new(ErrorCode::WrongPg, "unknown pool"))?;
+        let primary = p
+            .pg(pg)
+            .and_then(|m| m.primary)
+            .ok_or_else(|| WireError::new(ErrorCode::WrongPg, "the PG has no primary"))?;
+        let addr = map
+            .sds
+            .get(&primary)
+            .and_then(|x| x.addr.parse().ok())
+            .ok_or_else(|| WireError::new(ErrorCode::Unavailable, "the primary has no address"))?;
+        let block = offset / BLOCK_BYTES * BLOCK_BYTES;
+        let h = DataHeader {
+            op: DataOp::Repair,
+            flags: 0,
+            pool,
+            pg,
+            epoch: p.epoch,
+            chunk,
+            offset: block,
+            len: BLOCK_BYTES,
+            fence: 0,
+        };
+        match self.replicas.call(primary, addr, &h).await {
+            Ok(_) => {
+                self.metrics.repaired_blocks.inc();
+                tracing::warn!(%chunk, offset = block, from = %primary, "repaired a block that failed its checksum from the primary");
+                Ok(())
+            }
+            Err(e) => {
+                self.metrics.unrecoverable_blocks.inc();
+                tracing::error!(%chunk, offset = block, "block failed its checksum and the primary could not repair it: {e}");
+                Err(self.forward_error(e))
+            }
+        }
+    }
+
     async fn read(&self, h: &DataHeader) -> Result<Bytes, WireError> {
         self.metrics.reads.inc();
         self.metrics.read_bytes.inc_by(u64::from(h.len));
@@ -383,7 +560,7 @@ impl<D: BlockDevice> Service<D> {
             DataOp::Read => {
                 let started = Instant::now();
                 self.route(&h, Role::Primary).await?;
-                let out = self.read(&h).await?;
+                let out = self.read_repairing(&h).await?;
                 self.metrics
                     .read_seconds
                     .observe(started.elapsed().as_secs_f64());
@@ -411,6 +588,19 @@ impl<D: BlockDevice> Service<D> {
                 }
                 self.route(&h, Role::Secondary).await?;
                 self.apply(&h, &data).await?;
+                Ok(Bytes::new())
+            }
+            DataOp::Repair => {
+                if !peer.name.starts_with(SDS_PEER_PREFIX) {
+                    return Err(WireError::new(
+                        ErrorCode::PermissionDenied,
+                        format!(
+                            "repair requests come from SDS only, not from '{}'",
+                            peer.name
+                        ),
+                    ));
+                }
+                self.serve_repair(&h).await?;
                 Ok(Bytes::new())
             }
             DataOp::Flush => {

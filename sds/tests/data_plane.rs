@@ -664,7 +664,7 @@ async fn the_mdm_link_follows_the_leader_registers_and_fetches_the_map() {
     assert_eq!(map.floor(POOL), Epoch(4));
     let seen = leader.seen.lock().expect("seen").clone();
     let reported = seen.iter().find_map(|m| match m {
-        MdmRequest::SdsHello { name, devices } => Some((name.clone(), devices[0].failed)),
+        MdmRequest::SdsHello { name, devices, .. } => Some((name.clone(), devices[0].failed)),
         _ => None,
     });
     assert_eq!(reported, Some(("a".to_string(), true)));

@@ -520,6 +520,11 @@ pub struct DataCluster {
 
 impl DataCluster {
     pub fn start(name: &str, n_sds: usize, vol_gb: u32) -> DataCluster {
+        DataCluster::start_with(name, n_sds, vol_gb, &[])
+    }
+
+    /// [`start`](Self::start) with extra flags for every SDS.
+    pub fn start_with(name: &str, n_sds: usize, vol_gb: u32, sds_extra: &[&str]) -> DataCluster {
         let c = Cluster::start(name, 1, &[]);
         c.must_scli(&["--add_protection_domain", "--protection_domain_name", "pd1"]);
         c.must_scli(&[
@@ -582,7 +587,10 @@ impl DataCluster {
                 dev.display().to_string(),
                 "--metrics-listen".into(),
                 metrics.to_string(),
-            ];
+            ]
+            .into_iter()
+            .chain(sds_extra.iter().map(|a| a.to_string()))
+            .collect();
             sds.push(Proc::spawn(
                 &n,
                 &bin("sds"),
