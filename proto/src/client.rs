@@ -46,7 +46,19 @@ impl MdmClient {
         let until = tokio::time::Instant::now() + deadline;
         let mut last;
         loop {
-            match self.try_once(&body).await {
+            let once = match tokio::time::timeout_at(until, self.try_once(&body, until)).await {
+                Ok(r) => r,
+                Err(_) => {
+                    // The current connection did not answer in time: it may lead to a dead
+                    // MDM whose QUIC connection has not timed out yet. Dial afresh next time.
+                    *self.conn.lock().await = None;
+                    Err(WireError::new(
+                        ErrorCode::Unavailable,
+                        format!("no MDM answered within {deadline:?}"),
+                    ))
+                }
+            };
+            match once {
                 Ok(r) => return Ok(r),
                 Err(e) if matches!(e.code, ErrorCode::NotLeader | ErrorCode::Unavailable) => {
                     last = e
@@ -69,18 +81,22 @@ impl MdmClient {
     /// One pass: the current connection, else every address dialled at once (a dead MDM must
     /// not cost a handshake timeout) and asked as soon as its connection is up; a redirect to
     /// the leader is followed at once.
-    async fn try_once(&self, body: &[u8]) -> Result<MdmResponse, WireError> {
+    async fn try_once(
+        &self,
+        body: &[u8],
+        until: tokio::time::Instant,
+    ) -> Result<MdmResponse, WireError> {
         let mut last = WireError::new(ErrorCode::Unavailable, "no MDM could be reached");
         let current = self.conn.lock().await.clone().filter(|c| !c.is_closed());
         if let Some(c) = current {
-            match self.ask(&c, body).await {
+            match self.ask(&c, body, until).await {
                 Ok(r) => return Ok(r),
                 Err((e, _)) if !matches!(e.code, ErrorCode::NotLeader | ErrorCode::Unavailable) => {
                     return Err(e)
                 }
                 Err((e, leader)) => {
                     last = e;
-                    if let Some(r) = self.follow(leader, body, &mut last).await {
+                    if let Some(r) = self.follow(leader, body, &mut last, until).await {
                         return r;
                     }
                 }
@@ -116,14 +132,14 @@ impl MdmClient {
                     continue;
                 }
             };
-            match self.ask(&c, body).await {
+            match self.ask(&c, body, until).await {
                 Ok(r) => return Ok(r),
                 Err((e, _)) if !matches!(e.code, ErrorCode::NotLeader | ErrorCode::Unavailable) => {
                     return Err(e)
                 }
                 Err((e, leader)) => {
                     last = e;
-                    if let Some(r) = self.follow(leader, body, &mut last).await {
+                    if let Some(r) = self.follow(leader, body, &mut last, until).await {
                         return r;
                     }
                 }
@@ -138,6 +154,7 @@ impl MdmClient {
         leader: Option<SocketAddr>,
         body: &[u8],
         last: &mut WireError,
+        until: tokio::time::Instant,
     ) -> Option<Result<MdmResponse, WireError>> {
         let leader = leader?;
         {
@@ -157,7 +174,7 @@ impl MdmClient {
                 return None;
             }
         };
-        match self.ask(&c, body).await {
+        match self.ask(&c, body, until).await {
             Ok(r) => Some(Ok(r)),
             Err((e, _)) if !matches!(e.code, ErrorCode::NotLeader | ErrorCode::Unavailable) => {
                 Some(Err(e))
@@ -174,9 +191,13 @@ impl MdmClient {
         &self,
         client: &RpcClient,
         body: &[u8],
+        until: tokio::time::Instant,
     ) -> Result<MdmResponse, (WireError, Option<SocketAddr>)> {
         let frame = Frame::request(kind::CONTROL, body.to_vec(), bytes::Bytes::new());
-        let resp = match client.call_timeout(frame, CALL_TIMEOUT).await {
+        let left = until
+            .saturating_duration_since(tokio::time::Instant::now())
+            .min(CALL_TIMEOUT);
+        let resp = match client.call_timeout(frame, left).await {
             Ok(f) => f,
             Err(e) => {
                 *self.conn.lock().await = None;

@@ -525,7 +525,18 @@ impl DataCluster {
 
     /// [`start`](Self::start) with extra flags for every SDS.
     pub fn start_with(name: &str, n_sds: usize, vol_gb: u32, sds_extra: &[&str]) -> DataCluster {
-        let c = Cluster::start(name, 1, &[]);
+        DataCluster::start_full(name, 1, n_sds, vol_gb, sds_extra)
+    }
+
+    /// [`start_with`](Self::start_with) on `n_mdm` MDMs.
+    pub fn start_full(
+        name: &str,
+        n_mdm: usize,
+        n_sds: usize,
+        vol_gb: u32,
+        sds_extra: &[&str],
+    ) -> DataCluster {
+        let c = Cluster::start(name, n_mdm, &[]);
         c.must_scli(&["--add_protection_domain", "--protection_domain_name", "pd1"]);
         c.must_scli(&[
             "--add_storage_pool",

@@ -416,3 +416,82 @@ fn corruption_is_detected_and_repaired() {
         shown["integrity"]["unrecoverable_blocks"]
     ));
 }
+
+/// No PG may have two copies on one SDS, a copy on a down SDS while it is not the last one,
+/// or no primary.
+fn assert_pgs_sane(dc: &DataCluster) {
+    let map = cluster_map(&dc.c);
+    for p in map.pools.values() {
+        for (i, m) in p.pgs.iter().enumerate() {
+            let primary = m
+                .primary
+                .unwrap_or_else(|| panic!("PG {i} has no primary: {m:?}"));
+            assert_ne!(
+                Some(primary),
+                m.secondary,
+                "PG {i} has one SDS twice: {m:?}"
+            );
+            for s in [Some(primary), m.secondary].into_iter().flatten() {
+                assert_eq!(
+                    map.sds[&s].state,
+                    proto::model::SdsState::Normal,
+                    "PG {i} names a down SDS after healing: {m:?}"
+                );
+            }
+        }
+    }
+}
+
+/// Scenario 7: the MDM leader is SIGKILLed while it handles an SDS failure: once before it
+/// declared the SDS down (the new leader must detect it itself), once right after (the new
+/// leader must finish the rebuild). No PG ends with two primaries or none; data intact.
+#[test]
+fn mdm_leader_killed_during_sds_failover() {
+    let mut dc = DataCluster::start_full("faults_mdm_kill", 3, 3, 4, &[]);
+    let w = Writer::start(&dc, 7);
+    w.wait_more(1500, "writes before the failures");
+
+    // Before detection: kill sds1, then the leader at once.
+    let leader = dc.c.wait_leader(Duration::from_secs(10));
+    dc.sds[0].kill();
+    dc.c.mdms[leader].proc.kill();
+    wait_sds_state(&dc, "sds1", "Down");
+    wait_pool(&dc, "Normal");
+    assert_pgs_sane(&dc);
+    w.wait_more(1000, "writes after the first failover");
+    dc.c.restart(leader);
+    dc.sds[0].start();
+    wait_sds_state(&dc, "sds1", "Normal");
+
+    // After detection, during the rebuild: kill sds2, and the leader once it declared it down.
+    let leader = dc.c.wait_leader(Duration::from_secs(10));
+    let declared = dc.c.mdms[leader]
+        .metric("meshblock_mdm_sds_declared_down_total")
+        .unwrap_or(0.0);
+    dc.sds[1].kill();
+    wait_for(
+        "the leader to declare sds2 down",
+        Duration::from_secs(30),
+        || {
+            (dc.c.mdms[leader]
+                .metric("meshblock_mdm_sds_declared_down_total")
+                .unwrap_or(0.0)
+                > declared)
+                .then_some(())
+        },
+    );
+    dc.c.mdms[leader].proc.kill();
+    wait_pool(&dc, "Normal");
+    assert_pgs_sane(&dc);
+    w.wait_more(1000, "writes after the second failover");
+    let (report, model, uncertain) = w.finish();
+    assert_eq!(report.failed, 0, "{report:?}");
+    let (checked, _) = check(&dc, &model, &uncertain);
+    let (compared, diffs) = compare_copies(&dc.c, "vol1", REGION >> 20);
+    assert!(diffs.is_empty(), "copies differ: {diffs:#?}");
+    summary(&format!(
+        "fault scenario 7 (MDM leader SIGKILL during SDS failover, twice): runs 2, acknowledged writes {}, blocks checked {checked}, lost 0, PGs with two primaries or none 0, chunks with identical copies {compared}, max I/O stall {:.2} s",
+        report.acked,
+        report.max_stall.as_secs_f64()
+    ));
+}
