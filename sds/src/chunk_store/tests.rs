@@ -217,6 +217,8 @@ async fn device_errors_surface_as_errors() {
     let d = faulty(&f, 1);
     let s = ChunkStore::open(d.clone()).await.expect("open");
     s.write(c(1), 0, &[5u8; 8192]).await.expect("write");
+    // Applied in place: reads go to the device, not the journal overlay.
+    s.flush().await.expect("flush");
     let at = s.block_offset(c(1), 1).expect("offset");
     d.add_eio(EioRule::always(FaultOp::Read, Some(at..at + 4096)));
     match s.read(c(1), 0, 8192).await {
@@ -264,13 +266,13 @@ async fn foreign_or_newer_devices_are_refused() {
             .open(&f.0)
             .expect("open");
         file.seek(SeekFrom::Start(8)).expect("seek");
-        file.write_all(&2u32.to_le_bytes()).expect("write");
+        file.write_all(&3u32.to_le_bytes()).expect("write");
     }
     let e = ChunkStore::open(uring(&f)).await.err().expect("refused");
     assert!(
         matches!(
             e,
-            StoreError::Superblock(SuperblockError::Version { found: 2 })
+            StoreError::Superblock(SuperblockError::Version { found: 3 })
         ),
         "{e}"
     );
@@ -370,6 +372,7 @@ async fn load_keeps_the_later_of_two_claims_and_skips_corrupt_pages() {
         let s = ChunkStore::open(d.clone()).await.expect("open");
         s.write(c(0), 0, b"old").await.expect("write");
         s.write(c(1), 0, b"one").await.expect("write");
+        s.flush().await.expect("flush applies the journal");
         *s.superblock()
     };
     // A later claim of chunk 0 in slot 9 (as if a free of slot 0 had been lost in a crash).
