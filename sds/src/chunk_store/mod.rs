@@ -1,52 +1,97 @@
 //! The chunk store: 1 MiB chunks keyed by [`ChunkId`] on one device, allocated on first write
-//! (thin), with a CRC32 for every 4 KiB block, verified on every read.
+//! (thin), with a CRC32 for every 4 KiB block, verified on every read; crash-consistent through
+//! a write-ahead journal.
 //!
 //! PERFORMANCE-CRITICAL: every data request passes here; no logging above DEBUG per I/O.
 //!
-//! # On-disk layout, format version 1 ([`FORMAT_VERSION`])
+//! # On-disk layout, format version 2 ([`FORMAT_VERSION`])
 //!
 //! ```text
 //! [0, 4 KiB)                     superblock
-//! [meta_offset + i * 4 KiB)      meta page of slot i          (meta_offset = 4 KiB)
+//! [4 KiB, 12 KiB)                journal checkpoint pages A and B
+//! [12 KiB, meta_offset)          journal records (circular)   (journal: 1/16 of the device,
+//!                                                              1 MiB to 64 MiB)
+//! [meta_offset + i * 4 KiB)      meta page of slot i
 //! [data_offset + i * 1 MiB)      data of slot i               (data_offset 1 MiB-aligned)
 //! ```
 //! All integers little-endian. Superblock: magic `"MBLKSDS\0"` (8), format version u32, block
 //! size u32 (4096), chunk size u32 (1 MiB), reserved u32, device uuid u128, slot count u64, meta
-//! offset u64, data offset u64, capacity at format u64, created (unix seconds) u64, zeros, and
-//! the CRC32 of bytes `[0, 4092)` in the last 4 bytes.
+//! offset u64, data offset u64, capacity at format u64, created (unix seconds) u64, journal
+//! offset u64, journal length u64, zeros, and the CRC32 of bytes `[0, 4092)` in the last 4
+//! bytes. Version 1 devices are refused.
 //!
 //! Meta page of a slot in use: magic `"MBCK"` u32, format version u32, device uuid u128, slot
 //! index u32, reserved u32, vtree u64, chunk index u64, generation u64, reserved u64, "written"
 //! bitmap (256 bits = 4 x u64: blocks written since allocation; the others read as zeros), 256
 //! block CRC32s (1 KiB), zeros up to the page CRC32 in the last 4 bytes. A page that is zero, or
 //! carries another device uuid (an earlier format of the same disk, or random bytes), is a free
-//! slot: formatting writes the superblock only. Every metadata update is one aligned 4 KiB page
-//! write. The generation is a device-wide counter, so of two pages claiming one chunk (a free
-//! whose page write was lost in a crash) the later one wins at load and the other is freed.
+//! slot. Of two pages claiming one chunk the higher generation wins at load.
 //!
-//! Opening a device: all zeros at the superblock = blank, formatted; a superblock of another
-//! magic, version or a bad checksum = refused, never overwritten.
+//! Journal record ([`RecordHeader`], [`journal`]): a 4 KiB header (magic `"MBJR"`, version,
+//! device uuid, epoch, sequence number, kind Write/Trim/Free, slot, chunk, first block, block
+//! count, generation, payload CRC32, header CRC32) followed, for a Write, by up to
+//! [`MAX_RECORD_BLOCKS`] full 4 KiB blocks (partial edges already merged with the verified old
+//! contents, so replay needs nothing but the record), written as one device write at the head
+//! of the ring (or at its start when it does not fit before the end). Checkpoint page: count,
+//! epoch, tail sequence and tail offset (the first record replay needs), CRC32; written
+//! alternately to A and B, each only once the previous one is durable, so one is always intact
+//! (the higher valid count wins).
+//!
+//! Opening a device: all zeros at the superblock = blank, formatted (checkpoint, flush, then
+//! superblock); a superblock of another magic, version or a bad checksum = refused.
+//!
+//! # Writes, the overlay and the apply
+//!
+//! Every mutation (write, zeroing or trim of whole blocks, chunk free) appends a record and is
+//! acknowledged once that write completed: it is durable after the next
+//! [`flush`](ChunkStore::flush), as before. The record's blocks then sit in an in-memory overlay
+//! (`pending`, per chunk, newest record wins per block) that reads and partial-block merges
+//! prefer over the device. Nothing is written in place before the record is durable, because a
+//! power loss drops or tears any write not covered by a completed flush, independently.
+//!
+//! [`flush`](ChunkStore::flush) waits for every record issued before the call (a record after
+//! a lost one is never replayed), flushes the device (the acknowledgement point), then runs an
+//! apply round: the overlay blocks of records up to the contiguous completed sequence are
+//! written in place with the chunk's meta page (new CRCs and written bits; a zero page and a
+//! discard for a free), the device is flushed, the overlay entries are dropped, and a checkpoint
+//! moves the tail to the oldest record still needed (an overlay block replaced by a newer,
+//! not-yet-durable record keeps its older record needed). The checkpoint becomes durable with
+//! the next flush, which releases the journal space before the tail. A round also runs when the
+//! journal is more than half full, when a record does not fit, and when a slot is needed that a
+//! journaled free still holds (a freed slot is reused only after its free is applied). The
+//! overlay is bounded by the journal size. No timer applies an idle journal: the overlay stays
+//! until the next flush or the half-full mark.
+//!
+//! # Recovery
+//!
+//! `open` reads the best checkpoint and scans from its tail: each record must have a valid
+//! header CRC, the checkpoint's epoch, the next sequence number and a valid payload CRC; the
+//! first one that does not ends the scan (durability is in sequence order: a flush waits for
+//! every earlier record, so nothing acknowledged-and-flushed lies beyond a torn or missing one).
+//! The records are re-applied in order, which is idempotent: data blocks written in place, CRCs
+//! recomputed, written bits set or cleared, a Write for a slot holding no page (or another
+//! chunk's) allocates the chunk there, a Free drops the page. A meta page that fails its CRC
+//! but whose slot appears in a replayed record was torn by an interrupted apply: it is decoded
+//! leniently, since the blocks that apply was changing are rewritten by replay and every other
+//! CRC and bit is identical in the old and the new page. The touched pages are rewritten,
+//! the device flushed, and a checkpoint starts a new random epoch at the ring's start (records
+//! of earlier epochs are never taken for later ones). So after `open` every block reads its
+//! newest durable content, or a later one, and never fails its checksum unless the media
+//! corrupted it. A failed record write stops the store accepting writes and flushes (replay
+//! would stop there), until it is reopened.
 //!
 //! # Concurrency
 //!
-//! Requests lock the 4 KiB blocks they touch ([`RangeLocks`]); trims lock the whole chunk. A
-//! write updates the in-memory CRCs, then writes its data and the chunk's meta page in
-//! parallel; meta page writes of one chunk are serialised and coalesced (a writer whose change
-//! an in-flight page write missed issues the next one). Partial-block writes read, verify and
-//! merge the old block first. Acknowledged writes are on the device (in its volatile cache);
-//! [`flush`](ChunkStore::flush) makes them durable.
-//!
-//! # Not yet crash-consistent
-//!
-//! Data and meta page are two writes: a power loss between them can leave a block whose CRC
-//! does not match, including one that had been flushed before being overwritten, and a torn
-//! meta page loses its chunk. The issue "Data safety" adds a journal (or redirect-on-write into
-//! a second slot, which the generation counter and the reserved page space are kept for).
+//! Requests lock the 4 KiB blocks they touch ([`RangeLocks`]); trims lock the whole chunk. One
+//! apply round runs at a time; it takes no range locks: reads of a block being applied are
+//! served from the overlay until the in-place write completed. FUA:
+//! [`write_fua`](ChunkStore::write_fua) is a write followed by a flush.
 //!
 //! In memory: about 1.1 KiB per allocated chunk (its meta page minus padding), so 1 TiB of
-//! written data costs about 1.1 GiB of RAM; opening reads every meta page (0.4% of the device).
+//! written data costs about 1.1 GiB of RAM, plus the overlay (at most the journal size);
+//! opening reads every meta page (0.4% of the device) and the journal from its tail.
 
-mod journal;
+pub mod journal;
 mod layout;
 
 #[cfg(test)]
