@@ -213,6 +213,8 @@ struct JState {
     done: BTreeSet<u64>,
     /// Every record up to this one completed (and its blocks are in the overlay).
     contiguous: u64,
+    /// Every record up to this one is durable (a device flush completed after it).
+    durable: u64,
     ckpt_count: u64,
     ckpt_tail: u64,
     /// Tail of a checkpoint written but not yet covered by a flush.
@@ -458,6 +460,7 @@ impl<D: BlockDevice> ChunkStore<D> {
                 used: 0,
                 done: BTreeSet::new(),
                 contiguous: 0,
+                durable: 0,
                 ckpt_count: 0,
                 ckpt_tail: 1,
                 ckpt_unflushed: None,
@@ -514,6 +517,7 @@ impl<D: BlockDevice> ChunkStore<D> {
         j.used = 0;
         j.done.clear();
         j.contiguous = ck.tail_seq - 1;
+        j.durable = ck.tail_seq - 1;
         j.ckpt_count = ck.count;
         j.ckpt_tail = ck.tail_seq;
         j.ckpt_unflushed = None;
@@ -841,7 +845,7 @@ impl<D: BlockDevice> ChunkStore<D> {
     async fn entry_or_allocate_applying(&self, chunk: ChunkId) -> Result<Arc<Entry>, StoreError> {
         match self.entry_or_allocate(chunk) {
             Err(StoreError::NoSpace) if lock(&self.slots).held > 0 => {
-                self.apply_round(None, true).await?;
+                self.apply_round(true, true).await?;
                 self.entry_or_allocate(chunk)
             }
             r => r,
@@ -1065,7 +1069,7 @@ impl<D: BlockDevice> ChunkStore<D> {
                 }
             }
             tracing::debug!("journal full; applying");
-            self.apply_round(None, true).await?;
+            self.apply_round(true, true).await?;
             tokio::task::yield_now().await;
         }
     }
@@ -1129,7 +1133,7 @@ impl<D: BlockDevice> ChunkStore<D> {
         }
         lock(&self.dirty).insert(entry.slot, entry.clone());
         if self.mark_done(seq) {
-            if let Err(e) = self.apply_round(None, false).await {
+            if let Err(e) = self.try_apply_round().await {
                 tracing::warn!("applying the journal failed: {e}");
             }
         }
@@ -1269,13 +1273,15 @@ impl<D: BlockDevice> ChunkStore<D> {
         self.append(header, page, entry, Vec::new(), true).await?;
         if lock(&self.slots).free == 0 {
             // Every other slot is in use: make this one reusable now.
-            self.apply_round(None, true).await?;
+            self.apply_round(true, true).await?;
         }
         Ok(())
     }
 
     /// Make every completed write durable: wait for the journal records issued before the
-    /// call, flush the device, then apply the journal in place.
+    /// call, write in place the records an earlier flush made durable, and flush the device
+    /// (one device flush: it covers both). The records this flush made durable are applied by
+    /// the next one (or when the journal is half full).
     pub async fn flush(&self) -> Result<(), StoreError> {
         let target = {
             let j = lock(&self.journal);
@@ -1288,46 +1294,72 @@ impl<D: BlockDevice> ChunkStore<D> {
         if lock(&self.journal).failed.is_some_and(|f| f <= target) {
             return Err(failed());
         }
-        self.dev_flush().await?;
-        self.apply_round(Some(target), false).await
+        self.apply_round(false, false).await
+    }
+
+    /// Flush, apply every journaled change in place and make that and the checkpoint durable:
+    /// afterwards the overlay is empty and the journal space free (for tests, and before a
+    /// planned shutdown).
+    pub async fn apply_journal(&self) -> Result<(), StoreError> {
+        self.apply_round(true, true).await
     }
 
     /// The device's flush; a checkpoint written before it becomes durable, so the journal
     /// space before its tail is reclaimed.
     async fn dev_flush(&self) -> Result<(), StoreError> {
-        let ck = lock(&self.journal).ckpt_unflushed;
+        let (ck, contiguous) = {
+            let j = lock(&self.journal);
+            (j.ckpt_unflushed, j.contiguous)
+        };
         self.dev.flush().await?;
-        if let Some(tail) = ck {
+        {
             let mut j = lock(&self.journal);
-            j.reclaim(tail);
-            if j.ckpt_unflushed == Some(tail) {
-                j.ckpt_unflushed = None;
+            j.durable = j.durable.max(contiguous);
+            if let Some(tail) = ck {
+                j.reclaim(tail);
+                if j.ckpt_unflushed == Some(tail) {
+                    j.ckpt_unflushed = None;
+                }
             }
         }
         self.progress.notify_waiters();
         Ok(())
     }
 
-    /// Apply every durable journaled change in place, then move the checkpoint past them.
-    /// `durable`: records up to it are known durable (a flush just covered them). With
-    /// `final_flush`, the checkpoint is flushed too, so the journal space is reclaimed now.
-    async fn apply_round(&self, durable: Option<u64>, final_flush: bool) -> Result<(), StoreError> {
+    /// Apply every durable journaled change in place, flush the device, then move the
+    /// checkpoint past them. With `fresh`, flush first so that every completed record is
+    /// durable and applied; with `final_flush`, flush the checkpoint too, so the journal space
+    /// is reclaimed now.
+    async fn apply_round(&self, fresh: bool, final_flush: bool) -> Result<(), StoreError> {
         let _one = self.apply_lock.lock().await;
-        let (contiguous, unflushed, failed_at) = {
+        self.apply_locked(fresh, final_flush).await
+    }
+
+    /// An apply round unless one is running already (which then covers the caller's records
+    /// or leaves them to the next round).
+    async fn try_apply_round(&self) -> Result<(), StoreError> {
+        match self.apply_lock.try_lock() {
+            Ok(_one) => self.apply_locked(true, false).await,
+            Err(_) => Ok(()),
+        }
+    }
+
+    /// The body of [`apply_round`](Self::apply_round); the caller holds `apply_lock`.
+    async fn apply_locked(&self, fresh: bool, final_flush: bool) -> Result<(), StoreError> {
+        let stale = {
             let j = lock(&self.journal);
-            (j.contiguous, j.ckpt_unflushed.is_some(), j.failed)
+            j.durable < j.contiguous
         };
-        let c = match durable {
-            Some(c) if !unflushed => c,
-            _ => {
-                // Records up to `contiguous` completed: this flush makes them durable (and
-                // the last checkpoint, before the next one overwrites its twin).
-                self.dev_flush().await?;
-                contiguous.max(durable.unwrap_or(0))
-            }
+        if fresh && stale {
+            self.dev_flush().await?;
+        }
+        // Only durable records are applied in place: a power loss drops or tears any write
+        // not covered by a completed flush, and replay must be able to redo what was started.
+        let c = {
+            let j = lock(&self.journal);
+            // Replay stops at a failed record: nothing after it may be applied in place.
+            j.failed.map_or(j.durable, |f| j.durable.min(f - 1))
         };
-        // Replay stops at a failed record: nothing after it may be applied in place.
-        let c = failed_at.map_or(c, |f| c.min(f - 1));
 
         let entries: Vec<Arc<Entry>> = lock(&self.dirty).values().cloned().collect();
         let mut plans = Vec::new();
@@ -1421,9 +1453,9 @@ impl<D: BlockDevice> ChunkStore<D> {
                 r?;
             }
         }
-        if applied > 0 {
-            self.dev_flush().await?;
-        }
+        // Makes the in-place writes durable, the last checkpoint (before the next one
+        // overwrites its twin), and every record completed so far (a client's flush).
+        self.dev_flush().await?;
 
         for plan in &plans {
             let mut st = lock(&plan.entry.state);

@@ -183,7 +183,7 @@ async fn a_flipped_byte_is_a_checksum_mismatch() {
     {
         let s = ChunkStore::open(uring(&f)).await.expect("open");
         s.write(c(1), 0, &bytes(5, 3 * 4096)).await.expect("write");
-        s.flush().await.expect("flush");
+        s.apply_journal().await.expect("apply");
         at = s.block_offset(c(1), 1).expect("offset") + 17;
     }
     corrupt_file(&f, at);
@@ -219,7 +219,7 @@ async fn device_errors_surface_as_errors() {
     let s = ChunkStore::open(d.clone()).await.expect("open");
     s.write(c(1), 0, &[5u8; 8192]).await.expect("write");
     // Applied in place: reads go to the device, not the journal overlay.
-    s.flush().await.expect("flush");
+    s.apply_journal().await.expect("apply");
     let at = s.block_offset(c(1), 1).expect("offset");
     d.add_eio(EioRule::always(FaultOp::Read, Some(at..at + 4096)));
     match s.read(c(1), 0, 8192).await {
@@ -373,7 +373,7 @@ async fn load_keeps_the_later_of_two_claims_and_skips_corrupt_pages() {
         let s = ChunkStore::open(d.clone()).await.expect("open");
         s.write(c(0), 0, b"old").await.expect("write");
         s.write(c(1), 0, b"one").await.expect("write");
-        s.flush().await.expect("flush applies the journal");
+        s.apply_journal().await.expect("apply the journal");
         *s.superblock()
     };
     // A later claim of chunk 0 in slot 9 (as if a free of slot 0 had been lost in a crash).
@@ -709,6 +709,11 @@ async fn the_overlay_serves_reads_until_the_flush_applies_in_place() {
     );
     assert!(s.meta_of(c(0)).expect("meta").is_written(2));
 
+    // The flush makes the records durable; the next one applies them in place.
+    s.flush().await.expect("flush");
+    assert_eq!(s.overlay_blocks(), 2);
+    let raw = d.read(at, AlignedBuf::zeroed(8192)).await.expect("raw");
+    assert!(raw.as_slice().iter().all(|b| *b == 0));
     s.flush().await.expect("flush");
     assert_eq!(s.overlay_blocks(), 0);
     let raw = d.read(at, AlignedBuf::zeroed(8192)).await.expect("raw");
@@ -725,7 +730,7 @@ async fn replay_applies_durable_records_after_a_crash() {
     {
         let s = ChunkStore::open(d.clone()).await.expect("open");
         s.write(c(0), 0, &bytes(1, 8192)).await.expect("write");
-        s.flush().await.expect("flush");
+        s.apply_journal().await.expect("apply");
         s.write(c(0), 4096, &bytes(2, 4096)).await.expect("write");
         s.write(c(1), 100, b"new chunk").await.expect("write");
         s.trim(c(0), 0, 4096).await.expect("trim");
@@ -762,7 +767,7 @@ async fn a_torn_meta_page_is_rebuilt_by_replay() {
     let d = faulty(&f, 5);
     let s = ChunkStore::open(d.clone()).await.expect("open");
     s.write(c(0), 0, &bytes(1, 3 * 4096)).await.expect("write");
-    s.flush().await.expect("flush");
+    s.apply_journal().await.expect("apply");
     s.write(c(0), 4096, &bytes(2, 4096)).await.expect("write");
     d.flush().await.expect("records durable");
     let sb = *s.superblock();
