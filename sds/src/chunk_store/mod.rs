@@ -219,6 +219,9 @@ struct JState {
     ckpt_tail: u64,
     /// Tail of a checkpoint written but not yet covered by a flush.
     ckpt_unflushed: Option<u64>,
+    /// A checkpoint computed after an apply, written by the next round in parallel with its
+    /// in-place writes (off the flush's critical path).
+    ckpt_ready: Option<Checkpoint>,
     /// The first record whose write failed: replay would stop there, so nothing after it may
     /// be acknowledged or applied.
     failed: Option<u64>,
@@ -464,6 +467,7 @@ impl<D: BlockDevice> ChunkStore<D> {
                 ckpt_count: 0,
                 ckpt_tail: 1,
                 ckpt_unflushed: None,
+                ckpt_ready: None,
                 failed: None,
             }),
             progress: tokio::sync::Notify::new(),
@@ -521,6 +525,7 @@ impl<D: BlockDevice> ChunkStore<D> {
         j.ckpt_count = ck.count;
         j.ckpt_tail = ck.tail_seq;
         j.ckpt_unflushed = None;
+        j.ckpt_ready = None;
         j.failed = None;
     }
 
@@ -1445,6 +1450,12 @@ impl<D: BlockDevice> ChunkStore<D> {
                 Ok(())
             }));
         }
+        // The previous round's checkpoint: its in-place writes were durable when it was
+        // computed, and the checkpoint before it is durable too (the previous round's flush).
+        let ready = lock(&self.journal).ckpt_ready.take();
+        if let Some(ck) = ready {
+            ios.push(Box::pin(self.write_checkpoint(ck)));
+        }
         let applied = plans.len();
         while !ios.is_empty() {
             let rest = ios.split_off(ios.len().min(APPLY_PARALLEL));
@@ -1452,6 +1463,11 @@ impl<D: BlockDevice> ChunkStore<D> {
             for r in join_all(batch).await {
                 r?;
             }
+        }
+        if let Some(ck) = ready {
+            let mut j = lock(&self.journal);
+            j.ckpt_count = ck.count;
+            j.ckpt_unflushed = Some(ck.tail_seq);
         }
         // Makes the in-place writes durable, the last checkpoint (before the next one
         // overwrites its twin), and every record completed so far (a client's flush).
@@ -1522,17 +1538,23 @@ impl<D: BlockDevice> ChunkStore<D> {
                 }
             }
         };
-        if let Some(ck) = ck {
-            self.write_checkpoint(ck).await?;
-            {
-                let mut j = lock(&self.journal);
-                j.ckpt_count = ck.count;
-                j.ckpt_tail = ck.tail_seq;
-                j.ckpt_unflushed = Some(ck.tail_seq);
-            }
-            if final_flush {
+        match ck {
+            Some(ck) if final_flush => {
+                self.write_checkpoint(ck).await?;
+                {
+                    let mut j = lock(&self.journal);
+                    j.ckpt_count = ck.count;
+                    j.ckpt_tail = ck.tail_seq;
+                    j.ckpt_unflushed = Some(ck.tail_seq);
+                }
                 self.dev_flush().await?;
             }
+            Some(ck) => {
+                let mut j = lock(&self.journal);
+                j.ckpt_tail = ck.tail_seq;
+                j.ckpt_ready = Some(ck);
+            }
+            None => {}
         }
         if applied > 0 {
             tracing::debug!(chunks = applied, upto = c, "applied the journal");
