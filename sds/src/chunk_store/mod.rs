@@ -50,17 +50,22 @@
 //! power loss drops or tears any write not covered by a completed flush, independently.
 //!
 //! [`flush`](ChunkStore::flush) waits for every record issued before the call (a record after
-//! a lost one is never replayed), flushes the device (the acknowledgement point), then runs an
-//! apply round: the overlay blocks of records up to the contiguous completed sequence are
-//! written in place with the chunk's meta page (new CRCs and written bits; a zero page and a
-//! discard for a free), the device is flushed, the overlay entries are dropped, and a checkpoint
-//! moves the tail to the oldest record still needed (an overlay block replaced by a newer,
-//! not-yet-durable record keeps its older record needed). The checkpoint becomes durable with
-//! the next flush, which releases the journal space before the tail. A round also runs when the
-//! journal is more than half full, when a record does not fit, and when a slot is needed that a
-//! journaled free still holds (a freed slot is reused only after its free is applied). The
-//! overlay is bounded by the journal size. No timer applies an idle journal: the overlay stays
-//! until the next flush or the half-full mark.
+//! a lost one is never replayed), then runs an apply round under one device flush: the overlay
+//! blocks of records an earlier flush made durable are written in place with the chunk's meta
+//! page (new CRCs and written bits; a zero page and a discard for a free), together with the
+//! checkpoint the previous round computed; then the device flush, which is the
+//! acknowledgement point (it covers the new records, the in-place writes and that
+//! checkpoint). The applied overlay entries are then dropped, and the next checkpoint is
+//! computed: its tail is the oldest record still needed (an overlay block replaced by a newer,
+//! not yet applied record keeps its older record needed). Journal space before the tail of a
+//! durable checkpoint is reused. So a record is applied by the flush after the one that made
+//! it durable: one device flush per client flush, as in version 1. A round also runs (with a
+//! flush first) when the journal is more than half full, when a record does not fit (then it
+//! also flushes its checkpoint at once, to reclaim space), and when a slot is needed that a
+//! journaled free still holds (a freed slot is reused only after its free is applied).
+//! [`apply_journal`](ChunkStore::apply_journal) applies everything now. The overlay is bounded
+//! by the journal size; no timer applies an idle journal: the overlay stays until the next
+//! flushes or the half-full mark.
 //!
 //! # Recovery
 //!
