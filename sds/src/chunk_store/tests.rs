@@ -932,3 +932,87 @@ async fn power_loss_with_concurrent_writers_and_flushes() {
         "{flushed} runs flushed, {cut} cut"
     );
 }
+
+/// Holds the next write into `range` until a permit is added to `gate`.
+struct HoldDevice {
+    inner: Arc<FaultyDevice<FileDevice>>,
+    range: std::ops::Range<u64>,
+    hold_next: std::sync::atomic::AtomicBool,
+    holding: std::sync::atomic::AtomicBool,
+    gate: tokio::sync::Semaphore,
+}
+
+impl BlockDevice for HoldDevice {
+    fn capacity(&self) -> u64 {
+        self.inner.capacity()
+    }
+    fn buffers(&self) -> &crate::device::BufferPool {
+        self.inner.buffers()
+    }
+    async fn read(&self, offset: u64, buf: AlignedBuf) -> Result<AlignedBuf, DeviceError> {
+        self.inner.read(offset, buf).await
+    }
+    async fn write(&self, offset: u64, buf: AlignedBuf) -> Result<AlignedBuf, DeviceError> {
+        if self.range.contains(&offset) && self.hold_next.swap(false, Ordering::SeqCst) {
+            self.holding.store(true, Ordering::SeqCst);
+            let _permit = self.gate.acquire().await;
+            self.holding.store(false, Ordering::SeqCst);
+        }
+        self.inner.write(offset, buf).await
+    }
+    async fn flush(&self) -> Result<(), DeviceError> {
+        self.inner.flush().await
+    }
+    async fn discard(&self, offset: u64, len: u64) -> Result<(), DeviceError> {
+        self.inner.discard(offset, len).await
+    }
+}
+
+#[tokio::test]
+async fn a_flush_waits_for_earlier_records_still_in_flight() {
+    let f = Scratch::new("cs-inflight", DEV);
+    let d = faulty(&f, 7);
+    drop(ChunkStore::open(d.clone()).await.expect("format"));
+    d.set_volatile_cache(true);
+    let sb = *ChunkStore::open(d.clone())
+        .await
+        .expect("open")
+        .superblock();
+    let h = Arc::new(HoldDevice {
+        inner: d.clone(),
+        range: sb.journal_offset..sb.journal_offset + sb.journal_len,
+        hold_next: std::sync::atomic::AtomicBool::new(false),
+        holding: std::sync::atomic::AtomicBool::new(false),
+        gate: tokio::sync::Semaphore::new(0),
+    });
+    let s = Arc::new(ChunkStore::open(h.clone()).await.expect("open"));
+    h.hold_next.store(true, Ordering::SeqCst);
+    let a = {
+        let s = s.clone();
+        tokio::spawn(async move { s.write(c(0), 0, &bytes(1, 4096)).await })
+    };
+    while !h.holding.load(Ordering::SeqCst) {
+        tokio::task::yield_now().await;
+    }
+    // A later record completes while the earlier one is still in flight.
+    s.write(c(1), 0, &bytes(2, 4096)).await.expect("write");
+    let flush = {
+        let s = s.clone();
+        tokio::spawn(async move { s.flush().await })
+    };
+    for _ in 0..100 {
+        tokio::task::yield_now().await;
+    }
+    assert!(
+        !flush.is_finished(),
+        "a flush returned while an earlier record was in flight"
+    );
+    h.gate.add_permits(1);
+    a.await.expect("join").expect("write");
+    flush.await.expect("join").expect("flush");
+    drop(s);
+    d.crash(CrashMode::DropUnflushed).await.expect("crash");
+    let s = ChunkStore::open(d.clone()).await.expect("reopen");
+    assert_eq!(s.read(c(0), 0, 4096).await.expect("read"), bytes(1, 4096));
+    assert_eq!(s.read(c(1), 0, 4096).await.expect("read"), bytes(2, 4096));
+}
