@@ -562,6 +562,7 @@ impl<D: BlockDevice> ChunkStore<D> {
                 match RecordHeader::decode(head.as_slice(), self.sb.device_uuid) {
                     Some(h)
                         if h.epoch == ck.epoch
+                            && u64::from(h.slot.0) < self.sb.slot_count
                             && h.seq == seq
                             && at + (PAGE + h.payload_len()) as u64 <= end =>
                     {
@@ -824,8 +825,13 @@ impl<D: BlockDevice> ChunkStore<D> {
     }
 
     /// Allocate a slot for `chunk` unless it has one (in memory; the first write persists it).
+    /// When the only free slots are held by journaled frees, the first write allocates (after
+    /// applying them).
     pub fn reserve(&self, chunk: ChunkId) -> Result<(), StoreError> {
-        self.entry_or_allocate(chunk).map(|_| ())
+        match self.entry_or_allocate(chunk) {
+            Err(StoreError::NoSpace) if lock(&self.slots).held > 0 => Ok(()),
+            r => r.map(|_| ()),
+        }
     }
 
     fn entry_or_allocate(&self, chunk: ChunkId) -> Result<Arc<Entry>, StoreError> {

@@ -188,6 +188,7 @@ async fn a_flipped_byte_is_a_checksum_mismatch() {
     }
     corrupt_file(&f, at);
     let s = ChunkStore::open(uring(&f)).await.expect("reopen");
+    assert_eq!(s.scrub_chunk(c(1)).await.expect("scrub"), vec![4096]);
     match s.read(c(1), 4096, 10).await {
         Err(StoreError::ChecksumMismatch { chunk, offset }) => {
             assert_eq!((chunk, offset), (c(1), 4096));
@@ -204,8 +205,14 @@ async fn a_flipped_byte_is_a_checksum_mismatch() {
         s.write(c(1), 4096 + 5, b"x").await,
         Err(StoreError::ChecksumMismatch { .. })
     ));
-    // A whole-block write replaces it.
+    // A whole-block write replaces it (a repair from the other copy).
     s.write(c(1), 4096, &[1u8; 4096]).await.expect("rewrite");
+    assert_eq!(
+        &s.read(c(1), 4096, 4096).await.expect("read")[..],
+        &[1u8; 4096][..]
+    );
+    s.apply_journal().await.expect("apply");
+    assert_eq!(s.scrub_chunk(c(1)).await.expect("scrub"), Vec::<u32>::new());
     assert_eq!(
         &s.read(c(1), 4096, 4096).await.expect("read")[..],
         &[1u8; 4096][..]
