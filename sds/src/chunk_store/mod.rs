@@ -1468,12 +1468,25 @@ impl<D: BlockDevice> ChunkStore<D> {
             ios.push(Box::pin(self.write_checkpoint(ck)));
         }
         let applied = plans.len();
+        let mut first_err = None;
         while !ios.is_empty() {
             let rest = ios.split_off(ios.len().min(APPLY_PARALLEL));
             let batch = std::mem::replace(&mut ios, rest);
             for r in join_all(batch).await {
-                r?;
+                if let Err(e) = r {
+                    first_err.get_or_insert(e);
+                }
             }
+            if first_err.is_some() {
+                break;
+            }
+        }
+        if let Some(e) = first_err {
+            // The overlay stays; the checkpoint is written by a later round.
+            if let Some(ck) = ready {
+                lock(&self.journal).ckpt_ready.get_or_insert(ck);
+            }
+            return Err(e);
         }
         if let Some(ck) = ready {
             let mut j = lock(&self.journal);

@@ -675,11 +675,22 @@ async fn power_loss_run(seed: u64) -> Result<(u64, u64), String> {
     Ok((replayed, cuts))
 }
 
+/// Seeds `0..default`, or the range in `var` (`"first..end"`) for a longer soak.
+fn seeds(var: &str, default: u64) -> std::ops::Range<u64> {
+    std::env::var(var)
+        .ok()
+        .and_then(|v| {
+            let (a, b) = v.split_once("..")?;
+            Some(a.parse().ok()?..b.parse().ok()?)
+        })
+        .unwrap_or(0..default)
+}
+
 #[tokio::test]
 async fn power_loss_at_any_point_reads_old_or_new_never_a_checksum_error() {
     let mut failures = Vec::new();
     let (mut replayed, mut cuts) = (0, 0);
-    for seed in 0..120 {
+    for seed in seeds("SDS_POWER_LOSS_SEEDS", 120) {
         match power_loss_run(seed).await {
             Ok((r, c)) => {
                 replayed += r;
@@ -923,7 +934,7 @@ async fn concurrent_power_loss_run(seed: u64) -> Result<(bool, bool), String> {
 async fn power_loss_with_concurrent_writers_and_flushes() {
     let mut failures = Vec::new();
     let (mut flushed, mut cut) = (0, 0);
-    for seed in 0..30 {
+    for seed in seeds("SDS_POWER_LOSS_SEEDS", 30) {
         match concurrent_power_loss_run(seed).await {
             Ok((f, c)) => {
                 flushed += u32::from(f);
