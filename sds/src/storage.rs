@@ -237,6 +237,10 @@ mod tests {
             assert_eq!(s.read(c(i), 0, 1).await.expect("read"), vec![i as u8]);
         }
         assert_eq!(s.read(c(9), 10, 3).await.expect("hole"), vec![0u8; 3]);
+        // Applied in place, so reads reach the devices.
+        for d in s.devices() {
+            d.store.apply_journal().await.expect("apply");
+        }
 
         let on_b = (0..6)
             .find(|i| s.devices()[1].store.contains(c(*i)))

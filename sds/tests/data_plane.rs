@@ -549,6 +549,12 @@ async fn a_device_error_is_io_and_marks_the_device_failed() {
     .await
     .expect("write");
     assert!(!a.service.storage().reports()[0].failed);
+    // Applied in place: reads reach the device, not the journal overlay.
+    a.service.storage().devices()[0]
+        .store
+        .apply_journal()
+        .await
+        .expect("apply");
     dev.add_eio(EioRule::always(FaultOp::Read, None));
     assert_eq!(code(call(&client, read, Bytes::new()).await), ErrorCode::Io);
     assert!(

@@ -5,7 +5,7 @@ use crate::range_lock::BLOCKS;
 use proto::{ChunkId, ChunkIndex, VtreeId, CHUNK_SIZE};
 
 /// Version of the layout below. Bump on any change; the store refuses other versions.
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 /// First 8 bytes of the superblock.
 pub const SUPERBLOCK_MAGIC: [u8; 8] = *b"MBLKSDS\0";
 /// First 4 bytes of a meta page in use ("MBCK").
@@ -19,6 +19,10 @@ pub const WRITTEN_WORDS: usize = BLOCKS / 64;
 
 const CRC_AT: usize = PAGE - 4;
 
+/// Smallest and largest journal region (checkpoint pages included).
+pub const JOURNAL_MIN: u64 = 1 << 20;
+pub const JOURNAL_MAX: u64 = 64 << 20;
+
 /// Geometry and identity of a formatted device.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Superblock {
@@ -26,6 +30,9 @@ pub struct Superblock {
     /// same device (or random bytes) are never taken for live ones.
     pub device_uuid: u128,
     pub slot_count: u64,
+    /// The journal region: two checkpoint pages, then the circular record area.
+    pub journal_offset: u64,
+    pub journal_len: u64,
     pub meta_offset: u64,
     pub data_offset: u64,
     /// Device capacity when formatted.
@@ -44,6 +51,8 @@ pub enum SuperblockError {
     Checksum,
     #[error("the superblock describes an impossible geometry: {0}")]
     Geometry(String),
+    #[error("neither journal checkpoint page is valid")]
+    NoCheckpoint,
 }
 
 fn u32_at(p: &[u8], i: usize) -> u32 {
@@ -75,10 +84,14 @@ fn page_crc(p: &[u8]) -> u32 {
 }
 
 impl Superblock {
-    /// The geometry for a device of `capacity` bytes: as many slots as fit, each a 4 KiB meta
-    /// page plus 1 MiB of data, with the data region 1 MiB-aligned. `None` if not one fits.
+    /// The geometry for a device of `capacity` bytes: a journal of 1/16 of the device (1 to 64
+    /// MiB), then as many slots as fit, each a 4 KiB meta page plus 1 MiB of data, with the
+    /// data region 1 MiB-aligned. `None` if not one fits.
     pub fn plan(capacity: u64, device_uuid: u128, created_unix: u64) -> Option<Superblock> {
-        let meta_offset = PAGE as u64;
+        let journal_offset = PAGE as u64;
+        let journal_len =
+            (capacity / 16 / PAGE as u64 * PAGE as u64).clamp(JOURNAL_MIN, JOURNAL_MAX);
+        let meta_offset = journal_offset + journal_len;
         let per_slot = CHUNK_SIZE + PAGE as u64;
         let mut slots = capacity.checked_sub(meta_offset)? / per_slot;
         loop {
@@ -87,6 +100,8 @@ impl Superblock {
                 return (slots > 0).then_some(Superblock {
                     device_uuid,
                     slot_count: slots,
+                    journal_offset,
+                    journal_len,
                     meta_offset,
                     data_offset,
                     capacity,
@@ -109,6 +124,8 @@ impl Superblock {
         p[56..64].copy_from_slice(&self.data_offset.to_le_bytes());
         p[64..72].copy_from_slice(&self.capacity.to_le_bytes());
         p[72..80].copy_from_slice(&self.created_unix.to_le_bytes());
+        p[80..88].copy_from_slice(&self.journal_offset.to_le_bytes());
+        p[88..96].copy_from_slice(&self.journal_len.to_le_bytes());
         let crc = page_crc(p);
         p[CRC_AT..PAGE].copy_from_slice(&crc.to_le_bytes());
     }
@@ -133,6 +150,8 @@ impl Superblock {
         let sb = Superblock {
             device_uuid: u128_at(p, 24),
             slot_count: u64_at(p, 40),
+            journal_offset: u64_at(p, 80),
+            journal_len: u64_at(p, 88),
             meta_offset: u64_at(p, 48),
             data_offset: u64_at(p, 56),
             capacity: u64_at(p, 64),
@@ -152,7 +171,10 @@ impl Superblock {
             .and_then(|d| d.checked_add(sb.data_offset));
         match (meta_end, data_end) {
             (Some(m), Some(d))
-                if sb.meta_offset >= PAGE as u64
+                if sb.journal_offset == PAGE as u64
+                    && sb.journal_len >= JOURNAL_MIN
+                    && sb.journal_len.is_multiple_of(PAGE as u64)
+                    && sb.journal_offset.checked_add(sb.journal_len) <= Some(sb.meta_offset)
                     && m <= sb.data_offset
                     && sb.meta_offset.is_multiple_of(PAGE as u64)
                     && sb.data_offset.is_multiple_of(PAGE as u64)
@@ -264,6 +286,23 @@ impl ChunkMeta {
         if page_crc(p) != u32_at(p, CRC_AT) || u32_at(p, 24) != slot.0 {
             return MetaPage::Corrupt;
         }
+        MetaPage::InUse(Box::new(Self::fields(p)))
+    }
+
+    /// Decode a page that failed its checksum (torn by a crash during a journal apply) when its
+    /// header sector still names this device, version and slot: the journal replay then
+    /// rewrites every block and CRC the interrupted apply was changing, and the others are the
+    /// same in the old and the new page. `None` if even the header does not match.
+    pub fn decode_lenient(p: &[u8], device_uuid: u128, slot: SlotIndex) -> Option<ChunkMeta> {
+        (p.len() >= PAGE
+            && u32_at(p, 0) == META_MAGIC
+            && u128_at(p, 8) == device_uuid
+            && u32_at(p, 4) == FORMAT_VERSION
+            && u32_at(p, 24) == slot.0)
+            .then(|| Self::fields(p))
+    }
+
+    fn fields(p: &[u8]) -> ChunkMeta {
         let mut m = ChunkMeta::new(ChunkId {
             vtree: VtreeId(u64_at(p, 32)),
             index: ChunkIndex(u64_at(p, 40)),
@@ -275,7 +314,7 @@ impl ChunkMeta {
         for (i, c) in m.crcs.iter_mut().enumerate() {
             *c = u32_at(p, 96 + i * 4);
         }
-        MetaPage::InUse(Box::new(m))
+        m
     }
 }
 
@@ -291,6 +330,7 @@ mod tests {
             let sb = Superblock::plan(cap, 1, 0).expect("plan");
             assert!(sb.data_offset + sb.slot_count * CHUNK_SIZE <= cap);
             assert!(sb.meta_offset + sb.slot_count * PAGE as u64 <= sb.data_offset);
+            assert!(sb.journal_offset + sb.journal_len <= sb.meta_offset);
             assert_eq!(sb.data_offset % CHUNK_SIZE, 0);
             // No room left for one more slot.
             let more = sb.slot_count + 1;
@@ -317,10 +357,10 @@ mod tests {
             Err(SuperblockError::Checksum)
         );
         let mut q = p.clone();
-        q[8] = 2;
+        q[8] = 9;
         assert_eq!(
             Superblock::decode(&q, 64 << 20),
-            Err(SuperblockError::Version { found: 2 })
+            Err(SuperblockError::Version { found: 9 })
         );
         let mut q = p.clone();
         q[0] = b'X';
