@@ -20,6 +20,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
+/// Period of the background journal apply, milliseconds.
+const JOURNAL_APPLY_MS: u64 = 500;
+
 #[derive(Parser)]
 #[command(name = "sds", version, about = "Meshblock storage data server (SDS)")]
 struct Args {
@@ -217,6 +220,19 @@ async fn run(cfg: SdsConfig) -> anyhow::Result<()> {
     tokio::spawn(link.clone().run());
     tokio::spawn(Rebuilder::new(service.clone(), link.clone(), cfg.rebuild_concurrency).run());
     tokio::spawn(scrubber.run());
+    let applier = storage.clone();
+    tokio::spawn(async move {
+        // Journaled writes wait in memory for the second flush after them; without client
+        // flushes, apply them here so the overlay stays small and the data sits in place.
+        let mut tick = tokio::time::interval(std::time::Duration::from_millis(JOURNAL_APPLY_MS));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            if let Err(e) = applier.apply_journals().await {
+                tracing::warn!("background journal apply failed: {e}");
+            }
+        }
+    });
 
     let metrics_listener = tokio::net::TcpListener::bind(cfg.metrics_listen)
         .await
@@ -242,5 +258,9 @@ async fn run(cfg: SdsConfig) -> anyhow::Result<()> {
         .flush()
         .await
         .context("flush the devices at shutdown")?;
+    storage
+        .apply_journals()
+        .await
+        .context("apply the journals at shutdown")?;
     Ok(())
 }

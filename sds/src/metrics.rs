@@ -50,6 +50,8 @@ pub struct SdsMetrics {
     /// 1 per device that has failed.
     pub device_failed: Family<Labels, Gauge>,
     pub chunks_allocated: Gauge,
+    /// Blocks journaled but not yet applied in place (held in memory).
+    pub journal_overlay_blocks: Gauge,
     pub map_version: Gauge,
     /// 1 while the last hello to the MDM succeeded.
     pub mdm_connected: Gauge,
@@ -126,6 +128,11 @@ fn r_rebuild(m: &mut SdsMetrics) {
         m.scrub_passes.clone(),
     );
     r.register(
+        "meshblock_sds_journal_overlay_blocks",
+        "Blocks journaled but not yet written in place (served from memory)",
+        m.journal_overlay_blocks.clone(),
+    );
+    r.register(
         "meshblock_sds_leased",
         "1 while this SDS holds a lease from the MDM and may serve I/O",
         m.leased.clone(),
@@ -149,6 +156,7 @@ impl SdsMetrics {
             device_errors: Counter::default(),
             device_failed: Family::default(),
             chunks_allocated: Gauge::default(),
+            journal_overlay_blocks: Gauge::default(),
             map_version: Gauge::default(),
             mdm_connected: Gauge::default(),
             read_seconds: buckets(),

@@ -122,6 +122,13 @@ impl<D: BlockDevice> Service<D> {
             .set(self.storage.chunk_count() as i64);
         self.metrics.map_version.set(self.map.version() as i64);
         self.metrics.leased.set(i64::from(self.map.leased()));
+        self.metrics.journal_overlay_blocks.set(
+            self.storage
+                .devices()
+                .iter()
+                .map(|d| d.store.overlay_blocks() as i64)
+                .sum(),
+        );
         for d in self.storage.devices() {
             self.metrics.set_device_failed(&d.path, d.failed());
         }

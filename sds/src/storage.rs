@@ -170,6 +170,17 @@ impl<D: BlockDevice> Storage<D> {
         first_err.map_or(Ok(()), Err)
     }
 
+    /// Apply every device's journaled writes in place (when it holds any): the background
+    /// apply that keeps the in-memory overlay small between client flushes.
+    pub async fn apply_journals(&self) -> Result<(), StoreError> {
+        for (i, d) in self.devices.iter().enumerate() {
+            if d.store.overlay_blocks() > 0 && !d.failed() {
+                self.note(i, d.store.apply_journal().await)?;
+            }
+        }
+        Ok(())
+    }
+
     /// Whether `chunk` is allocated on any device.
     pub fn contains(&self, chunk: ChunkId) -> bool {
         self.locate(chunk).is_some()

@@ -356,6 +356,15 @@ fn corruption_is_detected_and_repaired() {
     };
     let (a, b) = (idx(m.primary), idx(m.secondary));
     let image = |i: usize| dc.c.dir.join(&format!("sds{}.img", i + 1));
+    // Journaled writes are applied in place in the background: wait until both copies have
+    // nothing left in memory, so the corruption below hits the data where reads find it.
+    for i in [a, b] {
+        wait_for(
+            "the journal applied in place",
+            Duration::from_secs(20),
+            || (sds_metric(&dc, i, "meshblock_sds_journal_overlay_blocks") == 0.0).then_some(()),
+        );
+    }
     let marker = |i: u32| format!("MESHBLOCK-CORRUPTION-MARKER-{i:04}").into_bytes();
 
     // 1. The primary's copy of block 3: the read repairs it from the secondary.
