@@ -3,8 +3,30 @@
 
 /// Before a chunk's meta page is written (its data write runs in parallel).
 pub const CHUNK_STORE_BEFORE_META_WRITE: &str = "sds::chunk_store::before_meta_write";
-/// Before the primary forwards a write to the secondary.
+/// Before the primary forwards a write to the secondary (its local write runs in parallel).
 pub const SERVICE_BEFORE_FORWARD: &str = "sds::service::before_forward";
+/// After the local write and the forward both succeeded, before the primary acknowledges.
+pub const SERVICE_AFTER_FORWARD_BEFORE_ACK: &str = "sds::service::after_forward_before_ack";
+/// In the middle of installing a newer cluster map (epoch floors raised, map not yet swapped).
+pub const ROUTING_DURING_MAP_UPDATE: &str = "sds::routing::during_map_update";
+
+/// Configure fail points from `name=action;name=action` (the `fail` crate's actions, e.g.
+/// `1*panic`, `50%sleep(200)`); an error names what could not be parsed. Without the
+/// `failpoints` feature this refuses anything but an empty list.
+pub fn configure(spec: &str) -> Result<(), String> {
+    for item in spec.split(';').map(str::trim).filter(|s| !s.is_empty()) {
+        let (name, action) = item
+            .split_once('=')
+            .ok_or_else(|| format!("fail point '{item}': expected NAME=ACTION"))?;
+        if !cfg!(feature = "failpoints") {
+            return Err(format!(
+                "fail point {name}: this sds was built without the `failpoints` feature"
+            ));
+        }
+        fail::cfg(name.trim(), action.trim()).map_err(|e| format!("fail point {name}: {e}"))?;
+    }
+    Ok(())
+}
 
 /// Evaluate the fail point `name` (a no-op without the `failpoints` feature).
 #[inline]

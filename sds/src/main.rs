@@ -50,6 +50,10 @@ struct Args {
     /// Use pread/pwrite threads instead of io_uring.
     #[arg(long)]
     no_io_uring: bool,
+    /// Fail points to arm, `NAME=ACTION;...` (builds with the `failpoints` feature only; for
+    /// fault tests).
+    #[arg(long, value_name = "SPEC", hide = true)]
+    failpoints: Option<String>,
     /// Scrubber rate in MiB/s (0 turns it off).
     #[arg(long, value_name = "MIB_S")]
     scrub_rate_mib_s: Option<u64>,
@@ -86,6 +90,10 @@ fn main() -> ExitCode {
 
 fn start(args: &Args) -> anyhow::Result<()> {
     let cfg = configure(args)?;
+    if let Some(spec) = &args.failpoints {
+        sds::failpoints::configure(spec).map_err(anyhow::Error::msg)?;
+        tracing::warn!("fail points armed: {spec}");
+    }
     if args.check_config {
         println!("configuration OK");
         return Ok(());

@@ -280,6 +280,7 @@ impl MapCache {
                 *f = (*f).max(p.epoch);
             }
         }
+        crate::failpoints::fail_point(crate::failpoints::ROUTING_DURING_MAP_UPDATE);
         let version = state.version;
         *cur = Arc::new(state);
         drop(cur);

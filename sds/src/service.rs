@@ -255,7 +255,9 @@ impl<D: BlockDevice> Service<D> {
         };
         let (remote, local) = tokio::join!(forward, self.apply(&h, &data));
         local?;
-        remote
+        remote?;
+        crate::failpoints::fail_point(crate::failpoints::SERVICE_AFTER_FORWARD_BEFORE_ACK);
+        Ok(())
     }
 
     /// Rebuild: make `target`'s copy of `chunk` equal to this primary's, under the chunk's

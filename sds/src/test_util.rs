@@ -21,3 +21,18 @@ impl Drop for Scratch {
         let _ = std::fs::remove_file(&self.0);
     }
 }
+
+/// Append a fault-scenario summary line to `$MESHBLOCK_FAULT_SUMMARY` (printed by `./test`).
+pub fn fault_summary(line: &str) {
+    use std::io::Write as _;
+    eprintln!("{line}");
+    if let Ok(p) = std::env::var("MESHBLOCK_FAULT_SUMMARY") {
+        if let Ok(mut f) = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(p)
+        {
+            let _ = writeln!(f, "{line}");
+        }
+    }
+}

@@ -111,6 +111,25 @@ impl Proc {
         p
     }
 
+    /// [`spawn`](Self::spawn) inside `node`'s network namespace (when given).
+    pub fn spawn_in(
+        node: Option<&netns::Node>,
+        name: &str,
+        program: &Path,
+        args: &[String],
+        log: PathBuf,
+    ) -> Proc {
+        match node {
+            None => Proc::spawn(name, program, args, log),
+            Some(n) => {
+                let mut full = netns::Net::exec_prefix(n);
+                full.push(program.display().to_string());
+                full.extend(args.iter().cloned());
+                Proc::spawn(name, Path::new("ip"), &full, log)
+            }
+        }
+    }
+
     pub fn start(&mut self) {
         assert!(self.child.is_none(), "{} is already running", self.name);
         let log = std::fs::OpenOptions::new()
@@ -137,6 +156,16 @@ impl Proc {
             .spawn()
             .unwrap_or_else(|e| panic!("start {}: {e}", self.cmd[0]));
         self.child = Some(child);
+    }
+
+    /// The program and arguments `start` runs.
+    pub fn cmd(&self) -> Vec<String> {
+        self.cmd.clone()
+    }
+
+    /// Run another program or other arguments at the next `start`.
+    pub fn set_cmd(&mut self, cmd: Vec<String>) {
+        self.cmd = cmd;
     }
 
     pub fn pid(&self) -> Option<i32> {
@@ -200,6 +229,8 @@ impl Scli {
 /// One MDM of a test cluster.
 pub struct Mdm {
     pub name: String,
+    /// Its network namespace, in partition tests.
+    pub node: Option<netns::Node>,
     pub addr: SocketAddr,
     pub metrics: SocketAddr,
     pub proc: Proc,
@@ -239,15 +270,28 @@ pub const ADMIN_PASSWORD: &str = "Password1";
 
 /// A cluster of MDMs on loopback, with a CA, an admin certificate and an scli session.
 pub struct Cluster {
-    pub dir: TestDir,
     pub mdms: Vec<Mdm>,
     pub extra_mdm_args: Vec<String>,
+    /// Set in partition tests: every daemon runs in a namespace of its own.
+    pub net: Option<std::sync::Arc<netns::Net>>,
+    /// Last, so the scratch directory goes after the processes and namespaces.
+    pub dir: TestDir,
 }
 
 impl Cluster {
     /// Start `n` MDMs (1, 3 or 5): the first bootstraps, the others join as standbys, then the
     /// cluster switches to `n`_node mode.
     pub fn start(name: &str, n: usize, extra_mdm_args: &[&str]) -> Cluster {
+        Cluster::start_in(name, n, extra_mdm_args, None)
+    }
+
+    /// [`start`](Self::start), each MDM in a namespace of `net` when given.
+    pub fn start_in(
+        name: &str,
+        n: usize,
+        extra_mdm_args: &[&str],
+        net: Option<std::sync::Arc<netns::Net>>,
+    ) -> Cluster {
         let dir = TestDir::new(name);
         let mdm = bin("mdm");
         run_ok(
@@ -273,6 +317,7 @@ impl Cluster {
             dir,
             mdms: Vec::new(),
             extra_mdm_args: extra_mdm_args.iter().map(|s| s.to_string()).collect(),
+            net,
         };
         for i in 1..=n {
             c.spawn_mdm(i, i == 1);
@@ -315,8 +360,10 @@ impl Cluster {
         let port = free_port();
         let mport = free_port();
         let name = format!("mdm{i}");
-        let addr: SocketAddr = ([127, 0, 0, 1], port).into();
-        let metrics: SocketAddr = ([127, 0, 0, 1], mport).into();
+        let node = self.net.as_ref().map(|n| n.node(&name));
+        let ip = node.as_ref().map_or([127, 0, 0, 1], |n| n.ip.octets());
+        let addr: SocketAddr = (ip, port).into();
+        let metrics: SocketAddr = (ip, mport).into();
         let mut args: Vec<String> = vec![
             "run".into(),
             "--name".into(),
@@ -338,7 +385,8 @@ impl Cluster {
                 ADMIN_PASSWORD.into(),
             ]);
         }
-        let proc = Proc::spawn(
+        let proc = Proc::spawn_in(
+            node.as_ref(),
             &name,
             &bin("mdm"),
             &args,
@@ -346,6 +394,7 @@ impl Cluster {
         );
         self.mdms.push(Mdm {
             name,
+            node,
             addr,
             metrics,
             proc,
@@ -509,13 +558,17 @@ pub fn control_request(
 /// A whole cluster with data plane: 1 MDM, `n_sds` SDS with sparse-file devices, one SDC
 /// serving volume `vol1` (thin) on a unix socket.
 pub struct DataCluster {
-    pub c: Cluster,
     pub sds: Vec<Proc>,
     pub sds_addrs: Vec<SocketAddr>,
     /// Each SDS's Prometheus endpoint.
     pub sds_metrics: Vec<SocketAddr>,
+    /// Each SDS's namespace, in partition tests.
+    pub sds_nodes: Vec<Option<netns::Node>>,
     pub sdc: Proc,
+    pub sdc_node: Option<netns::Node>,
     pub socket: PathBuf,
+    /// Last: the MDMs, namespaces and scratch directory go after the other processes.
+    pub c: Cluster,
 }
 
 impl DataCluster {
@@ -536,7 +589,20 @@ impl DataCluster {
         vol_gb: u32,
         sds_extra: &[&str],
     ) -> DataCluster {
-        let c = Cluster::start(name, n_mdm, &[]);
+        DataCluster::start_net(name, n_mdm, n_sds, vol_gb, sds_extra, None)
+    }
+
+    /// [`start_full`](Self::start_full) with every daemon in a namespace of `net`.
+    pub fn start_net(
+        name: &str,
+        n_mdm: usize,
+        n_sds: usize,
+        vol_gb: u32,
+        sds_extra: &[&str],
+        net: Option<std::sync::Arc<netns::Net>>,
+    ) -> DataCluster {
+        let c = Cluster::start_in(name, n_mdm, &[], net.clone());
+        let mut sds_nodes = Vec::new();
         c.must_scli(&["--add_protection_domain", "--protection_domain_name", "pd1"]);
         c.must_scli(&[
             "--add_storage_pool",
@@ -569,8 +635,10 @@ impl DataCluster {
                     &c.dir.join(&format!("certs/{n}")).display().to_string(),
                 ],
             );
-            let addr: SocketAddr = ([127, 0, 0, 1], free_port()).into();
-            let metrics: SocketAddr = ([127, 0, 0, 1], free_port()).into();
+            let node = net.as_ref().map(|x| x.node(&n));
+            let ip = node.as_ref().map_or([127, 0, 0, 1], |x| x.ip.octets());
+            let addr: SocketAddr = (ip, free_port()).into();
+            let metrics: SocketAddr = (ip, free_port()).into();
             sds_metrics.push(metrics);
             c.must_scli(&[
                 "--add_sds",
@@ -602,12 +670,14 @@ impl DataCluster {
             .into_iter()
             .chain(sds_extra.iter().map(|a| a.to_string()))
             .collect();
-            sds.push(Proc::spawn(
+            sds.push(Proc::spawn_in(
+                node.as_ref(),
                 &n,
                 &bin("sds"),
                 &args,
                 c.dir.join(&format!("{n}.log")),
             ));
+            sds_nodes.push(node);
             sds_addrs.push(addr);
         }
         wait_for(
@@ -639,7 +709,14 @@ impl DataCluster {
             "--metrics-listen".into(),
             format!("127.0.0.1:{}", free_port()),
         ];
-        let sdc = Proc::spawn("sdc1", &bin("sdc"), &args, c.dir.join("sdc1.log"));
+        let sdc_node = net.as_ref().map(|x| x.node("sdc1"));
+        let sdc = Proc::spawn_in(
+            sdc_node.as_ref(),
+            "sdc1",
+            &bin("sdc"),
+            &args,
+            c.dir.join("sdc1.log"),
+        );
         wait_for("the SDC to register", Duration::from_secs(20), || {
             c.scli_raw(&["--query_sdc", "--sdc_name", "sdc1"])
                 .ok
@@ -667,7 +744,9 @@ impl DataCluster {
             sds,
             sds_addrs,
             sds_metrics,
+            sds_nodes,
             sdc,
+            sdc_node,
             socket,
         };
         let uri = d.uri("vol1");
@@ -686,6 +765,7 @@ impl DataCluster {
 }
 
 pub mod nbd;
+pub mod netns;
 
 /// The cluster map, as an SDS or SDC gets it.
 pub fn cluster_map(c: &Cluster) -> proto::model::ClusterState {

@@ -504,3 +504,176 @@ fn mdm_leader_killed_during_sds_failover() {
         report.max_stall.as_secs_f64()
     ));
 }
+
+/// Wait until the writer has made no progress for `quiet` (its I/O is stuck behind the cut).
+fn wait_stalled(w: &Writer, quiet: Duration) {
+    let mut last = (w.acked.load(Ordering::Relaxed), std::time::Instant::now());
+    wait_for(
+        "the writer to stall behind the cut",
+        Duration::from_secs(30),
+        || {
+            let now = w.acked.load(Ordering::Relaxed);
+            if now != last.0 {
+                last = (now, std::time::Instant::now());
+            }
+            (last.1.elapsed() >= quiet).then_some(())
+        },
+    );
+}
+
+/// Scenario 4: network partitions with namespaces. Every daemon has a namespace and address of
+/// its own. (a) One SDS cut off from every MDM but not from the SDC and the other SDS: its lease
+/// lapses, it is declared down, I/O continues on the other copies. (b) One SDS cut off from the
+/// SDC but not from the MDM: I/O to its PGs waits (never errors or goes stale) and resumes when
+/// the link heals. (c) The MDM leader cut off from everything: a new leader takes over and I/O
+/// continues. Every acknowledged write reads back; the copies agree.
+#[test]
+fn network_partitions() {
+    let net = match netns::Net::new() {
+        Ok(n) => std::sync::Arc::new(n),
+        Err(e) => panic!("network namespaces are needed for this test: {e}"),
+    };
+    let dc = DataCluster::start_net("faults_partitions", 3, 3, 4, &[], Some(net.clone()));
+    let node = |n: &Option<netns::Node>| n.clone().expect("a namespace");
+    let w = Writer::start(&dc, 4);
+    w.wait_more(1500, "writes before the partitions");
+
+    // (a) sds1 | every MDM.
+    let s1 = node(&dc.sds_nodes[0]);
+    let mdms: Vec<netns::Node> = dc.c.mdms.iter().map(|m| node(&m.node)).collect();
+    for m in &mdms {
+        net.cut(&s1, m);
+    }
+    wait_sds_state(&dc, "sds1", "Down");
+    wait_pool(&dc, "Normal");
+    w.wait_more(1000, "writes with sds1 cut off from the MDMs");
+    for m in &mdms {
+        net.heal(&s1, m);
+    }
+    wait_sds_state(&dc, "sds1", "Normal");
+
+    // (b) sds2 | the SDC, for as long as the writer is visibly stuck.
+    let s2 = node(&dc.sds_nodes[1]);
+    let sdc = node(&dc.sdc_node);
+    let map = cluster_map(&dc.c);
+    let sds2 = map.sds_by_name("sds2").expect("sds2").id;
+    let primaries = map
+        .pools
+        .values()
+        .flat_map(|p| p.pgs.iter())
+        .filter(|m| m.primary == Some(sds2))
+        .count();
+    assert!(
+        primaries > 0,
+        "sds2 leads no PG; the cut would test nothing"
+    );
+    net.cut(&s2, &sdc);
+    wait_stalled(&w, Duration::from_millis(1500));
+    assert_eq!(sds_state(&dc, "sds2"), "Normal", "the MDM still hears sds2");
+    net.heal(&s2, &sdc);
+    w.wait_more(1000, "writes after the SDC reaches sds2 again");
+
+    // (c) the MDM leader | everything.
+    let leader = dc.c.wait_leader(Duration::from_secs(10));
+    let lnode = node(&dc.c.mdms[leader].node);
+    let others: Vec<netns::Node> = dc
+        .sds_nodes
+        .iter()
+        .map(node)
+        .chain(std::iter::once(sdc.clone()))
+        .chain(mdms.iter().filter(|m| m.ns != lnode.ns).cloned())
+        .collect();
+    for o in &others {
+        net.cut(&lnode, o);
+    }
+    wait_for("a new MDM leader", Duration::from_secs(30), || {
+        dc.c.mdms
+            .iter()
+            .enumerate()
+            .find(|(i, m)| *i != leader && m.is_leader())
+            .map(|_| ())
+    });
+    w.wait_more(1000, "writes under the new leader");
+    for o in &others {
+        net.heal(&lnode, o);
+    }
+    let (report, model, uncertain) = w.finish();
+    assert_eq!(report.failed, 0, "{report:?}");
+    let (checked, _) = check(&dc, &model, &uncertain);
+    wait_pool(&dc, "Normal");
+    assert_pgs_sane(&dc);
+    let (compared, diffs) = compare_copies(&dc.c, "vol1", REGION >> 20);
+    assert!(diffs.is_empty(), "copies differ: {diffs:#?}");
+    summary(&format!(
+        "fault scenario 4 (partitions: SDS|MDMs, SDS|SDC, MDM leader|all): runs 3, acknowledged writes {}, blocks checked {checked}, lost 0, chunks with identical copies {compared}, max I/O stall {:.2} s",
+        report.acked,
+        report.max_stall.as_secs_f64()
+    ));
+}
+
+/// The sds binary built with the `failpoints` feature (`./test` builds it).
+fn failpoint_sds() -> std::path::PathBuf {
+    let p = std::env::var_os("MESHBLOCK_FAILPOINTS_SDS")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| std::path::PathBuf::from("target/failpoints/release/sds"));
+    assert!(
+        p.exists(),
+        "{} is missing: build it with `cargo build --release -p sds --features failpoints \
+         --target-dir target/failpoints` (./test does)",
+        p.display()
+    );
+    p
+}
+
+/// Fail points on the write path: an SDS crashes (panic → abort) after its local write before
+/// the forward, after the forward before the acknowledgement, and in the middle of a map update,
+/// each while the writer runs at QD32. Every acknowledged write reads back; the copies agree.
+#[test]
+fn crashes_at_fail_points_on_the_write_path() {
+    let fp_sds = failpoint_sds();
+    let mut dc = DataCluster::start("faults_failpoints", 3, 4);
+    let w = Writer::start(&dc, 11);
+    w.wait_more(1000, "writes before the first fail point");
+    let points = [
+        "sds::service::after_forward_before_ack",
+        "sds::service::before_forward",
+        "sds::routing::during_map_update",
+    ];
+    for (i, point) in points.iter().enumerate() {
+        let name = format!("sds{}", i + 1);
+        let normal = dc.sds[i].cmd();
+        let mut armed = normal.clone();
+        armed[0] = fp_sds.display().to_string();
+        armed.extend(["--failpoints".to_string(), format!("{point}=1*panic")]);
+        dc.sds[i].kill();
+        dc.sds[i].set_cmd(armed);
+        dc.sds[i].start();
+        wait_for(
+            &format!("{name} to crash at {point}"),
+            Duration::from_secs(60),
+            || (!dc.sds[i].alive()).then_some(()),
+        );
+        assert!(
+            dc.sds[i].log_text().contains(point),
+            "{name} died elsewhere than at {point}"
+        );
+        dc.sds[i].kill();
+        wait_sds_state(&dc, &name, "Down");
+        wait_pool(&dc, "Normal");
+        w.wait_more(500, "writes after the crash");
+        dc.sds[i].set_cmd(normal);
+        dc.sds[i].start();
+        wait_sds_state(&dc, &name, "Normal");
+    }
+    let (report, model, uncertain) = w.finish();
+    assert_eq!(report.failed, 0, "{report:?}");
+    let (checked, _) = check(&dc, &model, &uncertain);
+    wait_pool(&dc, "Normal");
+    let (compared, diffs) = compare_copies(&dc.c, "vol1", REGION >> 20);
+    assert!(diffs.is_empty(), "copies differ: {diffs:#?}");
+    summary(&format!(
+        "fault scenario fail points (crash after local write / after forward / mid map update): runs 3, acknowledged writes {}, blocks checked {checked}, lost 0, chunks with identical copies {compared}, max I/O stall {:.2} s",
+        report.acked,
+        report.max_stall.as_secs_f64()
+    ));
+}

@@ -690,6 +690,7 @@ fn seeds(var: &str, default: u64) -> std::ops::Range<u64> {
 async fn power_loss_at_any_point_reads_old_or_new_never_a_checksum_error() {
     let mut failures = Vec::new();
     let (mut replayed, mut cuts) = (0, 0);
+    let runs = seeds("SDS_POWER_LOSS_SEEDS", 120).count();
     for seed in seeds("SDS_POWER_LOSS_SEEDS", 120) {
         match power_loss_run(seed).await {
             Ok((r, c)) => {
@@ -699,6 +700,10 @@ async fn power_loss_at_any_point_reads_old_or_new_never_a_checksum_error() {
             Err(e) => failures.push(format!("seed {seed}: {e}")),
         }
     }
+    let lost = failures.len();
+    crate::test_util::fault_summary(&format!(
+        "fault scenario 5 (power loss on the fault-injecting device, seeded): runs {runs}, power cuts mid-workload {cuts}, journal records replayed {replayed}, runs with a lost flushed write or checksum error {lost}"
+    ));
     assert!(failures.is_empty(), "{}", failures.join("\n"));
     eprintln!("power loss: {cuts} cuts mid-workload, {replayed} records replayed");
     // The runs did cut power mid-workload and did replay records.
