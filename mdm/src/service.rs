@@ -48,6 +48,8 @@ pub struct Service {
     sds_down_timeout: Duration,
     /// What each SDS reported in its last hello to this MDM (soft state, not replicated).
     sds_stats: Mutex<std::collections::BTreeMap<String, SdsStats>>,
+    /// When each SDC last polled the map here (its session heartbeat; soft state).
+    sdc_seen: Mutex<HashMap<proto::SdcId, Instant>>,
 }
 
 /// The leader's heartbeat clock per SDS.
@@ -88,6 +90,7 @@ impl Service {
             liveness: Mutex::new(Liveness::default()),
             sds_down_timeout,
             sds_stats: Mutex::new(Default::default()),
+            sdc_seen: Mutex::new(HashMap::new()),
         })
     }
 
@@ -309,7 +312,12 @@ impl Service {
                     id: proto::SdcId(out.object_id.unwrap_or(0)),
                 })
             }
-            MdmRequest::GetMap { known_version } => {
+            MdmRequest::GetMap { known_version, sdc } => {
+                if let Some(id) = sdc {
+                    if let Ok(mut m) = self.sdc_seen.lock() {
+                        m.insert(id, Instant::now());
+                    }
+                }
                 let state = self.raft.shared.read_state();
                 if state.version > known_version {
                     Ok(MdmResponse::Map {
@@ -604,6 +612,15 @@ impl Service {
             .count();
         let total = st.voters.len();
         ClusterStatus {
+            sdc_last_seen_ms: self
+                .sdc_seen
+                .lock()
+                .map(|m| {
+                    m.iter()
+                        .map(|(id, t)| (*id, t.elapsed().as_millis() as u64))
+                        .collect()
+                })
+                .unwrap_or_default(),
             sds_stats: self.sds_stats.lock().map(|m| m.clone()).unwrap_or_default(),
             mode: state.mode,
             state: if active == total {

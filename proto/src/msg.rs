@@ -40,7 +40,12 @@ pub enum MdmRequest {
         rebuild: Epoch,
     },
     /// The redacted cluster map, if newer than `known_version`.
-    GetMap { known_version: u64 },
+    GetMap {
+        known_version: u64,
+        /// Set by an SDC: the poll doubles as its session heartbeat.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        sdc: Option<SdcId>,
+    },
     /// Who is this MDM (used before adding it as a standby).
     Identify,
 }
@@ -171,6 +176,10 @@ pub enum Query {
 /// The cluster's Raft view, as `--query_cluster` prints it.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct ClusterStatus {
+    /// Milliseconds since each SDC last polled this leader (its session heartbeat); an SDC
+    /// absent here has not been heard by this leader.
+    #[serde(default)]
+    pub sdc_last_seen_ms: std::collections::BTreeMap<SdcId, u64>,
     /// What each SDS last reported about checksums and scrubbing, by SDS name.
     #[serde(default)]
     pub sds_stats: std::collections::BTreeMap<String, SdsStats>,

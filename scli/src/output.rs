@@ -180,6 +180,9 @@ fn sds_text(s: &ClusterState, c: &ClusterStatus, x: &proto::model::Sds) -> Strin
     o.trim_end().to_string()
 }
 
+/// An SDC polls the map every 500 ms; silent longer than this, its session counts as lost.
+const SDC_SESSION_MS: u64 = 5000;
+
 pub fn render(q: &Query, a: &Args, c: &ClusterStatus, s: &ClusterState) -> anyhow::Result<String> {
     let missing = |what: &str| anyhow!("MDM failed command.  Status: Could not find the {what}");
     let (text, value): (String, Value) = match q {
@@ -253,6 +256,7 @@ pub fn render(q: &Query, a: &Args, c: &ClusterStatus, s: &ClusterState) -> anyho
             (sds_text(s, c, x), sds_json(s, c, x))
         }
         Query::Sdc { sdc } => {
+            let cs = c;
             let list: Vec<&proto::model::Sdc> = s
                 .sdcs
                 .values()
@@ -272,8 +276,13 @@ pub fn render(q: &Query, a: &Args, c: &ClusterStatus, s: &ClusterState) -> anyho
                         .filter(|m| m.sdc == c.id)
                         .filter_map(|m| s.volumes.get(&m.volume).map(|v| v.name.clone()))
                         .collect();
+                    let session = match cs.sdc_last_seen_ms.get(&c.id) {
+                        Some(ms) if *ms <= SDC_SESSION_MS => "Connected".to_string(),
+                        Some(ms) => format!("Disconnected (last heard {:.1} s ago)", *ms as f64 / 1000.0),
+                        None => "Disconnected (not heard by this MDM leader)".to_string(),
+                    };
                     format!(
-                        "SDC ID: {} Name: {} IP: {} GUID: {}\n    Mapped volumes: {}",
+                        "SDC ID: {} Name: {} IP: {} GUID: {}\n    Session: {session}\n    Mapped volumes: {}",
                         c.id,
                         c.name,
                         c.ip,
@@ -291,7 +300,17 @@ pub fn render(q: &Query, a: &Args, c: &ClusterStatus, s: &ClusterState) -> anyho
             } else {
                 t.join("\n")
             };
-            (t, serde_json::to_value(&list)?)
+            let json: Vec<Value> = list
+                .iter()
+                .map(|x| {
+                    let mut v = serde_json::to_value(x).unwrap_or(Value::Null);
+                    let seen = cs.sdc_last_seen_ms.get(&x.id).copied();
+                    v["session_connected"] = json!(seen.is_some_and(|ms| ms <= SDC_SESSION_MS));
+                    v["last_heard_ms"] = json!(seen);
+                    v
+                })
+                .collect();
+            (t, Value::Array(json))
         }
         Query::Volume { name } => {
             let v = s.volume_by_name(name).ok_or_else(|| missing("volume"))?;

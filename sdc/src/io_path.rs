@@ -65,6 +65,8 @@ pub struct IoPath {
     changed: tokio::sync::watch::Sender<u64>,
     /// Requests waiting longer than [`STUCK_AFTER`] right now.
     stuck: std::sync::atomic::AtomicUsize,
+    /// This SDC's id once registered: map polls carry it as the session heartbeat.
+    me: std::sync::OnceLock<proto::SdcId>,
 }
 
 /// Counts a request as stuck while alive.
@@ -87,7 +89,13 @@ impl IoPath {
             io_timeout,
             changed: tokio::sync::watch::channel(0).0,
             stuck: std::sync::atomic::AtomicUsize::new(0),
+            me: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Record this SDC's id (after registration) for the session heartbeat.
+    pub fn set_me(&self, id: proto::SdcId) {
+        let _ = self.me.set(id);
     }
 
     /// Poll the MDM every [`FAST_POLL`] while some request is stuck (its SDS may be dead and
@@ -163,6 +171,7 @@ impl IoPath {
             .request(
                 &MdmRequest::GetMap {
                     known_version: known,
+                    sdc: self.me.get().copied(),
                 },
                 MAP_REFRESH_TIMEOUT,
             )

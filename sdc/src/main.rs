@@ -148,6 +148,7 @@ async fn run(cfg: SdcConfig) -> anyhow::Result<()> {
         .context("start the NBD server")?;
     tracing::info!(%guid, "SDC {name} starting; NBD on {}", cfg.nbd_socket.display());
     let me = daemon::register(&mdm, &guid, &name).await;
+    io.set_me(me);
     tracing::info!(sdc_id = %me, "registered with the MDM");
     tokio::select! {
         _ = daemon::follow_map(io, me, exports, &cfg) => {}

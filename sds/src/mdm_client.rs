@@ -146,6 +146,7 @@ impl MdmLink {
     pub async fn poll_map(&self) -> Result<bool, LinkError> {
         let req = MdmRequest::GetMap {
             known_version: self.map.version(),
+            sdc: None,
         };
         match self.client.request(&req, self.opts.request_timeout).await? {
             MdmResponse::Map { state: Some(s) } => {

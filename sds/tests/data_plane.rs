@@ -604,7 +604,7 @@ impl Handler for FakeMdm {
                 id: A,
                 map_version: 0,
             },
-            MdmRequest::GetMap { known_version } => MdmResponse::Map {
+            MdmRequest::GetMap { known_version, .. } => MdmResponse::Map {
                 state: (*known_version < self.state.version).then(|| Box::new(self.state.clone())),
             },
             _ => return Response::error(&WireError::new(ErrorCode::BadRequest, "unexpected")),

@@ -772,7 +772,10 @@ pub fn cluster_map(c: &Cluster) -> proto::model::ClusterState {
     match control_request(
         &c.dir.join("certs/admin"),
         &c.mdm_ips(),
-        &proto::msg::MdmRequest::GetMap { known_version: 0 },
+        &proto::msg::MdmRequest::GetMap {
+            known_version: 0,
+            sdc: None,
+        },
     ) {
         Ok(proto::msg::MdmResponse::Map { state: Some(s) }) => *s,
         other => panic!("GetMap: {other:?}"),

@@ -196,6 +196,23 @@ fn frozen_sds_is_fenced() {
         .filter(|m| m.primary == Some(sds2) || m.secondary == Some(sds2))
         .count();
     assert_eq!(holds, 0, "the thawed SDS holds PGs again without a rebuild");
+    // The SDC's map polls are its session heartbeat: a frozen SDC shows as disconnected.
+    let session = |want: bool| {
+        wait_for(
+            &format!("sdc1 session connected = {want}"),
+            Duration::from_secs(30),
+            || {
+                let v =
+                    dc.c.scli_raw(&["--query_sdc", "--sdc_name", "sdc1", "--json"]);
+                (v.ok && v.json()[0]["session_connected"] == want).then_some(())
+            },
+        )
+    };
+    session(true);
+    dc.sdc.signal(libc::SIGSTOP);
+    session(false);
+    dc.sdc.signal(libc::SIGCONT);
+    session(true);
     summary(&format!(
         "fault scenario 2 (SIGSTOP past the timeout, SIGCONT): runs 1, acknowledged writes {}, blocks checked {checked}, lost 0, I/O reaching the thawed SDS 0, max I/O stall {:.2} s",
         report.acked,
