@@ -48,6 +48,8 @@ pub struct Service {
     sds_down_timeout: Duration,
     /// What each SDS reported in its last hello to this MDM (soft state, not replicated).
     sds_stats: Mutex<std::collections::BTreeMap<String, SdsStats>>,
+    /// Per SDS: bytes copied at the start of the rate window, its start, the last rate.
+    rebuild_rates: Mutex<HashMap<String, (u64, Instant, u64)>>,
     /// When each SDC last polled the map here (its session heartbeat; soft state).
     sdc_seen: Mutex<HashMap<proto::SdcId, Instant>>,
 }
@@ -90,6 +92,7 @@ impl Service {
             liveness: Mutex::new(Liveness::default()),
             sds_down_timeout,
             sds_stats: Mutex::new(Default::default()),
+            rebuild_rates: Mutex::new(HashMap::new()),
             sdc_seen: Mutex::new(HashMap::new()),
         })
     }
@@ -255,6 +258,24 @@ impl Service {
                 stats,
             } => {
                 require_sds_peer(peer, &name)?;
+                let mut stats = stats;
+                if let Ok(mut w) = self.rebuild_rates.lock() {
+                    // The rebuild copy rate, measured over windows of at least 2 s.
+                    let now = Instant::now();
+                    let e = w
+                        .entry(name.clone())
+                        .or_insert((stats.rebuild_bytes_copied, now, 0));
+                    let secs = now.duration_since(e.1).as_secs_f64();
+                    if secs >= 2.0 {
+                        let copied = stats.rebuild_bytes_copied.saturating_sub(e.0);
+                        *e = (
+                            stats.rebuild_bytes_copied,
+                            now,
+                            (copied as f64 / secs) as u64,
+                        );
+                    }
+                    stats.rebuild_bytes_per_sec = e.2;
+                }
                 if let Ok(mut m) = self.sds_stats.lock() {
                     m.insert(name.clone(), stats);
                 }

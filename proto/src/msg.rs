@@ -211,6 +211,18 @@ pub struct SdsStats {
     pub scrub_chunks_total: u64,
     /// The scrubber's rate limit, bytes per second.
     pub scrub_rate_bytes: u64,
+    /// PGs this SDS is copying to a new secondary right now (as their primary).
+    #[serde(default)]
+    pub rebuild_pgs_active: u64,
+    /// Chunks those copies still have to visit (each at most 1 MiB).
+    #[serde(default)]
+    pub rebuild_chunks_left: u64,
+    /// Bytes copied onto rebuild targets since start.
+    #[serde(default)]
+    pub rebuild_bytes_copied: u64,
+    /// Rebuild copy rate over the last hellos, bytes per second (filled in by the MDM).
+    #[serde(default)]
+    pub rebuild_bytes_per_sec: u64,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

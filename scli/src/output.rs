@@ -17,7 +17,7 @@ fn gb(bytes: u64) -> String {
     }
 }
 
-fn pool_json(s: &ClusterState, p: &StoragePool) -> Value {
+fn pool_json(s: &ClusterState, c: &ClusterStatus, p: &StoragePool) -> Value {
     let raw = s.pool_raw_capacity(p.id);
     let reserved = s.pool_thick_reserved(p.id);
     let placed = p
@@ -26,7 +26,20 @@ fn pool_json(s: &ClusterState, p: &StoragePool) -> Value {
         .filter(|m| m.primary.is_some() && m.secondary.is_some())
         .count();
     let h = s.pool_health(p);
+    // Rebuild progress as the pool's SDS report it (an SDS may serve several pools).
+    let (mut active, mut left, mut rate) = (0u64, 0u64, 0u64);
+    for x in s.sds.values().filter(|x| x.pd == p.pd) {
+        if let Some(st) = c.sds_stats.get(&x.name) {
+            active += st.rebuild_pgs_active;
+            left += st.rebuild_chunks_left;
+            rate += st.rebuild_bytes_per_sec;
+        }
+    }
+    let left_bytes = left << 20;
+    let eta = (rate > 0).then(|| left_bytes / rate);
     json!({
+        "rebuild": {"pgs_copying": active, "bytes_left_at_most": left_bytes,
+                    "bytes_per_sec": rate, "eta_seconds": eta},
         "state": h.state, "normal_pgs": h.normal_pgs, "rebuilding_pgs": h.rebuilding_pgs,
         "degraded_pgs": h.degraded_pgs, "unavailable_pgs": h.unavailable_pgs,
         "id": p.id, "name": p.name, "protection_domain": s.pds.get(&p.pd).map(|d| d.name.clone()),
@@ -105,12 +118,30 @@ fn cluster_text(c: &ClusterStatus) -> String {
     o.trim_end().to_string()
 }
 
-fn pool_text(s: &ClusterState, p: &StoragePool) -> String {
-    let j = pool_json(s, p);
+/// ", rebuilding: N PGs copying, at most X left at Y/s, ETA Zs" while a rebuild runs.
+fn rebuild_line(r: &Value) -> String {
+    let active = r["pgs_copying"].as_u64().unwrap_or(0);
+    if active == 0 {
+        return String::new();
+    }
+    let mib = |b: u64| format!("{:.0} MiB", b as f64 / (1u64 << 20) as f64);
+    let eta = match r["eta_seconds"].as_u64() {
+        Some(s) => format!("ETA {s} s"),
+        None => "ETA unknown".into(),
+    };
     format!(
-        "Storage Pool {} (Id: {}) has {} volumes\n    State: {} (PGs: {} normal, {} rebuilding, {} degraded, {} unavailable)\n    Protection Domain: {}, Media type: {}\n    PGs: {} ({} fully placed), map epoch {}\n    Raw capacity: {}, usable (2 copies): {}, reserved by thick volumes: {}",
+        "\n    Rebuild: {active} PGs copying, at most {} left at {}/s, {eta}",
+        mib(r["bytes_left_at_most"].as_u64().unwrap_or(0)),
+        mib(r["bytes_per_sec"].as_u64().unwrap_or(0))
+    )
+}
+
+fn pool_text(s: &ClusterState, c: &ClusterStatus, p: &StoragePool) -> String {
+    let j = pool_json(s, c, p);
+    format!(
+        "Storage Pool {} (Id: {}) has {} volumes\n    State: {} (PGs: {} normal, {} rebuilding, {} degraded, {} unavailable){}\n    Protection Domain: {}, Media type: {}\n    PGs: {} ({} fully placed), map epoch {}\n    Raw capacity: {}, usable (2 copies): {}, reserved by thick volumes: {}",
         p.name, p.id, j["volumes"].as_array().map_or(0, |v| v.len()), j["state"].as_str().unwrap_or("?"),
-        j["normal_pgs"], j["rebuilding_pgs"], j["degraded_pgs"], j["unavailable_pgs"], j["protection_domain"].as_str().unwrap_or("?"), p.media_type,
+        j["normal_pgs"], j["rebuilding_pgs"], j["degraded_pgs"], j["unavailable_pgs"], rebuild_line(&j["rebuild"]), j["protection_domain"].as_str().unwrap_or("?"), p.media_type,
         p.pg_count, j["pgs_fully_placed"], p.epoch.0, gb(j["raw_capacity_bytes"].as_u64().unwrap_or(0)),
         gb(j["usable_capacity_bytes"].as_u64().unwrap_or(0)), gb(j["thick_reserved_bytes"].as_u64().unwrap_or(0)))
 }
@@ -191,7 +222,7 @@ pub fn render(q: &Query, a: &Args, c: &ClusterStatus, s: &ClusterState) -> anyho
             for pd in s.pds.values() {
                 let _ = write!(t, "\nProtection Domain {} (Id: {})", pd.name, pd.id);
                 for p in s.pools.values().filter(|p| p.pd == pd.id) {
-                    let _ = write!(t, "\n{}", pool_text(s, p));
+                    let _ = write!(t, "\n{}", pool_text(s, c, p));
                 }
             }
             let _ = write!(
@@ -212,7 +243,7 @@ pub fn render(q: &Query, a: &Args, c: &ClusterStatus, s: &ClusterState) -> anyho
                 .pools
                 .values()
                 .filter(|p| p.pd == pd.id)
-                .map(|p| pool_json(s, p))
+                .map(|p| pool_json(s, c, p))
                 .collect();
             let sds: Vec<String> = s
                 .sds
@@ -237,7 +268,7 @@ pub fn render(q: &Query, a: &Args, c: &ClusterStatus, s: &ClusterState) -> anyho
             let p = s
                 .pool_by_name(name)
                 .ok_or_else(|| missing("storage pool"))?;
-            (pool_text(s, p), pool_json(s, p))
+            (pool_text(s, c, p), pool_json(s, c, p))
         }
         Query::AllSds => {
             let t: Vec<String> = s.sds.values().map(|x| sds_text(s, c, x)).collect();

@@ -67,6 +67,8 @@ pub struct SdsMetrics {
     pub rebuilt_pgs: Counter,
     /// PGs this SDS is copying right now.
     pub rebuilding_pgs: Gauge,
+    /// Chunks the running rebuild copies still have to visit.
+    pub rebuild_chunks_left: Gauge,
     /// 1 while this SDS holds a lease from the MDM and may serve.
     pub leased: Gauge,
     /// Blocks rewritten from the other copy after failing their checksum.
@@ -101,6 +103,11 @@ fn r_rebuild(m: &mut SdsMetrics) {
         "meshblock_sds_rebuilt_pgs",
         "PGs this SDS finished copying to a new secondary",
         m.rebuilt_pgs.clone(),
+    );
+    r.register(
+        "meshblock_sds_rebuild_chunks_left",
+        "Chunks the running rebuild copies of this SDS still have to visit",
+        m.rebuild_chunks_left.clone(),
     );
     r.register(
         "meshblock_sds_rebuilding_pgs",
@@ -165,6 +172,7 @@ impl SdsMetrics {
             rebuild_bytes: Counter::default(),
             rebuilt_pgs: Counter::default(),
             rebuilding_pgs: Gauge::default(),
+            rebuild_chunks_left: Gauge::default(),
             leased: Gauge::default(),
             repaired_blocks: Counter::default(),
             unrecoverable_blocks: Counter::default(),

@@ -204,15 +204,27 @@ impl<D: BlockDevice> Rebuilder<D> {
                 first += u64::from(count);
             }
             local.extend(remote.iter().copied());
+            let left = self.service.metrics().rebuild_chunks_left.clone();
+            left.inc_by(local.len() as i64);
+            let mut todo = local.len() as i64;
             for index in local {
                 let chunk = ChunkId {
                     vtree: v.vtree,
                     index: ChunkIndex(index),
                 };
-                bytes += self
+                let r = self
                     .service
                     .copy_chunk(a.pool, a.pg, chunk, a.target, remote.contains(&index))
-                    .await?;
+                    .await;
+                left.dec();
+                todo -= 1;
+                match r {
+                    Ok(n) => bytes += n,
+                    Err(e) => {
+                        left.dec_by(todo);
+                        return Err(e);
+                    }
+                }
             }
         }
         Ok(bytes)

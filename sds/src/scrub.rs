@@ -56,6 +56,10 @@ impl<D: BlockDevice> Scrubber<D> {
             scrub_chunks_done: self.progress.done.load(Ordering::Relaxed),
             scrub_chunks_total: self.progress.total.load(Ordering::Relaxed),
             scrub_rate_bytes: self.rate,
+            rebuild_pgs_active: m.rebuilding_pgs.get().max(0) as u64,
+            rebuild_chunks_left: m.rebuild_chunks_left.get().max(0) as u64,
+            rebuild_bytes_copied: m.rebuild_bytes.get(),
+            rebuild_bytes_per_sec: 0,
         }
     }
 

@@ -18,8 +18,18 @@ fn c(i: u64) -> ChunkId {
     }
 }
 
+/// Open the scratch device with io_uring. A store dropped just before may still be releasing
+/// the device's lock (seen once under load), so `Busy` is retried under a deadline.
 fn uring(f: &Scratch) -> UringDevice {
-    UringDevice::open(&f.0, &DeviceOptions::small()).expect("open device")
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        match UringDevice::open(&f.0, &DeviceOptions::small()) {
+            Err(crate::device::DeviceError::Busy(_)) if std::time::Instant::now() < deadline => {
+                std::thread::yield_now()
+            }
+            r => return r.expect("open device"),
+        }
+    }
 }
 
 fn faulty(f: &Scratch, seed: u64) -> Arc<FaultyDevice<FileDevice>> {
