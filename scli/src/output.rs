@@ -130,7 +130,7 @@ fn rebuild_line(r: &Value) -> String {
         None => "ETA unknown".into(),
     };
     format!(
-        "\n    Rebuild: {active} PGs copying, at most {} left at {}/s, {eta}",
+        "\n    Rebuild: {active} PGs copying now, at most {} left to copy at {}/s, {eta}",
         mib(r["bytes_left_at_most"].as_u64().unwrap_or(0)),
         mib(r["bytes_per_sec"].as_u64().unwrap_or(0))
     )

@@ -122,8 +122,42 @@ impl<D: BlockDevice> Rebuilder<D> {
         }
     }
 
+    /// Chunks of the PG held here (what a queued copy will visit at least).
+    fn local_chunks(&self, a: &Assignment) -> i64 {
+        let map = self.map.state();
+        let Some(pool) = map.pools.get(&a.pool) else {
+            return 0;
+        };
+        let storage = self.service.storage();
+        map.volumes
+            .values()
+            .filter(|v| v.pool == a.pool)
+            .map(|v| {
+                storage
+                    .chunks_of(v.vtree)
+                    .into_iter()
+                    .filter(|i| {
+                        ChunkId {
+                            vtree: v.vtree,
+                            index: *i,
+                        }
+                        .pg(pool.pg_count)
+                            == a.pg
+                    })
+                    .count() as i64
+            })
+            .sum()
+    }
+
     async fn rebuild(&self, a: Assignment) {
-        let Ok(_slot) = self.slots.acquire().await else {
+        // Count a queued copy's chunks in the progress until it starts (then it counts the
+        // exact list, the target's stale chunks included).
+        let queued = self.local_chunks(&a);
+        let left = self.service.metrics().rebuild_chunks_left.clone();
+        left.inc_by(queued);
+        let slot = self.slots.acquire().await;
+        left.dec_by(queued);
+        let Ok(_slot) = slot else {
             return;
         };
         self.service.metrics().rebuilding_pgs.inc();
