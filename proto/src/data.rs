@@ -75,6 +75,31 @@ pub struct DataHeader {
     pub fence: u64,
 }
 
+impl DataHeader {
+    /// A header without flags or fence (what SDS-to-SDS requests use).
+    pub fn at(
+        op: DataOp,
+        pool: PoolId,
+        pg: PgId,
+        epoch: Epoch,
+        chunk: ChunkId,
+        offset: u32,
+        len: u32,
+    ) -> DataHeader {
+        DataHeader {
+            op,
+            flags: 0,
+            pool,
+            pg,
+            epoch,
+            chunk,
+            offset,
+            len,
+            fence: 0,
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum DataHeaderError {
     #[error("data header of {0} bytes, expected {DATA_HEADER_LEN}")]

@@ -279,17 +279,15 @@ impl<D: BlockDevice> Service<D> {
             .get(&pool)
             .map(|p| p.epoch)
             .unwrap_or_default();
-        let h = DataHeader {
-            op: DataOp::ReplicaWrite,
-            flags: 0,
+        let h = DataHeader::at(
+            DataOp::ReplicaWrite,
             pool,
             pg,
             epoch,
             chunk,
-            offset: 0,
-            len: proto::CHUNK_SIZE as u32,
-            fence: 0,
-        };
+            0,
+            proto::CHUNK_SIZE as u32,
+        );
         let route = self.map.check(&h, Role::Primary).map_err(refusal)?;
         let addr = match route.secondary {
             Some((s, addr)) if s == target => addr,
@@ -426,17 +424,15 @@ impl<D: BlockDevice> Service<D> {
         let Some(addr) = map.sds.get(&secondary).and_then(|x| x.addr.parse().ok()) else {
             return Err(unrecoverable(format!("SDS {secondary} has no address")));
         };
-        let h = DataHeader {
-            op: DataOp::ReadLocal,
-            flags: 0,
+        let h = DataHeader::at(
+            DataOp::ReadLocal,
             pool,
             pg,
-            epoch: p.epoch,
+            p.epoch,
             chunk,
-            offset: block,
-            len: BLOCK_BYTES,
-            fence: 0,
-        };
+            block,
+            BLOCK_BYTES,
+        );
         let good = match self.replicas.call(secondary, addr, &h).await {
             Ok(d) if d.len() == BLOCK_BYTES as usize => d,
             Ok(d) => {
@@ -518,17 +514,7 @@ impl<D: BlockDevice> Service<D> {
             .and_then(|x| x.addr.parse().ok())
             .ok_or_else(|| WireError::new(ErrorCode::Unavailable, "the primary has no address"))?;
         let block = offset / BLOCK_BYTES * BLOCK_BYTES;
-        let h = DataHeader {
-            op: DataOp::Repair,
-            flags: 0,
-            pool,
-            pg,
-            epoch: p.epoch,
-            chunk,
-            offset: block,
-            len: BLOCK_BYTES,
-            fence: 0,
-        };
+        let h = DataHeader::at(DataOp::Repair, pool, pg, p.epoch, chunk, block, BLOCK_BYTES);
         match self.replicas.call(primary, addr, &h).await {
             Ok(_) => {
                 self.metrics.repaired_blocks.inc();

@@ -410,8 +410,17 @@ fn corruption_is_detected_and_repaired() {
     );
 
     // 3. Both copies of block 7: the read fails, and scli reports the unrecoverable block.
-    assert!(corrupt(&image(a), &marker(7)) >= 1);
-    assert!(corrupt(&image(b), &marker(7)) >= 1);
+    // Both SDS are paused (for milliseconds, far below their lease) while both copies are
+    // corrupted, or a scrubber could repair the first copy from the second in between.
+    dc.sds[a].signal(libc::SIGSTOP);
+    dc.sds[b].signal(libc::SIGSTOP);
+    let hits = (
+        corrupt(&image(a), &marker(7)),
+        corrupt(&image(b), &marker(7)),
+    );
+    dc.sds[a].signal(libc::SIGCONT);
+    dc.sds[b].signal(libc::SIGCONT);
+    assert!(hits.0 >= 1 && hits.1 >= 1, "block 7 not found: {hits:?}");
     let r = c.read_at(7 * 4096, 4096);
     assert!(
         r.is_err(),
