@@ -365,6 +365,8 @@ fn apply_command(s: &mut ClusterState, c: &Command) -> Result<Outcome, WireError
             name,
             size_bytes,
             thin,
+            labels,
+            preempt,
         } => {
             validate_name("volume", name)?;
             let pool = pool_id(s, pool)?;
@@ -390,6 +392,8 @@ fn apply_command(s: &mut ClusterState, c: &Command) -> Result<Outcome, WireError
                     thin: *thin,
                     vtree,
                     created_unix: 0,
+                    labels: labels.clone(),
+                    preempt: *preempt,
                 },
             );
             done(
@@ -448,6 +452,7 @@ fn apply_command(s: &mut ClusterState, c: &Command) -> Result<Outcome, WireError
             volume,
             sdc,
             allow_multi_map,
+            ..
         } => {
             let vid = volume_id(s, volume)?;
             let sid = sdc_id(s, sdc)?;
@@ -463,6 +468,7 @@ fn apply_command(s: &mut ClusterState, c: &Command) -> Result<Outcome, WireError
             s.mappings.push(Mapping {
                 volume: vid,
                 sdc: sid,
+                generation: 0,
                 iops_limit: 0,
                 bandwidth_limit_kbps: 0,
             });
@@ -977,6 +983,8 @@ mod tests {
                 name: "big".into(),
                 size_bytes: 200 << 30,
                 thin: false,
+                labels: Default::default(),
+                preempt: false,
             },
             Command::RemoveVolume {
                 name: "nope".into(),
@@ -1001,6 +1009,8 @@ mod tests {
                 name: "a".into(),
                 size_bytes: 100 << 30,
                 thin: false,
+                labels: Default::default(),
+                preempt: false,
             },
         )
         .expect("fits");
@@ -1011,6 +1021,8 @@ mod tests {
                 name: "b".into(),
                 size_bytes: 60 << 30,
                 thin: false,
+                labels: Default::default(),
+                preempt: false,
             },
         );
         assert_eq!(e.expect_err("must not fit").code, ErrorCode::NoSpace);
@@ -1021,6 +1033,8 @@ mod tests {
                 name: "c".into(),
                 size_bytes: 60 << 30,
                 thin: true,
+                labels: Default::default(),
+                preempt: false,
             },
         )
         .expect("thin fits");
@@ -1036,6 +1050,8 @@ mod tests {
                 name: "a".into(),
                 size_bytes: 1 << 30,
                 thin: true,
+                labels: Default::default(),
+                preempt: false,
             },
         )
         .expect("vol");

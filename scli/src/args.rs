@@ -325,6 +325,8 @@ impl Args {
                     name: vol()?,
                     size_bytes: parse_gb(need(&self.size_gb, "--size_gb")?, "--size_gb")?,
                     thin: !self.thick_provisioned,
+                    labels: Default::default(),
+                    preempt: false,
                 }
             }
             "--remove_volume" => Command::RemoveVolume { name: vol()? },
@@ -340,6 +342,7 @@ impl Args {
                 volume: vol()?,
                 sdc: self.need_sdc()?,
                 allow_multi_map: self.allow_multi_map,
+                takeover: false,
             },
             "--unmap_volume_from_sdc" => {
                 let sdc = self.sdc()?;
