@@ -29,6 +29,57 @@ pub struct SdcConfig {
     /// How long one block request may wait for a usable copy (retries included) before it
     /// fails with EIO, in milliseconds. Default: 30000.
     pub io_timeout_ms: u64,
+    /// The Docker volume plugin (`[docker]`).
+    pub docker: DockerConfig,
+}
+
+/// The Docker volume plugin served by the SDC daemon.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct DockerConfig {
+    /// Serve the plugin. Default: false.
+    pub enabled: bool,
+    /// The plugin's unix socket. Docker finds legacy plugins by socket name in
+    /// /run/docker/plugins: the driver's name is the file name without `.sock`.
+    /// Default: /run/docker/plugins/meshblock.sock.
+    pub socket: PathBuf,
+    /// Volumes are mounted for containers at `<mount_root>/<volume>`.
+    /// Default: /var/lib/meshblock/mounts.
+    pub mount_root: PathBuf,
+    /// MDM user the plugin logs in as (role Configure or Administrator). Default: "admin".
+    pub username: String,
+    /// File holding that user's password (one line). Default: /etc/meshblock/docker-password.
+    pub password_file: PathBuf,
+    /// Storage pool for volumes created without `--opt pool`. Default: "" = the only pool
+    /// (of the protection domain, when one is given).
+    pub default_pool: String,
+    /// Protection domain for volumes created without `--opt protection_domain`.
+    /// Default: "" = any.
+    pub default_protection_domain: String,
+    /// Size of volumes created without `--opt size`, bytes. Default: 8589934592 (8 GiB).
+    pub default_size_bytes: u64,
+    /// Filesystem made on volumes created without `--opt fstype` (ext4 or xfs). Default: ext4.
+    pub default_fstype: String,
+    /// How long Mount keeps asking to take over a volume still mapped to another host (whose
+    /// session may still be expiring), milliseconds. Default: 15000.
+    pub takeover_wait_ms: u64,
+}
+
+impl Default for DockerConfig {
+    fn default() -> Self {
+        DockerConfig {
+            enabled: false,
+            socket: PathBuf::from("/run/docker/plugins/meshblock.sock"),
+            mount_root: PathBuf::from("/var/lib/meshblock/mounts"),
+            username: "admin".into(),
+            password_file: PathBuf::from("/etc/meshblock/docker-password"),
+            default_pool: String::new(),
+            default_protection_domain: String::new(),
+            default_size_bytes: 8 << 30,
+            default_fstype: "ext4".into(),
+            takeover_wait_ms: 15_000,
+        }
+    }
 }
 
 impl Default for SdcConfig {
@@ -43,6 +94,7 @@ impl Default for SdcConfig {
             metrics_listen: SocketAddr::from(([127, 0, 0, 1], 9613)),
             map_poll_ms: 500,
             io_timeout_ms: 30_000,
+            docker: DockerConfig::default(),
         }
     }
 }
@@ -80,6 +132,23 @@ impl SdcConfig {
         if self.io_timeout_ms == 0 {
             p.push("io_timeout_ms must be > 0".into());
         }
+        let d = &self.docker;
+        if !crate::docker::options::FSTYPES.contains(&d.default_fstype.as_str()) {
+            p.push(format!(
+                "docker.default_fstype: '{}' is not one of {}",
+                d.default_fstype,
+                crate::docker::options::FSTYPES.join(", ")
+            ));
+        }
+        if d.default_size_bytes == 0 {
+            p.push("docker.default_size_bytes must be > 0".into());
+        }
+        if d.enabled && d.socket.file_stem().is_none() {
+            p.push(
+                "docker.socket: give a socket path such as /run/docker/plugins/meshblock.sock"
+                    .into(),
+            );
+        }
         if p.is_empty() {
             Ok(())
         } else {
@@ -100,14 +169,33 @@ impl SdcConfig {
             "metrics_listen",
             "map_poll_ms",
             "io_timeout_ms",
+            "docker",
         ];
-        Ok((
-            cfg,
-            raw.keys()
-                .filter(|k| !known.contains(&k.as_str()))
-                .cloned()
-                .collect(),
-        ))
+        let docker_known = [
+            "enabled",
+            "socket",
+            "mount_root",
+            "username",
+            "password_file",
+            "default_pool",
+            "default_protection_domain",
+            "default_size_bytes",
+            "default_fstype",
+            "takeover_wait_ms",
+        ];
+        let mut unknown: Vec<String> = raw
+            .keys()
+            .filter(|k| !known.contains(&k.as_str()))
+            .cloned()
+            .collect();
+        if let Some(toml::Value::Table(d)) = raw.get("docker") {
+            unknown.extend(
+                d.keys()
+                    .filter(|k| !docker_known.contains(&k.as_str()))
+                    .map(|k| format!("docker.{k}")),
+            );
+        }
+        Ok((cfg, unknown))
     }
 }
 

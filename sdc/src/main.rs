@@ -4,9 +4,14 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use proto::client::{parse_addrs, MdmClient};
 use proto::transport::{Endpoint, Identity};
+use sdc::admin::AdminRequest;
+use sdc::attach::Attacher;
 use sdc::config::SdcConfig;
 use sdc::daemon;
+use sdc::docker::cluster::Cluster;
+use sdc::docker::driver::{Core, Driver};
 use sdc::io_path::IoPath;
+use sdc::metrics::SdcMetrics;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -30,6 +35,55 @@ enum Cmd {
     PrintDefaultConfig,
     /// Validate a configuration file and exit.
     CheckConfig { config: PathBuf },
+    /// Attach a volume mapped to this host as a local block device; prints the device.
+    Attach {
+        volume: String,
+        #[command(flatten)]
+        at: LocalArgs,
+    },
+    /// Detach an attached volume (refused while its device is mounted, unless --force).
+    Detach {
+        volume: String,
+        /// Lazily unmount the device first (whatever still uses it gets I/O errors).
+        #[arg(long)]
+        force: bool,
+        #[command(flatten)]
+        at: LocalArgs,
+    },
+    /// List the attached volumes and their devices.
+    List {
+        #[command(flatten)]
+        at: LocalArgs,
+    },
+    /// Internal: hold the FUSE descriptor across SDC restarts (started by `sdc run`).
+    #[command(hide = true)]
+    FuseKeeper {
+        #[arg(long)]
+        socket: PathBuf,
+    },
+}
+
+/// Which running SDC a local command talks to.
+#[derive(Args)]
+struct LocalArgs {
+    /// The SDC's state directory (default: the config's, or /var/lib/meshblock/sdc).
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
+    /// Configuration file to take the state directory from.
+    #[arg(long)]
+    config: Option<PathBuf>,
+}
+
+impl LocalArgs {
+    fn state_dir(&self) -> anyhow::Result<PathBuf> {
+        if let Some(d) = &self.state_dir {
+            return Ok(d.clone());
+        }
+        Ok(match &self.config {
+            Some(p) => load_config(p)?.state_dir,
+            None => SdcConfig::default().state_dir,
+        })
+    }
 }
 
 #[derive(Args)]
@@ -58,6 +112,21 @@ struct RunArgs {
     /// Prometheus metrics HTTP address.
     #[arg(long)]
     metrics_listen: Option<std::net::SocketAddr>,
+    /// Serve the Docker volume plugin.
+    #[arg(long)]
+    docker: bool,
+    /// The Docker plugin's socket (the driver is named after the file).
+    #[arg(long)]
+    docker_socket: Option<PathBuf>,
+    /// Where Docker volumes are mounted.
+    #[arg(long)]
+    docker_mount_root: Option<PathBuf>,
+    /// MDM user of the Docker plugin.
+    #[arg(long)]
+    docker_username: Option<String>,
+    /// File with that user's password.
+    #[arg(long)]
+    docker_password_file: Option<PathBuf>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -73,6 +142,34 @@ fn main() -> anyhow::Result<()> {
                 .map_err(anyhow::Error::msg)?;
             println!("{}: OK", config.display());
             Ok(())
+        }
+        Cmd::Attach { volume, at } => {
+            let r = sdc::admin::call(&at.state_dir()?, &AdminRequest::Attach { volume })?;
+            if let Some(e) = r.error {
+                anyhow::bail!(e);
+            }
+            println!("{}", r.device.unwrap_or_default().display());
+            Ok(())
+        }
+        Cmd::Detach { volume, force, at } => {
+            let r = sdc::admin::call(&at.state_dir()?, &AdminRequest::Detach { volume, force })?;
+            if let Some(e) = r.error {
+                anyhow::bail!(e);
+            }
+            Ok(())
+        }
+        Cmd::List { at } => {
+            let r = sdc::admin::call(&at.state_dir()?, &AdminRequest::List)?;
+            if let Some(e) = r.error {
+                anyhow::bail!(e);
+            }
+            for (name, dev) in r.attached {
+                println!("{name} {}", dev.display());
+            }
+            Ok(())
+        }
+        Cmd::FuseKeeper { socket } => {
+            sdc::attach::keeper::run(&socket).context("run the FUSE keeper")
         }
         Cmd::Run(a) => {
             tracing_subscriber::fmt()
@@ -106,6 +203,21 @@ fn main() -> anyhow::Result<()> {
             }
             if let Some(v) = a.metrics_listen {
                 cfg.metrics_listen = v;
+            }
+            if a.docker {
+                cfg.docker.enabled = true;
+            }
+            if let Some(v) = a.docker_socket {
+                cfg.docker.socket = v;
+            }
+            if let Some(v) = a.docker_mount_root {
+                cfg.docker.mount_root = v;
+            }
+            if let Some(v) = a.docker_username {
+                cfg.docker.username = v;
+            }
+            if let Some(v) = a.docker_password_file {
+                cfg.docker.password_file = v;
             }
             cfg.validate()
                 .map_err(anyhow::Error::msg)
@@ -143,17 +255,110 @@ async fn run(cfg: SdcConfig) -> anyhow::Result<()> {
         Duration::from_millis(cfg.io_timeout_ms),
     );
     tokio::spawn(io.clone().fast_poll());
+    let metrics = Arc::new(SdcMetrics::default());
+
+    // The Docker plugin listens first (Docker gives plugins ~10 s); calls needing the
+    // cluster wait for `core`.
+    let (core_tx, core_rx) = tokio::sync::watch::channel(None);
+    let driver = if cfg.docker.enabled {
+        let cluster = Cluster::new(
+            mdm.clone(),
+            io.clone(),
+            cfg.docker.username.clone(),
+            cfg.docker.password_file.clone(),
+        );
+        let driver = Arc::new(Driver::new(
+            cfg.docker.clone(),
+            cluster,
+            &cfg.state_dir,
+            core_rx,
+        )?);
+        let server = sdc::docker::server::bind(&cfg.docker.socket, driver.clone(), metrics.clone())
+            .with_context(|| format!("listen on {}", cfg.docker.socket.display()))?;
+        tokio::spawn(async move {
+            if let Err(e) = server.await {
+                tracing::error!("the Docker plugin server stopped: {e}");
+            }
+        });
+        tracing::info!(socket = %cfg.docker.socket.display(), "Docker volume plugin listening");
+        Some(driver)
+    } else {
+        None
+    };
+
     let exports: Arc<dyn daemon::Exports> = sdc::export::NbdExports::start(&cfg)
         .await
         .context("start the NBD server")?;
     tracing::info!(%guid, "SDC {name} starting; NBD on {}", cfg.nbd_socket.display());
-    let me = daemon::register(&mdm, &guid, &name).await;
-    io.set_me(me);
-    tracing::info!(sdc_id = %me, "registered with the MDM");
-    tokio::select! {
-        _ = daemon::follow_map(io, me, exports, &cfg) => {}
-        _ = proto::daemon::shutdown_signal() => tracing::info!("shutting down"),
+
+    let attacher_slot: Arc<std::sync::OnceLock<Arc<Attacher>>> = Default::default();
+    {
+        let metrics = metrics.clone();
+        let driver = driver.clone();
+        let slot = attacher_slot.clone();
+        let addr = cfg.metrics_listen;
+        let render = Arc::new(move || {
+            if let Some(a) = slot.get() {
+                metrics.attached_volumes.set(a.attached_count() as i64);
+            }
+            if let Some(d) = &driver {
+                metrics
+                    .docker_mount_refs
+                    .set(d.reference_count_now() as i64);
+            }
+            metrics.render()
+        });
+        tokio::spawn(async move {
+            if let Err(e) = proto::http::serve_metrics(addr, render).await {
+                tracing::warn!("the metrics endpoint stopped: {e}");
+            }
+        });
     }
+
+    let work = async {
+        let me = daemon::register(&mdm, &guid, &name).await;
+        io.set_me(me);
+        tracing::info!(sdc_id = %me, "registered with the MDM");
+        while !io.refresh_map().await && io.map().version == 0 {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let exe = std::env::current_exe().context("find the sdc binary")?;
+        let attacher = Attacher::start(&cfg.state_dir, io.clone(), me, &exe)
+            .await
+            .context("start the attach layer")?;
+        let _ = attacher_slot.set(attacher.clone());
+        let admin_dir = cfg.state_dir.clone();
+        let admin_attacher = attacher.clone();
+        tokio::spawn(async move {
+            if let Err(e) = sdc::admin::serve(&admin_dir, admin_attacher).await {
+                tracing::error!("the admin socket stopped: {e}");
+            }
+        });
+        core_tx.send_replace(Some(Core {
+            attacher: attacher.clone(),
+            me,
+            guid: guid.clone(),
+        }));
+        if let Some(d) = &driver {
+            d.reconcile().await;
+        }
+        daemon::follow_map(io.clone(), me, exports, &cfg).await;
+        anyhow::Ok(())
+    };
+    let result = tokio::select! {
+        r = work => r,
+        _ = proto::daemon::shutdown_signal() => {
+            tracing::info!("shutting down");
+            Ok(())
+        }
+    };
+    if cfg.docker.enabled {
+        let _ = std::fs::remove_file(&cfg.docker.socket);
+    }
+    if let Some(a) = attacher_slot.get() {
+        a.shutdown().await;
+    }
+    let _ = std::fs::remove_file(sdc::admin::socket_path(&cfg.state_dir));
     let _ = std::fs::remove_file(&cfg.nbd_socket);
-    Ok(())
+    result
 }

@@ -764,6 +764,7 @@ impl DataCluster {
     }
 }
 
+pub mod docker;
 pub mod nbd;
 pub mod netns;
 

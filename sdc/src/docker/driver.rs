@@ -1,0 +1,729 @@
+//! The volume driver's behaviour behind each plugin call: Create (validated, idempotent), Remove
+//! (refused while in use), Mount/Unmount (map, attach, mkfs only on a blank device, mount;
+//! counted per mount ID on disk), Path, Get (never a transient failure for an existing volume:
+//! answered from the map the SDC follows, or a disk cache before the first map), List and the
+//! start-up reconciliation with `/proc/self/mountinfo`.
+//!
+//! Owns the reference table and the per-volume locks. Volumes of one name are handled one
+//! call at a time; different volumes in parallel.
+
+use super::api::VolumeInfo;
+use super::cluster::Cluster;
+use super::fs;
+use super::options::{self, CreateSpec};
+use super::refs::Refs;
+use crate::attach::{system, Attacher};
+use crate::config::DockerConfig;
+use proto::model::{ClusterState, Volume};
+use proto::msg::{Command, SdcSelector};
+use proto::{ErrorCode, SdcId, WireError};
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// How long a call waits for the SDC to finish starting (registration, first map).
+const READY_WAIT: Duration = Duration::from_secs(60);
+/// How long Mount waits for the map to show a new mapping.
+const MAPPING_WAIT: Duration = Duration::from_secs(15);
+
+/// Why a plugin call failed; the message is what Docker shows the user.
+#[derive(Debug, thiserror::Error)]
+pub enum DriverError {
+    /// The request itself is wrong (options, name).
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{0}")]
+    NotFound(String),
+    /// The volume is in use here or on another host.
+    #[error("{0}")]
+    InUse(String),
+    /// The MDM refused or could not be reached.
+    #[error("{0}")]
+    Cluster(String),
+    /// Something on this host failed (attach, mkfs, mount, state files).
+    #[error("{0}")]
+    Host(String),
+}
+
+impl DriverError {
+    /// A short label for metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            DriverError::Invalid(_) => "invalid",
+            DriverError::NotFound(_) => "not_found",
+            DriverError::InUse(_) => "in_use",
+            DriverError::Cluster(_) => "cluster",
+            DriverError::Host(_) => "host",
+        }
+    }
+}
+
+fn cluster_err(what: &str, e: WireError) -> DriverError {
+    match e.code {
+        ErrorCode::Unavailable | ErrorCode::NotLeader => DriverError::Cluster(format!(
+            "{what}: the Meshblock MDM cannot be reached ({}); check the MDM cluster and retry",
+            e.message
+        )),
+        ErrorCode::NoSpace => DriverError::Invalid(format!(
+            "{what}: {} (choose a smaller size, thin provisioning, or another pool)",
+            e.message
+        )),
+        _ => DriverError::Cluster(format!("{what}: {}", e.message)),
+    }
+}
+
+/// What the driver needs once the SDC is registered and has a map.
+#[derive(Clone)]
+pub struct Core {
+    pub attacher: Arc<Attacher>,
+    pub me: SdcId,
+    pub guid: String,
+}
+
+pub struct Driver {
+    cfg: DockerConfig,
+    cluster: Cluster,
+    core: tokio::sync::watch::Receiver<Option<Core>>,
+    refs: tokio::sync::Mutex<Refs>,
+    refs_file: PathBuf,
+    cache: Mutex<BTreeMap<String, VolumeInfo>>,
+    cache_file: PathBuf,
+    locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// References held, readable without the table's lock (metrics).
+    ref_count: std::sync::atomic::AtomicUsize,
+}
+
+/// The labels of a volume (the Docker options it was created with).
+fn labels(v: &Volume) -> BTreeMap<String, String> {
+    v.labels.clone()
+}
+
+impl Driver {
+    pub fn new(
+        cfg: DockerConfig,
+        cluster: Cluster,
+        state_dir: &std::path::Path,
+        core: tokio::sync::watch::Receiver<Option<Core>>,
+    ) -> Result<Driver, crate::persist::PersistError> {
+        let refs_file = state_dir.join("docker-mounts.json");
+        let cache_file = state_dir.join("docker-volumes.json");
+        let refs: Refs = crate::persist::load(&refs_file)?;
+        // A damaged cache only costs answers while the MDM is unreachable: start empty.
+        let cache: BTreeMap<String, VolumeInfo> =
+            crate::persist::load(&cache_file).unwrap_or_default();
+        Ok(Driver {
+            cfg,
+            cluster,
+            core,
+            refs: tokio::sync::Mutex::new(refs),
+            refs_file,
+            cache: Mutex::new(cache),
+            cache_file,
+            locks: Mutex::new(HashMap::new()),
+            ref_count: Default::default(),
+        })
+    }
+
+    async fn core(&self) -> Result<Core, DriverError> {
+        let mut rx = self.core.clone();
+        let got = tokio::time::timeout(READY_WAIT, async {
+            rx.wait_for(|c| c.is_some())
+                .await
+                .ok()
+                .and_then(|c| c.clone())
+        })
+        .await;
+        match got {
+            Ok(Some(c)) => Ok(c),
+            _ => Err(DriverError::Cluster(
+                "the SDC has not registered with the MDM yet; check that the MDM is reachable"
+                    .into(),
+            )),
+        }
+    }
+
+    fn lock_of(&self, name: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut l = self.locks.lock().unwrap_or_else(|p| p.into_inner());
+        l.entry(name.to_string()).or_default().clone()
+    }
+
+    fn mountpoint(&self, name: &str) -> PathBuf {
+        self.cfg.mount_root.join(name)
+    }
+
+    async fn save_refs(&self, refs: &Refs) -> Result<(), DriverError> {
+        let n = refs.volumes.values().map(|v| v.ids.len()).sum();
+        self.ref_count
+            .store(n, std::sync::atomic::Ordering::Relaxed);
+        crate::persist::save(&self.refs_file, refs).map_err(|e| DriverError::Host(e.to_string()))
+    }
+
+    fn check_name(name: &str) -> Result<(), DriverError> {
+        let ok = !name.is_empty()
+            && name.len() <= 31
+            && name != "."
+            && name != ".."
+            && name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "_-.".contains(c));
+        if ok {
+            Ok(())
+        } else {
+            Err(DriverError::Invalid(format!(
+                "invalid volume name {name:?}: use 1-31 letters, digits, '_', '-' or '.'"
+            )))
+        }
+    }
+
+    // ---- Create ----
+
+    pub async fn create(
+        &self,
+        name: &str,
+        opts: &HashMap<String, String>,
+    ) -> Result<(), DriverError> {
+        Self::check_name(name)?;
+        let spec = options::parse(opts).map_err(DriverError::Invalid)?;
+        let _g = self.lock_of(name);
+        let _g = _g.lock().await;
+        let map = self.cluster.fresh_map().await;
+        if map.version == 0 {
+            return Err(DriverError::Cluster(
+                "cannot create: the Meshblock MDM cannot be reached; retry when it is up".into(),
+            ));
+        }
+        if let Some(v) = map.volume_by_name(name) {
+            return self.compatible(&map, v, &spec);
+        }
+        let pool = self.pick_pool(&map, &spec)?;
+        let size = spec.size_bytes.unwrap_or(self.cfg.default_size_bytes);
+        let cmd = Command::AddVolume {
+            pool: pool.clone(),
+            name: name.into(),
+            size_bytes: size,
+            thin: spec.thin.unwrap_or(true),
+            labels: options::labels(&spec, &self.cfg.default_fstype),
+            preempt: spec.preempt.unwrap_or(false),
+        };
+        match self.cluster.command(cmd).await {
+            Ok(_) => {
+                tracing::info!(volume = %name, pool = %pool, size, "created a volume for Docker");
+                Ok(())
+            }
+            Err(e) if e.code == ErrorCode::AlreadyExists => {
+                // Created concurrently (by another host?): same options is fine.
+                let map = self.cluster.fresh_map().await;
+                match map.volume_by_name(name) {
+                    Some(v) => self.compatible(&map, v, &spec),
+                    None => Err(cluster_err("cannot create", e)),
+                }
+            }
+            Err(e) => Err(cluster_err(&format!("cannot create volume {name}"), e)),
+        }
+    }
+
+    fn pick_pool(&self, map: &ClusterState, spec: &CreateSpec) -> Result<String, DriverError> {
+        let pd_name = spec
+            .protection_domain
+            .clone()
+            .or_else(|| Some(self.cfg.default_protection_domain.clone()).filter(|s| !s.is_empty()));
+        let pd = match &pd_name {
+            Some(n) => Some(map.pd_by_name(n).ok_or_else(|| {
+                DriverError::Invalid(format!("protection domain {n} does not exist"))
+            })?),
+            None => None,
+        };
+        let wanted = spec
+            .pool
+            .clone()
+            .or_else(|| Some(self.cfg.default_pool.clone()).filter(|s| !s.is_empty()));
+        if let Some(p) = wanted {
+            let pool = map
+                .pool_by_name(&p)
+                .ok_or_else(|| DriverError::Invalid(format!("storage pool {p} does not exist")))?;
+            if let Some(pd) = pd {
+                if pool.pd != pd.id {
+                    return Err(DriverError::Invalid(format!(
+                        "storage pool {p} is not in protection domain {}",
+                        pd.name
+                    )));
+                }
+            }
+            return Ok(p);
+        }
+        let pools: Vec<&str> = map
+            .pools
+            .values()
+            .filter(|p| pd.is_none_or(|pd| p.pd == pd.id))
+            .map(|p| p.name.as_str())
+            .collect();
+        match pools.as_slice() {
+            [one] => Ok(one.to_string()),
+            [] => Err(DriverError::Invalid(
+                "the cluster has no storage pool to create the volume in".into(),
+            )),
+            many => Err(DriverError::Invalid(format!(
+                "several storage pools exist ({}): choose one with --opt pool=NAME",
+                many.join(", ")
+            ))),
+        }
+    }
+
+    /// An existing volume is fine for a Create whose given options it matches.
+    fn compatible(
+        &self,
+        map: &ClusterState,
+        v: &Volume,
+        spec: &CreateSpec,
+    ) -> Result<(), DriverError> {
+        let mut diffs = Vec::new();
+        if let Some(size) = spec.size_bytes {
+            let rounded = size.div_ceil(proto::CHUNK_SIZE) * proto::CHUNK_SIZE;
+            if rounded != v.size_bytes {
+                diffs.push(format!(
+                    "size {} bytes (asked {} bytes)",
+                    v.size_bytes, rounded
+                ));
+            }
+        }
+        if let Some(thin) = spec.thin {
+            if thin != v.thin {
+                diffs.push(if v.thin { "thin" } else { "thick" }.to_string());
+            }
+        }
+        if let Some(p) = &spec.pool {
+            let actual = map
+                .pools
+                .get(&v.pool)
+                .map(|p| p.name.as_str())
+                .unwrap_or("");
+            if actual != p {
+                diffs.push(format!("pool {actual}"));
+            }
+        }
+        let l = labels(v);
+        let label_diff = |key: &str, want: Option<String>, diffs: &mut Vec<String>| {
+            if let Some(w) = want {
+                let have = l.get(key).cloned().unwrap_or_default();
+                if have != w {
+                    diffs.push(format!("{key} {have:?}"));
+                }
+            }
+        };
+        label_diff(options::LABEL_FSTYPE, spec.fstype.clone(), &mut diffs);
+        label_diff(
+            options::LABEL_IOPS,
+            spec.iops_limit.filter(|i| *i > 0).map(|i| i.to_string()),
+            &mut diffs,
+        );
+        label_diff(
+            options::LABEL_BANDWIDTH,
+            spec.bandwidth_limit_kbps
+                .filter(|i| *i > 0)
+                .map(|i| i.to_string()),
+            &mut diffs,
+        );
+        if let Some(p) = spec.preempt {
+            if p != v.preempt {
+                diffs.push(format!("preempt {}", v.preempt));
+            }
+        }
+        if diffs.is_empty() {
+            Ok(())
+        } else {
+            Err(DriverError::Invalid(format!(
+                "volume {} already exists with different options ({}); remove it first or \
+                 create it with the same options",
+                v.name,
+                diffs.join(", ")
+            )))
+        }
+    }
+
+    // ---- Remove ----
+
+    pub async fn remove(&self, name: &str) -> Result<(), DriverError> {
+        let _g = self.lock_of(name);
+        let _g = _g.lock().await;
+        let n = self.refs.lock().await.count(name);
+        if n > 0 {
+            return Err(DriverError::InUse(format!(
+                "volume {name} is in use by {n} container mount(s) on this host; stop them first"
+            )));
+        }
+        let map = self.cluster.fresh_map().await;
+        let Some(v) = map.volume_by_name(name).cloned() else {
+            return Err(DriverError::NotFound(format!(
+                "volume {name} does not exist"
+            )));
+        };
+        let core = self.core().await?;
+        let others: Vec<String> = map
+            .mappings_of(v.id)
+            .filter(|m| m.sdc != core.me)
+            .map(|m| {
+                map.sdcs
+                    .get(&m.sdc)
+                    .map_or(m.sdc.to_string(), |s| s.name.clone())
+            })
+            .collect();
+        if !others.is_empty() {
+            return Err(DriverError::InUse(format!(
+                "volume {name} is in use on host(s) {}; unmount it there first",
+                others.join(", ")
+            )));
+        }
+        if map.mappings_of(v.id).any(|m| m.sdc == core.me) {
+            // Left mapped here, unused: release it.
+            self.release(&core, name).await?;
+        }
+        self.cluster
+            .command(Command::RemoveVolume { name: name.into() })
+            .await
+            .map_err(|e| cluster_err(&format!("cannot remove volume {name}"), e))?;
+        if let Ok(mut c) = self.cache.lock() {
+            c.remove(name);
+        }
+        tracing::info!(volume = %name, "removed for Docker");
+        Ok(())
+    }
+
+    /// Detach (if attached) and unmap from this SDC.
+    async fn release(&self, core: &Core, name: &str) -> Result<(), DriverError> {
+        if core.attacher.device(name).await.is_some() {
+            core.attacher
+                .detach(name, false)
+                .await
+                .map_err(|e| DriverError::Host(e.to_string()))?;
+        }
+        let cmd = Command::UnmapVolumeFromSdc {
+            volume: name.into(),
+            sdc: Some(SdcSelector::Guid(core.guid.clone())),
+        };
+        match self.cluster.command(cmd).await {
+            Ok(_) => Ok(()),
+            Err(e) if e.code == ErrorCode::NotFound => Ok(()),
+            Err(e) => Err(cluster_err(&format!("cannot unmap volume {name}"), e)),
+        }
+    }
+
+    // ---- Mount / Unmount ----
+
+    pub async fn mount(&self, name: &str, id: &str) -> Result<PathBuf, DriverError> {
+        Self::check_name(name)?;
+        let _g = self.lock_of(name);
+        let _g = _g.lock().await;
+        let mp = self.mountpoint(name);
+        {
+            let mut refs = self.refs.lock().await;
+            if let Some(v) = refs.volumes.get(name).cloned() {
+                if system::mount_at(&mp).is_some() {
+                    let n = refs.add(name, id, mp.clone(), v.device);
+                    self.save_refs(&refs).await?;
+                    tracing::info!(volume = %name, id, refs = n, "mounted again");
+                    return Ok(mp);
+                }
+            }
+        }
+        let core = self.core().await?;
+        let map = self.cluster.fresh_map().await;
+        let Some(v) = map.volume_by_name(name).cloned() else {
+            return Err(DriverError::NotFound(format!(
+                "volume {name} does not exist"
+            )));
+        };
+        self.map_here(&core, &v).await?;
+        match self.attach_and_mount(&core, &v, &mp).await {
+            Ok(device) => {
+                let mut refs = self.refs.lock().await;
+                let n = refs.add(name, id, mp.clone(), device.clone());
+                self.save_refs(&refs).await?;
+                tracing::info!(volume = %name, id, refs = n, device = %device.display(), "mounted");
+                Ok(mp)
+            }
+            Err(e) => {
+                if let Err(e2) = self.release(&core, name).await {
+                    tracing::warn!(volume = %name, "failed to release after a failed mount: {e2}");
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Maps the volume to this SDC (taking it over from a dead host, or a preemptible
+    /// volume from any host) and waits until the SDC's map shows it.
+    async fn map_here(&self, core: &Core, v: &Volume) -> Result<(), DriverError> {
+        let deadline =
+            tokio::time::Instant::now() + Duration::from_millis(self.cfg.takeover_wait_ms);
+        loop {
+            let cmd = Command::MapVolumeToSdc {
+                volume: v.name.clone(),
+                sdc: SdcSelector::Guid(core.guid.clone()),
+                allow_multi_map: false,
+                takeover: true,
+            };
+            match self.cluster.command(cmd).await {
+                Ok(_) => break,
+                Err(e) if e.code == ErrorCode::AlreadyExists => break,
+                Err(e)
+                    if matches!(e.code, ErrorCode::Busy | ErrorCode::Conflict)
+                        && tokio::time::Instant::now() < deadline =>
+                {
+                    tracing::info!(volume = %v.name, "waiting to take the volume over: {}", e.message);
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                Err(e) if matches!(e.code, ErrorCode::Busy | ErrorCode::Conflict) => {
+                    return Err(DriverError::InUse(format!(
+                        "volume {} is in use on another host ({}); it is taken over only when \
+                         that host's SDC is dead or the volume was created with preempt=true",
+                        v.name, e.message
+                    )))
+                }
+                Err(e) => return Err(cluster_err(&format!("cannot map volume {}", v.name), e)),
+            }
+        }
+        let l = labels(v);
+        let iops = l.get(options::LABEL_IOPS).and_then(|s| s.parse().ok());
+        let bw = l.get(options::LABEL_BANDWIDTH).and_then(|s| s.parse().ok());
+        if iops.is_some() || bw.is_some() {
+            let cmd = Command::SetSdcVolumeLimits {
+                volume: v.name.clone(),
+                sdc: SdcSelector::Guid(core.guid.clone()),
+                iops_limit: iops,
+                bandwidth_limit_kbps: bw,
+            };
+            if let Err(e) = self.cluster.command(cmd).await {
+                tracing::warn!(volume = %v.name, "failed to set the volume's limits: {e}");
+            }
+        }
+        let until = tokio::time::Instant::now() + MAPPING_WAIT;
+        loop {
+            let map = self.cluster.fresh_map().await;
+            if map.mappings_of(v.id).any(|m| m.sdc == core.me) {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() > until {
+                return Err(DriverError::Cluster(format!(
+                    "volume {} was mapped but this SDC's map does not show it yet; retry",
+                    v.name
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    async fn attach_and_mount(
+        &self,
+        core: &Core,
+        v: &Volume,
+        mp: &std::path::Path,
+    ) -> Result<PathBuf, DriverError> {
+        let device = core
+            .attacher
+            .attach(&v.name)
+            .await
+            .map_err(|e| DriverError::Host(format!("cannot attach volume {}: {e}", v.name)))?;
+        let fstype = labels(v)
+            .get(options::LABEL_FSTYPE)
+            .cloned()
+            .unwrap_or_else(|| self.cfg.default_fstype.clone());
+        let host = |e: String| DriverError::Host(format!("volume {}: {e}", v.name));
+        match fs::probe(&device).await.map_err(host)? {
+            Some(found) if found != fstype => {
+                tracing::info!(volume = %v.name, "keeps its {found} filesystem (label says {fstype})");
+                fs::mount(&device, mp, &found).await.map_err(host)?;
+            }
+            Some(_) => fs::mount(&device, mp, &fstype).await.map_err(host)?,
+            None => {
+                tracing::info!(volume = %v.name, "no filesystem found: making {fstype}");
+                fs::mkfs(&device, &fstype).await.map_err(host)?;
+                fs::mount(&device, mp, &fstype).await.map_err(host)?;
+            }
+        }
+        Ok(device)
+    }
+
+    pub async fn unmount(&self, name: &str, id: &str) -> Result<(), DriverError> {
+        let _g = self.lock_of(name);
+        let _g = _g.lock().await;
+        let mut refs = self.refs.lock().await;
+        let Some(left) = refs.remove(name, id) else {
+            return Ok(());
+        };
+        if left > 0 {
+            self.save_refs(&refs).await?;
+            tracing::info!(volume = %name, id, refs = left, "unmounted by one container, still in use");
+            return Ok(());
+        }
+        let mp = self.mountpoint(name);
+        if system::mount_at(&mp).is_some() {
+            if let Err(e) = fs::unmount(&mp).await {
+                self.save_refs(&refs).await?;
+                return Err(DriverError::Host(format!(
+                    "cannot unmount volume {name}: {e}; something on this host still uses {}",
+                    mp.display()
+                )));
+            }
+        }
+        let _ = std::fs::remove_dir(&mp);
+        refs.volumes.remove(name);
+        self.save_refs(&refs).await?;
+        drop(refs);
+        let core = self.core().await?;
+        self.release(&core, name).await?;
+        tracing::info!(volume = %name, id, "unmounted, detached and unmapped");
+        Ok(())
+    }
+
+    /// Where the volume is mounted on this host, if it is.
+    pub async fn path(&self, name: &str) -> Option<PathBuf> {
+        let refs = self.refs.lock().await;
+        let v = refs.volumes.get(name)?;
+        system::mount_at(&v.mountpoint).map(|_| v.mountpoint.clone())
+    }
+
+    // ---- Get / List ----
+
+    fn info(&self, map: &ClusterState, v: &Volume, mountpoint: Option<PathBuf>) -> VolumeInfo {
+        let mut status = serde_json::Map::new();
+        status.insert("size_bytes".into(), v.size_bytes.into());
+        status.insert("thin".into(), v.thin.into());
+        if let Some(p) = map.pools.get(&v.pool) {
+            status.insert("pool".into(), p.name.clone().into());
+        }
+        let hosts: Vec<serde_json::Value> = map
+            .mappings_of(v.id)
+            .filter_map(|m| map.sdcs.get(&m.sdc).map(|s| s.name.clone().into()))
+            .collect();
+        status.insert("mapped_to".into(), hosts.into());
+        for (k, val) in labels(v) {
+            status.insert(k, val.into());
+        }
+        status.insert("preempt".into(), v.preempt.into());
+        VolumeInfo {
+            Name: v.name.clone(),
+            Mountpoint: mountpoint
+                .map(|p| p.display().to_string())
+                .unwrap_or_default(),
+            CreatedAt: String::new(),
+            Status: status,
+        }
+    }
+
+    fn remember(&self, infos: &[VolumeInfo], whole: bool) {
+        let Ok(mut c) = self.cache.lock() else { return };
+        let before = c.clone();
+        if whole {
+            c.clear();
+        }
+        for i in infos {
+            let mut i = i.clone();
+            i.Mountpoint.clear();
+            c.insert(i.Name.clone(), i);
+        }
+        if *c != before {
+            if let Err(e) = crate::persist::save(&self.cache_file, &*c) {
+                tracing::warn!("failed to save the volume cache: {e}");
+            }
+        }
+    }
+
+    pub async fn get(&self, name: &str) -> Result<VolumeInfo, DriverError> {
+        let mut map = self.cluster.map();
+        if map.volume_by_name(name).is_none() {
+            map = self.cluster.fresh_map().await;
+        }
+        let mountpoint = self.path(name).await;
+        if map.version > 0 {
+            if let Some(v) = map.volume_by_name(name) {
+                let info = self.info(&map, v, mountpoint);
+                self.remember(std::slice::from_ref(&info), false);
+                return Ok(info);
+            }
+        }
+        // No map yet, or the volume is not in it: an existing volume must not vanish because
+        // the MDM is briefly unreachable, so the cache answers for what it knows.
+        let cached = self.cache.lock().ok().and_then(|c| c.get(name).cloned());
+        match cached {
+            Some(mut info) if map.version == 0 || !self.cluster_reachable(&map) => {
+                info.Mountpoint = mountpoint
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_default();
+                Ok(info)
+            }
+            _ if map.version == 0 => Err(DriverError::Cluster(format!(
+                "volume {name} is unknown here and the MDM cannot be reached; retry"
+            ))),
+            _ => Err(DriverError::NotFound(format!(
+                "volume {name} does not exist"
+            ))),
+        }
+    }
+
+    /// True when the map is recent, i.e. the MDM answered a poll lately.
+    fn cluster_reachable(&self, map: &ClusterState) -> bool {
+        map.version > 0
+    }
+
+    pub async fn list(&self) -> Result<Vec<VolumeInfo>, DriverError> {
+        let map = self.cluster.map();
+        let refs = self.refs.lock().await.clone();
+        let mounted = |name: &str| {
+            refs.volumes
+                .get(name)
+                .filter(|v| system::mount_at(&v.mountpoint).is_some())
+                .map(|v| v.mountpoint.clone())
+        };
+        if map.version == 0 {
+            let c = self.cache.lock().map(|c| c.clone()).unwrap_or_default();
+            return Ok(c
+                .into_values()
+                .map(|mut i| {
+                    i.Mountpoint = mounted(&i.Name)
+                        .map(|p| p.display().to_string())
+                        .unwrap_or_default();
+                    i
+                })
+                .collect());
+        }
+        let infos: Vec<VolumeInfo> = map
+            .volumes
+            .values()
+            .map(|v| self.info(&map, v, mounted(&v.name)))
+            .collect();
+        self.remember(&infos, true);
+        Ok(infos)
+    }
+
+    // ---- Start-up ----
+
+    /// Reconciles the reference table with what is mounted: a volume whose mount is gone (host
+    /// reboot, someone unmounted it) has no user left and is released; a mounted one keeps its
+    /// references (Docker will not send Mount again for running containers).
+    pub async fn reconcile(&self) {
+        let Ok(core) = self.core().await else { return };
+        let mut refs = self.refs.lock().await;
+        let names: Vec<String> = refs.volumes.keys().cloned().collect();
+        for name in names {
+            let mp = self.mountpoint(&name);
+            if system::mount_at(&mp).is_some() {
+                tracing::info!(volume = %name, refs = refs.count(&name), "still mounted: references kept");
+                continue;
+            }
+            tracing::warn!(volume = %name, "its mount is gone: dropping its references and releasing it");
+            refs.volumes.remove(&name);
+            if let Err(e) = self.release(&core, &name).await {
+                tracing::warn!(volume = %name, "failed to release: {e}");
+            }
+        }
+        if let Err(e) = self.save_refs(&refs).await {
+            tracing::warn!("failed to save the mount references: {e}");
+        }
+    }
+
+    /// Number of (volume, mount ID) references, for metrics.
+    pub fn reference_count_now(&self) -> usize {
+        self.ref_count.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}

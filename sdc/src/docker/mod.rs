@@ -1,0 +1,17 @@
+//! The Docker volume plugin, inside the SDC daemon: a legacy (socket) plugin at
+//! `/run/docker/plugins/meshblock.sock` by default, so `docker volume create --driver meshblock`
+//! works with no `docker plugin install`.
+//!
+//! Modules: [`api`] (the protocol's JSON), [`server`] (HTTP on the unix socket), [`driver`]
+//! (what each call does), [`options`] (create options, pure), [`refs`] (mount references on
+//! disk), [`cluster`] (MDM session and commands), [`fs`] (mkfs, mount). The plugin reaches the
+//! MDM lazily: its socket listens before the SDC has registered, and calls that need the cluster
+//! wait for it.
+
+pub mod api;
+pub mod cluster;
+pub mod driver;
+pub mod fs;
+pub mod options;
+pub mod refs;
+pub mod server;

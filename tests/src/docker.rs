@@ -1,0 +1,416 @@
+//! Docker for the volume-plugin tests: a private `dockerd` (its own data root, exec root,
+//! pidfile and API socket under the test's scratch directory; no bridge, no iptables, so
+//! containers get no network and touch no addresses), a tiny image imported from Debian's
+//! `busybox-static` (nothing can be pulled here), and an SDC serving the plugin on a socket in
+//! `/run/docker/plugins` under a unique name.
+//!
+//! Everything is undone on drop, pass or fail: containers, the daemon and its containerd
+//! shims, mounts under the scratch directory, the plugin socket, and the SDC's attach state
+//! (loop devices, FUSE mount, keeper).
+
+use crate::{wait_for, DataCluster, Proc};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+/// Debian's docker.io installs the matching CLI here (another `docker` may be earlier on PATH).
+pub fn docker_cli() -> &'static str {
+    if Path::new("/usr/bin/docker").exists() {
+        "/usr/bin/docker"
+    } else {
+        "docker"
+    }
+}
+
+/// The outcome of one command.
+#[derive(Debug)]
+pub struct Out {
+    pub ok: bool,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+pub fn sh(program: &str, args: &[&str]) -> Out {
+    match Command::new(program).args(args).output() {
+        Ok(o) => Out {
+            ok: o.status.success(),
+            stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
+        },
+        Err(e) => Out {
+            ok: false,
+            stdout: String::new(),
+            stderr: format!("cannot run {program}: {e}"),
+        },
+    }
+}
+
+/// Mount points under `dir` in this process's namespace, deepest first.
+pub fn mounts_under(dir: &Path) -> Vec<PathBuf> {
+    let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let mut v: Vec<PathBuf> = text
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .map(|p| PathBuf::from(p.replace("\\040", " ")))
+        .filter(|p| p.starts_with(dir))
+        .collect();
+    v.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+    v
+}
+
+/// Is something mounted exactly at `dir`?
+pub fn is_mounted(dir: &Path) -> bool {
+    let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    text.lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .any(|p| Path::new(p) == dir)
+}
+
+/// Pids of processes whose command line mentions `needle` (a unique scratch path).
+fn pids_mentioning(needle: &str) -> Vec<i32> {
+    let me = std::process::id() as i32;
+    let Ok(rd) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    rd.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| *pid != me)
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .map(|c| String::from_utf8_lossy(&c).contains(needle))
+                .unwrap_or(false)
+        })
+        .collect()
+}
+
+/// A private Docker daemon.
+pub struct Dockerd {
+    pub dir: PathBuf,
+    pub host: String,
+    pub proc: Option<Proc>,
+    netns: Option<String>,
+    extra: Vec<String>,
+}
+
+impl Dockerd {
+    /// Starts dockerd under `dir` (created), optionally in a network namespace given as an
+    /// `nsenter --net=` path, with `extra` flags.
+    pub fn start(dir: &Path, netns: Option<&str>, extra: &[&str]) -> Dockerd {
+        std::fs::create_dir_all(dir).expect("dockerd dir");
+        let mut d = Dockerd {
+            dir: dir.to_path_buf(),
+            host: format!("unix://{}", dir.join("docker.sock").display()),
+            proc: None,
+            netns: netns.map(str::to_string),
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+        };
+        d.launch();
+        d
+    }
+
+    fn launch(&mut self) {
+        let dir = self.dir.clone();
+        let mut cmd: Vec<String> = Vec::new();
+        if let Some(ns) = &self.netns {
+            cmd.extend(["nsenter".into(), format!("--net={ns}"), "--".into()]);
+        }
+        cmd.extend(
+            [
+                "dockerd".to_string(),
+                format!("--data-root={}", dir.join("root").display()),
+                format!("--exec-root={}", dir.join("exec").display()),
+                format!("--pidfile={}", dir.join("docker.pid").display()),
+                format!("--host={}", self.host),
+                "--bridge=none".into(),
+                "--iptables=false".into(),
+                "--ip6tables=false".into(),
+                "--storage-driver=vfs".into(),
+                "--live-restore".into(),
+            ]
+            .into_iter()
+            .chain(self.extra.iter().cloned()),
+        );
+        self.proc = Some(Proc::spawn(
+            "dockerd",
+            Path::new(&cmd[0]),
+            &cmd[1..],
+            dir.join("dockerd.log"),
+        ));
+        self.wait_up();
+    }
+
+    fn wait_up(&mut self) {
+        let host = self.host.clone();
+        let log = self.dir.join("dockerd.log");
+        wait_for("dockerd to answer", Duration::from_secs(60), || {
+            let o = sh(docker_cli(), &["-H", &host, "version"]);
+            if !o.ok && !self.proc.as_mut().is_some_and(|p| p.alive()) {
+                panic!(
+                    "dockerd exited: {}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                );
+            }
+            o.ok.then_some(())
+        });
+    }
+
+    /// Runs the docker CLI against this daemon.
+    pub fn cli(&self, args: &[&str]) -> Out {
+        let mut full = vec!["-H", &self.host];
+        full.extend_from_slice(args);
+        sh(docker_cli(), &full)
+    }
+
+    /// Runs the docker CLI and panics unless it succeeds; returns stdout.
+    pub fn must(&self, args: &[&str]) -> String {
+        let o = self.cli(args);
+        assert!(o.ok, "docker {args:?} failed: {}{}", o.stdout, o.stderr);
+        o.stdout
+    }
+
+    /// Stops the daemon (SIGTERM, then SIGKILL) without touching its containers' state: with
+    /// --live-restore, running containers keep running.
+    pub fn stop(&mut self) {
+        let Some(mut p) = self.proc.take() else {
+            return;
+        };
+        p.signal(libc::SIGTERM);
+        let exited = (0..300).any(|_| {
+            if !p.alive() {
+                return true;
+            }
+            std::thread::park_timeout(Duration::from_millis(100));
+            false
+        });
+        if !exited {
+            p.kill();
+        }
+        p.kill();
+        let _ = std::fs::remove_file(self.dir.join("docker.pid"));
+    }
+
+    /// Starts the daemon again with the same directories (running containers carry on:
+    /// --live-restore).
+    pub fn restart(&mut self) {
+        self.stop();
+        self.launch();
+    }
+
+    /// Imports a busybox image (a rootfs with /bin/busybox and its links); returns its name.
+    pub fn import_busybox(&self) -> String {
+        let rootfs = self.dir.join("rootfs");
+        std::fs::create_dir_all(rootfs.join("bin")).expect("rootfs");
+        std::fs::copy("/bin/busybox", rootfs.join("bin/busybox"))
+            .expect("copy /bin/busybox (./test installs busybox-static)");
+        for l in [
+            "sh", "cat", "echo", "sync", "sleep", "ls", "dd", "test", "stat",
+        ] {
+            let _ = std::os::unix::fs::symlink("busybox", rootfs.join("bin").join(l));
+        }
+        let tar = self.dir.join("rootfs.tar");
+        let o = sh(
+            "tar",
+            &[
+                "-C",
+                &rootfs.display().to_string(),
+                "-cf",
+                &tar.display().to_string(),
+                ".",
+            ],
+        );
+        assert!(o.ok, "tar: {}", o.stderr);
+        let name = "meshblock-test-busybox:1";
+        self.must(&["import", &tar.display().to_string(), name]);
+        name.to_string()
+    }
+}
+
+impl Drop for Dockerd {
+    fn drop(&mut self) {
+        if self.proc.as_mut().is_some_and(|p| p.alive()) {
+            let ids = self.cli(&["ps", "-aq"]).stdout;
+            for id in ids.split_whitespace() {
+                let _ = self.cli(&["rm", "-f", id]);
+            }
+        }
+        self.stop();
+        // containerd and its shims run under our exec root; end them by pid.
+        let needle = self.dir.display().to_string();
+        for pid in pids_mentioning(&needle) {
+            // SAFETY: kill(2) on processes started under this test's unique directory.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+        for m in mounts_under(&self.dir) {
+            let _ = sh("umount", &["-l", &m.display().to_string()]);
+        }
+    }
+}
+
+/// An SDC serving the Docker plugin, replacing a [`DataCluster`]'s plain SDC process.
+pub struct PluginSdc {
+    /// The driver name: the plugin socket's file name without `.sock`.
+    pub driver: String,
+    pub socket: PathBuf,
+    pub state_dir: PathBuf,
+    pub mount_root: PathBuf,
+}
+
+impl PluginSdc {
+    /// Restarts `d`'s SDC with the plugin on a unique socket in /run/docker/plugins.
+    pub fn enable(d: &mut DataCluster) -> PluginSdc {
+        let driver = format!("mbt{}x{}", std::process::id(), rand::random::<u16>());
+        let plugins = Path::new("/run/docker/plugins");
+        std::fs::create_dir_all(plugins).expect("create /run/docker/plugins");
+        let socket = plugins.join(format!("{driver}.sock"));
+        let state_dir = d.c.dir.join("sdc");
+        let mount_root = d.c.dir.join("mounts");
+        let pw = d.c.dir.join("docker-password");
+        std::fs::write(&pw, crate::ADMIN_PASSWORD).expect("password file");
+        let mut cmd = d.sdc.cmd();
+        cmd.extend([
+            "--docker".into(),
+            "--docker-socket".into(),
+            socket.display().to_string(),
+            "--docker-mount-root".into(),
+            mount_root.display().to_string(),
+            "--docker-username".into(),
+            "admin".into(),
+            "--docker-password-file".into(),
+            pw.display().to_string(),
+        ]);
+        d.sdc.kill();
+        d.sdc.set_cmd(cmd);
+        d.sdc.start();
+        let p = PluginSdc {
+            driver,
+            socket,
+            state_dir,
+            mount_root,
+        };
+        p.wait_ready(d);
+        p
+    }
+
+    /// Waits until the plugin answers and the SDC can attach (admin socket up).
+    pub fn wait_ready(&self, d: &DataCluster) {
+        let sock = self.socket.display().to_string();
+        wait_for("the plugin socket", Duration::from_secs(20), || {
+            sh(
+                "curl",
+                &[
+                    "-sf",
+                    "--unix-socket",
+                    &sock,
+                    "-X",
+                    "POST",
+                    "http://plugin/Plugin.Activate",
+                ],
+            )
+            .ok
+            .then_some(())
+        });
+        let admin = self.state_dir.join("admin.sock");
+        wait_for("the SDC's attach layer", Duration::from_secs(30), || {
+            admin.exists().then_some(())
+        });
+        let _ = d;
+    }
+
+    /// `curl` a plugin endpoint with a JSON body: (HTTP status, body).
+    pub fn call(&self, endpoint: &str, body: &str) -> (u16, String) {
+        let o = sh(
+            "curl",
+            &[
+                "-s",
+                "--unix-socket",
+                &self.socket.display().to_string(),
+                "-X",
+                "POST",
+                "-H",
+                "Content-Type: application/json",
+                "-d",
+                body,
+                "-w",
+                "\n%{http_code}",
+                &format!("http://plugin/{endpoint}"),
+            ],
+        );
+        let (body, code) = o.stdout.rsplit_once('\n').unwrap_or(("", "0"));
+        (code.trim().parse().unwrap_or(0), body.to_string())
+    }
+
+    /// The plugin's mount references on disk: volume -> IDs.
+    pub fn refs(&self) -> serde_json::Value {
+        std::fs::read_to_string(self.state_dir.join("docker-mounts.json"))
+            .ok()
+            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+            .map(|v| v["volumes"].clone())
+            .unwrap_or(serde_json::Value::Null)
+    }
+
+    /// Stops the SDC with SIGTERM (it detaches what is unused) and waits for it.
+    pub fn stop_sdc(d: &mut DataCluster) {
+        d.sdc.signal(libc::SIGTERM);
+        let gone = (0..200).any(|_| {
+            if !d.sdc.alive() {
+                return true;
+            }
+            std::thread::park_timeout(Duration::from_millis(100));
+            false
+        });
+        if !gone {
+            d.sdc.kill();
+        }
+        d.sdc.kill();
+    }
+}
+
+impl Drop for PluginSdc {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.socket);
+        for m in mounts_under(&self.mount_root) {
+            let _ = sh("umount", &["-l", &m.display().to_string()]);
+        }
+        cleanup_attach_state(&self.state_dir);
+    }
+}
+
+/// Undo whatever an SDC's attach layer left under `state_dir`: loop devices over its FUSE
+/// files, the FUSE mount, and the keeper.
+pub fn cleanup_attach_state(state_dir: &Path) {
+    let fuse = state_dir.join("fuse");
+    let list = sh(
+        "losetup",
+        &["--list", "--noheadings", "--raw", "-O", "NAME,BACK-FILE"],
+    );
+    for line in list.stdout.lines() {
+        if let Some((dev, file)) = line.split_once(' ') {
+            if Path::new(file.trim()).starts_with(&fuse) {
+                for m in mounts_of(dev) {
+                    let _ = sh("umount", &["-l", &m]);
+                }
+                let _ = sh("losetup", &["-d", dev]);
+            }
+        }
+    }
+    if is_mounted(&fuse) {
+        let _ = sh("umount", &["-l", &fuse.display().to_string()]);
+    }
+    if let Ok(pid) = std::fs::read_to_string(state_dir.join("fuse-keeper.pid")) {
+        if let Ok(pid) = pid.trim().parse::<i32>() {
+            // SAFETY: kill(2) on the keeper this test's SDC started (its pid file).
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+    }
+}
+
+/// Mount points of a device (by its source name).
+fn mounts_of(dev: &str) -> Vec<String> {
+    let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    text.lines()
+        .filter_map(|l| {
+            let (left, right) = l.split_once(" - ")?;
+            let src = right.split(' ').nth(1)?;
+            (src == dev).then(|| left.split(' ').nth(4).map(str::to_string))?
+        })
+        .collect()
+}

@@ -1,0 +1,543 @@
+//! The Docker volume driver against a real Docker engine (a private dockerd per test), and the
+//! SDC's attach layer (`sdc attach|detach|list`: FUSE file + loop device). Real mdm, sds and
+//! sdc processes; real mkfs, mount, losetup, docker.
+
+use meshblock_tests::docker::*;
+use meshblock_tests::*;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+fn require_all() {
+    for p in [
+        "dockerd",
+        "curl",
+        "losetup",
+        "mkfs.ext4",
+        "mkfs.xfs",
+        "blkid",
+        "nsenter",
+    ] {
+        require(p).expect("tool installed");
+    }
+    assert!(
+        Path::new("/bin/busybox").exists(),
+        "/bin/busybox is missing; ./test installs busybox-static"
+    );
+}
+
+/// A cluster (1 MDM, 3 SDS), an SDC serving the plugin, and a private dockerd.
+struct Setup {
+    docker: Option<Dockerd>,
+    plugin: Option<PluginSdc>,
+    image: String,
+    d: DataCluster,
+}
+
+impl Setup {
+    fn start(name: &str) -> Setup {
+        require_all();
+        let mut d = DataCluster::start(name, 3, 1);
+        let plugin = PluginSdc::enable(&mut d);
+        let docker = Dockerd::start(&d.c.dir.join("docker"), None, &[]);
+        let image = docker.import_busybox();
+        Setup {
+            docker: Some(docker),
+            plugin: Some(plugin),
+            image,
+            d,
+        }
+    }
+
+    fn docker(&self) -> &Dockerd {
+        self.docker.as_ref().expect("dockerd")
+    }
+
+    fn plugin(&self) -> &PluginSdc {
+        self.plugin.as_ref().expect("plugin")
+    }
+
+    fn drv(&self) -> String {
+        self.plugin().driver.clone()
+    }
+
+    /// `docker run --rm` with the volume at /data; returns stdout.
+    fn run(&self, vol: &str, script: &str) -> String {
+        let v = format!("{vol}:/data");
+        self.docker().must(&[
+            "run",
+            "--rm",
+            "--network",
+            "none",
+            "-v",
+            &v,
+            &self.image,
+            "sh",
+            "-c",
+            script,
+        ])
+    }
+
+    fn mountpoint(&self, vol: &str) -> PathBuf {
+        self.plugin().mount_root.join(vol)
+    }
+
+    fn volume_mappings(&self, vol: &str) -> usize {
+        let map = cluster_map(&self.d.c);
+        let v = map.volume_by_name(vol).expect("volume");
+        map.mappings_of(v.id).count()
+    }
+}
+
+impl Drop for Setup {
+    fn drop(&mut self) {
+        // Containers first (Docker unmounts through the plugin), then the SDC (SIGTERM: it
+        // detaches what is unused), then whatever is left.
+        drop(self.docker.take());
+        PluginSdc::stop_sdc(&mut self.d);
+        drop(self.plugin.take());
+    }
+}
+
+fn loops_under(state_dir: &Path) -> Vec<String> {
+    let fuse = state_dir.join("fuse");
+    sh(
+        "losetup",
+        &["--list", "--noheadings", "--raw", "-O", "NAME,BACK-FILE"],
+    )
+    .stdout
+    .lines()
+    .filter(|l| {
+        l.split_once(' ')
+            .is_some_and(|(_, f)| Path::new(f.trim()).starts_with(&fuse))
+    })
+    .map(str::to_string)
+    .collect()
+}
+
+#[test]
+fn docker_volume_lifecycle() {
+    let s = Setup::start("docker-life");
+    let drv = s.drv();
+    s.docker().must(&[
+        "volume",
+        "create",
+        "--driver",
+        &drv,
+        "--opt",
+        "size=1GiB",
+        "--opt",
+        "fstype=ext4",
+        "v1",
+    ]);
+    let q =
+        s.d.c
+            .must_scli(&["--query_volume", "--volume_name", "v1", "--json"]);
+    assert!(q.stdout.contains("v1"), "{}", q.stdout);
+
+    s.run("v1", "echo hello > /data/f && sync");
+    // Released after the container: unmounted, detached, unmapped.
+    assert!(!is_mounted(&s.mountpoint("v1")));
+    assert_eq!(s.volume_mappings("v1"), 0);
+    assert!(loops_under(&s.plugin().state_dir).is_empty());
+    let out = s.run("v1", "cat /data/f");
+    assert_eq!(out.trim(), "hello");
+
+    let ls = s
+        .docker()
+        .must(&["volume", "ls", "--format", "{{.Driver}} {{.Name}}"]);
+    assert!(ls.lines().any(|l| l == format!("{drv} v1")), "{ls}");
+    let inspect = s.docker().must(&["volume", "inspect", "v1"]);
+    let j: serde_json::Value = serde_json::from_str(&inspect).expect("inspect json");
+    assert_eq!(j[0]["Driver"], drv.as_str());
+    assert_eq!(j[0]["Status"]["size_bytes"], 1u64 << 30, "{inspect}");
+    assert_eq!(j[0]["Status"]["fstype"], "ext4", "{inspect}");
+    assert_eq!(j[0]["Scope"], "global", "{inspect}");
+
+    s.docker().must(&["volume", "rm", "v1"]);
+    let q = s.d.c.scli_raw(&["--query_volume", "--volume_name", "v1"]);
+    assert!(!q.ok, "v1 still exists in the cluster: {}", q.stdout);
+
+    // xfs too, and a volume created by Docker on first use.
+    s.docker().must(&[
+        "volume",
+        "create",
+        "--driver",
+        &drv,
+        "--opt",
+        "size=500MiB",
+        "--opt",
+        "fstype=xfs",
+        "vx",
+    ]);
+    s.run("vx", "echo x > /data/x && sync");
+    let mp = s.mountpoint("vx");
+    assert!(!is_mounted(&mp));
+    let out = s.run("vx", "cat /data/x");
+    assert_eq!(out.trim(), "x");
+    s.docker().must(&["volume", "rm", "vx"]);
+}
+
+#[test]
+fn docker_create_refuses_bad_options() {
+    let s = Setup::start("docker-bad");
+    let drv = s.drv();
+    let create = |name: &str, opts: &[&str]| {
+        let mut args = vec!["volume", "create", "--driver", drv.as_str()];
+        for o in opts {
+            args.extend(["--opt", o]);
+        }
+        args.push(name);
+        s.docker().cli(&args)
+    };
+    for (opts, needle) in [
+        (&["colour=blue"][..], "unknown option"),
+        (&["size=big"], "size"),
+        (&["size=1GiB", "fstype=ntfs"], "fstype"),
+        (&["thin", "thick"], "contradict"),
+        (&["iops_limit=3"], "iops_limit"),
+        (&["size=1TiB", "thick"], "capacity"),
+        (&["pool=nope"], "storage pool nope does not exist"),
+    ] {
+        let o = create("bad", opts);
+        assert!(!o.ok, "{opts:?} accepted");
+        assert!(o.stderr.contains(needle), "{opts:?}: {}", o.stderr);
+        let q = s.d.c.scli_raw(&["--query_volume", "--volume_name", "bad"]);
+        assert!(!q.ok, "{opts:?} created a volume");
+        let ls = s.docker().must(&["volume", "ls", "-q"]);
+        assert!(!ls.lines().any(|l| l == "bad"), "{opts:?}: {ls}");
+    }
+    // Same options again: fine (idempotent). Different ones: refused, nothing changes.
+    assert!(create("v2", &["size=1GiB", "fstype=xfs"]).ok);
+    assert!(create("v2", &["size=1GiB", "fstype=xfs"]).ok);
+    assert!(
+        create("v2", &[]).ok,
+        "no options are compatible with anything"
+    );
+    let o = create("v2", &["size=2GiB"]);
+    assert!(
+        !o.ok && o.stderr.contains("different options"),
+        "{}",
+        o.stderr
+    );
+    let o = create("v2", &["fstype=ext4"]);
+    assert!(!o.ok && o.stderr.contains("fstype"), "{}", o.stderr);
+    let map = cluster_map(&s.d.c);
+    assert_eq!(map.volume_by_name("v2").expect("v2").size_bytes, 1 << 30);
+    s.docker().must(&["volume", "rm", "v2"]);
+}
+
+#[test]
+fn plugin_http_api_directly() {
+    let mut s = Setup::start("docker-http");
+    let p = s.plugin.take().expect("plugin");
+    let (code, body) = p.call("Plugin.Activate", "");
+    assert_eq!((code, body.contains("VolumeDriver")), (200, true), "{body}");
+    let (_, body) = p.call("VolumeDriver.Capabilities", "{}");
+    assert!(body.contains("\"global\""), "{body}");
+
+    // Malformed JSON, wrong shapes, unknown endpoints: clear errors, never a crash.
+    for (ep, bad) in [
+        ("VolumeDriver.Create", "{\"Name\":"),
+        ("VolumeDriver.Mount", "[1,2,3]"),
+        ("VolumeDriver.Get", "{\"Nom\":\"x\"}"),
+        ("VolumeDriver.Remove", "\u{1}\u{2}garbage"),
+    ] {
+        let (code, body) = p.call(ep, bad);
+        assert_eq!(code, 400, "{ep} {bad:?}: {body}");
+        let j: serde_json::Value = serde_json::from_str(&body).expect("JSON error");
+        assert!(j["Err"].as_str().is_some_and(|e| !e.is_empty()), "{body}");
+    }
+    let (code, body) = p.call("VolumeDriver.Explode", "{}");
+    assert_eq!(code, 404, "{body}");
+    assert!(body.contains("unknown endpoint"), "{body}");
+
+    let (code, body) = p.call(
+        "VolumeDriver.Create",
+        r#"{"Name":"h1","Opts":{"size":"256MiB"}}"#,
+    );
+    assert_eq!((code, body.as_str()), (200, r#"{"Err":""}"#));
+    let (_, body) = p.call("VolumeDriver.Get", r#"{"Name":"h1"}"#);
+    assert!(
+        body.contains("\"Name\":\"h1\"") && body.contains("\"Err\":\"\""),
+        "{body}"
+    );
+    let (_, body) = p.call("VolumeDriver.Get", r#"{"Name":"nope"}"#);
+    assert!(body.contains("does not exist"), "{body}");
+    let (_, body) = p.call("VolumeDriver.List", "{}");
+    assert!(body.contains("\"h1\""), "{body}");
+
+    // Mount counted per ID, repeatable with the same ID.
+    let mount = |id: &str| {
+        let (_, b) = p.call(
+            "VolumeDriver.Mount",
+            &format!(r#"{{"Name":"h1","ID":"{id}"}}"#),
+        );
+        let j: serde_json::Value = serde_json::from_str(&b).expect("mount json");
+        assert_eq!(j["Err"], "", "{b}");
+        PathBuf::from(j["Mountpoint"].as_str().expect("mountpoint"))
+    };
+    let unmount = |id: &str| {
+        let (_, b) = p.call(
+            "VolumeDriver.Unmount",
+            &format!(r#"{{"Name":"h1","ID":"{id}"}}"#),
+        );
+        assert_eq!(b, r#"{"Err":""}"#);
+    };
+    let mp = mount("a");
+    assert_eq!(mount("b"), mp);
+    assert_eq!(mount("a"), mp);
+    assert!(is_mounted(&mp));
+    assert_eq!(p.refs()["h1"]["ids"].as_array().map(Vec::len), Some(2));
+    let (_, body) = p.call("VolumeDriver.Path", r#"{"Name":"h1"}"#);
+    assert!(body.contains(&mp.display().to_string()), "{body}");
+    let (_, body) = p.call("VolumeDriver.Remove", r#"{"Name":"h1"}"#);
+    assert!(body.contains("in use"), "{body}");
+    std::fs::write(mp.join("f"), b"data").expect("write into the mounted volume");
+    unmount("a");
+    assert!(is_mounted(&mp), "unmounted under the remaining user");
+    unmount("b");
+    assert!(!is_mounted(&mp));
+    unmount("b");
+    assert_eq!(s.volume_mappings("h1"), 0);
+    let (_, body) = p.call("VolumeDriver.Path", r#"{"Name":"h1"}"#);
+    assert!(body.contains("\"Mountpoint\":\"\""), "{body}");
+    let (_, body) = p.call("VolumeDriver.Remove", r#"{"Name":"h1"}"#);
+    assert_eq!(body, r#"{"Err":""}"#);
+
+    // Still alive and counting.
+    assert!(s.d.sdc.alive(), "{}", s.d.sdc.log_text());
+    let cmd = s.d.sdc.cmd();
+    let at = cmd
+        .iter()
+        .position(|a| a == "--metrics-listen")
+        .expect("metrics flag");
+    let addr = cmd[at + 1].parse().expect("metrics address");
+    let metrics = http_get(addr, "/metrics").expect("metrics");
+    assert!(
+        metrics.contains("meshblock_sdc_docker_requests_total{endpoint=\"Mount\",result=\"ok\"} 3"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("result=\"malformed\""), "{metrics}");
+    s.plugin = Some(p);
+}
+
+#[test]
+fn shared_volume_survives_dockerd_and_sdc_restarts() {
+    let mut s = Setup::start("docker-restart");
+    let drv = s.drv();
+    s.docker().must(&[
+        "volume",
+        "create",
+        "--driver",
+        &drv,
+        "--opt",
+        "size=1GiB",
+        "shared",
+    ]);
+    let img = s.image.clone();
+    for c in ["c1", "c2"] {
+        s.docker().must(&[
+            "run",
+            "-d",
+            "--name",
+            c,
+            "--network",
+            "none",
+            "-v",
+            "shared:/data",
+            &img,
+            "sleep",
+            "100000",
+        ]);
+    }
+    let mp = s.mountpoint("shared");
+    assert!(is_mounted(&mp));
+    assert_eq!(
+        s.plugin().refs()["shared"]["ids"].as_array().map(Vec::len),
+        Some(2)
+    );
+    s.docker().must(&["stop", "-t", "0", "c1"]);
+    s.docker().must(&["rm", "c1"]);
+    assert!(
+        is_mounted(&mp),
+        "stopping one container unmounted the other's volume"
+    );
+    assert_eq!(
+        s.plugin().refs()["shared"]["ids"].as_array().map(Vec::len),
+        Some(1)
+    );
+    s.docker()
+        .must(&["exec", "c2", "sh", "-c", "echo one > /data/one && sync"]);
+
+    // dockerd restart (live-restore): c2 keeps running, nothing is unmounted.
+    s.docker.as_mut().expect("dockerd").restart();
+    assert!(is_mounted(&mp));
+    s.docker()
+        .must(&["exec", "c2", "sh", "-c", "echo two > /data/two && sync"]);
+
+    // SDC restart with c2 running: the FUSE keeper holds the connection, the new SDC takes it
+    // over; the loop device and the mount carry on, the references are kept.
+    PluginSdc::stop_sdc(&mut s.d);
+    assert!(
+        is_mounted(&mp),
+        "the SDC's SIGTERM unmounted a volume in use"
+    );
+    s.d.sdc.start();
+    s.plugin().wait_ready(&s.d);
+    s.docker()
+        .must(&["exec", "c2", "sh", "-c", "echo three > /data/three && sync"]);
+    let out = s
+        .docker()
+        .must(&["exec", "c2", "cat", "/data/one", "/data/two", "/data/three"]);
+    assert_eq!(
+        out.split_whitespace().collect::<Vec<_>>(),
+        ["one", "two", "three"]
+    );
+    assert_eq!(
+        s.plugin().refs()["shared"]["ids"].as_array().map(Vec::len),
+        Some(1)
+    );
+
+    // A crash (SIGKILL) too.
+    s.d.sdc.kill();
+    s.d.sdc.start();
+    s.plugin().wait_ready(&s.d);
+    s.docker()
+        .must(&["exec", "c2", "sh", "-c", "echo four > /data/four && sync"]);
+
+    s.docker().must(&["stop", "-t", "0", "c2"]);
+    s.docker().must(&["rm", "c2"]);
+    assert!(!is_mounted(&mp));
+    assert_eq!(s.volume_mappings("shared"), 0);
+    let out = s.run("shared", "cat /data/one /data/four");
+    assert_eq!(out.split_whitespace().collect::<Vec<_>>(), ["one", "four"]);
+    s.docker().must(&["volume", "rm", "shared"]);
+}
+
+#[test]
+fn attach_detach_list_cli() {
+    require_all();
+    let d = DataCluster::start("attach-cli", 3, 1);
+    let state = d.c.dir.join("sdc");
+    let _cleanup = AttachCleanup(state.clone());
+    let sdc = |args: &[&str]| {
+        let mut full: Vec<&str> = args.to_vec();
+        let st = state.display().to_string();
+        full.extend(["--state-dir", &st]);
+        sh(&bin("sdc").display().to_string(), &full)
+    };
+    let admin = state.join("admin.sock");
+    wait_for("the SDC's attach layer", Duration::from_secs(30), || {
+        admin.exists().then_some(())
+    });
+    let o = sdc(&["attach", "vol1"]);
+    assert!(o.ok, "{}", o.stderr);
+    let dev = o.stdout.trim().to_string();
+    assert!(dev.starts_with("/dev/loop"), "{dev}");
+    assert_eq!(
+        sdc(&["attach", "vol1"]).stdout.trim(),
+        dev,
+        "attach is idempotent"
+    );
+    let o = sdc(&["list"]);
+    assert_eq!(o.stdout.trim(), format!("vol1 {dev}"));
+    let size = sh("blockdev", &["--getsize64", &dev]).stdout;
+    assert_eq!(size.trim(), (1u64 << 30).to_string());
+
+    // Data written through the device reads back through NBD, and the other way round (no
+    // cache in between: the FUSE file is direct I/O).
+    let src = d.c.dir.join("pattern");
+    std::fs::write(&src, vec![0xabu8; 4 << 20]).expect("pattern");
+    let o = sh(
+        "dd",
+        &[
+            &format!("if={}", src.display()),
+            &format!("of={dev}"),
+            "bs=1M",
+            "oflag=direct",
+            "conv=fsync",
+            "status=none",
+        ],
+    );
+    assert!(o.ok, "{}", o.stderr);
+    let uri = d.uri("vol1");
+    let o = sh("qemu-io", &["-f", "raw", &uri, "-c", "read -P 0xab 0 4M"]);
+    assert!(
+        o.ok && !o.stdout.contains("failed"),
+        "{}{}",
+        o.stdout,
+        o.stderr
+    );
+    let o = sh(
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            &uri,
+            "-c",
+            "write -P 0xcd 8M 1M",
+            "-c",
+            "flush",
+        ],
+    );
+    assert!(o.ok, "{}{}", o.stdout, o.stderr);
+    let back = d.c.dir.join("back");
+    let o = sh(
+        "dd",
+        &[
+            &format!("if={dev}"),
+            &format!("of={}", back.display()),
+            "bs=1M",
+            "skip=8",
+            "count=1",
+            "iflag=direct",
+            "status=none",
+        ],
+    );
+    assert!(o.ok, "{}", o.stderr);
+    assert!(
+        std::fs::read(&back).expect("back") == vec![0xcdu8; 1 << 20],
+        "the loop device reads what NBD wrote"
+    );
+
+    // A mounted device is not detached without --force.
+    let o = sh("mkfs.ext4", &["-q", "-F", &dev]);
+    assert!(o.ok, "{}", o.stderr);
+    let mnt = d.c.dir.join("mnt");
+    std::fs::create_dir_all(&mnt).expect("mnt");
+    let o = sh("mount", &[&dev, &mnt.display().to_string()]);
+    assert!(o.ok, "{}", o.stderr);
+    std::fs::write(mnt.join("hello"), b"hello").expect("write");
+    let o = sdc(&["detach", "vol1"]);
+    assert!(!o.ok && o.stderr.contains("mounted"), "{}", o.stderr);
+    let o = sh("umount", &[&mnt.display().to_string()]);
+    assert!(o.ok, "{}", o.stderr);
+    let o = sdc(&["detach", "vol1"]);
+    assert!(o.ok, "{}", o.stderr);
+    assert_eq!(sdc(&["list"]).stdout.trim(), "");
+    assert!(loops_under(&state).is_empty());
+    let o = sdc(&["detach", "vol1"]);
+    assert!(!o.ok && o.stderr.contains("not attached"), "{}", o.stderr);
+    let o = sdc(&["attach", "nope"]);
+    assert!(!o.ok && o.stderr.contains("does not exist"), "{}", o.stderr);
+
+    // Force: lazily unmounted, detached.
+    let o = sdc(&["attach", "vol1"]);
+    assert!(o.ok, "{}", o.stderr);
+    let dev = o.stdout.trim().to_string();
+    let o = sh("mount", &[&dev, &mnt.display().to_string()]);
+    assert!(o.ok, "{}", o.stderr);
+    assert_eq!(std::fs::read(mnt.join("hello")).expect("read"), b"hello");
+    let o = sdc(&["detach", "vol1", "--force"]);
+    assert!(o.ok, "{}", o.stderr);
+    assert!(!is_mounted(&mnt));
+}
+
+/// Undoes an SDC's attach state even if the test fails.
+struct AttachCleanup(PathBuf);
+
+impl Drop for AttachCleanup {
+    fn drop(&mut self) {
+        cleanup_attach_state(&self.0);
+    }
+}
