@@ -379,9 +379,7 @@ impl ClusterState {
     pub fn check_fence(&self, vtree: VtreeId, fence: u64) -> FenceCheck {
         match self.volume_by_vtree(vtree) {
             None if fence == 0 => FenceCheck::Allowed,
-            Some(v) if self.mappings_of(v.id).any(|m| m.generation == fence) => {
-                FenceCheck::Allowed
-            }
+            Some(v) if self.mappings_of(v.id).any(|m| m.generation == fence) => FenceCheck::Allowed,
             // Generations are values of the `next_id` counter: one above it is newer than this map.
             _ if fence > self.next_id => FenceCheck::NewerThanMap,
             _ => FenceCheck::Fenced,

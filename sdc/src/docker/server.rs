@@ -77,10 +77,10 @@ fn decode<T: serde::de::DeserializeOwned>(
     app: &App,
     endpoint: &str,
     body: &Bytes,
-) -> Result<T, Response> {
+) -> Result<T, Box<Response>> {
     api::decode(body).map_err(|e| {
         app.metrics.plugin_request(endpoint, "malformed", 0.0);
-        err_json(StatusCode::BAD_REQUEST, e)
+        Box::new(err_json(StatusCode::BAD_REQUEST, e))
     })
 }
 
@@ -117,7 +117,7 @@ async fn create(State(app): State<App>, body: Bytes) -> Response {
     let t = Instant::now();
     let req: CreateRequest = match decode(&app, "Create", &body) {
         Ok(r) => r,
-        Err(resp) => return resp,
+        Err(resp) => return *resp,
     };
     let opts = req.Opts.unwrap_or_default();
     let r = app.driver.create(&req.Name, &opts).await;
@@ -128,7 +128,7 @@ async fn remove(State(app): State<App>, body: Bytes) -> Response {
     let t = Instant::now();
     let req: NameRequest = match decode(&app, "Remove", &body) {
         Ok(r) => r,
-        Err(resp) => return resp,
+        Err(resp) => return *resp,
     };
     let r = app.driver.remove(&req.Name).await;
     finish(&app, "Remove", t, r.map(|()| ErrResponse::default()))
@@ -138,7 +138,7 @@ async fn mount(State(app): State<App>, body: Bytes) -> Response {
     let t = Instant::now();
     let req: MountRequest = match decode(&app, "Mount", &body) {
         Ok(r) => r,
-        Err(resp) => return resp,
+        Err(resp) => return *resp,
     };
     let r = app.driver.mount(&req.Name, &req.ID).await;
     finish(
@@ -156,7 +156,7 @@ async fn unmount(State(app): State<App>, body: Bytes) -> Response {
     let t = Instant::now();
     let req: MountRequest = match decode(&app, "Unmount", &body) {
         Ok(r) => r,
-        Err(resp) => return resp,
+        Err(resp) => return *resp,
     };
     let r = app.driver.unmount(&req.Name, &req.ID).await;
     finish(&app, "Unmount", t, r.map(|()| ErrResponse::default()))
@@ -166,7 +166,7 @@ async fn path(State(app): State<App>, body: Bytes) -> Response {
     let t = Instant::now();
     let req: NameRequest = match decode(&app, "Path", &body) {
         Ok(r) => r,
-        Err(resp) => return resp,
+        Err(resp) => return *resp,
     };
     let p = app.driver.path(&req.Name).await;
     finish(
@@ -184,7 +184,7 @@ async fn get(State(app): State<App>, body: Bytes) -> Response {
     let t = Instant::now();
     let req: NameRequest = match decode(&app, "Get", &body) {
         Ok(r) => r,
-        Err(resp) => return resp,
+        Err(resp) => return *resp,
     };
     let r = app.driver.get(&req.Name).await;
     finish(
