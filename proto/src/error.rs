@@ -39,6 +39,9 @@ pub enum ErrorCode {
     Fenced = 14,
     /// A bug: the server hit a state it does not expect.
     Internal = 15,
+    /// The object is held by another live client (a volume mapped to a host whose session is
+    /// alive): retry later, or take it over once that host is gone.
+    Busy = 16,
 }
 
 impl ErrorCode {
@@ -62,6 +65,7 @@ impl ErrorCode {
             13 => Checksum,
             14 => Fenced,
             15 => Internal,
+            16 => Busy,
             _ => return None,
         })
     }

@@ -272,6 +272,12 @@ pub struct Volume {
     pub thin: bool,
     pub vtree: VtreeId,
     pub created_unix: u64,
+    /// Free-form labels given at creation (the Docker driver's options).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    /// Another host may take the volume over while its current host is alive.
+    #[serde(default)]
+    pub preempt: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -286,10 +292,26 @@ pub struct Sdc {
 pub struct Mapping {
     pub volume: VolumeId,
     pub sdc: SdcId,
+    /// Unique over the cluster's life (a value of the `next_id` counter): the SDC stamps it on every data
+    /// request as the header's `fence`, and an SDS serves a volume's I/O only under the
+    /// generation of one of its current mappings. Removing a mapping (unmap, takeover) fences
+    /// whoever still holds it.
+    #[serde(default)]
+    pub generation: u64,
     /// 0 = unlimited.
     pub iops_limit: u64,
     /// 0 = unlimited.
     pub bandwidth_limit_kbps: u64,
+}
+
+/// The answer of [`ClusterState::check_fence`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FenceCheck {
+    Allowed,
+    /// The generation is not in this map but may be in a newer one: refresh and ask again.
+    NewerThanMap,
+    /// The mapping was removed (unmapped or taken over by another host).
+    Fenced,
 }
 
 /// The whole replicated state.
@@ -345,6 +367,23 @@ impl ClusterState {
     }
     pub fn mappings_of(&self, volume: VolumeId) -> impl Iterator<Item = &Mapping> {
         self.mappings.iter().filter(move |m| m.volume == volume)
+    }
+    pub fn volume_by_vtree(&self, vtree: VtreeId) -> Option<&Volume> {
+        self.volumes.values().find(|v| v.vtree == vtree)
+    }
+    /// May a client request stamped with mapping generation `fence` touch `vtree`?
+    ///
+    /// A vtree that belongs to no volume in this map, asked with fence 0, is allowed (tools
+    /// and tests that install hand-made maps); a removed volume's I/O carries a non-zero fence
+    /// and is refused.
+    pub fn check_fence(&self, vtree: VtreeId, fence: u64) -> FenceCheck {
+        match self.volume_by_vtree(vtree) {
+            None if fence == 0 => FenceCheck::Allowed,
+            Some(v) if self.mappings_of(v.id).any(|m| m.generation == fence) => FenceCheck::Allowed,
+            // Generations are values of the `next_id` counter: one above it is newer than this map.
+            _ if fence > self.next_id => FenceCheck::NewerThanMap,
+            _ => FenceCheck::Fenced,
+        }
     }
     /// Raw capacity of a pool: the sum of its devices that are not failed.
     pub fn pool_raw_capacity(&self, pool: PoolId) -> u64 {

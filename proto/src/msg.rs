@@ -7,6 +7,7 @@
 use crate::ids::*;
 use crate::model::{ClusterMode, ClusterState, Role};
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub enum MdmRequest {
@@ -107,6 +108,13 @@ pub enum Command {
         name: String,
         size_bytes: u64,
         thin: bool,
+        /// Free-form key/value labels kept with the volume (the Docker driver keeps its create
+        /// options here so every host sees them).
+        #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+        labels: BTreeMap<String, String>,
+        /// Another host may take the volume over even while the host it is mapped to is alive.
+        #[serde(default)]
+        preempt: bool,
     },
     RemoveVolume {
         name: String,
@@ -123,6 +131,11 @@ pub enum Command {
         volume: String,
         sdc: SdcSelector,
         allow_multi_map: bool,
+        /// If the volume is mapped to other SDCs whose sessions expired (or the volume allows
+        /// preemption), fence and remove those mappings first. Refused with `Busy` while one of
+        /// them is alive and the volume does not allow preemption.
+        #[serde(default)]
+        takeover: bool,
     },
     UnmapVolumeFromSdc {
         volume: String,
