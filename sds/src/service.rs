@@ -229,7 +229,16 @@ impl<D: BlockDevice> Service<D> {
             }
             _ => {
                 self.metrics.trims.inc();
-                self.storage.zero(h.chunk, h.offset, h.len).await
+                let thick = self
+                    .map
+                    .state()
+                    .volume_by_vtree(h.chunk.vtree)
+                    .is_some_and(|v| !v.thin);
+                if thick {
+                    self.storage.zero_keeping(h.chunk, h.offset, h.len).await
+                } else {
+                    self.storage.zero(h.chunk, h.offset, h.len).await
+                }
             }
         };
         r.map_err(|e| self.store_error(e))?;

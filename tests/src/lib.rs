@@ -736,6 +736,16 @@ impl DataCluster {
         format!("nbd+unix:///{vol}?socket={}", self.socket.display())
     }
 
+    /// The value of the Prometheus metric `name` on SDS `i` (NaN when absent or unreachable).
+    pub fn sds_metric(&self, i: usize, name: &str) -> f64 {
+        let text = http_get(self.sds_metrics[i], "/metrics").unwrap_or_default();
+        text.lines()
+            .find(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(f64::NAN)
+    }
+
     /// Start another SDC host named `name` (state under `<dir>/<name>`) and wait until it
     /// registered; returns the process and its NBD socket.
     pub fn start_sdc(&self, name: &str) -> (Proc, PathBuf) {
