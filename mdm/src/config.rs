@@ -41,6 +41,10 @@ pub struct MdmConfig {
     /// An SDS the leader has not heard from (hello) for this long is declared down and its PGs
     /// fail over to their other copy. Must exceed the SDS's `lease_ms`. Default: 1500.
     pub sds_down_timeout_ms: u64,
+    /// An SDC that has not polled the leader for this long has lost its session: a volume
+    /// mapped to it may be taken over by another host (`map_volume_to_sdc` with takeover, the
+    /// Docker driver's Mount). SDCs poll every 500 ms. Default: 4000.
+    pub sdc_session_timeout_ms: u64,
 }
 
 impl Default for MdmConfig {
@@ -59,6 +63,7 @@ impl Default for MdmConfig {
             session_ttl_secs: 8 * 3600,
             cluster_name: "meshblock".into(),
             sds_down_timeout_ms: 1500,
+            sdc_session_timeout_ms: 4000,
         }
     }
 }
@@ -92,6 +97,11 @@ impl MdmConfig {
         }
         if self.sds_down_timeout_ms < 200 {
             problems.push("sds_down_timeout_ms must be at least 200".to_string());
+        }
+        if self.sdc_session_timeout_ms < 1000 {
+            problems.push(
+                "sdc_session_timeout_ms must be at least 1000 (SDCs poll every 500 ms)".to_string(),
+            );
         }
         if problems.is_empty() {
             Ok(())

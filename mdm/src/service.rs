@@ -51,7 +51,37 @@ pub struct Service {
     /// Per SDS: bytes copied at the start of the rate window, its start, the last rate.
     rebuild_rates: Mutex<HashMap<String, (u64, Instant, u64)>>,
     /// When each SDC last polled the map here (its session heartbeat; soft state).
-    sdc_seen: Mutex<HashMap<proto::SdcId, Instant>>,
+    sdc_seen: Mutex<SdcSessions>,
+    /// An SDC silent this long has lost its session: its volumes may be taken over.
+    sdc_session_timeout: Duration,
+}
+
+/// The SDC session clock (leader-only soft state). A new term forgets what an earlier
+/// leadership saw (the SDCs may have polled another leader meanwhile) and starts every SDC's
+/// clock at the term's start.
+#[derive(Default)]
+struct SdcSessions {
+    term: u64,
+    since: Option<Instant>,
+    seen: HashMap<proto::SdcId, Instant>,
+}
+
+impl SdcSessions {
+    fn roll(&mut self, term: u64) {
+        if self.term != term || self.since.is_none() {
+            self.term = term;
+            self.since = Some(Instant::now());
+            self.seen.clear();
+        }
+    }
+
+    /// How long this leader has gone without hearing from `sdc` (at most its time as leader).
+    fn silence(&mut self, term: u64, sdc: proto::SdcId) -> Duration {
+        self.roll(term);
+        let since = self.since.unwrap_or_else(Instant::now);
+        let last = self.seen.get(&sdc).copied().map_or(since, |t| t.max(since));
+        last.elapsed()
+    }
 }
 
 /// The leader's heartbeat clock per SDS.
@@ -81,6 +111,7 @@ impl Service {
         session_ttl_secs: u64,
         metrics: Arc<MdmMetrics>,
         sds_down_timeout: Duration,
+        sdc_session_timeout: Duration,
     ) -> Arc<Service> {
         Arc::new(Service {
             raft,
@@ -93,7 +124,8 @@ impl Service {
             sds_down_timeout,
             sds_stats: Mutex::new(Default::default()),
             rebuild_rates: Mutex::new(HashMap::new()),
-            sdc_seen: Mutex::new(HashMap::new()),
+            sdc_seen: Mutex::new(SdcSessions::default()),
+            sdc_session_timeout,
         })
     }
 
@@ -335,8 +367,10 @@ impl Service {
             }
             MdmRequest::GetMap { known_version, sdc } => {
                 if let Some(id) = sdc {
+                    let term = self.raft.shared.status().term;
                     if let Ok(mut m) = self.sdc_seen.lock() {
-                        m.insert(id, Instant::now());
+                        m.roll(term);
+                        m.seen.insert(id, Instant::now());
                     }
                 }
                 let state = self.raft.shared.read_state();
@@ -389,6 +423,59 @@ impl Service {
         e
     }
 
+    /// Map `volume` to `sdc`, fencing its mappings to other SDCs that lost their session (or
+    /// any, if the volume allows preemption). Answers only once the fence is in force: every
+    /// SDS still serving holds a map without the old mappings. An SDS serves only under a
+    /// lease shorter than `sds_down_timeout`, renewed only with a map at least as new as the
+    /// leader's at renewal, so that long after the commit no SDS serves an older map.
+    async fn take_over(&self, volume: &str, sdc: &SdcSelector) -> Result<Outcome, WireError> {
+        let state = self.raft.shared.read_state();
+        let Some(v) = state.volume_by_name(volume) else {
+            return fail(ErrorCode::NotFound, format!("Volume {volume} not found"));
+        };
+        let me = state_machine::sdc_id(&state, sdc)?;
+        let term = self.raft.shared.status().term;
+        let mut evict = Vec::new();
+        for m in state.mappings_of(v.id).filter(|m| m.sdc != me) {
+            let silence = self
+                .sdc_seen
+                .lock()
+                .map(|mut x| x.silence(term, m.sdc))
+                .unwrap_or_default();
+            let name = state
+                .sdcs
+                .get(&m.sdc)
+                .map_or_else(|| m.sdc.to_string(), |x| x.name.clone());
+            if !v.preempt && silence < self.sdc_session_timeout {
+                let left = self.sdc_session_timeout - silence;
+                return fail(
+                    ErrorCode::Busy,
+                    format!(
+                        "Volume {volume} is mapped to SDC {name}, whose session is alive (heard {} ms ago); \
+                         it can be taken over once that host has been silent for {} ms more, or create \
+                         volumes with preempt to allow taking them from live hosts",
+                        silence.as_millis(),
+                        left.as_millis()
+                    ),
+                );
+            }
+            tracing::warn!(%volume, from = %name, silent_ms = silence.as_millis() as u64, preempt = v.preempt,
+                "taking volume over: fencing the old mapping");
+            evict.push(m.sdc);
+        }
+        let out = self
+            .propose(Op::TakeOverVolume {
+                volume: v.id,
+                sdc: me,
+                evict: evict.clone(),
+            })
+            .await?;
+        if !evict.is_empty() {
+            tokio::time::sleep(self.sds_down_timeout).await;
+        }
+        Ok(out)
+    }
+
     async fn command(&self, command: Command) -> Result<Outcome, WireError> {
         match command {
             Command::AddUser {
@@ -417,6 +504,12 @@ impl Service {
             }
             Command::AddStandbyMdm { addr, name } => self.add_standby(&addr, name).await,
             Command::SwitchClusterMode { mode } => self.switch_mode(mode).await,
+            Command::MapVolumeToSdc {
+                volume,
+                sdc,
+                takeover: true,
+                ..
+            } => self.take_over(&volume, &sdc).await,
             command => self.propose(Op::Command { command }).await,
         }
     }
@@ -637,7 +730,8 @@ impl Service {
                 .sdc_seen
                 .lock()
                 .map(|m| {
-                    m.iter()
+                    m.seen
+                        .iter()
                         .map(|(id, t)| (*id, t.elapsed().as_millis() as u64))
                         .collect()
                 })

@@ -11,6 +11,7 @@ use proto::model::*;
 use proto::msg::{Command, DeviceReport, NewDevice, SdcSelector};
 use proto::*;
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 
 /// Largest volume accepted: 1 PiB.
 pub const VOLUME_SIZE_MAX: u64 = 1 << 50;
@@ -48,6 +49,14 @@ pub enum Op {
     /// The leader stopped hearing from an SDS: its PGs fail over to their other copy.
     SdsDown {
         sds: SdsId,
+    },
+    /// Map `volume` to `sdc`, first removing (fencing) its mappings to `evict`: SDCs whose
+    /// session the leader saw expire, or any SDC when the volume allows preemption. The
+    /// leader decides who may be evicted; apply only checks they are still mapped.
+    TakeOverVolume {
+        volume: VolumeId,
+        sdc: SdcId,
+        evict: Vec<SdcId>,
     },
     /// The primary finished copying a PG to its rebuilding secondary.
     PgRebuilt {
@@ -114,6 +123,93 @@ fn gib(bytes: u64) -> String {
     }
 }
 
+/// Fence and remove `volume`'s mappings to `evict`, then map it to `sdc` (the takeover keeps
+/// the QoS limits of the mapping it replaces). Any other mapping left refuses the takeover.
+fn take_over(
+    s: &mut ClusterState,
+    volume: VolumeId,
+    sdc: SdcId,
+    evict: &[SdcId],
+) -> Result<Outcome, WireError> {
+    let Some(name) = s.volumes.get(&volume).map(|v| v.name.clone()) else {
+        return err(ErrorCode::NotFound, "The volume no longer exists");
+    };
+    if !s.sdcs.contains_key(&sdc) {
+        return err(ErrorCode::NotFound, "The SDC no longer exists");
+    }
+    if s.mappings_of(volume).any(|m| m.sdc == sdc) {
+        return err(
+            ErrorCode::AlreadyExists,
+            "The volume is already mapped to this SDC",
+        );
+    }
+    if let Some(m) = s
+        .mappings_of(volume)
+        .find(|m| m.sdc != sdc && !evict.contains(&m.sdc))
+    {
+        return err(
+            ErrorCode::Busy,
+            format!(
+                "Volume {name} is also mapped to SDC {}, which may not be evicted",
+                m.sdc
+            ),
+        );
+    }
+    let (iops_limit, bandwidth_limit_kbps) = s
+        .mappings_of(volume)
+        .next()
+        .map(|m| (m.iops_limit, m.bandwidth_limit_kbps))
+        .unwrap_or((0, 0));
+    let evicted = s.mappings_of(volume).count();
+    s.mappings.retain(|m| m.volume != volume);
+    let generation = new_generation(s);
+    s.mappings.push(Mapping {
+        volume,
+        sdc,
+        generation,
+        iops_limit,
+        bandwidth_limit_kbps,
+    });
+    done(
+        format!("Successfully took volume {name} over ({evicted} old mapping(s) fenced)."),
+        Some(volume.0),
+    )
+}
+
+/// Labels: at most 32, keys 1-64 characters of `[A-Za-z0-9._/-]`, values at most 256.
+fn validate_labels(labels: &BTreeMap<String, String>) -> Result<(), WireError> {
+    if labels.len() > 32 {
+        return err(ErrorCode::BadRequest, "A volume has at most 32 labels");
+    }
+    for (k, v) in labels {
+        let key_ok = !k.is_empty()
+            && k.len() <= 64
+            && k.chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '/' | '-'));
+        if !key_ok {
+            return err(
+                ErrorCode::BadRequest,
+                format!("Label key '{k}' must be 1-64 characters of letters, digits, '.', '_', '/', '-'"),
+            );
+        }
+        if v.len() > 256 {
+            return err(
+                ErrorCode::BadRequest,
+                format!("The value of label '{k}' is longer than 256 characters"),
+            );
+        }
+    }
+    Ok(())
+}
+
+/// A new mapping generation: the next value of the id counter, without the cluster bits, so
+/// that a generation above `next_id` is known to be newer than a map (see
+/// [`ClusterState::check_fence`]).
+fn new_generation(s: &mut ClusterState) -> u64 {
+    s.next_id += 1;
+    s.next_id
+}
+
 fn new_id(s: &mut ClusterState) -> u64 {
     s.next_id += 1;
     // Ids carry the cluster id's high bits so ids of two clusters are unlikely to collide.
@@ -177,6 +273,7 @@ fn apply_inner(s: &mut ClusterState, op: &Op) -> Result<Outcome, WireError> {
             )
         }
         Op::SdsReport { sds, devices } => sds_report(s, *sds, devices),
+        Op::TakeOverVolume { volume, sdc, evict } => take_over(s, *volume, *sdc, evict),
         Op::SdcRegister { guid, name, ip } => {
             if let Some(sdc) = s.sdcs.values_mut().find(|c| &c.guid == guid) {
                 sdc.name = name.clone();
@@ -369,6 +466,7 @@ fn apply_command(s: &mut ClusterState, c: &Command) -> Result<Outcome, WireError
             preempt,
         } => {
             validate_name("volume", name)?;
+            validate_labels(labels)?;
             let pool = pool_id(s, pool)?;
             if s.volume_by_name(name).is_some() {
                 return err(
@@ -452,8 +550,10 @@ fn apply_command(s: &mut ClusterState, c: &Command) -> Result<Outcome, WireError
             volume,
             sdc,
             allow_multi_map,
-            ..
+            takeover: _,
         } => {
+            // A takeover reaches the log as `Op::TakeOverVolume` (the leader decides whom it
+            // may evict); here the flag changes nothing.
             let vid = volume_id(s, volume)?;
             let sid = sdc_id(s, sdc)?;
             if s.mappings.iter().any(|m| m.volume == vid && m.sdc == sid) {
@@ -465,10 +565,11 @@ fn apply_command(s: &mut ClusterState, c: &Command) -> Result<Outcome, WireError
             if !allow_multi_map && s.mappings_of(vid).next().is_some() {
                 return err(ErrorCode::Conflict, "The volume is already mapped to another SDC; add --allow_multi_map to map it to more than one");
             }
+            let generation = new_generation(s);
             s.mappings.push(Mapping {
                 volume: vid,
                 sdc: sid,
-                generation: 0,
+                generation,
                 iops_limit: 0,
                 bandwidth_limit_kbps: 0,
             });
@@ -1038,6 +1139,88 @@ mod tests {
             },
         )
         .expect("thin fits");
+    }
+
+    #[test]
+    fn takeover_fences_the_old_mapping() {
+        let mut s = cluster();
+        for (guid, name) in [("g-a", "a"), ("g-b", "b")] {
+            let v = s.version + 1;
+            apply(
+                &mut s,
+                &Op::SdcRegister {
+                    guid: guid.into(),
+                    name: name.into(),
+                    ip: "127.0.0.1".into(),
+                },
+                v,
+            )
+            .expect("register");
+        }
+        let sdc = |s: &ClusterState, n: &str| {
+            s.sdcs
+                .values()
+                .find(|c| c.name == n)
+                .map(|c| c.id)
+                .expect("sdc")
+        };
+        let (a, b) = (sdc(&s, "a"), sdc(&s, "b"));
+        cmd(
+            &mut s,
+            Command::AddVolume {
+                pool: "sp1".into(),
+                name: "v".into(),
+                size_bytes: 1 << 30,
+                thin: true,
+                labels: [("fstype".to_string(), "ext4".to_string())].into(),
+                preempt: false,
+            },
+        )
+        .expect("vol");
+        cmd(
+            &mut s,
+            Command::MapVolumeToSdc {
+                volume: "v".into(),
+                sdc: SdcSelector::Name("a".into()),
+                allow_multi_map: false,
+                takeover: false,
+            },
+        )
+        .expect("map");
+        let vol = s.volume_by_name("v").cloned().expect("v");
+        assert_eq!(vol.labels.get("fstype").map(String::as_str), Some("ext4"));
+        let old = s.mappings_of(vol.id).next().expect("m").generation;
+        assert_ne!(old, 0);
+        assert_eq!(s.check_fence(vol.vtree, old), FenceCheck::Allowed);
+        assert_eq!(s.check_fence(vol.vtree, 0), FenceCheck::Fenced);
+        assert_eq!(
+            s.check_fence(vol.vtree, s.next_id + 1),
+            FenceCheck::NewerThanMap
+        );
+        // The leader may evict nobody: a live mapping refuses the takeover, changing nothing.
+        let before = s.clone();
+        let v = s.version + 1;
+        let op = |evict: Vec<SdcId>| Op::TakeOverVolume {
+            volume: vol.id,
+            sdc: b,
+            evict,
+        };
+        let e = apply(&mut s, &op(vec![]), v).expect_err("busy");
+        assert_eq!(e.code, ErrorCode::Busy);
+        assert_eq!(s, before);
+        apply(&mut s, &op(vec![a]), v).expect("takeover");
+        let maps: Vec<_> = s.mappings_of(vol.id).cloned().collect();
+        assert_eq!(maps.len(), 1);
+        assert_eq!(maps[0].sdc, b);
+        assert!(maps[0].generation > old);
+        assert_eq!(s.check_fence(vol.vtree, old), FenceCheck::Fenced);
+        assert_eq!(
+            s.check_fence(vol.vtree, maps[0].generation),
+            FenceCheck::Allowed
+        );
+        // An unknown tree with fence 0 (hand-made maps) passes; with a fence it does not.
+        assert_eq!(s.check_fence(VtreeId(12345), 0), FenceCheck::Allowed);
+        assert_eq!(s.check_fence(VtreeId(12345), old), FenceCheck::Fenced);
     }
 
     #[test]

@@ -40,7 +40,8 @@ pub struct Args {
     /// --sds_name --device_path --storage_pool_name [--device_capacity_gb].
     #[arg(long)]
     pub add_sds_device: bool,
-    /// --storage_pool_name --size_gb --volume_name [--thin_provisioned|--thick_provisioned].
+    /// --storage_pool_name --size_gb --volume_name [--thin_provisioned|--thick_provisioned]
+    /// [--preempt] [--label KEY=VALUE]...
     #[arg(long)]
     pub add_volume: bool,
     /// --volume_name.
@@ -52,7 +53,7 @@ pub struct Args {
     /// --volume_name --new_name.
     #[arg(long)]
     pub rename_volume: bool,
-    /// --volume_name (--sdc_name|--sdc_ip|--sdc_guid) [--allow_multi_map].
+    /// --volume_name (--sdc_name|--sdc_ip|--sdc_guid) [--allow_multi_map] [--takeover].
     #[arg(long)]
     pub map_volume_to_sdc: bool,
     /// --volume_name (--sdc_name|--sdc_ip|--sdc_guid|--all_sdcs).
@@ -149,6 +150,16 @@ pub struct Args {
     pub all_sdcs: bool,
     #[arg(long)]
     pub allow_multi_map: bool,
+    /// With --map_volume_to_sdc: fence and remove the volume's mappings to SDCs that lost their
+    /// session (or to any SDC, for a volume created with --preempt).
+    #[arg(long)]
+    pub takeover: bool,
+    /// With --add_volume: another host may take the volume over while its host is alive.
+    #[arg(long)]
+    pub preempt: bool,
+    /// With --add_volume: a KEY=VALUE label kept with the volume (repeatable).
+    #[arg(long = "label")]
+    pub labels: Vec<String>,
     #[arg(long)]
     pub limit_iops: Option<String>,
     #[arg(long)]
@@ -233,6 +244,19 @@ impl Args {
             bail!("give only one of --sdc_name, --sdc_ip, --sdc_guid");
         }
         Ok(given.into_iter().next())
+    }
+
+    fn parse_labels(&self) -> anyhow::Result<std::collections::BTreeMap<String, String>> {
+        let mut out = std::collections::BTreeMap::new();
+        for l in &self.labels {
+            let Some((k, v)) = l.split_once('=') else {
+                bail!("--label {l}: give KEY=VALUE");
+            };
+            if out.insert(k.to_string(), v.to_string()).is_some() {
+                bail!("--label {k} given twice");
+            }
+        }
+        Ok(out)
     }
 
     fn need_sdc(&self) -> anyhow::Result<SdcSelector> {
@@ -325,8 +349,8 @@ impl Args {
                     name: vol()?,
                     size_bytes: parse_gb(need(&self.size_gb, "--size_gb")?, "--size_gb")?,
                     thin: !self.thick_provisioned,
-                    labels: Default::default(),
-                    preempt: false,
+                    labels: self.parse_labels()?,
+                    preempt: self.preempt,
                 }
             }
             "--remove_volume" => Command::RemoveVolume { name: vol()? },
@@ -342,7 +366,7 @@ impl Args {
                 volume: vol()?,
                 sdc: self.need_sdc()?,
                 allow_multi_map: self.allow_multi_map,
-                takeover: false,
+                takeover: self.takeover,
             },
             "--unmap_volume_from_sdc" => {
                 let sdc = self.sdc()?;

@@ -53,11 +53,12 @@ fn volume_json(s: &ClusterState, v: &Volume) -> Value {
     let maps: Vec<Value> = s.mappings_of(v.id).map(|m| {
         let sdc = s.sdcs.get(&m.sdc);
         json!({"sdc_id": m.sdc, "sdc_name": sdc.map(|c| c.name.clone()), "sdc_ip": sdc.map(|c| c.ip.clone()),
-               "iops_limit": m.iops_limit, "bandwidth_limit_kbps": m.bandwidth_limit_kbps})
+               "iops_limit": m.iops_limit, "bandwidth_limit_kbps": m.bandwidth_limit_kbps, "generation": m.generation})
     }).collect();
     json!({
         "id": v.id, "name": v.name, "size_bytes": v.size_bytes, "provisioning": if v.thin { "thin" } else { "thick" },
         "storage_pool": s.pools.get(&v.pool).map(|p| p.name.clone()), "vtree": v.vtree, "mapped_sdcs": maps,
+        "preempt": v.preempt, "labels": v.labels,
     })
 }
 
@@ -155,6 +156,13 @@ fn volume_text(s: &ClusterState, v: &Volume) -> String {
         if v.thin { "Thin" } else { "Thick" },
         s.pools.get(&v.pool).map(|p| p.name.as_str()).unwrap_or("?")
     );
+    if v.preempt {
+        o.push_str("    Preemptible: another host may take it over while its host is alive\n");
+    }
+    if !v.labels.is_empty() {
+        let l: Vec<String> = v.labels.iter().map(|(k, x)| format!("{k}={x}")).collect();
+        let _ = writeln!(o, "    Labels: {}", l.join(", "));
+    }
     let maps: Vec<_> = s.mappings_of(v.id).collect();
     if maps.is_empty() {
         o.push_str("    Not mapped to any SDC");
@@ -170,9 +178,10 @@ fn volume_text(s: &ClusterState, v: &Volume) -> String {
         };
         let _ = writeln!(
             o,
-            "    Mapped to SDC {} (IP {}), IOPS limit: {}, bandwidth limit: {} KB/s",
+            "    Mapped to SDC {} (IP {}, mapping generation {}), IOPS limit: {}, bandwidth limit: {} KB/s",
             sdc.map(|c| c.name.as_str()).unwrap_or("?"),
             sdc.map(|c| c.ip.as_str()).unwrap_or("?"),
+            m.generation,
             lim(m.iops_limit),
             lim(m.bandwidth_limit_kbps)
         );

@@ -14,7 +14,7 @@ fn errno(e: IoError) -> NbdErrno {
         IoError::Invalid(_) => NbdErrno::Inval,
         IoError::NoSpace(_) => NbdErrno::NoSpc,
         IoError::VolumeGone => NbdErrno::Shutdown,
-        IoError::Unavailable(_) | IoError::Storage(_) => NbdErrno::Io,
+        IoError::Unavailable(_) | IoError::Storage(_) | IoError::Fenced(_) => NbdErrno::Io,
     }
 }
 

@@ -51,6 +51,8 @@ pub enum IoError {
     NoSpace(String),
     #[error("invalid request: {0}")]
     Invalid(String),
+    #[error("this host's mapping of the volume was fenced (the volume was taken over by another host): {0}")]
+    Fenced(String),
 }
 
 /// Shared by every volume of this SDC: the map, the MDM client and the SDS connections.
@@ -275,6 +277,19 @@ impl VolumeIo {
         }
     }
 
+    /// The generation of this SDC's mapping of the volume, stamped on every request as the
+    /// fence. `None` once the mapping is gone (unmapped, or taken over by another host).
+    fn generation(&self, map: &ClusterState) -> Option<u64> {
+        let Some(me) = self.io.me.get() else {
+            // Not registered (tools that drive an IoPath by hand): no mapping to show.
+            return Some(0);
+        };
+        map.mappings
+            .iter()
+            .find(|m| m.volume == self.volume && m.sdc == *me)
+            .map(|m| m.generation)
+    }
+
     /// Run `op` on one piece at the current primary, retrying through map changes until the
     /// I/O timeout.
     async fn piece_op(
@@ -289,6 +304,7 @@ impl VolumeIo {
         loop {
             let map = self.io.map();
             let (_, pool) = volume::lookup(&map, self.volume).ok_or(IoError::VolumeGone)?;
+            let fence = self.generation(&map).ok_or(IoError::VolumeGone)?;
             let route = volume::route(pool, p.chunk)
                 .ok_or_else(|| IoError::Unavailable("the pool has no placement".into()))?;
             if let Some(primary) = route.mapping.primary {
@@ -301,7 +317,7 @@ impl VolumeIo {
                     chunk: p.chunk,
                     offset: p.offset,
                     len: p.len,
-                    fence: 0,
+                    fence,
                 };
                 let sent = tokio::select! {
                     r = self.io.send(primary, &map, h, data.clone()) => r,
@@ -328,6 +344,11 @@ impl VolumeIo {
                     )) => last = m,
                     Err((ErrorCode::NoSpace, m)) => return Err(IoError::NoSpace(m)),
                     Err((ErrorCode::BadRequest, m)) => return Err(IoError::Invalid(m)),
+                    Err((ErrorCode::Fenced, m)) => {
+                        // Learn the new map soon (it unmaps the volume here); never retry.
+                        self.io.refresh_map().await;
+                        return Err(IoError::Fenced(m));
+                    }
                     Err((_, m)) => return Err(IoError::Storage(m)),
                 }
             } else {

@@ -76,6 +76,8 @@ mod tests {
             thin: true,
             vtree: VtreeId(9),
             created_unix: 0,
+            labels: Default::default(),
+            preempt: false,
         }
     }
 

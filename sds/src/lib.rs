@@ -6,7 +6,7 @@
 //! [`routing`] (the cached cluster map, the epoch/PG fence and the MDM lease), [`replication`]
 //! (forwarding to the secondary), [`service`] (the data protocol handler), [`rebuild`] (copying
 //! a PG to a new secondary as its primary), [`scrub`] (verifying stored data and repairing it
-//! from the other copy), [`mdm_client`] (registration, heartbeat, map
+//! from the other copy), [`thick`] (pre-allocating thick volumes), [`mdm_client`] (registration, heartbeat, map
 //! polling), [`config`], [`metrics`]. Then helpers: [`range_lock`], [`failpoints`].
 //!
 //! How `main` assembles a daemon: open each device ([`device::AnyDevice`]) and its
@@ -26,6 +26,7 @@ pub mod routing;
 pub mod scrub;
 pub mod service;
 pub mod storage;
+pub mod thick;
 
 pub mod failpoints;
 pub mod range_lock;

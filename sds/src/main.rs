@@ -228,6 +228,7 @@ async fn run(cfg: SdsConfig) -> anyhow::Result<()> {
     tokio::spawn(link.clone().run());
     tokio::spawn(Rebuilder::new(service.clone(), link.clone(), cfg.rebuild_concurrency).run());
     tokio::spawn(scrubber.run());
+    tokio::spawn(sds::thick::run(service.clone()));
     let applier = storage.clone();
     tokio::spawn(async move {
         // Journaled writes wait in memory for the second flush after them; without client

@@ -69,6 +69,10 @@ pub struct SdsMetrics {
     pub rebuilding_pgs: Gauge,
     /// Chunks the running rebuild copies still have to visit.
     pub rebuild_chunks_left: Gauge,
+    /// Chunks of thick volumes allocated ahead of writes.
+    pub thick_chunks_allocated: Counter,
+    /// Chunks of thick volumes this SDS holds but has not allocated yet (or cannot: full).
+    pub thick_chunks_pending: Gauge,
     /// 1 while this SDS holds a lease from the MDM and may serve.
     pub leased: Gauge,
     /// Blocks rewritten from the other copy after failing their checksum.
@@ -173,6 +177,8 @@ impl SdsMetrics {
             rebuilt_pgs: Counter::default(),
             rebuilding_pgs: Gauge::default(),
             rebuild_chunks_left: Gauge::default(),
+            thick_chunks_allocated: Counter::default(),
+            thick_chunks_pending: Gauge::default(),
             leased: Gauge::default(),
             repaired_blocks: Counter::default(),
             unrecoverable_blocks: Counter::default(),
@@ -235,6 +241,16 @@ impl SdsMetrics {
             "meshblock_sds_device_failed",
             "1 when the device has failed",
             m.device_failed.clone(),
+        );
+        r.register(
+            "meshblock_sds_thick_chunks_allocated",
+            "Chunks of thick volumes allocated ahead of writes",
+            m.thick_chunks_allocated.clone(),
+        );
+        r.register(
+            "meshblock_sds_thick_chunks_pending",
+            "Chunks of thick volumes held here and not allocated yet",
+            m.thick_chunks_pending.clone(),
         );
         r.register(
             "meshblock_sds_chunks_allocated",

@@ -145,6 +145,39 @@ impl<D: BlockDevice> Service<D> {
         r.map_err(refusal)
     }
 
+    /// The mapping fence: a client's I/O on a volume must carry the generation of one of the
+    /// volume's current mappings (the SDC stamps it). A generation newer than this SDS's map
+    /// makes it fetch the map first; a removed one (the volume was unmapped or taken over by
+    /// another host) is refused with `Fenced`, whatever the request's epoch.
+    async fn check_fence(&self, peer: &Peer, h: &DataHeader) -> Result<(), WireError> {
+        use proto::model::FenceCheck;
+        if peer.name.starts_with(SDS_PEER_PREFIX) {
+            return Ok(());
+        }
+        let mut check = self.map.state().check_fence(h.chunk.vtree, h.fence);
+        if check == FenceCheck::NewerThanMap {
+            self.map.refresh(self.opts.refresh_timeout).await;
+            check = self.map.state().check_fence(h.chunk.vtree, h.fence);
+        }
+        match check {
+            FenceCheck::Allowed => Ok(()),
+            FenceCheck::NewerThanMap => Err(WireError::new(
+                ErrorCode::Unavailable,
+                format!(
+                    "mapping generation {} is newer than this SDS's map; retry",
+                    h.fence
+                ),
+            )),
+            FenceCheck::Fenced => Err(WireError::new(
+                ErrorCode::Fenced,
+                format!(
+                    "mapping generation {} of volume tree {} is no longer current (the volume was unmapped from this host or taken over by another); this host may not do I/O on it",
+                    h.fence, h.chunk.vtree
+                ),
+            )),
+        }
+    }
+
     fn store_error(&self, e: StoreError) -> WireError {
         let code = match &e {
             StoreError::Device(d) => {
@@ -196,7 +229,16 @@ impl<D: BlockDevice> Service<D> {
             }
             _ => {
                 self.metrics.trims.inc();
-                self.storage.zero(h.chunk, h.offset, h.len).await
+                let thick = self
+                    .map
+                    .state()
+                    .volume_by_vtree(h.chunk.vtree)
+                    .is_some_and(|v| !v.thin);
+                if thick {
+                    self.storage.zero_keeping(h.chunk, h.offset, h.len).await
+                } else {
+                    self.storage.zero(h.chunk, h.offset, h.len).await
+                }
             }
         };
         r.map_err(|e| self.store_error(e))?;
@@ -209,12 +251,14 @@ impl<D: BlockDevice> Service<D> {
         Ok(())
     }
 
-    /// The primary's write: local and forward in parallel, under the chunk range lock.
+    /// The primary's write: local and forward in parallel, under the chunk range lock. A
+    /// `fenced` (client) write re-checks the mapping fence if the map moved while it waited.
     async fn primary_write(
         &self,
         h: DataHeader,
         route: Route,
         data: Bytes,
+        fenced: bool,
     ) -> Result<(), WireError> {
         let _order = self
             .order
@@ -225,6 +269,16 @@ impl<D: BlockDevice> Service<D> {
         let route = if self.map.state().version == route.version {
             route
         } else {
+            if fenced {
+                // The volume may have been taken over while this write waited.
+                let map = self.map.state();
+                if map.check_fence(h.chunk.vtree, h.fence) == proto::model::FenceCheck::Fenced {
+                    return Err(WireError::new(
+                        ErrorCode::Fenced,
+                        format!("mapping generation {} was fenced while the write waited; this host may not do I/O on the volume", h.fence),
+                    ));
+                }
+            }
             self.map.check(&h, Role::Primary).map_err(refusal)?
         };
         let Some((sds, addr)) = route.secondary else {
@@ -555,6 +609,7 @@ impl<D: BlockDevice> Service<D> {
             DataOp::Read => {
                 let started = Instant::now();
                 self.route(&h, Role::Primary).await?;
+                self.check_fence(peer, &h).await?;
                 let out = self.read_repairing(&h).await?;
                 self.metrics
                     .read_seconds
@@ -565,7 +620,9 @@ impl<D: BlockDevice> Service<D> {
             DataOp::Write | DataOp::Trim | DataOp::WriteZeroes => {
                 let started = Instant::now();
                 let route = self.route(&h, Role::Primary).await?;
-                self.primary_write(h, route, data).await?;
+                self.check_fence(peer, &h).await?;
+                let fenced = !peer.name.starts_with(SDS_PEER_PREFIX);
+                self.primary_write(h, route, data, fenced).await?;
                 self.metrics
                     .write_seconds
                     .observe(started.elapsed().as_secs_f64());

@@ -150,6 +150,32 @@ impl<D: BlockDevice> Storage<D> {
         }
     }
 
+    /// Trim and write-zeroes on a thick volume: the range reads as zeros, the chunk stays.
+    pub async fn zero_keeping(
+        &self,
+        chunk: ChunkId,
+        offset: u32,
+        len: u32,
+    ) -> Result<(), StoreError> {
+        match self.locate(chunk) {
+            Some(i) => self.note(
+                i,
+                self.devices[i].store.zero_keeping(chunk, offset, len).await,
+            ),
+            None => crate::chunk_store::zeros(offset, len).map(|_| ()),
+        }
+    }
+
+    /// Allocate `chunk` without data unless some device holds it (thick volumes). Returns
+    /// whether it allocated.
+    pub async fn preallocate(&self, chunk: ChunkId) -> Result<bool, StoreError> {
+        if self.contains(chunk) {
+            return Ok(false);
+        }
+        let i = self.place(chunk)?;
+        self.note(i, self.devices[i].store.preallocate(chunk).await)
+    }
+
     /// Flush every device (in parallel when there are several).
     pub async fn flush(&self) -> Result<(), StoreError> {
         if let [d] = self.devices.as_slice() {
@@ -174,7 +200,7 @@ impl<D: BlockDevice> Storage<D> {
     /// apply that keeps the in-memory overlay small between client flushes.
     pub async fn apply_journals(&self) -> Result<(), StoreError> {
         for (i, d) in self.devices.iter().enumerate() {
-            if d.store.overlay_blocks() > 0 && !d.failed() {
+            if d.store.unapplied() && !d.failed() {
                 self.note(i, d.store.apply_journal().await)?;
             }
         }

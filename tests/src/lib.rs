@@ -693,35 +693,8 @@ impl DataCluster {
                 (v.ok && v.json()["pgs_fully_placed"] == 64).then_some(())
             },
         );
-        let socket = c.dir.join("sdc/nbd.sock");
-        let args: Vec<String> = vec![
-            "run".into(),
-            "--name".into(),
-            "sdc1".into(),
-            "--mdm".into(),
-            c.mdm_ips(),
-            "--cert-dir".into(),
-            c.dir.join("certs/sdc").display().to_string(),
-            "--state-dir".into(),
-            c.dir.join("sdc").display().to_string(),
-            "--nbd-socket".into(),
-            socket.display().to_string(),
-            "--metrics-listen".into(),
-            format!("127.0.0.1:{}", free_port()),
-        ];
         let sdc_node = net.as_ref().map(|x| x.node("sdc1"));
-        let sdc = Proc::spawn_in(
-            sdc_node.as_ref(),
-            "sdc1",
-            &bin("sdc"),
-            &args,
-            c.dir.join("sdc1.log"),
-        );
-        wait_for("the SDC to register", Duration::from_secs(20), || {
-            c.scli_raw(&["--query_sdc", "--sdc_name", "sdc1"])
-                .ok
-                .then_some(())
-        });
+        let (sdc, socket) = spawn_sdc(&c, "sdc1", sdc_node.as_ref());
         c.must_scli(&[
             "--add_volume",
             "--storage_pool_name",
@@ -762,6 +735,96 @@ impl DataCluster {
     pub fn uri(&self, vol: &str) -> String {
         format!("nbd+unix:///{vol}?socket={}", self.socket.display())
     }
+
+    /// The value of the Prometheus metric `name` on SDS `i` (NaN when absent or unreachable).
+    pub fn sds_metric(&self, i: usize, name: &str) -> f64 {
+        let text = http_get(self.sds_metrics[i], "/metrics").unwrap_or_default();
+        text.lines()
+            .find(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(f64::NAN)
+    }
+
+    /// Start another SDC host named `name` (state under `<dir>/<name>`) and wait until it
+    /// registered; returns the process and its NBD socket.
+    pub fn start_sdc(&self, name: &str) -> (Proc, PathBuf) {
+        spawn_sdc(&self.c, name, None)
+    }
+}
+
+/// Start an SDC named `name` with its state dir and NBD socket under `<dir>/<name>` (the
+/// first one, `sdc1`, keeps the historical `<dir>/sdc`), and wait until it registered.
+fn spawn_sdc(c: &Cluster, name: &str, node: Option<&netns::Node>) -> (Proc, PathBuf) {
+    let state = if name == "sdc1" {
+        c.dir.join("sdc")
+    } else {
+        c.dir.join(name)
+    };
+    let socket = state.join("nbd.sock");
+    let args: Vec<String> = vec![
+        "run".into(),
+        "--name".into(),
+        name.into(),
+        "--mdm".into(),
+        c.mdm_ips(),
+        "--cert-dir".into(),
+        c.dir.join("certs/sdc").display().to_string(),
+        "--state-dir".into(),
+        state.display().to_string(),
+        "--nbd-socket".into(),
+        socket.display().to_string(),
+        "--metrics-listen".into(),
+        format!("127.0.0.1:{}", free_port()),
+    ];
+    let sdc = Proc::spawn_in(
+        node,
+        name,
+        &bin("sdc"),
+        &args,
+        c.dir.join(&format!("{name}.log")),
+    );
+    wait_for("the SDC to register", Duration::from_secs(20), || {
+        c.scli_raw(&["--query_sdc", "--sdc_name", name])
+            .ok
+            .then_some(())
+    });
+    (sdc, socket)
+}
+
+/// One raw data-plane request to the SDS at `addr`, with the admin certificate (a client,
+/// like an SDC): the response data, or the refusal's code and message.
+pub fn data_call(
+    c: &Cluster,
+    addr: SocketAddr,
+    h: &proto::data::DataHeader,
+    data: bytes::Bytes,
+) -> Result<bytes::Bytes, (proto::ErrorCode, String)> {
+    use proto::codec::{kind, Frame};
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let id = proto::transport::Identity::load(&c.dir.join("certs/admin")).expect("identity");
+        let ep = proto::transport::Endpoint::client(&id, "test").expect("endpoint");
+        let conn = ep.connect(addr).await.expect("connect to SDS");
+        let f = conn
+            .call_timeout(
+                Frame::request(kind::DATA, bytes::Bytes::copy_from_slice(&h.encode()), data),
+                Duration::from_secs(10),
+            )
+            .await
+            .expect("data call");
+        if f.status == 0 {
+            Ok(f.data)
+        } else {
+            Err((
+                proto::ErrorCode::from_u16(f.status).unwrap_or(proto::ErrorCode::Internal),
+                String::from_utf8_lossy(&f.meta).into_owned(),
+            ))
+        }
+    })
 }
 
 pub mod docker;

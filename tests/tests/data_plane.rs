@@ -521,3 +521,80 @@ fn ext4_on_a_loop_device_over_nbdfuse_survives_remount() {
     );
     assert_eq!(want, got, "files changed across umount and remount");
 }
+
+/// Issue "Data plane": thick volumes are allocated on the SDS at creation (both copies), keep
+/// their chunks when trimmed, and the allocation survives an SDS restart.
+#[test]
+fn thick_volumes_are_allocated_at_creation_and_keep_their_chunks() {
+    require("qemu-io").expect("qemu-io");
+    let mut d = DataCluster::start("thick", 2, 1);
+    let c = &d.c;
+    c.must_scli(&[
+        "--add_volume",
+        "--storage_pool_name",
+        "sp1",
+        "--size_gb",
+        "1",
+        "--volume_name",
+        "tv",
+        "--thick_provisioned",
+    ]);
+    // Two SDS: each holds every PG (as primary or secondary), so each allocates all 1024.
+    let allocated = |d: &DataCluster, i: usize| d.sds_metric(i, "meshblock_sds_chunks_allocated");
+    for i in 0..2 {
+        wait_for(
+            "the thick volume's chunks allocated on the SDS",
+            Duration::from_secs(60),
+            || (allocated(&d, i) >= 1024.0).then_some(()),
+        );
+        assert_eq!(d.sds_metric(i, "meshblock_sds_thick_chunks_pending"), 0.0);
+    }
+    c.must_scli(&[
+        "--map_volume_to_sdc",
+        "--volume_name",
+        "tv",
+        "--sdc_name",
+        "sdc1",
+    ]);
+    let uri = d.uri("tv");
+    wait_for("tv exported", Duration::from_secs(20), || {
+        run("nbdinfo", &["--size", &uri])
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|_| ())
+    });
+    let before: Vec<f64> = (0..2).map(|i| allocated(&d, i)).collect();
+    let io = must(
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            &uri,
+            "-c",
+            "write -P 0x3c 0 2M",
+            "-c",
+            "discard 0 2M",
+            "-c",
+            "flush",
+            "-c",
+            "read -P 0 0 2M",
+        ],
+    );
+    assert!(!io.contains("Pattern verification failed"), "{io}");
+    let after: Vec<f64> = (0..2).map(|i| allocated(&d, i)).collect();
+    assert_eq!(before, after, "a trim of a thick volume frees nothing");
+
+    // The allocation is on disk: a restarted SDS has every chunk without allocating again.
+    d.sds[0].kill();
+    d.sds[0].start();
+    wait_for(
+        "SDS 0 back with its chunks",
+        Duration::from_secs(30),
+        || (allocated(&d, 0) >= 1024.0).then_some(()),
+    );
+    assert_eq!(
+        d.sds_metric(0, "meshblock_sds_thick_chunks_allocated_total"),
+        0.0,
+        "nothing was allocated again after the restart"
+    );
+}

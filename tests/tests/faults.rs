@@ -99,20 +99,6 @@ fn wait_pool(dc: &DataCluster, want: &str) -> serde_json::Value {
     )
 }
 
-fn sds_metric(dc: &DataCluster, i: usize, name: &str) -> f64 {
-    let addr = sds_metrics_addr(dc, i);
-    let text = http_get(addr, "/metrics").unwrap_or_default();
-    text.lines()
-        .find(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(f64::NAN)
-}
-
-fn sds_metrics_addr(dc: &DataCluster, i: usize) -> std::net::SocketAddr {
-    dc.sds_metrics[i]
-}
-
 fn check(dc: &DataCluster, model: &[u8], uncertain: &HashSet<u64>) -> (u64, u64) {
     let (checked, wrong, first) =
         check_model(&dc.socket, "vol1", model, uncertain).expect("read back");
@@ -173,13 +159,13 @@ fn frozen_sds_is_fenced() {
     dc.sds[1].signal(libc::SIGCONT);
     wait_sds_state(&dc, "sds2", "Normal");
     let before = (
-        sds_metric(&dc, 1, "meshblock_sds_writes_total"),
-        sds_metric(&dc, 1, "meshblock_sds_reads_total"),
+        dc.sds_metric(1, "meshblock_sds_writes_total"),
+        dc.sds_metric(1, "meshblock_sds_reads_total"),
     );
     w.wait_more(2000, "writes after the thaw");
     let after = (
-        sds_metric(&dc, 1, "meshblock_sds_writes_total"),
-        sds_metric(&dc, 1, "meshblock_sds_reads_total"),
+        dc.sds_metric(1, "meshblock_sds_writes_total"),
+        dc.sds_metric(1, "meshblock_sds_reads_total"),
     );
     let (report, model, uncertain) = w.finish();
     let (checked, _) = check(&dc, &model, &uncertain);
@@ -379,7 +365,7 @@ fn corruption_is_detected_and_repaired() {
         wait_for(
             "the journal applied in place",
             Duration::from_secs(20),
-            || (sds_metric(&dc, i, "meshblock_sds_journal_overlay_blocks") == 0.0).then_some(()),
+            || (dc.sds_metric(i, "meshblock_sds_journal_overlay_blocks") == 0.0).then_some(()),
         );
     }
     let marker = |i: u32| format!("MESHBLOCK-CORRUPTION-MARKER-{i:04}").into_bytes();
@@ -391,7 +377,7 @@ fn corruption_is_detected_and_repaired() {
     );
     let got = c.read_at(3 * 4096, 4096).expect("read the corrupted block");
     assert!(got == marked_block(3), "a corrupted block was served");
-    assert!(sds_metric(&dc, a, "meshblock_sds_repaired_blocks_total") >= 1.0);
+    assert!(dc.sds_metric(a, "meshblock_sds_repaired_blocks_total") >= 1.0);
 
     // 2. The secondary's copy of block 5: the scrubber finds it and the primary rewrites it.
     assert!(
@@ -401,7 +387,7 @@ fn corruption_is_detected_and_repaired() {
     wait_for(
         "the scrubber to repair the secondary",
         Duration::from_secs(60),
-        || (sds_metric(&dc, b, "meshblock_sds_repaired_blocks_total") >= 1.0).then_some(()),
+        || (dc.sds_metric(b, "meshblock_sds_repaired_blocks_total") >= 1.0).then_some(()),
     );
     let (_, diffs) = compare_copies(&dc.c, "vol1", 1);
     assert!(

@@ -44,7 +44,8 @@ fn page_crc(p: &[u8]) -> u32 {
 /// What a record does to its chunk.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RecordKind {
-    /// Blocks `[first, first + count)` get the payload (full blocks) and become written.
+    /// Blocks `[first, first + count)` get the payload (full blocks) and become written. With
+    /// `count` 0 the record only allocates the chunk (thick pre-allocation).
     Write = 1,
     /// Blocks `[first, first + count)` become unwritten (read as zeros). No payload.
     Trim = 2,

@@ -161,6 +161,14 @@ struct Pend {
 }
 
 /// The state of one allocated chunk.
+/// What a journal record does to its chunk's state besides its blocks.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Mark {
+    Blocks,
+    Free,
+    Alloc,
+}
+
 struct ChunkState {
     /// What the device holds (data and meta page) once in-flight applies completed.
     disk: ChunkMeta,
@@ -170,6 +178,9 @@ struct ChunkState {
     generation: u64,
     /// Sequence number of the record that freed the chunk, until applied.
     free_seq: Option<u64>,
+    /// Sequence number of the record that allocated the chunk without data (thick
+    /// pre-allocation), until its meta page is written in place.
+    alloc_seq: Option<u64>,
 }
 
 impl ChunkState {
@@ -654,11 +665,13 @@ impl<D: BlockDevice> ChunkStore<D> {
                         m.set_written(h.first as usize + i, crc32fast::hash(block));
                     }
                     m.generation = m.generation.max(h.generation);
-                    let mut buf = AlignedBuf::zeroed(payload.len());
-                    buf.as_mut_slice().copy_from_slice(payload);
-                    self.dev
-                        .write(self.data_offset(slot, h.first as usize), buf)
-                        .await?;
+                    if !payload.is_empty() {
+                        let mut buf = AlignedBuf::zeroed(payload.len());
+                        buf.as_mut_slice().copy_from_slice(payload);
+                        self.dev
+                            .write(self.data_offset(slot, h.first as usize), buf)
+                            .await?;
+                    }
                 }
                 RecordKind::Trim => {
                     if let Some(m) = pages.get_mut(&slot).filter(|m| m.chunk == h.chunk) {
@@ -749,6 +762,7 @@ impl<D: BlockDevice> ChunkStore<D> {
                         disk: m,
                         pending: BTreeMap::new(),
                         free_seq: None,
+                        alloc_seq: None,
                     }),
                 };
                 (chunk, Arc::new(e))
@@ -778,6 +792,11 @@ impl<D: BlockDevice> ChunkStore<D> {
     /// Journal records replayed when the store was opened.
     pub fn replayed_at_open(&self) -> u64 {
         self.replayed
+    }
+
+    /// Whether some journaled change (blocks, a free, an allocation) is not applied in place.
+    pub fn unapplied(&self) -> bool {
+        !lock(&self.dirty).is_empty()
     }
 
     /// Blocks journaled but not yet applied in place (served from memory).
@@ -850,6 +869,7 @@ impl<D: BlockDevice> ChunkStore<D> {
                 pending: BTreeMap::new(),
                 generation: 0,
                 free_seq: None,
+                alloc_seq: None,
             }),
         });
         index.insert(chunk, e.clone());
@@ -967,6 +987,36 @@ impl<D: BlockDevice> ChunkStore<D> {
         self.flush().await
     }
 
+    /// Allocate `chunk` without writing data (thick volumes): it then holds a slot, survives
+    /// restarts, and reads as zeros. A chunk already held is left alone. Returns whether it
+    /// allocated. Journaled as a `Write` record of no blocks; its meta page is written in
+    /// place by the next apply.
+    pub async fn preallocate(&self, chunk: ChunkId) -> Result<bool, StoreError> {
+        if self.contains(chunk) {
+            return Ok(false);
+        }
+        let _whole = self.locks.lock(chunk, BlockMask::all()).await;
+        if self.contains(chunk) {
+            return Ok(false);
+        }
+        let entry = self.entry_or_allocate_applying(chunk).await?;
+        let header = RecordHeader {
+            epoch: 0,
+            seq: 0,
+            kind: RecordKind::Write,
+            chunk,
+            slot: entry.slot,
+            first: 0,
+            count: 0,
+            generation: self.next_generation.fetch_add(1, Ordering::Relaxed),
+            payload_crc: crc32fast::hash(&[]),
+        };
+        let page = self.dev.buffers().page().await;
+        self.append(header, page, &entry, Vec::new(), Mark::Alloc)
+            .await?;
+        Ok(true)
+    }
+
     /// Journal the blocks under `[offset, offset + fill.len())` (at most
     /// [`MAX_RECORD_BLOCKS`]): merge partial edge blocks with their old contents, write one
     /// record (header and full blocks), then put the blocks in the overlay. The caller holds
@@ -1017,7 +1067,7 @@ impl<D: BlockDevice> ChunkStore<D> {
             generation: self.next_generation.fetch_add(1, Ordering::Relaxed),
             payload_crc: crc32fast::hash(&payload),
         };
-        self.append(header, buf, entry, changes, false).await
+        self.append(header, buf, entry, changes, Mark::Blocks).await
     }
 
     /// Put the old contents of `block` (from the overlay, or from the device verified) or
@@ -1098,7 +1148,7 @@ impl<D: BlockDevice> ChunkStore<D> {
         mut buf: AlignedBuf,
         entry: &Arc<Entry>,
         changes: Vec<(usize, Option<(Bytes, u32)>)>,
-        free: bool,
+        mark: Mark,
     ) -> Result<(), StoreError> {
         let (seq, pos, epoch) = self.reserve_journal(buf.len() as u64).await?;
         header.seq = seq;
@@ -1142,8 +1192,10 @@ impl<D: BlockDevice> ChunkStore<D> {
                     }
                 }
             }
-            if free {
-                st.free_seq = Some(seq);
+            match mark {
+                Mark::Blocks => {}
+                Mark::Free => st.free_seq = Some(seq),
+                Mark::Alloc => st.alloc_seq = Some(seq),
             }
             st.generation = header.generation;
         }
@@ -1191,7 +1243,18 @@ impl<D: BlockDevice> ChunkStore<D> {
     /// Deallocate `[offset, offset + len)`: afterwards it reads as zeros. A chunk left without
     /// written blocks (a whole-chunk trim in particular) is freed.
     pub async fn trim(&self, chunk: ChunkId, offset: u32, len: u32) -> Result<(), StoreError> {
-        self.zero_range(chunk, offset, len).await
+        self.zero_range(chunk, offset, len, false).await
+    }
+
+    /// Make `[offset, offset + len)` read as zeros but keep the chunk allocated even if no
+    /// written block is left (thick volumes keep their chunks).
+    pub async fn zero_keeping(
+        &self,
+        chunk: ChunkId,
+        offset: u32,
+        len: u32,
+    ) -> Result<(), StoreError> {
+        self.zero_range(chunk, offset, len, true).await
     }
 
     /// Make `[offset, offset + len)` read as zeros; the same operation as [`trim`](Self::trim)
@@ -1202,10 +1265,16 @@ impl<D: BlockDevice> ChunkStore<D> {
         offset: u32,
         len: u32,
     ) -> Result<(), StoreError> {
-        self.zero_range(chunk, offset, len).await
+        self.zero_range(chunk, offset, len, false).await
     }
 
-    async fn zero_range(&self, chunk: ChunkId, offset: u32, len: u32) -> Result<(), StoreError> {
+    async fn zero_range(
+        &self,
+        chunk: ChunkId,
+        offset: u32,
+        len: u32,
+        keep: bool,
+    ) -> Result<(), StoreError> {
         check_range(offset, u64::from(len))?;
         if len == 0 || !self.contains(chunk) {
             return Ok(());
@@ -1227,7 +1296,7 @@ impl<D: BlockDevice> ChunkStore<D> {
                 .collect();
             (remaining, full)
         };
-        if !remaining {
+        if !remaining && !keep {
             return self.free(chunk, &entry).await;
         }
         // Partial edge blocks that hold data are rewritten with zeros in the range.
@@ -1264,7 +1333,8 @@ impl<D: BlockDevice> ChunkStore<D> {
         };
         let page = self.dev.buffers().page().await;
         let changes = full_written.into_iter().map(|b| (b, None)).collect();
-        self.append(header, page, &entry, changes, false).await
+        self.append(header, page, &entry, changes, Mark::Blocks)
+            .await
     }
 
     /// Free the chunk's slot: journal the free and forget the chunk; the slot is reused once
@@ -1286,7 +1356,8 @@ impl<D: BlockDevice> ChunkStore<D> {
             payload_crc: crc32fast::hash(&[]),
         };
         let page = self.dev.buffers().page().await;
-        self.append(header, page, entry, Vec::new(), true).await?;
+        self.append(header, page, entry, Vec::new(), Mark::Free)
+            .await?;
         if lock(&self.slots).free == 0 {
             // Every other slot is in use: make this one reusable now.
             self.apply_round(true, true).await?;
@@ -1397,7 +1468,8 @@ impl<D: BlockDevice> ChunkStore<D> {
                 });
                 continue;
             }
-            if blocks.is_empty() {
+            let allocated = st.alloc_seq.is_some_and(|s| s <= c);
+            if blocks.is_empty() && !allocated {
                 continue;
             }
             let mut page = st.disk.clone();
@@ -1513,7 +1585,12 @@ impl<D: BlockDevice> ChunkStore<D> {
                 }
             }
             match &plan.page {
-                Some(m) => st.disk = m.clone(),
+                Some(m) => {
+                    st.disk = m.clone();
+                    if st.alloc_seq.is_some_and(|s| s <= c) {
+                        st.alloc_seq = None;
+                    }
+                }
                 None => {
                     st.pending.clear();
                     st.free_seq = None;
@@ -1526,7 +1603,7 @@ impl<D: BlockDevice> ChunkStore<D> {
             let mut dirty = lock(&self.dirty);
             dirty.retain(|_, e| {
                 let st = lock(&e.state);
-                !st.pending.is_empty() || st.free_seq.is_some()
+                !st.pending.is_empty() || st.free_seq.is_some() || st.alloc_seq.is_some()
             });
             let mut tail = c + 1;
             for e in dirty.values() {
@@ -1536,6 +1613,9 @@ impl<D: BlockDevice> ChunkStore<D> {
                 }
                 if let Some(f) = st.free_seq {
                     tail = tail.min(f);
+                }
+                if let Some(a) = st.alloc_seq {
+                    tail = tail.min(a);
                 }
             }
             tail
