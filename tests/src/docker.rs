@@ -8,7 +8,7 @@
 //! shims, mounts under the scratch directory, the plugin socket, and the SDC's attach state
 //! (loop devices, FUSE mount, keeper).
 
-use crate::{wait_for, DataCluster, Proc};
+use crate::{bin, free_port, netns, wait_for, Cluster, DataCluster, Proc};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
@@ -290,8 +290,76 @@ impl PluginSdc {
         p
     }
 
+    /// Starts another SDC host named `name` serving the plugin (state under `<dir>/<name>`),
+    /// in `node`'s network namespace when given. The namespace is entered with `nsenter
+    /// --net` only, so the SDC's mounts are in the host's mount namespace where dockerd sees
+    /// them (`ip netns exec` would give it a mount namespace of its own).
+    pub fn spawn_host(c: &Cluster, name: &str, node: Option<&netns::Node>) -> (Proc, PluginSdc) {
+        let driver = format!("mbt{}x{}", std::process::id(), rand::random::<u16>());
+        let plugins = Path::new("/run/docker/plugins");
+        std::fs::create_dir_all(plugins).expect("create /run/docker/plugins");
+        let socket = plugins.join(format!("{driver}.sock"));
+        let state_dir = c.dir.join(name);
+        let mount_root = c.dir.join(&format!("{name}-mounts"));
+        let pw = c.dir.join("docker-password");
+        std::fs::write(&pw, crate::ADMIN_PASSWORD).expect("password file");
+        let mut cmd: Vec<String> = Vec::new();
+        if let Some(n) = node {
+            cmd.extend([
+                "nsenter".into(),
+                format!("--net=/run/netns/{}", n.ns),
+                "--".into(),
+            ]);
+        }
+        cmd.extend([
+            bin("sdc").display().to_string(),
+            "run".into(),
+            "--name".into(),
+            name.into(),
+            "--mdm".into(),
+            c.mdm_ips(),
+            "--cert-dir".into(),
+            c.dir.join("certs/sdc").display().to_string(),
+            "--state-dir".into(),
+            state_dir.display().to_string(),
+            "--nbd-socket".into(),
+            state_dir.join("nbd.sock").display().to_string(),
+            "--metrics-listen".into(),
+            format!("127.0.0.1:{}", free_port()),
+            "--docker".into(),
+            "--docker-socket".into(),
+            socket.display().to_string(),
+            "--docker-mount-root".into(),
+            mount_root.display().to_string(),
+            "--docker-username".into(),
+            "admin".into(),
+            "--docker-password-file".into(),
+            pw.display().to_string(),
+        ]);
+        let proc = Proc::spawn(
+            name,
+            Path::new(&cmd[0]),
+            &cmd[1..],
+            c.dir.join(&format!("{name}.log")),
+        );
+        let p = PluginSdc {
+            driver,
+            socket,
+            state_dir,
+            mount_root,
+        };
+        p.wait_up();
+        (proc, p)
+    }
+
     /// Waits until the plugin answers and the SDC can attach (admin socket up).
     pub fn wait_ready(&self, d: &DataCluster) {
+        let _ = d;
+        self.wait_up();
+    }
+
+    /// Waits until the plugin answers and the SDC's admin socket serves.
+    pub fn wait_up(&self) {
         let sock = self.socket.display().to_string();
         wait_for("the plugin socket", Duration::from_secs(20), || {
             sh(
@@ -308,11 +376,11 @@ impl PluginSdc {
             .ok
             .then_some(())
         });
-        let admin = self.state_dir.join("admin.sock");
+        let sdc = bin("sdc").display().to_string();
+        let state = self.state_dir.display().to_string();
         wait_for("the SDC's attach layer", Duration::from_secs(30), || {
-            admin.exists().then_some(())
+            sh(&sdc, &["list", "--state-dir", &state]).ok.then_some(())
         });
-        let _ = d;
     }
 
     /// `curl` a plugin endpoint with a JSON body: (HTTP status, body).
@@ -349,18 +417,23 @@ impl PluginSdc {
 
     /// Stops the SDC with SIGTERM (it detaches what is unused) and waits for it.
     pub fn stop_sdc(d: &mut DataCluster) {
-        d.sdc.signal(libc::SIGTERM);
+        PluginSdc::stop_proc(&mut d.sdc);
+    }
+
+    /// Stops an SDC process with SIGTERM, then SIGKILL if it lingers.
+    pub fn stop_proc(p: &mut Proc) {
+        p.signal(libc::SIGTERM);
         let gone = (0..200).any(|_| {
-            if !d.sdc.alive() {
+            if !p.alive() {
                 return true;
             }
             std::thread::park_timeout(Duration::from_millis(100));
             false
         });
         if !gone {
-            d.sdc.kill();
+            p.kill();
         }
-        d.sdc.kill();
+        p.kill();
     }
 }
 

@@ -558,3 +558,193 @@ impl Drop for AttachCleanup {
         cleanup_attach_state(&self.0);
     }
 }
+
+/// The non-loopback interfaces of a namespace.
+fn links_of(ns: &str) -> Vec<String> {
+    sh("ip", &["-n", ns, "-o", "link", "show"])
+        .stdout
+        .lines()
+        .filter_map(|l| l.split(": ").nth(1))
+        .map(|n| n.split('@').next().unwrap_or(n).to_string())
+        .filter(|n| n != "lo")
+        .collect()
+}
+
+fn set_links(ns: &str, state: &str) {
+    for l in links_of(ns) {
+        let o = sh("ip", &["-n", ns, "link", "set", &l, state]);
+        assert!(o.ok, "{}", o.stderr);
+    }
+}
+
+/// Flocker's demo: a container on host A writes; host A dies; on host B the volume is taken
+/// over and the data is there; host A comes back with the device still open and can change
+/// nothing.
+#[test]
+fn volume_follows_its_container_to_another_host() {
+    require_all();
+    let net = match netns::Net::new() {
+        Ok(n) => std::sync::Arc::new(n),
+        Err(e) => panic!("network namespaces are needed (run as root): {e}"),
+    };
+    let mut d = DataCluster::start_net("docker-failover", 1, 3, 1, &[], Some(net.clone()));
+    // The cluster's own SDC is not a Docker host here.
+    d.sdc.kill();
+    let node_a = net.node("hosta");
+    let node_b = net.node("hostb");
+    let (mut sdc_a, host_a) = PluginSdc::spawn_host(&d.c, "hosta", Some(&node_a));
+    let (mut sdc_b, host_b) = PluginSdc::spawn_host(&d.c, "hostb", Some(&node_b));
+    let mut docker_a = Some(Dockerd::start(
+        &d.c.dir.join("docker-a"),
+        Some(&format!("/run/netns/{}", node_a.ns)),
+        &[],
+    ));
+    let docker_b = Dockerd::start(
+        &d.c.dir.join("docker-b"),
+        Some(&format!("/run/netns/{}", node_b.ns)),
+        &[],
+    );
+    let guard = FailoverGuard {
+        sdcs: vec![host_a.state_dir.clone(), host_b.state_dir.clone()],
+    };
+    let img_a = docker_a.as_ref().expect("a").import_busybox();
+    let img_b = docker_b.import_busybox();
+    let a = || docker_a.as_ref().expect("dockerd A");
+
+    // Host A: create, and a long-running container that writes and syncs.
+    a().must(&[
+        "volume",
+        "create",
+        "--driver",
+        &host_a.driver,
+        "--opt",
+        "size=1GiB",
+        "v1",
+    ]);
+    a().must(&[
+        "run",
+        "-d",
+        "--name",
+        "ca",
+        "--network",
+        "none",
+        "-v",
+        "v1:/data",
+        &img_a,
+        "sh",
+        "-c",
+        "echo hello > /data/f && sync && sleep 100000",
+    ]);
+    wait_for("A's write", Duration::from_secs(30), || {
+        let o = a().cli(&["exec", "ca", "cat", "/data/f"]);
+        (o.ok && o.stdout.trim() == "hello").then_some(())
+    });
+    a().must(&["exec", "ca", "sync"]);
+    let dev_a = sh(
+        &bin("sdc").display().to_string(),
+        &[
+            "list",
+            "--state-dir",
+            &host_a.state_dir.display().to_string(),
+        ],
+    )
+    .stdout
+    .split_whitespace()
+    .nth(1)
+    .expect("A's device")
+    .to_string();
+
+    // While A lives, B cannot take v1 (not preemptible): refused with a clear message.
+    let vb = |args: &[&str]| {
+        let mut full = vec![
+            "run",
+            "--rm",
+            "--network",
+            "none",
+            "--volume-driver",
+            &host_b.driver,
+            "-v",
+            "v1:/data",
+            &img_b,
+        ];
+        full.extend_from_slice(args);
+        docker_b.cli(&full)
+    };
+    let ls = docker_b.must(&["volume", "ls", "-q"]);
+    assert!(
+        ls.lines().any(|l| l == "v1"),
+        "B's docker lists the cluster's volumes: {ls}"
+    );
+
+    // Host A dies: its SDC is killed and its link goes down.
+    sdc_a.kill();
+    set_links(&node_a.ns, "down");
+
+    // B takes over once A's session expired, and reads A's data.
+    let o = vb(&["cat", "/data/f"]);
+    assert!(o.ok, "B could not take v1 over: {}", o.stderr);
+    assert_eq!(o.stdout.trim(), "hello");
+    // fsync, not sync(2): both "hosts" share this kernel, and a global sync would wait for
+    // host A's dirty pages, which cannot be written while A is down.
+    let o = vb(&["sh", "-c", "echo from-b | dd of=/data/b conv=fsync"]);
+    assert!(o.ok, "{}", o.stderr);
+
+    // A comes back with the device still open under its container: every write is refused.
+    set_links(&node_a.ns, "up");
+    sdc_a.start();
+    host_a.wait_up();
+    let o = sh(
+        "dd",
+        &[
+            "if=/dev/zero",
+            &format!("of={dev_a}"),
+            "bs=4096",
+            "count=1",
+            "oflag=direct",
+        ],
+    );
+    assert!(!o.ok, "host A wrote to a volume taken from it");
+    let o = a().cli(&[
+        "exec",
+        "ca",
+        "dd",
+        "if=/dev/zero",
+        "of=/data/evil",
+        "bs=4096",
+        "count=16",
+        "conv=fsync",
+    ]);
+    assert!(
+        !o.ok,
+        "host A's container wrote to a taken volume: {}",
+        o.stdout
+    );
+    let o = vb(&["sh", "-c", "cat /data/f /data/b; ls /data"]);
+    assert!(o.ok, "{}", o.stderr);
+    let words: Vec<&str> = o.stdout.split_whitespace().collect();
+    assert_eq!(&words[..2], ["hello", "from-b"], "{}", o.stdout);
+    assert!(!words.contains(&"evil"), "{}", o.stdout);
+
+    // Clean up A's container (its Unmount releases what is left on A).
+    let _ = a().cli(&["rm", "-f", "ca"]);
+    drop(docker_a.take());
+    drop(docker_b);
+    PluginSdc::stop_proc(&mut sdc_a);
+    PluginSdc::stop_proc(&mut sdc_b);
+    drop(host_a);
+    drop(host_b);
+    drop(guard);
+}
+
+/// Undoes both hosts' attach state even if the failover test fails.
+struct FailoverGuard {
+    sdcs: Vec<PathBuf>,
+}
+
+impl Drop for FailoverGuard {
+    fn drop(&mut self) {
+        for s in &self.sdcs {
+            cleanup_attach_state(s);
+        }
+    }
+}
