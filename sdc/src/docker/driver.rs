@@ -646,7 +646,7 @@ impl Driver {
         // the MDM is briefly unreachable, so the cache answers for what it knows.
         let cached = self.cache.lock().ok().and_then(|c| c.get(name).cloned());
         match cached {
-            Some(mut info) if map.version == 0 || !self.cluster_reachable(&map) => {
+            Some(mut info) if map.version == 0 => {
                 info.Mountpoint = mountpoint
                     .map(|p| p.display().to_string())
                     .unwrap_or_default();
@@ -659,11 +659,6 @@ impl Driver {
                 "volume {name} does not exist"
             ))),
         }
-    }
-
-    /// True when the map is recent, i.e. the MDM answered a poll lately.
-    fn cluster_reachable(&self, map: &ClusterState) -> bool {
-        map.version > 0
     }
 
     pub async fn list(&self) -> Result<Vec<VolumeInfo>, DriverError> {
