@@ -415,10 +415,39 @@ fn shared_volume_survives_dockerd_and_sdc_restarts() {
         Some(1)
     );
 
-    // A crash (SIGKILL) too.
+    // A crash (SIGKILL) in the middle of a stream of fsynced writes: the kernel resends what
+    // the dead SDC had read, the writer sees no error and carries on.
+    s.docker().must(&[
+        "exec",
+        "-d",
+        "c2",
+        "sh",
+        "-c",
+        "i=0; while [ ! -e /data/stop ]; do i=$((i+1)); \
+         echo $i | dd of=/data/counter conv=fsync 2>/dev/null || echo $i >> /data/errors; done",
+    ]);
+    let counter = |s: &Setup| -> u64 {
+        let o = s.docker().cli(&["exec", "c2", "cat", "/data/counter"]);
+        o.stdout.trim().parse().unwrap_or(0)
+    };
+    wait_for("the writer to start", Duration::from_secs(20), || {
+        (counter(&s) > 10).then_some(())
+    });
     s.d.sdc.kill();
     s.d.sdc.start();
     s.plugin().wait_ready(&s.d);
+    let after = counter(&s);
+    wait_for("the writer to carry on", Duration::from_secs(30), || {
+        (counter(&s) > after + 10).then_some(())
+    });
+    s.docker()
+        .must(&["exec", "c2", "sh", "-c", "touch /data/stop"]);
+    let errors = s.docker().cli(&["exec", "c2", "cat", "/data/errors"]);
+    assert!(
+        !errors.ok,
+        "writes failed across the SDC crash: {}",
+        errors.stdout
+    );
     s.docker()
         .must(&["exec", "c2", "sh", "-c", "echo four > /data/four && sync"]);
 
@@ -548,6 +577,41 @@ fn attach_detach_list_cli() {
     let o = sdc(&["detach", "vol1", "--force"]);
     assert!(o.ok, "{}", o.stderr);
     assert!(!is_mounted(&mnt));
+
+    // Throughput through the loop device, for the record (not asserted).
+    let o = sdc(&["attach", "vol1"]);
+    assert!(o.ok, "{}", o.stderr);
+    let dev = o.stdout.trim().to_string();
+    for (what, args) in [
+        (
+            "write",
+            vec![
+                "if=/dev/zero".to_string(),
+                format!("of={dev}"),
+                "oflag=direct".into(),
+            ],
+        ),
+        (
+            "read",
+            vec![
+                format!("if={dev}"),
+                "of=/dev/null".into(),
+                "iflag=direct".into(),
+            ],
+        ),
+    ] {
+        let t = std::time::Instant::now();
+        let mut a: Vec<&str> = args.iter().map(String::as_str).collect();
+        a.extend(["bs=1M", "count=256", "status=none"]);
+        let o = sh("dd", &a);
+        assert!(o.ok, "{}", o.stderr);
+        println!(
+            "loop device {what}: 256 MiB at {:.0} MiB/s",
+            256.0 / t.elapsed().as_secs_f64()
+        );
+    }
+    let o = sdc(&["detach", "vol1"]);
+    assert!(o.ok, "{}", o.stderr);
 }
 
 /// Undoes an SDC's attach state even if the test fails.
