@@ -108,11 +108,14 @@ impl MdmClient {
         // Addresses that failed last time are dialled too, but not waited for once every
         // other address has been tried.
         let mut pending_live = addrs.iter().filter(|a| !dead.contains(a)).count();
+        // When every address failed last time (a lone MDM restarting), wait for them all, or
+        // a client would never dial again.
+        let wait_all = dead.is_empty() || pending_live == 0;
         for a in addrs {
             let ep = self.endpoint.clone();
             set.spawn(async move { (a, tokio::time::timeout(DIAL_TIMEOUT, ep.connect(a)).await) });
         }
-        while pending_live > 0 || dead.is_empty() {
+        while pending_live > 0 || wait_all {
             let Some(joined) = set.join_next().await else {
                 break;
             };
