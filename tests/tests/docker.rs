@@ -335,6 +335,41 @@ fn plugin_http_api_directly() {
         "{metrics}"
     );
     assert!(metrics.contains("result=\"malformed\""), "{metrics}");
+
+    // Get never fails for an existing volume while the MDM is unreachable: from the map the
+    // SDC holds, and after an SDC restart from its disk cache.
+    let (_, body) = p.call(
+        "VolumeDriver.Create",
+        r#"{"Name":"h2","Opts":{"size":"64MiB"}}"#,
+    );
+    assert_eq!(body, r#"{"Err":""}"#);
+    let (_, body) = p.call("VolumeDriver.Get", r#"{"Name":"h2"}"#);
+    assert!(body.contains("\"Err\":\"\""), "{body}");
+    s.d.c.mdms[0].proc.kill();
+    let (_, body) = p.call("VolumeDriver.Get", r#"{"Name":"h2"}"#);
+    assert!(
+        body.contains("\"Name\":\"h2\"") && body.contains("\"Err\":\"\""),
+        "{body}"
+    );
+    s.d.sdc.kill();
+    s.d.sdc.start();
+    let (_, body) = wait_for("the restarted plugin", Duration::from_secs(20), || {
+        let r = p.call("VolumeDriver.Get", r#"{"Name":"h2"}"#);
+        (r.0 == 200).then_some(r)
+    });
+    assert!(
+        body.contains("\"Name\":\"h2\"") && body.contains("\"Err\":\"\""),
+        "{body}"
+    );
+    let (_, body) = p.call("VolumeDriver.List", "{}");
+    assert!(body.contains("\"h2\""), "{body}");
+    let (_, body) = p.call("VolumeDriver.Create", r#"{"Name":"h3"}"#);
+    assert!(body.contains("cannot be reached"), "{body}");
+    s.d.c.restart(0);
+    s.d.c.wait_leader(Duration::from_secs(20));
+    p.wait_up();
+    let (_, body) = p.call("VolumeDriver.Remove", r#"{"Name":"h2"}"#);
+    assert_eq!(body, r#"{"Err":""}"#);
     s.plugin = Some(p);
 }
 
