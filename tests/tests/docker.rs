@@ -753,7 +753,66 @@ fn volume_follows_its_container_to_another_host() {
     .expect("A's device")
     .to_string();
 
-    // While A lives, B cannot take v1 (not preemptible): refused with a clear message.
+    // A preemptible volume is taken from a live host at once; the host that lost it can no
+    // longer write to it.
+    a().must(&[
+        "volume",
+        "create",
+        "--driver",
+        &host_a.driver,
+        "--opt",
+        "size=256MiB",
+        "--opt",
+        "preempt=true",
+        "pv",
+    ]);
+    a().must(&[
+        "run",
+        "-d",
+        "--name",
+        "pa",
+        "--network",
+        "none",
+        "-v",
+        "pv:/data",
+        &img_a,
+        "sh",
+        "-c",
+        "echo mine > /data/a && sync && sleep 100000",
+    ]);
+    wait_for("A's write to pv", Duration::from_secs(30), || {
+        let o = a().cli(&["exec", "pa", "cat", "/data/a"]);
+        (o.ok && o.stdout.trim() == "mine").then_some(())
+    });
+    let o = docker_b.cli(&[
+        "run",
+        "--rm",
+        "--network",
+        "none",
+        "--volume-driver",
+        &host_b.driver,
+        "-v",
+        "pv:/data",
+        &img_b,
+        "cat",
+        "/data/a",
+    ]);
+    assert!(o.ok, "B could not preempt pv: {}", o.stderr);
+    assert_eq!(o.stdout.trim(), "mine");
+    let o = a().cli(&[
+        "exec",
+        "pa",
+        "dd",
+        "if=/dev/zero",
+        "of=/data/x",
+        "bs=4096",
+        "count=1",
+        "conv=fsync",
+    ]);
+    assert!(!o.ok, "host A still wrote to a preempted volume");
+    let _ = a().cli(&["rm", "-f", "pa"]);
+
+    // v1 is not preemptible: B gets it only once A is dead.
     let vb = |args: &[&str]| {
         let mut full = vec![
             "run",
