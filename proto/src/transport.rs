@@ -34,6 +34,10 @@ const SEND_QUEUE_FRAMES: usize = 1024;
 const SERVER_INFLIGHT_PER_STREAM: usize = 512;
 /// Idle time after which a silent connection is considered dead.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Ack-eliciting packets a peer may receive before it must send an ACK.
+const ACK_ELICITING_THRESHOLD: u32 = 16;
+/// How long a peer may hold back an ACK.
+const MAX_ACK_DELAY: Duration = Duration::from_millis(2);
 /// Keep-alive interval (must be well under the idle timeout).
 const KEEP_ALIVE: Duration = Duration::from_millis(1000);
 /// How long a dial (handshake + hello) may take.
@@ -155,6 +159,13 @@ fn transport_config() -> Arc<quinn::TransportConfig> {
     t.send_window(256 << 20);
     t.keep_alive_interval(Some(KEEP_ALIVE));
     t.max_idle_timeout(IDLE_TIMEOUT.try_into().ok());
+    // Request/response traffic: let the peer hold back pure ACK packets (each costs a UDP
+    // send and receive on both ends) for a few packets or a short delay; responses and the next
+    // requests carry the ACKs instead.
+    let mut ack = quinn::AckFrequencyConfig::default();
+    ack.ack_eliciting_threshold(ACK_ELICITING_THRESHOLD.into())
+        .max_ack_delay(Some(MAX_ACK_DELAY));
+    t.ack_frequency_config(Some(ack));
     Arc::new(t)
 }
 
@@ -416,11 +427,32 @@ async fn read_part(recv: &mut quinn::RecvStream, len: u32) -> Result<Bytes, Tran
     if len == 0 {
         return Ok(Bytes::new());
     }
-    let mut buf = BytesMut::zeroed(len as usize);
-    recv.read_exact(&mut buf)
-        .await
-        .map_err(|e| TransportError::Closed(e.to_string()))?;
-    Ok(buf.freeze())
+    // Take quinn's received chunks as they are: a part that arrived in one chunk (most
+    // blocks) is neither zeroed nor copied.
+    let len = len as usize;
+    let mut out: Option<BytesMut> = None;
+    loop {
+        let have = out.as_ref().map_or(0, |b| b.len());
+        let chunk = recv
+            .read_chunk(len - have, true)
+            .await
+            .map_err(|e| TransportError::Closed(e.to_string()))?
+            .ok_or_else(|| TransportError::Closed("stream ended inside a frame".into()))?;
+        match out.as_mut() {
+            None if chunk.bytes.len() == len => return Ok(chunk.bytes),
+            None => {
+                let mut b = BytesMut::with_capacity(len);
+                b.extend_from_slice(&chunk.bytes);
+                out = Some(b);
+            }
+            Some(b) => {
+                b.extend_from_slice(&chunk.bytes);
+                if b.len() == len {
+                    return Ok(out.take().map(BytesMut::freeze).unwrap_or_default());
+                }
+            }
+        }
+    }
 }
 
 async fn write_frame(send: &mut quinn::SendStream, f: Frame) -> Result<(), TransportError> {

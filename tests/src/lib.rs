@@ -722,13 +722,7 @@ impl DataCluster {
             sdc_node,
             socket,
         };
-        let uri = d.uri("vol1");
-        wait_for("vol1 exported over NBD", Duration::from_secs(20), || {
-            run("nbdinfo", &["--size", &uri])
-                .ok()
-                .filter(|o| o.status.success())
-                .map(|_| ())
-        });
+        wait_export(&d.uri("vol1"));
         d
     }
 
@@ -751,6 +745,20 @@ impl DataCluster {
     pub fn start_sdc(&self, name: &str) -> (Proc, PathBuf) {
         spawn_sdc(&self.c, name, None)
     }
+}
+
+/// Wait until the NBD export at `uri` answers (`nbdinfo --size`).
+pub fn wait_export(uri: &str) {
+    wait_for(
+        &format!("{uri} exported over NBD"),
+        Duration::from_secs(20),
+        || {
+            run("nbdinfo", &["--size", uri])
+                .ok()
+                .filter(|o| o.status.success())
+                .map(|_| ())
+        },
+    );
 }
 
 /// Start an SDC named `name` with its state dir and NBD socket under `<dir>/<name>` (the

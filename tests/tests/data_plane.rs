@@ -557,12 +557,7 @@ fn thick_volumes_are_allocated_at_creation_and_keep_their_chunks() {
         "sdc1",
     ]);
     let uri = d.uri("tv");
-    wait_for("tv exported", Duration::from_secs(20), || {
-        run("nbdinfo", &["--size", &uri])
-            .ok()
-            .filter(|o| o.status.success())
-            .map(|_| ())
-    });
+    wait_export(&uri);
     let before: Vec<f64> = (0..2).map(|i| allocated(&d, i)).collect();
     let io = must(
         "qemu-io",

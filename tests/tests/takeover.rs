@@ -115,12 +115,7 @@ fn a_dead_hosts_volume_is_taken_over_and_the_old_host_is_fenced() {
 
     // Host B sees A's flushed data and writes its own.
     let uri2 = format!("nbd+unix:///vol1?socket={}", sock2.display());
-    wait_for("vol1 exported on B", Duration::from_secs(20), || {
-        run("nbdinfo", &["--size", &uri2])
-            .ok()
-            .filter(|o| o.status.success())
-            .map(|_| ())
-    });
+    wait_export(&uri2);
     let mut b = Nbd::connect(&sock2, "vol1").expect("connect to sdc2");
     assert!(
         b.read_at(0, 4 << 20).expect("read on B") == a_data,
@@ -192,12 +187,7 @@ fn a_preemptible_volume_is_taken_from_a_live_host() {
     assert_eq!(q.json()["preempt"], true);
     assert_eq!(q.json()["labels"]["fstype"], "ext4");
     let uri1 = d.uri("pv");
-    wait_for("pv exported on A", Duration::from_secs(20), || {
-        run("nbdinfo", &["--size", &uri1])
-            .ok()
-            .filter(|o| o.status.success())
-            .map(|_| ())
-    });
+    wait_export(&uri1);
     let mut a = Nbd::connect(&d.socket, "pv").expect("connect to sdc1");
     let a_data = pattern(3, 1 << 20);
     a.write_at(0, &a_data).expect("write on A");
@@ -224,12 +214,7 @@ fn a_preemptible_volume_is_taken_from_a_live_host() {
     // A's open connection can no longer write (fenced, or its export closed).
     assert!(a.write_at(0, &pattern(7, 4096)).is_err());
     let uri2 = format!("nbd+unix:///pv?socket={}", sock2.display());
-    wait_for("pv exported on B", Duration::from_secs(20), || {
-        run("nbdinfo", &["--size", &uri2])
-            .ok()
-            .filter(|o| o.status.success())
-            .map(|_| ())
-    });
+    wait_export(&uri2);
     let mut b = Nbd::connect(&sock2, "pv").expect("connect to sdc2");
     assert!(b.read_at(0, 1 << 20).expect("read on B") == a_data);
     sdc2.kill();

@@ -1000,18 +1000,9 @@ impl<D: BlockDevice> ChunkStore<D> {
             return Ok(false);
         }
         let entry = self.entry_or_allocate_applying(chunk).await?;
-        let header = RecordHeader {
-            epoch: 0,
-            seq: 0,
-            kind: RecordKind::Write,
-            chunk,
-            slot: entry.slot,
-            first: 0,
-            count: 0,
-            generation: self.next_generation.fetch_add(1, Ordering::Relaxed),
-            payload_crc: crc32fast::hash(&[]),
-        };
-        let page = self.dev.buffers().page().await;
+        let (header, page) = self
+            .empty_record(RecordKind::Write, chunk, entry.slot, 0, 0)
+            .await;
         self.append(header, page, &entry, Vec::new(), Mark::Alloc)
             .await?;
         Ok(true)
@@ -1320,21 +1311,41 @@ impl<D: BlockDevice> ChunkStore<D> {
         if full_written.is_empty() {
             return Ok(());
         }
-        let header = RecordHeader {
-            epoch: 0,
-            seq: 0,
-            kind: RecordKind::Trim,
-            chunk,
-            slot: entry.slot,
-            first: first_full as u32,
-            count: (end_full - first_full) as u32,
-            generation: self.next_generation.fetch_add(1, Ordering::Relaxed),
-            payload_crc: crc32fast::hash(&[]),
-        };
-        let page = self.dev.buffers().page().await;
+        let (header, page) = self
+            .empty_record(
+                RecordKind::Trim,
+                chunk,
+                entry.slot,
+                first_full as u32,
+                (end_full - first_full) as u32,
+            )
+            .await;
         let changes = full_written.into_iter().map(|b| (b, None)).collect();
         self.append(header, page, &entry, changes, Mark::Blocks)
             .await
+    }
+
+    /// A record without payload (allocation, trim, free) and its header page.
+    async fn empty_record(
+        &self,
+        kind: RecordKind,
+        chunk: ChunkId,
+        slot: SlotIndex,
+        first: u32,
+        count: u32,
+    ) -> (RecordHeader, AlignedBuf) {
+        let header = RecordHeader {
+            epoch: 0,
+            seq: 0,
+            kind,
+            chunk,
+            slot,
+            first,
+            count,
+            generation: self.next_generation.fetch_add(1, Ordering::Relaxed),
+            payload_crc: crc32fast::hash(&[]),
+        };
+        (header, self.dev.buffers().page().await)
     }
 
     /// Free the chunk's slot: journal the free and forget the chunk; the slot is reused once
@@ -1344,18 +1355,9 @@ impl<D: BlockDevice> ChunkStore<D> {
         if let Ok(mut index) = self.index.write() {
             index.remove(&chunk);
         }
-        let header = RecordHeader {
-            epoch: 0,
-            seq: 0,
-            kind: RecordKind::Free,
-            chunk,
-            slot: entry.slot,
-            first: 0,
-            count: 0,
-            generation: self.next_generation.fetch_add(1, Ordering::Relaxed),
-            payload_crc: crc32fast::hash(&[]),
-        };
-        let page = self.dev.buffers().page().await;
+        let (header, page) = self
+            .empty_record(RecordKind::Free, chunk, entry.slot, 0, 0)
+            .await;
         self.append(header, page, entry, Vec::new(), Mark::Free)
             .await?;
         if lock(&self.slots).free == 0 {
