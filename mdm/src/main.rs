@@ -231,6 +231,7 @@ async fn serve(cfg: MdmConfig, bootstrap: bool, admin_password: String) -> anyho
     );
     tokio::spawn(service::raft_network(svc.clone(), out_rx));
     tokio::spawn(svc.clone().watch_sds());
+    tokio::spawn(svc.clone().rebalance());
     let m = metrics.clone();
     let metrics_addr = cfg.metrics_listen;
     tokio::spawn(async move {

@@ -67,6 +67,11 @@ pub struct SdsMetrics {
     pub rebuilt_pgs: Counter,
     /// PGs this SDS is copying right now.
     pub rebuilding_pgs: Gauge,
+    /// Client requests served as a primary (Read, Write, Trim, WriteZeroes): what adaptive
+    /// rebuild throttling watches.
+    pub user_requests: Counter,
+    /// Chunks backward rebuilds did not copy (unchanged while the target was away).
+    pub rebuild_chunks_skipped: Counter,
     /// Chunks the running rebuild copies still have to visit.
     pub rebuild_chunks_left: Gauge,
     /// 1 while this SDS holds a lease from the MDM and may serve.
@@ -108,6 +113,16 @@ fn r_rebuild(m: &mut SdsMetrics) {
         "meshblock_sds_rebuild_chunks_left",
         "Chunks the running rebuild copies of this SDS still have to visit",
         m.rebuild_chunks_left.clone(),
+    );
+    r.register(
+        "meshblock_sds_user_requests",
+        "Client requests served as a primary",
+        m.user_requests.clone(),
+    );
+    r.register(
+        "meshblock_sds_rebuild_chunks_skipped",
+        "Chunks backward rebuilds did not copy (unchanged while the target was away)",
+        m.rebuild_chunks_skipped.clone(),
     );
     r.register(
         "meshblock_sds_rebuilding_pgs",
@@ -172,6 +187,8 @@ impl SdsMetrics {
             rebuild_bytes: Counter::default(),
             rebuilt_pgs: Counter::default(),
             rebuilding_pgs: Gauge::default(),
+            user_requests: Counter::default(),
+            rebuild_chunks_skipped: Counter::default(),
             rebuild_chunks_left: Gauge::default(),
             leased: Gauge::default(),
             repaired_blocks: Counter::default(),

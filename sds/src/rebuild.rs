@@ -14,13 +14,19 @@
 //!
 //! A failed copy is retried after a pause for as long as the map still asks for it; a PG whose
 //! assignment disappears (target declared down, PG moved) is abandoned. At most
-//! `concurrency` PGs are copied at once.
+//! `concurrency` PGs (config `rebuild_concurrency`) are copied at once, and every chunk copy
+//! passes the [`Throttle`]: the pool's [`RebuildPolicy`] (chunk copies in flight and MiB/s for
+//! this SDS, set with `scli --set_rebuild_rebalance_policy`), backed off to 1 copy at 10 MiB/s
+//! in adaptive mode while this SDS served client I/O within the last second. Rebalance moves
+//! are copied the same way (the map names them as rebuilding secondaries).
 
 use crate::device::BlockDevice;
 use crate::mdm_client::MdmLink;
 use crate::routing::MapCache;
 use crate::service::{Service, ALLOC_STATUS_MAX_CHUNKS};
-use proto::model::ClusterState;
+use proto::model::{
+    ClusterState, RebuildPolicy, ADAPTIVE_BUSY_BANDWIDTH_MIB_S, ADAPTIVE_BUSY_CONCURRENCY,
+};
 use proto::{ChunkId, ChunkIndex, Epoch, PgId, PoolId, SdsId, CHUNK_SIZE};
 use std::collections::{BTreeSet, HashSet};
 use std::sync::{Arc, Mutex};
@@ -29,6 +35,119 @@ use tokio::sync::Semaphore;
 
 /// Pause before retrying a PG whose copy failed.
 const RETRY_PAUSE: Duration = Duration::from_millis(500);
+
+/// How recent client I/O must be for adaptive mode to back off.
+const ADAPTIVE_WINDOW: Duration = Duration::from_secs(1);
+/// How often a copy waiting for a slot looks again.
+const THROTTLE_POLL: Duration = Duration::from_millis(5);
+
+/// The copy throttle of this SDS: chunk copies in flight and a byte rate, paced on a virtual
+/// clock (each copy reserves `bytes / rate` of it).
+pub struct Throttle {
+    state: Mutex<ThrottleState>,
+}
+
+struct ThrottleState {
+    in_flight: u32,
+    next_free: Instant,
+    last_user_requests: u64,
+    user_seen: Option<Instant>,
+}
+
+/// A copy slot; released on drop.
+pub struct CopyPermit<'a> {
+    throttle: &'a Throttle,
+}
+
+impl Drop for CopyPermit<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut s) = self.throttle.state.lock() {
+            s.in_flight = s.in_flight.saturating_sub(1);
+        }
+    }
+}
+
+impl Default for Throttle {
+    fn default() -> Self {
+        Throttle::new()
+    }
+}
+
+impl Throttle {
+    pub fn new() -> Throttle {
+        Throttle {
+            state: Mutex::new(ThrottleState {
+                in_flight: 0,
+                next_free: Instant::now(),
+                last_user_requests: 0,
+                user_seen: None,
+            }),
+        }
+    }
+
+    /// The limits in force: the policy's, or adaptive mode's while client I/O is recent.
+    /// `user_requests` is the SDS's count of client requests so far.
+    fn limits(s: &mut ThrottleState, policy: &RebuildPolicy, user_requests: u64) -> (u32, u32) {
+        let now = Instant::now();
+        if user_requests != s.last_user_requests {
+            s.last_user_requests = user_requests;
+            s.user_seen = Some(now);
+        }
+        let busy = s
+            .user_seen
+            .is_some_and(|t| now.duration_since(t) < ADAPTIVE_WINDOW);
+        if policy.adaptive && busy {
+            (
+                ADAPTIVE_BUSY_CONCURRENCY.min(policy.concurrency.max(1)),
+                ADAPTIVE_BUSY_BANDWIDTH_MIB_S,
+            )
+        } else {
+            (policy.concurrency.max(1), policy.bandwidth_mib_s)
+        }
+    }
+
+    /// Wait for a slot to copy `bytes` under `policy`.
+    pub async fn acquire(
+        &self,
+        policy: impl Fn() -> RebuildPolicy,
+        user_requests: impl Fn() -> u64,
+        bytes: u64,
+    ) -> CopyPermit<'_> {
+        loop {
+            let wait = {
+                let Ok(mut s) = self.state.lock() else {
+                    return CopyPermit { throttle: self };
+                };
+                let (concurrency, mib_s) = Throttle::limits(&mut s, &policy(), user_requests());
+                if s.in_flight < concurrency {
+                    s.in_flight += 1;
+                    let now = Instant::now();
+                    let wait = if mib_s > 0 {
+                        let start = s.next_free.max(now);
+                        let cost = bytes as f64 / (f64::from(mib_s) * (1u64 << 20) as f64);
+                        s.next_free = start + Duration::from_secs_f64(cost);
+                        start - now
+                    } else {
+                        s.next_free = now;
+                        Duration::ZERO
+                    };
+                    Some(wait)
+                } else {
+                    None
+                }
+            };
+            match wait {
+                Some(w) => {
+                    if !w.is_zero() {
+                        tokio::time::sleep(w).await;
+                    }
+                    return CopyPermit { throttle: self };
+                }
+                None => tokio::time::sleep(THROTTLE_POLL).await,
+            }
+        }
+    }
+}
 
 /// One copy the map asks this SDS to make.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -65,6 +184,7 @@ pub struct Rebuilder<D> {
     map: Arc<MapCache>,
     running: Mutex<HashSet<Assignment>>,
     slots: Semaphore,
+    throttle: Throttle,
 }
 
 impl<D: BlockDevice> Rebuilder<D> {
@@ -79,6 +199,7 @@ impl<D: BlockDevice> Rebuilder<D> {
             link,
             running: Mutex::new(HashSet::new()),
             slots: Semaphore::new(concurrency.max(1) as usize),
+            throttle: Throttle::new(),
         })
     }
 
@@ -246,6 +367,21 @@ impl<D: BlockDevice> Rebuilder<D> {
                     vtree: v.vtree,
                     index: ChunkIndex(index),
                 };
+                let _permit = self
+                    .throttle
+                    .acquire(
+                        || {
+                            self.map
+                                .state()
+                                .pools
+                                .get(&a.pool)
+                                .map(|p| p.rebuild_policy)
+                                .unwrap_or_default()
+                        },
+                        || self.service.metrics().user_requests.get(),
+                        CHUNK_SIZE,
+                    )
+                    .await;
                 let r = self
                     .service
                     .copy_chunk(a.pool, a.pg, chunk, a.target, remote.contains(&index))

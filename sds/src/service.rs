@@ -253,9 +253,22 @@ impl<D: BlockDevice> Service<D> {
                 )),
             }
         };
-        let (remote, local) = tokio::join!(forward, self.apply(&h, &data));
+        // A copy being moved off (rebalance) takes every write too, until the move is done.
+        let leaving = async {
+            let Some((l, laddr)) = route.leaving else {
+                return Ok(());
+            };
+            tokio::select! {
+                r = self.replicas.forward(l, laddr, &replica, data.clone()) => {
+                    r.map_err(|e| self.forward_error(e))
+                }
+                _ = self.map.copy_dropped(h.pool, h.pg, l) => Ok(()),
+            }
+        };
+        let (remote, moving, local) = tokio::join!(forward, leaving, self.apply(&h, &data));
         local?;
         remote?;
+        moving?;
         crate::failpoints::fail_point(crate::failpoints::SERVICE_AFTER_FORWARD_BEFORE_ACK);
         Ok(())
     }
@@ -553,6 +566,7 @@ impl<D: BlockDevice> Service<D> {
         }
         match h.op {
             DataOp::Read => {
+                self.metrics.user_requests.inc();
                 let started = Instant::now();
                 self.route(&h, Role::Primary).await?;
                 let out = self.read_repairing(&h).await?;
@@ -563,6 +577,7 @@ impl<D: BlockDevice> Service<D> {
             }
             DataOp::ReadLocal => self.read(&h).await,
             DataOp::Write | DataOp::Trim | DataOp::WriteZeroes => {
+                self.metrics.user_requests.inc();
                 let started = Instant::now();
                 let route = self.route(&h, Role::Primary).await?;
                 self.primary_write(h, route, data).await?;
