@@ -296,7 +296,8 @@ fn mdm_leader_killed_mid_rebuild() {
 }
 
 /// fio with verification at QD32 through the SDC while an SDS is killed and its PGs are
-/// rebuilt: every write fio had acknowledged reads back with the right content.
+/// rebuilt: every write fio had acknowledged reads back with the right content (fio writes
+/// the first 128 MiB, the pattern lies after it).
 #[test]
 fn fio_verify_during_rebuild() {
     require("fio").expect("fio");
@@ -321,7 +322,7 @@ fn fio_verify_during_rebuild() {
             "--rw=randwrite".into(),
             "--bs=4k".into(),
             "--iodepth=32".into(),
-            "--size=256m".into(),
+            "--size=128m".into(),
             "--verify=crc32c".into(),
             "--verify_fatal=1".into(),
             "--do_verify=1".into(),
