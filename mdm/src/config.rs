@@ -41,6 +41,10 @@ pub struct MdmConfig {
     /// An SDS the leader has not heard from (hello) for this long is declared down and its PGs
     /// fail over to their other copy. Must exceed the SDS's `lease_ms`. Default: 1500.
     pub sds_down_timeout_ms: u64,
+    /// An SDS declared down that returns within this long, in milliseconds, is refilled by
+    /// backward rebuild (only the chunks written while it was away) in the PGs it was dropped
+    /// from; later it is treated as new capacity. Default: 300000 (5 minutes).
+    pub backward_rebuild_window_ms: u64,
 }
 
 impl Default for MdmConfig {
@@ -59,6 +63,7 @@ impl Default for MdmConfig {
             session_ttl_secs: 8 * 3600,
             cluster_name: "meshblock".into(),
             sds_down_timeout_ms: 1500,
+            backward_rebuild_window_ms: 300_000,
         }
     }
 }

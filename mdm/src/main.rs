@@ -228,6 +228,7 @@ async fn serve(cfg: MdmConfig, bootstrap: bool, admin_password: String) -> anyho
         cfg.session_ttl_secs,
         metrics.clone(),
         Duration::from_millis(cfg.sds_down_timeout_ms),
+        Duration::from_millis(cfg.backward_rebuild_window_ms),
     );
     tokio::spawn(service::raft_network(svc.clone(), out_rx));
     tokio::spawn(svc.clone().watch_sds());

@@ -113,6 +113,8 @@ pub fn assign(pg_count: u32, candidates: &[Candidate]) -> Vec<PgMapping> {
             secondary: Some(cands[s].id),
             rebuild: None,
             leaving: None,
+            dropped: None,
+            rebuild_since: None,
         });
     }
     out

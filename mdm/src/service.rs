@@ -59,6 +59,10 @@ pub struct Service {
     /// Per pool: since when it has not been Normal, with the worst state seen (leader's view,
     /// to log each finished rebuild or rebalance with its duration).
     pool_since: Mutex<HashMap<proto::PoolId, (Instant, String)>>,
+    /// When this leader declared each SDS down (soft state: after a leader change a returning
+    /// SDS gets a full copy, never a wrong backward one).
+    down_since: Mutex<HashMap<proto::SdsId, Instant>>,
+    backward_window: Duration,
 }
 
 /// The leader's heartbeat clock per SDS.
@@ -88,6 +92,7 @@ impl Service {
         session_ttl_secs: u64,
         metrics: Arc<MdmMetrics>,
         sds_down_timeout: Duration,
+        backward_window: Duration,
     ) -> Arc<Service> {
         Arc::new(Service {
             raft,
@@ -102,6 +107,8 @@ impl Service {
             rebuild_rates: Mutex::new(HashMap::new()),
             sdc_seen: Mutex::new(HashMap::new()),
             pool_since: Mutex::new(HashMap::new()),
+            down_since: Mutex::new(HashMap::new()),
+            backward_window,
         })
     }
 
@@ -168,6 +175,9 @@ impl Service {
                 match self.propose(Op::SdsDown { sds }).await {
                     Ok(out) => {
                         self.metrics.sds_declared_down.inc();
+                        if let Ok(mut d) = self.down_since.lock() {
+                            d.insert(sds, Instant::now());
+                        }
                         tracing::warn!(%name, "{}", out.message)
                     }
                     Err(e) => tracing::warn!(%name, "could not declare the SDS down: {e}"),
@@ -744,7 +754,22 @@ impl Service {
             if sds.state == proto::model::SdsState::Down {
                 tracing::info!(%name, "a down SDS reports again; it holds no copy until rebuilt");
             }
-            self.propose(Op::SdsReport { sds: id, devices }).await?;
+            let backward = sds.state == proto::model::SdsState::Down
+                && self
+                    .down_since
+                    .lock()
+                    .ok()
+                    .and_then(|mut d| d.remove(&id))
+                    .is_some_and(|t| t.elapsed() < self.backward_window);
+            if backward {
+                tracing::info!(%name, "a down SDS returns within the backward-rebuild window: it gets only what changed");
+            }
+            self.propose(Op::SdsReport {
+                sds: id,
+                devices,
+                backward,
+            })
+            .await?;
         }
         // The SDS may serve only once it has a map at least as new as this: the one that
         // records it as Normal (and, after an outage, without the PGs it lost).

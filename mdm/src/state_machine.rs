@@ -39,6 +39,10 @@ pub enum Op {
     SdsReport {
         sds: SdsId,
         devices: Vec<DeviceReport>,
+        /// A down SDS returning within the backward-rebuild window (decided by the leader):
+        /// the PGs it was dropped from take it back as a backward-rebuild target.
+        #[serde(default)]
+        backward: bool,
     },
     SdcRegister {
         guid: String,
@@ -185,7 +189,11 @@ fn apply_inner(s: &mut ClusterState, op: &Op) -> Result<Outcome, WireError> {
                 None,
             )
         }
-        Op::SdsReport { sds, devices } => sds_report(s, *sds, devices),
+        Op::SdsReport {
+            sds,
+            devices,
+            backward,
+        } => sds_report(s, *sds, devices, *backward),
         Op::SdcRegister { guid, name, ip } => {
             if let Some(sdc) = s.sdcs.values_mut().find(|c| &c.guid == guid) {
                 sdc.name = name.clone();
@@ -838,6 +846,8 @@ fn move_pg(
         secondary: Some(to),
         rebuild: Some(epoch),
         leaving: Some(from),
+        dropped: None,
+        rebuild_since: None,
     };
     done(format!("PG {pg} moving from SDS {from} to SDS {to}"), None)
 }
@@ -846,6 +856,7 @@ fn sds_report(
     s: &mut ClusterState,
     id: SdsId,
     reports: &[DeviceReport],
+    backward: bool,
 ) -> Result<Outcome, WireError> {
     let Some(sd) = s.sds.get_mut(&id) else {
         return err(ErrorCode::NotFound, "Could not find the SDS");
@@ -873,12 +884,47 @@ fn sds_report(
         pools.extend(s.pools.values().filter(|p| p.pd == pd).map(|p| p.id));
         pools.sort();
         pools.dedup();
+        for p in &pools {
+            take_back(s, *p, id, backward);
+        }
     }
     for p in pools {
         replace_placement(s, p);
         heal(s, p, false);
     }
     done("SDS report recorded", Some(id.0))
+}
+
+/// A dropped secondary `id` returns: with `backward`, every PG it was dropped from whose
+/// primary stayed takes it back as a rebuild target that needs only the chunks changed since
+/// the drop (replacing an unfinished forward-rebuild target); without, the drop marks naming it
+/// are forgotten (it is new capacity).
+fn take_back(s: &mut ClusterState, pool: PoolId, id: SdsId, backward: bool) {
+    let Some(p) = s.pools.get_mut(&pool) else {
+        return;
+    };
+    let next = p.epoch.next();
+    let mut changed = false;
+    for m in p.pgs.iter_mut() {
+        let Some((sds, since)) = m.dropped else {
+            continue;
+        };
+        if sds != id {
+            continue;
+        }
+        let forward_target = m.secondary.is_none() || (m.rebuild.is_some() && m.leaving.is_none());
+        if !backward || !forward_target || m.primary == Some(id) || m.primary.is_none() {
+            m.dropped = None;
+            continue;
+        }
+        m.secondary = Some(id);
+        m.rebuild = Some(next);
+        m.rebuild_since = Some(since);
+        changed = true;
+    }
+    if changed {
+        p.epoch = next;
+    }
 }
 
 /// Declare an SDS down. In every PG it held: a lost secondary (or rebuild target) is dropped;
@@ -902,7 +948,16 @@ fn sds_down(s: &mut ClusterState, id: SdsId) -> Result<Outcome, WireError> {
             continue;
         };
         let mut changed = false;
+        let next = p.epoch.next();
         for m in p.pgs.iter_mut() {
+            if m.secondary == Some(id)
+                && m.rebuild.is_none()
+                && m.leaving.is_none()
+                && m.primary.is_some_and(|x| x != id)
+            {
+                // An in-sync secondary lost while the primary stays: it may come back soon.
+                m.dropped = Some((id, next));
+            }
             if m.leaving == Some(id) {
                 // A copy being moved off: the move goes on without it.
                 m.leaving = None;
@@ -912,11 +967,18 @@ fn sds_down(s: &mut ClusterState, id: SdsId) -> Result<Outcome, WireError> {
                 // A move's target falls back to the in-sync copy it was to replace.
                 m.secondary = m.leaving.take();
                 m.rebuild = None;
+                m.rebuild_since = None;
                 changed = true;
             }
             if m.primary == Some(id) {
+                // The chunks changed since an earlier drop were tracked by this primary only.
+                m.dropped = None;
+                m.rebuild_since = None;
                 if m.secondary.is_some() && m.rebuild.is_none() {
                     m.primary = m.secondary.take();
+                    // The promoted copy tracks what is written from now on: the lost primary
+                    // may come back for a backward rebuild too.
+                    m.dropped = Some((id, next));
                     failed_over += 1;
                 } else if let Some(l) = m.leaving.take() {
                     // Mid-move: the leaving copy is in sync; the target is dropped (heal
@@ -1016,6 +1078,8 @@ fn pg_rebuilt(
     // No copy changes role, so the epoch stays: in-flight I/O is not refused for this. A
     // finished move drops its leaving copy, which is a role change.
     m.rebuild = None;
+    m.rebuild_since = None;
+    m.dropped = None;
     if let Some(old) = m.leaving.take() {
         p.epoch = p.epoch.next();
         return done(
@@ -1279,6 +1343,7 @@ mod tests {
                 &Op::SdsReport {
                     sds: id,
                     devices: vec![],
+                    backward: false,
                 },
                 v,
             )

@@ -138,6 +138,17 @@ pub struct PgMapping {
     /// rebuilding `secondary` is complete. Only set while `rebuild` is.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub leaving: Option<SdsId>,
+    /// The in-sync secondary declared down while the primary stayed, with the epoch of the
+    /// drop: if it returns within the MDM's backward-rebuild window it becomes the rebuild
+    /// target again and gets only what changed since. Cleared when the PG has two in-sync
+    /// copies again or its primary changes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dropped: Option<(SdsId, Epoch)>,
+    /// Set with `rebuild` for a backward rebuild: the target held the PG's data as of this
+    /// epoch, so a primary that tracked every chunk written since copies only those (else it
+    /// copies everything).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rebuild_since: Option<Epoch>,
 }
 
 /// What a PG can do, derived from its mapping and the state of its SDS.

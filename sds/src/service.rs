@@ -77,6 +77,8 @@ pub struct Service<D> {
     order: RangeLocks,
     metrics: Arc<SdsMetrics>,
     opts: ServiceOptions,
+    /// Chunks written while a PG lacked an in-sync secondary (backward rebuild).
+    dirty: crate::rebuild::DirtyLog,
 }
 
 fn bad_request(msg: impl Into<String>) -> WireError {
@@ -100,7 +102,12 @@ impl<D: BlockDevice> Service<D> {
             order: RangeLocks::new(),
             metrics,
             opts,
+            dirty: Default::default(),
         })
+    }
+
+    pub fn dirty(&self) -> &crate::rebuild::DirtyLog {
+        &self.dirty
     }
 
     pub fn storage(&self) -> &Arc<Storage<D>> {
@@ -222,11 +229,26 @@ impl<D: BlockDevice> Service<D> {
             .await;
         // The map may have changed while this write waited for the lock (a rebuild copy of
         // this chunk, for one, holds it): route again so the write reaches the current copies.
-        let route = if self.map.state().version == route.version {
+        let map = self.map.state();
+        let route = if map.version == route.version {
             route
         } else {
             self.map.check(&h, Role::Primary).map_err(refusal)?
         };
+        let in_sync = route.secondary.is_some()
+            && map
+                .pools
+                .get(&h.pool)
+                .and_then(|p| p.pg(h.pg))
+                .is_some_and(|m| m.rebuild.is_none());
+        let _tracked = self.dirty.write_started(
+            h.pool,
+            h.pg,
+            h.epoch,
+            h.chunk,
+            route.version,
+            in_sync && map.version == route.version,
+        );
         let Some((sds, addr)) = route.secondary else {
             return self.apply(&h, &data).await;
         };
@@ -266,6 +288,9 @@ impl<D: BlockDevice> Service<D> {
             }
         };
         let (remote, moving, local) = tokio::join!(forward, leaving, self.apply(&h, &data));
+        if local.is_err() || remote.is_err() {
+            self.dirty.note_failed(h.pool, h.pg, h.chunk, route.version);
+        }
         local?;
         remote?;
         moving?;

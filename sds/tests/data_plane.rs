@@ -127,18 +127,24 @@ fn cluster(a: SocketAddr, b: SocketAddr, epoch: u64, version: u64) -> ClusterSta
                 secondary: Some(A),
                 rebuild: None,
                 leaving: None,
+                dropped: None,
+                rebuild_since: None,
             },
             p if p % 2 == 0 => PgMapping {
                 primary: Some(A),
                 secondary: Some(B),
                 rebuild: None,
                 leaving: None,
+                dropped: None,
+                rebuild_since: None,
             },
             _ => PgMapping {
                 primary: Some(A),
                 secondary: None,
                 rebuild: None,
                 leaving: None,
+                dropped: None,
+                rebuild_since: None,
             },
         })
         .collect();
@@ -454,6 +460,8 @@ async fn stale_epochs_wrong_pgs_and_bad_requests_are_refused() {
             secondary: Some(A),
             rebuild: None,
             leaving: None,
+            dropped: None,
+            rebuild_since: None,
         };
     }
     p.a.service.map().install(next.clone());

@@ -87,6 +87,8 @@ fn cluster(a: SocketAddr, b: SocketAddr, mirrored: bool) -> ClusterState {
                     secondary,
                     rebuild: None,
                     leaving: None,
+                    dropped: None,
+                    rebuild_since: None,
                 };
                 PGS as usize
             ],
