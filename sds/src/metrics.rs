@@ -67,7 +67,7 @@ pub struct SdsMetrics {
     pub rebuilt_pgs: Counter,
     /// PGs this SDS is copying right now.
     pub rebuilding_pgs: Gauge,
-    /// Client requests served as a primary (Read, Write, Trim, WriteZeroes): what adaptive
+    /// Client requests that passed the fence as a primary (Read, Write, Trim, WriteZeroes): what adaptive
     /// rebuild throttling watches.
     pub user_requests: Counter,
     /// Chunks backward rebuilds did not copy (unchanged while the target was away).

@@ -591,9 +591,9 @@ impl<D: BlockDevice> Service<D> {
         }
         match h.op {
             DataOp::Read => {
-                self.metrics.user_requests.inc();
                 let started = Instant::now();
                 self.route(&h, Role::Primary).await?;
+                self.metrics.user_requests.inc();
                 let out = self.read_repairing(&h).await?;
                 self.metrics
                     .read_seconds
@@ -602,9 +602,9 @@ impl<D: BlockDevice> Service<D> {
             }
             DataOp::ReadLocal => self.read(&h).await,
             DataOp::Write | DataOp::Trim | DataOp::WriteZeroes => {
-                self.metrics.user_requests.inc();
                 let started = Instant::now();
                 let route = self.route(&h, Role::Primary).await?;
+                self.metrics.user_requests.inc();
                 self.primary_write(h, route, data).await?;
                 self.metrics
                     .write_seconds
