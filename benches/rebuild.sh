@@ -2,22 +2,22 @@
 # Rebuild benchmark on a lab cluster (3 MDMs, 3 SDS, 1 SDC; see ./lab):
 #   1. fill SIZE of vol1 (fio, 1 MiB writes through the SDC's NBD socket);
 #   2. foreground baseline: fio 4k randwrite QD32 for RUNTIME seconds, no failure;
-#   3. idle rebuild: SIGKILL sds3, measure the rebuild's copy rate (bytes the survivors copied /
-#      time until the pool is Normal again) with no user I/O; restart sds3 and wait until
-#      rebalance has moved its share back;
+#   3. idle rebuild: SIGKILL sds3; from the moment it is declared down until the pool is Normal
+#      again, the bytes the survivors copied / the time, with no user I/O; then sds3 returns
+#      (backward rebuild) and the pool is Normal again;
 #   4. the same failure with the fio job running, once with the default throttle and once in
-#      adaptive mode: foreground IOPS during the rebuild as a ratio of the baseline, and the
-#      rebuild's rate and duration meanwhile;
+#      adaptive mode: foreground IOPS averaged over the rebuild (fio's per-second IOPS log) as a
+#      ratio of the baseline, and the rebuild's rate and duration meanwhile;
 # then prints a table.
 #
-#   benches/rebuild.sh                   # SIZE=2g RUNTIME=20
+#   benches/rebuild.sh                   # SIZE=2g RUNTIME=30
 #   SIZE=4g RUNTIME=30 benches/rebuild.sh
 #
 # It builds nothing but `cargo build --release` (skipped when MESHBLOCK_BIN_DIR is set), runs
 # its own lab in a scratch directory (ports from 18610) and removes it afterwards.
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-RUNTIME=${RUNTIME:-20}
+RUNTIME=${RUNTIME:-30}
 SIZE=${SIZE:-2g}
 WORK=$(mktemp -d "${BENCH_DIR:-$ROOT/target}/rebuild-bench.XXXXXX")
 export MESHBLOCK_LAB="$WORK/lab" MESHBLOCK_LAB_PORT_BASE=${MESHBLOCK_LAB_PORT_BASE:-18610}
@@ -54,69 +54,85 @@ copied_bytes() { # rebuild bytes copied so far by sds1 and sds2
   echo $t
 }
 policy() { scli --set_rebuild_rebalance_policy --storage_pool_name sp1 "$@" >/dev/null; }
-fio_job() { # NAME: 4k randwrite QD32 for RUNTIME s; prints IOPS
-  fio --name="$1" --ioengine=nbd --uri="$URI" --rw=randwrite --bs=4k --iodepth=32 --size="$SIZE" \
-    --time_based --runtime="$RUNTIME" --randrepeat=0 --output-format=json --output="$WORK/$1.json" >/dev/null
-  python3 -c "import json; print(round(json.load(open('$WORK/$1.json'))['jobs'][0]['write']['iops']))"
-}
 
-# Kill sds3, wait for the pool to be Normal; prints "seconds bytes".
+now() { date +%s.%N; }
+
+# Kill sds3; once it is declared down, time the rebuild until the pool is Normal again.
+# Sets T_DOWN, T_NORMAL and COPIED (bytes the survivors copied meanwhile).
 fail_and_rebuild() {
-  local b0 t0 b1 t1
-  b0=$(copied_bytes); t0=$(date +%s.%N)
   "$ROOT/lab" kill sds3 >/dev/null
   wait_until 60 sds_is sds3 Down
+  T_DOWN=$(now); local b0; b0=$(copied_bytes)
   wait_until 1800 is_state Normal
-  t1=$(date +%s.%N); b1=$(copied_bytes)
-  echo "$(python3 -c "print(f'{$t1 - $t0:.1f}')") $((b1 - b0))"
+  T_NORMAL=$(now); COPIED=$(($(copied_bytes) - b0))
 }
 
-# Bring sds3 back and wait until rebalance gave it its share again.
+# Bring sds3 back (backward rebuild, or rebalance) and wait until it holds its share again.
 restore() {
   "$ROOT/lab" start sds3 >/dev/null
   wait_until 60 sds_is sds3 Normal
-  policy --concurrency 8 --bandwidth_mib_s 0 --adaptive off
   wait_until 1800 sh -c "[ \"\$(MESHBLOCK_LAB=$MESHBLOCK_LAB $ROOT/lab scli --query_sds --sds_name sds3 --json | python3 -c 'import json,sys; print(json.load(sys.stdin)[\"pg_copies\"] >= 160)')\" = True ]"
   wait_until 600 is_state Normal
-  policy --concurrency 4 --bandwidth_mib_s 200 --adaptive off
+}
+
+# fio 4k randwrite QD32 for RUNTIME s in the background, logging IOPS every second.
+fio_start() {
+  T_FIO=$(now)
+  fio --name="$1" --ioengine=nbd --uri="$URI" --rw=randwrite --bs=4k --iodepth=32 --size="$SIZE" \
+    --time_based --runtime="$RUNTIME" --randrepeat=0 --write_iops_log="$WORK/$1" --log_avg_msec=1000 \
+    --output-format=json --output="$WORK/$1.json" >/dev/null &
+  FIO=$!
+}
+
+# Mean IOPS of fio job $1 over [$2, $3] (absolute times; the whole run when empty).
+iops_in() {
+  python3 - "$WORK/$1" "$T_FIO" "${2:-0}" "${3:-1e18}" <<'PY'
+import glob, sys
+prefix, t_fio, a, b = sys.argv[1], float(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4])
+samples = []
+for f in glob.glob(prefix + "_iops*.log"):
+    for line in open(f):
+        parts = [x.strip() for x in line.split(",")]
+        t = t_fio + int(parts[0]) / 1000.0
+        # A sample covers the second before its timestamp.
+        if t - 1.0 < b and t > a:
+            samples.append(int(parts[1]))
+print(round(sum(samples) / len(samples)) if samples else 0)
+PY
 }
 
 echo "filling $SIZE..." >&2
 fio --name=fill --ioengine=nbd --uri="$URI" --rw=write --bs=1m --iodepth=8 --size="$SIZE" --output=/dev/null
 echo "baseline fio (${RUNTIME}s)..." >&2
-BASE_IOPS=$(fio_job baseline)
+fio_start baseline; wait $FIO
+BASE_IOPS=$(iops_in baseline)
 
 echo "idle rebuild, default throttle..." >&2
-read -r IDLE_S IDLE_B < <(fail_and_rebuild)
+fail_and_rebuild
+IDLE="$(python3 -c "print(f'{$COPIED / ($T_NORMAL - $T_DOWN) / 2**20:.0f} {$T_NORMAL - $T_DOWN:.1f} {$COPIED / 2**20:.0f}')")"
 restore
 
 ROWS=()
 for mode in default adaptive; do
   if [ $mode = adaptive ]; then policy --adaptive on; fi
   echo "rebuild under fio, $mode throttle..." >&2
-  b0=$(copied_bytes); t0=$(date +%s.%N)
-  fio_job "during-$mode" > "$WORK/iops-$mode" &
-  FIO=$!
-  "$ROOT/lab" kill sds3 >/dev/null
-  wait_until 60 sds_is sds3 Down
+  fio_start "during-$mode"
+  fail_and_rebuild
   wait $FIO
-  t1=$(date +%s.%N); b1=$(copied_bytes)
-  STATE=$(pool_field "['state']")
-  wait_until 1800 is_state Normal
-  t2=$(date +%s.%N)
-  ROWS+=("$mode $(cat "$WORK/iops-$mode") $(python3 -c "print(f'{($b1 - $b0) / ($t1 - $t0) / 2**20:.0f} {$t2 - $t0:.1f}')") $STATE")
+  IOPS=$(iops_in "during-$mode" "$T_DOWN" "$T_NORMAL")
+  ROWS+=("$mode $IOPS $(python3 -c "print(f'{$COPIED / ($T_NORMAL - $T_DOWN) / 2**20:.0f} {$T_NORMAL - $T_DOWN:.1f} {$COPIED / 2**20:.0f}')")")
   restore
 done
 
-python3 - "$BASE_IOPS" "$IDLE_S" "$IDLE_B" "${ROWS[@]}" <<'PY'
+python3 - "$BASE_IOPS" "$IDLE" "${ROWS[@]}" <<'PY'
 import sys
-base, idle_s, idle_b = float(sys.argv[1]), float(sys.argv[2]), int(sys.argv[3])
-print(f"lab: 3 SDS, one killed; foreground job: fio 4k randwrite QD32")
-print(f"{'scenario':<34} {'rebuild MiB/s':>13} {'rebuild s':>10} {'fg IOPS':>9} {'fg ratio':>9}")
-print(f"{'no failure (baseline)':<34} {'-':>13} {'-':>10} {base:>9.0f} {'1.00':>9}")
-print(f"{'rebuild, no user I/O, default':<34} {idle_b / idle_s / 2**20:>13.0f} {idle_s:>10.1f} {'-':>9} {'-':>9}")
-for row in sys.argv[4:]:
-    mode, iops, rate, secs, state = row.split()
-    note = "" if state != "Normal" else " (done before fio ended)"
-    print(f"{'rebuild + fio, ' + mode:<34} {rate:>13} {secs:>10} {float(iops):>9.0f} {float(iops) / base:>9.2f}{note}")
+base = float(sys.argv[1])
+rate, secs, mib = sys.argv[2].split()
+print("lab: 3 SDS, sds3 SIGKILLed; foreground job: fio 4k randwrite QD32; IOPS averaged over the rebuild")
+print(f"{'scenario':<32} {'rebuild MiB/s':>13} {'rebuild s':>10} {'copied MiB':>11} {'fg IOPS':>9} {'fg ratio':>9}")
+print(f"{'no failure (baseline)':<32} {'-':>13} {'-':>10} {'-':>11} {base:>9.0f} {'1.00':>9}")
+print(f"{'rebuild, no user I/O':<32} {rate:>13} {secs:>10} {mib:>11} {'-':>9} {'-':>9}")
+for row in sys.argv[3:]:
+    mode, iops, rate, secs, mib = row.split()
+    print(f"{'rebuild + fio, ' + mode + ' throttle':<32} {rate:>13} {secs:>10} {mib:>11} {float(iops):>9.0f} {float(iops) / base:>9.2f}")
 PY

@@ -102,17 +102,22 @@ fn sds_metric(dc: &DataCluster, i: usize, name: &str) -> f64 {
         .unwrap_or(f64::NAN)
 }
 
-/// Every PG has a primary and a secondary, on two different live SDS, in two fault sets when
-/// the SDS have them, and no move or rebuild left.
+/// Every PG has two in-sync copies (primary and secondary, or primary and the leaving copy
+/// while a rebalance move fills a new secondary) on different live SDS, in different fault sets
+/// when the SDS have them; a rebalance target is outside the primary's fault set too.
 fn must_have_two_live_copies(dc: &DataCluster) {
     let map = cluster_map(&dc.c);
     for p in map.pools.values() {
         for (i, m) in p.pgs.iter().enumerate() {
-            let (Some(a), Some(b)) = (m.primary, m.secondary) else {
-                panic!("PG {i} lacks a copy: {m:?}");
+            let in_sync = if m.rebuild.is_some() {
+                m.leaving
+            } else {
+                m.secondary
+            };
+            let (Some(a), Some(b)) = (m.primary, in_sync) else {
+                panic!("PG {i} lacks an in-sync copy: {m:?}");
             };
             assert_ne!(a, b, "PG {i} has one SDS twice: {m:?}");
-            assert!(m.rebuild.is_none() && m.leaving.is_none(), "PG {i}: {m:?}");
             for s in [a, b] {
                 assert_eq!(
                     map.sds[&s].state,
@@ -120,9 +125,11 @@ fn must_have_two_live_copies(dc: &DataCluster) {
                     "PG {i} names a down SDS: {m:?}"
                 );
             }
-            let (fa, fb) = (map.sds[&a].fault_set, map.sds[&b].fault_set);
-            if fa.is_some() || fb.is_some() {
-                assert_ne!(fa, fb, "PG {i} has both copies in one fault set: {m:?}");
+            for other in [m.secondary, m.leaving].into_iter().flatten() {
+                let (fa, fb) = (map.sds[&a].fault_set, map.sds[&other].fault_set);
+                if fa.is_some() || fb.is_some() {
+                    assert_ne!(fa, fb, "PG {i} has two copies in one fault set: {m:?}");
+                }
             }
         }
     }
@@ -139,9 +146,20 @@ fn must_match_pattern(dc: &DataCluster, bytes: u64, seed: u64) {
 }
 
 fn must_have_identical_copies(dc: &DataCluster, bytes: u64) {
-    let (compared, diffs) = compare_copies(&dc.c, "vol1", bytes >> 20);
-    assert!(diffs.is_empty(), "copies differ: {diffs:#?}");
-    assert_eq!(compared, bytes >> 20);
+    // Rebalance may still be moving PGs: compare while every PG has two in-sync copies only,
+    // and again if the map changed during the comparison.
+    let epoch = |dc: &DataCluster| pool_state(&dc.c, "sp1")["map_epoch"].clone();
+    for attempt in 0..5 {
+        wait_pool(dc, "Normal", Duration::from_secs(300));
+        let before = epoch(dc);
+        let (compared, diffs) = compare_copies(&dc.c, "vol1", bytes >> 20);
+        let settled = epoch(dc) == before;
+        if settled || attempt == 4 {
+            assert!(diffs.is_empty(), "copies differ: {diffs:#?}");
+            assert_eq!(compared, bytes >> 20);
+            return;
+        }
+    }
 }
 
 fn set_policy(dc: &DataCluster, args: &[&str]) {
