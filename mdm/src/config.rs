@@ -45,6 +45,10 @@ pub struct MdmConfig {
     /// mapped to it may be taken over by another host (`map_volume_to_sdc` with takeover, the
     /// Docker driver's Mount). SDCs poll every 500 ms. Default: 4000.
     pub sdc_session_timeout_ms: u64,
+    /// An SDS declared down that returns within this long, in milliseconds, is refilled by
+    /// backward rebuild (only the chunks written while it was away) in the PGs it was dropped
+    /// from; later it is treated as new capacity. Default: 300000 (5 minutes).
+    pub backward_rebuild_window_ms: u64,
 }
 
 impl Default for MdmConfig {
@@ -64,6 +68,7 @@ impl Default for MdmConfig {
             cluster_name: "meshblock".into(),
             sds_down_timeout_ms: 1500,
             sdc_session_timeout_ms: 4000,
+            backward_rebuild_window_ms: 300_000,
         }
     }
 }

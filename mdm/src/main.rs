@@ -227,11 +227,15 @@ async fn serve(cfg: MdmConfig, bootstrap: bool, admin_password: String) -> anyho
         advertise.clone(),
         cfg.session_ttl_secs,
         metrics.clone(),
-        Duration::from_millis(cfg.sds_down_timeout_ms),
-        Duration::from_millis(cfg.sdc_session_timeout_ms),
+        service::Timeouts {
+            sds_down: Duration::from_millis(cfg.sds_down_timeout_ms),
+            sdc_session: Duration::from_millis(cfg.sdc_session_timeout_ms),
+            backward_window: Duration::from_millis(cfg.backward_rebuild_window_ms),
+        },
     );
     tokio::spawn(service::raft_network(svc.clone(), out_rx));
     tokio::spawn(svc.clone().watch_sds());
+    tokio::spawn(svc.clone().rebalance());
     let m = metrics.clone();
     let metrics_addr = cfg.metrics_listen;
     tokio::spawn(async move {

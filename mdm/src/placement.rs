@@ -53,6 +53,7 @@ pub fn assign(pg_count: u32, candidates: &[Candidate]) -> Vec<PgMapping> {
     let mut dom_used = vec![0f64; dom_keys.len()];
     let mut used = vec![0f64; cands.len()];
     let mut primaries = vec![0f64; cands.len()];
+    let mut pairs: BTreeMap<(usize, usize), u32> = BTreeMap::new();
     let mut out = Vec::with_capacity(n);
     for _ in 0..n {
         // The two domains furthest below target (ties: lower domain first).
@@ -72,10 +73,32 @@ pub fn assign(pg_count: u32, candidates: &[Candidate]) -> Vec<PgMapping> {
             }
             best
         };
-        let a = pick(order[0], &used);
-        let b = pick(order[1], &used);
-        dom_used[order[0]] += 1.0;
-        dom_used[order[1]] += 1.0;
+        // The second copy: of the domains within half a copy of the neediest other one, the
+        // one paired least often with the first, so that the copies of a failed SDS are spread
+        // over every other SDS (many-to-many rebuild) instead of one partner.
+        let first = order[0];
+        let deficit = |d: usize| dom_target[d] - dom_used[d];
+        let second = order[1..]
+            .iter()
+            .copied()
+            .filter(|&d| deficit(d) > deficit(order[1]) - 0.5)
+            .min_by_key(|&d| {
+                (
+                    pairs
+                        .get(&(first.min(d), first.max(d)))
+                        .copied()
+                        .unwrap_or(0),
+                    d,
+                )
+            })
+            .unwrap_or(order[1]);
+        *pairs
+            .entry((first.min(second), first.max(second)))
+            .or_default() += 1;
+        let a = pick(first, &used);
+        let b = pick(second, &used);
+        dom_used[first] += 1.0;
+        dom_used[second] += 1.0;
         used[a] += 1.0;
         used[b] += 1.0;
         // The copy whose SDS has fewer primaries for its target leads.
@@ -89,6 +112,9 @@ pub fn assign(pg_count: u32, candidates: &[Candidate]) -> Vec<PgMapping> {
             primary: Some(cands[p].id),
             secondary: Some(cands[s].id),
             rebuild: None,
+            leaving: None,
+            dropped: None,
+            rebuild_since: None,
         });
     }
     out
@@ -122,6 +148,127 @@ pub fn pick_secondary(
             fill(a).total_cmp(&fill(b)).then(a.id.cmp(&b.id))
         })
         .map(|c| c.id)
+}
+
+/// One rebalance step: move PG `pg`'s copy on `from` to `to`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Move {
+    pub pg: proto::PgId,
+    pub from: SdsId,
+    pub to: SdsId,
+}
+
+/// Rebalance: up to `max` moves of copies of Normal PGs that bring every candidate closer to
+/// its share of `pgs` (the copies [`assign`] would give it; SDS in `leaving` get none, so all
+/// their copies move). A move is proposed only when it strictly reduces the spread: from an
+/// SDS more than one copy above its share to one below, never into the fault domain of the
+/// copy that stays. Empty when balanced (every SDS within about one copy of its share).
+pub fn plan_moves(
+    pgs: &[PgMapping],
+    candidates: &[Candidate],
+    leaving: &[SdsId],
+    max: usize,
+) -> Vec<Move> {
+    let targets: BTreeMap<SdsId, f64> = {
+        let fresh = assign(pgs.len() as u32, candidates);
+        let mut t: BTreeMap<SdsId, f64> = candidates.iter().map(|c| (c.id, 0.0)).collect();
+        for m in &fresh {
+            for x in [m.primary, m.secondary].into_iter().flatten() {
+                *t.entry(x).or_default() += 1.0;
+            }
+        }
+        if fresh.iter().all(|m| m.primary.is_none()) {
+            return Vec::new();
+        }
+        t
+    };
+    let use_fault_sets = candidates.iter().any(|c| c.fault_set.is_some());
+    let domain_of = |id: SdsId| match (
+        use_fault_sets,
+        candidates
+            .iter()
+            .find(|c| c.id == id)
+            .and_then(|c| c.fault_set),
+    ) {
+        (true, Some(fs)) => Domain::FaultSet(fs),
+        _ => Domain::Single(id),
+    };
+    let mut load: BTreeMap<SdsId, f64> = BTreeMap::new();
+    for m in pgs {
+        for x in [m.primary, m.secondary].into_iter().flatten() {
+            *load.entry(x).or_default() += 1.0;
+        }
+    }
+    let excess = |load: &BTreeMap<SdsId, f64>, id: SdsId| {
+        load.get(&id).copied().unwrap_or(0.0) - targets.get(&id).copied().unwrap_or(0.0)
+    };
+    let mut taken = vec![false; pgs.len()];
+    let mut out = Vec::new();
+    while out.len() < max {
+        // Sources: leaving SDS first, then the most overloaded.
+        let mut sources: Vec<SdsId> = load.keys().copied().collect();
+        sources.sort_by(|a, b| {
+            let la = leaving.contains(a);
+            let lb = leaving.contains(b);
+            lb.cmp(&la)
+                .then(excess(&load, *b).total_cmp(&excess(&load, *a)))
+                .then(a.cmp(b))
+        });
+        let mut sinks: Vec<SdsId> = targets.keys().copied().collect();
+        sinks.sort_by(|a, b| {
+            excess(&load, *a)
+                .total_cmp(&excess(&load, *b))
+                .then(a.cmp(b))
+        });
+        let mut found = None;
+        'outer: for &x in &sources {
+            let must = leaving.contains(&x) && load.get(&x).copied().unwrap_or(0.0) > 0.0;
+            for &y in &sinks {
+                if y == x || leaving.contains(&y) {
+                    continue;
+                }
+                if !must && excess(&load, x) - excess(&load, y) <= 1.0 {
+                    continue;
+                }
+                // A Normal PG with a copy on x, none on y, and y outside the other copy's
+                // domain; secondaries first (no role change for the primary).
+                let pick = (0..pgs.len())
+                    .filter(|&i| !taken[i])
+                    .filter_map(|i| {
+                        let m = &pgs[i];
+                        let (Some(p), Some(s)) = (m.primary, m.secondary) else {
+                            return None;
+                        };
+                        if m.rebuild.is_some() || m.leaving.is_some() || p == y || s == y {
+                            return None;
+                        }
+                        let stays = if s == x {
+                            p
+                        } else if p == x {
+                            s
+                        } else {
+                            return None;
+                        };
+                        (domain_of(stays) != domain_of(y)).then_some((i, p == x))
+                    })
+                    .min_by_key(|&(i, is_primary)| (is_primary, i));
+                if let Some((i, _)) = pick {
+                    found = Some((i, x, y));
+                    break 'outer;
+                }
+            }
+        }
+        let Some((i, x, y)) = found else { break };
+        taken[i] = true;
+        *load.entry(x).or_default() -= 1.0;
+        *load.entry(y).or_default() += 1.0;
+        out.push(Move {
+            pg: proto::PgId(i as u32),
+            from: x,
+            to: y,
+        });
+    }
+    out
 }
 
 /// Target number of copies per candidate: 2 per PG in all, by capacity, no domain above one
@@ -238,6 +385,29 @@ mod tests {
     }
 
     #[test]
+    fn every_sds_pairs_with_every_other() {
+        let c = cands(&[
+            (1, None, 100),
+            (2, None, 100),
+            (3, None, 100),
+            (4, None, 100),
+        ]);
+        let m = assign(64, &c);
+        for a in 1..=4 {
+            for b in (a + 1)..=4 {
+                let n = m
+                    .iter()
+                    .filter(|p| {
+                        let x = [p.primary, p.secondary];
+                        x.contains(&Some(SdsId(a))) && x.contains(&Some(SdsId(b)))
+                    })
+                    .count();
+                assert!(n >= 5, "SDS {a} and {b} share only {n} PGs");
+            }
+        }
+    }
+
+    #[test]
     fn one_sds_or_one_fault_set_places_nothing() {
         assert!(assign(8, &cands(&[(1, None, 100)]))
             .iter()
@@ -254,6 +424,58 @@ mod tests {
         assert!(m
             .iter()
             .all(|p| p.primary == Some(SdsId(1)) || p.secondary == Some(SdsId(1))));
+    }
+
+    #[test]
+    fn rebalance_fills_a_new_sds_and_empties_a_leaving_one() {
+        let old = cands(&[(1, None, 100), (2, None, 100), (3, None, 100)]);
+        let mut map = assign(64, &old);
+        let all = cands(&[
+            (1, None, 100),
+            (2, None, 100),
+            (3, None, 100),
+            (4, None, 100),
+        ]);
+        for _ in 0..200 {
+            let moves = plan_moves(&map, &all, &[], 4);
+            if moves.is_empty() {
+                break;
+            }
+            for mv in moves {
+                let m = &mut map[mv.pg.0 as usize];
+                if m.secondary == Some(mv.from) {
+                    m.secondary = Some(mv.to);
+                } else {
+                    m.primary = m.secondary;
+                    m.secondary = Some(mv.to);
+                }
+            }
+        }
+        check(64, &all, &map);
+        let on4 = map
+            .iter()
+            .filter(|m| m.primary == Some(SdsId(4)) || m.secondary == Some(SdsId(4)))
+            .count();
+        assert!(on4 >= 30, "SDS 4 got only {on4} of its 32 copies");
+        for _ in 0..200 {
+            let moves = plan_moves(&map, &all, &[SdsId(2)], 4);
+            if moves.is_empty() {
+                break;
+            }
+            for mv in moves {
+                let m = &mut map[mv.pg.0 as usize];
+                if m.secondary == Some(mv.from) {
+                    m.secondary = Some(mv.to);
+                } else {
+                    m.primary = m.secondary;
+                    m.secondary = Some(mv.to);
+                }
+                assert_ne!(m.primary, m.secondary);
+            }
+        }
+        assert!(map
+            .iter()
+            .all(|m| m.primary != Some(SdsId(2)) && m.secondary != Some(SdsId(2))));
     }
 
     proptest! {

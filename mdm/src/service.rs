@@ -27,6 +27,10 @@ use tokio::sync::mpsc;
 const PEER_QUEUE_LEN: usize = 1024;
 /// How long a membership step may take.
 const MEMBERSHIP_TIMEOUT: Duration = Duration::from_secs(20);
+/// PG moves (rebalance) in flight per pool at once.
+pub const REBALANCE_MOVES_MAX: usize = 8;
+/// How often the leader's rebalance driver looks at the map.
+const REBALANCE_PERIOD: Duration = Duration::from_millis(500);
 
 /// Metadata of a RAFT frame.
 #[derive(Serialize, Deserialize)]
@@ -54,6 +58,13 @@ pub struct Service {
     sdc_seen: Mutex<SdcSessions>,
     /// An SDC silent this long has lost its session: its volumes may be taken over.
     sdc_session_timeout: Duration,
+    /// Per pool: since when it has not been Normal, with the worst state seen (leader's view,
+    /// to log each finished rebuild or rebalance with its duration).
+    pool_since: Mutex<HashMap<proto::PoolId, (Instant, String)>>,
+    /// When this leader declared each SDS down (soft state: after a leader change a returning
+    /// SDS gets a full copy, never a wrong backward one).
+    down_since: Mutex<HashMap<proto::SdsId, Instant>>,
+    backward_window: Duration,
 }
 
 /// The SDC session clock (leader-only soft state). A new term forgets what an earlier
@@ -103,6 +114,17 @@ fn fail<T>(code: ErrorCode, msg: impl Into<String>) -> Result<T, WireError> {
     Err(WireError::new(code, msg))
 }
 
+/// The failure-handling clocks of the leader (from the MDM config).
+#[derive(Clone, Copy, Debug)]
+pub struct Timeouts {
+    /// An SDS silent this long is declared down.
+    pub sds_down: Duration,
+    /// An SDC silent this long has lost its session.
+    pub sdc_session: Duration,
+    /// A down SDS back within this long is refilled by backward rebuild.
+    pub backward_window: Duration,
+}
+
 impl Service {
     pub fn new(
         raft: RaftHandle,
@@ -110,9 +132,13 @@ impl Service {
         advertise: String,
         session_ttl_secs: u64,
         metrics: Arc<MdmMetrics>,
-        sds_down_timeout: Duration,
-        sdc_session_timeout: Duration,
+        timeouts: Timeouts,
     ) -> Arc<Service> {
+        let Timeouts {
+            sds_down: sds_down_timeout,
+            sdc_session: sdc_session_timeout,
+            backward_window,
+        } = timeouts;
         Arc::new(Service {
             raft,
             endpoint,
@@ -126,6 +152,9 @@ impl Service {
             rebuild_rates: Mutex::new(HashMap::new()),
             sdc_seen: Mutex::new(SdcSessions::default()),
             sdc_session_timeout,
+            pool_since: Mutex::new(HashMap::new()),
+            down_since: Mutex::new(HashMap::new()),
+            backward_window,
         })
     }
 
@@ -192,12 +221,177 @@ impl Service {
                 match self.propose(Op::SdsDown { sds }).await {
                     Ok(out) => {
                         self.metrics.sds_declared_down.inc();
+                        if let Ok(mut d) = self.down_since.lock() {
+                            d.insert(sds, Instant::now());
+                        }
                         tracing::warn!(%name, "{}", out.message)
                     }
                     Err(e) => tracing::warn!(%name, "could not declare the SDS down: {e}"),
                 }
             }
         }
+    }
+
+    /// The leader's rebalance driver: moves PG copies (a bounded number per pool at a time,
+    /// through Raft) until every SDS holds about its share by capacity, empties SDS being
+    /// removed and then removes them, and logs each finished rebuild or rebalance with its
+    /// duration. Runs for the life of the process; idle on followers. A pool with PGs that
+    /// are degraded, rebuilding or unavailable is left alone until they are Normal.
+    pub async fn rebalance(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(REBALANCE_PERIOD);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let st = self.raft.shared.status();
+            if !(st.is_leader && st.leader_ready) {
+                continue;
+            }
+            let state = self.raft.shared.read_state();
+            for pool in state.pools.values() {
+                self.log_pool_progress(&state, pool);
+                if let Err(e) = self.rebalance_pool(&state, pool).await {
+                    tracing::warn!(pool = %pool.name, "rebalance step failed: {e}");
+                }
+            }
+            for sds in state.sds.values().filter(|x| x.removing) {
+                let held: usize = state
+                    .pools
+                    .values()
+                    .map(|p| state_machine::copies_on(p, sds.id))
+                    .sum();
+                if held == 0 {
+                    let command = Command::RemoveSds {
+                        name: sds.name.clone(),
+                    };
+                    match self.propose(Op::Command { command }).await {
+                        Ok(out) => {
+                            tracing::info!(sds = %sds.name, "emptied by rebalance: {}", out.message)
+                        }
+                        Err(e) => {
+                            tracing::warn!(sds = %sds.name, "could not remove the emptied SDS: {e}")
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn log_pool_progress(&self, state: &ClusterState, pool: &proto::model::StoragePool) {
+        let h = state.pool_health(pool);
+        let Ok(mut since) = self.pool_since.lock() else {
+            return;
+        };
+        if h.state == "Normal" || h.state == "NoCapacity" {
+            if let Some((t, worst)) = since.remove(&pool.id) {
+                let what = if worst == "Rebalancing" {
+                    "rebalance"
+                } else {
+                    "rebuild"
+                };
+                tracing::info!(pool = %pool.name, seconds = t.elapsed().as_secs_f64(), was = %worst,
+                    "{what} finished: every PG has two copies again after {:.1} s", t.elapsed().as_secs_f64());
+            }
+        } else {
+            let e = since
+                .entry(pool.id)
+                .or_insert_with(|| (Instant::now(), h.state.clone()));
+            if h.state != "Rebalancing" && e.1 == "Rebalancing" {
+                e.1 = h.state.clone();
+            }
+        }
+    }
+
+    async fn rebalance_pool(
+        &self,
+        state: &ClusterState,
+        pool: &proto::model::StoragePool,
+    ) -> Result<(), WireError> {
+        if !state.volumes.values().any(|v| v.pool == pool.id) {
+            return Ok(());
+        }
+        let h = state.pool_health(pool);
+        if h.state != "Normal" && h.state != "Rebalancing" {
+            return Ok(());
+        }
+        let in_flight = h.rebalancing_pgs as usize;
+        if in_flight >= REBALANCE_MOVES_MAX {
+            return Ok(());
+        }
+        let cands: Vec<crate::placement::Candidate> = state
+            .sds
+            .values()
+            .filter(|x| x.pd == pool.pd && x.state == SdsState::Normal && !x.removing)
+            .map(|x| crate::placement::Candidate {
+                id: x.id,
+                fault_set: x.fault_set,
+                capacity: x.capacity_in(pool.id),
+            })
+            .collect();
+        let leaving: Vec<proto::SdsId> = state
+            .sds
+            .values()
+            .filter(|x| x.removing)
+            .map(|x| x.id)
+            .collect();
+        // Copies already moving count as moved.
+        let mut pgs = pool.pgs.clone();
+        for m in pgs.iter_mut() {
+            if m.leaving.is_some() {
+                m.leaving = None;
+            }
+        }
+        let moves =
+            crate::placement::plan_moves(&pgs, &cands, &leaving, REBALANCE_MOVES_MAX - in_flight);
+        for mv in moves {
+            let out = self
+                .propose(Op::MovePg {
+                    pool: pool.id,
+                    pg: mv.pg,
+                    from: mv.from,
+                    to: mv.to,
+                })
+                .await?;
+            tracing::info!(pool = %pool.name, "rebalance: {}", out.message);
+        }
+        Ok(())
+    }
+
+    /// Before marking an SDS removing: the other SDS must have room for what it stores (as
+    /// the SDS report in their hellos). Nothing is changed when they do not.
+    fn check_removal_fits(&self, name: &str) -> Result<(), WireError> {
+        let state = self.raft.shared.read_state();
+        let Some(sd) = state.sds_by_name(name) else {
+            return Ok(());
+        };
+        let stats = self.sds_stats.lock().map(|m| m.clone()).unwrap_or_default();
+        let stored = |n: &str| {
+            stats
+                .get(n)
+                .map(|s| s.chunks_stored.saturating_mul(proto::CHUNK_SIZE))
+                .unwrap_or(0)
+        };
+        let capacity = |x: &proto::model::Sds| -> u64 {
+            x.devices
+                .iter()
+                .filter(|d| d.state != proto::model::DeviceState::Failed)
+                .map(|d| d.capacity_bytes)
+                .sum()
+        };
+        let need = stored(&sd.name);
+        let free: u64 = state
+            .sds
+            .values()
+            .filter(|x| {
+                x.id != sd.id && x.pd == sd.pd && x.state == SdsState::Normal && !x.removing
+            })
+            .map(|x| capacity(x).saturating_sub(stored(&x.name)))
+            .sum();
+        if need > free {
+            return fail(ErrorCode::NoSpace, format!(
+                "Cannot remove SDS {name}: it stores {} MiB and the other SDS of its protection domain have only {} MiB free. Add capacity first. Nothing was changed",
+                need >> 20, free >> 20));
+        }
+        Ok(())
     }
 
     fn peer_addr(&self, id: u64) -> Option<String> {
@@ -510,6 +704,13 @@ impl Service {
                 takeover: true,
                 ..
             } => self.take_over(&volume, &sdc).await,
+            Command::RemoveSds { name } => {
+                self.check_removal_fits(&name)?;
+                self.propose(Op::Command {
+                    command: Command::RemoveSds { name },
+                })
+                .await
+            }
             command => self.propose(Op::Command { command }).await,
         }
     }
@@ -660,7 +861,22 @@ impl Service {
             if sds.state == proto::model::SdsState::Down {
                 tracing::info!(%name, "a down SDS reports again; it holds no copy until rebuilt");
             }
-            self.propose(Op::SdsReport { sds: id, devices }).await?;
+            let backward = sds.state == proto::model::SdsState::Down
+                && self
+                    .down_since
+                    .lock()
+                    .ok()
+                    .and_then(|mut d| d.remove(&id))
+                    .is_some_and(|t| t.elapsed() < self.backward_window);
+            if backward {
+                tracing::info!(%name, "a down SDS returns within the backward-rebuild window: it gets only what changed");
+            }
+            self.propose(Op::SdsReport {
+                sds: id,
+                devices,
+                backward,
+            })
+            .await?;
         }
         // The SDS may serve only once it has a map at least as new as this: the one that
         // records it as Normal (and, after an outage, without the PGs it lost).
@@ -792,6 +1008,7 @@ fn command_name(c: &Command) -> &'static str {
         Command::AddStoragePool { .. } => "add_storage_pool",
         Command::AddSds { .. } => "add_sds",
         Command::RemoveSds { .. } => "remove_sds",
+        Command::SetRebuildPolicy { .. } => "set_rebuild_rebalance_policy",
         Command::AddSdsDevice { .. } => "add_sds_device",
         Command::AddVolume { .. } => "add_volume",
         Command::RemoveVolume { .. } => "remove_volume",

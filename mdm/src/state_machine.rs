@@ -40,6 +40,10 @@ pub enum Op {
     SdsReport {
         sds: SdsId,
         devices: Vec<DeviceReport>,
+        /// A down SDS returning within the backward-rebuild window (decided by the leader):
+        /// the PGs it was dropped from take it back as a backward-rebuild target.
+        #[serde(default)]
+        backward: bool,
     },
     SdcRegister {
         guid: String,
@@ -65,6 +69,15 @@ pub enum Op {
         target: SdsId,
         /// The `rebuild` epoch of the assignment the copy was made for.
         rebuild: Epoch,
+    },
+    /// Rebalance: move the copy of a Normal PG on `from` to `to`. `to` becomes the rebuilding
+    /// secondary and `from` keeps receiving writes (`leaving`) until the copy is done; a
+    /// primary on `from` first hands its role to the in-sync secondary.
+    MovePg {
+        pool: PoolId,
+        pg: PgId,
+        from: SdsId,
+        to: SdsId,
     },
 }
 
@@ -272,7 +285,11 @@ fn apply_inner(s: &mut ClusterState, op: &Op) -> Result<Outcome, WireError> {
                 None,
             )
         }
-        Op::SdsReport { sds, devices } => sds_report(s, *sds, devices),
+        Op::SdsReport {
+            sds,
+            devices,
+            backward,
+        } => sds_report(s, *sds, devices, *backward),
         Op::TakeOverVolume { volume, sdc, evict } => take_over(s, *volume, *sdc, evict),
         Op::SdcRegister { guid, name, ip } => {
             if let Some(sdc) = s.sdcs.values_mut().find(|c| &c.guid == guid) {
@@ -309,6 +326,7 @@ fn apply_inner(s: &mut ClusterState, op: &Op) -> Result<Outcome, WireError> {
             target,
             rebuild,
         } => pg_rebuilt(s, *pool, *pg, *target, *rebuild),
+        Op::MovePg { pool, pg, from, to } => move_pg(s, *pool, *pg, *from, *to),
     }
 }
 
@@ -426,6 +444,7 @@ fn apply_command(s: &mut ClusterState, c: &Command) -> Result<Outcome, WireError
                     pg_count,
                     epoch: Epoch(1),
                     pgs: vec![PgMapping::default(); pg_count as usize],
+                    rebuild_policy: Default::default(),
                 },
             );
             replace_placement(s, id);
@@ -439,6 +458,12 @@ fn apply_command(s: &mut ClusterState, c: &Command) -> Result<Outcome, WireError
             devices,
         } => add_sds(s, name, addr, pd, fault_set.as_deref(), devices),
         Command::RemoveSds { name } => remove_sds(s, name),
+        Command::SetRebuildPolicy {
+            pool,
+            concurrency,
+            bandwidth_mib_s,
+            adaptive,
+        } => set_rebuild_policy(s, pool, *concurrency, *bandwidth_mib_s, *adaptive),
         Command::AddSdsDevice { sds, device } => {
             let Some(sd) = s.sds_by_name(sds).cloned() else {
                 return not_found("SDS", sds);
@@ -751,6 +776,7 @@ fn add_sds(
             fault_set,
             devices: devs,
             state: SdsState::Initializing,
+            removing: false,
         },
     );
     for p in pools {
@@ -759,22 +785,103 @@ fn add_sds(
     done("Successfully created SDS.", Some(id.0))
 }
 
+/// Most chunk copies in flight per SDS a policy may ask for.
+pub const REBUILD_CONCURRENCY_MAX: u32 = 64;
+
+fn set_rebuild_policy(
+    s: &mut ClusterState,
+    pool: &str,
+    concurrency: Option<u32>,
+    bandwidth_mib_s: Option<u32>,
+    adaptive: Option<bool>,
+) -> Result<Outcome, WireError> {
+    let id = pool_id(s, pool)?;
+    if let Some(c) = concurrency {
+        if c == 0 || c > REBUILD_CONCURRENCY_MAX {
+            return err(
+                ErrorCode::BadRequest,
+                format!("The concurrency must be 1-{REBUILD_CONCURRENCY_MAX} chunk copies"),
+            );
+        }
+    }
+    if concurrency.is_none() && bandwidth_mib_s.is_none() && adaptive.is_none() {
+        return err(
+            ErrorCode::BadRequest,
+            "Give --concurrency, --bandwidth_mib_s and/or --adaptive",
+        );
+    }
+    let Some(p) = s.pools.get_mut(&id) else {
+        return not_found("storage pool", pool);
+    };
+    let r = &mut p.rebuild_policy;
+    r.concurrency = concurrency.unwrap_or(r.concurrency);
+    r.bandwidth_mib_s = bandwidth_mib_s.unwrap_or(r.bandwidth_mib_s);
+    r.adaptive = adaptive.unwrap_or(r.adaptive);
+    done(
+        "Successfully set the rebuild/rebalance policy of the storage pool.",
+        Some(id.0),
+    )
+}
+
+/// PG copies `sds` holds in `pool` (primary, secondary or leaving).
+pub fn copies_on(p: &StoragePool, sds: SdsId) -> usize {
+    p.pgs
+        .iter()
+        .filter(|m| m.primary == Some(sds) || m.secondary == Some(sds) || m.leaving == Some(sds))
+        .count()
+}
+
+/// Remove an SDS. One that holds no copy of a pool with volumes goes at once; otherwise it is
+/// marked removing and rebalance moves its copies off (the leader removes it when it is empty,
+/// with this same command). Refused when the SDS that would remain cannot hold two copies in
+/// two fault domains; the leader also checks free capacity before proposing.
 fn remove_sds(s: &mut ClusterState, name: &str) -> Result<Outcome, WireError> {
     let Some(sd) = s.sds_by_name(name).cloned() else {
         return not_found("SDS", name);
     };
     let pools: Vec<PoolId> = s.pools.keys().copied().collect();
+    let mut held = 0;
     for p in &pools {
-        let holds = s.pools[p]
-            .pgs
-            .iter()
-            .any(|m| m.primary == Some(sd.id) || m.secondary == Some(sd.id));
         let has_volumes = s.volumes.values().any(|v| v.pool == *p);
-        if holds && has_volumes {
-            return err(ErrorCode::Conflict, format!(
-                "SDS {name} holds data of storage pool {}; moving data off an SDS needs rebalance, which this version cannot do yet: remove the pool's volumes first",
-                s.pools[p].name));
+        if has_volumes {
+            held += copies_on(&s.pools[p], sd.id);
         }
+    }
+    if held > 0 {
+        for p in &pools {
+            if copies_on(&s.pools[p], sd.id) == 0 {
+                continue;
+            }
+            let pool = &s.pools[p];
+            let cands: Vec<Candidate> = s
+                .sds
+                .values()
+                .filter(|x| x.pd == pool.pd && x.id != sd.id && !x.removing)
+                .map(|x| Candidate {
+                    id: x.id,
+                    fault_set: x.fault_set,
+                    capacity: x.capacity_in(*p),
+                })
+                .collect();
+            if placement::assign(1, &cands)[0].primary.is_none() {
+                return err(ErrorCode::NoSpace, format!(
+                    "Cannot remove SDS {name}: the other SDS of storage pool {} cannot hold two copies of its data in two fault domains; add SDS first. Nothing was changed",
+                    pool.name));
+            }
+        }
+        if sd.removing {
+            return done(
+                format!("SDS {name} is already being removed: {held} PG copies left to move off"),
+                Some(sd.id.0),
+            );
+        }
+        if let Some(x) = s.sds.get_mut(&sd.id) {
+            x.removing = true;
+        }
+        return done(
+            format!("SDS {name} is being removed: its {held} PG copies are moved off first, then it is removed (watch scli --query_sds)"),
+            Some(sd.id.0),
+        );
     }
     s.sds.remove(&sd.id);
     for p in pools {
@@ -783,10 +890,80 @@ fn remove_sds(s: &mut ClusterState, name: &str) -> Result<Outcome, WireError> {
     done("Successfully removed SDS.", Some(sd.id.0))
 }
 
+/// Start moving PG `pg`'s copy on `from` to `to` (see [`Op::MovePg`]).
+fn move_pg(
+    s: &mut ClusterState,
+    pool: PoolId,
+    pg: PgId,
+    from: SdsId,
+    to: SdsId,
+) -> Result<Outcome, WireError> {
+    let Some(target) = s.sds.get(&to) else {
+        return err(ErrorCode::NotFound, "Could not find the target SDS");
+    };
+    if target.state != SdsState::Normal || target.removing || target.capacity_in(pool) == 0 {
+        return err(
+            ErrorCode::Conflict,
+            format!("SDS {} cannot take copies now", target.name),
+        );
+    }
+    let use_fault_sets = s.sds.values().any(|x| x.fault_set.is_some());
+    let domain = |id: SdsId| {
+        let fs = s.sds.get(&id).and_then(|x| x.fault_set);
+        match (use_fault_sets, fs) {
+            (true, Some(f)) => (0u8, f.0),
+            _ => (1u8, id.0),
+        }
+    };
+    let Some(p) = s.pools.get(&pool) else {
+        return err(ErrorCode::NotFound, "Could not find the storage pool");
+    };
+    let Some(m) = p.pg(pg).copied() else {
+        return err(ErrorCode::NotFound, format!("Pool has no PG {pg}"));
+    };
+    let (Some(primary), Some(secondary)) = (m.primary, m.secondary) else {
+        return err(ErrorCode::Conflict, format!("PG {pg} is not Normal"));
+    };
+    if m.rebuild.is_some() || m.leaving.is_some() {
+        return err(ErrorCode::Conflict, format!("PG {pg} is not Normal"));
+    }
+    let stays = if from == secondary {
+        primary
+    } else if from == primary {
+        secondary
+    } else {
+        return err(
+            ErrorCode::Conflict,
+            format!("SDS {from} holds no copy of PG {pg}"),
+        );
+    };
+    if to == stays || to == from || domain(to) == domain(stays) {
+        return err(
+            ErrorCode::Conflict,
+            format!("SDS {to} shares a fault domain with the other copy of PG {pg}"),
+        );
+    }
+    let Some(p) = s.pools.get_mut(&pool) else {
+        return err(ErrorCode::NotFound, "Could not find the storage pool");
+    };
+    let epoch = p.epoch.next();
+    p.epoch = epoch;
+    p.pgs[pg.0 as usize] = PgMapping {
+        primary: Some(stays),
+        secondary: Some(to),
+        rebuild: Some(epoch),
+        leaving: Some(from),
+        dropped: None,
+        rebuild_since: None,
+    };
+    done(format!("PG {pg} moving from SDS {from} to SDS {to}"), None)
+}
+
 fn sds_report(
     s: &mut ClusterState,
     id: SdsId,
     reports: &[DeviceReport],
+    backward: bool,
 ) -> Result<Outcome, WireError> {
     let Some(sd) = s.sds.get_mut(&id) else {
         return err(ErrorCode::NotFound, "Could not find the SDS");
@@ -814,12 +991,47 @@ fn sds_report(
         pools.extend(s.pools.values().filter(|p| p.pd == pd).map(|p| p.id));
         pools.sort();
         pools.dedup();
+        for p in &pools {
+            take_back(s, *p, id, backward);
+        }
     }
     for p in pools {
         replace_placement(s, p);
         heal(s, p, false);
     }
     done("SDS report recorded", Some(id.0))
+}
+
+/// A dropped secondary `id` returns: with `backward`, every PG it was dropped from whose
+/// primary stayed takes it back as a rebuild target that needs only the chunks changed since
+/// the drop (replacing an unfinished forward-rebuild target); without, the drop marks naming it
+/// are forgotten (it is new capacity).
+fn take_back(s: &mut ClusterState, pool: PoolId, id: SdsId, backward: bool) {
+    let Some(p) = s.pools.get_mut(&pool) else {
+        return;
+    };
+    let next = p.epoch.next();
+    let mut changed = false;
+    for m in p.pgs.iter_mut() {
+        let Some((sds, since)) = m.dropped else {
+            continue;
+        };
+        if sds != id {
+            continue;
+        }
+        let forward_target = m.secondary.is_none() || (m.rebuild.is_some() && m.leaving.is_none());
+        if !backward || !forward_target || m.primary == Some(id) || m.primary.is_none() {
+            m.dropped = None;
+            continue;
+        }
+        m.secondary = Some(id);
+        m.rebuild = Some(next);
+        m.rebuild_since = Some(since);
+        changed = true;
+    }
+    if changed {
+        p.epoch = next;
+    }
 }
 
 /// Declare an SDS down. In every PG it held: a lost secondary (or rebuild target) is dropped;
@@ -843,15 +1055,44 @@ fn sds_down(s: &mut ClusterState, id: SdsId) -> Result<Outcome, WireError> {
             continue;
         };
         let mut changed = false;
+        let next = p.epoch.next();
         for m in p.pgs.iter_mut() {
+            if m.secondary == Some(id)
+                && m.rebuild.is_none()
+                && m.leaving.is_none()
+                && m.primary.is_some_and(|x| x != id)
+            {
+                // An in-sync secondary lost while the primary stays: it may come back soon.
+                m.dropped = Some((id, next));
+            }
+            if m.leaving == Some(id) {
+                // A copy being moved off: the move goes on without it.
+                m.leaving = None;
+                changed = true;
+            }
             if m.secondary == Some(id) {
-                m.secondary = None;
+                // A move's target falls back to the in-sync copy it was to replace.
+                m.secondary = m.leaving.take();
                 m.rebuild = None;
+                m.rebuild_since = None;
                 changed = true;
             }
             if m.primary == Some(id) {
+                // The chunks changed since an earlier drop were tracked by this primary only.
+                m.dropped = None;
+                m.rebuild_since = None;
                 if m.secondary.is_some() && m.rebuild.is_none() {
                     m.primary = m.secondary.take();
+                    // The promoted copy tracks what is written from now on: the lost primary
+                    // may come back for a backward rebuild too.
+                    m.dropped = Some((id, next));
+                    failed_over += 1;
+                } else if let Some(l) = m.leaving.take() {
+                    // Mid-move: the leaving copy is in sync; the target is dropped (heal
+                    // picks a new one for the new primary to fill).
+                    m.primary = Some(l);
+                    m.secondary = None;
+                    m.rebuild = None;
                     failed_over += 1;
                 } else {
                     // No in-sync copy elsewhere: the PG waits for this SDS.
@@ -881,7 +1122,7 @@ fn heal(s: &mut ClusterState, pool: PoolId, bumped: bool) {
     let cands: Vec<Candidate> = s
         .sds
         .values()
-        .filter(|x| x.pd == p.pd && x.state == SdsState::Normal)
+        .filter(|x| x.pd == p.pd && x.state == SdsState::Normal && !x.removing)
         .map(|x| Candidate {
             id: x.id,
             fault_set: x.fault_set,
@@ -941,8 +1182,18 @@ fn pg_rebuilt(
             format!("PG {pg} is no longer rebuilding onto SDS {target} for epoch {rebuild}"),
         );
     }
-    // No copy changes role, so the epoch stays: in-flight I/O is not refused for this.
+    // No copy changes role, so the epoch stays: in-flight I/O is not refused for this. A
+    // finished move drops its leaving copy, which is a role change.
     m.rebuild = None;
+    m.rebuild_since = None;
+    m.dropped = None;
+    if let Some(old) = m.leaving.take() {
+        p.epoch = p.epoch.next();
+        return done(
+            format!("PG {pg} moved from SDS {old} to SDS {target}"),
+            None,
+        );
+    }
     done(format!("PG {pg} rebuilt onto SDS {target}"), None)
 }
 
@@ -954,7 +1205,7 @@ pub fn replace_placement(s: &mut ClusterState, pool: PoolId) {
     let cands: Vec<Candidate> = s
         .sds
         .values()
-        .filter(|x| x.pd == p.pd && x.state != SdsState::Down)
+        .filter(|x| x.pd == p.pd && x.state != SdsState::Down && !x.removing)
         .map(|x| Candidate {
             id: x.id,
             fault_set: x.fault_set,
@@ -1224,7 +1475,7 @@ mod tests {
     }
 
     #[test]
-    fn sds_holding_data_cannot_be_removed() {
+    fn sds_holding_data_is_marked_removing_not_removed() {
         let mut s = cluster();
         cmd(
             &mut s,
@@ -1238,13 +1489,123 @@ mod tests {
             },
         )
         .expect("vol");
-        let e = cmd(
+        let pgs_before = s.pool_by_name("sp1").expect("pool").pgs.clone();
+        cmd(
             &mut s,
             Command::RemoveSds {
                 name: "sds1".into(),
             },
         )
+        .expect("marked");
+        assert!(s.sds_by_name("sds1").expect("still there").removing);
+        assert_eq!(s.pool_by_name("sp1").expect("pool").pgs, pgs_before);
+        // With only two SDS left, removing another cannot keep two copies: refused.
+        let before = s.clone();
+        let e = cmd(
+            &mut s,
+            Command::RemoveSds {
+                name: "sds2".into(),
+            },
+        )
         .expect_err("refused");
-        assert_eq!(e.code, ErrorCode::Conflict);
+        assert_eq!(e.code, ErrorCode::NoSpace);
+        assert_eq!(s, before);
+    }
+
+    fn sds_id(s: &ClusterState, n: &str) -> SdsId {
+        s.sds_by_name(n).expect("sds").id
+    }
+
+    #[test]
+    fn a_move_keeps_two_in_sync_copies_through_failures() {
+        let mut s = cluster();
+        cmd(
+            &mut s,
+            Command::AddVolume {
+                pool: "sp1".into(),
+                name: "a".into(),
+                size_bytes: 1 << 30,
+                thin: true,
+                labels: Default::default(),
+                preempt: false,
+            },
+        )
+        .expect("vol");
+        let pool = s.pool_by_name("sp1").expect("pool").id;
+        let m0 = s.pools[&pool].pgs[0];
+        let (p, sec) = (m0.primary.expect("p"), m0.secondary.expect("s"));
+        let ids = [sds_id(&s, "sds1"), sds_id(&s, "sds2"), sds_id(&s, "sds3")];
+        let other = *ids.iter().find(|x| **x != p && **x != sec).expect("third");
+        for n in ["sds1", "sds2", "sds3"] {
+            let id = sds_id(&s, n);
+            let v = s.version + 1;
+            apply(
+                &mut s,
+                &Op::SdsReport {
+                    sds: id,
+                    devices: vec![],
+                    backward: false,
+                },
+                v,
+            )
+            .expect("report");
+        }
+        // Move the primary's copy: the secondary leads, the old primary keeps getting writes.
+        let v = s.version + 1;
+        apply(
+            &mut s,
+            &Op::MovePg {
+                pool,
+                pg: PgId(0),
+                from: p,
+                to: other,
+            },
+            v,
+        )
+        .expect("move");
+        let m = s.pools[&pool].pgs[0];
+        assert_eq!(
+            (m.primary, m.secondary, m.leaving),
+            (Some(sec), Some(other), Some(p))
+        );
+        assert_eq!(m.state(&s), PgState::Rebalancing);
+        // The target dies: back to the two in-sync copies.
+        let snapshot = s.clone();
+        let v = s.version + 1;
+        apply(&mut s, &Op::SdsDown { sds: other }, v).expect("down");
+        let m = s.pools[&pool].pgs[0];
+        assert_eq!(
+            (m.primary, m.secondary, m.leaving, m.rebuild),
+            (Some(sec), Some(p), None, None)
+        );
+        // Or the new primary dies: the leaving copy (in sync) leads.
+        let mut s = snapshot.clone();
+        let v = s.version + 1;
+        apply(&mut s, &Op::SdsDown { sds: sec }, v).expect("down");
+        let m = s.pools[&pool].pgs[0];
+        assert_eq!(m.primary, Some(p));
+        assert!(m.leaving.is_none());
+        // Or the copy finishes: the leaving copy is dropped with an epoch bump.
+        let mut s = snapshot;
+        let m = s.pools[&pool].pgs[0];
+        let e = s.pools[&pool].epoch;
+        let v = s.version + 1;
+        apply(
+            &mut s,
+            &Op::PgRebuilt {
+                pool,
+                pg: PgId(0),
+                target: other,
+                rebuild: m.rebuild.expect("r"),
+            },
+            v,
+        )
+        .expect("done");
+        let m = s.pools[&pool].pgs[0];
+        assert_eq!(
+            (m.primary, m.secondary, m.leaving, m.rebuild),
+            (Some(sec), Some(other), None, None)
+        );
+        assert!(s.pools[&pool].epoch > e);
     }
 }

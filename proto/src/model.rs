@@ -125,18 +125,38 @@ pub struct FaultSet {
 ///   copy until the primary reports the copy done.
 /// - Unavailable: `primary` names an SDS that is down: it held the newest data when the PG lost
 ///   its last live copy, so the PG serves nothing until that SDS returns (never stale data).
+/// - Rebalancing: a rebuilding `secondary` is being filled while `leaving` (the copy it
+///   replaces, still in sync) keeps receiving every write; when the copy is done `leaving` is
+///   dropped. So a move never leaves the PG with fewer than two in-sync copies.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub struct PgMapping {
     pub primary: Option<SdsId>,
     pub secondary: Option<SdsId>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rebuild: Option<Epoch>,
+    /// An in-sync copy being moved off (rebalance): written to, never read, dropped once the
+    /// rebuilding `secondary` is complete. Only set while `rebuild` is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub leaving: Option<SdsId>,
+    /// The in-sync secondary declared down while the primary stayed, with the epoch of the
+    /// drop: if it returns within the MDM's backward-rebuild window it becomes the rebuild
+    /// target again and gets only what changed since. Cleared when the PG has two in-sync
+    /// copies again or its primary changes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dropped: Option<(SdsId, Epoch)>,
+    /// Set with `rebuild` for a backward rebuild: the target held the PG's data as of this
+    /// epoch, so a primary that tracked every chunk written since copies only those (else it
+    /// copies everything).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rebuild_since: Option<Epoch>,
 }
 
 /// What a PG can do, derived from its mapping and the state of its SDS.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub enum PgState {
     Normal,
+    /// Two in-sync copies while a third is filled to replace one of them (rebalance).
+    Rebalancing,
     Rebuilding,
     Degraded,
     Unavailable,
@@ -151,6 +171,9 @@ impl PgMapping {
         match (self.primary, self.secondary) {
             (None, _) => PgState::Unassigned,
             (Some(p), _) if !up(p) => PgState::Unavailable,
+            (Some(_), Some(_)) if self.rebuild.is_some() && self.leaving.is_some() => {
+                PgState::Rebalancing
+            }
             (Some(_), Some(_)) if self.rebuild.is_some() => PgState::Rebuilding,
             (Some(_), Some(_)) => PgState::Normal,
             (Some(_), None) => PgState::Degraded,
@@ -169,6 +192,40 @@ pub struct StoragePool {
     pub epoch: Epoch,
     /// Indexed by `PgId`.
     pub pgs: Vec<PgMapping>,
+    /// Limits on the copies rebuild and rebalance make (each SDS applies them to itself).
+    #[serde(default)]
+    pub rebuild_policy: RebuildPolicy,
+}
+
+/// Default chunk copies in flight per SDS for rebuild and rebalance.
+pub const DEFAULT_REBUILD_CONCURRENCY: u32 = 4;
+/// Default copy bandwidth per SDS, MiB/s (0 = unlimited).
+pub const DEFAULT_REBUILD_BANDWIDTH_MIB_S: u32 = 200;
+/// Adaptive mode's limits while the SDS serves user I/O: copies in flight and MiB/s.
+pub const ADAPTIVE_BUSY_CONCURRENCY: u32 = 1;
+pub const ADAPTIVE_BUSY_BANDWIDTH_MIB_S: u32 = 10;
+
+/// How fast rebuild and rebalance may copy, per SDS (as a copy source). Set with
+/// `scli --set_rebuild_rebalance_policy`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RebuildPolicy {
+    /// Chunk copies (1 MiB each) in flight at once. Default: 4.
+    pub concurrency: u32,
+    /// Copy bandwidth in MiB/s; 0 = unlimited. Default: 200.
+    pub bandwidth_mib_s: u32,
+    /// Back off to 1 copy at 10 MiB/s while the SDS served user I/O in the last second; full
+    /// limits when idle. Default: off.
+    pub adaptive: bool,
+}
+
+impl Default for RebuildPolicy {
+    fn default() -> Self {
+        RebuildPolicy {
+            concurrency: DEFAULT_REBUILD_CONCURRENCY,
+            bandwidth_mib_s: DEFAULT_REBUILD_BANDWIDTH_MIB_S,
+            adaptive: false,
+        }
+    }
 }
 
 impl StoragePool {
@@ -180,9 +237,11 @@ impl StoragePool {
 /// A pool's health, as `--query_storage_pool` shows it.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PoolHealth {
-    /// The worst PG state: Normal, Rebuilding, Degraded or Unavailable.
+    /// The worst PG state: Normal, Rebalancing, Rebuilding, Degraded or Unavailable.
     pub state: String,
     pub normal_pgs: u32,
+    #[serde(default)]
+    pub rebalancing_pgs: u32,
     pub rebuilding_pgs: u32,
     pub degraded_pgs: u32,
     pub unavailable_pgs: u32,
@@ -198,6 +257,7 @@ impl ClusterState {
             worst = worst.max(st);
             match st {
                 PgState::Normal => h.normal_pgs += 1,
+                PgState::Rebalancing => h.rebalancing_pgs += 1,
                 PgState::Rebuilding => h.rebuilding_pgs += 1,
                 PgState::Degraded => h.degraded_pgs += 1,
                 PgState::Unavailable | PgState::Unassigned => h.unavailable_pgs += 1,
@@ -206,6 +266,7 @@ impl ClusterState {
         h.state = match worst {
             PgState::Unassigned if pool.pgs.iter().all(|m| m.primary.is_none()) => "NoCapacity",
             PgState::Normal => "Normal",
+            PgState::Rebalancing => "Rebalancing",
             PgState::Rebuilding => "Rebuilding",
             PgState::Degraded => "Degraded",
             PgState::Unavailable | PgState::Unassigned => "Unavailable",
@@ -250,6 +311,10 @@ pub struct Sds {
     pub fault_set: Option<FaultSetId>,
     pub devices: Vec<Device>,
     pub state: SdsState,
+    /// `scli --remove_sds` was given while it held data: rebalance moves every copy off it,
+    /// then it is removed. It receives no new copies meanwhile.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub removing: bool,
 }
 
 impl Sds {

@@ -96,8 +96,17 @@ pub enum Command {
         fault_set: Option<String>,
         devices: Vec<NewDevice>,
     },
+    /// Remove an SDS: at once when it holds no data, else mark it removing (rebalance moves
+    /// its copies off, then removes it).
     RemoveSds {
         name: String,
+    },
+    /// Set a pool's rebuild/rebalance throttle; `None` leaves a field as it is.
+    SetRebuildPolicy {
+        pool: String,
+        concurrency: Option<u32>,
+        bandwidth_mib_s: Option<u32>,
+        adaptive: Option<bool>,
     },
     AddSdsDevice {
         sds: String,
@@ -236,6 +245,12 @@ pub struct SdsStats {
     /// Rebuild copy rate over the last hellos, bytes per second (filled in by the MDM).
     #[serde(default)]
     pub rebuild_bytes_per_sec: u64,
+    /// Chunks (1 MiB each) stored on this SDS: what a removal must move off.
+    #[serde(default)]
+    pub chunks_stored: u64,
+    /// Chunks the current backward rebuilds (copies of only what changed) still skip.
+    #[serde(default)]
+    pub rebuild_chunks_skipped: u64,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

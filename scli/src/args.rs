@@ -34,9 +34,16 @@ pub struct Args {
     /// --sds_ip IP:PORT --sds_name --protection_domain_name --storage_pool_name --device_path P[,P] [--device_capacity_gb G[,G]] [--fault_set_name].
     #[arg(long)]
     pub add_sds: bool,
-    /// --sds_name.
+    /// --sds_name. An SDS holding data is marked removing and the command returns at once:
+    /// rebalance moves its copies off, then removes it (watch --query_sds). Refused, changing
+    /// nothing, when the other SDS cannot hold its data.
     #[arg(long)]
     pub remove_sds: bool,
+    /// --storage_pool_name [--concurrency N] [--bandwidth_mib_s N] [--adaptive on|off]: per-SDS
+    /// limits of rebuild and rebalance copies (chunk copies in flight, MiB/s, 0 = unlimited;
+    /// adaptive backs off to 1 copy at 10 MiB/s while the SDS serves client I/O).
+    #[arg(long)]
+    pub set_rebuild_rebalance_policy: bool,
     /// --sds_name --device_path --storage_pool_name [--device_capacity_gb].
     #[arg(long)]
     pub add_sds_device: bool,
@@ -170,6 +177,12 @@ pub struct Args {
     pub mdm_name: Option<String>,
     #[arg(long)]
     pub cluster_mode: Option<String>,
+    #[arg(long)]
+    pub concurrency: Option<String>,
+    #[arg(long)]
+    pub bandwidth_mib_s: Option<String>,
+    #[arg(long)]
+    pub adaptive: Option<String>,
 }
 
 fn need<'a>(v: &'a Option<String>, flag: &str) -> anyhow::Result<&'a str> {
@@ -207,6 +220,10 @@ impl Args {
             (self.add_storage_pool, "--add_storage_pool"),
             (self.add_sds, "--add_sds"),
             (self.remove_sds, "--remove_sds"),
+            (
+                self.set_rebuild_rebalance_policy,
+                "--set_rebuild_rebalance_policy",
+            ),
             (self.add_sds_device, "--add_sds_device"),
             (self.add_volume, "--add_volume"),
             (self.remove_volume, "--remove_volume"),
@@ -376,6 +393,34 @@ impl Args {
                 Command::UnmapVolumeFromSdc {
                     volume: vol()?,
                     sdc,
+                }
+            }
+            "--set_rebuild_rebalance_policy" => {
+                let num = |v: &Option<String>, flag: &str| -> anyhow::Result<Option<u32>> {
+                    v.as_deref()
+                        .map(|x| {
+                            parse_u64(x, flag).and_then(|n| {
+                                u32::try_from(n).map_err(|_| anyhow!("{flag} is too large"))
+                            })
+                        })
+                        .transpose()
+                };
+                let adaptive = match self.adaptive.as_deref() {
+                    None => None,
+                    Some("on") | Some("true") | Some("yes") => Some(true),
+                    Some("off") | Some("false") | Some("no") => Some(false),
+                    Some(x) => bail!("--adaptive takes on or off, got '{x}'"),
+                };
+                let concurrency = num(&self.concurrency, "--concurrency")?;
+                let bandwidth_mib_s = num(&self.bandwidth_mib_s, "--bandwidth_mib_s")?;
+                if concurrency.is_none() && bandwidth_mib_s.is_none() && adaptive.is_none() {
+                    bail!("missing --concurrency, --bandwidth_mib_s and/or --adaptive");
+                }
+                Command::SetRebuildPolicy {
+                    pool: need(&self.storage_pool_name, "--storage_pool_name")?.to_string(),
+                    concurrency,
+                    bandwidth_mib_s,
+                    adaptive,
                 }
             }
             "--set_sdc_volume_limits" => {

@@ -37,10 +37,19 @@ fn pool_json(s: &ClusterState, c: &ClusterStatus, p: &StoragePool) -> Value {
     }
     let left_bytes = left << 20;
     let eta = (rate > 0).then(|| left_bytes / rate);
+    let pgs_left = h.rebuilding_pgs + h.degraded_pgs + h.rebalancing_pgs;
+    let removing: Vec<String> = s
+        .sds
+        .values()
+        .filter(|x| x.pd == p.pd && x.removing)
+        .map(|x| x.name.clone())
+        .collect();
     json!({
-        "rebuild": {"pgs_copying": active, "bytes_left_at_most": left_bytes,
+        "rebuild": {"pgs_copying": active, "pgs_left": pgs_left, "bytes_left_at_most": left_bytes,
                     "bytes_per_sec": rate, "eta_seconds": eta},
-        "state": h.state, "normal_pgs": h.normal_pgs, "rebuilding_pgs": h.rebuilding_pgs,
+        "rebuild_rebalance_policy": p.rebuild_policy, "sds_removing": removing,
+        "state": h.state, "normal_pgs": h.normal_pgs, "rebalancing_pgs": h.rebalancing_pgs,
+        "rebuilding_pgs": h.rebuilding_pgs,
         "degraded_pgs": h.degraded_pgs, "unavailable_pgs": h.unavailable_pgs,
         "id": p.id, "name": p.name, "protection_domain": s.pds.get(&p.pd).map(|d| d.name.clone()),
         "media_type": p.media_type, "pg_count": p.pg_count, "map_epoch": p.epoch, "pgs_fully_placed": placed,
@@ -77,7 +86,9 @@ fn sds_json(s: &ClusterState, c: &ClusterStatus, x: &proto::model::Sds) -> Value
         .map(|p| {
             p.pgs
                 .iter()
-                .filter(|m| m.primary == Some(x.id) || m.secondary == Some(x.id))
+                .filter(|m| {
+                    m.primary == Some(x.id) || m.secondary == Some(x.id) || m.leaving == Some(x.id)
+                })
                 .count()
         })
         .sum();
@@ -122,7 +133,8 @@ fn cluster_text(c: &ClusterStatus) -> String {
 /// ", rebuilding: N PGs copying, at most X left at Y/s, ETA Zs" while a rebuild runs.
 fn rebuild_line(r: &Value) -> String {
     let active = r["pgs_copying"].as_u64().unwrap_or(0);
-    if active == 0 {
+    let pgs_left = r["pgs_left"].as_u64().unwrap_or(0);
+    if active == 0 && pgs_left == 0 {
         return String::new();
     }
     let mib = |b: u64| format!("{:.0} MiB", b as f64 / (1u64 << 20) as f64);
@@ -131,7 +143,7 @@ fn rebuild_line(r: &Value) -> String {
         None => "ETA unknown".into(),
     };
     format!(
-        "\n    Rebuild: {active} PGs copying now, at most {} left to copy at {}/s, {eta}",
+        "\n    Rebuild/rebalance: {pgs_left} PGs left, {active} copying now, at most {} left to copy at {}/s, {eta}",
         mib(r["bytes_left_at_most"].as_u64().unwrap_or(0)),
         mib(r["bytes_per_sec"].as_u64().unwrap_or(0))
     )
@@ -140,9 +152,13 @@ fn rebuild_line(r: &Value) -> String {
 fn pool_text(s: &ClusterState, c: &ClusterStatus, p: &StoragePool) -> String {
     let j = pool_json(s, c, p);
     format!(
-        "Storage Pool {} (Id: {}) has {} volumes\n    State: {} (PGs: {} normal, {} rebuilding, {} degraded, {} unavailable){}\n    Protection Domain: {}, Media type: {}\n    PGs: {} ({} fully placed), map epoch {}\n    Raw capacity: {}, usable (2 copies): {}, reserved by thick volumes: {}",
+        "Storage Pool {} (Id: {}) has {} volumes\n    State: {} (PGs: {} normal, {} rebalancing, {} rebuilding, {} degraded, {} unavailable){}\n    Rebuild/rebalance policy per SDS: {} concurrent copies, {}, adaptive {}\n    Protection Domain: {}, Media type: {}\n    PGs: {} ({} fully placed), map epoch {}\n    Raw capacity: {}, usable (2 copies): {}, reserved by thick volumes: {}",
         p.name, p.id, j["volumes"].as_array().map_or(0, |v| v.len()), j["state"].as_str().unwrap_or("?"),
-        j["normal_pgs"], j["rebuilding_pgs"], j["degraded_pgs"], j["unavailable_pgs"], rebuild_line(&j["rebuild"]), j["protection_domain"].as_str().unwrap_or("?"), p.media_type,
+        j["normal_pgs"], j["rebalancing_pgs"], j["rebuilding_pgs"], j["degraded_pgs"], j["unavailable_pgs"], rebuild_line(&j["rebuild"]),
+        p.rebuild_policy.concurrency,
+        if p.rebuild_policy.bandwidth_mib_s == 0 { "unlimited bandwidth".to_string() } else { format!("{} MiB/s", p.rebuild_policy.bandwidth_mib_s) },
+        if p.rebuild_policy.adaptive { "on" } else { "off" },
+        j["protection_domain"].as_str().unwrap_or("?"), p.media_type,
         p.pg_count, j["pgs_fully_placed"], p.epoch.0, gb(j["raw_capacity_bytes"].as_u64().unwrap_or(0)),
         gb(j["usable_capacity_bytes"].as_u64().unwrap_or(0)), gb(j["thick_reserved_bytes"].as_u64().unwrap_or(0)))
 }
@@ -191,8 +207,8 @@ fn volume_text(s: &ClusterState, v: &Volume) -> String {
 
 fn sds_text(s: &ClusterState, c: &ClusterStatus, x: &proto::model::Sds) -> String {
     let j = sds_json(s, c, x);
-    let mut o = format!("SDS ID: {} Name: {} IP: {} State: {:?}\n    Protection Domain: {}, Fault Set: {}, PG copies: {}\n",
-        x.id, x.name, x.addr, x.state, j["protection_domain"].as_str().unwrap_or("?"), j["fault_set_name"].as_str().unwrap_or("(none)"), j["pg_copies"]);
+    let mut o = format!("SDS ID: {} Name: {} IP: {} State: {:?}{}\n    Protection Domain: {}, Fault Set: {}, PG copies: {}\n",
+        x.id, x.name, x.addr, x.state, if x.removing { " (removing: its copies are being moved off)" } else { "" }, j["protection_domain"].as_str().unwrap_or("?"), j["fault_set_name"].as_str().unwrap_or("(none)"), j["pg_copies"]);
     if let Some(st) = c.sds_stats.get(&x.name) {
         let pct = if st.scrub_chunks_total == 0 {
             100.0

@@ -17,7 +17,7 @@ pub const DEFAULT_CERT_DIR: &str = "/etc/meshblock/certs";
 pub const DEFAULT_MAP_POLL_INTERVAL_MS: u64 = 500;
 pub const DEFAULT_HELLO_INTERVAL_MS: u64 = 200;
 pub const DEFAULT_LEASE_MS: u64 = 1200;
-pub const DEFAULT_REBUILD_CONCURRENCY: u32 = 4;
+pub const DEFAULT_REBUILD_CONCURRENCY: u32 = 16;
 pub const DEFAULT_SCRUB_RATE_MIB_S: u64 = 4;
 pub const DEFAULT_FORWARD_TIMEOUT_MS: u64 = 5000;
 
@@ -100,7 +100,9 @@ pub struct SdsConfig {
     /// (1500): an SDS the MDM may have declared down has stopped serving by then. Default: 1200.
     #[serde(default = "default_lease_ms")]
     pub lease_ms: u64,
-    /// PGs this SDS copies at once as a rebuild source (one chunk at a time each). Default: 4.
+    /// PGs this SDS copies at once as a rebuild or rebalance source (one chunk at a time each);
+    /// the pool's rebuild/rebalance policy further limits chunk copies and bandwidth.
+    /// Default: 16.
     #[serde(default = "default_rebuild_concurrency")]
     pub rebuild_concurrency: u32,
     /// How fast the scrubber re-reads and verifies this SDS's data, MiB per second (0 turns it
@@ -165,7 +167,9 @@ const FIELD_DOCS: &[(&str, &str)] = &[
     ),
     (
         "rebuild_concurrency",
-        "PGs this SDS copies at once as a rebuild source (one chunk at a time each).",
+        "PGs this SDS copies at once as a rebuild or rebalance source (one chunk at a time \
+         each). The pool's rebuild/rebalance policy (scli --set_rebuild_rebalance_policy) \
+         further limits the chunk copies in flight and their bandwidth.",
     ),
     (
         "scrub_rate_mib_s",

@@ -67,6 +67,11 @@ pub struct SdsMetrics {
     pub rebuilt_pgs: Counter,
     /// PGs this SDS is copying right now.
     pub rebuilding_pgs: Gauge,
+    /// Client requests that passed the fence as a primary (Read, Write, Trim, WriteZeroes): what adaptive
+    /// rebuild throttling watches.
+    pub user_requests: Counter,
+    /// Chunks backward rebuilds did not copy (unchanged while the target was away).
+    pub rebuild_chunks_skipped: Counter,
     /// Chunks the running rebuild copies still have to visit.
     pub rebuild_chunks_left: Gauge,
     /// Chunks of thick volumes allocated ahead of writes.
@@ -112,6 +117,16 @@ fn r_rebuild(m: &mut SdsMetrics) {
         "meshblock_sds_rebuild_chunks_left",
         "Chunks the running rebuild copies of this SDS still have to visit",
         m.rebuild_chunks_left.clone(),
+    );
+    r.register(
+        "meshblock_sds_user_requests",
+        "Client requests served as a primary",
+        m.user_requests.clone(),
+    );
+    r.register(
+        "meshblock_sds_rebuild_chunks_skipped",
+        "Chunks backward rebuilds did not copy (unchanged while the target was away)",
+        m.rebuild_chunks_skipped.clone(),
     );
     r.register(
         "meshblock_sds_rebuilding_pgs",
@@ -176,6 +191,8 @@ impl SdsMetrics {
             rebuild_bytes: Counter::default(),
             rebuilt_pgs: Counter::default(),
             rebuilding_pgs: Gauge::default(),
+            user_requests: Counter::default(),
+            rebuild_chunks_skipped: Counter::default(),
             rebuild_chunks_left: Gauge::default(),
             thick_chunks_allocated: Counter::default(),
             thick_chunks_pending: Gauge::default(),

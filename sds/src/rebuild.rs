@@ -14,21 +14,288 @@
 //!
 //! A failed copy is retried after a pause for as long as the map still asks for it; a PG whose
 //! assignment disappears (target declared down, PG moved) is abandoned. At most
-//! `concurrency` PGs are copied at once.
+//! `concurrency` PGs (config `rebuild_concurrency`) are copied at once, and every chunk copy
+//! passes the [`Throttle`]: the pool's [`RebuildPolicy`] (chunk copies in flight and MiB/s for
+//! this SDS, set with `scli --set_rebuild_rebalance_policy`), backed off to 1 copy at 10 MiB/s
+//! in adaptive mode while this SDS served client I/O within the last second. Rebalance moves
+//! are copied the same way (the map names them as rebuilding secondaries).
 
 use crate::device::BlockDevice;
 use crate::mdm_client::MdmLink;
 use crate::routing::MapCache;
 use crate::service::{Service, ALLOC_STATUS_MAX_CHUNKS};
-use proto::model::ClusterState;
+use proto::model::{
+    ClusterState, RebuildPolicy, ADAPTIVE_BUSY_BANDWIDTH_MIB_S, ADAPTIVE_BUSY_CONCURRENCY,
+};
 use proto::{ChunkId, ChunkIndex, Epoch, PgId, PoolId, SdsId, CHUNK_SIZE};
-use std::collections::{BTreeSet, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::Semaphore;
 
 /// Pause before retrying a PG whose copy failed.
 const RETRY_PAUSE: Duration = Duration::from_millis(500);
+
+/// How recent client I/O must be for adaptive mode to back off.
+const ADAPTIVE_WINDOW: Duration = Duration::from_secs(1);
+/// How often a copy waiting for a slot looks again.
+const THROTTLE_POLL: Duration = Duration::from_millis(5);
+
+/// The copy throttle of this SDS: chunk copies in flight and a byte rate, paced on a virtual
+/// clock (each copy reserves `bytes / rate` of it).
+pub struct Throttle {
+    state: Mutex<ThrottleState>,
+}
+
+struct ThrottleState {
+    in_flight: u32,
+    next_free: Instant,
+    last_user_requests: u64,
+    user_seen: Option<Instant>,
+}
+
+/// A copy slot; released on drop.
+pub struct CopyPermit<'a> {
+    throttle: &'a Throttle,
+}
+
+impl Drop for CopyPermit<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut s) = self.throttle.state.lock() {
+            s.in_flight = s.in_flight.saturating_sub(1);
+        }
+    }
+}
+
+impl Default for Throttle {
+    fn default() -> Self {
+        Throttle::new()
+    }
+}
+
+impl Throttle {
+    pub fn new() -> Throttle {
+        Throttle {
+            state: Mutex::new(ThrottleState {
+                in_flight: 0,
+                next_free: Instant::now(),
+                last_user_requests: 0,
+                user_seen: None,
+            }),
+        }
+    }
+
+    /// The limits in force: the policy's, or adaptive mode's while client I/O is recent.
+    /// `user_requests` is the SDS's count of client requests so far.
+    fn limits(s: &mut ThrottleState, policy: &RebuildPolicy, user_requests: u64) -> (u32, u32) {
+        let now = Instant::now();
+        if user_requests != s.last_user_requests {
+            s.last_user_requests = user_requests;
+            s.user_seen = Some(now);
+        }
+        let busy = s
+            .user_seen
+            .is_some_and(|t| now.duration_since(t) < ADAPTIVE_WINDOW);
+        if policy.adaptive && busy {
+            (
+                ADAPTIVE_BUSY_CONCURRENCY.min(policy.concurrency.max(1)),
+                ADAPTIVE_BUSY_BANDWIDTH_MIB_S,
+            )
+        } else {
+            (policy.concurrency.max(1), policy.bandwidth_mib_s)
+        }
+    }
+
+    /// Wait for a slot to copy `bytes` under `policy`.
+    pub async fn acquire(
+        &self,
+        policy: impl Fn() -> RebuildPolicy,
+        user_requests: impl Fn() -> u64,
+        bytes: u64,
+    ) -> CopyPermit<'_> {
+        loop {
+            let wait = {
+                let Ok(mut s) = self.state.lock() else {
+                    return CopyPermit { throttle: self };
+                };
+                let (concurrency, mib_s) = Throttle::limits(&mut s, &policy(), user_requests());
+                if s.in_flight < concurrency {
+                    s.in_flight += 1;
+                    let now = Instant::now();
+                    let wait = if mib_s > 0 {
+                        let start = s.next_free.max(now);
+                        let cost = bytes as f64 / (f64::from(mib_s) * (1u64 << 20) as f64);
+                        s.next_free = start + Duration::from_secs_f64(cost);
+                        start - now
+                    } else {
+                        s.next_free = now;
+                        Duration::ZERO
+                    };
+                    Some(wait)
+                } else {
+                    None
+                }
+            };
+            match wait {
+                Some(w) => {
+                    if !w.is_zero() {
+                        tokio::time::sleep(w).await;
+                    }
+                    return CopyPermit { throttle: self };
+                }
+                None => tokio::time::sleep(THROTTLE_POLL).await,
+            }
+        }
+    }
+}
+
+/// Longest a backward copy waits for writes routed with an older map to finish.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Backward rebuild's bookkeeping, as a PG's primary: every chunk written while the PG had no
+/// in-sync secondary (degraded or rebuilding), or whose forward failed, recorded before the
+/// write is applied; and the writes in flight by the map version they were routed with.
+///
+/// A returning secondary dropped at epoch E needs only the chunks recorded since, provided this
+/// process recorded every write since before E ([`DirtyLog::covers`]: it saw the pool at an
+/// epoch older than E). Records of a PG are forgotten once the map shows it with two in-sync
+/// copies.
+#[derive(Default)]
+pub struct DirtyLog {
+    inner: Mutex<DirtyInner>,
+}
+
+#[derive(Default)]
+struct DirtyInner {
+    /// Per PG: chunk -> map version of the last write recorded.
+    chunks: HashMap<(PoolId, PgId), HashMap<ChunkId, u64>>,
+    /// Primary writes in flight per routed map version.
+    in_flight: BTreeMap<u64, u32>,
+    /// The oldest epoch this process saw per pool.
+    first_epoch: HashMap<PoolId, Epoch>,
+}
+
+/// A primary write in flight; see [`DirtyLog::write_started`].
+pub struct WriteGuard<'a> {
+    log: &'a DirtyLog,
+    version: u64,
+}
+
+impl Drop for WriteGuard<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut d) = self.log.inner.lock() {
+            if let Some(n) = d.in_flight.get_mut(&self.version) {
+                *n -= 1;
+                if *n == 0 {
+                    d.in_flight.remove(&self.version);
+                }
+            }
+        }
+    }
+}
+
+impl DirtyLog {
+    /// A primary write of `chunk` routed with map `version`, whose PG has an in-sync secondary
+    /// (`in_sync`) or not. Call under the chunk's order lock, before applying it.
+    pub fn write_started(
+        &self,
+        pool: PoolId,
+        pg: PgId,
+        epoch: Epoch,
+        chunk: ChunkId,
+        version: u64,
+        in_sync: bool,
+    ) -> WriteGuard<'_> {
+        if let Ok(mut d) = self.inner.lock() {
+            *d.in_flight.entry(version).or_default() += 1;
+            let e = d.first_epoch.entry(pool).or_insert(epoch);
+            *e = (*e).min(epoch);
+            if !in_sync {
+                d.chunks
+                    .entry((pool, pg))
+                    .or_default()
+                    .insert(chunk, version);
+            }
+        }
+        WriteGuard { log: self, version }
+    }
+
+    /// A write whose forward (or local write) failed: the copies may differ in `chunk`.
+    pub fn note_failed(&self, pool: PoolId, pg: PgId, chunk: ChunkId, version: u64) {
+        if let Ok(mut d) = self.inner.lock() {
+            d.chunks
+                .entry((pool, pg))
+                .or_default()
+                .insert(chunk, version);
+        }
+    }
+
+    /// Record that this process saw `pool` at `epoch`.
+    fn saw(&self, pool: PoolId, epoch: Epoch) {
+        if let Ok(mut d) = self.inner.lock() {
+            let e = d.first_epoch.entry(pool).or_insert(epoch);
+            *e = (*e).min(epoch);
+        }
+    }
+
+    /// Whether every write since epoch `since` of `pool` was recorded here.
+    fn covers(&self, pool: PoolId, since: Epoch) -> bool {
+        self.inner
+            .lock()
+            .ok()
+            .and_then(|d| d.first_epoch.get(&pool).copied())
+            .is_some_and(|first| first < since)
+    }
+
+    /// Forget the records of `pg` made with maps older than `version` (the map at `version`
+    /// shows it with two in-sync copies, or this SDS no longer leads it).
+    fn forget(&self, pool: PoolId, pg: PgId, version: u64) {
+        if let Ok(mut d) = self.inner.lock() {
+            if let Some(c) = d.chunks.get_mut(&(pool, pg)) {
+                c.retain(|_, v| *v >= version);
+                if c.is_empty() {
+                    d.chunks.remove(&(pool, pg));
+                }
+            }
+        }
+    }
+
+    /// Wait (bounded) until no write routed with a map older than `version` is in flight;
+    /// false on timeout.
+    async fn drained(&self, version: u64) -> bool {
+        let deadline = Instant::now() + DRAIN_TIMEOUT;
+        loop {
+            let oldest = self
+                .inner
+                .lock()
+                .ok()
+                .and_then(|d| d.in_flight.keys().next().copied());
+            if oldest.is_none_or(|v| v >= version) {
+                return true;
+            }
+            if Instant::now() > deadline {
+                return false;
+            }
+            tokio::time::sleep(THROTTLE_POLL).await;
+        }
+    }
+
+    /// The chunks recorded for `pg`, with the map version of their last record.
+    fn snapshot(&self, pool: PoolId, pg: PgId) -> Vec<(ChunkId, u64)> {
+        let mut v: Vec<(ChunkId, u64)> = self
+            .inner
+            .lock()
+            .ok()
+            .and_then(|d| {
+                d.chunks
+                    .get(&(pool, pg))
+                    .map(|c| c.iter().map(|(k, v)| (*k, *v)).collect())
+            })
+            .unwrap_or_default();
+        v.sort_by_key(|(c, _)| (c.vtree, c.index.0));
+        v
+    }
+}
 
 /// One copy the map asks this SDS to make.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -37,6 +304,8 @@ pub struct Assignment {
     pub pg: PgId,
     pub target: SdsId,
     pub rebuild: Epoch,
+    /// Backward rebuild: the target holds the PG as of this epoch.
+    pub since: Option<Epoch>,
 }
 
 /// The copies `me` must make according to `map`.
@@ -51,6 +320,7 @@ pub fn assignments(map: &ClusterState, me: SdsId) -> Vec<Assignment> {
                         pg: PgId(i as u32),
                         target,
                         rebuild,
+                        since: m.rebuild_since,
                     });
                 }
             }
@@ -65,6 +335,7 @@ pub struct Rebuilder<D> {
     map: Arc<MapCache>,
     running: Mutex<HashSet<Assignment>>,
     slots: Semaphore,
+    throttle: Throttle,
 }
 
 impl<D: BlockDevice> Rebuilder<D> {
@@ -79,6 +350,7 @@ impl<D: BlockDevice> Rebuilder<D> {
             link,
             running: Mutex::new(HashSet::new()),
             slots: Semaphore::new(concurrency.max(1) as usize),
+            throttle: Throttle::new(),
         })
     }
 
@@ -103,6 +375,7 @@ impl<D: BlockDevice> Rebuilder<D> {
             }
             seen_version = map.version;
             let Some(me) = self.map.me() else { continue };
+            self.forget_synced(&map, me);
             for a in assignments(&map, me) {
                 let fresh = self
                     .running
@@ -117,6 +390,21 @@ impl<D: BlockDevice> Rebuilder<D> {
                             r.remove(&a);
                         }
                     });
+                }
+            }
+        }
+    }
+
+    /// Backward-rebuild records of PGs that have two in-sync copies again, or that this SDS no
+    /// longer leads, are no longer needed.
+    fn forget_synced(&self, map: &ClusterState, me: SdsId) {
+        let dirty = self.service.dirty();
+        for p in map.pools.values() {
+            dirty.saw(p.id, p.epoch);
+            for (i, m) in p.pgs.iter().enumerate() {
+                let synced = m.secondary.is_some() && m.rebuild.is_none() && m.leaving.is_none();
+                if synced || m.primary != Some(me) {
+                    dirty.forget(p.id, PgId(i as u32), map.version);
                 }
             }
         }
@@ -196,8 +484,97 @@ impl<D: BlockDevice> Rebuilder<D> {
         self.service.metrics().rebuilding_pgs.dec();
     }
 
-    /// Copy every chunk of the PG that either side holds; returns the bytes copied.
+    /// Backward rebuild: copy only the chunks written since the target left, when this SDS
+    /// recorded them all; `None` when it did not (the caller copies everything).
+    async fn copy_changed(&self, a: &Assignment) -> Option<Result<u64, proto::WireError>> {
+        let since = a.since?;
+        let dirty = self.service.dirty();
+        if !dirty.covers(a.pool, since) {
+            tracing::info!(pool = %a.pool, pg = %a.pg, %since,
+                "backward rebuild: this primary did not track every write since; full copy");
+            return None;
+        }
+        // Writes routed before this assignment did not reach the target: let them finish
+        // (and record their chunks) first. A second pass picks up a write that read the old
+        // map just before this one looked.
+        let version = self.map.version();
+        let held = self.local_chunks(a);
+        let mut copied: HashSet<ChunkId> = HashSet::new();
+        let mut bytes = 0;
+        for _pass in 0..2 {
+            if !dirty.drained(version).await {
+                return None;
+            }
+            let chunks: Vec<ChunkId> = dirty
+                .snapshot(a.pool, a.pg)
+                .into_iter()
+                .filter(|(c, v)| !copied.contains(c) && (copied.is_empty() || *v < version))
+                .map(|(c, _)| c)
+                .collect();
+            match self.copy_list(a, &chunks).await {
+                Ok(n) => bytes += n,
+                Err(e) => return Some(Err(e)),
+            }
+            copied.extend(chunks);
+        }
+        let chunks = copied;
+        let skipped = (held - chunks.len() as i64).max(0) as u64;
+        self.service
+            .metrics()
+            .rebuild_chunks_skipped
+            .inc_by(skipped);
+        tracing::info!(pool = %a.pool, pg = %a.pg, %since, copied = chunks.len(), skipped,
+            "backward rebuild: copied only the chunks changed since the target left");
+        Some(Ok(bytes))
+    }
+
+    /// Copy `chunks` (trimming on the target those this SDS lacks); returns the bytes copied.
+    async fn copy_list(&self, a: &Assignment, chunks: &[ChunkId]) -> Result<u64, proto::WireError> {
+        let left = self.service.metrics().rebuild_chunks_left.clone();
+        left.inc_by(chunks.len() as i64);
+        let mut todo = chunks.len() as i64;
+        let mut bytes = 0;
+        for chunk in chunks {
+            let _permit = self
+                .throttle
+                .acquire(|| self.policy(a.pool), || self.user_requests(), CHUNK_SIZE)
+                .await;
+            let r = self
+                .service
+                .copy_chunk(a.pool, a.pg, *chunk, a.target, true)
+                .await;
+            left.dec();
+            todo -= 1;
+            match r {
+                Ok(n) => bytes += n,
+                Err(e) => {
+                    left.dec_by(todo);
+                    return Err(e);
+                }
+            }
+        }
+        Ok(bytes)
+    }
+
+    fn policy(&self, pool: PoolId) -> RebuildPolicy {
+        self.map
+            .state()
+            .pools
+            .get(&pool)
+            .map(|p| p.rebuild_policy)
+            .unwrap_or_default()
+    }
+
+    fn user_requests(&self) -> u64 {
+        self.service.metrics().user_requests.get()
+    }
+
+    /// Copy every chunk of the PG that either side holds (or, for a backward rebuild, only
+    /// what changed); returns the bytes copied.
     async fn copy_pg(&self, a: &Assignment) -> Result<u64, proto::WireError> {
+        if let Some(r) = self.copy_changed(a).await {
+            return r;
+        }
         let map = self.map.state();
         let Some(pool) = map.pools.get(&a.pool) else {
             return Ok(0);
@@ -246,6 +623,10 @@ impl<D: BlockDevice> Rebuilder<D> {
                     vtree: v.vtree,
                     index: ChunkIndex(index),
                 };
+                let _permit = self
+                    .throttle
+                    .acquire(|| self.policy(a.pool), || self.user_requests(), CHUNK_SIZE)
+                    .await;
                 let r = self
                     .service
                     .copy_chunk(a.pool, a.pg, chunk, a.target, remote.contains(&index))

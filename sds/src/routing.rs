@@ -84,6 +84,8 @@ pub enum Refusal {
 pub struct Route {
     /// The secondary to forward to (primary requests of a PG that has one).
     pub secondary: Option<(SdsId, SocketAddr)>,
+    /// A copy being moved off (rebalance) that still receives every write.
+    pub leaving: Option<(SdsId, SocketAddr)>,
     /// Version of the map this route was computed from.
     pub version: u64,
 }
@@ -147,6 +149,8 @@ pub fn check(
     let pg = pool.pg(h.pg).ok_or(no_pg)?;
     let holder = match role {
         Role::Primary => pg.primary,
+        // A leaving copy (rebalance) takes replica writes like the secondary.
+        Role::Secondary if pg.leaving == Some(me) => pg.leaving,
         Role::Secondary => pg.secondary,
     };
     if holder != Some(me) {
@@ -158,19 +162,20 @@ pub fn check(
             epoch: pool.epoch,
         });
     }
-    let secondary = match (role, pg.secondary) {
+    let peer = |copy: Option<SdsId>| match (role, copy) {
         (Role::Primary, Some(s)) if s != me => {
             let addr = map
                 .sds
                 .get(&s)
                 .and_then(|x| x.addr.parse::<SocketAddr>().ok())
                 .ok_or(Refusal::NoPeerAddress(s))?;
-            Some((s, addr))
+            Ok(Some((s, addr)))
         }
-        _ => None,
+        _ => Ok(None),
     };
     Ok(Route {
-        secondary,
+        secondary: peer(pg.secondary)?,
+        leaving: peer(pg.leaving)?,
         version: map.version,
     })
 }
@@ -257,6 +262,26 @@ impl MapCache {
                 .get(&pool)
                 .and_then(|p| p.pg(pg))
                 .is_some_and(|m| m.secondary == Some(secondary));
+            if !still {
+                return;
+            }
+            if rx.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
+    }
+
+    /// Resolves when the map names `sds` as neither the secondary nor the leaving copy of `pg`
+    /// (a finished move dropped it, or it was declared down): a forward to it is moot.
+    pub async fn copy_dropped(&self, pool: PoolId, pg: PgId, sds: SdsId) {
+        let mut rx = self.version.subscribe();
+        loop {
+            let still = self
+                .state()
+                .pools
+                .get(&pool)
+                .and_then(|p| p.pg(pg))
+                .is_some_and(|m| m.secondary == Some(sds) || m.leaving == Some(sds));
             if !still {
                 return;
             }
@@ -378,23 +403,36 @@ mod tests {
                         primary: Some(A),
                         secondary: Some(B),
                         rebuild: None,
+                        leaving: None,
+                        dropped: None,
+                        rebuild_since: None,
                     },
                     PgMapping {
                         primary: Some(B),
                         secondary: Some(A),
                         rebuild: None,
+                        leaving: None,
+                        dropped: None,
+                        rebuild_since: None,
                     },
                     PgMapping {
                         primary: Some(A),
                         secondary: None,
                         rebuild: None,
+                        leaving: None,
+                        dropped: None,
+                        rebuild_since: None,
                     },
                     PgMapping {
                         primary: None,
                         secondary: None,
                         rebuild: None,
+                        leaving: None,
+                        dropped: None,
+                        rebuild_since: None,
                     },
                 ],
+                rebuild_policy: Default::default(),
             },
         );
         for (id, port) in [(A, 7001), (B, 7002)] {
@@ -408,6 +446,7 @@ mod tests {
                     fault_set: None,
                     devices: vec![],
                     state: SdsState::Normal,
+                    removing: false,
                 },
             );
         }
@@ -449,6 +488,7 @@ mod tests {
             check(&m, floor, A, &header(0, 3), Role::Primary),
             Ok(Route {
                 secondary: Some((B, b_addr)),
+                leaving: None,
                 version: 1,
             })
         );
@@ -456,6 +496,7 @@ mod tests {
             check(&m, floor, B, &header(0, 3), Role::Secondary),
             Ok(Route {
                 secondary: None,
+                leaving: None,
                 version: 1,
             })
         );
@@ -463,6 +504,7 @@ mod tests {
             check(&m, floor, A, &header(2, 3), Role::Primary),
             Ok(Route {
                 secondary: None,
+                leaving: None,
                 version: 1,
             })
         );

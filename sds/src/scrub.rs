@@ -60,6 +60,8 @@ impl<D: BlockDevice> Scrubber<D> {
             rebuild_chunks_left: m.rebuild_chunks_left.get().max(0) as u64,
             rebuild_bytes_copied: m.rebuild_bytes.get(),
             rebuild_bytes_per_sec: 0,
+            chunks_stored: self.service.storage().chunk_count() as u64,
+            rebuild_chunks_skipped: m.rebuild_chunks_skipped.get(),
         }
     }
 

@@ -77,6 +77,8 @@ pub struct Service<D> {
     order: RangeLocks,
     metrics: Arc<SdsMetrics>,
     opts: ServiceOptions,
+    /// Chunks written while a PG lacked an in-sync secondary (backward rebuild).
+    dirty: crate::rebuild::DirtyLog,
 }
 
 fn bad_request(msg: impl Into<String>) -> WireError {
@@ -100,7 +102,12 @@ impl<D: BlockDevice> Service<D> {
             order: RangeLocks::new(),
             metrics,
             opts,
+            dirty: Default::default(),
         })
+    }
+
+    pub fn dirty(&self) -> &crate::rebuild::DirtyLog {
+        &self.dirty
     }
 
     pub fn storage(&self) -> &Arc<Storage<D>> {
@@ -266,12 +273,12 @@ impl<D: BlockDevice> Service<D> {
             .await;
         // The map may have changed while this write waited for the lock (a rebuild copy of
         // this chunk, for one, holds it): route again so the write reaches the current copies.
-        let route = if self.map.state().version == route.version {
+        let map = self.map.state();
+        let route = if map.version == route.version {
             route
         } else {
             if fenced {
                 // The volume may have been taken over while this write waited.
-                let map = self.map.state();
                 if map.check_fence(h.chunk.vtree, h.fence) == proto::model::FenceCheck::Fenced {
                     return Err(WireError::new(
                         ErrorCode::Fenced,
@@ -281,6 +288,20 @@ impl<D: BlockDevice> Service<D> {
             }
             self.map.check(&h, Role::Primary).map_err(refusal)?
         };
+        let in_sync = route.secondary.is_some()
+            && map
+                .pools
+                .get(&h.pool)
+                .and_then(|p| p.pg(h.pg))
+                .is_some_and(|m| m.rebuild.is_none());
+        let _tracked = self.dirty.write_started(
+            h.pool,
+            h.pg,
+            h.epoch,
+            h.chunk,
+            route.version,
+            in_sync && map.version == route.version,
+        );
         let Some((sds, addr)) = route.secondary else {
             return self.apply(&h, &data).await;
         };
@@ -307,9 +328,25 @@ impl<D: BlockDevice> Service<D> {
                 )),
             }
         };
-        let (remote, local) = tokio::join!(forward, self.apply(&h, &data));
+        // A copy being moved off (rebalance) takes every write too, until the move is done.
+        let leaving = async {
+            let Some((l, laddr)) = route.leaving else {
+                return Ok(());
+            };
+            tokio::select! {
+                r = self.replicas.forward(l, laddr, &replica, data.clone()) => {
+                    r.map_err(|e| self.forward_error(e))
+                }
+                _ = self.map.copy_dropped(h.pool, h.pg, l) => Ok(()),
+            }
+        };
+        let (remote, moving, local) = tokio::join!(forward, leaving, self.apply(&h, &data));
+        if local.is_err() || remote.is_err() {
+            self.dirty.note_failed(h.pool, h.pg, h.chunk, route.version);
+        }
         local?;
         remote?;
+        moving?;
         crate::failpoints::fail_point(crate::failpoints::SERVICE_AFTER_FORWARD_BEFORE_ACK);
         Ok(())
     }
@@ -610,6 +647,7 @@ impl<D: BlockDevice> Service<D> {
                 let started = Instant::now();
                 self.route(&h, Role::Primary).await?;
                 self.check_fence(peer, &h).await?;
+                self.metrics.user_requests.inc();
                 let out = self.read_repairing(&h).await?;
                 self.metrics
                     .read_seconds
@@ -621,6 +659,7 @@ impl<D: BlockDevice> Service<D> {
                 let started = Instant::now();
                 let route = self.route(&h, Role::Primary).await?;
                 self.check_fence(peer, &h).await?;
+                self.metrics.user_requests.inc();
                 let fenced = !peer.name.starts_with(SDS_PEER_PREFIX);
                 self.primary_write(h, route, data, fenced).await?;
                 self.metrics

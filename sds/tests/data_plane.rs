@@ -126,16 +126,25 @@ fn cluster(a: SocketAddr, b: SocketAddr, epoch: u64, version: u64) -> ClusterSta
                 primary: Some(B),
                 secondary: Some(A),
                 rebuild: None,
+                leaving: None,
+                dropped: None,
+                rebuild_since: None,
             },
             p if p % 2 == 0 => PgMapping {
                 primary: Some(A),
                 secondary: Some(B),
                 rebuild: None,
+                leaving: None,
+                dropped: None,
+                rebuild_since: None,
             },
             _ => PgMapping {
                 primary: Some(A),
                 secondary: None,
                 rebuild: None,
+                leaving: None,
+                dropped: None,
+                rebuild_since: None,
             },
         })
         .collect();
@@ -149,6 +158,7 @@ fn cluster(a: SocketAddr, b: SocketAddr, epoch: u64, version: u64) -> ClusterSta
             pg_count: PGS,
             epoch: Epoch(epoch),
             pgs,
+            rebuild_policy: Default::default(),
         },
     );
     for (id, addr) in [(A, a), (B, b)] {
@@ -162,6 +172,7 @@ fn cluster(a: SocketAddr, b: SocketAddr, epoch: u64, version: u64) -> ClusterSta
                 fault_set: None,
                 devices: vec![],
                 state: SdsState::Normal,
+                removing: false,
             },
         );
     }
@@ -448,6 +459,9 @@ async fn stale_epochs_wrong_pgs_and_bad_requests_are_refused() {
             primary: Some(B),
             secondary: Some(A),
             rebuild: None,
+            leaving: None,
+            dropped: None,
+            rebuild_since: None,
         };
     }
     p.a.service.map().install(next.clone());

@@ -86,9 +86,13 @@ fn cluster(a: SocketAddr, b: SocketAddr, mirrored: bool) -> ClusterState {
                     primary: Some(SdsId(1)),
                     secondary,
                     rebuild: None,
+                    leaving: None,
+                    dropped: None,
+                    rebuild_since: None,
                 };
                 PGS as usize
             ],
+            rebuild_policy: Default::default(),
         },
     );
     for (id, addr) in [(SdsId(1), a), (SdsId(2), b)] {
@@ -102,6 +106,7 @@ fn cluster(a: SocketAddr, b: SocketAddr, mirrored: bool) -> ClusterState {
                 fault_set: None,
                 devices: vec![],
                 state: SdsState::Normal,
+                removing: false,
             },
         );
     }

@@ -601,7 +601,22 @@ impl DataCluster {
         sds_extra: &[&str],
         net: Option<std::sync::Arc<netns::Net>>,
     ) -> DataCluster {
-        let c = Cluster::start_in(name, n_mdm, &[], net.clone());
+        DataCluster::start_opts(
+            name,
+            &DataOpts {
+                n_mdm,
+                n_sds,
+                vol_gb,
+                sds_extra: sds_extra.iter().map(|s| s.to_string()).collect(),
+                net,
+                ..DataOpts::default()
+            },
+        )
+    }
+
+    /// The most general start: see [`DataOpts`].
+    pub fn start_opts(name: &str, o: &DataOpts) -> DataCluster {
+        let c = Cluster::start_in(name, o.n_mdm, &[], o.net.clone());
         let mut sds_nodes = Vec::new();
         c.must_scli(&["--add_protection_domain", "--protection_domain_name", "pd1"]);
         c.must_scli(&[
@@ -613,72 +628,24 @@ impl DataCluster {
             "--pg_count",
             "64",
         ]);
+        for f in 0..o.fault_sets {
+            c.must_scli(&[
+                "--add_fault_set",
+                "--protection_domain_name",
+                "pd1",
+                "--fault_set_name",
+                &format!("fs{}", f + 1),
+            ]);
+        }
         let mut sds = Vec::new();
         let mut sds_addrs = Vec::new();
         let mut sds_metrics = Vec::new();
-        for i in 1..=n_sds {
-            let n = format!("sds{i}");
-            let dev = c.dir.join(&format!("{n}.img"));
-            std::fs::File::create(&dev)
-                .and_then(|f| f.set_len(4 << 30))
-                .expect("device file");
-            run_ok(
-                &bin("mdm"),
-                &[
-                    "ca",
-                    "issue",
-                    "--ca-dir",
-                    &c.dir.join("ca").display().to_string(),
-                    "--name",
-                    &format!("sds:{n}"),
-                    "--out",
-                    &c.dir.join(&format!("certs/{n}")).display().to_string(),
-                ],
-            );
-            let node = net.as_ref().map(|x| x.node(&n));
-            let ip = node.as_ref().map_or([127, 0, 0, 1], |x| x.ip.octets());
-            let addr: SocketAddr = (ip, free_port()).into();
-            let metrics: SocketAddr = (ip, free_port()).into();
-            sds_metrics.push(metrics);
-            c.must_scli(&[
-                "--add_sds",
-                "--sds_ip",
-                &addr.to_string(),
-                "--sds_name",
-                &n,
-                "--protection_domain_name",
-                "pd1",
-                "--storage_pool_name",
-                "sp1",
-                "--device_path",
-                &dev.display().to_string(),
-            ]);
-            let args: Vec<String> = vec![
-                "--name".into(),
-                n.clone(),
-                "--listen".into(),
-                addr.to_string(),
-                "--mdm".into(),
-                c.mdm_ips(),
-                "--cert-dir".into(),
-                c.dir.join(&format!("certs/{n}")).display().to_string(),
-                "--device".into(),
-                dev.display().to_string(),
-                "--metrics-listen".into(),
-                metrics.to_string(),
-            ]
-            .into_iter()
-            .chain(sds_extra.iter().map(|a| a.to_string()))
-            .collect();
-            sds.push(Proc::spawn_in(
-                node.as_ref(),
-                &n,
-                &bin("sds"),
-                &args,
-                c.dir.join(&format!("{n}.log")),
-            ));
+        for i in 1..=o.n_sds {
+            let (p, addr, metrics, node) = spawn_sds(&c, o, i);
+            sds.push(p);
             sds_nodes.push(node);
             sds_addrs.push(addr);
+            sds_metrics.push(metrics);
         }
         wait_for(
             "every PG placed on SDS with reported capacity",
@@ -693,14 +660,14 @@ impl DataCluster {
                 (v.ok && v.json()["pgs_fully_placed"] == 64).then_some(())
             },
         );
-        let sdc_node = net.as_ref().map(|x| x.node("sdc1"));
+        let sdc_node = o.net.as_ref().map(|x| x.node("sdc1"));
         let (sdc, socket) = spawn_sdc(&c, "sdc1", sdc_node.as_ref());
         c.must_scli(&[
             "--add_volume",
             "--storage_pool_name",
             "sp1",
             "--size_gb",
-            &vol_gb.to_string(),
+            &o.vol_gb.to_string(),
             "--volume_name",
             "vol1",
             "--thin_provisioned",
@@ -744,6 +711,15 @@ impl DataCluster {
     /// registered; returns the process and its NBD socket.
     pub fn start_sdc(&self, name: &str) -> (Proc, PathBuf) {
         spawn_sdc(&self.c, name, None)
+    }
+    /// Add and start SDS number `i` (named `sdsI`, in fault set `fs((i-1) % fault_sets + 1)`
+    /// when `o` has fault sets) to the running cluster.
+    pub fn add_sds(&mut self, o: &DataOpts, i: usize) {
+        let (p, addr, metrics, node) = spawn_sds(&self.c, o, i);
+        self.sds.push(p);
+        self.sds_nodes.push(node);
+        self.sds_addrs.push(addr);
+        self.sds_metrics.push(metrics);
     }
 }
 
@@ -836,6 +812,109 @@ pub fn data_call(
 }
 
 pub mod docker;
+
+/// How [`DataCluster::start_opts`] builds a cluster.
+#[derive(Clone)]
+pub struct DataOpts {
+    pub n_mdm: usize,
+    pub n_sds: usize,
+    pub vol_gb: u32,
+    pub sds_extra: Vec<String>,
+    pub net: Option<std::sync::Arc<netns::Net>>,
+    /// Fault sets `fs1..fsN` (0: none); SDS i goes to `fs((i-1) % N + 1)`.
+    pub fault_sets: usize,
+    /// Size of each SDS's sparse device file.
+    pub dev_bytes: u64,
+}
+
+impl Default for DataOpts {
+    fn default() -> Self {
+        DataOpts {
+            n_mdm: 1,
+            n_sds: 3,
+            vol_gb: 4,
+            sds_extra: Vec::new(),
+            net: None,
+            fault_sets: 0,
+            dev_bytes: 4 << 30,
+        }
+    }
+}
+
+/// Create SDS number `i` (device, certificate, `--add_sds`) and start it.
+fn spawn_sds(
+    c: &Cluster,
+    o: &DataOpts,
+    i: usize,
+) -> (Proc, SocketAddr, SocketAddr, Option<netns::Node>) {
+    let n = format!("sds{i}");
+    let dev = c.dir.join(&format!("{n}.img"));
+    std::fs::File::create(&dev)
+        .and_then(|f| f.set_len(o.dev_bytes))
+        .expect("device file");
+    run_ok(
+        &bin("mdm"),
+        &[
+            "ca",
+            "issue",
+            "--ca-dir",
+            &c.dir.join("ca").display().to_string(),
+            "--name",
+            &format!("sds:{n}"),
+            "--out",
+            &c.dir.join(&format!("certs/{n}")).display().to_string(),
+        ],
+    );
+    let node = o.net.as_ref().map(|x| x.node(&n));
+    let ip = node.as_ref().map_or([127, 0, 0, 1], |x| x.ip.octets());
+    let addr: SocketAddr = (ip, free_port()).into();
+    let metrics: SocketAddr = (ip, free_port()).into();
+    let fs = (o.fault_sets > 0).then(|| format!("fs{}", (i - 1) % o.fault_sets + 1));
+    let mut add = vec![
+        "--add_sds".to_string(),
+        "--sds_ip".into(),
+        addr.to_string(),
+        "--sds_name".into(),
+        n.clone(),
+        "--protection_domain_name".into(),
+        "pd1".into(),
+        "--storage_pool_name".into(),
+        "sp1".into(),
+        "--device_path".into(),
+        dev.display().to_string(),
+    ];
+    if let Some(fs) = fs {
+        add.extend(["--fault_set_name".to_string(), fs]);
+    }
+    c.must_scli(&add.iter().map(String::as_str).collect::<Vec<_>>());
+    let args: Vec<String> = vec![
+        "--name".into(),
+        n.clone(),
+        "--listen".into(),
+        addr.to_string(),
+        "--mdm".into(),
+        c.mdm_ips(),
+        "--cert-dir".into(),
+        c.dir.join(&format!("certs/{n}")).display().to_string(),
+        "--device".into(),
+        dev.display().to_string(),
+        "--metrics-listen".into(),
+        metrics.to_string(),
+    ]
+    .into_iter()
+    .chain(o.sds_extra.iter().cloned())
+    .collect();
+    let p = Proc::spawn_in(
+        node.as_ref(),
+        &n,
+        &bin("sds"),
+        &args,
+        c.dir.join(&format!("{n}.log")),
+    );
+    (p, addr, metrics, node)
+}
+
+pub mod fill;
 pub mod nbd;
 pub mod netns;
 

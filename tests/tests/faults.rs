@@ -146,7 +146,8 @@ fn kill_each_sds_during_writes() {
 }
 
 /// Scenario 2: SIGSTOP an SDS past the down timeout, then SIGCONT: it is fenced (its lease
-/// expired, its PGs moved), no write or read reaches it afterwards, and the data is intact.
+/// expired, its PGs moved), no client request reaches it afterwards (it only takes replica
+/// writes as a backward-rebuild target), and the data is intact.
 #[test]
 fn frozen_sds_is_fenced() {
     let dc = DataCluster::start("faults_freeze", 3, 4);
@@ -158,30 +159,39 @@ fn frozen_sds_is_fenced() {
     w.wait_more(1000, "writes while sds2 is frozen");
     dc.sds[1].signal(libc::SIGCONT);
     wait_sds_state(&dc, "sds2", "Normal");
+    // Back within the backward-rebuild window, it is made a rebuild target again: it takes
+    // replica writes, but never serves a client (it is primary of nothing) until rebuilt.
     let before = (
-        dc.sds_metric(1, "meshblock_sds_writes_total"),
+        dc.sds_metric(1, "meshblock_sds_user_requests_total"),
         dc.sds_metric(1, "meshblock_sds_reads_total"),
     );
     w.wait_more(2000, "writes after the thaw");
     let after = (
-        dc.sds_metric(1, "meshblock_sds_writes_total"),
+        dc.sds_metric(1, "meshblock_sds_user_requests_total"),
         dc.sds_metric(1, "meshblock_sds_reads_total"),
     );
     let (report, model, uncertain) = w.finish();
     let (checked, _) = check(&dc, &model, &uncertain);
     assert_eq!(
         before, after,
-        "the thawed SDS served I/O after it was declared down (writes, reads before/after)"
+        "the thawed SDS served I/O after it was declared down (client requests, reads before/after)"
     );
     let map = cluster_map(&dc.c);
     let sds2 = map.sds_by_name("sds2").expect("sds2").id;
-    let holds = map
+    let leads = map
         .pools
         .values()
         .flat_map(|p| p.pgs.iter())
-        .filter(|m| m.primary == Some(sds2) || m.secondary == Some(sds2))
+        .filter(|m| m.primary == Some(sds2))
         .count();
-    assert_eq!(holds, 0, "the thawed SDS holds PGs again without a rebuild");
+    assert_eq!(leads, 0, "the thawed SDS leads PGs again");
+    wait_pool(&dc, "Normal");
+    let (compared, diffs) = compare_copies(&dc.c, "vol1", REGION >> 20);
+    assert!(
+        diffs.is_empty(),
+        "copies differ after the backward rebuild: {diffs:#?}"
+    );
+    assert_eq!(compared, REGION >> 20);
     // The SDC's map polls are its session heartbeat: a frozen SDC shows as disconnected.
     let session = |want: bool| {
         wait_for(
