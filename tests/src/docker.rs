@@ -117,7 +117,7 @@ impl Dockerd {
             [
                 "dockerd".to_string(),
                 format!("--data-root={}", dir.join("root").display()),
-                format!("--exec-root={}", dir.join("exec").display()),
+                format!("--exec-root={}", dir.join("x").display()),
                 format!("--pidfile={}", dir.join("docker.pid").display()),
                 format!("--host={}", self.host),
                 "--bridge=none".into(),
