@@ -5,10 +5,10 @@
 //! PERFORMANCE-CRITICAL: runs per 4 KiB request. No logging above DEBUG here, no allocation
 //! beyond the response buffers.
 //!
-//! FLUSH semantics: each volume remembers which SDS (primary and secondary of every PG written)
-//! received writes since its last flush, across all its NBD connections; a FLUSH is sent to
-//! all of them and acknowledged only when every one is durable. That is what makes
-//! CAN_MULTI_CONN truthful.
+//! FLUSH semantics: each volume remembers which SDS (primary, secondary and a copy being moved
+//! off, of every PG written) received writes since its last flush, across all its NBD
+//! connections; a FLUSH is sent to all of them and acknowledged only when every one is
+//! durable. That is what makes CAN_MULTI_CONN truthful.
 
 use crate::volume::{self, Piece};
 use bytes::{Bytes, BytesMut};
@@ -331,7 +331,11 @@ impl VolumeIo {
                         if op != DataOp::Read {
                             if let Ok(mut d) = self.dirty.lock() {
                                 d.insert(primary);
-                                if let Some(s) = route.mapping.secondary {
+                                // A copy being moved off (rebalance) also took the write.
+                                for s in [route.mapping.secondary, route.mapping.leaving]
+                                    .into_iter()
+                                    .flatten()
+                                {
                                     d.insert(s);
                                 }
                             }
