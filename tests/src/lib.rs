@@ -813,6 +813,75 @@ pub fn data_call(
 
 pub mod docker;
 
+/// A recording writer ([`nbd::write_load`], QD32) on `vol1` of a [`DataCluster`], in a thread.
+pub struct Writer {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// Writes acknowledged so far.
+    pub acked: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    thread: Option<std::thread::JoinHandle<WriterResult>>,
+}
+
+/// What the writer thread returns: its report, the model of the region, uncertain blocks.
+pub type WriterResult =
+    std::io::Result<(nbd::WriteReport, Vec<u8>, std::collections::HashSet<u64>)>;
+
+impl Writer {
+    /// Write random blocks over the first `region` bytes of `vol1` until stopped.
+    pub fn start(dc: &DataCluster, region: u64, seed: u64) -> Writer {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let acked = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let (s, a, socket) = (stop.clone(), acked.clone(), dc.socket.clone());
+        let thread =
+            std::thread::spawn(move || nbd::write_load(&socket, "vol1", region, 32, seed, s, a));
+        Writer {
+            stop,
+            acked,
+            thread: Some(thread),
+        }
+    }
+
+    /// Wait until `n` more writes were acknowledged.
+    pub fn wait_more(&self, n: u64, what: &str) {
+        use std::sync::atomic::Ordering;
+        let base = self.acked.load(Ordering::Relaxed);
+        wait_for(what, Duration::from_secs(120), || {
+            (self.acked.load(Ordering::Relaxed) >= base + n).then_some(())
+        });
+    }
+
+    /// Stop and return what the writer did (it flushed before returning).
+    pub fn finish(mut self) -> (nbd::WriteReport, Vec<u8>, std::collections::HashSet<u64>) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let t = self.thread.take().expect("writer thread");
+        t.join().expect("writer panicked").expect("writer failed")
+    }
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// The state `scli --query_sds` reports for SDS `name` (empty if the query fails).
+pub fn sds_state(dc: &DataCluster, name: &str) -> String {
+    let v =
+        dc.c.scli_raw(&["--query_sds", "--sds_name", name, "--json"]);
+    if !v.ok {
+        return String::new();
+    }
+    v.json()["state"].as_str().unwrap_or_default().to_string()
+}
+
+/// Wait until SDS `name` is in state `want`.
+pub fn wait_sds_state(dc: &DataCluster, name: &str, want: &str) {
+    wait_for(
+        &format!("SDS {name} {want}"),
+        Duration::from_secs(60),
+        || (sds_state(dc, name) == want).then_some(()),
+    );
+}
+
 /// How [`DataCluster::start_opts`] builds a cluster.
 #[derive(Clone)]
 pub struct DataOpts {

@@ -3,13 +3,11 @@
 //! whole written region back through the SDC. Each scenario appends a one-line summary to
 //! `$MESHBLOCK_FAULT_SUMMARY` (printed by `./test` at the end).
 
-use meshblock_tests::nbd::{check_model, write_load, Nbd, WriteReport};
+use meshblock_tests::nbd::{check_model, Nbd};
 use meshblock_tests::*;
 use std::collections::HashSet;
 use std::io::Write as _;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
-use std::thread::JoinHandle;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 /// Bytes of the volume the writers touch.
@@ -26,66 +24,6 @@ fn summary(line: &str) {
             let _ = writeln!(f, "{line}");
         }
     }
-}
-
-type WriterResult = std::io::Result<(WriteReport, Vec<u8>, HashSet<u64>)>;
-
-struct Writer {
-    stop: Arc<AtomicBool>,
-    acked: Arc<AtomicU64>,
-    thread: Option<JoinHandle<WriterResult>>,
-}
-
-impl Writer {
-    fn start(dc: &DataCluster, seed: u64) -> Writer {
-        let stop = Arc::new(AtomicBool::new(false));
-        let acked = Arc::new(AtomicU64::new(0));
-        let (s, a, socket) = (stop.clone(), acked.clone(), dc.socket.clone());
-        let thread =
-            std::thread::spawn(move || write_load(&socket, "vol1", REGION, 32, seed, s, a));
-        Writer {
-            stop,
-            acked,
-            thread: Some(thread),
-        }
-    }
-
-    /// Wait until `n` more writes were acknowledged.
-    fn wait_more(&self, n: u64, what: &str) {
-        let base = self.acked.load(Ordering::Relaxed);
-        wait_for(what, Duration::from_secs(90), || {
-            (self.acked.load(Ordering::Relaxed) >= base + n).then_some(())
-        });
-    }
-
-    fn finish(mut self) -> (WriteReport, Vec<u8>, HashSet<u64>) {
-        self.stop.store(true, Ordering::Relaxed);
-        let t = self.thread.take().expect("writer thread");
-        t.join().expect("writer panicked").expect("writer failed")
-    }
-}
-
-impl Drop for Writer {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-    }
-}
-
-fn sds_state(dc: &DataCluster, name: &str) -> String {
-    let v =
-        dc.c.scli_raw(&["--query_sds", "--sds_name", name, "--json"]);
-    if !v.ok {
-        return String::new();
-    }
-    v.json()["state"].as_str().unwrap_or_default().to_string()
-}
-
-fn wait_sds_state(dc: &DataCluster, name: &str, want: &str) {
-    wait_for(
-        &format!("SDS {name} {want}"),
-        Duration::from_secs(60),
-        || (sds_state(dc, name) == want).then_some(()),
-    );
 }
 
 fn wait_pool(dc: &DataCluster, want: &str) -> serde_json::Value {
@@ -116,7 +54,7 @@ fn check(dc: &DataCluster, model: &[u8], uncertain: &HashSet<u64>) -> (u64, u64)
 #[test]
 fn kill_each_sds_during_writes() {
     let mut dc = DataCluster::start("faults_kill_each", 3, 4);
-    let w = Writer::start(&dc, 1);
+    let w = Writer::start(&dc, REGION, 1);
     w.wait_more(2000, "writes before the first kill");
     let mut stalls = Vec::new();
     for i in 0..3 {
@@ -151,7 +89,7 @@ fn kill_each_sds_during_writes() {
 #[test]
 fn frozen_sds_is_fenced() {
     let dc = DataCluster::start("faults_freeze", 3, 4);
-    let w = Writer::start(&dc, 2);
+    let w = Writer::start(&dc, REGION, 2);
     w.wait_more(2000, "writes before the freeze");
     dc.sds[1].signal(libc::SIGSTOP);
     wait_sds_state(&dc, "sds2", "Down");
@@ -479,7 +417,7 @@ fn assert_pgs_sane(dc: &DataCluster) {
 #[test]
 fn mdm_leader_killed_during_sds_failover() {
     let mut dc = DataCluster::start_full("faults_mdm_kill", 3, 3, 4, &[]);
-    let w = Writer::start(&dc, 7);
+    let w = Writer::start(&dc, REGION, 7);
     w.wait_more(1500, "writes before the failures");
 
     // Before detection: kill sds1, then the leader at once.
@@ -557,7 +495,7 @@ fn network_partitions() {
     };
     let dc = DataCluster::start_net("faults_partitions", 3, 3, 4, &[], Some(net.clone()));
     let node = |n: &Option<netns::Node>| n.clone().expect("a namespace");
-    let w = Writer::start(&dc, 4);
+    let w = Writer::start(&dc, REGION, 4);
     w.wait_more(1500, "writes before the partitions");
 
     // (a) sds1 | every MDM.
@@ -654,7 +592,7 @@ fn failpoint_sds() -> std::path::PathBuf {
 fn crashes_at_fail_points_on_the_write_path() {
     let fp_sds = failpoint_sds();
     let mut dc = DataCluster::start("faults_failpoints", 3, 4);
-    let w = Writer::start(&dc, 11);
+    let w = Writer::start(&dc, REGION, 11);
     w.wait_more(1000, "writes before the first fail point");
     let points = [
         "sds::service::after_forward_before_ack",

@@ -5,12 +5,8 @@
 //! every acknowledged-and-flushed write reads back.
 
 use meshblock_tests::fill::{check_pattern, fill_pattern};
-use meshblock_tests::nbd::{check_model, write_load, WriteReport};
+use meshblock_tests::nbd::{check_model, WriteReport};
 use meshblock_tests::*;
-use std::collections::HashSet;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::Duration;
 
 /// The writer's region: the first 128 MiB.
@@ -18,72 +14,17 @@ const REGION: u64 = 128 << 20;
 /// The pattern starts after it.
 const FILL_START: u64 = REGION;
 
-type WriterResult = std::io::Result<(WriteReport, Vec<u8>, HashSet<u64>)>;
-
-struct Writer {
-    stop: Arc<AtomicBool>,
-    acked: Arc<AtomicU64>,
-    thread: Option<JoinHandle<WriterResult>>,
-}
-
-impl Writer {
-    fn start(dc: &DataCluster, seed: u64) -> Writer {
-        let stop = Arc::new(AtomicBool::new(false));
-        let acked = Arc::new(AtomicU64::new(0));
-        let (s, a, socket) = (stop.clone(), acked.clone(), dc.socket.clone());
-        let thread =
-            std::thread::spawn(move || write_load(&socket, "vol1", REGION, 32, seed, s, a));
-        Writer {
-            stop,
-            acked,
-            thread: Some(thread),
-        }
-    }
-
-    fn wait_more(&self, n: u64, what: &str) {
-        let base = self.acked.load(Ordering::Relaxed);
-        wait_for(what, Duration::from_secs(120), || {
-            (self.acked.load(Ordering::Relaxed) >= base + n).then_some(())
-        });
-    }
-
-    /// Stop, flush, and check every acknowledged write reads back.
-    fn must_finish(mut self, dc: &DataCluster) -> WriteReport {
-        self.stop.store(true, Ordering::Relaxed);
-        let t = self.thread.take().expect("writer thread");
-        let (report, model, uncertain) = t.join().expect("writer panicked").expect("writer");
-        assert_eq!(report.failed, 0, "writes failed: {report:?}");
-        let (checked, wrong, first) =
-            check_model(&dc.socket, "vol1", &model, &uncertain).expect("read back");
-        assert_eq!(
-            wrong, 0,
-            "{wrong} of {checked} acknowledged blocks read back wrong (first at {first:?})"
-        );
-        report
-    }
-}
-
-impl Drop for Writer {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-    }
-}
-
-fn sds_state(dc: &DataCluster, name: &str) -> String {
-    let v =
-        dc.c.scli_raw(&["--query_sds", "--sds_name", name, "--json"]);
-    if !v.ok {
-        return String::new();
-    }
-    v.json()["state"].as_str().unwrap_or_default().to_string()
-}
-
-fn wait_sds_state(dc: &DataCluster, name: &str, want: &str) {
-    wait_for(
-        &format!("SDS {name} {want}"),
-        Duration::from_secs(60),
-        || (sds_state(dc, name) == want).then_some(()),
+/// Stop the writer and check every acknowledged write reads back.
+fn must_finish(w: Writer, dc: &DataCluster) -> WriteReport {
+    let (report, model, uncertain) = w.finish();
+    assert_eq!(report.failed, 0, "writes failed: {report:?}");
+    let (checked, wrong, first) =
+        check_model(&dc.socket, "vol1", &model, &uncertain).expect("read back");
+    assert_eq!(
+        wrong, 0,
+        "{wrong} of {checked} acknowledged blocks read back wrong (first at {first:?})"
     );
+    report
 }
 
 fn wait_pool(dc: &DataCluster, want: &str, timeout: Duration) -> serde_json::Value {
@@ -183,7 +124,7 @@ fn rebuild_after_two_sds_kills() {
         },
     );
     fill_pattern(&dc.socket, "vol1", FILL_START, FILL, 11).expect("fill");
-    let w = Writer::start(&dc, 12);
+    let w = Writer::start(&dc, REGION, 12);
     w.wait_more(1000, "writes before the first kill");
     dc.sds[0].kill();
     wait_sds_state(&dc, "sds1", "Down");
@@ -206,7 +147,7 @@ fn rebuild_after_two_sds_kills() {
     wait_pool(&dc, "Normal", Duration::from_secs(300));
     must_have_two_live_copies(&dc);
     w.wait_more(500, "writes after the second rebuild");
-    let report = w.must_finish(&dc);
+    let report = must_finish(w, &dc);
     must_match_pattern(&dc, FILL, 11);
     must_have_identical_copies(&dc, FILL_START + FILL);
     assert!(
@@ -235,7 +176,7 @@ fn rebuild_keeps_copies_in_two_fault_sets() {
     );
     must_have_two_live_copies(&dc);
     fill_pattern(&dc.socket, "vol1", FILL_START, FILL, 21).expect("fill");
-    let w = Writer::start(&dc, 22);
+    let w = Writer::start(&dc, REGION, 22);
     w.wait_more(500, "writes before the kills");
     // sds1 is in fs1, sds2 in fs2.
     for (i, name) in [(0, "sds1"), (1, "sds2")] {
@@ -245,7 +186,7 @@ fn rebuild_keeps_copies_in_two_fault_sets() {
         must_have_two_live_copies(&dc);
         w.wait_more(300, "writes after a rebuild");
     }
-    w.must_finish(&dc);
+    must_finish(w, &dc);
     must_match_pattern(&dc, FILL, 21);
     must_have_identical_copies(&dc, FILL_START + FILL);
 }
@@ -267,7 +208,7 @@ fn mdm_leader_killed_mid_rebuild() {
     fill_pattern(&dc.socket, "vol1", FILL_START, FILL, 31).expect("fill");
     // Slow enough that the rebuild is caught half way.
     set_policy(&dc, &["--concurrency", "1", "--bandwidth_mib_s", "8"]);
-    let w = Writer::start(&dc, 32);
+    let w = Writer::start(&dc, REGION, 32);
     w.wait_more(500, "writes before the failure");
     dc.sds[3].kill();
     wait_sds_state(&dc, "sds4", "Down");
@@ -299,7 +240,7 @@ fn mdm_leader_killed_mid_rebuild() {
     wait_pool(&dc, "Normal", Duration::from_secs(300));
     must_have_two_live_copies(&dc);
     w.wait_more(300, "writes after the rebuild");
-    w.must_finish(&dc);
+    must_finish(w, &dc);
     must_match_pattern(&dc, FILL, 31);
     must_have_identical_copies(&dc, FILL_START + FILL);
 }
@@ -375,7 +316,7 @@ fn rebalance_on_add_and_remove() {
     };
     let mut dc = DataCluster::start_opts("rebalance_add_remove", &opts);
     fill_pattern(&dc.socket, "vol1", FILL_START, FILL, 51).expect("fill");
-    let w = Writer::start(&dc, 52);
+    let w = Writer::start(&dc, REGION, 52);
     w.wait_more(500, "writes before the new SDS");
     dc.add_sds(&opts, 4);
     wait_sds_state(&dc, "sds4", "Normal");
@@ -408,7 +349,7 @@ fn rebalance_on_add_and_remove() {
     must_have_two_live_copies(&dc);
     dc.sds[1].kill();
     w.wait_more(300, "writes after the removal");
-    w.must_finish(&dc);
+    must_finish(w, &dc);
     must_match_pattern(&dc, FILL, 51);
     must_have_identical_copies(&dc, FILL_START + FILL);
     assert!(
@@ -477,7 +418,7 @@ fn backward_rebuild_copies_only_changes() {
     fill_pattern(&dc.socket, "vol1", FILL_START, FILL, 71).expect("fill");
     // A slow forward rebuild, so the outage is over before it could finish.
     set_policy(&dc, &["--concurrency", "1", "--bandwidth_mib_s", "1"]);
-    let w = Writer::start(&dc, 72);
+    let w = Writer::start(&dc, REGION, 72);
     w.wait_more(500, "writes before the outage");
     let stored = {
         let v =
@@ -519,7 +460,7 @@ fn backward_rebuild_copies_only_changes() {
         "sds3 holds only {held} PG copies after its return"
     );
     w.wait_more(300, "writes after the backward rebuild");
-    w.must_finish(&dc);
+    must_finish(w, &dc);
     must_match_pattern(&dc, FILL, 71);
     must_have_identical_copies(&dc, FILL_START + FILL);
     eprintln!(
