@@ -8,7 +8,7 @@
 //! shims, mounts under the scratch directory, the plugin socket, and the SDC's attach state
 //! (loop devices, FUSE mount, keeper).
 
-use crate::{bin, free_port, netns, wait_for, Cluster, DataCluster, Proc};
+use crate::{bin, netns, wait_for, Cluster, DataCluster, Proc};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
@@ -311,21 +311,9 @@ impl PluginSdc {
                 "--".into(),
             ]);
         }
+        cmd.push(bin("sdc").display().to_string());
+        cmd.extend(crate::sdc_run_args(c, name, &state_dir));
         cmd.extend([
-            bin("sdc").display().to_string(),
-            "run".into(),
-            "--name".into(),
-            name.into(),
-            "--mdm".into(),
-            c.mdm_ips(),
-            "--cert-dir".into(),
-            c.dir.join("certs/sdc").display().to_string(),
-            "--state-dir".into(),
-            state_dir.display().to_string(),
-            "--nbd-socket".into(),
-            state_dir.join("nbd.sock").display().to_string(),
-            "--metrics-listen".into(),
-            format!("127.0.0.1:{}", free_port()),
             "--docker".into(),
             "--docker-socket".into(),
             socket.display().to_string(),

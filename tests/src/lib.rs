@@ -737,16 +737,10 @@ pub fn wait_export(uri: &str) {
     );
 }
 
-/// Start an SDC named `name` with its state dir and NBD socket under `<dir>/<name>` (the
-/// first one, `sdc1`, keeps the historical `<dir>/sdc`), and wait until it registered.
-fn spawn_sdc(c: &Cluster, name: &str, node: Option<&netns::Node>) -> (Proc, PathBuf) {
-    let state = if name == "sdc1" {
-        c.dir.join("sdc")
-    } else {
-        c.dir.join(name)
-    };
-    let socket = state.join("nbd.sock");
-    let args: Vec<String> = vec![
+/// The arguments of `sdc` for a host named `name` of cluster `c` with state in `state` (NBD
+/// socket `state/nbd.sock`, metrics on a free loopback port).
+pub fn sdc_run_args(c: &Cluster, name: &str, state: &Path) -> Vec<String> {
+    vec![
         "run".into(),
         "--name".into(),
         name.into(),
@@ -757,10 +751,22 @@ fn spawn_sdc(c: &Cluster, name: &str, node: Option<&netns::Node>) -> (Proc, Path
         "--state-dir".into(),
         state.display().to_string(),
         "--nbd-socket".into(),
-        socket.display().to_string(),
+        state.join("nbd.sock").display().to_string(),
         "--metrics-listen".into(),
         format!("127.0.0.1:{}", free_port()),
-    ];
+    ]
+}
+
+/// Start an SDC named `name` with its state dir and NBD socket under `<dir>/<name>` (the
+/// first one, `sdc1`, keeps the historical `<dir>/sdc`), and wait until it registered.
+fn spawn_sdc(c: &Cluster, name: &str, node: Option<&netns::Node>) -> (Proc, PathBuf) {
+    let state = if name == "sdc1" {
+        c.dir.join("sdc")
+    } else {
+        c.dir.join(name)
+    };
+    let socket = state.join("nbd.sock");
+    let args = sdc_run_args(c, name, &state);
     let sdc = Proc::spawn_in(
         node,
         name,
