@@ -179,6 +179,17 @@ impl PgMapping {
             (Some(_), None) => PgState::Degraded,
         }
     }
+
+    /// The copy besides the primary that holds all of the PG's data: the secondary, or while
+    /// a new secondary is being filled by a move (rebalance), the copy it replaces. `None`
+    /// when the PG is degraded or rebuilding (the primary holds the only complete copy).
+    pub fn in_sync_secondary(&self) -> Option<SdsId> {
+        if self.rebuild.is_none() {
+            self.secondary
+        } else {
+            self.leaving
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -35,6 +35,7 @@ use crate::storage::Storage;
 use bytes::Bytes;
 use proto::codec::{kind, Frame};
 use proto::data::{DataHeader, DataOp, FLAG_FUA};
+use proto::model::PgMapping;
 use proto::transport::{Endpoint, Handler, Peer, Response};
 use proto::{ErrorCode, WireError};
 use std::sync::Arc;
@@ -506,8 +507,7 @@ impl<D: BlockDevice> Service<D> {
         };
         let secondary = p
             .pg(pg)
-            .filter(|m| m.rebuild.is_none())
-            .and_then(|m| m.secondary)
+            .and_then(PgMapping::in_sync_secondary)
             .filter(|s| Some(*s) != self.map.me());
         let Some(secondary) = secondary else {
             return Err(unrecoverable("the PG has no in-sync second copy".into()));
@@ -532,7 +532,18 @@ impl<D: BlockDevice> Service<D> {
                     d.len()
                 )))
             }
-            Err(e) => return Err(unrecoverable(format!("the secondary's copy: {e}"))),
+            // The other copy is bad too (or its device failed): nothing left to repair from.
+            Err(ForwardError::Refused { error, .. })
+                if matches!(error.code, ErrorCode::Checksum | ErrorCode::Io) =>
+            {
+                return Err(unrecoverable(format!("the secondary's copy: {error}")))
+            }
+            // The secondary could not be asked right now (unreachable, busy, a newer map): the
+            // block is not lost, so the client retries (and the read repairs it then).
+            Err(e) => {
+                tracing::warn!(%chunk, offset = block, %secondary, "cannot repair a block from the secondary yet: {e}");
+                return Err(self.forward_error(e));
+            }
         };
         self.storage
             .write(chunk, block, &good)

@@ -647,17 +647,31 @@ impl DataCluster {
             sds_addrs.push(addr);
             sds_metrics.push(metrics);
         }
+        // Every SDS must have reported its capacity and hold copies before the volume exists:
+        // an SDS whose capacity arrives later is filled by rebalance, moving data under the
+        // test.
         wait_for(
-            "every PG placed on SDS with reported capacity",
+            "every PG placed, over every SDS with reported capacity",
             Duration::from_secs(20),
             || {
-                let v = c.scli_raw(&[
-                    "--query_storage_pool",
-                    "--storage_pool_name",
-                    "sp1",
-                    "--json",
-                ]);
-                (v.ok && v.json()["pgs_fully_placed"] == 64).then_some(())
+                let map = cluster_map(&c);
+                let pool = map.pools.values().find(|p| p.name == "sp1")?;
+                let placed = pool
+                    .pgs
+                    .iter()
+                    .all(|m| m.primary.is_some() && m.secondary.is_some());
+                let used = map
+                    .sds
+                    .values()
+                    .filter(|x| {
+                        x.capacity_in(pool.id) > 0
+                            && pool
+                                .pgs
+                                .iter()
+                                .any(|m| m.primary == Some(x.id) || m.secondary == Some(x.id))
+                    })
+                    .count();
+                (placed && used == o.n_sds).then_some(())
             },
         );
         let sdc_node = o.net.as_ref().map(|x| x.node("sdc1"));
