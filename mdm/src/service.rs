@@ -363,35 +363,67 @@ impl Service {
         let Some(sd) = state.sds_by_name(name) else {
             return Ok(());
         };
-        let stats = self.sds_stats.lock().map(|m| m.clone()).unwrap_or_default();
-        let stored = |n: &str| {
-            stats
-                .get(n)
-                .map(|s| s.chunks_stored.saturating_mul(proto::CHUNK_SIZE))
-                .unwrap_or(0)
-        };
-        let capacity = |x: &proto::model::Sds| -> u64 {
-            x.devices
-                .iter()
-                .filter(|d| d.state != proto::model::DeviceState::Failed)
-                .map(|d| d.capacity_bytes)
-                .sum()
-        };
-        let need = stored(&sd.name);
-        let free: u64 = state
-            .sds
-            .values()
-            .filter(|x| {
-                x.id != sd.id && x.pd == sd.pd && x.state == SdsState::Normal && !x.removing
-            })
-            .map(|x| capacity(x).saturating_sub(stored(&x.name)))
-            .sum();
+        let (stored, capacity) = self.room_without(&state, sd.pd, |x, _| x.id == sd.id);
+        let need = stored.get(&sd.id).copied().unwrap_or(0);
+        let free = capacity.saturating_sub(stored.values().sum::<u64>() - need);
         if need > free {
             return fail(ErrorCode::NoSpace, format!(
                 "Cannot remove SDS {name}: it stores {} MiB and the other SDS of its protection domain have only {} MiB free. Add capacity first. Nothing was changed",
                 need >> 20, free >> 20));
         }
         Ok(())
+    }
+
+    /// Before marking a device removing: the protection domain without it must still hold
+    /// what its SDS store (rebalance moves PGs off an SDS left with too little room).
+    fn check_device_removal_fits(&self, sds: &str, path: &str) -> Result<(), WireError> {
+        let state = self.raft.shared.read_state();
+        let Some(sd) = state.sds_by_name(sds) else {
+            return Ok(());
+        };
+        let (stored, capacity) =
+            self.room_without(&state, sd.pd, |x, d| x.id == sd.id && d.path == path);
+        let need: u64 = stored.values().sum();
+        if need > capacity {
+            return fail(ErrorCode::NoSpace, format!(
+                "Cannot remove device {path} of SDS {sds}: the protection domain stores {} MiB and would have only {} MiB of capacity left. Add capacity first. Nothing was changed",
+                need >> 20, capacity >> 20));
+        }
+        Ok(())
+    }
+
+    /// What each working SDS of `pd` stores (as reported in their hellos), and the capacity of
+    /// their usable devices except those `skip` names.
+    fn room_without(
+        &self,
+        state: &ClusterState,
+        pd: proto::PdId,
+        skip: impl Fn(&proto::model::Sds, &proto::model::Device) -> bool,
+    ) -> (HashMap<proto::SdsId, u64>, u64) {
+        let stats = self.sds_stats.lock().map(|m| m.clone()).unwrap_or_default();
+        let mut stored = HashMap::new();
+        let mut capacity = 0u64;
+        for x in state
+            .sds
+            .values()
+            .filter(|x| x.pd == pd && x.state == SdsState::Normal)
+        {
+            let held = stats
+                .get(&x.name)
+                .map(|s| s.chunks_stored.saturating_mul(proto::CHUNK_SIZE))
+                .unwrap_or(0);
+            stored.insert(x.id, held);
+            if x.removing {
+                continue;
+            }
+            capacity += x
+                .devices
+                .iter()
+                .filter(|d| d.state == proto::model::DeviceState::Normal && !skip(x, d))
+                .map(|d| d.capacity_bytes)
+                .sum::<u64>();
+        }
+        (stored, capacity)
     }
 
     fn peer_addr(&self, id: u64) -> Option<String> {
@@ -704,6 +736,13 @@ impl Service {
                 takeover: true,
                 ..
             } => self.take_over(&volume, &sdc).await,
+            Command::RemoveSdsDevice { sds, path } => {
+                self.check_device_removal_fits(&sds, &path)?;
+                self.propose(Op::Command {
+                    command: Command::RemoveSdsDevice { sds, path },
+                })
+                .await
+            }
             Command::RemoveSds { name } => {
                 self.check_removal_fits(&name)?;
                 self.propose(Op::Command {
@@ -852,7 +891,10 @@ impl Service {
                     d.path == r.path
                         && (d.capacity_bytes != r.capacity_bytes
                             || (d.state == proto::model::DeviceState::Failed) != r.failed
-                            || d.state == proto::model::DeviceState::Initializing)
+                            || d.state == proto::model::DeviceState::Initializing
+                            || (d.state == proto::model::DeviceState::Removing
+                                && r.draining
+                                && r.chunks == 0))
                 })
             });
         let id = sds.id;
@@ -871,12 +913,16 @@ impl Service {
             if backward {
                 tracing::info!(%name, "a down SDS returns within the backward-rebuild window: it gets only what changed");
             }
-            self.propose(Op::SdsReport {
-                sds: id,
-                devices,
-                backward,
-            })
-            .await?;
+            let out = self
+                .propose(Op::SdsReport {
+                    sds: id,
+                    devices,
+                    backward,
+                })
+                .await?;
+            if out.message.contains("emptied") {
+                tracing::info!(sds = %name, "{}", out.message);
+            }
         }
         // The SDS may serve only once it has a map at least as new as this: the one that
         // records it as Normal (and, after an outage, without the PGs it lost).
@@ -1010,6 +1056,7 @@ fn command_name(c: &Command) -> &'static str {
         Command::RemoveSds { .. } => "remove_sds",
         Command::SetRebuildPolicy { .. } => "set_rebuild_rebalance_policy",
         Command::AddSdsDevice { .. } => "add_sds_device",
+        Command::RemoveSdsDevice { .. } => "remove_sds_device",
         Command::AddVolume { .. } => "add_volume",
         Command::RemoveVolume { .. } => "remove_volume",
         Command::ModifyVolumeCapacity { .. } => "modify_volume_capacity",

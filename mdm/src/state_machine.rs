@@ -482,6 +482,7 @@ fn apply_command(s: &mut ClusterState, c: &Command) -> Result<Outcome, WireError
             replace_placement(s, pool);
             done("Successfully added a device to SDS.", Some(id.0))
         }
+        Command::RemoveSdsDevice { sds, path } => remove_sds_device(s, sds, path),
         Command::AddVolume {
             pool,
             name,
@@ -835,6 +836,70 @@ pub fn copies_on(p: &StoragePool, sds: SdsId) -> usize {
 /// marked removing and rebalance moves its copies off (the leader removes it when it is empty,
 /// with this same command). Refused when the SDS that would remain cannot hold two copies in
 /// two fault domains; the leader also checks free capacity before proposing.
+/// Mark a device removing (its SDS drains it; the record goes when the SDS reports it empty),
+/// or drop the record at once when the device failed or never reported (it holds nothing
+/// readable). The capacity check against the data stored is the leader's, before proposing.
+fn remove_sds_device(s: &mut ClusterState, sds: &str, path: &str) -> Result<Outcome, WireError> {
+    let Some(sd) = s.sds_by_name(sds).cloned() else {
+        return not_found("SDS", sds);
+    };
+    let Some(dev) = sd.devices.iter().find(|d| d.path == path).cloned() else {
+        let known: Vec<&str> = sd.devices.iter().map(|d| d.path.as_str()).collect();
+        return err(
+            ErrorCode::NotFound,
+            format!(
+                "SDS {sds} has no device {path}; its devices: {}",
+                known.join(", ")
+            ),
+        );
+    };
+    if dev.state == DeviceState::Removing {
+        return done(
+            format!("Device {path} of SDS {sds} is already being removed"),
+            Some(dev.id.0),
+        );
+    }
+    let others_usable = sd
+        .devices
+        .iter()
+        .any(|d| d.id != dev.id && d.pool == dev.pool && matches!(d.state, DeviceState::Normal));
+    let holds_copies = s
+        .pools
+        .get(&dev.pool)
+        .is_some_and(|p| copies_on(p, sd.id) > 0)
+        && s.volumes.values().any(|v| v.pool == dev.pool);
+    if matches!(dev.state, DeviceState::Failed | DeviceState::Initializing) || !holds_copies {
+        if let Some(x) = s.sds.get_mut(&sd.id) {
+            x.devices.retain(|d| d.id != dev.id);
+        }
+        replace_placement(s, dev.pool);
+        return done(
+            format!("Removed device {path} from SDS {sds}"),
+            Some(dev.id.0),
+        );
+    }
+    if !others_usable {
+        return err(
+            ErrorCode::Conflict,
+            format!(
+                "Device {path} is the last working device SDS {sds} has in its storage pool; remove the SDS instead (scli --remove_sds --sds_name {sds}) or add a device first. Nothing was changed"
+            ),
+        );
+    }
+    if let Some(d) = s
+        .sds
+        .get_mut(&sd.id)
+        .and_then(|x| x.devices.iter_mut().find(|d| d.id == dev.id))
+    {
+        d.state = DeviceState::Removing;
+    }
+    replace_placement(s, dev.pool);
+    done(
+        format!("Device {path} of SDS {sds} is being removed: its chunks are moved to the SDS's other devices first, then it is removed (watch scli --query_sds)"),
+        Some(dev.id.0),
+    )
+}
+
 fn remove_sds(s: &mut ClusterState, name: &str) -> Result<Outcome, WireError> {
     let Some(sd) = s.sds_by_name(name).cloned() else {
         return not_found("SDS", name);
@@ -976,6 +1041,8 @@ fn sds_report(
         if let Some(d) = sd.devices.iter_mut().find(|d| d.path == r.path) {
             let state = if r.failed {
                 DeviceState::Failed
+            } else if d.state == DeviceState::Removing {
+                DeviceState::Removing
             } else {
                 DeviceState::Normal
             };
@@ -985,6 +1052,22 @@ fn sds_report(
                 pools.push(d.pool);
             }
         }
+    }
+    // A removing device its SDS has emptied (it drains it, so nothing new lands there).
+    let emptied: Vec<(String, PoolId)> = sd
+        .devices
+        .iter()
+        .filter(|d| {
+            d.state == DeviceState::Removing
+                && reports
+                    .iter()
+                    .any(|r| r.path == d.path && r.draining && r.chunks == 0)
+        })
+        .map(|d| (d.path.clone(), d.pool))
+        .collect();
+    for (path, pool) in &emptied {
+        sd.devices.retain(|d| &d.path != path);
+        pools.push(*pool);
     }
     if returned {
         // Its return may make unavailable PGs available and give degraded ones a new copy.
@@ -999,7 +1082,18 @@ fn sds_report(
         replace_placement(s, p);
         heal(s, p, false);
     }
-    done("SDS report recorded", Some(id.0))
+    if emptied.is_empty() {
+        done("SDS report recorded", Some(id.0))
+    } else {
+        let paths: Vec<&str> = emptied.iter().map(|(p, _)| p.as_str()).collect();
+        done(
+            format!(
+                "SDS report recorded; emptied device(s) removed: {}",
+                paths.join(", ")
+            ),
+            Some(id.0),
+        )
+    }
 }
 
 /// A dropped secondary `id` returns: with `backward`, every PG it was dropped from whose
@@ -1510,6 +1604,97 @@ mod tests {
         .expect_err("refused");
         assert_eq!(e.code, ErrorCode::NoSpace);
         assert_eq!(s, before);
+    }
+
+    #[test]
+    fn a_device_is_drained_before_its_record_goes() {
+        let mut s = cluster();
+        cmd(
+            &mut s,
+            Command::AddVolume {
+                pool: "sp1".into(),
+                name: "a".into(),
+                size_bytes: 1 << 30,
+                thin: true,
+                labels: Default::default(),
+                preempt: false,
+            },
+        )
+        .expect("vol");
+        let remove = |s: &mut ClusterState, path: &str| {
+            cmd(
+                s,
+                Command::RemoveSdsDevice {
+                    sds: "sds1".into(),
+                    path: path.into(),
+                },
+            )
+        };
+        // The last device of an SDS holding copies: refused, nothing changed.
+        let before = s.clone();
+        let e = remove(&mut s, "/d").expect_err("last device");
+        assert_eq!(e.code, ErrorCode::Conflict);
+        assert!(e.message.contains("--remove_sds"), "{}", e.message);
+        assert_eq!(s, before);
+        let e = remove(&mut s, "/nope").expect_err("unknown");
+        assert_eq!(e.code, ErrorCode::NotFound);
+        assert_eq!(s, before);
+
+        cmd(
+            &mut s,
+            Command::AddSdsDevice {
+                sds: "sds1".into(),
+                device: NewDevice {
+                    path: "/e".into(),
+                    pool: "sp1".into(),
+                    capacity_bytes: Some(100 << 30),
+                },
+            },
+        )
+        .expect("second device");
+        let pool = s.pool_by_name("sp1").expect("pool").id;
+        let cap = |s: &ClusterState| s.sds_by_name("sds1").expect("sds1").capacity_in(pool);
+        assert_eq!(cap(&s), 200 << 30);
+        remove(&mut s, "/d").expect("marked");
+        let state = |s: &ClusterState, path: &str| {
+            s.sds_by_name("sds1")
+                .expect("sds1")
+                .devices
+                .iter()
+                .find(|d| d.path == path)
+                .map(|d| d.state)
+        };
+        assert_eq!(state(&s, "/d"), Some(DeviceState::Removing));
+        assert_eq!(cap(&s), 100 << 30, "a removing device is no capacity");
+        let report = |s: &mut ClusterState, chunks: u64, draining: bool| {
+            let v = s.version + 1;
+            let id = sds_id(s, "sds1");
+            apply(
+                s,
+                &Op::SdsReport {
+                    sds: id,
+                    devices: vec![DeviceReport {
+                        path: "/d".into(),
+                        capacity_bytes: 100 << 30,
+                        failed: false,
+                        chunks,
+                        draining,
+                    }],
+                    backward: false,
+                },
+                v,
+            )
+            .expect("report")
+        };
+        // Still holding chunks, or not yet draining (an old report): the record stays.
+        report(&mut s, 12, true);
+        assert_eq!(state(&s, "/d"), Some(DeviceState::Removing));
+        report(&mut s, 0, false);
+        assert_eq!(state(&s, "/d"), Some(DeviceState::Removing));
+        let out = report(&mut s, 0, true);
+        assert!(out.message.contains("/d"), "{}", out.message);
+        assert_eq!(state(&s, "/d"), None, "drained and empty: removed");
+        assert_eq!(cap(&s), 100 << 30);
     }
 
     fn sds_id(s: &ClusterState, n: &str) -> SdsId {

@@ -301,6 +301,10 @@ pub enum DeviceState {
     Initializing,
     Normal,
     Failed,
+    /// `scli --remove_sds_device` was given: the device takes no new chunks and its SDS moves
+    /// its chunks to its other devices (rebalance first moves PGs off the SDS when those lack
+    /// room); the record goes once the SDS reports the device empty. Not counted as capacity.
+    Removing,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -333,7 +337,9 @@ impl Sds {
     pub fn capacity_in(&self, pool: PoolId) -> u64 {
         self.devices
             .iter()
-            .filter(|d| d.pool == pool && d.state != DeviceState::Failed)
+            .filter(|d| {
+                d.pool == pool && d.state != DeviceState::Failed && d.state != DeviceState::Removing
+            })
             .map(|d| d.capacity_bytes)
             .sum()
     }

@@ -56,6 +56,13 @@ pub struct DeviceReport {
     pub path: String,
     pub capacity_bytes: u64,
     pub failed: bool,
+    /// Chunks allocated on the device.
+    #[serde(default)]
+    pub chunks: u64,
+    /// The SDS takes no new chunks on it and is moving its chunks to its other devices (it
+    /// saw the device marked removing, or not listed at all, in the map).
+    #[serde(default)]
+    pub draining: bool,
 }
 
 /// Picks an SDC the ScaleIO way: by name, IP or GUID.
@@ -111,6 +118,13 @@ pub enum Command {
     AddSdsDevice {
         sds: String,
         device: NewDevice,
+    },
+    /// Remove a device from an SDS: its chunks move to the SDS's other devices first (and PGs
+    /// off the SDS when those lack room). Refused when it is the SDS's last device or when the
+    /// rest of the protection domain cannot hold the data.
+    RemoveSdsDevice {
+        sds: String,
+        path: String,
     },
     AddVolume {
         pool: String,
@@ -248,6 +262,9 @@ pub struct SdsStats {
     /// Chunks (1 MiB each) stored on this SDS: what a removal must move off.
     #[serde(default)]
     pub chunks_stored: u64,
+    /// Chunks still on devices being removed (moved to this SDS's other devices).
+    #[serde(default)]
+    pub chunks_draining: u64,
     /// Chunks the current backward rebuilds (copies of only what changed) still skip.
     #[serde(default)]
     pub rebuild_chunks_skipped: u64,

@@ -47,6 +47,11 @@ pub struct Args {
     /// --sds_name --device_path --storage_pool_name [--device_capacity_gb].
     #[arg(long)]
     pub add_sds_device: bool,
+    /// --sds_name --device_path: its chunks move to the SDS's other devices first (PGs move
+    /// off the SDS when those lack room), then it is removed; refused for an SDS's last device
+    /// or when the rest cannot hold the data.
+    #[arg(long)]
+    pub remove_sds_device: bool,
     /// --storage_pool_name --size_gb --volume_name [--thin_provisioned|--thick_provisioned]
     /// [--preempt] [--label KEY=VALUE]...
     #[arg(long)]
@@ -225,6 +230,7 @@ impl Args {
                 "--set_rebuild_rebalance_policy",
             ),
             (self.add_sds_device, "--add_sds_device"),
+            (self.remove_sds_device, "--remove_sds_device"),
             (self.add_volume, "--add_volume"),
             (self.remove_volume, "--remove_volume"),
             (self.modify_volume_capacity, "--modify_volume_capacity"),
@@ -355,6 +361,16 @@ impl Args {
                 Command::AddSdsDevice {
                     sds: need(&self.sds_name, "--sds_name")?.into(),
                     device: d.remove(0),
+                }
+            }
+            "--remove_sds_device" => {
+                let path = need(&self.device_path, "--device_path")?;
+                if path.contains(',') {
+                    bail!("--remove_sds_device takes one --device_path");
+                }
+                Command::RemoveSdsDevice {
+                    sds: need(&self.sds_name, "--sds_name")?.into(),
+                    path: path.into(),
                 }
             }
             "--add_volume" => {

@@ -221,6 +221,13 @@ fn sds_text(s: &ClusterState, c: &ClusterStatus, x: &proto::model::Sds) -> Strin
             st.checksum_errors, st.repaired_blocks, st.unrecoverable_blocks, st.scrub_passes,
             st.scrub_chunks_done, st.scrub_chunks_total, st.scrub_rate_bytes >> 20
         );
+        if st.chunks_draining > 0 {
+            let _ = writeln!(
+                o,
+                "    Device removal: {} chunks ({} MiB) left to move to the SDS's other devices",
+                st.chunks_draining, st.chunks_draining
+            );
+        }
     }
     for d in &x.devices {
         let _ = writeln!(

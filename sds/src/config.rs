@@ -75,6 +75,7 @@ pub struct SdsConfig {
     pub cert_dir: PathBuf,
     /// Devices to serve: block devices or regular (sparse) files, used whole, paths exactly as
     /// given to scli. A blank device is formatted on first use. Default: none (required).
+    /// Devices added later with `scli --add_sds_device` are opened from the cluster map.
     #[serde(default)]
     pub devices: Vec<PathBuf>,
     /// Use io_uring (true) or pread/pwrite threads (false, e.g. under Docker's default seccomp
@@ -134,7 +135,9 @@ const FIELD_DOCS: &[(&str, &str)] = &[
     (
         "devices",
         "Devices to serve: block devices or regular (sparse) files, used whole, paths exactly \
-         as given to scli. A blank device is formatted on first use. Required.",
+         as given to scli. A blank device is formatted on first use. Required. Devices added \
+         later with scli --add_sds_device need not be listed: the SDS opens them from the \
+         cluster map (also after a restart).",
     ),
     (
         "io_uring",

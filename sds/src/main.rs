@@ -8,6 +8,7 @@ use proto::transport::{Endpoint, Identity};
 use sds::chunk_store::ChunkStore;
 use sds::config::SdsConfig;
 use sds::device::{AnyDevice, DeviceOptions};
+use sds::devices::DeviceSet;
 use sds::mdm_client::{LinkOptions, MdmLink};
 use sds::metrics::SdsMetrics;
 use sds::rebuild::Rebuilder;
@@ -158,28 +159,47 @@ fn configure(args: &Args) -> anyhow::Result<SdsConfig> {
     Ok(cfg)
 }
 
+/// Open the device at `path` and its chunk store (formatting a blank device).
+async fn open_device(
+    path: &std::path::Path,
+    io_uring: bool,
+) -> anyhow::Result<ChunkStore<AnyDevice>> {
+    let shown = path.display().to_string();
+    let dev = AnyDevice::open(path, io_uring, &DeviceOptions::default())
+        .with_context(|| format!("open device {shown}"))?;
+    let engine = dev.engine();
+    let store = ChunkStore::open(dev)
+        .await
+        .with_context(|| format!("open the chunk store on {shown}"))?;
+    tracing::info!(
+        device = %shown,
+        engine,
+        formatted = store.was_formatted(),
+        capacity_bytes = store.capacity_bytes(),
+        chunks = store.chunk_count(),
+        "device ready"
+    );
+    Ok(store)
+}
+
 async fn open_storage(cfg: &SdsConfig) -> anyhow::Result<Storage<AnyDevice>> {
-    let opts = DeviceOptions::default();
     let mut stores = Vec::new();
     for path in &cfg.devices {
-        let shown = path.display().to_string();
-        let dev = AnyDevice::open(path, cfg.io_uring, &opts)
-            .with_context(|| format!("open device {shown}"))?;
-        let engine = dev.engine();
-        let store = ChunkStore::open(dev)
-            .await
-            .with_context(|| format!("open the chunk store on {shown}"))?;
-        tracing::info!(
-            device = %shown,
-            engine,
-            formatted = store.was_formatted(),
-            capacity_bytes = store.capacity_bytes(),
-            chunks = store.chunk_count(),
-            "device ready"
-        );
-        stores.push((shown, store));
+        let store = open_device(path, cfg.io_uring).await?;
+        stores.push((path.display().to_string(), store));
     }
-    Ok(Storage::new(stores))
+    let storage = Storage::new(stores);
+    let resolved = storage
+        .resolve_duplicates()
+        .await
+        .context("resolve chunks left on two devices by an interrupted move")?;
+    if resolved > 0 {
+        tracing::warn!(
+            resolved,
+            "freed incomplete copies of chunks an interrupted move left on two devices"
+        );
+    }
+    Ok(storage)
 }
 
 async fn run(cfg: SdsConfig) -> anyhow::Result<()> {
@@ -202,7 +222,20 @@ async fn run(cfg: SdsConfig) -> anyhow::Result<()> {
 
     let scrubber = Scrubber::new(service.clone(), cfg.scrub_rate_mib_s << 20);
     let addrs = cfg.mdm_addrs().map_err(anyhow::Error::msg)?;
-    let reports = storage.clone();
+    let io_uring = cfg.io_uring;
+    let device_set = DeviceSet::new(
+        cfg.name.clone(),
+        service.clone(),
+        Arc::new(move |path: PathBuf| {
+            Box::pin(async move {
+                open_device(&path, io_uring)
+                    .await
+                    .map_err(|e| format!("{e:#}"))
+            })
+        }),
+    );
+    let reports = device_set.clone();
+    let syncer = device_set.clone();
     let gauge = metrics.clone();
     let link = Arc::new(
         MdmLink::new(
@@ -217,6 +250,15 @@ async fn run(cfg: SdsConfig) -> anyhow::Result<()> {
                 ..LinkOptions::default()
             },
         )
+        .before_install(Arc::new(move |map| {
+            let syncer = syncer.clone();
+            let listed = syncer.listed(map);
+            Box::pin(async move {
+                if let Some(listed) = listed {
+                    syncer.sync(listed).await;
+                }
+            })
+        }))
         .on_hello(Arc::new(move |ok| {
             gauge.mdm_connected.set(i64::from(ok));
         }))
@@ -228,6 +270,7 @@ async fn run(cfg: SdsConfig) -> anyhow::Result<()> {
     tokio::spawn(link.clone().run());
     tokio::spawn(Rebuilder::new(service.clone(), link.clone(), cfg.rebuild_concurrency).run());
     tokio::spawn(scrubber.run());
+    tokio::spawn(device_set.run());
     tokio::spawn(sds::thick::run(service.clone()));
     let applier = storage.clone();
     tokio::spawn(async move {

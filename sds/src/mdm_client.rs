@@ -17,6 +17,7 @@
 
 use crate::routing::MapCache;
 use proto::client::MdmClient;
+use proto::model::ClusterState;
 use proto::msg::{DeviceReport, MdmRequest, MdmResponse, SdsStats};
 use proto::{Epoch, PgId, PoolId, SdsId, WireError};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -64,8 +65,17 @@ pub enum LinkError {
     Unexpected(&'static str),
 }
 
+/// Runs before a newer map is installed (the device set follows the map: a device the map
+/// adds must be open before any request routed by that map arrives).
+pub type MapHook = Arc<
+    dyn Fn(&ClusterState) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>
+        + Send
+        + Sync,
+>;
+
 pub struct MdmLink {
     client: MdmClient,
+    before_install: Option<MapHook>,
     name: String,
     map: Arc<MapCache>,
     devices: DeviceReports,
@@ -89,6 +99,7 @@ impl MdmLink {
         }
         MdmLink {
             client,
+            before_install: None,
             name,
             map,
             devices,
@@ -102,6 +113,12 @@ impl MdmLink {
     /// Report `f()` in every hello.
     pub fn with_stats(mut self, f: StatsReport) -> MdmLink {
         self.stats = Some(f);
+        self
+    }
+
+    /// Run `f(map)` to completion before installing each newer map.
+    pub fn before_install(mut self, f: MapHook) -> MdmLink {
+        self.before_install = Some(f);
         self
     }
 
@@ -151,6 +168,11 @@ impl MdmLink {
         match self.client.request(&req, self.opts.request_timeout).await? {
             MdmResponse::Map { state: Some(s) } => {
                 let version = s.version;
+                if let Some(f) = &self.before_install {
+                    if version > self.map.version() {
+                        f(&s).await;
+                    }
+                }
                 let installed = self.map.install(*s);
                 if installed {
                     tracing::debug!(version, "installed a newer cluster map");

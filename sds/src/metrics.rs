@@ -78,6 +78,10 @@ pub struct SdsMetrics {
     pub thick_chunks_allocated: Counter,
     /// Chunks of thick volumes this SDS holds but has not allocated yet (or cannot: full).
     pub thick_chunks_pending: Gauge,
+    /// Chunks still on devices being removed.
+    pub draining_chunks: Gauge,
+    /// Chunks moved off devices being removed.
+    pub drained_chunks: Counter,
     /// 1 while this SDS holds a lease from the MDM and may serve.
     pub leased: Gauge,
     /// Blocks rewritten from the other copy after failing their checksum.
@@ -196,6 +200,8 @@ impl SdsMetrics {
             rebuild_chunks_left: Gauge::default(),
             thick_chunks_allocated: Counter::default(),
             thick_chunks_pending: Gauge::default(),
+            draining_chunks: Gauge::default(),
+            drained_chunks: Counter::default(),
             leased: Gauge::default(),
             repaired_blocks: Counter::default(),
             unrecoverable_blocks: Counter::default(),
@@ -268,6 +274,16 @@ impl SdsMetrics {
             "meshblock_sds_thick_chunks_pending",
             "Chunks of thick volumes held here and not allocated yet",
             m.thick_chunks_pending.clone(),
+        );
+        r.register(
+            "meshblock_sds_draining_chunks",
+            "Chunks still on devices being removed (moved to the other devices)",
+            m.draining_chunks.clone(),
+        );
+        r.register(
+            "meshblock_sds_drained_chunks",
+            "Chunks moved off devices being removed",
+            m.drained_chunks.clone(),
         );
         r.register(
             "meshblock_sds_chunks_allocated",

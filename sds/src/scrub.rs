@@ -61,6 +61,7 @@ impl<D: BlockDevice> Scrubber<D> {
             rebuild_bytes_copied: m.rebuild_bytes.get(),
             rebuild_bytes_per_sec: 0,
             chunks_stored: self.service.storage().chunk_count() as u64,
+            chunks_draining: self.service.storage().draining_chunks() as u64,
             rebuild_chunks_skipped: m.rebuild_chunks_skipped.get(),
         }
     }
@@ -84,9 +85,9 @@ impl<D: BlockDevice> Scrubber<D> {
             }
             let mut tick = tokio::time::interval(per_chunk);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            for (chunk, pool) in chunks {
+            for (chunk, _pool) in chunks {
                 tick.tick().await;
-                self.scrub_chunk(chunk, pool).await;
+                self.scrub_chunk(chunk).await;
                 self.progress.done.fetch_add(1, Ordering::Relaxed);
                 self.service.metrics().scrubbed_chunks.inc();
             }
@@ -111,7 +112,7 @@ impl<D: BlockDevice> Scrubber<D> {
     }
 
     /// Verify one chunk; repair each failing block (one per read, a chunk has at most 256).
-    async fn scrub_chunk(&self, chunk: ChunkId, pool: proto::PoolId) {
+    async fn scrub_chunk(&self, chunk: ChunkId) {
         for _ in 0..=crate::range_lock::BLOCKS {
             let r = self
                 .service
@@ -124,20 +125,10 @@ impl<D: BlockDevice> Scrubber<D> {
             };
             self.service.metrics().checksum_errors.inc();
             tracing::warn!(%chunk, offset, "scrubber: block failed its checksum");
-            let map = self.map.state();
-            let Some(p) = map.pools.get(&pool) else {
-                return;
-            };
-            let pg = chunk.pg(p.pg_count);
-            let Some(m) = p.pg(pg) else { return };
-            let me = self.map.me();
-            let r = if me.is_some() && m.primary == me {
-                self.service.repair_local(pool, pg, chunk, offset).await
-            } else if me.is_some() && m.secondary == me {
-                self.service.request_repair(pool, pg, chunk, offset).await
-            } else {
+            let r = match self.service.repair_block(chunk, offset).await {
                 // Not a copy of ours any more: nobody reads it.
-                return;
+                Ok(false) => return,
+                r => r,
             };
             if let Err(e) = r {
                 if e.code != ErrorCode::Checksum {

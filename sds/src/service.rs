@@ -137,7 +137,7 @@ impl<D: BlockDevice> Service<D> {
                 .map(|d| d.store.overlay_blocks() as i64)
                 .sum(),
         );
-        for d in self.storage.devices() {
+        for d in self.storage.devices().iter() {
             self.metrics.set_device_failed(&d.path, d.failed());
         }
     }
@@ -591,6 +591,37 @@ impl<D: BlockDevice> Service<D> {
             .forward(secondary, addr, &w, data)
             .await
             .map_err(|e| self.forward_error(e))
+    }
+
+    /// Repair this SDS's block at `offset` of `chunk` (it failed its checksum) from the PG's
+    /// other copy, whatever this SDS's role: as the primary it fetches the secondary's block,
+    /// as the secondary it asks the primary to rewrite it. `Ok(false)` when the chunk is in no
+    /// PG this SDS holds (nobody reads it).
+    pub async fn repair_block(
+        &self,
+        chunk: proto::ChunkId,
+        offset: u32,
+    ) -> Result<bool, WireError> {
+        let map = self.map.state();
+        let Some(pool) = map.volume_by_vtree(chunk.vtree).map(|v| v.pool) else {
+            return Ok(false);
+        };
+        let Some(p) = map.pools.get(&pool) else {
+            return Ok(false);
+        };
+        let pg = chunk.pg(p.pg_count);
+        let Some(m) = p.pg(pg).copied() else {
+            return Ok(false);
+        };
+        let me = self.map.me();
+        if me.is_some() && m.primary == me {
+            self.repair_local(pool, pg, chunk, offset).await?;
+        } else if me.is_some() && m.secondary == me {
+            self.request_repair(pool, pg, chunk, offset).await?;
+        } else {
+            return Ok(false);
+        }
+        Ok(true)
     }
 
     /// As the PG's secondary, ask the primary to rewrite this SDS's copy of a block.

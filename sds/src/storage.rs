@@ -1,21 +1,28 @@
 //! The SDS's devices as one chunk space: which device holds a chunk, where a new chunk goes,
-//! and which devices have failed.
+//! which devices have failed, and moving chunks off a device being removed.
 //!
 //! PERFORMANCE-CRITICAL: every data request passes here; no logging above DEBUG per I/O.
 //!
-//! A chunk lives on exactly one device; a new one goes to the healthy device with the most free
+//! A chunk lives on exactly one device; a new one goes to the usable device with the most free
 //! slots (placement is decided under one mutex, so two first writes of a chunk cannot pick two
 //! devices). A device error that means the device failed (EIO, short transfer, a dead ring
 //! thread) marks the device failed: it is reported to the MDM, takes no new chunks, and keeps
-//! serving what it still can. This module must not know about epochs or the wire protocol.
+//! serving what it still can. Devices can be added while running; a device being removed is
+//! *draining*: it takes no new chunks and [`Storage::move_chunk`] copies its chunks, one at a
+//! time, to the other devices. A move holds the chunk's whole-chunk lock in `moves` (every
+//! change of a chunk holds the lock of the blocks it changes) and frees the old copy only after
+//! the new one is flushed; reads prefer the draining copy until it is gone, so a half-made copy
+//! is never read. After a crash mid-move, [`Storage::resolve_duplicates`] keeps the complete
+//! copy. This module must not know about epochs or the wire protocol.
 
-use crate::chunk_store::{ChunkStore, StoreError};
+use crate::chunk_store::{ChunkStore, StoreError, BLOCK};
 use crate::device::{BlockDevice, DeviceError};
+use crate::range_lock::{BlockMask, RangeLocks, BLOCKS};
 use bytes::Bytes;
 use proto::msg::DeviceReport;
 use proto::{ChunkId, VtreeId};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 
 /// One device and its chunk store.
 pub struct Device<D> {
@@ -23,59 +30,108 @@ pub struct Device<D> {
     pub path: String,
     pub store: Arc<ChunkStore<D>>,
     failed: AtomicBool,
+    draining: AtomicBool,
 }
 
 impl<D> Device<D> {
     pub fn failed(&self) -> bool {
         self.failed.load(Ordering::Relaxed)
     }
+
+    /// Takes no new chunks; its chunks are being moved to the other devices.
+    pub fn draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+
+    fn usable(&self) -> bool {
+        !self.failed() && !self.draining()
+    }
 }
 
+/// The devices, in the order they were added (never reordered or shrunk while running, so an
+/// index into one snapshot names the same device in every later one).
+type Devices<D> = Arc<[Arc<Device<D>>]>;
+
 pub struct Storage<D> {
-    devices: Vec<Device<D>>,
+    devices: RwLock<Devices<D>>,
     placement: Mutex<()>,
+    moves: RangeLocks,
 }
 
 impl<D: BlockDevice> Storage<D> {
     /// `(path, store)` per device, in configuration order.
     pub fn new(devices: Vec<(String, ChunkStore<D>)>) -> Storage<D> {
         Storage {
-            devices: devices
-                .into_iter()
-                .map(|(path, store)| Device {
-                    path,
-                    store: Arc::new(store),
-                    failed: AtomicBool::new(false),
-                })
-                .collect(),
+            devices: RwLock::new(devices.into_iter().map(|(p, s)| new_device(p, s)).collect()),
             placement: Mutex::new(()),
+            moves: RangeLocks::new(),
         }
     }
 
-    pub fn devices(&self) -> &[Device<D>] {
-        &self.devices
+    /// A snapshot of the devices.
+    pub fn devices(&self) -> Devices<D> {
+        self.devices
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Add a device while running (a device `scli --add_sds_device` gave this SDS).
+    pub fn add_device(&self, path: String, store: ChunkStore<D>) {
+        let _one_at_a_time = self.placement.lock().unwrap_or_else(|p| p.into_inner());
+        let mut devs = self.devices.write().unwrap_or_else(|p| p.into_inner());
+        let mut next: Vec<Arc<Device<D>>> = devs.iter().cloned().collect();
+        next.push(new_device(path, store));
+        *devs = next.into();
+    }
+
+    /// Whether a device with this path is open.
+    pub fn has_device(&self, path: &str) -> bool {
+        self.devices().iter().any(|d| d.path == path)
+    }
+
+    /// Stop placing new chunks on the device at `path` (it is being removed); returns whether
+    /// it was newly marked. Taken under the placement mutex, so no placement decided before
+    /// the mark lands there afterwards.
+    pub fn drain(&self, path: &str) -> bool {
+        let _one_at_a_time = self.placement.lock().unwrap_or_else(|p| p.into_inner());
+        self.devices()
+            .iter()
+            .filter(|d| d.path == path)
+            .any(|d| !d.draining.swap(true, Ordering::SeqCst))
     }
 
     /// What the MDM hears in every hello.
     pub fn reports(&self) -> Vec<DeviceReport> {
-        self.devices
+        self.devices()
             .iter()
             .map(|d| DeviceReport {
                 path: d.path.clone(),
                 capacity_bytes: d.store.capacity_bytes(),
                 failed: d.failed(),
+                chunks: d.store.chunk_count() as u64,
+                draining: d.draining(),
             })
             .collect()
     }
 
     /// Allocated chunks on all devices.
     pub fn chunk_count(&self) -> usize {
-        self.devices.iter().map(|d| d.store.chunk_count()).sum()
+        self.devices().iter().map(|d| d.store.chunk_count()).sum()
+    }
+
+    /// Chunks still to move off draining devices.
+    pub fn draining_chunks(&self) -> usize {
+        self.devices()
+            .iter()
+            .filter(|d| d.draining())
+            .map(|d| d.store.chunk_count())
+            .sum()
     }
 
     /// Mark device `i` failed (logged once: a human must replace it).
     pub fn mark_failed(&self, i: usize, why: &DeviceError) {
-        if let Some(d) = self.devices.get(i) {
+        if let Some(d) = self.devices().get(i) {
             if !d.failed.swap(true, Ordering::SeqCst) {
                 tracing::error!(device = %d.path, "device failed: {why}; reporting it to the MDM");
             }
@@ -91,61 +147,90 @@ impl<D: BlockDevice> Storage<D> {
         r
     }
 
-    fn locate(&self, chunk: ChunkId) -> Option<usize> {
-        if let [only] = self.devices.as_slice() {
+    /// The device holding `chunk`: while a move has it on two devices, the draining one (the
+    /// complete copy).
+    fn locate(devs: &[Arc<Device<D>>], chunk: ChunkId) -> Option<usize> {
+        if let [only] = devs {
             return only.store.contains(chunk).then_some(0);
         }
-        self.devices.iter().position(|d| d.store.contains(chunk))
+        let mut found = None;
+        for (i, d) in devs.iter().enumerate() {
+            if d.store.contains(chunk) {
+                if d.draining() {
+                    return Some(i);
+                }
+                found.get_or_insert(i);
+            }
+        }
+        found
     }
 
     /// The device holding `chunk`, or the one a new chunk goes to (reserved there).
-    fn place(&self, chunk: ChunkId) -> Result<usize, StoreError> {
-        if let Some(i) = self.locate(chunk) {
+    fn place(&self, devs: &[Arc<Device<D>>], chunk: ChunkId) -> Result<usize, StoreError> {
+        if let Some(i) = Self::locate(devs, chunk) {
             return Ok(i);
         }
         let _one_at_a_time = self.placement.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(i) = self.locate(chunk) {
+        if let Some(i) = Self::locate(devs, chunk) {
             return Ok(i);
         }
-        let best = self
-            .devices
+        Self::place_new(devs, chunk)
+    }
+
+    /// Reserve `chunk` on the usable device with the most free slots (placement mutex held).
+    fn place_new(devs: &[Arc<Device<D>>], chunk: ChunkId) -> Result<usize, StoreError> {
+        let best = devs
             .iter()
             .enumerate()
-            .filter(|(_, d)| !d.failed())
+            .filter(|(_, d)| d.usable() && !d.store.contains(chunk))
             .map(|(i, d)| (d.store.free_slots(), i))
             .filter(|(free, _)| *free > 0)
             .max();
         match best {
             Some((_, i)) => {
-                self.devices[i].store.reserve(chunk)?;
+                devs[i].store.reserve(chunk)?;
                 Ok(i)
             }
-            None if self.devices.iter().all(|d| d.failed()) => {
-                Err(StoreError::Device(DeviceError::eio()))
-            }
+            None if devs.iter().all(|d| d.failed()) => Err(StoreError::Device(DeviceError::eio())),
             None => Err(StoreError::NoSpace),
         }
     }
 
     pub async fn read(&self, chunk: ChunkId, offset: u32, len: u32) -> Result<Bytes, StoreError> {
-        match self.locate(chunk) {
-            Some(i) => self.note(i, self.devices[i].store.read(chunk, offset, len).await),
-            None => crate::chunk_store::zeros(offset, len),
+        let devs = self.devices();
+        let Some(i) = Self::locate(&devs, chunk) else {
+            return crate::chunk_store::zeros(offset, len);
+        };
+        let r = self.note(i, devs[i].store.read(chunk, offset, len).await);
+        // A move may have freed this copy between the lookup and the read (which then saw
+        // zeros): read the new copy.
+        if !devs[i].store.contains(chunk) {
+            if let Some(j) = Self::locate(&devs, chunk) {
+                return self.note(j, devs[j].store.read(chunk, offset, len).await);
+            }
         }
+        r
     }
 
     pub async fn write(&self, chunk: ChunkId, offset: u32, data: &[u8]) -> Result<(), StoreError> {
         if data.is_empty() {
             return Ok(());
         }
-        let i = self.place(chunk)?;
-        self.note(i, self.devices[i].store.write(chunk, offset, data).await)
+        let _moving = self
+            .moves
+            .lock(chunk, BlockMask::bytes(offset, data.len() as u32))
+            .await;
+        let devs = self.devices();
+        let i = self.place(&devs, chunk)?;
+        self.note(i, devs[i].store.write(chunk, offset, data).await)
     }
 
     /// Trim and write-zeroes: the range reads as zeros afterwards; emptied chunks are freed.
     pub async fn zero(&self, chunk: ChunkId, offset: u32, len: u32) -> Result<(), StoreError> {
-        match self.locate(chunk) {
-            Some(i) => self.note(i, self.devices[i].store.trim(chunk, offset, len).await),
+        let _moving = self.moves.lock(chunk, BlockMask::bytes(offset, len)).await;
+        let devs = self.devices();
+        match Self::locate(&devs, chunk) {
+            Some(i) => self.note(i, devs[i].store.trim(chunk, offset, len).await),
             None => crate::chunk_store::zeros(offset, len).map(|_| ()),
         }
     }
@@ -157,11 +242,10 @@ impl<D: BlockDevice> Storage<D> {
         offset: u32,
         len: u32,
     ) -> Result<(), StoreError> {
-        match self.locate(chunk) {
-            Some(i) => self.note(
-                i,
-                self.devices[i].store.zero_keeping(chunk, offset, len).await,
-            ),
+        let _moving = self.moves.lock(chunk, BlockMask::bytes(offset, len)).await;
+        let devs = self.devices();
+        match Self::locate(&devs, chunk) {
+            Some(i) => self.note(i, devs[i].store.zero_keeping(chunk, offset, len).await),
             None => crate::chunk_store::zeros(offset, len).map(|_| ()),
         }
     }
@@ -169,20 +253,124 @@ impl<D: BlockDevice> Storage<D> {
     /// Allocate `chunk` without data unless some device holds it (thick volumes). Returns
     /// whether it allocated.
     pub async fn preallocate(&self, chunk: ChunkId) -> Result<bool, StoreError> {
-        if self.contains(chunk) {
+        let _moving = self.moves.lock(chunk, BlockMask::all()).await;
+        let devs = self.devices();
+        if Self::locate(&devs, chunk).is_some() {
             return Ok(false);
         }
-        let i = self.place(chunk)?;
-        self.note(i, self.devices[i].store.preallocate(chunk).await)
+        let i = self.place(&devs, chunk)?;
+        self.note(i, devs[i].store.preallocate(chunk).await)
+    }
+
+    /// Move `chunk` off device `from` (draining) to a usable device: copy its written blocks
+    /// (verified against their checksums on the way), flush the copy, then free the old one.
+    /// Returns false when `from` no longer holds it. On error nothing changed: the old copy
+    /// stays and any partial new one is freed.
+    pub async fn move_chunk(&self, chunk: ChunkId, from: usize) -> Result<bool, StoreError> {
+        let _moving = self.moves.lock(chunk, BlockMask::all()).await;
+        let devs = self.devices();
+        let Some(src) = devs.get(from) else {
+            return Ok(false);
+        };
+        let Some(meta) = src.store.meta_of(chunk) else {
+            return Ok(false);
+        };
+        let to = {
+            let _one_at_a_time = self.placement.lock().unwrap_or_else(|p| p.into_inner());
+            Self::place_new(&devs, chunk)?
+        };
+        let dst = &devs[to];
+        let copied = async {
+            let mut b = 0;
+            let mut any = false;
+            while b < BLOCKS {
+                if !meta.is_written(b) {
+                    b += 1;
+                    continue;
+                }
+                let start = b;
+                while b < BLOCKS && meta.is_written(b) {
+                    b += 1;
+                }
+                let (off, len) = ((start * BLOCK) as u32, ((b - start) * BLOCK) as u32);
+                let data = self.note(from, src.store.read(chunk, off, len).await)?;
+                self.note(to, dst.store.write(chunk, off, &data).await)?;
+                any = true;
+            }
+            if !any {
+                self.note(to, dst.store.preallocate(chunk).await)?;
+            }
+            self.note(to, dst.store.flush().await)
+        }
+        .await;
+        if let Err(e) = copied {
+            if let Err(undo) = dst.store.trim(chunk, 0, proto::CHUNK_SIZE as u32).await {
+                tracing::warn!(%chunk, device = %dst.path, "could not free a partial copy: {undo}");
+            }
+            return Err(e);
+        }
+        self.note(
+            from,
+            src.store.trim(chunk, 0, proto::CHUNK_SIZE as u32).await,
+        )?;
+        Ok(true)
+    }
+
+    /// After a crash in the middle of a move a chunk can be on two devices: keep the copy that
+    /// holds every block the other does with the same checksums (the complete one) and free
+    /// the other. Call after opening devices, before serving what they hold. Returns how many
+    /// duplicates were resolved.
+    pub async fn resolve_duplicates(&self) -> Result<usize, StoreError> {
+        let devs = self.devices();
+        if devs.len() < 2 {
+            return Ok(0);
+        }
+        let mut seen: std::collections::HashMap<ChunkId, usize> = Default::default();
+        let mut resolved = 0;
+        for (j, d) in devs.iter().enumerate() {
+            for chunk in d.store.chunks() {
+                let Some(&i) = seen.get(&chunk) else {
+                    seen.insert(chunk, j);
+                    continue;
+                };
+                let _moving = self.moves.lock(chunk, BlockMask::all()).await;
+                let (Some(a), Some(b)) = (devs[i].store.meta_of(chunk), d.store.meta_of(chunk))
+                else {
+                    continue;
+                };
+                let covers = |x: &crate::chunk_store::ChunkMeta,
+                              y: &crate::chunk_store::ChunkMeta| {
+                    (0..BLOCKS)
+                        .all(|k| !y.is_written(k) || (x.is_written(k) && x.crcs[k] == y.crcs[k]))
+                };
+                // Keep `i` when it covers `j`, else `j` (the copy that got further).
+                let drop = if covers(&a, &b) { j } else { i };
+                if drop == i {
+                    seen.insert(chunk, j);
+                }
+                tracing::warn!(%chunk, kept = %devs[if drop == i { j } else { i }].path,
+                    freed = %devs[drop].path, "a chunk was on two devices (a move was cut short): freed the incomplete copy");
+                self.note(
+                    drop,
+                    devs[drop]
+                        .store
+                        .trim(chunk, 0, proto::CHUNK_SIZE as u32)
+                        .await,
+                )?;
+                resolved += 1;
+            }
+        }
+        Ok(resolved)
     }
 
     /// Flush every device (in parallel when there are several).
     pub async fn flush(&self) -> Result<(), StoreError> {
-        if let [d] = self.devices.as_slice() {
+        let devs = self.devices();
+        if let [d] = &devs[..] {
             return self.note(0, d.store.flush().await);
         }
         let mut set = tokio::task::JoinSet::new();
-        for (i, d) in self.devices.iter().enumerate() {
+        for (i, d) in devs.iter().enumerate() {
             let store = d.store.clone();
             set.spawn(async move { (i, store.flush().await) });
         }
@@ -199,7 +387,7 @@ impl<D: BlockDevice> Storage<D> {
     /// Apply every device's journaled writes in place (when it holds any): the background
     /// apply that keeps the in-memory overlay small between client flushes.
     pub async fn apply_journals(&self) -> Result<(), StoreError> {
-        for (i, d) in self.devices.iter().enumerate() {
+        for (i, d) in self.devices().iter().enumerate() {
             if d.store.unapplied() && !d.failed() {
                 self.note(i, d.store.apply_journal().await)?;
             }
@@ -209,13 +397,13 @@ impl<D: BlockDevice> Storage<D> {
 
     /// Whether `chunk` is allocated on any device.
     pub fn contains(&self, chunk: ChunkId) -> bool {
-        self.locate(chunk).is_some()
+        Self::locate(&self.devices(), chunk).is_some()
     }
 
     /// Every allocated chunk of `vtree` on any device, ascending.
     pub fn chunks_of(&self, vtree: VtreeId) -> Vec<proto::ChunkIndex> {
         let mut out: Vec<proto::ChunkIndex> = self
-            .devices
+            .devices()
             .iter()
             .flat_map(|d| d.store.chunks_of(vtree))
             .collect();
@@ -227,13 +415,22 @@ impl<D: BlockDevice> Storage<D> {
     /// One byte per chunk `first .. first + count` of `vtree`: 1 if allocated on any device.
     pub fn allocated(&self, vtree: VtreeId, first: u64, count: u32) -> Vec<u8> {
         let mut out = vec![0u8; count as usize];
-        for d in &self.devices {
+        for d in self.devices().iter() {
             for (o, a) in out.iter_mut().zip(d.store.allocated(vtree, first, count)) {
                 *o |= a;
             }
         }
         out
     }
+}
+
+fn new_device<D>(path: String, store: ChunkStore<D>) -> Arc<Device<D>> {
+    Arc::new(Device {
+        path,
+        store: Arc::new(store),
+        failed: AtomicBool::new(false),
+        draining: AtomicBool::new(false),
+    })
 }
 
 #[cfg(test)]
@@ -275,7 +472,7 @@ mod tests {
         }
         assert_eq!(s.read(c(9), 10, 3).await.expect("hole"), vec![0u8; 3]);
         // Applied in place, so reads reach the devices.
-        for d in s.devices() {
+        for d in s.devices().iter() {
             d.store.apply_journal().await.expect("apply");
         }
 
@@ -318,5 +515,101 @@ mod tests {
         s.write(c(slots), 0, b"x")
             .await
             .expect("the freed slot is reused");
+    }
+
+    fn block(tag: u8, n: usize) -> Vec<u8> {
+        (0..n * 4096).map(|k| tag ^ (k % 251) as u8).collect()
+    }
+
+    #[tokio::test]
+    async fn a_draining_device_moves_its_chunks_without_losing_writes() {
+        let (fa, fb) = (
+            Scratch::new("mv-a", 16 << 20),
+            Scratch::new("mv-b", 16 << 20),
+        );
+        let s = Arc::new(Storage::new(vec![
+            ("a".into(), store(&fa).await),
+            ("b".into(), store(&fb).await),
+        ]));
+        // Chunks with holes (blocks 0-1 and 10 written), spread over both devices.
+        for i in 0..4 {
+            s.write(c(i), 0, &block(i as u8, 2)).await.expect("write");
+            s.write(c(i), 10 * 4096, &block(0x80 | i as u8, 1))
+                .await
+                .expect("write");
+        }
+        let on_a: Vec<u64> = (0..4)
+            .filter(|i| s.devices()[0].store.contains(c(*i)))
+            .collect();
+        assert!(!on_a.is_empty(), "some chunks on a");
+        assert!(s.drain("a"));
+        assert!(!s.drain("a"), "marked once");
+        // Moves race with writes to the same chunks: every write lands in the copy that stays.
+        let mut tasks = tokio::task::JoinSet::new();
+        for &i in &on_a {
+            let (s1, s2) = (s.clone(), s.clone());
+            tasks.spawn(async move { s1.move_chunk(c(i), 0).await.map(|_| ()) });
+            tasks.spawn(async move {
+                for k in 0..8u8 {
+                    s2.write(c(i), 20 * 4096, &block(k, 1)).await?;
+                }
+                Ok(())
+            });
+        }
+        while let Some(r) = tasks.join_next().await {
+            r.expect("task").expect("move or write");
+        }
+        assert_eq!(s.devices()[0].store.chunk_count(), 0, "a drained");
+        assert_eq!(s.draining_chunks(), 0);
+        for i in 0..4u64 {
+            let got = s.read(c(i), 0, 21 * 4096).await.expect("read");
+            assert_eq!(&got[..2 * 4096], &block(i as u8, 2)[..], "chunk {i}");
+            assert_eq!(
+                &got[2 * 4096..10 * 4096],
+                &vec![0u8; 8 * 4096][..],
+                "hole of {i}"
+            );
+            assert_eq!(&got[10 * 4096..11 * 4096], &block(0x80 | i as u8, 1)[..]);
+            if on_a.contains(&i) {
+                assert_eq!(&got[20 * 4096..], &block(7, 1)[..], "last write of {i}");
+            }
+            // The hole stays a hole: only written blocks were copied.
+            let meta = s.devices()[1].store.meta_of(c(i)).expect("on b");
+            assert!(meta.is_written(10) && !meta.is_written(5));
+        }
+        // New chunks avoid the draining device.
+        s.write(c(9), 0, b"new").await.expect("write");
+        assert!(s.devices()[1].store.contains(c(9)));
+        assert!(!s.devices()[0].store.contains(c(9)));
+    }
+
+    #[tokio::test]
+    async fn a_move_cut_short_keeps_the_complete_copy() {
+        let (fa, fb) = (
+            Scratch::new("dup-a", 8 << 20),
+            Scratch::new("dup-b", 8 << 20),
+        );
+        let (sa, sb) = (store(&fa).await, store(&fb).await);
+        // Chunk 1: complete on a, half-copied to b (a move cut short before its flush).
+        sa.write(c(1), 0, &block(1, 4)).await.expect("write");
+        sb.write(c(1), 0, &block(1, 2)).await.expect("write");
+        // Chunk 2: fully copied to b, not yet freed on a.
+        sa.write(c(2), 0, &block(2, 3)).await.expect("write");
+        sb.write(c(2), 0, &block(2, 3)).await.expect("write");
+        // Chunk 3: only on b, ahead of a's stale partial copy of it.
+        sb.write(c(3), 0, &block(3, 3)).await.expect("write");
+        sa.write(c(3), 0, &block(3, 1)).await.expect("write");
+        let s = Storage::new(vec![("a".into(), sa), ("b".into(), sb)]);
+        assert_eq!(s.resolve_duplicates().await.expect("resolve"), 3);
+        let on = |i: u64| {
+            let d = s.devices();
+            (d[0].store.contains(c(i)), d[1].store.contains(c(i)))
+        };
+        assert_eq!(on(1), (true, false), "the complete copy on a stays");
+        assert_eq!(on(2), (true, false), "identical copies: one stays");
+        assert_eq!(on(3), (false, true), "the copy that got further stays");
+        assert_eq!(s.read(c(1), 0, 4 * 4096).await.expect("read"), block(1, 4));
+        assert_eq!(s.read(c(3), 0, 3 * 4096).await.expect("read"), block(3, 3));
+        assert_eq!(s.resolve_duplicates().await.expect("again"), 0);
     }
 }

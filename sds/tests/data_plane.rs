@@ -658,6 +658,8 @@ async fn the_mdm_link_follows_the_leader_registers_and_fetches_the_map() {
             path: "/dev/x".into(),
             capacity_bytes: 7,
             failed: true,
+            chunks: 0,
+            draining: false,
         }]
     });
     let link = Arc::new(MdmLink::new(

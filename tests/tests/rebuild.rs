@@ -468,3 +468,133 @@ fn backward_rebuild_copies_only_changes() {
         copied / (1u64 << 20) as f64
     );
 }
+
+/// The devices `--query_sds` shows for `sds`, as (path, state, capacity).
+fn sds_devices(dc: &DataCluster, sds: &str) -> Vec<(String, String, u64)> {
+    let v =
+        dc.c.must_scli(&["--query_sds", "--sds_name", sds, "--json"]);
+    v.json()["devices"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|d| {
+                    (
+                        d["path"].as_str().unwrap_or("").to_string(),
+                        d["state"].as_str().unwrap_or("").to_string(),
+                        d["capacity_bytes"].as_u64().unwrap_or(0),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Devices added and removed while the SDS runs, with a writer at QD32: `--add_sds_device`
+/// is opened by the running SDS and takes new chunks; `--remove_sds_device` moves the old
+/// device's chunks to it (the SDS is SIGKILLed in the middle of that and restarted with only
+/// its original device on the command line: it opens the added one from the map, keeps the
+/// complete copy of a chunk the kill left on both, and finishes); the record goes once it is
+/// empty. Removing the last device or an unknown one is refused and changes nothing. Every
+/// acknowledged write and the filled data read back, and the two copies are identical.
+#[test]
+fn device_added_and_removed_while_running() {
+    const FILL: u64 = 768 << 20;
+    let opts = DataOpts {
+        n_sds: 3,
+        vol_gb: 1,
+        ..DataOpts::default()
+    };
+    let mut dc = DataCluster::start_opts("device_add_remove", &opts);
+    fill_pattern(&dc.socket, "vol1", FILL_START, FILL, 81).expect("fill");
+    let w = Writer::start(&dc, REGION, 82);
+    w.wait_more(300, "writes before the new device");
+
+    let old = dc.c.dir.join("sds1.img").display().to_string();
+    let new = dc.c.dir.join("sds1-b.img");
+    std::fs::File::create(&new)
+        .and_then(|f| f.set_len(4 << 30))
+        .expect("device file");
+    let new = new.display().to_string();
+    dc.c.must_scli(&[
+        "--add_sds_device",
+        "--sds_name",
+        "sds1",
+        "--device_path",
+        &new,
+        "--storage_pool_name",
+        "sp1",
+    ]);
+    wait_for(
+        "the running SDS to open the added device",
+        Duration::from_secs(30),
+        || {
+            sds_devices(&dc, "sds1")
+                .iter()
+                .any(|(p, st, cap)| *p == new && st == "Normal" && *cap > 0)
+                .then_some(())
+        },
+    );
+
+    // Refusals change nothing.
+    let before = cluster_map(&dc.c);
+    let r = dc.c.scli_raw(&[
+        "--remove_sds_device",
+        "--sds_name",
+        "sds2",
+        "--device_path",
+        &dc.c.dir.join("sds2.img").display().to_string(),
+    ]);
+    assert!(!r.ok, "removing sds2's last device was accepted");
+    assert!(
+        r.stderr.contains("--remove_sds") && r.stderr.contains("Nothing was changed"),
+        "unclear error: {}",
+        r.stderr
+    );
+    let r = dc.c.scli_raw(&[
+        "--remove_sds_device",
+        "--sds_name",
+        "sds1",
+        "--device_path",
+        "/no/such/device",
+    ]);
+    assert!(!r.ok && r.stderr.contains("has no device"), "{}", r.stderr);
+    let after = cluster_map(&dc.c);
+    assert_eq!(before.sds, after.sds, "a refused removal changed the SDS");
+
+    let held = dc.sds_metric(0, "meshblock_sds_chunks_allocated");
+    let r = dc.c.must_scli(&[
+        "--remove_sds_device",
+        "--sds_name",
+        "sds1",
+        "--device_path",
+        &old,
+    ]);
+    assert!(r.stdout.contains("being removed"), "{}", r.stdout);
+    // SIGKILL the SDS in the middle of the moves, restart it (its command line names only the
+    // old device).
+    wait_for("some chunks moved", Duration::from_secs(60), || {
+        (dc.sds_metric(0, "meshblock_sds_drained_chunks_total") >= 20.0).then_some(())
+    });
+    dc.sds[0].kill();
+    dc.sds[0].start();
+    wait_for(
+        "the old device's record to go",
+        Duration::from_secs(300),
+        || {
+            let devs = sds_devices(&dc, "sds1");
+            (devs.len() == 1 && devs[0].0 == new).then_some(())
+        },
+    );
+    assert!(held > 100.0, "sds1 held only {held} chunks");
+    assert_eq!(dc.sds_metric(0, "meshblock_sds_draining_chunks"), 0.0);
+    w.wait_more(300, "writes after the removal");
+    must_finish(w, &dc);
+    must_match_pattern(&dc, FILL, 81);
+    must_have_identical_copies(&dc, FILL_START + FILL);
+    must_have_two_live_copies(&dc);
+    let log = dc.sds[0].log_text();
+    assert!(
+        log.contains("opened a device the cluster map gives this SDS"),
+        "the restarted SDS did not open the added device from the map"
+    );
+}

@@ -1724,6 +1724,14 @@ impl<D: BlockDevice> ChunkStore<D> {
         out
     }
 
+    /// Every allocated chunk, ascending.
+    pub fn chunks(&self) -> Vec<ChunkId> {
+        self.index
+            .read()
+            .map(|i| i.keys().copied().collect())
+            .unwrap_or_default()
+    }
+
     /// Every allocated chunk of `vtree`, ascending.
     pub fn chunks_of(&self, vtree: VtreeId) -> Vec<ChunkIndex> {
         let Ok(index) = self.index.read() else {

@@ -1,0 +1,199 @@
+//! The SDS's device set at run time, kept in step with the cluster map.
+//!
+//! - A device `scli --add_sds_device` gave this SDS is opened (and formatted when blank) before
+//!   the map naming it is installed, so no request routed by that map finds it missing; after a
+//!   restart the same happens for devices the configuration does not list.
+//! - A device the map marks removing (`scli --remove_sds_device`), or does not list for this SDS
+//!   at all, is drained: it takes no new chunks and [`DeviceSet::run`] moves its chunks to the
+//!   other devices one at a time ([`Storage::move_chunk`]), repairing a block that fails its
+//!   checksum from the PG's other copy first. When the other devices are full it waits: the MDM
+//!   no longer counts the device's capacity, so rebalance moves PGs off this SDS. The MDM drops
+//!   the device's record once this SDS reports it drained and empty.
+//! - A device that cannot be opened is reported failed (never retried until restart).
+
+use crate::chunk_store::{ChunkStore, StoreError};
+use crate::device::BlockDevice;
+use crate::service::Service;
+use proto::model::{ClusterState, DeviceState};
+use proto::msg::DeviceReport;
+use std::collections::BTreeSet;
+use std::future::Future;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::Notify;
+
+/// Opens (formatting when blank) the chunk store on a device path.
+pub type OpenDevice<D> = Arc<
+    dyn Fn(PathBuf) -> Pin<Box<dyn Future<Output = Result<ChunkStore<D>, String>> + Send>>
+        + Send
+        + Sync,
+>;
+
+/// How often the drain task looks for work when nothing woke it.
+const DRAIN_IDLE: Duration = Duration::from_secs(1);
+/// Pause after the other devices had no room (rebalance must move PGs off first).
+const NO_ROOM_PAUSE: Duration = Duration::from_secs(2);
+
+pub struct DeviceSet<D> {
+    name: String,
+    service: Arc<Service<D>>,
+    open: OpenDevice<D>,
+    /// Paths that failed to open: reported failed, not retried until restart.
+    broken: Mutex<BTreeSet<String>>,
+    wake: Notify,
+}
+
+impl<D: BlockDevice> DeviceSet<D> {
+    /// The device set of SDS `name` (its name in the map).
+    pub fn new(name: String, service: Arc<Service<D>>, open: OpenDevice<D>) -> Arc<DeviceSet<D>> {
+        Arc::new(DeviceSet {
+            name,
+            service,
+            open,
+            broken: Mutex::new(BTreeSet::new()),
+            wake: Notify::new(),
+        })
+    }
+
+    /// What the MDM hears in every hello: the open devices, and those that failed to open.
+    pub fn reports(&self) -> Vec<DeviceReport> {
+        let mut out = self.service.storage().reports();
+        if let Ok(broken) = self.broken.lock() {
+            out.extend(broken.iter().map(|p| DeviceReport {
+                path: p.clone(),
+                capacity_bytes: 0,
+                failed: true,
+                chunks: 0,
+                draining: false,
+            }));
+        }
+        out
+    }
+
+    /// The devices `map` gives this SDS, as `(path, state)`; `None` when the map does not
+    /// know this SDS (yet).
+    pub fn listed(&self, map: &ClusterState) -> Option<Vec<(String, DeviceState)>> {
+        let sd = map.sds_by_name(&self.name)?;
+        Some(
+            sd.devices
+                .iter()
+                .map(|d| (d.path.clone(), d.state))
+                .collect(),
+        )
+    }
+
+    /// Bring the open devices in line with `listed` (from [`DeviceSet::listed`]): open the new
+    /// ones, drain the removed ones. Run before the map is installed.
+    pub async fn sync(&self, listed: Vec<(String, DeviceState)>) {
+        let storage = self.service.storage();
+        let mut opened = false;
+        // Open the new devices first: a drain woken below needs somewhere to move chunks to.
+        for (path, state) in &listed {
+            if *state == DeviceState::Removing {
+                continue;
+            }
+            let broken = self.broken.lock().map(|b| b.contains(path)).unwrap_or(true);
+            if storage.has_device(path) || broken {
+                continue;
+            }
+            match (self.open)(PathBuf::from(path)).await {
+                Ok(store) => {
+                    tracing::info!(device = %path, capacity_bytes = store.capacity_bytes(),
+                        chunks = store.chunk_count(), formatted = store.was_formatted(),
+                        "opened a device the cluster map gives this SDS");
+                    storage.add_device(path.clone(), store);
+                    opened = true;
+                }
+                Err(e) => {
+                    tracing::error!(device = %path, "cannot open the device the cluster map gives this SDS: {e}; reporting it failed (fix it, then restart the SDS)");
+                    if let Ok(mut b) = self.broken.lock() {
+                        b.insert(path.clone());
+                    }
+                }
+            }
+        }
+        if opened {
+            match storage.resolve_duplicates().await {
+                Ok(0) => {}
+                Ok(n) => tracing::warn!(
+                    resolved = n,
+                    "freed incomplete copies of chunks an interrupted move left on two devices"
+                ),
+                Err(e) => tracing::error!("could not resolve chunks left on two devices: {e}"),
+            }
+        }
+        for (path, state) in &listed {
+            if *state == DeviceState::Removing && storage.drain(path) {
+                tracing::info!(device = %path, "device is being removed: it takes no new chunks and its chunks are moved to the other devices");
+                self.wake.notify_one();
+            }
+        }
+        for d in storage.devices().iter() {
+            if !listed.iter().any(|(p, _)| *p == d.path) && storage.drain(&d.path) {
+                tracing::warn!(device = %d.path, "device is not one of this SDS's devices in the cluster map (removed, or never added with scli --add_sds_device): it takes no new chunks and its chunks are moved to the other devices");
+                self.wake.notify_one();
+            }
+        }
+    }
+
+    /// Move chunks off draining devices, forever.
+    pub async fn run(self: Arc<Self>) {
+        let storage = self.service.storage().clone();
+        let metrics = self.service.metrics().clone();
+        loop {
+            metrics
+                .draining_chunks
+                .set(storage.draining_chunks() as i64);
+            let _ = tokio::time::timeout(DRAIN_IDLE, self.wake.notified()).await;
+            let devs = storage.devices();
+            for (i, d) in devs.iter().enumerate() {
+                if !d.draining() || d.failed() || d.store.chunk_count() == 0 {
+                    continue;
+                }
+                let chunks = d.store.chunks();
+                tracing::info!(device = %d.path, chunks = chunks.len(), "moving chunks off a device being removed");
+                let mut moved = 0u64;
+                for chunk in chunks {
+                    match storage.move_chunk(chunk, i).await {
+                        Ok(true) => {
+                            moved += 1;
+                            metrics.drained_chunks.inc();
+                            metrics
+                                .draining_chunks
+                                .set(storage.draining_chunks() as i64);
+                        }
+                        Ok(false) => {}
+                        Err(StoreError::ChecksumMismatch { chunk, offset }) => {
+                            metrics.checksum_errors.inc();
+                            match self.service.repair_block(chunk, offset).await {
+                                Ok(_) => {
+                                    tracing::info!(%chunk, offset, "repaired a block before moving its chunk; the move is retried")
+                                }
+                                Err(e) => {
+                                    tracing::warn!(%chunk, offset, "a block of a chunk to move fails its checksum and cannot be repaired yet: {e}")
+                                }
+                            }
+                        }
+                        Err(StoreError::NoSpace) => {
+                            tracing::warn!(device = %d.path, left = d.store.chunk_count(),
+                                "no room on this SDS's other devices: waiting for rebalance to move PGs off this SDS");
+                            tokio::time::sleep(NO_ROOM_PAUSE).await;
+                            break;
+                        }
+                        Err(e) => {
+                            tracing::warn!(%chunk, device = %d.path, "could not move a chunk off a device being removed: {e}; retrying later");
+                            break;
+                        }
+                    }
+                }
+                if d.store.chunk_count() == 0 {
+                    tracing::info!(device = %d.path, moved, "device drained: every chunk moved to the other devices; the MDM removes it at the next hello");
+                } else {
+                    tracing::info!(device = %d.path, moved, left = d.store.chunk_count(), "device drain paused");
+                }
+            }
+        }
+    }
+}
