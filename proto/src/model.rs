@@ -209,7 +209,7 @@ pub struct StoragePool {
 }
 
 /// Default chunk copies in flight per SDS for rebuild and rebalance.
-pub const DEFAULT_REBUILD_CONCURRENCY: u32 = 4;
+pub const DEFAULT_REBUILD_CONCURRENCY: u32 = 8;
 /// Default copy bandwidth per SDS, MiB/s (0 = unlimited).
 pub const DEFAULT_REBUILD_BANDWIDTH_MIB_S: u32 = 200;
 /// Adaptive mode's limits while the SDS serves user I/O: copies in flight and MiB/s.
@@ -220,7 +220,7 @@ pub const ADAPTIVE_BUSY_BANDWIDTH_MIB_S: u32 = 10;
 /// `scli --set_rebuild_rebalance_policy`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RebuildPolicy {
-    /// Chunk copies (1 MiB each) in flight at once. Default: 4.
+    /// Chunk copies (1 MiB each) in flight at once. Default: 8.
     pub concurrency: u32,
     /// Copy bandwidth in MiB/s; 0 = unlimited. Default: 200.
     pub bandwidth_mib_s: u32,

@@ -54,6 +54,9 @@ fn default_rebuild_concurrency() -> u32 {
 fn default_scrub_rate_mib_s() -> u64 {
     DEFAULT_SCRUB_RATE_MIB_S
 }
+fn default_gc_interval_ms() -> u64 {
+    10_000
+}
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct SdsConfig {
@@ -110,6 +113,11 @@ pub struct SdsConfig {
     /// off). Default: 4.
     #[serde(default = "default_scrub_rate_mib_s")]
     pub scrub_rate_mib_s: u64,
+    /// Interval between passes of the garbage collector, which frees chunks of PGs this SDS
+    /// no longer holds (moved off by rebalance, rebuilt elsewhere, deleted volumes), in
+    /// milliseconds; a chunk is freed after two passes agree (0 turns it off). Default: 10000.
+    #[serde(default = "default_gc_interval_ms")]
+    pub gc_interval_ms: u64,
 }
 
 /// Every key with its documentation, in file order (printed by `--print-default-config`).
@@ -179,6 +187,13 @@ const FIELD_DOCS: &[(&str, &str)] = &[
         "How fast the scrubber re-reads and verifies this SDS's data, MiB per second (0 turns \
          it off). Blocks failing their checksum are repaired from the other copy.",
     ),
+    (
+        "gc_interval_ms",
+        "Interval between passes of the garbage collector, which frees chunks of PGs this SDS \
+         no longer holds (moved off by rebalance, rebuilt elsewhere, deleted volumes); a chunk \
+         is freed only after two passes agree, never one the MDM keeps for a backward rebuild \
+         (0 turns it off).",
+    ),
 ];
 
 impl Default for SdsConfig {
@@ -197,6 +212,7 @@ impl Default for SdsConfig {
             lease_ms: default_lease_ms(),
             rebuild_concurrency: default_rebuild_concurrency(),
             scrub_rate_mib_s: default_scrub_rate_mib_s(),
+            gc_interval_ms: default_gc_interval_ms(),
         }
     }
 }

@@ -6,7 +6,8 @@
 //! [`routing`] (the cached cluster map, the epoch/PG fence and the MDM lease), [`replication`]
 //! (forwarding to the secondary), [`service`] (the data protocol handler), [`rebuild`] (copying
 //! a PG to a new secondary as its primary), [`devices`] (the device set following the map:
-//! devices added and removed while running), [`scrub`] (verifying stored data and repairing it
+//! devices added and removed while running), [`gc`] (freeing chunks of PGs held no more),
+//! [`scrub`] (verifying stored data and repairing it
 //! from the other copy), [`thick`] (pre-allocating thick volumes), [`mdm_client`] (registration, heartbeat, map
 //! polling), [`config`], [`metrics`]. Then helpers: [`range_lock`], [`failpoints`].
 //!
@@ -20,6 +21,7 @@ pub mod chunk_store;
 pub mod config;
 pub mod device;
 pub mod devices;
+pub mod gc;
 pub mod mdm_client;
 pub mod metrics;
 pub mod rebuild;

@@ -58,6 +58,9 @@ struct Args {
     /// Scrubber rate in MiB/s (0 turns it off).
     #[arg(long, value_name = "MIB_S")]
     scrub_rate_mib_s: Option<u64>,
+    /// Garbage-collector pass interval in milliseconds (0 turns it off).
+    #[arg(long, value_name = "MS")]
+    gc_interval_ms: Option<u64>,
     /// Print the default configuration as commented TOML and exit.
     #[arg(long)]
     print_default_config: bool,
@@ -149,6 +152,9 @@ fn configure(args: &Args) -> anyhow::Result<SdsConfig> {
     }
     if let Some(v) = args.scrub_rate_mib_s {
         cfg.scrub_rate_mib_s = v;
+    }
+    if let Some(v) = args.gc_interval_ms {
+        cfg.gc_interval_ms = v;
     }
     if cfg.name.is_empty() {
         cfg.name = std::fs::read_to_string("/proc/sys/kernel/hostname")
@@ -271,6 +277,10 @@ async fn run(cfg: SdsConfig) -> anyhow::Result<()> {
     tokio::spawn(Rebuilder::new(service.clone(), link.clone(), cfg.rebuild_concurrency).run());
     tokio::spawn(scrubber.run());
     tokio::spawn(device_set.run());
+    tokio::spawn(sds::gc::run(
+        service.clone(),
+        std::time::Duration::from_millis(cfg.gc_interval_ms),
+    ));
     tokio::spawn(sds::thick::run(service.clone()));
     let applier = storage.clone();
     tokio::spawn(async move {

@@ -82,6 +82,8 @@ pub struct SdsMetrics {
     pub draining_chunks: Gauge,
     /// Chunks moved off devices being removed.
     pub drained_chunks: Counter,
+    /// Chunks of PGs this SDS no longer holds, freed by the garbage collector.
+    pub gc_freed_chunks: Counter,
     /// 1 while this SDS holds a lease from the MDM and may serve.
     pub leased: Gauge,
     /// Blocks rewritten from the other copy after failing their checksum.
@@ -202,6 +204,7 @@ impl SdsMetrics {
             thick_chunks_pending: Gauge::default(),
             draining_chunks: Gauge::default(),
             drained_chunks: Counter::default(),
+            gc_freed_chunks: Counter::default(),
             leased: Gauge::default(),
             repaired_blocks: Counter::default(),
             unrecoverable_blocks: Counter::default(),
@@ -284,6 +287,11 @@ impl SdsMetrics {
             "meshblock_sds_drained_chunks",
             "Chunks moved off devices being removed",
             m.drained_chunks.clone(),
+        );
+        r.register(
+            "meshblock_sds_gc_freed_chunks",
+            "Chunks of PGs this SDS no longer holds, freed by the garbage collector",
+            m.gc_freed_chunks.clone(),
         );
         r.register(
             "meshblock_sds_chunks_allocated",

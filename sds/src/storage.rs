@@ -400,6 +400,40 @@ impl<D: BlockDevice> Storage<D> {
         Self::locate(&self.devices(), chunk).is_some()
     }
 
+    /// Every allocated chunk on any device, ascending.
+    pub fn all_chunks(&self) -> Vec<ChunkId> {
+        let mut out: Vec<ChunkId> = self
+            .devices()
+            .iter()
+            .flat_map(|d| d.store.chunks())
+            .collect();
+        out.sort();
+        out.dedup();
+        out
+    }
+
+    /// Free `chunk` on every device unless `keep()` (asked while every change of the chunk
+    /// waits) says otherwise; returns whether it freed it.
+    pub async fn free_if(
+        &self,
+        chunk: ChunkId,
+        keep: impl FnOnce() -> bool,
+    ) -> Result<bool, StoreError> {
+        let _moving = self.moves.lock(chunk, BlockMask::all()).await;
+        if keep() {
+            return Ok(false);
+        }
+        let devs = self.devices();
+        let mut freed = false;
+        for (i, d) in devs.iter().enumerate() {
+            if d.store.contains(chunk) {
+                self.note(i, d.store.trim(chunk, 0, proto::CHUNK_SIZE as u32).await)?;
+                freed = true;
+            }
+        }
+        Ok(freed)
+    }
+
     /// Every allocated chunk of `vtree` on any device, ascending.
     pub fn chunks_of(&self, vtree: VtreeId) -> Vec<proto::ChunkIndex> {
         let mut out: Vec<proto::ChunkIndex> = self

@@ -989,6 +989,9 @@ fn spawn_sds(
         dev.display().to_string(),
         "--metrics-listen".into(),
         metrics.to_string(),
+        // A fast garbage collector, so every test runs with it freeing what it may.
+        "--gc-interval-ms".into(),
+        "1000".into(),
     ]
     .into_iter()
     .chain(o.sds_extra.iter().cloned())

@@ -338,6 +338,20 @@ fn rebalance_on_add_and_remove() {
         );
     }
     must_have_two_live_copies(&dc);
+    // The copies moved off are freed on disk: at most two copies of the chunks written (the
+    // writer's region and the fill) remain, where the moved-off copies alone would add ~450.
+    let most = 2.0 * ((FILL_START + FILL) >> 20) as f64;
+    wait_for(
+        "moved-off copies freed by the garbage collector",
+        Duration::from_secs(60),
+        || {
+            let total: f64 = (0..4)
+                .map(|i| dc.sds_metric(i, "meshblock_sds_chunks_allocated"))
+                .sum();
+            (total <= most).then_some(())
+        },
+    );
+    assert!(sds_sum(&dc, "meshblock_sds_gc_freed_chunks_total", &[0, 1, 2]) > 100.0);
     w.wait_more(300, "writes after the rebalance");
 
     let r = dc.c.must_scli(&["--remove_sds", "--sds_name", "sds2"]);
