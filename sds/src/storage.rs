@@ -203,8 +203,8 @@ impl<D: BlockDevice> Storage<D> {
         };
         let r = self.note(i, devs[i].store.read(chunk, offset, len).await);
         // A move may have freed this copy between the lookup and the read (which then saw
-        // zeros): read the new copy.
-        if !devs[i].store.contains(chunk) {
+        // zeros): read the new copy. (With one device there is nowhere to move to.)
+        if devs.len() > 1 && !devs[i].store.contains(chunk) {
             if let Some(j) = Self::locate(&devs, chunk) {
                 return self.note(j, devs[j].store.read(chunk, offset, len).await);
             }
