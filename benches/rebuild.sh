@@ -5,8 +5,8 @@
 #   3. idle rebuild: SIGKILL sds3; from the moment it is declared down until the pool is Normal
 #      again, the bytes the survivors copied / the time, with no user I/O; then sds3 returns
 #      (backward rebuild) and the pool is Normal again;
-#   4. the same failure with the fio job running, once with the default throttle and once in
-#      adaptive mode: foreground IOPS averaged over the rebuild (fio's per-second IOPS log) as a
+#   4. the same failure with the fio job running, once with the default throttle (adaptive: it
+#      backs off while clients write) and once with adaptive off: foreground IOPS averaged over the rebuild (fio's per-second IOPS log) as a
 #      ratio of the baseline, and the rebuild's rate and duration meanwhile;
 # then prints a table.
 #
@@ -113,8 +113,8 @@ IDLE="$(python3 -c "print(f'{$COPIED / ($T_NORMAL - $T_DOWN) / 2**20:.0f} {$T_NO
 restore
 
 ROWS=()
-for mode in default adaptive; do
-  if [ $mode = adaptive ]; then policy --adaptive on; fi
+for mode in default adaptive-off; do
+  if [ $mode = adaptive-off ]; then policy --adaptive off; fi
   echo "rebuild under fio, $mode throttle..." >&2
   fio_start "during-$mode"
   fail_and_rebuild

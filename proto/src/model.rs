@@ -225,7 +225,8 @@ pub struct RebuildPolicy {
     /// Copy bandwidth in MiB/s; 0 = unlimited. Default: 200.
     pub bandwidth_mib_s: u32,
     /// Back off to 1 copy at 10 MiB/s while the SDS served user I/O in the last second; full
-    /// limits when idle. Default: off.
+    /// limits when idle, so foreground I/O keeps most of its speed during a rebuild and an idle
+    /// cluster rebuilds at full speed. Default: on.
     pub adaptive: bool,
 }
 
@@ -234,7 +235,7 @@ impl Default for RebuildPolicy {
         RebuildPolicy {
             concurrency: DEFAULT_REBUILD_CONCURRENCY,
             bandwidth_mib_s: DEFAULT_REBUILD_BANDWIDTH_MIB_S,
-            adaptive: false,
+            adaptive: true,
         }
     }
 }

@@ -628,6 +628,15 @@ impl DataCluster {
             "--pg_count",
             "64",
         ]);
+        if !o.adaptive_rebuild {
+            c.must_scli(&[
+                "--set_rebuild_rebalance_policy",
+                "--storage_pool_name",
+                "sp1",
+                "--adaptive",
+                "off",
+            ]);
+        }
         for f in 0..o.fault_sets {
             c.must_scli(&[
                 "--add_fault_set",
@@ -914,6 +923,10 @@ pub struct DataOpts {
     pub fault_sets: usize,
     /// Size of each SDS's sparse device file.
     pub dev_bytes: u64,
+    /// Keep the pool's default adaptive rebuild throttle (it slows rebuilds to 10 MiB/s per
+    /// SDS while clients write); otherwise tests turn it off so their rebuilds under writers
+    /// run at full speed.
+    pub adaptive_rebuild: bool,
 }
 
 impl Default for DataOpts {
@@ -926,6 +939,7 @@ impl Default for DataOpts {
             net: None,
             fault_sets: 0,
             dev_bytes: 4 << 30,
+            adaptive_rebuild: false,
         }
     }
 }

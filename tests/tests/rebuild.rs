@@ -256,6 +256,8 @@ fn fio_verify_during_rebuild() {
         &DataOpts {
             n_sds: 4,
             vol_gb: 2,
+            // The default throttle: it backs off while fio writes.
+            adaptive_rebuild: true,
             ..DataOpts::default()
         },
     );
