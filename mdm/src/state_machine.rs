@@ -1341,6 +1341,18 @@ mod tests {
         apply(s, &Op::Command { command: c }, v)
     }
 
+    /// Add volume `name` to pool sp1 (no labels, not preemptible).
+    fn volume(name: &str, size_bytes: u64, thin: bool) -> Command {
+        Command::AddVolume {
+            pool: "sp1".into(),
+            name: name.into(),
+            size_bytes,
+            thin,
+            labels: Default::default(),
+            preempt: false,
+        }
+    }
+
     fn cluster() -> ClusterState {
         let mut s = ClusterState::default();
         let admin = User {
@@ -1424,14 +1436,7 @@ mod tests {
                 media_type: "".into(),
                 pg_count: None,
             },
-            Command::AddVolume {
-                pool: "sp1".into(),
-                name: "big".into(),
-                size_bytes: 200 << 30,
-                thin: false,
-                labels: Default::default(),
-                preempt: false,
-            },
+            volume("big", 200 << 30, false),
             Command::RemoveVolume {
                 name: "nope".into(),
             },
@@ -1448,42 +1453,10 @@ mod tests {
     fn thick_volumes_reserve_capacity() {
         let mut s = cluster();
         // 300 GiB raw, 150 GiB usable.
-        cmd(
-            &mut s,
-            Command::AddVolume {
-                pool: "sp1".into(),
-                name: "a".into(),
-                size_bytes: 100 << 30,
-                thin: false,
-                labels: Default::default(),
-                preempt: false,
-            },
-        )
-        .expect("fits");
-        let e = cmd(
-            &mut s,
-            Command::AddVolume {
-                pool: "sp1".into(),
-                name: "b".into(),
-                size_bytes: 60 << 30,
-                thin: false,
-                labels: Default::default(),
-                preempt: false,
-            },
-        );
+        cmd(&mut s, volume("a", 100 << 30, false)).expect("fits");
+        let e = cmd(&mut s, volume("b", 60 << 30, false));
         assert_eq!(e.expect_err("must not fit").code, ErrorCode::NoSpace);
-        cmd(
-            &mut s,
-            Command::AddVolume {
-                pool: "sp1".into(),
-                name: "c".into(),
-                size_bytes: 60 << 30,
-                thin: true,
-                labels: Default::default(),
-                preempt: false,
-            },
-        )
-        .expect("thin fits");
+        cmd(&mut s, volume("c", 60 << 30, true)).expect("thin fits");
     }
 
     #[test]
@@ -1571,18 +1544,7 @@ mod tests {
     #[test]
     fn sds_holding_data_is_marked_removing_not_removed() {
         let mut s = cluster();
-        cmd(
-            &mut s,
-            Command::AddVolume {
-                pool: "sp1".into(),
-                name: "a".into(),
-                size_bytes: 1 << 30,
-                thin: true,
-                labels: Default::default(),
-                preempt: false,
-            },
-        )
-        .expect("vol");
+        cmd(&mut s, volume("a", 1 << 30, true)).expect("vol");
         let pgs_before = s.pool_by_name("sp1").expect("pool").pgs.clone();
         cmd(
             &mut s,
@@ -1609,18 +1571,7 @@ mod tests {
     #[test]
     fn a_device_is_drained_before_its_record_goes() {
         let mut s = cluster();
-        cmd(
-            &mut s,
-            Command::AddVolume {
-                pool: "sp1".into(),
-                name: "a".into(),
-                size_bytes: 1 << 30,
-                thin: true,
-                labels: Default::default(),
-                preempt: false,
-            },
-        )
-        .expect("vol");
+        cmd(&mut s, volume("a", 1 << 30, true)).expect("vol");
         let remove = |s: &mut ClusterState, path: &str| {
             cmd(
                 s,
@@ -1704,18 +1655,7 @@ mod tests {
     #[test]
     fn a_move_keeps_two_in_sync_copies_through_failures() {
         let mut s = cluster();
-        cmd(
-            &mut s,
-            Command::AddVolume {
-                pool: "sp1".into(),
-                name: "a".into(),
-                size_bytes: 1 << 30,
-                thin: true,
-                labels: Default::default(),
-                preempt: false,
-            },
-        )
-        .expect("vol");
+        cmd(&mut s, volume("a", 1 << 30, true)).expect("vol");
         let pool = s.pool_by_name("sp1").expect("pool").id;
         let m0 = s.pools[&pool].pgs[0];
         let (p, sec) = (m0.primary.expect("p"), m0.secondary.expect("s"));
