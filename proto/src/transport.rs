@@ -26,6 +26,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
+mod tcp;
+
 /// ALPN protocol name of Meshblock's wire protocol.
 const ALPN: &[u8] = b"meshblock/1";
 /// Frames queued for one stream's writer before senders wait.
@@ -39,6 +41,9 @@ const ACK_ELICITING_THRESHOLD: u32 = 16;
 /// How long a peer may hold back an ACK.
 const MAX_ACK_DELAY: Duration = Duration::from_millis(2);
 /// Keep-alive interval (must be well under the idle timeout).
+const MAX_UDP_PAYLOAD: u16 = 65000;
+/// Socket buffer asked for on every endpoint's UDP socket.
+const SOCKET_BUFFER: usize = 8 << 20;
 const KEEP_ALIVE: Duration = Duration::from_millis(1000);
 /// How long a dial (handshake + hello) may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -115,6 +120,16 @@ impl Identity {
 
     fn server_config(&self) -> Result<quinn::ServerConfig, TransportError> {
         let tls = |e: &dyn std::fmt::Display| TransportError::Tls(e.to_string());
+        let cfg = self.rustls_server()?;
+        let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(cfg).map_err(|e| tls(&e))?;
+        let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+        server.transport_config(transport_config());
+        Ok(server)
+    }
+
+    /// The TLS 1.3 server side: our certificate, and client certificates the CA signed.
+    fn rustls_server(&self) -> Result<rustls::ServerConfig, TransportError> {
+        let tls = |e: &dyn std::fmt::Display| TransportError::Tls(e.to_string());
         let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
             self.roots.clone(),
             Self::provider(),
@@ -128,13 +143,20 @@ impl Identity {
             .with_single_cert(self.certs.clone(), self.key.clone_key())
             .map_err(|e| tls(&e))?;
         cfg.alpn_protocols = vec![ALPN.to_vec()];
-        let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(cfg).map_err(|e| tls(&e))?;
-        let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-        server.transport_config(transport_config());
-        Ok(server)
+        Ok(cfg)
     }
 
     fn client_config(&self) -> Result<quinn::ClientConfig, TransportError> {
+        let tls = |e: &dyn std::fmt::Display| TransportError::Tls(e.to_string());
+        let cfg = self.rustls_client()?;
+        let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(cfg).map_err(|e| tls(&e))?;
+        let mut client = quinn::ClientConfig::new(Arc::new(crypto));
+        client.transport_config(transport_config());
+        Ok(client)
+    }
+
+    /// The TLS 1.3 client side: our certificate, and servers the CA signed.
+    fn rustls_client(&self) -> Result<rustls::ClientConfig, TransportError> {
         let tls = |e: &dyn std::fmt::Display| TransportError::Tls(e.to_string());
         let mut cfg = rustls::ClientConfig::builder_with_provider(Self::provider())
             .with_protocol_versions(&[&rustls::version::TLS13])
@@ -143,10 +165,7 @@ impl Identity {
             .with_client_auth_cert(self.certs.clone(), self.key.clone_key())
             .map_err(|e| tls(&e))?;
         cfg.alpn_protocols = vec![ALPN.to_vec()];
-        let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(cfg).map_err(|e| tls(&e))?;
-        let mut client = quinn::ClientConfig::new(Arc::new(crypto));
-        client.transport_config(transport_config());
-        Ok(client)
+        Ok(cfg)
     }
 }
 
@@ -166,7 +185,44 @@ fn transport_config() -> Arc<quinn::TransportConfig> {
     ack.ack_eliciting_threshold(ACK_ELICITING_THRESHOLD.into())
         .max_ack_delay(Some(MAX_ACK_DELAY));
     t.ack_frequency_config(Some(ack));
+    let mut mtu = quinn::MtuDiscoveryConfig::default();
+    mtu.upper_bound(MAX_UDP_PAYLOAD)
+        .interval(Duration::from_secs(60))
+        .black_hole_cooldown(Duration::from_secs(5));
+    t.mtu_discovery_config(Some(mtu));
+    t.time_threshold(8.0);
+    t.packet_threshold(10);
     Arc::new(t)
+}
+
+/// Ask for [`SOCKET_BUFFER`] bytes of send and receive buffer: a receiver that the scheduler
+/// keeps off the CPU for a few milliseconds must not drop datagrams (each drop makes QUIC back
+/// off and retransmit, and repeated drops make it fall back to the minimum MTU). Root may exceed
+/// `net.core.rmem_max`/`wmem_max`; others get what those allow.
+fn size_buffers(socket: &std::net::UdpSocket) {
+    use std::os::fd::AsRawFd;
+    let fd = socket.as_raw_fd();
+    let set = |opt: libc::c_int| {
+        let v = SOCKET_BUFFER as libc::c_int;
+        // SAFETY: setsockopt on a socket we own with a pointer to a live c_int.
+        unsafe {
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                opt,
+                (&v as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            ) == 0
+        }
+    };
+    for (force, plain) in [
+        (libc::SO_RCVBUFFORCE, libc::SO_RCVBUF),
+        (libc::SO_SNDBUFFORCE, libc::SO_SNDBUF),
+    ] {
+        if !set(force) && !set(plain) {
+            tracing::warn!("could not size the UDP socket buffers; expect drops under load");
+        }
+    }
 }
 
 /// Who is on the other end of a connection, as its CA-signed certificate says.
@@ -184,10 +240,12 @@ fn peer_name(conn: &quinn::Connection) -> String {
     let Ok(certs) = identity.downcast::<Vec<CertificateDer<'static>>>() else {
         return String::new();
     };
-    let Some(first) = certs.first() else {
-        return String::new();
-    };
-    match x509_parser::parse_x509_certificate(first.as_ref()) {
+    certs.first().map(common_name).unwrap_or_default()
+}
+
+/// The common name of a certificate (empty if it has none).
+fn common_name(cert: &CertificateDer<'_>) -> String {
+    match x509_parser::parse_x509_certificate(cert.as_ref()) {
         Ok((_, cert)) => cert
             .subject()
             .iter_common_name()
@@ -235,6 +293,42 @@ impl Response {
 pub struct Endpoint {
     inner: quinn::Endpoint,
     name: Arc<str>,
+    tcp: tcp::TcpSide,
+    data: DataTransport,
+}
+
+/// The transport a data-plane connection (SDC to SDS, SDS to SDS) is dialled with. Every
+/// server accepts both; control traffic (MDM) always uses QUIC.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DataTransport {
+    /// TLS 1.3 over TCP, one connection per peer: the kernel's TCP does segmentation,
+    /// acknowledgement and retransmission, which costs far less CPU per byte than QUIC in user
+    /// space (see benches/fio.sh).
+    #[default]
+    Tcp,
+    /// QUIC with mutual TLS, like the control plane.
+    Quic,
+}
+
+impl std::str::FromStr for DataTransport {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "tcp" => Ok(DataTransport::Tcp),
+            "quic" => Ok(DataTransport::Quic),
+            other => Err(format!("unknown transport {other:?}: use tcp or quic")),
+        }
+    }
+}
+
+impl std::fmt::Display for DataTransport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            DataTransport::Tcp => "tcp",
+            DataTransport::Quic => "quic",
+        })
+    }
 }
 
 /// Random 8-byte connection ids that any process accepts as possibly its own (see
@@ -270,30 +364,50 @@ impl Endpoint {
         // process would drop the old connections' packets without answering them with a
         // reset: use plain random ids, which every process answers.
         config.cid_generator(|| Box::new(RandomCids));
+        let _ = config.max_udp_payload_size(MAX_UDP_PAYLOAD);
         let runtime = quinn::default_runtime().ok_or_else(|| TransportError::Bind {
             addr,
             source: std::io::Error::other("no async runtime"),
         })?;
         let socket = std::net::UdpSocket::bind(addr)
             .map_err(|source| TransportError::Bind { addr, source })?;
+        size_buffers(&socket);
         let mut ep = quinn::Endpoint::new(config, Some(identity.server_config()?), socket, runtime)
             .map_err(|source| TransportError::Bind { addr, source })?;
         ep.set_default_client_config(identity.client_config()?);
+        // TCP listens on the port QUIC got (the two port spaces are separate).
+        let bound = ep
+            .local_addr()
+            .map_err(|source| TransportError::Bind { addr, source })?;
+        let tcp = tcp::TcpSide::listen(bound, identity)?;
         Ok(Endpoint {
             inner: ep,
             name: name.into(),
+            tcp,
+            data: DataTransport::default(),
         })
     }
 
     /// An endpoint that only dials, bound to an ephemeral port on `bind_ip`'s family.
     pub fn client(identity: &Identity, name: &str) -> Result<Endpoint, TransportError> {
         let addr: SocketAddr = ([0, 0, 0, 0], 0).into();
-        let mut ep = quinn::Endpoint::client(addr)
+        let runtime = quinn::default_runtime().ok_or_else(|| TransportError::Bind {
+            addr,
+            source: std::io::Error::other("no async runtime"),
+        })?;
+        let socket = std::net::UdpSocket::bind(addr)
+            .map_err(|source| TransportError::Bind { addr, source })?;
+        size_buffers(&socket);
+        let mut config = quinn::EndpointConfig::default();
+        let _ = config.max_udp_payload_size(MAX_UDP_PAYLOAD);
+        let mut ep = quinn::Endpoint::new(config, None, socket, runtime)
             .map_err(|source| TransportError::Bind { addr, source })?;
         ep.set_default_client_config(identity.client_config()?);
         Ok(Endpoint {
             inner: ep,
             name: name.into(),
+            tcp: tcp::TcpSide::dial_only(identity)?,
+            data: DataTransport::default(),
         })
     }
 
@@ -301,20 +415,50 @@ impl Endpoint {
         self.inner.local_addr().ok()
     }
 
-    /// Dial `addr`, open the long-lived request stream and exchange hellos.
+    /// Dial `addr` over QUIC, open the long-lived request stream and exchange hellos.
     pub async fn connect(&self, addr: SocketAddr) -> Result<RpcClient, TransportError> {
+        self.connect_via(addr, DataTransport::Quic).await
+    }
+
+    /// Use `t` for [`connect_data`](Self::connect_data).
+    pub fn with_data_transport(mut self, t: DataTransport) -> Endpoint {
+        self.data = t;
+        self
+    }
+
+    /// Dial a data-plane peer (an SDS) over the endpoint's data transport.
+    pub async fn connect_data(&self, addr: SocketAddr) -> Result<RpcClient, TransportError> {
+        self.connect_via(addr, self.data).await
+    }
+
+    /// Dial `addr` over `transport` and exchange hellos.
+    pub async fn connect_via(
+        &self,
+        addr: SocketAddr,
+        transport: DataTransport,
+    ) -> Result<RpcClient, TransportError> {
         let fut = async {
-            let connecting = self.inner.connect(addr, CLUSTER_SERVER_NAME).map_err(|e| {
-                TransportError::Connect {
-                    addr,
-                    reason: e.to_string(),
+            let client = match transport {
+                DataTransport::Quic => {
+                    let connecting =
+                        self.inner.connect(addr, CLUSTER_SERVER_NAME).map_err(|e| {
+                            TransportError::Connect {
+                                addr,
+                                reason: e.to_string(),
+                            }
+                        })?;
+                    let conn = connecting.await.map_err(|e| TransportError::Connect {
+                        addr,
+                        reason: e.to_string(),
+                    })?;
+                    let (send, recv) = conn
+                        .open_bi()
+                        .await
+                        .map_err(|e| TransportError::Closed(e.to_string()))?;
+                    RpcClient::open(recv, send, ConnHandle::Quic(conn))
                 }
-            })?;
-            let conn = connecting.await.map_err(|e| TransportError::Connect {
-                addr,
-                reason: e.to_string(),
-            })?;
-            let client = RpcClient::open(conn).await?;
+                DataTransport::Tcp => self.tcp.dial(addr).await?,
+            };
             let hello = Frame::request(
                 kind::HELLO,
                 Bytes::from(self.name.to_string()),
@@ -344,8 +488,16 @@ impl Endpoint {
         }
     }
 
-    /// Accept connections until the endpoint closes, serving each stream with `handler`.
+    /// Accept connections (QUIC and TCP) until the endpoint closes, serving each stream with
+    /// `handler`.
     pub async fn serve<H: Handler>(&self, handler: Arc<H>) {
+        tokio::join!(
+            self.serve_quic(handler.clone()),
+            self.tcp.serve(handler, self.name.clone())
+        );
+    }
+
+    async fn serve_quic<H: Handler>(&self, handler: Arc<H>) {
         while let Some(incoming) = self.inner.accept().await {
             let handler = handler.clone();
             let name = self.name.clone();
@@ -400,7 +552,78 @@ impl Endpoint {
     /// Close the endpoint and every connection.
     pub fn close(&self) {
         self.inner.close(0u32.into(), b"shutdown");
+        self.tcp.close();
     }
+}
+
+/// The receiving half of a request stream.
+trait FrameRead: Send + 'static {
+    /// The next frame; `None` at a clean end of stream.
+    fn next_frame(&mut self) -> impl Future<Output = Result<Option<Frame>, TransportError>> + Send;
+}
+
+/// The sending half of a request stream.
+trait FrameWrite: Send + 'static {
+    /// Send `first` and whatever else `more` already holds.
+    fn send_frames(
+        &mut self,
+        first: Frame,
+        more: &mut mpsc::Receiver<Frame>,
+    ) -> impl Future<Output = Result<(), TransportError>> + Send;
+    /// End the stream.
+    fn finish(&mut self) -> impl Future<Output = ()> + Send;
+}
+
+impl FrameRead for quinn::RecvStream {
+    fn next_frame(&mut self) -> impl Future<Output = Result<Option<Frame>, TransportError>> + Send {
+        read_frame(self)
+    }
+}
+
+impl FrameWrite for quinn::SendStream {
+    async fn send_frames(
+        &mut self,
+        first: Frame,
+        _more: &mut mpsc::Receiver<Frame>,
+    ) -> Result<(), TransportError> {
+        write_frame(self, first).await
+    }
+    async fn finish(&mut self) {
+        let _ = quinn::SendStream::finish(self);
+    }
+}
+
+/// Drain `rx` into `w` until either side ends.
+async fn run_writer<W: FrameWrite>(mut w: W, mut rx: mpsc::Receiver<Frame>) {
+    while let Some(f) = rx.recv().await {
+        if w.send_frames(f, &mut rx).await.is_err() {
+            break;
+        }
+    }
+    w.finish().await;
+}
+
+/// Fill `buf`; false if the stream ended cleanly before its first byte.
+async fn read_exact_or_end<R: tokio::io::AsyncRead + Unpin>(
+    r: &mut R,
+    buf: &mut [u8],
+) -> Result<bool, TransportError> {
+    use tokio::io::AsyncReadExt;
+    let mut got = 0;
+    while got < buf.len() {
+        let n = r
+            .read(&mut buf[got..])
+            .await
+            .map_err(|e| TransportError::Closed(e.to_string()))?;
+        if n == 0 {
+            if got == 0 {
+                return Ok(false);
+            }
+            return Err(TransportError::Closed("stream ended inside a frame".into()));
+        }
+        got += n;
+    }
+    Ok(true)
 }
 
 async fn read_frame(recv: &mut quinn::RecvStream) -> Result<Option<Frame>, TransportError> {
@@ -463,25 +686,18 @@ async fn write_frame(send: &mut quinn::SendStream, f: Frame) -> Result<(), Trans
         .map_err(|e| TransportError::Closed(e.to_string()))
 }
 
-async fn serve_stream<H: Handler>(
-    mut send: quinn::SendStream,
-    mut recv: quinn::RecvStream,
+async fn serve_stream<H: Handler, W: FrameWrite, R: FrameRead>(
+    send: W,
+    mut recv: R,
     peer: Arc<Peer>,
     handler: Arc<H>,
     name: Arc<str>,
 ) {
-    let (tx, mut rx) = mpsc::channel::<Frame>(SEND_QUEUE_FRAMES);
-    let writer = tokio::spawn(async move {
-        while let Some(f) = rx.recv().await {
-            if write_frame(&mut send, f).await.is_err() {
-                break;
-            }
-        }
-        let _ = send.finish();
-    });
+    let (tx, rx) = mpsc::channel::<Frame>(SEND_QUEUE_FRAMES);
+    let writer = tokio::spawn(run_writer(send, rx));
     let inflight = Arc::new(Semaphore::new(SERVER_INFLIGHT_PER_STREAM));
     loop {
-        let frame = match read_frame(&mut recv).await {
+        let frame = match recv.next_frame().await {
             Ok(Some(f)) => f,
             Ok(None) => break,
             Err(TransportError::Codec(e)) => {
@@ -534,7 +750,17 @@ struct ClientInner {
     pending: Mutex<HashMap<u64, oneshot::Sender<Frame>>>,
     next_id: AtomicU64,
     closed: AtomicBool,
-    conn: quinn::Connection,
+    conn: ConnHandle,
+}
+
+/// What an [`RpcClient`] holds of its connection.
+enum ConnHandle {
+    Quic(quinn::Connection),
+    Tcp {
+        remote: SocketAddr,
+        /// The reader and writer tasks: aborting them drops the socket.
+        tasks: Mutex<Vec<tokio::task::AbortHandle>>,
+    },
 }
 
 /// The client end of one long-lived request stream. Cheap to clone; calls may run concurrently
@@ -545,12 +771,8 @@ pub struct RpcClient {
 }
 
 impl RpcClient {
-    async fn open(conn: quinn::Connection) -> Result<RpcClient, TransportError> {
-        let (mut send, mut recv) = conn
-            .open_bi()
-            .await
-            .map_err(|e| TransportError::Closed(e.to_string()))?;
-        let (tx, mut rx) = mpsc::channel::<Frame>(SEND_QUEUE_FRAMES);
+    fn open<R: FrameRead, W: FrameWrite>(mut recv: R, send: W, conn: ConnHandle) -> RpcClient {
+        let (tx, rx) = mpsc::channel::<Frame>(SEND_QUEUE_FRAMES);
         let inner = Arc::new(ClientInner {
             tx,
             pending: Mutex::new(HashMap::new()),
@@ -558,18 +780,11 @@ impl RpcClient {
             closed: AtomicBool::new(false),
             conn,
         });
-        tokio::spawn(async move {
-            while let Some(f) = rx.recv().await {
-                if write_frame(&mut send, f).await.is_err() {
-                    break;
-                }
-            }
-            let _ = send.finish();
-        });
+        let writer = tokio::spawn(run_writer(send, rx));
         let weak = Arc::downgrade(&inner);
-        tokio::spawn(async move {
+        let reader = tokio::spawn(async move {
             loop {
-                let frame = read_frame(&mut recv).await;
+                let frame = recv.next_frame().await;
                 let Some(inner) = weak.upgrade() else { break };
                 match frame {
                     Ok(Some(f)) => {
@@ -592,16 +807,29 @@ impl RpcClient {
                 }
             }
         });
-        Ok(RpcClient { inner })
+        if let ConnHandle::Tcp { tasks, .. } = &inner.conn {
+            if let Ok(mut t) = tasks.lock() {
+                t.push(reader.abort_handle());
+                t.push(writer.abort_handle());
+            }
+        }
+        RpcClient { inner }
     }
 
     /// True once the stream or connection failed; dial again.
     pub fn is_closed(&self) -> bool {
-        self.inner.closed.load(Ordering::SeqCst) || self.inner.conn.close_reason().is_some()
+        self.inner.closed.load(Ordering::SeqCst)
+            || match &self.inner.conn {
+                ConnHandle::Quic(c) => c.close_reason().is_some(),
+                ConnHandle::Tcp { .. } => false,
+            }
     }
 
     pub fn remote_address(&self) -> SocketAddr {
-        self.inner.conn.remote_address()
+        match &self.inner.conn {
+            ConnHandle::Quic(c) => c.remote_address(),
+            ConnHandle::Tcp { remote, .. } => *remote,
+        }
     }
 
     /// Send a request and wait for its response. Cancel-safe: dropping the future forgets the
@@ -660,7 +888,17 @@ impl RpcClient {
 
     /// Close the connection.
     pub fn close(&self) {
-        self.inner.conn.close(0u32.into(), b"bye");
+        match &self.inner.conn {
+            ConnHandle::Quic(c) => c.close(0u32.into(), b"bye"),
+            ConnHandle::Tcp { tasks, .. } => {
+                self.inner.closed.store(true, Ordering::SeqCst);
+                if let Ok(mut t) = tasks.lock() {
+                    for task in t.drain(..) {
+                        task.abort();
+                    }
+                }
+            }
+        }
     }
 }
 
@@ -718,7 +956,13 @@ mod tests {
 
     #[tokio::test]
     async fn mutual_tls_round_trip_and_rogue_refused() {
-        let dir = tmp("rt");
+        for t in [DataTransport::Quic, DataTransport::Tcp] {
+            round_trip_and_rogue_refused(t).await;
+        }
+    }
+
+    async fn round_trip_and_rogue_refused(t: DataTransport) {
+        let dir = tmp(&format!("rt-{t}"));
         let (s, c) = identities(&dir);
         let server =
             Endpoint::server("127.0.0.1:0".parse().expect("addr"), &s, "server").expect("bind");
@@ -727,12 +971,18 @@ mod tests {
         tokio::spawn(async move { srv.serve(Arc::new(Echo)).await });
 
         let client = Endpoint::client(&c, "client").expect("client");
-        let rpc = client.connect(addr).await.expect("connect");
+        let rpc = client.connect_via(addr, t).await.expect("connect");
         let mut calls = Vec::new();
         for i in 0..64u32 {
             let rpc = rpc.clone();
             calls.push(tokio::spawn(async move {
-                let data = Bytes::from(vec![i as u8; 4096 + i as usize]);
+                // Small frames and frames larger than the TCP side's buffers.
+                let len = if i % 8 == 0 {
+                    (1 << 20) + i as usize
+                } else {
+                    4096 + i as usize
+                };
+                let data = Bytes::from(vec![i as u8; len]);
                 let r = rpc
                     .call(Frame::request(kind::DATA, Bytes::new(), data.clone()))
                     .await
@@ -744,14 +994,59 @@ mod tests {
         for c in calls {
             c.await.expect("join");
         }
+        assert_eq!(rpc.remote_address(), addr);
 
         crate::ca::make_rogue_identity(&dir.join("rogue"), "client").expect("rogue");
         let rogue = Identity::load(&dir.join("rogue")).expect("load rogue");
         let rogue_ep = Endpoint::client(&rogue, "rogue").expect("client");
         assert!(
-            rogue_ep.connect(addr).await.is_err(),
-            "a peer the CA did not sign must be refused"
+            rogue_ep.connect_via(addr, t).await.is_err(),
+            "{t}: a peer the CA did not sign must be refused"
         );
+
+        // Closing the server drops the connection: the client sees it and fails calls.
+        server.close();
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while !rpc.is_closed() {
+            let _ = rpc
+                .call_timeout(
+                    Frame::request(kind::DATA, Bytes::new(), Bytes::new()),
+                    Duration::from_millis(100),
+                )
+                .await;
+            assert!(std::time::Instant::now() < deadline, "{t}: close not seen");
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[tokio::test]
+    async fn tcp_garbage_closes_only_that_connection() {
+        use tokio::io::AsyncWriteExt;
+        let dir = tmp("garbage");
+        let (s, c) = identities(&dir);
+        let server =
+            Endpoint::server("127.0.0.1:0".parse().expect("addr"), &s, "server").expect("bind");
+        let addr = server.local_addr().expect("addr");
+        let srv = server.clone();
+        tokio::spawn(async move { srv.serve(Arc::new(Echo)).await });
+        // Not TLS at all: the handshake fails and the server goes on.
+        let mut raw = tokio::net::TcpStream::connect(addr).await.expect("tcp");
+        raw.write_all(&[0xff; 4096]).await.expect("write");
+        drop(raw);
+        let client = Endpoint::client(&c, "client").expect("client");
+        let rpc = client
+            .connect_via(addr, DataTransport::Tcp)
+            .await
+            .expect("connect after garbage");
+        let r = rpc
+            .call(Frame::request(
+                kind::DATA,
+                Bytes::new(),
+                Bytes::from_static(b"x"),
+            ))
+            .await
+            .expect("call");
+        assert_eq!(&r.data[..], b"x");
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

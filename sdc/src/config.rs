@@ -1,6 +1,7 @@
 //! `SdcConfig`: the SDC daemon's configuration (TOML). Unknown keys are warned about, not
 //! refused, so a newer config still starts an older SDC.
 
+use proto::transport::DataTransport;
 use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -29,6 +30,8 @@ pub struct SdcConfig {
     /// How long one block request may wait for a usable copy (retries included) before it
     /// fails with EIO, in milliseconds. Default: 30000.
     pub io_timeout_ms: u64,
+    /// Transport to the SDS: "tcp" (TLS 1.3 over TCP) or "quic". Default: "tcp".
+    pub data_transport: DataTransport,
     /// The Docker volume plugin (`[docker]`).
     pub docker: DockerConfig,
 }
@@ -94,6 +97,7 @@ impl Default for SdcConfig {
             metrics_listen: SocketAddr::from(([127, 0, 0, 1], 9613)),
             map_poll_ms: 500,
             io_timeout_ms: 30_000,
+            data_transport: DataTransport::default(),
             docker: DockerConfig::default(),
         }
     }
@@ -169,6 +173,7 @@ impl SdcConfig {
             "metrics_listen",
             "map_poll_ms",
             "io_timeout_ms",
+            "data_transport",
             "docker",
         ];
         let docker_known = [

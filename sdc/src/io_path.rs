@@ -197,7 +197,7 @@ impl IoPath {
             .ok_or_else(|| IoError::Unavailable(format!("SDS {sds} has no address in the map")))?;
         let c = self
             .endpoint
-            .connect(addr)
+            .connect_data(addr)
             .await
             .map_err(|e| IoError::Unavailable(format!("SDS {sds}: {e}")))?;
         if let Ok(mut conns) = self.conns.lock() {

@@ -129,6 +129,9 @@ struct RunArgs {
     /// File with that user's password.
     #[arg(long)]
     docker_password_file: Option<PathBuf>,
+    /// Transport to the SDS: tcp or quic.
+    #[arg(long, value_name = "tcp|quic")]
+    data_transport: Option<proto::transport::DataTransport>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -221,6 +224,9 @@ fn main() -> anyhow::Result<()> {
             if let Some(v) = a.docker_password_file {
                 cfg.docker.password_file = v;
             }
+            if let Some(v) = a.data_transport {
+                cfg.data_transport = v;
+            }
             cfg.validate()
                 .map_err(anyhow::Error::msg)
                 .context("validate the configuration")?;
@@ -247,8 +253,9 @@ async fn run(cfg: SdcConfig) -> anyhow::Result<()> {
     let name = cfg.effective_name();
     let guid = daemon::load_or_create_guid(&cfg.state_dir)?;
     let identity = Identity::load(&cfg.cert_dir).context("load this SDC's certificate")?;
-    let endpoint =
-        Endpoint::client(&identity, &format!("sdc:{name}")).context("create the QUIC endpoint")?;
+    let endpoint = Endpoint::client(&identity, &format!("sdc:{name}"))
+        .context("create the QUIC endpoint")?
+        .with_data_transport(cfg.data_transport);
     let addrs = parse_addrs(&cfg.mdm.join(","), 7611).map_err(anyhow::Error::msg)?;
     let mdm = Arc::new(MdmClient::new(endpoint.clone(), addrs));
     let io = IoPath::new(

@@ -61,6 +61,12 @@ struct Args {
     /// Garbage-collector pass interval in milliseconds (0 turns it off).
     #[arg(long, value_name = "MS")]
     gc_interval_ms: Option<u64>,
+    /// Transport for connections to peer SDS: tcp or quic.
+    #[arg(long, value_name = "tcp|quic")]
+    data_transport: Option<proto::transport::DataTransport>,
+    /// Threads for network and request work (0: one per CPU).
+    #[arg(long, value_name = "N")]
+    worker_threads: Option<usize>,
     /// Print the default configuration as commented TOML and exit.
     #[arg(long)]
     print_default_config: bool,
@@ -102,8 +108,11 @@ fn start(args: &Args) -> anyhow::Result<()> {
         println!("configuration OK");
         return Ok(());
     }
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
+    let mut rt = tokio::runtime::Builder::new_multi_thread();
+    if cfg.worker_threads > 0 {
+        rt.worker_threads(cfg.worker_threads);
+    }
+    rt.enable_all()
         .thread_name("sds-worker")
         .build()
         .context("start the runtime")?
@@ -155,6 +164,12 @@ fn configure(args: &Args) -> anyhow::Result<SdsConfig> {
     }
     if let Some(v) = args.gc_interval_ms {
         cfg.gc_interval_ms = v;
+    }
+    if let Some(v) = args.data_transport {
+        cfg.data_transport = v;
+    }
+    if let Some(v) = args.worker_threads {
+        cfg.worker_threads = v;
     }
     if cfg.name.is_empty() {
         cfg.name = std::fs::read_to_string("/proc/sys/kernel/hostname")
@@ -212,7 +227,8 @@ async fn run(cfg: SdsConfig) -> anyhow::Result<()> {
     let storage = Arc::new(open_storage(&cfg).await?);
     let identity = Identity::load(&cfg.cert_dir).context("load this SDS's certificate")?;
     let endpoint = Endpoint::server(cfg.listen, &identity, &format!("sds:{}", cfg.name))
-        .context("open the QUIC data port")?;
+        .context("open the data port (QUIC on UDP, TLS on TCP)")?
+        .with_data_transport(cfg.data_transport);
     let metrics = Arc::new(SdsMetrics::new());
     let map = Arc::new(MapCache::new());
     let service = Service::new(

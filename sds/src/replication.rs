@@ -99,16 +99,17 @@ impl Replicator {
             return Ok((peer, c));
         }
         let unreachable = |reason: String| ForwardError::Unreachable { sds, addr, reason };
-        let c = match tokio::time::timeout(self.dial_timeout, self.endpoint.connect(addr)).await {
-            Ok(Ok(c)) => c,
-            Ok(Err(e)) => return Err(unreachable(e.to_string())),
-            Err(_) => {
-                return Err(unreachable(format!(
-                    "no answer within {:?}",
-                    self.dial_timeout
-                )))
-            }
-        };
+        let c =
+            match tokio::time::timeout(self.dial_timeout, self.endpoint.connect_data(addr)).await {
+                Ok(Ok(c)) => c,
+                Ok(Err(e)) => return Err(unreachable(e.to_string())),
+                Err(_) => {
+                    return Err(unreachable(format!(
+                        "no answer within {:?}",
+                        self.dial_timeout
+                    )))
+                }
+            };
         tracing::debug!(%sds, %addr, "connected to the secondary");
         if let Ok(mut slot) = peer.client.lock() {
             *slot = Some(c.clone());

@@ -1042,10 +1042,44 @@ pub fn cluster_map(c: &Cluster) -> proto::model::ClusterState {
 /// Compare, chunk by chunk, the two copies of every chunk of `volume` in
 /// `[0, chunks)`: each PG's primary and secondary are read with `ReadLocal` (the SDS's own
 /// copy, whatever its role). Returns (chunks compared, descriptions of the differences).
+///
+/// The comparison is made against a settled placement: it waits (up to a minute) until no PG
+/// of the pool is being filled or moved, and starts again when the pool's epoch changed while
+/// it read (a rebalance that starts meanwhile moves copies, and the collector frees the old
+/// ones, which would read as differences that are not there).
 pub fn compare_copies(c: &Cluster, volume: &str, chunks: u64) -> (u64, Vec<String>) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let map = cluster_map(c);
+        let Some(vol) = map.volume_by_name(volume) else {
+            panic!("volume {volume} is not in the map");
+        };
+        let epoch = |m: &proto::model::ClusterState| m.pools.get(&vol.pool).map(|p| p.epoch);
+        let moving = map.pools.get(&vol.pool).is_some_and(|p| {
+            p.pgs
+                .iter()
+                .any(|m| m.rebuild.is_some() || m.leaving.is_some())
+        });
+        if moving && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(200));
+            continue;
+        }
+        let result = compare_copies_under(c, &map, volume, chunks);
+        if epoch(&cluster_map(c)) != epoch(&map) && Instant::now() < deadline {
+            continue;
+        }
+        return result;
+    }
+}
+
+fn compare_copies_under(
+    c: &Cluster,
+    map: &proto::model::ClusterState,
+    volume: &str,
+    chunks: u64,
+) -> (u64, Vec<String>) {
     use proto::codec::{kind, Frame};
     use proto::data::{DataHeader, DataOp};
-    let map = cluster_map(c);
     let vol = map
         .volume_by_name(volume)
         .expect("volume in the map")
@@ -1112,8 +1146,23 @@ pub fn compare_copies(c: &Cluster, volume: &str, chunks: u64) -> (u64, Vec<Strin
                     .zip(copies[1].iter())
                     .position(|(x, y)| x != y)
                     .unwrap_or(0);
+                let blocks: Vec<String> = copies[0]
+                    .chunks(4096)
+                    .zip(copies[1].chunks(4096))
+                    .enumerate()
+                    .filter(|(_, (x, y))| x != y)
+                    .map(|(i, (x, y))| {
+                        let zero = |b: &[u8]| if b.iter().all(|v| *v == 0) { "0" } else { "d" };
+                        format!("{i}:{}{}", zero(x), zero(y))
+                    })
+                    .collect();
                 diffs.push(format!(
-                    "chunk {index} (PG {pg}): copies on SDS {a} and {b} differ from byte {at}"
+                    "chunk {index} (PG {pg}): copies on SDS {a} and {b} differ from byte {at}; \
+                     {} blocks differ (block:primary/secondary, 0 = zeros, d = data) {:?}; \
+                     mapping {m:?}; map version {}",
+                    blocks.len(),
+                    &blocks[..blocks.len().min(12)],
+                    map.version
                 ));
             }
         }

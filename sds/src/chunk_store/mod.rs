@@ -1504,7 +1504,7 @@ impl<D: BlockDevice> ChunkStore<D> {
         for plan in &plans {
             let slot = plan.entry.slot;
             for (first, run) in &plan.runs {
-                let mut buf = AlignedBuf::zeroed(run.len() * BLOCK);
+                let mut buf = self.dev.buffers().get_now(run.len() * BLOCK);
                 for (i, d) in run.iter().enumerate() {
                     buf.as_mut_slice()[i * BLOCK..(i + 1) * BLOCK].copy_from_slice(d);
                 }
