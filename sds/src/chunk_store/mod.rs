@@ -107,7 +107,7 @@ pub use layout::{
     ChunkMeta, MetaPage, SlotIndex, Superblock, SuperblockError, BLOCK, FORMAT_VERSION, PAGE,
 };
 
-use crate::device::{AlignedBuf, BlockDevice, DeviceError};
+use crate::device::{AlignedBuf, BlockDevice, BufferPool, DeviceError, PoolConfig};
 use crate::range_lock::{BlockMask, RangeLocks, BLOCKS};
 use bytes::{Bytes, BytesMut};
 use proto::{ChunkId, ChunkIndex, VtreeId, CHUNK_SIZE};
@@ -403,6 +403,17 @@ pub struct ChunkStore<D> {
     dirty: Mutex<HashMap<SlotIndex, Arc<Entry>>>,
     /// One apply round at a time.
     apply_lock: tokio::sync::Mutex<()>,
+    /// Buffers for in-place writes. Applying must never wait on the device's pool: writers
+    /// waiting for journal space hold those buffers until an apply reclaims the space.
+    apply_bufs: BufferPool,
+}
+
+/// The apply pool: about 12 MiB per device.
+fn apply_pool_config() -> PoolConfig {
+    PoolConfig {
+        data_classes: vec![(4 << 10, 64), (64 << 10, 32), (256 << 10, 8), (1 << 20, 8)],
+        pages: 0,
+    }
 }
 
 fn check_range(offset: u32, len: u64) -> Result<(), StoreError> {
@@ -488,6 +499,7 @@ impl<D: BlockDevice> ChunkStore<D> {
             }),
             progress: tokio::sync::Notify::new(),
             dirty: Mutex::new(HashMap::new()),
+            apply_bufs: BufferPool::new(&apply_pool_config()),
             apply_lock: tokio::sync::Mutex::new(()),
         };
         if blank {
@@ -1504,12 +1516,14 @@ impl<D: BlockDevice> ChunkStore<D> {
         for plan in &plans {
             let slot = plan.entry.slot;
             for (first, run) in &plan.runs {
-                let mut buf = self.dev.buffers().get_now(run.len() * BLOCK);
-                for (i, d) in run.iter().enumerate() {
-                    buf.as_mut_slice()[i * BLOCK..(i + 1) * BLOCK].copy_from_slice(d);
-                }
                 let at = self.data_offset(slot, *first);
                 ios.push(Box::pin(async move {
+                    // At most the apply pool's worth of runs are in flight; the others wait
+                    // for a buffer (only this round's writes hold them).
+                    let mut buf = self.apply_bufs.get(run.len() * BLOCK).await;
+                    for (i, d) in run.iter().enumerate() {
+                        buf.as_mut_slice()[i * BLOCK..(i + 1) * BLOCK].copy_from_slice(d);
+                    }
                     self.dev.write(at, buf).await?;
                     Ok(())
                 }));

@@ -343,22 +343,6 @@ impl BufferPool {
         self.wait_take(first, len).await
     }
 
-    /// A free buffer of at least `len` bytes if one is free now, else a fresh heap buffer:
-    /// for work that must never wait on the pool (applying the journal frees what waiting
-    /// writers hold).
-    pub fn get_now(&self, len: usize) -> AlignedBuf {
-        let len = round_up(len);
-        let data = &self.shared.classes[..self.data_classes];
-        if let Some(first) = data.iter().position(|c| c.size >= len) {
-            for class in first..self.data_classes {
-                if let Some(b) = self.shared.try_take(class, len) {
-                    return b;
-                }
-            }
-        }
-        AlignedBuf::zeroed(len)
-    }
-
     /// A 4 KiB buffer for a metadata page, from the reserved page class.
     pub async fn page(&self) -> AlignedBuf {
         let class = self.data_classes;
