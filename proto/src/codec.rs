@@ -114,6 +114,18 @@ pub struct Frame {
 }
 
 impl Frame {
+    /// The frame `h` describes, with the parts read after it.
+    pub fn from_parts(h: &Header, meta: Bytes, data: Bytes) -> Frame {
+        Frame {
+            kind: h.kind,
+            status: h.status,
+            flags: h.flags,
+            request_id: h.request_id,
+            meta,
+            data,
+        }
+    }
+
     pub fn request(kind: u8, meta: impl Into<Bytes>, data: Bytes) -> Frame {
         Frame {
             kind,

@@ -636,14 +636,7 @@ async fn read_frame(recv: &mut quinn::RecvStream) -> Result<Option<Frame>, Trans
     let h = Header::decode(&hdr)?;
     let meta = read_part(recv, h.meta_len).await?;
     let data = read_part(recv, h.data_len).await?;
-    Ok(Some(Frame {
-        kind: h.kind,
-        status: h.status,
-        flags: h.flags,
-        request_id: h.request_id,
-        meta,
-        data,
-    }))
+    Ok(Some(Frame::from_parts(&h, meta, data)))
 }
 
 async fn read_part(recv: &mut quinn::RecvStream, len: u32) -> Result<Bytes, TransportError> {

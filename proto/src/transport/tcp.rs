@@ -243,14 +243,7 @@ impl FrameRead for TcpReader {
         let h = Header::decode(&hdr)?;
         let meta = self.part(h.meta_len).await?;
         let data = self.part(h.data_len).await?;
-        Ok(Some(Frame {
-            kind: h.kind,
-            status: h.status,
-            flags: h.flags,
-            request_id: h.request_id,
-            meta,
-            data,
-        }))
+        Ok(Some(Frame::from_parts(&h, meta, data)))
     }
 }
 
