@@ -195,6 +195,47 @@ fn transport_config() -> Arc<quinn::TransportConfig> {
     Arc::new(t)
 }
 
+/// A QUIC endpoint on a UDP socket bound to `addr`: buffers sized, datagrams up to
+/// [`MAX_UDP_PAYLOAD`] (MTU discovery finds what the path carries), dialling with `identity`.
+fn quic_endpoint(
+    addr: SocketAddr,
+    mut config: quinn::EndpointConfig,
+    server: Option<quinn::ServerConfig>,
+    identity: &Identity,
+) -> Result<quinn::Endpoint, TransportError> {
+    let _ = config.max_udp_payload_size(MAX_UDP_PAYLOAD);
+    let runtime = quinn::default_runtime().ok_or_else(|| TransportError::Bind {
+        addr,
+        source: std::io::Error::other("no async runtime"),
+    })?;
+    let socket =
+        std::net::UdpSocket::bind(addr).map_err(|source| TransportError::Bind { addr, source })?;
+    size_buffers(&socket);
+    let mut ep = quinn::Endpoint::new(config, server, socket, runtime)
+        .map_err(|source| TransportError::Bind { addr, source })?;
+    ep.set_default_client_config(identity.client_config()?);
+    Ok(ep)
+}
+
+/// Set an integer socket option; false if the kernel refused it.
+fn set_int_opt(
+    fd: std::os::fd::RawFd,
+    level: libc::c_int,
+    opt: libc::c_int,
+    v: libc::c_int,
+) -> bool {
+    // SAFETY: setsockopt on a descriptor the caller owns, with a pointer to a live c_int.
+    unsafe {
+        libc::setsockopt(
+            fd,
+            level,
+            opt,
+            (&v as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        ) == 0
+    }
+}
+
 /// Ask for [`SOCKET_BUFFER`] bytes of send and receive buffer: a receiver that the scheduler
 /// keeps off the CPU for a few milliseconds must not drop datagrams (each drop makes QUIC back
 /// off and retransmit, and repeated drops make it fall back to the minimum MTU). Root may exceed
@@ -202,19 +243,7 @@ fn transport_config() -> Arc<quinn::TransportConfig> {
 fn size_buffers(socket: &std::net::UdpSocket) {
     use std::os::fd::AsRawFd;
     let fd = socket.as_raw_fd();
-    let set = |opt: libc::c_int| {
-        let v = SOCKET_BUFFER as libc::c_int;
-        // SAFETY: setsockopt on a socket we own with a pointer to a live c_int.
-        unsafe {
-            libc::setsockopt(
-                fd,
-                libc::SOL_SOCKET,
-                opt,
-                (&v as *const libc::c_int).cast(),
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            ) == 0
-        }
-    };
+    let set = |opt| set_int_opt(fd, libc::SOL_SOCKET, opt, SOCKET_BUFFER as libc::c_int);
     for (force, plain) in [
         (libc::SO_RCVBUFFORCE, libc::SO_RCVBUF),
         (libc::SO_SNDBUFFORCE, libc::SO_SNDBUF),
@@ -364,17 +393,7 @@ impl Endpoint {
         // process would drop the old connections' packets without answering them with a
         // reset: use plain random ids, which every process answers.
         config.cid_generator(|| Box::new(RandomCids));
-        let _ = config.max_udp_payload_size(MAX_UDP_PAYLOAD);
-        let runtime = quinn::default_runtime().ok_or_else(|| TransportError::Bind {
-            addr,
-            source: std::io::Error::other("no async runtime"),
-        })?;
-        let socket = std::net::UdpSocket::bind(addr)
-            .map_err(|source| TransportError::Bind { addr, source })?;
-        size_buffers(&socket);
-        let mut ep = quinn::Endpoint::new(config, Some(identity.server_config()?), socket, runtime)
-            .map_err(|source| TransportError::Bind { addr, source })?;
-        ep.set_default_client_config(identity.client_config()?);
+        let ep = quic_endpoint(addr, config, Some(identity.server_config()?), identity)?;
         // TCP listens on the port QUIC got (the two port spaces are separate).
         let bound = ep
             .local_addr()
@@ -391,18 +410,7 @@ impl Endpoint {
     /// An endpoint that only dials, bound to an ephemeral port on `bind_ip`'s family.
     pub fn client(identity: &Identity, name: &str) -> Result<Endpoint, TransportError> {
         let addr: SocketAddr = ([0, 0, 0, 0], 0).into();
-        let runtime = quinn::default_runtime().ok_or_else(|| TransportError::Bind {
-            addr,
-            source: std::io::Error::other("no async runtime"),
-        })?;
-        let socket = std::net::UdpSocket::bind(addr)
-            .map_err(|source| TransportError::Bind { addr, source })?;
-        size_buffers(&socket);
-        let mut config = quinn::EndpointConfig::default();
-        let _ = config.max_udp_payload_size(MAX_UDP_PAYLOAD);
-        let mut ep = quinn::Endpoint::new(config, None, socket, runtime)
-            .map_err(|source| TransportError::Bind { addr, source })?;
-        ep.set_default_client_config(identity.client_config()?);
+        let ep = quic_endpoint(addr, quinn::EndpointConfig::default(), None, identity)?;
         Ok(Endpoint {
             inner: ep,
             name: name.into(),

@@ -1043,33 +1043,32 @@ pub fn cluster_map(c: &Cluster) -> proto::model::ClusterState {
 /// `[0, chunks)`: each PG's primary and secondary are read with `ReadLocal` (the SDS's own
 /// copy, whatever its role). Returns (chunks compared, descriptions of the differences).
 ///
-/// The comparison is made against a settled placement: it waits (up to a minute) until no PG
-/// of the pool is being filled or moved, and starts again when the pool's epoch changed while
-/// it read (a rebalance that starts meanwhile moves copies, and the collector frees the old
-/// ones, which would read as differences that are not there).
+/// The comparison is made against a settled placement (a minute at most, then it fails): it
+/// waits until no PG of the pool is being filled or moved, and starts again when the pool's
+/// epoch changed while it read. A rebalance that starts meanwhile moves copies and the collector
+/// frees the old ones, which would read as differences that are not there.
 pub fn compare_copies(c: &Cluster, volume: &str, chunks: u64) -> (u64, Vec<String>) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let map = cluster_map(c);
-        let Some(vol) = map.volume_by_name(volume) else {
-            panic!("volume {volume} is not in the map");
-        };
-        let epoch = |m: &proto::model::ClusterState| m.pools.get(&vol.pool).map(|p| p.epoch);
-        let moving = map.pools.get(&vol.pool).is_some_and(|p| {
-            p.pgs
+    wait_for(
+        &format!("a settled placement to compare the copies of {volume}"),
+        Duration::from_secs(60),
+        || {
+            let map = cluster_map(c);
+            let Some(vol) = map.volume_by_name(volume) else {
+                panic!("volume {volume} is not in the map");
+            };
+            let pool = map.pools.get(&vol.pool)?;
+            if pool
+                .pgs
                 .iter()
                 .any(|m| m.rebuild.is_some() || m.leaving.is_some())
-        });
-        if moving && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(200));
-            continue;
-        }
-        let result = compare_copies_under(c, &map, volume, chunks);
-        if epoch(&cluster_map(c)) != epoch(&map) && Instant::now() < deadline {
-            continue;
-        }
-        return result;
-    }
+            {
+                return None;
+            }
+            let result = compare_copies_under(c, &map, volume, chunks);
+            let after = cluster_map(c);
+            (after.pools.get(&vol.pool).map(|p| p.epoch) == Some(pool.epoch)).then_some(result)
+        },
+    )
 }
 
 fn compare_copies_under(

@@ -8,8 +8,8 @@
 //! restarted peer answers with a reset at once.
 
 use super::{
-    common_name, read_exact_or_end, ConnHandle, Frame, FrameRead, FrameWrite, Handler, Identity,
-    Peer, RpcClient, TransportError, CLUSTER_SERVER_NAME, CONNECT_TIMEOUT,
+    common_name, read_exact_or_end, set_int_opt, ConnHandle, Frame, FrameRead, FrameWrite, Handler,
+    Identity, Peer, RpcClient, TransportError, CLUSTER_SERVER_NAME, CONNECT_TIMEOUT,
 };
 use crate::codec::{Header, HEADER_LEN};
 use bytes::{BufMut, Bytes, BytesMut};
@@ -176,18 +176,7 @@ impl TcpSide {
 fn tune(tcp: &TcpStream) {
     let _ = tcp.set_nodelay(true);
     let fd = tcp.as_raw_fd();
-    let set = |level: libc::c_int, opt: libc::c_int, v: libc::c_int| {
-        // SAFETY: setsockopt on a socket we own with a pointer to a live c_int.
-        unsafe {
-            libc::setsockopt(
-                fd,
-                level,
-                opt,
-                (&v as *const libc::c_int).cast(),
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        }
-    };
+    let set = |level, opt, v| set_int_opt(fd, level, opt, v);
     let dead_ms = DEAD_AFTER.as_millis() as libc::c_int;
     set(libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1);
     set(libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, 1);
