@@ -136,6 +136,7 @@ struct RunArgs {
 
 fn main() -> anyhow::Result<()> {
     proto::daemon::install_panic_hook("sdc");
+    proto::daemon::tune_allocator();
     match Cli::parse().cmd {
         Cmd::PrintDefaultConfig => {
             print!("{}", toml::to_string(&SdcConfig::default())?);

@@ -77,6 +77,7 @@ struct Args {
 
 fn main() -> ExitCode {
     proto::daemon::install_panic_hook("sds");
+    proto::daemon::tune_allocator();
     let args = Args::parse();
     if args.print_default_config {
         print!("{}", SdsConfig::default_toml());

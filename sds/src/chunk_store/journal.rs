@@ -8,8 +8,16 @@ use proto::{ChunkId, ChunkIndex, VtreeId};
 pub const RECORD_MAGIC: u32 = 0x524A_424D;
 /// First 4 bytes of a checkpoint page ("MBJC").
 pub const CHECKPOINT_MAGIC: u32 = 0x434A_424D;
-/// Most payload blocks in one record; longer writes are split.
-pub const MAX_RECORD_BLOCKS: usize = 32;
+/// Most payload blocks in one record: a whole chunk. A store whose journal is small takes
+/// fewer per record ([`record_blocks`]); longer writes are split.
+pub const MAX_RECORD_BLOCKS: usize = crate::range_lock::BLOCKS;
+
+/// Payload blocks per record on a journal of `journal_len` bytes: a record takes at most 1/8
+/// of the journal (so several fit before the half-full apply), and never more than a chunk.
+pub fn record_blocks(journal_len: u64) -> usize {
+    let eighth = (journal_len / 8 / PAGE as u64) as usize;
+    eighth.saturating_sub(1).clamp(1, MAX_RECORD_BLOCKS)
+}
 
 const CRC_AT: usize = PAGE - 4;
 
@@ -192,6 +200,15 @@ mod tests {
     use super::*;
 
     #[test]
+    fn records_take_at_most_an_eighth_of_the_journal_and_a_chunk() {
+        assert_eq!(record_blocks(1 << 20), 31);
+        assert_eq!(record_blocks(2 << 20), 63);
+        assert_eq!(record_blocks(16 << 20), MAX_RECORD_BLOCKS);
+        assert_eq!(record_blocks(64 << 20), MAX_RECORD_BLOCKS);
+        assert_eq!(record_blocks(0), 1);
+    }
+
+    #[test]
     fn records_and_checkpoints_round_trip_and_reject_damage() {
         let h = RecordHeader {
             epoch: 9,
@@ -226,6 +243,17 @@ mod tests {
         c.encode(&mut p, 42);
         assert_eq!(Checkpoint::decode(&p, 42), Some(c));
         assert_eq!(RecordHeader::decode(&p, 42), None);
+        // A whole-chunk record decodes; a longer one is refused.
+        for (count, ok) in [(MAX_RECORD_BLOCKS as u32, true), (257, false)] {
+            let big = RecordHeader {
+                first: 0,
+                count,
+                ..h
+            };
+            let mut q = vec![0u8; PAGE];
+            big.encode(&mut q, 42);
+            assert_eq!(RecordHeader::decode(&q, 42).is_some(), ok, "{count} blocks");
+        }
         p[1000] ^= 4;
         assert_eq!(Checkpoint::decode(&p, 42), None);
     }

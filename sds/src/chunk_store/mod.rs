@@ -30,7 +30,7 @@
 //! Journal record ([`RecordHeader`], [`journal`]): a 4 KiB header (magic `"MBJR"`, version,
 //! device uuid, epoch, sequence number, kind Write/Trim/Free, slot, chunk, first block, block
 //! count, generation, payload CRC32, header CRC32) followed, for a Write, by up to
-//! [`MAX_RECORD_BLOCKS`] full 4 KiB blocks (partial edges already merged with the verified old
+//! [`MAX_RECORD_BLOCKS`] (a chunk; fewer on a small journal: [`journal::record_blocks`]) full 4 KiB blocks (partial edges already merged with the verified old
 //! contents, so replay needs nothing but the record), written as one device write at the head
 //! of the ring (or at its start when it does not fit before the end). Checkpoint page: count,
 //! epoch, tail sequence and tail offset (the first record replay needs), CRC32; written
@@ -403,6 +403,8 @@ pub struct ChunkStore<D> {
     dirty: Mutex<HashMap<SlotIndex, Arc<Entry>>>,
     /// One apply round at a time.
     apply_lock: tokio::sync::Mutex<()>,
+    /// Payload blocks per journal record (a chunk, unless the journal is small).
+    record_blocks: usize,
     /// Buffers for in-place writes. Applying must never wait on the device's pool: writers
     /// waiting for journal space hold those buffers until an apply reclaims the space.
     apply_bufs: BufferPool,
@@ -500,6 +502,7 @@ impl<D: BlockDevice> ChunkStore<D> {
             progress: tokio::sync::Notify::new(),
             dirty: Mutex::new(HashMap::new()),
             apply_bufs: BufferPool::new(&apply_pool_config()),
+            record_blocks: journal::record_blocks(sb.journal_len),
             apply_lock: tokio::sync::Mutex::new(()),
         };
         if blank {
@@ -980,7 +983,7 @@ impl<D: BlockDevice> ChunkStore<D> {
         let (start, end) = (offset as usize, offset as usize + data.len());
         let mut at = start;
         while at < end {
-            let piece_end = end.min((at / BLOCK + MAX_RECORD_BLOCKS) * BLOCK);
+            let piece_end = end.min((at / BLOCK + self.record_blocks) * BLOCK);
             let piece = Fill::Data(&data[at - start..piece_end - start]);
             self.write_blocks(chunk, &entry, at as u32, piece).await?;
             at = piece_end;
@@ -1021,7 +1024,7 @@ impl<D: BlockDevice> ChunkStore<D> {
     }
 
     /// Journal the blocks under `[offset, offset + fill.len())` (at most
-    /// [`MAX_RECORD_BLOCKS`]): merge partial edge blocks with their old contents, write one
+    /// `record_blocks`): merge partial edge blocks with their old contents, write one
     /// record (header and full blocks), then put the blocks in the overlay. The caller holds
     /// the range lock.
     async fn write_blocks(
@@ -1157,7 +1160,7 @@ impl<D: BlockDevice> ChunkStore<D> {
         header.seq = seq;
         header.epoch = epoch;
         header.encode(&mut buf.as_mut_slice()[..PAGE], self.sb.device_uuid);
-        if let Err(e) = self.dev.write(pos, buf).await {
+        if let Err(e) = self.dev.write_log(pos, buf).await {
             tracing::error!(
                 seq,
                 "journal write failed; the store accepts no more writes: {e}"

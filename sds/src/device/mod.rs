@@ -108,6 +108,17 @@ pub trait BlockDevice: Send + Sync + 'static {
         offset: u64,
         buf: AlignedBuf,
     ) -> impl Future<Output = Result<AlignedBuf, DeviceError>> + Send;
+    /// Write `buf`'s window at `offset` as the next piece of a sequential log (the journal):
+    /// same contract and result as [`write`](Self::write), but the device may hold it while
+    /// an earlier log write is in flight and merge it with its neighbours into one device
+    /// write (group commit). Devices without that simply write.
+    fn write_log(
+        &self,
+        offset: u64,
+        buf: AlignedBuf,
+    ) -> impl Future<Output = Result<AlignedBuf, DeviceError>> + Send {
+        self.write(offset, buf)
+    }
     /// Make every write completed before this call durable (fdatasync).
     fn flush(&self) -> impl Future<Output = Result<(), DeviceError>> + Send;
     /// Hint that `[offset, offset + len)` is unused (hole punch or discard); its contents are
@@ -139,6 +150,13 @@ impl<D: BlockDevice> BlockDevice for Arc<D> {
         buf: AlignedBuf,
     ) -> impl Future<Output = Result<AlignedBuf, DeviceError>> + Send {
         (**self).write(offset, buf)
+    }
+    fn write_log(
+        &self,
+        offset: u64,
+        buf: AlignedBuf,
+    ) -> impl Future<Output = Result<AlignedBuf, DeviceError>> + Send {
+        (**self).write_log(offset, buf)
     }
     fn flush(&self) -> impl Future<Output = Result<(), DeviceError>> + Send {
         (**self).flush()
@@ -372,6 +390,12 @@ impl BlockDevice for AnyDevice {
         match self {
             AnyDevice::Uring(d) => d.write(offset, buf).await,
             AnyDevice::File(d) => d.write(offset, buf).await,
+        }
+    }
+    async fn write_log(&self, offset: u64, buf: AlignedBuf) -> Result<AlignedBuf, DeviceError> {
+        match self {
+            AnyDevice::Uring(d) => d.write_log(offset, buf).await,
+            AnyDevice::File(d) => d.write_log(offset, buf).await,
         }
     }
     async fn flush(&self) -> Result<(), DeviceError> {

@@ -11,6 +11,13 @@
 //! where the kernel has them, and the buffer pool is registered once (`READ_FIXED`/
 //! `WRITE_FIXED`) when the memlock limit allows.
 //!
+//! Group commit: of the log writes ([`BlockDevice::write_log`], the journal's records) taken
+//! off the channel together, those that continue each other on the device go as one vectored
+//! write (one device request instead of many); each caller is answered for its own buffer.
+//! Log writes are never held back waiting for company: holding them while one was in flight
+//! was measured to cost 10-25% of 4 KiB write IOPS on the 2-core VM (its disk takes parallel
+//! requests well, and CPU, not device requests, limits there).
+//!
 //! A buffer stays owned by the ring thread until its completion is reaped, so a caller that
 //! gives up waiting can never free memory the kernel still writes to.
 
@@ -19,7 +26,7 @@ use super::{DeviceError, DeviceOptions};
 use io_uring::{opcode, squeue, types, IoUring};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot};
 
@@ -29,13 +36,39 @@ const WAKE_TAG: u64 = u64::MAX;
 const MAX_RETRIES: u8 = 8;
 /// Consecutive failed `io_uring_enter` calls after which the ring thread gives up.
 const MAX_ENTER_FAILURES: u32 = 100;
+/// Most log writes taken off the channel in one pass (the channel queues the rest).
+const MAX_HELD: usize = 512;
+/// Most buffers and bytes in one merged write.
+const MAX_GATHER_BUFS: usize = 256;
+const MAX_GATHER_BYTES: usize = 8 << 20;
 
 type Reply = oneshot::Sender<Result<Option<AlignedBuf>, DeviceError>>;
 
 enum Op {
-    Read { offset: u64, buf: AlignedBuf },
-    Write { offset: u64, buf: AlignedBuf },
+    Read {
+        offset: u64,
+        buf: AlignedBuf,
+    },
+    Write {
+        offset: u64,
+        buf: AlignedBuf,
+    },
+    /// A write that may be held and merged with its neighbours (group commit).
+    LogWrite {
+        offset: u64,
+        buf: AlignedBuf,
+    },
     Flush,
+}
+
+impl Op {
+    /// The device range a log write covers.
+    fn log_range(&self) -> Option<(u64, usize)> {
+        match self {
+            Op::LogWrite { offset, buf } => Some((*offset, buf.len())),
+            _ => None,
+        }
+    }
 }
 
 struct Request {
@@ -47,6 +80,8 @@ struct Request {
 struct Waker {
     efd: OwnedFd,
     sleeping: AtomicBool,
+    /// Log writes that went to the device merged with others.
+    merged: AtomicU64,
 }
 
 impl Waker {
@@ -89,6 +124,7 @@ impl UringDevice {
         let waker = Arc::new(Waker {
             efd,
             sleeping: AtomicBool::new(false),
+            merged: AtomicU64::new(0),
         });
         let (tx, rx) = mpsc::channel(opts.queue_depth.max(1));
         let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel(1);
@@ -133,6 +169,11 @@ impl UringDevice {
             capacity: f.capacity,
             pool,
         })
+    }
+
+    /// Log writes so far that went to the device merged with others (group commit).
+    pub fn log_writes_merged(&self) -> u64 {
+        self.waker.merged.load(Ordering::Relaxed)
     }
 
     async fn submit(&self, op: Op) -> Result<Option<AlignedBuf>, DeviceError> {
@@ -181,6 +222,13 @@ impl BlockDevice for UringDevice {
             .ok_or(DeviceError::Stopped)
     }
 
+    async fn write_log(&self, offset: u64, buf: AlignedBuf) -> Result<AlignedBuf, DeviceError> {
+        check_range(offset, buf.len() as u64, self.capacity)?;
+        self.submit(Op::LogWrite { offset, buf })
+            .await?
+            .ok_or(DeviceError::Stopped)
+    }
+
     async fn flush(&self) -> Result<(), DeviceError> {
         self.submit(Op::Flush).await.map(|_| ())
     }
@@ -194,10 +242,53 @@ impl BlockDevice for UringDevice {
     }
 }
 
+/// What one submission queue entry carries.
+enum Job {
+    One(Request),
+    /// Log writes that continue each other on the device, in offset order, written with one
+    /// `writev` from `offset`. `iovecs` point into the requests' buffers.
+    Gather {
+        offset: u64,
+        reqs: Vec<Request>,
+        iovecs: Vec<libc::iovec>,
+    },
+}
+
+/// One job for a run of log writes: a plain write for one, a vectored write for several.
+fn gather(mut reqs: Vec<Request>) -> Job {
+    if reqs.len() == 1 {
+        if let Some(r) = reqs.pop() {
+            return Job::One(r);
+        }
+    }
+    let offset = reqs
+        .first()
+        .and_then(|r| r.op.log_range())
+        .map_or(0, |r| r.0);
+    let iovecs = reqs
+        .iter_mut()
+        .filter_map(|r| match &mut r.op {
+            Op::LogWrite { buf, .. } => Some(libc::iovec {
+                iov_base: buf.io_ptr().cast(),
+                iov_len: buf.len(),
+            }),
+            _ => None,
+        })
+        .collect();
+    Job::Gather {
+        offset,
+        reqs,
+        iovecs,
+    }
+}
+
 struct InFlight {
-    req: Request,
+    job: Job,
     retries: u8,
 }
+
+// SAFETY: the iovecs only point into buffers the same job owns; nothing else reads them.
+unsafe impl Send for InFlight {}
 
 struct RingThread {
     ring: IoUring,
@@ -208,6 +299,8 @@ struct RingThread {
     slots: Vec<Option<InFlight>>,
     free: Vec<usize>,
     in_flight: usize,
+    /// Log writes taken off the channel in this pass, submitted at its end.
+    held: Vec<Request>,
     wake_armed: bool,
     wake_buf: Box<u64>,
     reaped: Vec<(u64, i32)>,
@@ -247,6 +340,7 @@ impl RingThread {
             slots: (0..n).map(|_| None).collect(),
             free: (0..n).rev().collect(),
             in_flight: 0,
+            held: Vec::with_capacity(MAX_HELD),
             wake_armed: false,
             wake_buf: Box::new(0),
             reaped: Vec::with_capacity(entries as usize * 2),
@@ -266,7 +360,17 @@ impl RingThread {
                 len: b.len() as u64,
             })
         };
-        let e = match &mut f.req.op {
+        let req = match &mut f.job {
+            Job::One(req) => req,
+            Job::Gather { offset, iovecs, .. } => {
+                let n = u32::try_from(iovecs.len()).map_err(|_| DeviceError::Stopped)?;
+                let e = opcode::Writev::new(fd, iovecs.as_ptr(), n)
+                    .offset(*offset)
+                    .build();
+                return Ok(e.user_data(slot as u64));
+            }
+        };
+        let e = match &mut req.op {
             Op::Read { offset, buf } => {
                 let len = len32(buf)?;
                 match buf.fixed_index(pool_id).filter(|_| fixed) {
@@ -278,7 +382,7 @@ impl RingThread {
                         .build(),
                 }
             }
-            Op::Write { offset, buf } => {
+            Op::Write { offset, buf } | Op::LogWrite { offset, buf } => {
                 let len = len32(buf)?;
                 match buf.fixed_index(pool_id).filter(|_| fixed) {
                     Some(i) => opcode::WriteFixed::new(fd, buf.io_ptr(), len, i)
@@ -305,22 +409,98 @@ impl RingThread {
                 .map_err(|_| DeviceError::Io(std::io::Error::other("submission queue full")))
         });
         if let Err(e) = pushed {
+            tracing::debug!("io_uring submission refused: {e}");
             if let Some(f) = self.slots.get_mut(slot).and_then(Option::take) {
-                let _ = f.req.reply.send(Err(e));
+                self.failed(f.job, Some(libc::EIO));
             }
             self.free.push(slot);
-            self.in_flight -= 1;
         }
     }
 
+    /// Take a request off the channel: log writes are held for [`Self::submit_held`].
     fn start(&mut self, req: Request) {
+        if req.op.log_range().is_some() {
+            self.held.push(req);
+        } else {
+            self.start_job(Job::One(req));
+        }
+    }
+
+    fn start_job(&mut self, job: Job) {
         let Some(slot) = self.free.pop() else {
-            let _ = req.reply.send(Err(DeviceError::Stopped));
+            self.answer(job, |_| Err(DeviceError::Stopped));
             return;
         };
-        self.slots[slot] = Some(InFlight { req, retries: 0 });
+        if let Job::Gather { reqs, .. } = &job {
+            self.waker
+                .merged
+                .fetch_add(reqs.len() as u64, Ordering::Relaxed);
+        }
+        self.slots[slot] = Some(InFlight { job, retries: 0 });
         self.in_flight += 1;
         self.push(slot);
+    }
+
+    /// Submit the held log writes: sorted by offset, each run of writes that continue each
+    /// other as one job.
+    fn submit_held(&mut self) {
+        if self.held.is_empty() {
+            return;
+        }
+        let mut held = std::mem::take(&mut self.held);
+        held.sort_by_key(|r| r.op.log_range().map_or(0, |(o, _)| o));
+        let mut run: Vec<Request> = Vec::new();
+        let (mut run_end, mut run_bytes) = (0u64, 0usize);
+        for req in held.drain(..) {
+            let Some((offset, len)) = req.op.log_range() else {
+                continue;
+            };
+            let continues = !run.is_empty()
+                && offset == run_end
+                && run.len() < MAX_GATHER_BUFS
+                && run_bytes + len <= MAX_GATHER_BYTES;
+            if !continues && !run.is_empty() {
+                let job = gather(std::mem::take(&mut run));
+                self.start_job(job);
+                run_bytes = 0;
+            }
+            run_end = offset + len as u64;
+            run_bytes += len;
+            run.push(req);
+        }
+        if !run.is_empty() {
+            self.start_job(gather(run));
+        }
+        // Keep the (now empty) allocation.
+        self.held = held;
+    }
+
+    /// Answer every request of `job` with what `result` gives for its index.
+    fn answer(
+        &self,
+        job: Job,
+        mut result: impl FnMut(usize) -> Result<Option<AlignedBuf>, DeviceError>,
+    ) {
+        match job {
+            Job::One(req) => {
+                let _ = req.reply.send(result(0));
+            }
+            Job::Gather { reqs, .. } => {
+                for (i, req) in reqs.into_iter().enumerate() {
+                    let _ = req.reply.send(result(i));
+                }
+            }
+        }
+    }
+
+    /// A job failed as a whole (its slot is already free): account for it and answer every
+    /// request with the OS error `errno`, or `Stopped` for `None`.
+    fn failed(&mut self, job: Job, errno: Option<i32>) {
+        self.in_flight -= 1;
+        self.answer(job, |_| match errno {
+            Some(e) => Err(DeviceError::Io(std::io::Error::from_raw_os_error(e))),
+            None => Err(DeviceError::Stopped),
+        });
     }
 
     fn arm_wake(&mut self) {
@@ -357,38 +537,73 @@ impl RingThread {
             return;
         }
         self.free.push(slot);
+        if res < 0 {
+            self.failed(f.job, Some(-res));
+            return;
+        }
         self.in_flight -= 1;
-        let out = if res < 0 {
-            Err(DeviceError::Io(std::io::Error::from_raw_os_error(-res)))
-        } else {
-            let done = res as usize;
-            match f.req.op {
-                Op::Read { offset, buf } | Op::Write { offset, buf } if done != buf.len() => {
-                    Err(DeviceError::Short {
-                        offset,
-                        len: buf.len(),
-                        done,
-                    })
-                }
-                Op::Read { buf, .. } | Op::Write { buf, .. } => Ok(Some(buf)),
-                Op::Flush => Ok(None),
+        let done = res as usize;
+        match f.job {
+            Job::One(req) => {
+                let out = match req.op {
+                    Op::Read { offset, buf }
+                    | Op::Write { offset, buf }
+                    | Op::LogWrite { offset, buf }
+                        if done != buf.len() =>
+                    {
+                        Err(DeviceError::Short {
+                            offset,
+                            len: buf.len(),
+                            done,
+                        })
+                    }
+                    Op::Read { buf, .. } | Op::Write { buf, .. } | Op::LogWrite { buf, .. } => {
+                        Ok(Some(buf))
+                    }
+                    Op::Flush => Ok(None),
+                };
+                let _ = req.reply.send(out);
             }
-        };
-        let _ = f.req.reply.send(out);
+            Job::Gather { reqs, .. } => {
+                // A short vectored write completed a prefix: the requests it covers whole are
+                // done, the others are short.
+                let mut at = 0usize;
+                for req in reqs {
+                    let out = match req.op {
+                        Op::LogWrite { offset, buf } => {
+                            let (start, len) = (at, buf.len());
+                            at += len;
+                            if done >= start + len {
+                                Ok(Some(buf))
+                            } else {
+                                Err(DeviceError::Short {
+                                    offset,
+                                    len,
+                                    done: done.saturating_sub(start),
+                                })
+                            }
+                        }
+                        _ => Err(DeviceError::Stopped),
+                    };
+                    let _ = req.reply.send(out);
+                }
+            }
+        }
     }
 
     fn run(mut self, mut rx: mpsc::Receiver<Request>) {
         let mut closed = false;
         let mut enter_failures = 0u32;
         loop {
-            while !closed && !self.free.is_empty() {
+            while !closed && !self.free.is_empty() && self.held.len() < MAX_HELD {
                 match rx.try_recv() {
                     Ok(req) => self.start(req),
                     Err(mpsc::error::TryRecvError::Empty) => break,
                     Err(mpsc::error::TryRecvError::Disconnected) => closed = true,
                 }
             }
-            if closed && self.in_flight == 0 {
+            self.submit_held();
+            if closed && self.in_flight == 0 && self.held.is_empty() {
                 break;
             }
             self.arm_wake();
@@ -399,6 +614,7 @@ impl RingThread {
                 if let Ok(req) = rx.try_recv() {
                     self.waker.sleeping.store(false, Ordering::SeqCst);
                     self.start(req);
+                    self.submit_held();
                 }
             }
             match self.ring.submit_and_wait(1) {
@@ -449,10 +665,20 @@ impl RingThread {
     /// own, so that no memory it writes to is ever reused.
     fn abandon(mut self) {
         for f in self.slots.iter_mut().filter_map(Option::take) {
-            let InFlight { req, .. } = f;
-            let Request { op, reply } = req;
-            std::mem::forget(op);
-            let _ = reply.send(Err(DeviceError::Stopped));
+            let reqs = match f.job {
+                Job::One(r) => vec![r],
+                Job::Gather { reqs, iovecs, .. } => {
+                    std::mem::forget(iovecs);
+                    reqs
+                }
+            };
+            for Request { op, reply } in reqs {
+                std::mem::forget(op);
+                let _ = reply.send(Err(DeviceError::Stopped));
+            }
+        }
+        for req in self.held.drain(..) {
+            let _ = req.reply.send(Err(DeviceError::Stopped));
         }
         std::mem::forget(std::mem::take(&mut self.wake_buf));
         std::mem::forget(self);
