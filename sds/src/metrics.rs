@@ -52,6 +52,10 @@ pub struct SdsMetrics {
     pub chunks_allocated: Gauge,
     /// Blocks journaled but not yet applied in place (held in memory).
     pub journal_overlay_blocks: Gauge,
+    /// Journal records written merged with others into one device write (group commit).
+    pub journal_records_merged: Counter,
+    /// The devices' merged-record count at the last update (devices come and go).
+    merged_seen: std::sync::atomic::AtomicU64,
     pub map_version: Gauge,
     /// 1 while the last hello to the MDM succeeded.
     pub mdm_connected: Gauge,
@@ -165,6 +169,11 @@ fn r_rebuild(m: &mut SdsMetrics) {
         m.journal_overlay_blocks.clone(),
     );
     r.register(
+        "meshblock_sds_journal_records_merged",
+        "Journal records written merged with adjacent ones into one device write (group commit)",
+        m.journal_records_merged.clone(),
+    );
+    r.register(
         "meshblock_sds_leased",
         "1 while this SDS holds a lease from the MDM and may serve I/O",
         m.leased.clone(),
@@ -189,6 +198,8 @@ impl SdsMetrics {
             device_failed: Family::default(),
             chunks_allocated: Gauge::default(),
             journal_overlay_blocks: Gauge::default(),
+            journal_records_merged: Counter::default(),
+            merged_seen: std::sync::atomic::AtomicU64::new(0),
             map_version: Gauge::default(),
             mdm_connected: Gauge::default(),
             read_seconds: buckets(),
@@ -329,6 +340,16 @@ impl SdsMetrics {
     }
 
     /// Set a device's failed gauge.
+    /// Account the devices' current total of merged journal records (a removed device's share
+    /// is not taken back: the counter only grows).
+    pub fn set_records_merged(&self, total: u64) {
+        use std::sync::atomic::Ordering;
+        let seen = self.merged_seen.swap(total, Ordering::Relaxed);
+        if total > seen {
+            self.journal_records_merged.inc_by(total - seen);
+        }
+    }
+
     pub fn set_device_failed(&self, path: &str, failed: bool) {
         self.device_failed
             .get_or_create(&vec![("device".to_string(), path.to_string())])
@@ -418,6 +439,11 @@ mod tests {
         m.reads.inc();
         m.request_error(proto::ErrorCode::StaleEpoch);
         m.set_device_failed("/dev/x", true);
+        // The merged-record total of the devices: only growth is counted.
+        m.set_records_merged(5);
+        m.set_records_merged(7);
+        m.set_records_merged(3);
+        m.set_records_merged(4);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
@@ -433,6 +459,10 @@ mod tests {
         );
         assert!(
             body.contains("meshblock_sds_device_failed{device=\"/dev/x\"} 1"),
+            "{body}"
+        );
+        assert!(
+            body.contains("meshblock_sds_journal_records_merged_total 8"),
             "{body}"
         );
         assert!(

@@ -140,6 +140,13 @@ impl<D: BlockDevice> Service<D> {
         for d in self.storage.devices().iter() {
             self.metrics.set_device_failed(&d.path, d.failed());
         }
+        self.metrics.set_records_merged(
+            self.storage
+                .devices()
+                .iter()
+                .map(|d| d.store.device().log_writes_merged())
+                .sum(),
+        );
     }
 
     async fn route(&self, h: &DataHeader, role: Role) -> Result<Route, WireError> {

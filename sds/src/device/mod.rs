@@ -119,6 +119,10 @@ pub trait BlockDevice: Send + Sync + 'static {
     ) -> impl Future<Output = Result<AlignedBuf, DeviceError>> + Send {
         self.write(offset, buf)
     }
+    /// Log writes so far that reached the device merged with others (group commit).
+    fn log_writes_merged(&self) -> u64 {
+        0
+    }
     /// Make every write completed before this call durable (fdatasync).
     fn flush(&self) -> impl Future<Output = Result<(), DeviceError>> + Send;
     /// Hint that `[offset, offset + len)` is unused (hole punch or discard); its contents are
@@ -157,6 +161,9 @@ impl<D: BlockDevice> BlockDevice for Arc<D> {
         buf: AlignedBuf,
     ) -> impl Future<Output = Result<AlignedBuf, DeviceError>> + Send {
         (**self).write_log(offset, buf)
+    }
+    fn log_writes_merged(&self) -> u64 {
+        (**self).log_writes_merged()
     }
     fn flush(&self) -> impl Future<Output = Result<(), DeviceError>> + Send {
         (**self).flush()
@@ -396,6 +403,12 @@ impl BlockDevice for AnyDevice {
         match self {
             AnyDevice::Uring(d) => d.write_log(offset, buf).await,
             AnyDevice::File(d) => d.write_log(offset, buf).await,
+        }
+    }
+    fn log_writes_merged(&self) -> u64 {
+        match self {
+            AnyDevice::Uring(d) => d.log_writes_merged(),
+            AnyDevice::File(d) => d.log_writes_merged(),
         }
     }
     async fn flush(&self) -> Result<(), DeviceError> {

@@ -171,11 +171,6 @@ impl UringDevice {
         })
     }
 
-    /// Log writes so far that went to the device merged with others (group commit).
-    pub fn log_writes_merged(&self) -> u64 {
-        self.waker.merged.load(Ordering::Relaxed)
-    }
-
     async fn submit(&self, op: Op) -> Result<Option<AlignedBuf>, DeviceError> {
         let tx = self.tx.as_ref().ok_or(DeviceError::Stopped)?;
         let (reply, rx) = oneshot::channel();
@@ -227,6 +222,10 @@ impl BlockDevice for UringDevice {
         self.submit(Op::LogWrite { offset, buf })
             .await?
             .ok_or(DeviceError::Stopped)
+    }
+
+    fn log_writes_merged(&self) -> u64 {
+        self.waker.merged.load(Ordering::Relaxed)
     }
 
     async fn flush(&self) -> Result<(), DeviceError> {
