@@ -30,9 +30,11 @@
 //! Journal record ([`RecordHeader`], [`journal`]): a 4 KiB header (magic `"MBJR"`, version,
 //! device uuid, epoch, sequence number, kind Write/Trim/Free, slot, chunk, first block, block
 //! count, generation, payload CRC32, header CRC32) followed, for a Write, by up to
-//! [`MAX_RECORD_BLOCKS`] (a chunk; fewer on a small journal: [`journal::record_blocks`]) full 4 KiB blocks (partial edges already merged with the verified old
-//! contents, so replay needs nothing but the record), written as one device write at the head
-//! of the ring (or at its start when it does not fit before the end). Checkpoint page: count,
+//! [`MAX_RECORD_BLOCKS`] (a chunk; fewer on a small journal: [`journal::record_blocks`]) full
+//! 4 KiB blocks (partial edges already merged with the verified old contents, so replay needs
+//! nothing but the record), written as one device write at the head of the ring (or at its
+//! start when it does not fit before the end; the device may merge records that arrive
+//! together and continue each other, [`BlockDevice::write_log`]). Checkpoint page: count,
 //! epoch, tail sequence and tail offset (the first record replay needs), CRC32; written
 //! alternately to A and B, each only once the previous one is durable, so one is always intact
 //! (the higher valid count wins).

@@ -109,9 +109,9 @@ pub trait BlockDevice: Send + Sync + 'static {
         buf: AlignedBuf,
     ) -> impl Future<Output = Result<AlignedBuf, DeviceError>> + Send;
     /// Write `buf`'s window at `offset` as the next piece of a sequential log (the journal):
-    /// same contract and result as [`write`](Self::write), but the device may hold it while
-    /// an earlier log write is in flight and merge it with its neighbours into one device
-    /// write (group commit). Devices without that simply write.
+    /// same contract and result as [`write`](Self::write), but the device may merge it with
+    /// log writes queued with it that continue it on the device into one device write (group
+    /// commit). Devices without that simply write.
     fn write_log(
         &self,
         offset: u64,

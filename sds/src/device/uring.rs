@@ -53,7 +53,8 @@ enum Op {
         offset: u64,
         buf: AlignedBuf,
     },
-    /// A write that may be held and merged with its neighbours (group commit).
+    /// A journal write: merged with the log writes taken off the channel with it that continue
+    /// it on the device (group commit).
     LogWrite {
         offset: u64,
         buf: AlignedBuf,
@@ -286,9 +287,6 @@ struct InFlight {
     retries: u8,
 }
 
-// SAFETY: the iovecs only point into buffers the same job owns; nothing else reads them.
-unsafe impl Send for InFlight {}
-
 struct RingThread {
     ring: IoUring,
     fd: RawFd,
@@ -298,7 +296,7 @@ struct RingThread {
     slots: Vec<Option<InFlight>>,
     free: Vec<usize>,
     in_flight: usize,
-    /// Log writes taken off the channel in this pass, submitted at its end.
+    /// Log writes taken off the channel in this pass, submitted together at its end.
     held: Vec<Request>,
     wake_armed: bool,
     wake_buf: Box<u64>,
@@ -410,7 +408,7 @@ impl RingThread {
         if let Err(e) = pushed {
             tracing::debug!("io_uring submission refused: {e}");
             if let Some(f) = self.slots.get_mut(slot).and_then(Option::take) {
-                self.failed(f.job, Some(libc::EIO));
+                self.failed(f.job, libc::EIO);
             }
             self.free.push(slot);
         }
@@ -427,7 +425,7 @@ impl RingThread {
 
     fn start_job(&mut self, job: Job) {
         let Some(slot) = self.free.pop() else {
-            self.answer(job, |_| Err(DeviceError::Stopped));
+            self.answer(job, || Err(DeviceError::Stopped));
             return;
         };
         if let Job::Gather { reqs, .. } = &job {
@@ -474,31 +472,26 @@ impl RingThread {
         self.held = held;
     }
 
-    /// Answer every request of `job` with what `result` gives for its index.
-    fn answer(
-        &self,
-        job: Job,
-        mut result: impl FnMut(usize) -> Result<Option<AlignedBuf>, DeviceError>,
-    ) {
+    /// Answer every request of `job` with a result `result` makes for it.
+    fn answer(&self, job: Job, result: impl Fn() -> Result<Option<AlignedBuf>, DeviceError>) {
         match job {
             Job::One(req) => {
-                let _ = req.reply.send(result(0));
+                let _ = req.reply.send(result());
             }
             Job::Gather { reqs, .. } => {
-                for (i, req) in reqs.into_iter().enumerate() {
-                    let _ = req.reply.send(result(i));
+                for req in reqs {
+                    let _ = req.reply.send(result());
                 }
             }
         }
     }
 
     /// A job failed as a whole (its slot is already free): account for it and answer every
-    /// request with the OS error `errno`, or `Stopped` for `None`.
-    fn failed(&mut self, job: Job, errno: Option<i32>) {
+    /// request with the OS error `errno`.
+    fn failed(&mut self, job: Job, errno: i32) {
         self.in_flight -= 1;
-        self.answer(job, |_| match errno {
-            Some(e) => Err(DeviceError::Io(std::io::Error::from_raw_os_error(e))),
-            None => Err(DeviceError::Stopped),
+        self.answer(job, || {
+            Err(DeviceError::Io(std::io::Error::from_raw_os_error(errno)))
         });
     }
 
@@ -537,7 +530,7 @@ impl RingThread {
         }
         self.free.push(slot);
         if res < 0 {
-            self.failed(f.job, Some(-res));
+            self.failed(f.job, -res);
             return;
         }
         self.in_flight -= 1;
