@@ -405,8 +405,6 @@ pub struct ChunkStore<D> {
     dirty: Mutex<HashMap<SlotIndex, Arc<Entry>>>,
     /// One apply round at a time.
     apply_lock: tokio::sync::Mutex<()>,
-    /// Payload blocks per journal record (a chunk, unless the journal is small).
-    record_blocks: usize,
     /// Buffers for in-place writes. Applying must never wait on the device's pool: writers
     /// waiting for journal space hold those buffers until an apply reclaims the space.
     apply_bufs: BufferPool,
@@ -504,7 +502,6 @@ impl<D: BlockDevice> ChunkStore<D> {
             progress: tokio::sync::Notify::new(),
             dirty: Mutex::new(HashMap::new()),
             apply_bufs: BufferPool::new(&apply_pool_config()),
-            record_blocks: journal::record_blocks(sb.journal_len),
             apply_lock: tokio::sync::Mutex::new(()),
         };
         if blank {
@@ -983,9 +980,10 @@ impl<D: BlockDevice> ChunkStore<D> {
         let _range = self.locks.lock(chunk, BlockMask::range(b0, b1)).await;
         let entry = self.entry_or_allocate_applying(chunk).await?;
         let (start, end) = (offset as usize, offset as usize + data.len());
+        let per_record = journal::record_blocks(self.sb.journal_len);
         let mut at = start;
         while at < end {
-            let piece_end = end.min((at / BLOCK + self.record_blocks) * BLOCK);
+            let piece_end = end.min((at / BLOCK + per_record) * BLOCK);
             let piece = Fill::Data(&data[at - start..piece_end - start]);
             self.write_blocks(chunk, &entry, at as u32, piece).await?;
             at = piece_end;
@@ -1026,7 +1024,7 @@ impl<D: BlockDevice> ChunkStore<D> {
     }
 
     /// Journal the blocks under `[offset, offset + fill.len())` (at most
-    /// `record_blocks`): merge partial edge blocks with their old contents, write one
+    /// [`journal::record_blocks`]): merge partial edge blocks with their old contents, write one
     /// record (header and full blocks), then put the blocks in the overlay. The caller holds
     /// the range lock.
     async fn write_blocks(
