@@ -85,3 +85,8 @@ for j in jobs:
         print(f"{rw + ' ' + bs + ' QD' + qd:<20} {t:<10} {iops:>10.0f} {mib:>9.1f} {mean:>9.3f} {p99:>9.3f} {ratio:>10}")
 print(f"peak RSS:{rss}")
 PY
+# Waking a thread on an idle vCPU is what a 4k QD1 request mostly waits for on a VM (about
+# nine wakes per write): say how this machine idles, so numbers from different hosts compare.
+idle_driver=$(cat /sys/devices/system/cpu/cpuidle/current_driver 2>/dev/null || echo unknown)
+halt_poll=$(cat /sys/module/haltpoll/parameters/guest_halt_poll_ns 2>/dev/null || echo n/a)
+echo "cpus: $(nproc); cpuidle driver: $idle_driver; guest_halt_poll_ns: $halt_poll (see README, Tuning a storage node)"
