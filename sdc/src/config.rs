@@ -32,6 +32,11 @@ pub struct SdcConfig {
     pub io_timeout_ms: u64,
     /// Transport to the SDS: "tcp" (TLS 1.3 over TCP) or "quic". Default: "tcp".
     pub data_transport: DataTransport,
+    /// While the SDC runs, idle CPUs of this host use only idle states they wake from within
+    /// this many microseconds (PM QoS through /dev/cpu_dma_latency, needs root); 0 keeps them
+    /// polling, which cuts QD1 latency on VMs most; -1 leaves the host's idle policy alone
+    /// (application hosts keep their power policy unless the operator asks). Default: -1.
+    pub cpu_wake_latency_us: i64,
     /// The Docker volume plugin (`[docker]`).
     pub docker: DockerConfig,
 }
@@ -98,6 +103,7 @@ impl Default for SdcConfig {
             map_poll_ms: 500,
             io_timeout_ms: 30_000,
             data_transport: DataTransport::default(),
+            cpu_wake_latency_us: proto::daemon::CPU_WAKE_LATENCY_UNCHANGED,
             docker: DockerConfig::default(),
         }
     }
@@ -135,6 +141,9 @@ impl SdcConfig {
         }
         if self.io_timeout_ms == 0 {
             p.push("io_timeout_ms must be > 0".into());
+        }
+        if let Err(e) = proto::daemon::check_cpu_wake_latency(self.cpu_wake_latency_us) {
+            p.push(e);
         }
         let d = &self.docker;
         if !crate::docker::options::FSTYPES.contains(&d.default_fstype.as_str()) {
@@ -174,6 +183,7 @@ impl SdcConfig {
             "map_poll_ms",
             "io_timeout_ms",
             "data_transport",
+            "cpu_wake_latency_us",
             "docker",
         ];
         let docker_known = [

@@ -231,6 +231,8 @@ fn main() -> anyhow::Result<()> {
             cfg.validate()
                 .map_err(anyhow::Error::msg)
                 .context("validate the configuration")?;
+            // Held until the process exits.
+            let _wake_latency = proto::daemon::apply_cpu_wake_latency(cfg.cpu_wake_latency_us);
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
                 .enable_all()

@@ -127,6 +127,11 @@ pub struct SdsConfig {
     /// Threads running the SDS's async work (0: one per CPU). Default: 0.
     #[serde(default)]
     pub worker_threads: usize,
+    /// While the SDS runs, idle CPUs of this machine use only idle states they wake from
+    /// within this many microseconds (PM QoS, `/dev/cpu_dma_latency`, needs root); 0 keeps
+    /// them polling; -1 leaves the machine's idle policy alone. Default: 0.
+    #[serde(default)]
+    pub cpu_wake_latency_us: i64,
 }
 
 /// Every key with its documentation, in file order (printed by `--print-default-config`).
@@ -215,6 +220,16 @@ const FIELD_DOCS: &[(&str, &str)] = &[
         "Threads running the SDS's network and request work (0: one per CPU). Each device \
          also has its own io_uring thread.",
     ),
+    (
+        "cpu_wake_latency_us",
+        "While the SDS runs, idle CPUs of this machine use only idle states they wake from \
+         within this many microseconds (PM QoS through /dev/cpu_dma_latency; needs root, \
+         otherwise a warning). 0 keeps idle CPUs polling: a 4 KiB write waits for about nine \
+         thread wakes across SDC and SDS, and waking a halted CPU (on a VM above all) costs \
+         tens of microseconds each; the 2-core lab VM measured QD1 writes at 0.30 instead of \
+         0.50 ms. The price is idle CPUs that spin (power; host CPU on a VM). -1 leaves the \
+         machine's idle policy alone, e.g. on hyperconverged nodes that value power more.",
+    ),
 ];
 
 impl Default for SdsConfig {
@@ -236,6 +251,7 @@ impl Default for SdsConfig {
             gc_interval_ms: default_gc_interval_ms(),
             data_transport: DataTransport::default(),
             worker_threads: 0,
+            cpu_wake_latency_us: 0,
         }
     }
 }
@@ -309,6 +325,9 @@ impl SdsConfig {
             if v == 0 {
                 p.push(format!("{key}: must be more than 0"));
             }
+        }
+        if let Err(e) = proto::daemon::check_cpu_wake_latency(self.cpu_wake_latency_us) {
+            p.push(e);
         }
         if self.hello_interval_ms >= self.lease_ms {
             p.push(

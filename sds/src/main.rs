@@ -109,6 +109,8 @@ fn start(args: &Args) -> anyhow::Result<()> {
         println!("configuration OK");
         return Ok(());
     }
+    // Held until the process exits.
+    let _wake_latency = proto::daemon::apply_cpu_wake_latency(cfg.cpu_wake_latency_us);
     let mut rt = tokio::runtime::Builder::new_multi_thread();
     if cfg.worker_threads > 0 {
         rt.worker_threads(cfg.worker_threads);

@@ -41,6 +41,15 @@ fn real_clients_round_trip_and_agree() {
     let d = DataCluster::start("nbd-clients", 3, 8);
     let uri = d.uri("vol1");
 
+    // Each SDS keeps idle CPUs polling while it runs (cpu_wake_latency_us = 0, the default),
+    // and the kernel applies it.
+    for s in &d.sds {
+        let log = s.log_text();
+        assert!(log.contains("holding CPU wake latency at 0 us"), "{log}");
+    }
+    let limit = std::fs::read("/dev/cpu_dma_latency").expect("read the PM QoS limit");
+    assert_eq!(limit.get(..4), Some(&0i32.to_ne_bytes()[..]), "{limit:?}");
+
     // nbdinfo: size, flags, base:allocation.
     let info = must("nbdinfo", &["--json", &uri]);
     let j: serde_json::Value = serde_json::from_str(&info).expect("nbdinfo json");
