@@ -226,9 +226,10 @@ const FIELD_DOCS: &[(&str, &str)] = &[
          within this many microseconds (PM QoS through /dev/cpu_dma_latency; needs root, \
          otherwise a warning). 0 keeps idle CPUs polling: a 4 KiB write waits for about nine \
          thread wakes across SDC and SDS, and waking a halted CPU (on a VM above all) costs \
-         tens of microseconds each; the 2-core lab VM measured QD1 writes at 0.30 instead of \
-         0.50 ms. The price is idle CPUs that spin (power; host CPU on a VM). -1 leaves the \
-         machine's idle policy alone, e.g. on hyperconverged nodes that value power more.",
+         tens of microseconds each; the 2-core lab VM measured QD1 writes at 0.30-0.37 ms \
+         instead of about 0.5 ms. The price is idle CPUs that spin (power; host CPU on a \
+         VM). -1 leaves the machine's idle policy alone, e.g. on hyperconverged nodes that \
+         value power more.",
     ),
 ];
 
