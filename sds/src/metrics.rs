@@ -339,7 +339,6 @@ impl SdsMetrics {
             .inc();
     }
 
-    /// Set a device's failed gauge.
     /// Account the devices' current total of merged journal records (a removed device's share
     /// is not taken back: the counter only grows).
     pub fn set_records_merged(&self, total: u64) {
@@ -350,6 +349,7 @@ impl SdsMetrics {
         }
     }
 
+    /// Set a device's failed gauge.
     pub fn set_device_failed(&self, path: &str, failed: bool) {
         self.device_failed
             .get_or_create(&vec![("device".to_string(), path.to_string())])
