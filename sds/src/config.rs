@@ -59,6 +59,10 @@ fn default_gc_interval_ms() -> u64 {
     10_000
 }
 
+fn default_device_lock_wait_ms() -> u64 {
+    30_000
+}
+
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct SdsConfig {
     /// This SDS's name, as given to `scli --add_sds --sds_name`; its certificate's common name
@@ -132,6 +136,11 @@ pub struct SdsConfig {
     /// them polling; -1 leaves the machine's idle policy alone. Default: 0.
     #[serde(default)]
     pub cpu_wake_latency_us: i64,
+    /// How long to wait at start for a device another process holds locked, in milliseconds:
+    /// an SDS killed a moment ago releases its devices only once the kernel has finished its
+    /// in-flight I/O. 0 fails at once. Default: 30000.
+    #[serde(default = "default_device_lock_wait_ms")]
+    pub device_lock_wait_ms: u64,
 }
 
 /// Every key with its documentation, in file order (printed by `--print-default-config`).
@@ -231,6 +240,16 @@ const FIELD_DOCS: &[(&str, &str)] = &[
          VM). -1 leaves the machine's idle policy alone, e.g. on hyperconverged nodes that \
          value power more.",
     ),
+    (
+        "device_lock_wait_ms",
+        "How long the SDS waits at start for a device another process holds locked (the \
+         configured devices and those the cluster map gives it), in milliseconds. An SDS \
+         killed a moment ago (a crash, then a restart by systemd) releases its devices only \
+         once the kernel has finished the device I/O it had in flight. After this a \
+         configured device stops the SDS with an error naming it; a device from the map is \
+         reported failed. Devices added with scli --add_sds_device while the SDS runs are \
+         not waited for. 0 fails at once.",
+    ),
 ];
 
 impl Default for SdsConfig {
@@ -253,6 +272,7 @@ impl Default for SdsConfig {
             data_transport: DataTransport::default(),
             worker_threads: 0,
             cpu_wake_latency_us: 0,
+            device_lock_wait_ms: default_device_lock_wait_ms(),
         }
     }
 }
@@ -294,6 +314,10 @@ impl SdsConfig {
 
     pub fn lease(&self) -> Duration {
         Duration::from_millis(self.lease_ms)
+    }
+
+    pub fn device_lock_wait(&self) -> Duration {
+        Duration::from_millis(self.device_lock_wait_ms)
     }
 
     /// Check everything at once.

@@ -20,13 +20,15 @@ use std::collections::BTreeSet;
 use std::future::Future;
 use std::path::PathBuf;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::Notify;
 
-/// Opens (formatting when blank) the chunk store on a device path.
+/// Opens (formatting when blank) the chunk store on a device path, waiting up to the given
+/// time for a device another process holds locked.
 pub type OpenDevice<D> = Arc<
-    dyn Fn(PathBuf) -> Pin<Box<dyn Future<Output = Result<ChunkStore<D>, String>> + Send>>
+    dyn Fn(PathBuf, Duration) -> Pin<Box<dyn Future<Output = Result<ChunkStore<D>, String>> + Send>>
         + Send
         + Sync,
 >;
@@ -43,17 +45,30 @@ pub struct DeviceSet<D> {
     /// Paths that failed to open: reported failed, not retried until restart.
     broken: Mutex<BTreeSet<String>>,
     wake: Notify,
+    /// How long the first sync (at start, before this SDS serves) waits for a locked device;
+    /// later ones do not wait, so a map is never held up.
+    start_lock_wait: Duration,
+    synced: AtomicBool,
 }
 
 impl<D: BlockDevice> DeviceSet<D> {
-    /// The device set of SDS `name` (its name in the map).
-    pub fn new(name: String, service: Arc<Service<D>>, open: OpenDevice<D>) -> Arc<DeviceSet<D>> {
+    /// The device set of SDS `name` (its name in the map); at start, a device another process
+    /// holds locked is waited for up to `start_lock_wait` (a killed SDS lets go of its devices
+    /// a little after its process ends).
+    pub fn new(
+        name: String,
+        service: Arc<Service<D>>,
+        open: OpenDevice<D>,
+        start_lock_wait: Duration,
+    ) -> Arc<DeviceSet<D>> {
         Arc::new(DeviceSet {
             name,
             service,
             open,
             broken: Mutex::new(BTreeSet::new()),
             wake: Notify::new(),
+            start_lock_wait,
+            synced: AtomicBool::new(false),
         })
     }
 
@@ -89,6 +104,11 @@ impl<D: BlockDevice> DeviceSet<D> {
     pub async fn sync(&self, listed: Vec<(String, DeviceState)>) {
         let storage = self.service.storage();
         let mut opened = false;
+        let lock_wait = if self.synced.swap(true, Ordering::SeqCst) {
+            Duration::ZERO
+        } else {
+            self.start_lock_wait
+        };
         // Open the new devices first: a drain woken below needs somewhere to move chunks to.
         for (path, state) in &listed {
             if *state == DeviceState::Removing {
@@ -98,7 +118,7 @@ impl<D: BlockDevice> DeviceSet<D> {
             if storage.has_device(path) || broken {
                 continue;
             }
-            match (self.open)(PathBuf::from(path)).await {
+            match (self.open)(PathBuf::from(path), lock_wait).await {
                 Ok(store) => {
                     tracing::info!(device = %path, capacity_bytes = store.capacity_bytes(),
                         chunks = store.chunk_count(), formatted = store.was_formatted(),

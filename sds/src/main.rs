@@ -20,6 +20,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::Duration;
 
 /// Period of the background journal apply, milliseconds.
 const JOURNAL_APPLY_MS: u64 = 500;
@@ -187,9 +188,11 @@ fn configure(args: &Args) -> anyhow::Result<SdsConfig> {
 async fn open_device(
     path: &std::path::Path,
     io_uring: bool,
+    lock_wait: Duration,
 ) -> anyhow::Result<ChunkStore<AnyDevice>> {
     let shown = path.display().to_string();
-    let dev = AnyDevice::open(path, io_uring, &DeviceOptions::default())
+    let dev = AnyDevice::open_when_free(path, io_uring, &DeviceOptions::default(), lock_wait)
+        .await
         .with_context(|| format!("open device {shown}"))?;
     let engine = dev.engine();
     let store = ChunkStore::open(dev)
@@ -209,7 +212,7 @@ async fn open_device(
 async fn open_storage(cfg: &SdsConfig) -> anyhow::Result<Storage<AnyDevice>> {
     let mut stores = Vec::new();
     for path in &cfg.devices {
-        let store = open_device(path, cfg.io_uring).await?;
+        let store = open_device(path, cfg.io_uring, cfg.device_lock_wait()).await?;
         stores.push((path.display().to_string(), store));
     }
     let storage = Storage::new(stores);
@@ -251,13 +254,14 @@ async fn run(cfg: SdsConfig) -> anyhow::Result<()> {
     let device_set = DeviceSet::new(
         cfg.name.clone(),
         service.clone(),
-        Arc::new(move |path: PathBuf| {
+        Arc::new(move |path: PathBuf, lock_wait: Duration| {
             Box::pin(async move {
-                open_device(&path, io_uring)
+                open_device(&path, io_uring, lock_wait)
                     .await
                     .map_err(|e| format!("{e:#}"))
             })
         }),
+        cfg.device_lock_wait(),
     );
     let reports = device_set.clone();
     let syncer = device_set.clone();

@@ -508,9 +508,9 @@ fn sds_devices(dc: &DataCluster, sds: &str) -> Vec<(String, String, u64)> {
 /// Devices added and removed while the SDS runs, with a writer at QD32: `--add_sds_device`
 /// is opened by the running SDS and takes new chunks; `--remove_sds_device` moves the old
 /// device's chunks to it (the SDS is SIGKILLed in the middle of that and restarted with only
-/// its original device on the command line: it opens the added one from the map, keeps the
-/// complete copy of a chunk the kill left on both, and finishes); the record goes once it is
-/// empty. Removing the last device or an unknown one is refused and changes nothing. Every
+/// its original device on the command line, whose lock is still held a while, as after a real
+/// crash: it waits for the lock, opens the added device from the map, keeps the complete copy
+/// of a chunk the kill left on both, and finishes); the record goes once it is empty. Removing the last device or an unknown one is refused and changes nothing. Every
 /// acknowledged write and the filled data read back, and the two copies are identical.
 #[test]
 fn device_added_and_removed_while_running() {
@@ -592,7 +592,24 @@ fn device_added_and_removed_while_running() {
         (dc.sds_metric(0, "meshblock_sds_drained_chunks_total") >= 20.0).then_some(())
     });
     dc.sds[0].kill();
+    // The kernel lets go of a killed SDS's device locks only after the I/O it had in flight
+    // finishes: hold the old device's lock across the restart, as that delay can, and see the
+    // SDS wait for it instead of exiting.
+    let held_lock = std::fs::File::open(&old).expect("open the old device");
+    held_lock.lock().expect("lock the old device");
     dc.sds[0].start();
+    wait_for(
+        "the restarted SDS to wait for the locked device",
+        Duration::from_secs(30),
+        || {
+            dc.sds[0]
+                .log_text()
+                .contains("the device is locked by another process; waiting")
+                .then_some(())
+        },
+    );
+    assert!(dc.sds[0].alive(), "the SDS gave up on a locked device");
+    drop(held_lock);
     wait_for(
         "the old device's record to go",
         Duration::from_secs(300),

@@ -374,3 +374,42 @@ async fn power_loss_drops_or_tears_unflushed_writes() {
         }
     }
 }
+
+/// A device another process (here: another open file description) holds locked is refused
+/// with a clear `Busy`; `open_when_free` waits for the holder to let go, up to its limit.
+#[tokio::test]
+async fn a_locked_device_is_waited_for_then_opened() {
+    let f = Scratch::new("locked", 16 << 20);
+    let holder = FileDevice::open(&f.0, &DeviceOptions::small()).expect("open device");
+    let e = AnyDevice::open_when_free(
+        &f.0,
+        false,
+        &DeviceOptions::small(),
+        Duration::from_millis(120),
+    )
+    .await
+    .err()
+    .expect("opened a device someone holds");
+    assert!(matches!(e, DeviceError::Busy(_)), "{e}");
+    assert!(e.to_string().contains("stop that process"), "{e}");
+
+    let path = f.0.clone();
+    let waiter = tokio::spawn(async move {
+        AnyDevice::open_when_free(
+            &path,
+            true,
+            &DeviceOptions::small(),
+            Duration::from_secs(30),
+        )
+        .await
+    });
+    // Let it find the lock held a few times before the holder goes.
+    tokio::time::sleep(LOCK_RETRY * 3).await;
+    assert!(!waiter.is_finished(), "did not wait for the lock");
+    drop(holder);
+    let dev = waiter
+        .await
+        .expect("join")
+        .expect("open once the holder let go");
+    assert_eq!(dev.capacity(), 16 << 20);
+}

@@ -40,6 +40,9 @@ pub const DEFAULT_QUEUE_DEPTH: usize = 1024;
 /// Submission queue entries of one ring (also the most requests in flight in the kernel).
 pub const DEFAULT_RING_ENTRIES: u32 = 256;
 
+/// How often [`AnyDevice::open_when_free`] tries a locked device again.
+const LOCK_RETRY: std::time::Duration = std::time::Duration::from_millis(50);
+
 /// `_IOR(0x12, 114, size_t)`: size of a block device in bytes.
 const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
 /// `_IO(0x12, 119)`: discard a byte range of a block device.
@@ -53,7 +56,10 @@ pub enum DeviceError {
         #[source]
         source: std::io::Error,
     },
-    #[error("{0} is in use by another process (locked)")]
+    #[error(
+        "{0} is in use by another process (locked): another SDS serves it, or a program has \
+         it open; stop that process, or take the device out of this SDS's devices"
+    )]
     Busy(PathBuf),
     #[error("device I/O failed: {0}")]
     Io(#[source] std::io::Error),
@@ -363,6 +369,33 @@ impl AnyDevice {
             }
         }
         Ok(AnyDevice::File(FileDevice::open(path, opts)?))
+    }
+
+    /// [`AnyDevice::open`], waiting up to `wait` while another process holds the device's
+    /// lock. An SDS that was just killed holds it a little longer than its process lives: the
+    /// kernel drops the lock only once it has torn down that process's io_uring and finished
+    /// the device I/O it had in flight, so a restart right after a crash can find it locked.
+    pub async fn open_when_free(
+        path: &Path,
+        io_uring: bool,
+        opts: &DeviceOptions,
+        wait: std::time::Duration,
+    ) -> Result<AnyDevice, DeviceError> {
+        let deadline = tokio::time::Instant::now() + wait;
+        let mut told = false;
+        loop {
+            match AnyDevice::open(path, io_uring, opts) {
+                Err(DeviceError::Busy(_)) if tokio::time::Instant::now() < deadline => {
+                    if !told {
+                        tracing::warn!(path = %path.display(), wait_ms = wait.as_millis() as u64,
+                            "the device is locked by another process; waiting for it to be released (an SDS that has just exited releases it once the kernel has finished its I/O)");
+                        told = true;
+                    }
+                    tokio::time::sleep(LOCK_RETRY).await;
+                }
+                r => return r,
+            }
+        }
     }
 
     /// `"io_uring"` or `"pread/pwrite"`.
