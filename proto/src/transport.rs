@@ -273,6 +273,15 @@ pub struct Peer {
     /// The certificate's common name (`mdm`, `sds:NAME`, `sdc:NAME`, `admin`...).
     pub name: String,
     pub addr: SocketAddr,
+    /// This process's number for the connection, in the order connections were accepted
+    /// (TCP and QUIC alike): of two connections from one peer, the later has the higher one.
+    pub conn: u64,
+}
+
+/// The number of the next accepted connection ([`Peer::conn`]).
+fn next_conn() -> u64 {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
 }
 
 fn peer_name(conn: &quinn::Connection) -> String {
@@ -533,6 +542,7 @@ impl Endpoint {
                 let peer = Arc::new(Peer {
                     name: peer_name(&conn),
                     addr: conn.remote_address(),
+                    conn: next_conn(),
                 });
                 while let Ok((send, recv)) = conn.accept_bi().await {
                     tokio::spawn(serve_stream(

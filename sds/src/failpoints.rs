@@ -7,6 +7,9 @@ pub const CHUNK_STORE_BEFORE_META_WRITE: &str = "sds::chunk_store::before_meta_w
 pub const SERVICE_BEFORE_FORWARD: &str = "sds::service::before_forward";
 /// After the local write and the forward both succeeded, before the primary acknowledges.
 pub const SERVICE_AFTER_FORWARD_BEFORE_ACK: &str = "sds::service::after_forward_before_ack";
+/// A secondary got a forwarded write or trim and has not applied it yet (armed with
+/// `return(MS)` it waits MS milliseconds there, as a forward held up in the network would).
+pub const SERVICE_BEFORE_REPLICA_APPLY: &str = "sds::service::before_replica_apply";
 /// In the middle of installing a newer cluster map (epoch floors raised, map not yet swapped).
 pub const ROUTING_DURING_MAP_UPDATE: &str = "sds::routing::during_map_update";
 
@@ -33,4 +36,15 @@ pub fn configure(spec: &str) -> Result<(), String> {
 pub fn fail_point(name: &str) {
     let _ = name;
     fail::fail_point!(name);
+}
+
+/// Evaluate the delay fail point `name`: armed with `return(MS)`, wait MS milliseconds
+/// without blocking the thread (a no-op without the `failpoints` feature).
+pub async fn delay_point(name: &str) {
+    #[cfg(feature = "failpoints")]
+    if let Some(Some(ms)) = fail::eval(name, |arg| arg.and_then(|a| a.trim().parse::<u64>().ok())) {
+        tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+    }
+    #[cfg(not(feature = "failpoints"))]
+    let _ = name;
 }

@@ -86,6 +86,9 @@ pub struct SdsMetrics {
     pub draining_chunks: Gauge,
     /// Chunks moved off devices being removed.
     pub drained_chunks: Counter,
+    /// Forwarded writes and trims refused because they arrived on a connection the primary
+    /// had since given up on (it timed the forward out and sent later writes on a new one).
+    pub stale_forwards_refused: Counter,
     /// Chunks of PGs this SDS no longer holds, freed by the garbage collector.
     pub gc_freed_chunks: Counter,
     /// 1 while this SDS holds a lease from the MDM and may serve.
@@ -215,6 +218,7 @@ impl SdsMetrics {
             thick_chunks_pending: Gauge::default(),
             draining_chunks: Gauge::default(),
             drained_chunks: Counter::default(),
+            stale_forwards_refused: Counter::default(),
             gc_freed_chunks: Counter::default(),
             leased: Gauge::default(),
             repaired_blocks: Counter::default(),
@@ -298,6 +302,11 @@ impl SdsMetrics {
             "meshblock_sds_drained_chunks",
             "Chunks moved off devices being removed",
             m.drained_chunks.clone(),
+        );
+        r.register(
+            "meshblock_sds_stale_forwards_refused",
+            "Forwarded writes not applied: they came on a connection the primary had replaced",
+            m.stale_forwards_refused.clone(),
         );
         r.register(
             "meshblock_sds_gc_freed_chunks",

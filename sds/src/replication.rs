@@ -5,7 +5,8 @@
 //!
 //! Ordering of overlapping writes is the caller's job (the service holds the chunk range lock
 //! across the local write and the forward). A forward that times out is reported as a failure
-//! even though the secondary may still apply it later; see the service docs.
+//! and its connection dropped: the secondary refuses anything that still arrives on it once a
+//! newer connection brought a forward (see the service docs).
 
 use bytes::Bytes;
 use proto::codec::{kind, Frame};

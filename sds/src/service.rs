@@ -21,9 +21,9 @@
 //! - Errors: device failure → `Io` (and the device is reported failed), checksum mismatch →
 //!   `Checksum`, malformed header or data length → `BadRequest`, fence → `StaleEpoch`/`WrongPg`,
 //!   secondary unreachable → `Unavailable` (the SDC retries until the MDM re-maps the PG).
-//!
-//! Known gap: a forward that timed out may still be applied by the secondary after a later
-//! overlapping write; replica writes carry no per-chunk sequence yet to reject it.
+//! - A forward that timed out is not applied later: the primary drops the connection it used,
+//!   and the secondary refuses forwards from a connection older than the newest one the same
+//!   primary sent a forward on (checked under the blocks' order lock, see `replica_apply`).
 
 use crate::chunk_store::StoreError;
 use crate::device::BlockDevice;
@@ -80,6 +80,8 @@ pub struct Service<D> {
     opts: ServiceOptions,
     /// Chunks written while a PG lacked an in-sync secondary (backward rebuild).
     dirty: crate::rebuild::DirtyLog,
+    /// Per peer SDS, the newest connection a forwarded write came on ([`Peer::conn`]).
+    replica_conns: std::sync::Mutex<std::collections::HashMap<String, u64>>,
 }
 
 fn bad_request(msg: impl Into<String>) -> WireError {
@@ -104,6 +106,7 @@ impl<D: BlockDevice> Service<D> {
             metrics,
             opts,
             dirty: Default::default(),
+            replica_conns: Default::default(),
         })
     }
 
@@ -264,6 +267,42 @@ impl<D: BlockDevice> Service<D> {
                 .map_err(|e| self.store_error(e))?;
         }
         Ok(())
+    }
+
+    /// The secondary's side of a forward: apply it unless it came on a connection older than
+    /// one the same primary has sent forwards on since. A primary gives up on a connection
+    /// when a forward times out and sends later writes on a new one; a write held up on the
+    /// old one must not land after them. The check and the apply hold the blocks' order lock,
+    /// so a forward from the new connection cannot overtake one that passed the check.
+    async fn replica_apply(
+        &self,
+        peer: &Peer,
+        h: &DataHeader,
+        data: &[u8],
+    ) -> Result<(), WireError> {
+        let _order = self
+            .order
+            .lock(h.chunk, BlockMask::bytes(h.offset, h.len))
+            .await;
+        {
+            let mut conns = self.replica_conns.lock().unwrap_or_else(|p| p.into_inner());
+            match conns.get_mut(&peer.name) {
+                Some(newest) if peer.conn >= *newest => *newest = peer.conn,
+                None => {
+                    conns.insert(peer.name.clone(), peer.conn);
+                }
+                Some(_) => {
+                    self.metrics.stale_forwards_refused.inc();
+                    tracing::warn!(peer = %peer.name, chunk = %h.chunk, offset = h.offset, len = h.len,
+                    "refused a forwarded write that came on a connection the primary has since replaced (it had timed it out and gone on without it)");
+                    return Err(WireError::new(
+                    ErrorCode::Unavailable,
+                    "this forward came on a connection the primary has since replaced; not applied",
+                ));
+                }
+            }
+        }
+        self.apply(h, data).await
     }
 
     /// The primary's write: local and forward in parallel, under the chunk range lock. A
@@ -726,8 +765,10 @@ impl<D: BlockDevice> Service<D> {
                         ),
                     ));
                 }
+                crate::failpoints::delay_point(crate::failpoints::SERVICE_BEFORE_REPLICA_APPLY)
+                    .await;
                 self.route(&h, Role::Secondary).await?;
-                self.apply(&h, &data).await?;
+                self.replica_apply(peer, &h, &data).await?;
                 Ok(Bytes::new())
             }
             DataOp::Repair => {

@@ -927,6 +927,8 @@ pub struct DataOpts {
     /// SDS while clients write); otherwise tests turn it off so their rebuilds under writers
     /// run at full speed.
     pub adaptive_rebuild: bool,
+    /// The sds binary to run (default: [`bin`]`("sds")`), e.g. one built with fail points.
+    pub sds_bin: Option<PathBuf>,
 }
 
 impl Default for DataOpts {
@@ -940,6 +942,7 @@ impl Default for DataOpts {
             fault_sets: 0,
             dev_bytes: 4 << 30,
             adaptive_rebuild: false,
+            sds_bin: None,
         }
     }
 }
@@ -1013,7 +1016,7 @@ fn spawn_sds(
     let p = Proc::spawn_in(
         node.as_ref(),
         &n,
-        &bin("sds"),
+        &o.sds_bin.clone().unwrap_or_else(|| bin("sds")),
         &args,
         c.dir.join(&format!("{n}.log")),
     );

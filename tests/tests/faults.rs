@@ -585,6 +585,71 @@ fn failpoint_sds() -> std::path::PathBuf {
     p
 }
 
+/// A forward held up past the primary's timeout never lands after the writes that followed
+/// it. The first forwarded write each SDS gets waits 4 s before it is applied (a fail point, as
+/// a stalled connection would); the primary times it out after 1.5 s, gives up on that
+/// connection and fails the write, the SDC retries it on a new one, and the client then
+/// overwrites the block. When the held-up forward wakes, the secondary refuses it (it came on
+/// the connection the primary replaced): both copies hold the last write, and it reads back.
+#[test]
+fn a_forward_held_up_past_its_timeout_never_lands_after_later_writes() {
+    let scratch = TestDir::new("late_forward_cfg");
+    let cfg = scratch.join("sds.toml");
+    std::fs::write(&cfg, "forward_timeout_ms = 1500\n").expect("write the SDS config");
+    let dc = DataCluster::start_opts(
+        "faults_late_forward",
+        &DataOpts {
+            n_sds: 2,
+            vol_gb: 1,
+            sds_bin: Some(failpoint_sds()),
+            sds_extra: vec![
+                "--config".into(),
+                cfg.display().to_string(),
+                "--failpoints".into(),
+                "sds::service::before_replica_apply=1*return(4000)".into(),
+            ],
+            ..DataOpts::default()
+        },
+    );
+    let (first, last) = (vec![0xA1u8; 8192], vec![0xB2u8; 8192]);
+    let mut nbd = Nbd::connect(&dc.socket, "vol1").expect("connect");
+    nbd.write_at(0, &first)
+        .expect("first write (retried by the SDC)");
+    nbd.write_at(0, &last).expect("the overwrite");
+    nbd.flush().expect("flush");
+    let refused = |dc: &DataCluster| {
+        (0..2)
+            .map(|i| dc.sds_metric(i, "meshblock_sds_stale_forwards_refused_total"))
+            .sum::<f64>()
+    };
+    // Until the held-up forward wakes: refused (the metric), or applied over the overwrite
+    // (the copies differ).
+    let landed = wait_for(
+        "the held-up forward to wake (refused, or applied over the overwrite)",
+        Duration::from_secs(30),
+        || {
+            if refused(&dc) >= 1.0 {
+                return Some(Vec::new());
+            }
+            let (_, diffs) = compare_copies(&dc.c, "vol1", 1);
+            (!diffs.is_empty()).then_some(diffs)
+        },
+    );
+    assert!(
+        landed.is_empty(),
+        "the held-up forward landed after the overwrite: {landed:#?}"
+    );
+    let (compared, diffs) = compare_copies(&dc.c, "vol1", 1);
+    assert!(diffs.is_empty(), "copies differ: {diffs:#?}");
+    assert_eq!(compared, 1);
+    assert_eq!(nbd.read_at(0, 8192).expect("read back"), last);
+    nbd.disconnect();
+    summary(&format!(
+        "fault scenario late forward (a forward held up past the primary's timeout): runs 1, stale forwards refused {}, chunks with identical copies {compared}, lost 0",
+        refused(&dc)
+    ));
+}
+
 /// Fail points on the write path: an SDS crashes (panic → abort) after its local write before
 /// the forward, after the forward before the acknowledgement, and in the middle of a map update,
 /// each while the writer runs at QD32. Every acknowledged write reads back; the copies agree.

@@ -147,6 +147,7 @@ impl TcpSide {
                 let peer = Arc::new(Peer {
                     name: peer_name,
                     addr,
+                    conn: super::next_conn(),
                 });
                 let (r, w) = tokio::io::split(Tls::from(tls));
                 super::serve_stream(TcpWriter::new(w), TcpReader::new(r), peer, handler, name)
