@@ -5,7 +5,8 @@
 //!   restart the same happens for devices the configuration does not list.
 //! - A device the map marks removing (`scli --remove_sds_device`), or does not list for this SDS
 //!   at all, is drained: it takes no new chunks and [`DeviceSet::run`] moves its chunks to the
-//!   other devices one at a time ([`Storage::move_chunk`]), repairing a block that fails its
+//!   other devices one at a time ([`Storage::move_chunk`]), each through the SDS's copy
+//!   throttle under the device's pool policy (as rebuild copies), repairing a block that fails its
 //!   checksum from the PG's other copy first. When the other devices are full it waits: the MDM
 //!   no longer counts the device's capacity, so rebalance moves PGs off this SDS. The MDM drops
 //!   the device's record once this SDS reports it drained and empty.
@@ -14,8 +15,9 @@
 use crate::chunk_store::{ChunkStore, StoreError};
 use crate::device::BlockDevice;
 use crate::service::Service;
-use proto::model::{ClusterState, DeviceState};
+use proto::model::{ClusterState, DeviceState, RebuildPolicy};
 use proto::msg::DeviceReport;
+use proto::CHUNK_SIZE;
 use std::collections::BTreeSet;
 use std::future::Future;
 use std::path::PathBuf;
@@ -158,6 +160,17 @@ impl<D: BlockDevice> DeviceSet<D> {
         }
     }
 
+    /// The rebuild/rebalance policy of the pool the device at `path` belongs to (the default
+    /// once the map no longer lists it).
+    fn policy_of(&self, path: &str) -> RebuildPolicy {
+        let map = self.service.map().state();
+        map.sds_by_name(&self.name)
+            .and_then(|s| s.devices.iter().find(|d| d.path == path))
+            .and_then(|d| map.pools.get(&d.pool))
+            .map(|p| p.rebuild_policy)
+            .unwrap_or_default()
+    }
+
     /// Move chunks off draining devices, forever.
     pub async fn run(self: Arc<Self>) {
         let storage = self.service.storage().clone();
@@ -176,6 +189,15 @@ impl<D: BlockDevice> DeviceSet<D> {
                 tracing::info!(device = %d.path, chunks = chunks.len(), "moving chunks off a device being removed");
                 let mut moved = 0u64;
                 for chunk in chunks {
+                    let _permit = self
+                        .service
+                        .copy_throttle()
+                        .acquire(
+                            || self.policy_of(&d.path),
+                            || metrics.user_requests.get(),
+                            CHUNK_SIZE,
+                        )
+                        .await;
                     match storage.move_chunk(chunk, i).await {
                         Ok(true) => {
                             moved += 1;

@@ -18,7 +18,8 @@
 //! passes the [`Throttle`]: the pool's [`RebuildPolicy`] (chunk copies in flight and MiB/s for
 //! this SDS, set with `scli --set_rebuild_rebalance_policy`), backed off to 1 copy at 10 MiB/s
 //! in adaptive mode while this SDS served client I/O within the last second. Rebalance moves
-//! are copied the same way (the map names them as rebuilding secondaries).
+//! are copied the same way (the map names them as rebuilding secondaries). The throttle is the
+//! SDS's one budget for background copies: moves off a device being removed pass it too.
 
 use crate::device::BlockDevice;
 use crate::mdm_client::MdmLink;
@@ -335,7 +336,6 @@ pub struct Rebuilder<D> {
     map: Arc<MapCache>,
     running: Mutex<HashSet<Assignment>>,
     slots: Semaphore,
-    throttle: Throttle,
 }
 
 impl<D: BlockDevice> Rebuilder<D> {
@@ -350,7 +350,6 @@ impl<D: BlockDevice> Rebuilder<D> {
             link,
             running: Mutex::new(HashSet::new()),
             slots: Semaphore::new(concurrency.max(1) as usize),
-            throttle: Throttle::new(),
         })
     }
 
@@ -536,7 +535,8 @@ impl<D: BlockDevice> Rebuilder<D> {
         let mut bytes = 0;
         for chunk in chunks {
             let _permit = self
-                .throttle
+                .service
+                .copy_throttle()
                 .acquire(|| self.policy(a.pool), || self.user_requests(), CHUNK_SIZE)
                 .await;
             let r = self
@@ -624,7 +624,8 @@ impl<D: BlockDevice> Rebuilder<D> {
                     index: ChunkIndex(index),
                 };
                 let _permit = self
-                    .throttle
+                    .service
+                    .copy_throttle()
                     .acquire(|| self.policy(a.pool), || self.user_requests(), CHUNK_SIZE)
                     .await;
                 let r = self

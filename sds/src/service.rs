@@ -82,6 +82,9 @@ pub struct Service<D> {
     dirty: crate::rebuild::DirtyLog,
     /// Per peer SDS, the newest connection a forwarded write came on ([`Peer::conn`]).
     replica_conns: std::sync::Mutex<std::collections::HashMap<String, u64>>,
+    /// This SDS's budget for background chunk copies: rebuild and rebalance sources, and
+    /// moves off a device being removed.
+    copy_throttle: crate::rebuild::Throttle,
 }
 
 fn bad_request(msg: impl Into<String>) -> WireError {
@@ -107,11 +110,17 @@ impl<D: BlockDevice> Service<D> {
             opts,
             dirty: Default::default(),
             replica_conns: Default::default(),
+            copy_throttle: Default::default(),
         })
     }
 
     pub fn dirty(&self) -> &crate::rebuild::DirtyLog {
         &self.dirty
+    }
+
+    /// The throttle every background chunk copy of this SDS passes (pool policy per copy).
+    pub fn copy_throttle(&self) -> &crate::rebuild::Throttle {
+        &self.copy_throttle
     }
 
     pub fn storage(&self) -> &Arc<Storage<D>> {

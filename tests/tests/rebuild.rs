@@ -631,3 +631,74 @@ fn device_added_and_removed_while_running() {
         "the restarted SDS did not open the added device from the map"
     );
 }
+
+/// Moves off a device being removed pass the SDS's copy throttle, under the pool's
+/// rebuild/rebalance policy, like rebuild copies: at 4 MiB/s (adaptive off) the first 12
+/// chunks take at least 2.5 s (the throttle lets one copy go at once, then one every 0.25 s);
+/// once the limit is lifted the drain finishes and the data reads back.
+#[test]
+fn device_drain_follows_the_pool_copy_policy() {
+    const FILL: u64 = 256 << 20;
+    let opts = DataOpts {
+        n_sds: 3,
+        vol_gb: 1,
+        ..DataOpts::default()
+    };
+    let dc = DataCluster::start_opts("device_drain_throttle", &opts);
+    fill_pattern(&dc.socket, "vol1", FILL_START, FILL, 91).expect("fill");
+    let old = dc.c.dir.join("sds1.img").display().to_string();
+    let new = dc.c.dir.join("sds1-b.img");
+    std::fs::File::create(&new)
+        .and_then(|f| f.set_len(4 << 30))
+        .expect("device file");
+    let new = new.display().to_string();
+    dc.c.must_scli(&[
+        "--add_sds_device",
+        "--sds_name",
+        "sds1",
+        "--device_path",
+        &new,
+        "--storage_pool_name",
+        "sp1",
+    ]);
+    wait_for(
+        "the SDS to open the added device",
+        Duration::from_secs(30),
+        || {
+            sds_devices(&dc, "sds1")
+                .iter()
+                .any(|(p, st, cap)| *p == new && st == "Normal" && *cap > 0)
+                .then_some(())
+        },
+    );
+    let held = dc.sds_metric(0, "meshblock_sds_chunks_allocated");
+    assert!(held > 40.0, "sds1 holds only {held} chunks");
+    set_policy(&dc, &["--bandwidth_mib_s", "4", "--adaptive", "off"]);
+    let started = std::time::Instant::now();
+    dc.c.must_scli(&[
+        "--remove_sds_device",
+        "--sds_name",
+        "sds1",
+        "--device_path",
+        &old,
+    ]);
+    wait_for("12 chunks moved", Duration::from_secs(60), || {
+        (dc.sds_metric(0, "meshblock_sds_drained_chunks_total") >= 12.0).then_some(())
+    });
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(2500),
+        "12 chunks moved in {took:?} under a 4 MiB/s limit"
+    );
+    set_policy(&dc, &["--bandwidth_mib_s", "0"]);
+    wait_for(
+        "the old device's record to go",
+        Duration::from_secs(120),
+        || {
+            let devs = sds_devices(&dc, "sds1");
+            (devs.len() == 1 && devs[0].0 == new).then_some(())
+        },
+    );
+    must_match_pattern(&dc, FILL, 91);
+    must_have_identical_copies(&dc, FILL_START + FILL);
+}
