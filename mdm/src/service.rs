@@ -368,7 +368,7 @@ impl Service {
         let free = capacity.saturating_sub(stored.values().sum::<u64>() - need);
         if need > free {
             return fail(ErrorCode::NoSpace, format!(
-                "Cannot remove SDS {name}: it stores {} MiB and the other SDS of its protection domain have only {} MiB free. Add capacity first. Nothing was changed",
+                "Cannot remove SDS {name}: it stores {} MiB and the other SDS of its protection domain have only {} MiB free. Add capacity first (data moved or deleted moments ago still counts until each SDS's garbage collector frees it, two passes of gc_interval_ms, 20 s by default: retry then). Nothing was changed",
                 need >> 20, free >> 20));
         }
         Ok(())
@@ -386,7 +386,7 @@ impl Service {
         let need: u64 = stored.values().sum();
         if need > capacity {
             return fail(ErrorCode::NoSpace, format!(
-                "Cannot remove device {path} of SDS {sds}: the protection domain stores {} MiB and would have only {} MiB of capacity left. Add capacity first. Nothing was changed",
+                "Cannot remove device {path} of SDS {sds}: the protection domain stores {} MiB and would have only {} MiB of capacity left. Add capacity first (data moved or deleted moments ago still counts until each SDS's garbage collector frees it, two passes of gc_interval_ms, 20 s by default: retry then). Nothing was changed",
                 need >> 20, capacity >> 20));
         }
         Ok(())
