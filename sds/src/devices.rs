@@ -10,7 +10,9 @@
 //!   checksum from the PG's other copy first. When the other devices are full it waits: the MDM
 //!   no longer counts the device's capacity, so rebalance moves PGs off this SDS. The MDM drops
 //!   the device's record once this SDS reports it drained and empty.
-//! - A device that cannot be opened is reported failed (never retried until restart).
+//! - A device that cannot be opened is reported failed (never retried until restart). At start
+//!   (the first sync) a device another process holds locked is waited for first, up to
+//!   `device_lock_wait_ms`: a SIGKILLed SDS lets go of its devices only once its I/O finished.
 
 use crate::chunk_store::{ChunkStore, StoreError};
 use crate::device::BlockDevice;

@@ -293,25 +293,33 @@ impl<D: BlockDevice> Service<D> {
             .order
             .lock(h.chunk, BlockMask::bytes(h.offset, h.len))
             .await;
-        {
-            let mut conns = self.replica_conns.lock().unwrap_or_else(|p| p.into_inner());
-            match conns.get_mut(&peer.name) {
-                Some(newest) if peer.conn >= *newest => *newest = peer.conn,
-                None => {
-                    conns.insert(peer.name.clone(), peer.conn);
-                }
-                Some(_) => {
-                    self.metrics.stale_forwards_refused.inc();
-                    tracing::warn!(peer = %peer.name, chunk = %h.chunk, offset = h.offset, len = h.len,
-                    "refused a forwarded write that came on a connection the primary has since replaced (it had timed it out and gone on without it)");
-                    return Err(WireError::new(
-                    ErrorCode::Unavailable,
-                    "this forward came on a connection the primary has since replaced; not applied",
-                ));
-                }
-            }
+        if !self.newest_replica_conn(peer) {
+            self.metrics.stale_forwards_refused.inc();
+            tracing::warn!(peer = %peer.name, chunk = %h.chunk, offset = h.offset, len = h.len,
+                "refused a forward that came on a connection its primary has replaced (the primary timed it out and went on without it)");
+            return Err(WireError::new(
+                ErrorCode::Unavailable,
+                "this forward came on a connection the primary has since replaced; not applied",
+            ));
         }
         self.apply(h, data).await
+    }
+
+    /// Whether `peer`'s connection is the newest one that SDS has sent forwards on (and note
+    /// it as such).
+    fn newest_replica_conn(&self, peer: &Peer) -> bool {
+        let mut conns = self.replica_conns.lock().unwrap_or_else(|p| p.into_inner());
+        match conns.get_mut(&peer.name) {
+            Some(newest) if peer.conn < *newest => false,
+            Some(newest) => {
+                *newest = peer.conn;
+                true
+            }
+            None => {
+                conns.insert(peer.name.clone(), peer.conn);
+                true
+            }
+        }
     }
 
     /// The primary's write: local and forward in parallel, under the chunk range lock. A
