@@ -505,26 +505,9 @@ fn sds_devices(dc: &DataCluster, sds: &str) -> Vec<(String, String, u64)> {
         .unwrap_or_default()
 }
 
-/// Devices added and removed while the SDS runs, with a writer at QD32: `--add_sds_device`
-/// is opened by the running SDS and takes new chunks; `--remove_sds_device` moves the old
-/// device's chunks to it (the SDS is SIGKILLed in the middle of that and restarted with only
-/// its original device on the command line, whose lock is still held a while, as after a real
-/// crash: it waits for the lock, opens the added device from the map, keeps the complete copy
-/// of a chunk the kill left on both, and finishes); the record goes once it is empty. Removing the last device or an unknown one is refused and changes nothing. Every
-/// acknowledged write and the filled data read back, and the two copies are identical.
-#[test]
-fn device_added_and_removed_while_running() {
-    const FILL: u64 = 768 << 20;
-    let opts = DataOpts {
-        n_sds: 3,
-        vol_gb: 1,
-        ..DataOpts::default()
-    };
-    let mut dc = DataCluster::start_opts("device_add_remove", &opts);
-    fill_pattern(&dc.socket, "vol1", FILL_START, FILL, 81).expect("fill");
-    let w = Writer::start(&dc, REGION, 82);
-    w.wait_more(300, "writes before the new device");
-
+/// Give the running sds1 a second device (a 4 GiB sparse file) with `--add_sds_device` and
+/// wait until it serves it; returns the paths of its first device and the new one.
+fn add_second_device(dc: &DataCluster) -> (String, String) {
     let old = dc.c.dir.join("sds1.img").display().to_string();
     let new = dc.c.dir.join("sds1-b.img");
     std::fs::File::create(&new)
@@ -544,12 +527,37 @@ fn device_added_and_removed_while_running() {
         "the running SDS to open the added device",
         Duration::from_secs(30),
         || {
-            sds_devices(&dc, "sds1")
+            sds_devices(dc, "sds1")
                 .iter()
                 .any(|(p, st, cap)| *p == new && st == "Normal" && *cap > 0)
                 .then_some(())
         },
     );
+    (old, new)
+}
+
+/// Devices added and removed while the SDS runs, with a writer at QD32: `--add_sds_device`
+/// is opened by the running SDS and takes new chunks; `--remove_sds_device` moves the old
+/// device's chunks to it (the SDS is SIGKILLed in the middle of that and restarted with only
+/// its original device on the command line, whose lock is still held a while, as after a real
+/// crash: it waits for the lock, opens the added device from the map, keeps the complete copy
+/// of a chunk the kill left on both, and finishes); the record goes once it is empty.
+/// Removing the last device or an unknown one is refused and changes nothing. Every
+/// acknowledged write and the filled data read back, and the two copies are identical.
+#[test]
+fn device_added_and_removed_while_running() {
+    const FILL: u64 = 768 << 20;
+    let opts = DataOpts {
+        n_sds: 3,
+        vol_gb: 1,
+        ..DataOpts::default()
+    };
+    let mut dc = DataCluster::start_opts("device_add_remove", &opts);
+    fill_pattern(&dc.socket, "vol1", FILL_START, FILL, 81).expect("fill");
+    let w = Writer::start(&dc, REGION, 82);
+    w.wait_more(300, "writes before the new device");
+
+    let (old, new) = add_second_device(&dc);
 
     // Refusals change nothing.
     let before = cluster_map(&dc.c);
@@ -646,31 +654,7 @@ fn device_drain_follows_the_pool_copy_policy() {
     };
     let dc = DataCluster::start_opts("device_drain_throttle", &opts);
     fill_pattern(&dc.socket, "vol1", FILL_START, FILL, 91).expect("fill");
-    let old = dc.c.dir.join("sds1.img").display().to_string();
-    let new = dc.c.dir.join("sds1-b.img");
-    std::fs::File::create(&new)
-        .and_then(|f| f.set_len(4 << 30))
-        .expect("device file");
-    let new = new.display().to_string();
-    dc.c.must_scli(&[
-        "--add_sds_device",
-        "--sds_name",
-        "sds1",
-        "--device_path",
-        &new,
-        "--storage_pool_name",
-        "sp1",
-    ]);
-    wait_for(
-        "the SDS to open the added device",
-        Duration::from_secs(30),
-        || {
-            sds_devices(&dc, "sds1")
-                .iter()
-                .any(|(p, st, cap)| *p == new && st == "Normal" && *cap > 0)
-                .then_some(())
-        },
-    );
+    let (old, new) = add_second_device(&dc);
     let held = dc.sds_metric(0, "meshblock_sds_chunks_allocated");
     assert!(held > 40.0, "sds1 holds only {held} chunks");
     set_policy(&dc, &["--bandwidth_mib_s", "4", "--adaptive", "off"]);
