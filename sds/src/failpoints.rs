@@ -3,6 +3,9 @@
 
 /// Before a chunk's meta page is written (its data write runs in parallel).
 pub const CHUNK_STORE_BEFORE_META_WRITE: &str = "sds::chunk_store::before_meta_write";
+/// A whole chunk written out of place is durable in its new slot; its `Relocate` record is not
+/// written yet.
+pub const CHUNK_STORE_BEFORE_RELOCATE_RECORD: &str = "sds::chunk_store::before_relocate_record";
 /// Before the primary forwards a write to the secondary (its local write runs in parallel).
 pub const SERVICE_BEFORE_FORWARD: &str = "sds::service::before_forward";
 /// After the local write and the forward both succeeded, before the primary acknowledges.

@@ -53,9 +53,9 @@ pub struct SdsMetrics {
     /// Blocks journaled but not yet applied in place (held in memory).
     pub journal_overlay_blocks: Gauge,
     /// Journal records written merged with others into one device write (group commit).
-    pub journal_records_merged: Counter,
-    /// The devices' merged-record count at the last update (devices come and go).
-    merged_seen: std::sync::atomic::AtomicU64,
+    pub journal_records_merged: DeviceTotal,
+    /// Whole-chunk writes that went out of place instead of through the journal.
+    pub out_of_place_writes: DeviceTotal,
     pub map_version: Gauge,
     /// 1 while the last hello to the MDM succeeded.
     pub mdm_connected: Gauge,
@@ -174,13 +174,38 @@ fn r_rebuild(m: &mut SdsMetrics) {
     r.register(
         "meshblock_sds_journal_records_merged",
         "Journal records written merged with adjacent ones into one device write (group commit)",
-        m.journal_records_merged.clone(),
+        m.journal_records_merged.counter.clone(),
+    );
+    r.register(
+        "meshblock_sds_out_of_place_writes",
+        "Whole-chunk writes written to a free slot and remapped, instead of through the journal",
+        m.out_of_place_writes.counter.clone(),
     );
     r.register(
         "meshblock_sds_leased",
         "1 while this SDS holds a lease from the MDM and may serve I/O",
         m.leased.clone(),
     );
+}
+
+/// A counter fed from the devices' running totals (kept by each device since it was opened):
+/// only growth is counted, so a removed device's share is not taken back.
+#[derive(Default)]
+pub struct DeviceTotal {
+    counter: Counter,
+    /// The devices' total at the last update.
+    seen: std::sync::atomic::AtomicU64,
+}
+
+impl DeviceTotal {
+    /// Account the devices' current total.
+    pub fn set(&self, total: u64) {
+        use std::sync::atomic::Ordering;
+        let seen = self.seen.swap(total, Ordering::Relaxed);
+        if total > seen {
+            self.counter.inc_by(total - seen);
+        }
+    }
 }
 
 impl SdsMetrics {
@@ -201,8 +226,8 @@ impl SdsMetrics {
             device_failed: Family::default(),
             chunks_allocated: Gauge::default(),
             journal_overlay_blocks: Gauge::default(),
-            journal_records_merged: Counter::default(),
-            merged_seen: std::sync::atomic::AtomicU64::new(0),
+            journal_records_merged: DeviceTotal::default(),
+            out_of_place_writes: DeviceTotal::default(),
             map_version: Gauge::default(),
             mdm_connected: Gauge::default(),
             read_seconds: buckets(),
@@ -348,16 +373,6 @@ impl SdsMetrics {
             .inc();
     }
 
-    /// Account the devices' current total of merged journal records (a removed device's share
-    /// is not taken back: the counter only grows).
-    pub fn set_records_merged(&self, total: u64) {
-        use std::sync::atomic::Ordering;
-        let seen = self.merged_seen.swap(total, Ordering::Relaxed);
-        if total > seen {
-            self.journal_records_merged.inc_by(total - seen);
-        }
-    }
-
     /// Set a device's failed gauge.
     pub fn set_device_failed(&self, path: &str, failed: bool) {
         self.device_failed
@@ -449,10 +464,9 @@ mod tests {
         m.request_error(proto::ErrorCode::StaleEpoch);
         m.set_device_failed("/dev/x", true);
         // The merged-record total of the devices: only growth is counted.
-        m.set_records_merged(5);
-        m.set_records_merged(7);
-        m.set_records_merged(3);
-        m.set_records_merged(4);
+        for total in [5, 7, 3, 4] {
+            m.journal_records_merged.set(total);
+        }
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");

@@ -152,13 +152,16 @@ impl<D: BlockDevice> Service<D> {
         for d in self.storage.devices().iter() {
             self.metrics.set_device_failed(&d.path, d.failed());
         }
-        self.metrics.set_records_merged(
-            self.storage
-                .devices()
+        let devices = self.storage.devices();
+        self.metrics.journal_records_merged.set(
+            devices
                 .iter()
                 .map(|d| d.store.device().log_writes_merged())
                 .sum(),
         );
+        self.metrics
+            .out_of_place_writes
+            .set(devices.iter().map(|d| d.store.out_of_place_writes()).sum());
     }
 
     async fn route(&self, h: &DataHeader, role: Role) -> Result<Route, WireError> {

@@ -191,6 +191,13 @@ impl Nbd {
 
 /// Granularity of the writer's non-overlap bookkeeping.
 const SLOT: u64 = 64 << 10;
+/// A chunk: one write in eight covers a whole one (the SDS writes those out of place).
+const WHOLE: u64 = 1 << 20;
+
+/// The bookkeeping slots a write at `off` of `len` bytes covers.
+fn slots_of(off: u64, len: usize) -> std::ops::Range<u64> {
+    off / SLOT..(off + len as u64).div_ceil(SLOT)
+}
 
 /// What the writer did.
 #[derive(Debug, Default, Clone)]
@@ -218,7 +225,7 @@ struct Shared {
 }
 
 /// Writes random data at up to `depth` requests in flight to `[0, region)` until `stop`, then
-/// flushes. Returns the report and the model of what the region must contain.
+/// flushes; one write in eight covers a whole 1 MiB chunk, the others 4 KiB to 64 KiB. Returns the report and the model of what the region must contain.
 pub fn write_load(
     socket: &Path,
     export: &str,
@@ -288,16 +295,17 @@ pub fn write_load(
                 return;
             }
             if let Some((off, data)) = s.pending.remove(&r.handle) {
-                let slot = off / SLOT;
                 if r.error == 0 {
                     s.model[off as usize..off as usize + data.len()].copy_from_slice(&data);
                     s.report.acked += 1;
                     progress.fetch_add(1, Ordering::Relaxed);
                 } else {
                     s.report.failed += 1;
-                    s.uncertain.insert(slot);
+                    s.uncertain.extend(slots_of(off, data.len()));
                 }
-                s.busy.remove(&slot);
+                for slot in slots_of(off, data.len()) {
+                    s.busy.remove(&slot);
+                }
             }
             cv.notify_all();
         })
@@ -324,22 +332,27 @@ pub fn write_load(
             if s.pending.len() >= depth {
                 continue;
             }
-            let slot = loop {
-                let x = rng.gen_range(0..slots);
-                if !s.busy.contains(&x) {
-                    break x;
+            // Drawn again with every retry, so a busy region ends in a small write.
+            let (off, len) = loop {
+                let whole = region >= WHOLE && rng.gen_range(0..8) == 0;
+                let (off, len) = if whole {
+                    (rng.gen_range(0..region / WHOLE) * WHOLE, WHOLE)
+                } else {
+                    let blocks = rng.gen_range(1..=(SLOT / 4096));
+                    let first = rng.gen_range(0..=(SLOT / 4096 - blocks));
+                    (rng.gen_range(0..slots) * SLOT + first * 4096, blocks * 4096)
+                };
+                if !slots_of(off, len as usize).any(|x| s.busy.contains(&x)) {
+                    break (off, len);
                 }
             };
-            let blocks = rng.gen_range(1..=(SLOT / 4096));
-            let first = rng.gen_range(0..=(SLOT / 4096 - blocks));
-            let off = slot * SLOT + first * 4096;
-            let mut data = vec![0u8; (blocks * 4096) as usize];
+            let mut data = vec![0u8; len as usize];
             rng.fill(&mut data[..]);
             handle += 1;
             if s.pending.is_empty() {
                 s.last_done = Instant::now();
             }
-            s.busy.insert(slot);
+            s.busy.extend(slots_of(off, data.len()));
             s.pending.insert(handle, (off, data.clone()));
             (off, data)
         };

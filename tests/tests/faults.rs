@@ -651,8 +651,9 @@ fn a_forward_held_up_past_its_timeout_never_lands_after_later_writes() {
 }
 
 /// Fail points on the write path: an SDS crashes (panic → abort) after its local write before
-/// the forward, after the forward before the acknowledgement, and in the middle of a map update,
-/// each while the writer runs at QD32. Every acknowledged write reads back; the copies agree.
+/// the forward, after the forward before the acknowledgement, in the middle of a map update,
+/// and with a whole chunk durable in a new slot before the record that moves it there, each
+/// while the writer runs at QD32 (one write in eight a whole chunk). Every acknowledged write reads back; the copies agree.
 #[test]
 fn crashes_at_fail_points_on_the_write_path() {
     let fp_sds = failpoint_sds();
@@ -663,8 +664,10 @@ fn crashes_at_fail_points_on_the_write_path() {
         "sds::service::after_forward_before_ack",
         "sds::service::before_forward",
         "sds::routing::during_map_update",
+        "sds::chunk_store::before_relocate_record",
     ];
-    for (i, point) in points.iter().enumerate() {
+    for (k, point) in points.iter().enumerate() {
+        let i = k % dc.sds.len();
         let name = format!("sds{}", i + 1);
         let normal = dc.sds[i].cmd();
         let mut armed = normal.clone();
@@ -697,7 +700,7 @@ fn crashes_at_fail_points_on_the_write_path() {
     let (compared, diffs) = compare_copies(&dc.c, "vol1", REGION >> 20);
     assert!(diffs.is_empty(), "copies differ: {diffs:#?}");
     summary(&format!(
-        "fault scenario fail points (crash after local write / after forward / mid map update): runs 3, acknowledged writes {}, blocks checked {checked}, lost 0, chunks with identical copies {compared}, max I/O stall {:.2} s",
+        "fault scenario fail points (crash after local write / after forward / mid map update / before a relocation record): runs 4, acknowledged writes {}, blocks checked {checked}, lost 0, chunks with identical copies {compared}, max I/O stall {:.2} s",
         report.acked,
         report.max_stall.as_secs_f64()
     ));

@@ -1,7 +1,7 @@
 //! The on-disk encoding of the journal: record headers and checkpoint pages. Pure functions,
 //! no I/O. See the parent module for how they are used; every field is little-endian.
 
-use super::layout::{SlotIndex, FORMAT_VERSION, PAGE};
+use super::layout::{SlotIndex, PAGE, PAGE_FORMAT};
 use proto::{ChunkId, ChunkIndex, VtreeId};
 
 /// First 4 bytes of a record header ("MBJR").
@@ -59,6 +59,12 @@ pub enum RecordKind {
     Trim = 2,
     /// The chunk's slot is freed. No payload.
     Free = 3,
+    /// The whole chunk was written out of place: `slot` holds all its blocks, written and made
+    /// durable by a device flush before this record was written; the chunk's previous slot
+    /// `from` (equal to `slot` when the chunk had no data to keep there) is freed. Replay reads
+    /// the blocks' CRCs from `slot`. `first` 0, `count` a chunk, no payload. Only on devices
+    /// of format version 3 and later.
+    Relocate = 4,
 }
 
 impl RecordKind {
@@ -67,6 +73,7 @@ impl RecordKind {
             1 => Some(RecordKind::Write),
             2 => Some(RecordKind::Trim),
             3 => Some(RecordKind::Free),
+            4 => Some(RecordKind::Relocate),
             _ => None,
         }
     }
@@ -80,6 +87,8 @@ pub struct RecordHeader {
     pub kind: RecordKind,
     pub chunk: ChunkId,
     pub slot: SlotIndex,
+    /// For a `Relocate`, the slot the chunk leaves; `slot` for the other kinds.
+    pub from: SlotIndex,
     pub first: u32,
     pub count: u32,
     pub generation: u64,
@@ -92,17 +101,18 @@ impl RecordHeader {
     pub fn payload_len(&self) -> usize {
         match self.kind {
             RecordKind::Write => self.count as usize * PAGE,
-            RecordKind::Trim | RecordKind::Free => 0,
+            RecordKind::Trim | RecordKind::Free | RecordKind::Relocate => 0,
         }
     }
 
     /// Encode into a 4 KiB block: magic u32, format version u32, device uuid u128, epoch u64,
     /// seq u64, kind u32, slot u32, vtree u64, chunk index u64, first block u32, block count
-    /// u32, generation u64, payload CRC32 u32, zeros, header CRC32 in the last 4 bytes.
+    /// u32, generation u64, payload CRC32 u32, the `Relocate` source slot u32 (zero in records
+    /// of format version 2), zeros, header CRC32 in the last 4 bytes.
     pub fn encode(&self, p: &mut [u8], device_uuid: u128) {
         p.fill(0);
         p[0..4].copy_from_slice(&RECORD_MAGIC.to_le_bytes());
-        p[4..8].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
+        p[4..8].copy_from_slice(&PAGE_FORMAT.to_le_bytes());
         p[8..24].copy_from_slice(&device_uuid.to_le_bytes());
         p[24..32].copy_from_slice(&self.epoch.to_le_bytes());
         p[32..40].copy_from_slice(&self.seq.to_le_bytes());
@@ -114,6 +124,9 @@ impl RecordHeader {
         p[68..72].copy_from_slice(&self.count.to_le_bytes());
         p[72..80].copy_from_slice(&self.generation.to_le_bytes());
         p[80..84].copy_from_slice(&self.payload_crc.to_le_bytes());
+        if self.kind == RecordKind::Relocate {
+            p[84..88].copy_from_slice(&self.from.0.to_le_bytes());
+        }
         let crc = page_crc(p);
         p[CRC_AT..PAGE].copy_from_slice(&crc.to_le_bytes());
     }
@@ -122,17 +135,24 @@ impl RecordHeader {
     pub fn decode(p: &[u8], device_uuid: u128) -> Option<RecordHeader> {
         if p.len() < PAGE
             || u32_at(p, 0) != RECORD_MAGIC
-            || u32_at(p, 4) != FORMAT_VERSION
+            || u32_at(p, 4) != PAGE_FORMAT
             || u128_at(p, 8) != device_uuid
             || page_crc(p) != u32_at(p, CRC_AT)
         {
             return None;
         }
+        let kind = RecordKind::from_u32(u32_at(p, 40))?;
+        let slot = SlotIndex(u32_at(p, 44));
         let h = RecordHeader {
             epoch: u64_at(p, 24),
             seq: u64_at(p, 32),
-            kind: RecordKind::from_u32(u32_at(p, 40))?,
-            slot: SlotIndex(u32_at(p, 44)),
+            kind,
+            slot,
+            from: if kind == RecordKind::Relocate {
+                SlotIndex(u32_at(p, 84))
+            } else {
+                slot
+            },
             chunk: ChunkId {
                 vtree: VtreeId(u64_at(p, 48)),
                 index: ChunkIndex(u64_at(p, 56)),
@@ -143,8 +163,10 @@ impl RecordHeader {
             payload_crc: u32_at(p, 80),
         };
         let end = u64::from(h.first) + u64::from(h.count);
-        (end <= crate::range_lock::BLOCKS as u64
-            && (h.kind != RecordKind::Write || h.count as usize <= MAX_RECORD_BLOCKS))
+        let blocks = crate::range_lock::BLOCKS as u64;
+        (end <= blocks
+            && (h.kind != RecordKind::Write || h.count as usize <= MAX_RECORD_BLOCKS)
+            && (h.kind != RecordKind::Relocate || (h.first == 0 && u64::from(h.count) == blocks)))
             .then_some(h)
     }
 }
@@ -170,7 +192,7 @@ impl Checkpoint {
     pub fn encode(&self, p: &mut [u8], device_uuid: u128) {
         p.fill(0);
         p[0..4].copy_from_slice(&CHECKPOINT_MAGIC.to_le_bytes());
-        p[4..8].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
+        p[4..8].copy_from_slice(&PAGE_FORMAT.to_le_bytes());
         p[8..24].copy_from_slice(&device_uuid.to_le_bytes());
         p[24..32].copy_from_slice(&self.count.to_le_bytes());
         p[32..40].copy_from_slice(&self.epoch.to_le_bytes());
@@ -183,7 +205,7 @@ impl Checkpoint {
     pub fn decode(p: &[u8], device_uuid: u128) -> Option<Checkpoint> {
         (p.len() >= PAGE
             && u32_at(p, 0) == CHECKPOINT_MAGIC
-            && u32_at(p, 4) == FORMAT_VERSION
+            && u32_at(p, 4) == PAGE_FORMAT
             && u128_at(p, 8) == device_uuid
             && page_crc(p) == u32_at(p, CRC_AT))
         .then(|| Checkpoint {
@@ -219,6 +241,7 @@ mod tests {
                 index: ChunkIndex(4),
             },
             slot: SlotIndex(5),
+            from: SlotIndex(5),
             first: 10,
             count: 3,
             generation: 12,
@@ -254,6 +277,20 @@ mod tests {
             big.encode(&mut q, 42);
             assert_eq!(RecordHeader::decode(&q, 42).is_some(), ok, "{count} blocks");
         }
+        // A relocation carries its source slot and always covers the whole chunk.
+        let moved = RecordHeader {
+            kind: RecordKind::Relocate,
+            from: SlotIndex(9),
+            first: 0,
+            count: MAX_RECORD_BLOCKS as u32,
+            ..h
+        };
+        let mut q = vec![0u8; PAGE];
+        moved.encode(&mut q, 42);
+        assert_eq!(RecordHeader::decode(&q, 42), Some(moved));
+        assert_eq!(moved.payload_len(), 0);
+        RecordHeader { count: 3, ..moved }.encode(&mut q, 42);
+        assert_eq!(RecordHeader::decode(&q, 42), None);
         p[1000] ^= 4;
         assert_eq!(Checkpoint::decode(&p, 42), None);
     }

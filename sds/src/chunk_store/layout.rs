@@ -4,8 +4,16 @@
 use crate::range_lock::BLOCKS;
 use proto::{ChunkId, ChunkIndex, VtreeId, CHUNK_SIZE};
 
-/// Version of the layout below. Bump on any change; the store refuses other versions.
-pub const FORMAT_VERSION: u32 = 2;
+/// Version of the device format, in the superblock. Bump on any change; the store refuses
+/// versions it does not know. Version 3 added the journal's `Relocate` record (a whole chunk
+/// written out of place); everything else is as in version 2, whose devices are still read and
+/// written (without that record, so an SDS of version 2 can still open them).
+pub const FORMAT_VERSION: u32 = 3;
+/// Oldest superblock version this SDS opens.
+pub const OLDEST_FORMAT_VERSION: u32 = 2;
+/// Version stamped into meta pages, journal records and checkpoint pages: their encoding is
+/// unchanged since format version 2.
+pub const PAGE_FORMAT: u32 = 2;
 /// First 8 bytes of the superblock.
 pub const SUPERBLOCK_MAGIC: [u8; 8] = *b"MBLKSDS\0";
 /// First 4 bytes of a meta page in use ("MBCK").
@@ -26,6 +34,8 @@ pub const JOURNAL_MAX: u64 = 64 << 20;
 /// Geometry and identity of a formatted device.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Superblock {
+    /// Format version ([`FORMAT_VERSION`] for a device formatted now).
+    pub version: u32,
     /// Random at format; every meta page carries it, so pages from an earlier format of the
     /// same device (or random bytes) are never taken for live ones.
     pub device_uuid: u128,
@@ -45,7 +55,10 @@ pub struct Superblock {
 pub enum SuperblockError {
     #[error("no Meshblock superblock (magic {0:02x?}); the device holds other data")]
     ForeignMagic([u8; 8]),
-    #[error("format version {found} is not supported (this SDS reads version {FORMAT_VERSION})")]
+    #[error(
+        "format version {found} is not supported (this SDS reads versions \
+         {OLDEST_FORMAT_VERSION} to {FORMAT_VERSION}); use an SDS release that supports it"
+    )]
     Version { found: u32 },
     #[error("the superblock is corrupt (checksum mismatch)")]
     Checksum,
@@ -98,6 +111,7 @@ impl Superblock {
             let data_offset = (meta_offset + slots * PAGE as u64).div_ceil(CHUNK_SIZE) * CHUNK_SIZE;
             if data_offset + slots * CHUNK_SIZE <= capacity {
                 return (slots > 0).then_some(Superblock {
+                    version: FORMAT_VERSION,
                     device_uuid,
                     slot_count: slots,
                     journal_offset,
@@ -115,7 +129,7 @@ impl Superblock {
     pub fn encode(&self, p: &mut [u8]) {
         p.fill(0);
         p[0..8].copy_from_slice(&SUPERBLOCK_MAGIC);
-        p[8..12].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
+        p[8..12].copy_from_slice(&self.version.to_le_bytes());
         p[12..16].copy_from_slice(&(BLOCK as u32).to_le_bytes());
         p[16..20].copy_from_slice(&(CHUNK_SIZE as u32).to_le_bytes());
         p[24..40].copy_from_slice(&self.device_uuid.to_le_bytes());
@@ -141,13 +155,14 @@ impl Superblock {
             return Err(SuperblockError::ForeignMagic(magic));
         }
         let version = u32_at(p, 8);
-        if version != FORMAT_VERSION {
+        if !(OLDEST_FORMAT_VERSION..=FORMAT_VERSION).contains(&version) {
             return Err(SuperblockError::Version { found: version });
         }
         if page_crc(p) != u32_at(p, CRC_AT) {
             return Err(SuperblockError::Checksum);
         }
         let sb = Superblock {
+            version,
             device_uuid: u128_at(p, 24),
             slot_count: u64_at(p, 40),
             journal_offset: u64_at(p, 80),
@@ -258,7 +273,7 @@ impl ChunkMeta {
     pub fn encode(&self, p: &mut [u8], device_uuid: u128, slot: SlotIndex) {
         p.fill(0);
         p[0..4].copy_from_slice(&META_MAGIC.to_le_bytes());
-        p[4..8].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
+        p[4..8].copy_from_slice(&PAGE_FORMAT.to_le_bytes());
         p[8..24].copy_from_slice(&device_uuid.to_le_bytes());
         p[24..28].copy_from_slice(&slot.0.to_le_bytes());
         p[32..40].copy_from_slice(&self.chunk.vtree.0.to_le_bytes());
@@ -280,7 +295,7 @@ impl ChunkMeta {
             return MetaPage::Free;
         }
         let version = u32_at(p, 4);
-        if version != FORMAT_VERSION {
+        if version != PAGE_FORMAT {
             return MetaPage::Version(version);
         }
         if page_crc(p) != u32_at(p, CRC_AT) || u32_at(p, 24) != slot.0 {
@@ -297,7 +312,7 @@ impl ChunkMeta {
         (p.len() >= PAGE
             && u32_at(p, 0) == META_MAGIC
             && u128_at(p, 8) == device_uuid
-            && u32_at(p, 4) == FORMAT_VERSION
+            && u32_at(p, 4) == PAGE_FORMAT
             && u32_at(p, 24) == slot.0)
             .then(|| Self::fields(p))
     }

@@ -4,7 +4,7 @@
 //!
 //! PERFORMANCE-CRITICAL: every data request passes here; no logging above DEBUG per I/O.
 //!
-//! # On-disk layout, format version 2 ([`FORMAT_VERSION`])
+//! # On-disk layout, format version 3 ([`FORMAT_VERSION`])
 //!
 //! ```text
 //! [0, 4 KiB)                     superblock
@@ -18,7 +18,10 @@
 //! size u32 (4096), chunk size u32 (1 MiB), reserved u32, device uuid u128, slot count u64, meta
 //! offset u64, data offset u64, capacity at format u64, created (unix seconds) u64, journal
 //! offset u64, journal length u64, zeros, and the CRC32 of bytes `[0, 4092)` in the last 4
-//! bytes. Version 1 devices are refused.
+//! bytes. Version 1 devices are refused. Version 2 devices (the same layout without `Relocate`
+//! records) are opened and written as version 2: their whole-chunk writes are journaled, so an
+//! SDS of version 2 can still open them. Meta pages, records and checkpoints carry
+//! [`PAGE_FORMAT`] (2: unchanged since version 2).
 //!
 //! Meta page of a slot in use: magic `"MBCK"` u32, format version u32, device uuid u128, slot
 //! index u32, reserved u32, vtree u64, chunk index u64, generation u64, reserved u64, "written"
@@ -28,8 +31,9 @@
 //! slot. Of two pages claiming one chunk the higher generation wins at load.
 //!
 //! Journal record ([`RecordHeader`], [`journal`]): a 4 KiB header (magic `"MBJR"`, version,
-//! device uuid, epoch, sequence number, kind Write/Trim/Free, slot, chunk, first block, block
-//! count, generation, payload CRC32, header CRC32) followed, for a Write, by up to
+//! device uuid, epoch, sequence number, kind Write/Trim/Free/Relocate, slot, chunk, first block,
+//! block count, generation, payload CRC32, source slot of a Relocate, header CRC32) followed,
+//! for a Write, by up to
 //! [`MAX_RECORD_BLOCKS`] (a chunk; fewer on a small journal: [`journal::record_blocks`]) full
 //! 4 KiB blocks (partial edges already merged with the verified old contents, so replay needs
 //! nothing but the record), written as one device write at the head of the ring (or at its
@@ -69,6 +73,26 @@
 //! by the journal size; no timer applies an idle journal: the overlay stays until the next
 //! flushes or the half-full mark.
 //!
+//! # Whole-chunk writes go out of place
+//!
+//! A write of a whole chunk (offset 0, 1 MiB; sequential and large writes arrive so) on a
+//! version 3 device skips the journal: its blocks go to a free slot, a device flush makes them
+//! durable (concurrent ones share flushes), then a `Relocate` record (header only) says the
+//! chunk now lives there with every block written and frees its old slot (not discarded: the
+//! next relocation reuses it). The chunk's entry is replaced in memory when the record
+//! completed; the new meta page and the old slot's free are written by the next applies, like
+//! an allocation and a free. That is one device write of the data instead of two (journal and
+//! apply), no copy of the chunk in the overlay, and 4 KiB of journal instead of 1 MiB. A chunk
+//! with no data yet is written in its own slot.
+//!
+//! Replay of a `Relocate` reads the slot's blocks and takes their CRCs (later records of the
+//! chunk, replayed after it, redo whatever changed since): correct only if no record replayed
+//! before it writes into that slot. So the target slot must not be one whose previous chunk
+//! was freed or moved away by a record a replay could still start before: a freed slot is
+//! "recent" until a durable checkpoint's tail passes that record. Journaled writes may take a
+//! recent slot (their records replay after the old ones), an out-of-place write may not; with
+//! no clean slot free, the write is journaled.
+//!
 //! # Recovery
 //!
 //! `open` reads the best checkpoint and scans from its tail: each record must have a valid
@@ -77,7 +101,8 @@
 //! every earlier record, so nothing acknowledged-and-flushed lies beyond a torn or missing one).
 //! The records are re-applied in order, which is idempotent: data blocks written in place, CRCs
 //! recomputed, written bits set or cleared, a Write for a slot holding no page (or another
-//! chunk's) allocates the chunk there, a Free drops the page. A meta page that fails its CRC
+//! chunk's) allocates the chunk there, a Free drops the page, a Relocate drops the old slot's
+//! page and gives the new slot a page with every block written and the CRCs of its content. A meta page that fails its CRC
 //! but whose slot appears in a replayed record was torn by an interrupted apply: it is decoded
 //! leniently, since the blocks that apply was changing are rewritten by replay and every other
 //! CRC and bit is identical in the old and the new page. The touched pages are rewritten,
@@ -123,6 +148,11 @@ use std::task::Poll;
 /// Meta pages read per device request while loading.
 const LOAD_BATCH_PAGES: u64 = 256;
 
+/// Slots held by frees not applied yet (chunks moved by whole-chunk writes, or freed) after
+/// which a whole-chunk write runs an apply round with its checkpoint: those slots become
+/// reusable (and clean) without waiting for the journal, which relocations barely fill.
+const HELD_BEFORE_APPLY: u64 = 32;
+
 /// Device writes an apply round keeps in flight at once.
 const APPLY_PARALLEL: usize = 64;
 
@@ -162,15 +192,21 @@ struct Pend {
     crc: u32,
 }
 
-/// The state of one allocated chunk.
 /// What a journal record does to its chunk's state besides its blocks.
-#[derive(Clone, Copy, PartialEq, Eq)]
 enum Mark {
     Blocks,
     Free,
     Alloc,
+    /// A `Relocate`: the record's entry (new, its blocks already durable in its slot) replaces
+    /// `replaces` in the index; with `retire`, `replaces` keeps its own slot, which this record
+    /// frees.
+    Whole {
+        replaces: Arc<Entry>,
+        retire: bool,
+    },
 }
 
+/// The state of one allocated chunk.
 struct ChunkState {
     /// What the device holds (data and meta page) once in-flight applies completed.
     disk: ChunkMeta,
@@ -181,8 +217,11 @@ struct ChunkState {
     /// Sequence number of the record that freed the chunk, until applied.
     free_seq: Option<u64>,
     /// Sequence number of the record that allocated the chunk without data (thick
-    /// pre-allocation), until its meta page is written in place.
+    /// pre-allocation) or wrote it whole out of place, until its meta page is written in place.
     alloc_seq: Option<u64>,
+    /// Freed because the chunk moved to another slot: the slot is not discarded (an
+    /// out-of-place write reuses it soon, and the chunk's space is still in use).
+    moved: bool,
 }
 
 impl ChunkState {
@@ -235,6 +274,8 @@ struct JState {
     durable: u64,
     ckpt_count: u64,
     ckpt_tail: u64,
+    /// Tail of the newest durable checkpoint: replay after a crash starts at or after it.
+    ckpt_durable: u64,
     /// Tail of a checkpoint written but not yet covered by a flush.
     ckpt_unflushed: Option<u64>,
     /// A checkpoint computed after an apply, written by the next round in parallel with its
@@ -300,14 +341,20 @@ fn failed() -> StoreError {
     StoreError::Device(DeviceError::Stopped)
 }
 
-/// Slot allocation bitmap with a next-fit cursor.
+/// Slot allocation bitmap, first fit: the lowest free slots are reused first, so a device's
+/// written footprint stays close to what it stores even though whole-chunk writes move
+/// chunks between slots (what matters on thin-provisioned devices and sparse files).
 struct Slots {
     used: Vec<u64>,
     count: u64,
     free: u64,
     /// Slots of freed chunks whose free is not applied yet: counted as free, not reusable.
     held: u64,
-    cursor: u64,
+    /// Free slots whose last chunk was freed or moved away by the record of this sequence
+    /// number. Until a durable checkpoint's tail passes it, a replay may still write that
+    /// chunk's older records into the slot: a journaled write may take the slot (its records
+    /// replay after those), an out-of-place write may not (nothing would rewrite its blocks).
+    recent: HashMap<u64, u64>,
 }
 
 impl Slots {
@@ -317,7 +364,7 @@ impl Slots {
             count,
             free: count,
             held: 0,
-            cursor: 0,
+            recent: HashMap::new(),
         }
     }
 
@@ -343,31 +390,46 @@ impl Slots {
         self.held += 1;
     }
 
-    fn unhold(&mut self, s: u64) {
+    /// The free of slot `s` by the record `seq` is applied: the slot is free again.
+    fn unhold(&mut self, s: u64, seq: u64) {
         self.held = self.held.saturating_sub(1);
         self.release(s);
+        let last = self.recent.entry(s).or_insert(seq);
+        *last = (*last).max(seq);
     }
 
-    fn take(&mut self) -> Option<u64> {
+    /// Whether no record replayed from a checkpoint of tail `tail` touches slot `s` for an
+    /// earlier chunk.
+    fn clean(&self, s: u64, tail: u64) -> bool {
+        self.recent.get(&s).is_none_or(|seq| *seq < tail)
+    }
+
+    /// Take the lowest free slot that no replay from `tail` touches for an earlier chunk, else
+    /// (unless `clean_only`) the lowest free one.
+    fn take(&mut self, tail: u64, clean_only: bool) -> Option<u64> {
         if self.free == 0 {
             return None;
         }
-        let words = self.used.len() as u64;
-        let start = self.cursor / 64;
-        for i in 0..=words {
-            let wi = (start + i) % words;
-            let w = self.used[wi as usize];
-            if w == u64::MAX {
-                continue;
-            }
-            let s = wi * 64 + u64::from((!w).trailing_zeros());
-            if s < self.count {
-                self.mark(s);
-                self.cursor = s + 1;
-                return Some(s);
+        self.recent.retain(|_, seq| *seq >= tail);
+        let mut fallback = None;
+        for wi in 0..self.used.len() as u64 {
+            let mut free = !self.used[wi as usize];
+            while free != 0 {
+                let s = wi * 64 + u64::from(free.trailing_zeros());
+                free &= free - 1;
+                if s >= self.count {
+                    break;
+                }
+                if self.clean(s, tail) {
+                    self.mark(s);
+                    return Some(s);
+                }
+                fallback.get_or_insert(s);
             }
         }
-        None
+        let s = fallback.filter(|_| !clean_only)?;
+        self.mark(s);
+        Some(s)
     }
 }
 
@@ -408,6 +470,13 @@ pub struct ChunkStore<D> {
     /// Buffers for in-place writes. Applying must never wait on the device's pool: writers
     /// waiting for journal space hold those buffers until an apply reclaims the space.
     apply_bufs: BufferPool,
+    /// Device flushes of out-of-place writes, one at a time ([`Self::barrier`]): started and
+    /// completed counts.
+    barrier_lock: tokio::sync::Mutex<()>,
+    barriers_started: AtomicU64,
+    barriers_done: AtomicU64,
+    /// Whole-chunk writes that went out of place.
+    whole_writes: AtomicU64,
 }
 
 /// The apply pool: about 12 MiB per device.
@@ -452,6 +521,8 @@ struct Plan {
     blocks: Vec<(usize, u64)>,
     /// The meta page after the round; `None` frees the slot.
     page: Option<ChunkMeta>,
+    /// Discard a freed slot's data (not when its chunk moved to another slot).
+    discard: bool,
     /// Runs of consecutive blocks with data: first block and bytes.
     runs: Vec<(usize, Vec<Bytes>)>,
 }
@@ -495,6 +566,7 @@ impl<D: BlockDevice> ChunkStore<D> {
                 durable: 0,
                 ckpt_count: 0,
                 ckpt_tail: 1,
+                ckpt_durable: 1,
                 ckpt_unflushed: None,
                 ckpt_ready: None,
                 failed: None,
@@ -503,6 +575,10 @@ impl<D: BlockDevice> ChunkStore<D> {
             dirty: Mutex::new(HashMap::new()),
             apply_bufs: BufferPool::new(&apply_pool_config()),
             apply_lock: tokio::sync::Mutex::new(()),
+            barrier_lock: tokio::sync::Mutex::new(()),
+            barriers_started: AtomicU64::new(0),
+            barriers_done: AtomicU64::new(0),
+            whole_writes: AtomicU64::new(0),
         };
         if blank {
             // The checkpoint is durable before the superblock that points at it.
@@ -554,6 +630,7 @@ impl<D: BlockDevice> ChunkStore<D> {
         j.durable = ck.tail_seq - 1;
         j.ckpt_count = ck.count;
         j.ckpt_tail = ck.tail_seq;
+        j.ckpt_durable = ck.tail_seq;
         j.ckpt_unflushed = None;
         j.ckpt_ready = None;
         j.failed = None;
@@ -588,6 +665,7 @@ impl<D: BlockDevice> ChunkStore<D> {
                     Some(h)
                         if h.epoch == ck.epoch
                             && u64::from(h.slot.0) < self.sb.slot_count
+                            && u64::from(h.from.0) < self.sb.slot_count
                             && h.seq == seq
                             && at + (PAGE + h.payload_len()) as u64 <= end =>
                     {
@@ -624,7 +702,8 @@ impl<D: BlockDevice> ChunkStore<D> {
     async fn load(&mut self) -> Result<(), StoreError> {
         let ck = self.read_checkpoint().await?;
         let records = self.scan(ck).await?;
-        let touched: BTreeSet<SlotIndex> = records.iter().map(|(h, _)| h.slot).collect();
+        let touched: BTreeSet<SlotIndex> =
+            records.iter().flat_map(|(h, _)| [h.slot, h.from]).collect();
         let mut pages: BTreeMap<SlotIndex, ChunkMeta> = BTreeMap::new();
         let mut max_generation = 0;
         let mut buf = AlignedBuf::zeroed((LOAD_BATCH_PAGES as usize) * PAGE);
@@ -699,6 +778,26 @@ impl<D: BlockDevice> ChunkStore<D> {
                     if pages.get(&slot).is_some_and(|m| m.chunk == h.chunk) {
                         pages.remove(&slot);
                     }
+                }
+                RecordKind::Relocate => {
+                    if h.from != slot && pages.get(&h.from).is_some_and(|m| m.chunk == h.chunk) {
+                        pages.remove(&h.from);
+                    }
+                    // The blocks were durable before the record was written; later records
+                    // of the chunk in this replay rewrite whatever they changed since.
+                    let data = self
+                        .dev
+                        .read(
+                            self.data_offset(slot, 0),
+                            AlignedBuf::zeroed(CHUNK_SIZE as usize),
+                        )
+                        .await?;
+                    let mut m = ChunkMeta::new(h.chunk);
+                    for (b, block) in data.as_slice().chunks_exact(BLOCK).enumerate() {
+                        m.set_written(b, crc32fast::hash(block));
+                    }
+                    m.generation = h.generation;
+                    pages.insert(slot, m);
                 }
             }
         }
@@ -777,6 +876,7 @@ impl<D: BlockDevice> ChunkStore<D> {
                         pending: BTreeMap::new(),
                         free_seq: None,
                         alloc_seq: None,
+                        moved: false,
                     }),
                 };
                 (chunk, Arc::new(e))
@@ -875,7 +975,10 @@ impl<D: BlockDevice> ChunkStore<D> {
         if let Some(e) = index.get(&chunk) {
             return Ok(e.clone());
         }
-        let slot = lock(&self.slots).take().ok_or(StoreError::NoSpace)?;
+        let tail = lock(&self.journal).ckpt_durable;
+        let slot = lock(&self.slots)
+            .take(tail, false)
+            .ok_or(StoreError::NoSpace)?;
         let e = Arc::new(Entry {
             slot: SlotIndex(slot as u32),
             state: Mutex::new(ChunkState {
@@ -884,6 +987,7 @@ impl<D: BlockDevice> ChunkStore<D> {
                 generation: 0,
                 free_seq: None,
                 alloc_seq: None,
+                moved: false,
             }),
         });
         index.insert(chunk, e.clone());
@@ -978,6 +1082,13 @@ impl<D: BlockDevice> ChunkStore<D> {
         }
         let (b0, b1) = blocks(offset, data.len());
         let _range = self.locks.lock(chunk, BlockMask::range(b0, b1)).await;
+        if offset == 0
+            && data.len() as u64 == CHUNK_SIZE
+            && self.sb.version >= 3
+            && self.write_whole(chunk, data).await?
+        {
+            return Ok(());
+        }
         let entry = self.entry_or_allocate_applying(chunk).await?;
         let (start, end) = (offset as usize, offset as usize + data.len());
         let per_record = journal::record_blocks(self.sb.journal_len);
@@ -989,6 +1100,121 @@ impl<D: BlockDevice> ChunkStore<D> {
             at = piece_end;
         }
         Ok(())
+    }
+
+    /// Write a whole chunk out of place (the caller holds the whole-chunk lock): the blocks go
+    /// to a slot no replayable record touches for an earlier chunk (the chunk's own slot if it
+    /// holds no data yet), a device flush makes them durable, then a `Relocate` record moves
+    /// the chunk there and frees its old slot. Half the device bytes of a journaled write (no
+    /// copy in the journal, no apply) and no copy in memory. False, having changed nothing,
+    /// when no such slot is free: the caller journals the write instead.
+    async fn write_whole(&self, chunk: ChunkId, data: &[u8]) -> Result<bool, StoreError> {
+        if lock(&self.journal).failed.is_some() {
+            return Err(failed());
+        }
+        let old = self.entry_or_allocate_applying(chunk).await?;
+        let tail = lock(&self.journal).ckpt_durable;
+        let empty = {
+            let st = lock(&old.state);
+            st.pending.is_empty() && st.free_seq.is_none() && !st.disk.any_written()
+        };
+        let taken = {
+            let mut slots = lock(&self.slots);
+            if empty && slots.clean(u64::from(old.slot.0), tail) {
+                None
+            } else {
+                match slots.take(tail, true) {
+                    Some(s) => Some(SlotIndex(s as u32)),
+                    None => return Ok(false),
+                }
+            }
+        };
+        let slot = taken.unwrap_or(old.slot);
+        let r = self.write_whole_to(chunk, &old, slot, data).await;
+        if r.is_err() {
+            if let Some(s) = taken {
+                lock(&self.slots).release(u64::from(s.0));
+            }
+        }
+        r.map(|()| true)
+    }
+
+    async fn write_whole_to(
+        &self,
+        chunk: ChunkId,
+        old: &Arc<Entry>,
+        slot: SlotIndex,
+        data: &[u8],
+    ) -> Result<(), StoreError> {
+        let mut meta = ChunkMeta::new(chunk);
+        for (b, block) in data.chunks_exact(BLOCK).enumerate() {
+            meta.set_written(b, crc32fast::hash(block));
+        }
+        let mut buf = self.dev.buffers().get(data.len()).await;
+        buf.as_mut_slice().copy_from_slice(data);
+        self.dev.write(self.data_offset(slot, 0), buf).await?;
+        self.barrier().await?;
+        crate::failpoints::fail_point(crate::failpoints::CHUNK_STORE_BEFORE_RELOCATE_RECORD);
+        let generation = self.next_generation.fetch_add(1, Ordering::Relaxed);
+        meta.generation = generation;
+        let header = RecordHeader {
+            epoch: 0,
+            seq: 0,
+            kind: RecordKind::Relocate,
+            chunk,
+            slot,
+            from: old.slot,
+            first: 0,
+            count: BLOCKS as u32,
+            generation,
+            payload_crc: crc32fast::hash(&[]),
+        };
+        let entry = Arc::new(Entry {
+            slot,
+            state: Mutex::new(ChunkState {
+                disk: meta,
+                pending: BTreeMap::new(),
+                generation,
+                free_seq: None,
+                alloc_seq: None,
+                moved: false,
+            }),
+        });
+        let page = self.dev.buffers().page().await;
+        let mark = Mark::Whole {
+            replaces: old.clone(),
+            retire: slot != old.slot,
+        };
+        self.append(header, page, &entry, Vec::new(), mark).await?;
+        self.whole_writes.fetch_add(1, Ordering::Relaxed);
+        if lock(&self.slots).held >= HELD_BEFORE_APPLY {
+            if let Ok(_one) = self.apply_lock.try_lock() {
+                if let Err(e) = self.apply_locked(true, true).await {
+                    tracing::warn!("applying the journal failed: {e}");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Make every device write completed before the call durable: one device flush at a
+    /// time, and a caller is covered by any flush that started after it called, so
+    /// concurrent out-of-place writes share flushes.
+    async fn barrier(&self) -> Result<(), StoreError> {
+        let ticket = self.barriers_started.load(Ordering::SeqCst);
+        let _one = self.barrier_lock.lock().await;
+        if self.barriers_done.load(Ordering::SeqCst) > ticket {
+            return Ok(());
+        }
+        let n = self.barriers_started.fetch_add(1, Ordering::SeqCst) + 1;
+        self.dev.flush().await?;
+        self.barriers_done.store(n, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// Whole-chunk writes written out of place since the store was opened.
+    pub fn out_of_place_writes(&self) -> u64 {
+        self.whole_writes.load(Ordering::Relaxed)
     }
 
     /// A write with forced unit access: durable when it returns.
@@ -1068,6 +1294,7 @@ impl<D: BlockDevice> ChunkStore<D> {
             kind: RecordKind::Write,
             chunk,
             slot: entry.slot,
+            from: entry.slot,
             first: b0 as u32,
             count: n as u32,
             generation: self.next_generation.fetch_add(1, Ordering::Relaxed),
@@ -1198,12 +1425,29 @@ impl<D: BlockDevice> ChunkStore<D> {
                     }
                 }
             }
-            match mark {
+            match &mark {
                 Mark::Blocks => {}
                 Mark::Free => st.free_seq = Some(seq),
-                Mark::Alloc => st.alloc_seq = Some(seq),
+                Mark::Alloc | Mark::Whole { .. } => st.alloc_seq = Some(seq),
             }
             st.generation = header.generation;
+        }
+        if let Mark::Whole { replaces, retire } = mark {
+            if retire {
+                {
+                    let mut old = lock(&replaces.state);
+                    old.free_seq = Some(seq);
+                    old.moved = true;
+                }
+                lock(&self.slots).hold();
+                lock(&self.dirty).insert(replaces.slot, replaces.clone());
+            }
+            // The chunk's lookups all happen under its range locks, which the caller holds
+            // whole; an entry of the same slot also replaces the old one among the dirty.
+            self.index
+                .write()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(header.chunk, entry.clone());
         }
         lock(&self.dirty).insert(entry.slot, entry.clone());
         if self.mark_done(seq) {
@@ -1355,6 +1599,7 @@ impl<D: BlockDevice> ChunkStore<D> {
             kind,
             chunk,
             slot,
+            from: slot,
             first,
             count,
             generation: self.next_generation.fetch_add(1, Ordering::Relaxed),
@@ -1421,6 +1666,7 @@ impl<D: BlockDevice> ChunkStore<D> {
             j.durable = j.durable.max(contiguous);
             if let Some(tail) = ck {
                 j.reclaim(tail);
+                j.ckpt_durable = j.ckpt_durable.max(tail);
                 if j.ckpt_unflushed == Some(tail) {
                     j.ckpt_unflushed = None;
                 }
@@ -1476,11 +1722,13 @@ impl<D: BlockDevice> ChunkStore<D> {
                 .map(|(b, p)| (*b, p.seq))
                 .collect();
             if st.free_seq.is_some_and(|s| s <= c) {
+                let discard = !st.moved;
                 drop(st);
                 plans.push(Plan {
                     entry,
                     blocks,
                     page: None,
+                    discard,
                     runs: Vec::new(),
                 });
                 continue;
@@ -1510,6 +1758,7 @@ impl<D: BlockDevice> ChunkStore<D> {
                 entry,
                 blocks,
                 page: Some(page),
+                discard: false,
                 runs,
             });
         }
@@ -1540,10 +1789,10 @@ impl<D: BlockDevice> ChunkStore<D> {
                 m.encode(page.as_mut_slice(), self.sb.device_uuid, slot);
             }
             let at = self.meta_offset(slot);
-            let free = plan.page.is_none();
+            let discard = plan.discard;
             ios.push(Box::pin(async move {
                 self.dev.write(at, page).await?;
-                if free {
+                if discard {
                     let data = self.data_offset(slot, 0);
                     if let Err(e) = self.dev.discard(data, CHUNK_SIZE).await {
                         tracing::debug!(slot = slot.0, "discard of a freed chunk failed: {e}");
@@ -1611,10 +1860,12 @@ impl<D: BlockDevice> ChunkStore<D> {
                     }
                 }
                 None => {
+                    let seq = st.free_seq.take().unwrap_or(c);
+                    // An allocation not applied yet is void too: the slot stays free.
+                    st.alloc_seq = None;
                     st.pending.clear();
-                    st.free_seq = None;
                     drop(st);
-                    lock(&self.slots).unhold(u64::from(plan.entry.slot.0));
+                    lock(&self.slots).unhold(u64::from(plan.entry.slot.0), seq);
                 }
             }
         }

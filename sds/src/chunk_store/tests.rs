@@ -133,6 +133,93 @@ async fn data_and_allocation_survive_reopen() {
 }
 
 #[tokio::test]
+async fn whole_chunk_writes_go_out_of_place_and_survive_reopen() {
+    const CHUNK: usize = CHUNK_SIZE as usize;
+    let f = Scratch::new("cs-whole", DEV);
+    let free;
+    {
+        let s = ChunkStore::open(uring(&f)).await.expect("open");
+        assert_eq!(s.superblock().version, FORMAT_VERSION);
+        // A new chunk written whole goes to its own slot; nothing waits in the overlay.
+        s.write(c(1), 0, &bytes(1, CHUNK)).await.expect("whole");
+        assert_eq!(s.out_of_place_writes(), 1);
+        assert_eq!(s.overlay_blocks(), 0);
+        assert_eq!(
+            s.read(c(1), 0, CHUNK as u32).await.expect("read"),
+            bytes(1, CHUNK)
+        );
+        // A chunk holding data moves to another slot; later partial writes are journaled
+        // there.
+        s.write(c(2), 4096, &bytes(2, 8192)).await.expect("partial");
+        let before = s.block_offset(c(2), 0);
+        s.write(c(2), 0, &bytes(3, CHUNK))
+            .await
+            .expect("whole over data");
+        assert_eq!(s.out_of_place_writes(), 2);
+        assert_ne!(s.block_offset(c(2), 0), before);
+        s.write(c(2), 8192, b"tail").await.expect("after");
+        // Written whole again before anything was applied.
+        s.write(c(1), 0, &bytes(4, CHUNK))
+            .await
+            .expect("whole again");
+        assert_eq!(s.out_of_place_writes(), 3);
+        s.flush().await.expect("flush");
+        s.flush().await.expect("flush applies");
+        assert_eq!(s.chunk_count(), 2);
+        free = s.free_slots();
+    }
+    let s = ChunkStore::open(uring(&f)).await.expect("reopen");
+    assert_eq!(s.free_slots(), free);
+    assert_eq!(s.corrupt_pages_at_open(), 0);
+    assert_eq!(
+        s.read(c(1), 0, CHUNK as u32).await.expect("read"),
+        bytes(4, CHUNK)
+    );
+    let mut want = bytes(3, CHUNK);
+    want[8192..8196].copy_from_slice(b"tail");
+    assert_eq!(s.read(c(2), 0, CHUNK as u32).await.expect("read"), want);
+    for chunk in [1, 2] {
+        assert!(s.scrub_chunk(c(chunk)).await.expect("scrub").is_empty());
+    }
+}
+
+#[tokio::test]
+async fn version_2_devices_are_opened_and_keep_journaling_whole_chunks() {
+    const CHUNK: usize = CHUNK_SIZE as usize;
+    let f = Scratch::new("cs-v2", DEV);
+    drop(ChunkStore::open(uring(&f)).await.expect("format"));
+    // Make it a device as an SDS of format version 2 left it.
+    {
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&f.0)
+            .expect("open");
+        let mut page = vec![0u8; PAGE];
+        file.read_exact(&mut page).expect("read");
+        let mut sb = Superblock::decode(&page, DEV).expect("superblock");
+        sb.version = 2;
+        sb.encode(&mut page);
+        file.seek(SeekFrom::Start(0)).expect("seek");
+        file.write_all(&page).expect("write");
+    }
+    {
+        let s = ChunkStore::open(uring(&f)).await.expect("open version 2");
+        assert_eq!(s.superblock().version, 2);
+        s.write(c(0), 0, &bytes(5, CHUNK)).await.expect("whole");
+        // Journaled: an SDS of version 2 could not replay a relocation.
+        assert_eq!(s.out_of_place_writes(), 0);
+        s.flush().await.expect("flush");
+    }
+    let s = ChunkStore::open(uring(&f)).await.expect("reopen");
+    assert_eq!(s.superblock().version, 2);
+    assert_eq!(
+        s.read(c(0), 0, CHUNK as u32).await.expect("read"),
+        bytes(5, CHUNK)
+    );
+}
+
+#[tokio::test]
 async fn trim_and_write_zeroes() {
     let f = Scratch::new("cs-trim", DEV);
     let s = ChunkStore::open(uring(&f)).await.expect("open");
@@ -284,13 +371,13 @@ async fn foreign_or_newer_devices_are_refused() {
             .open(&f.0)
             .expect("open");
         file.seek(SeekFrom::Start(8)).expect("seek");
-        file.write_all(&3u32.to_le_bytes()).expect("write");
+        file.write_all(&4u32.to_le_bytes()).expect("write");
     }
     let e = ChunkStore::open(uring(&f)).await.err().expect("refused");
     assert!(
         matches!(
             e,
-            StoreError::Superblock(SuperblockError::Version { found: 3 })
+            StoreError::Superblock(SuperblockError::Version { found: 4 })
         ),
         "{e}"
     );
@@ -575,7 +662,7 @@ impl Model {
 /// seed, so the second replays over a journal that holds records of an earlier epoch. One seed
 /// in three uses a larger device, whose journal takes whole-chunk records (a 1 MiB journal
 /// splits writes into records of 31 blocks).
-async fn power_loss_run(seed: u64) -> Result<(u64, u64), String> {
+async fn power_loss_run(seed: u64) -> Result<(u64, u64, u64), String> {
     use rand::{Rng, SeedableRng};
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let size = if seed % 3 == 2 { 256 << 20 } else { 8 << 20 };
@@ -590,6 +677,7 @@ async fn power_loss_run(seed: u64) -> Result<(u64, u64), String> {
     let mut model = Model::new();
     let mut replayed = 0;
     let mut cuts = 0;
+    let mut whole = 0;
     for cycle in 0..2 {
         let cut = Arc::new(CutDevice::new(d.clone(), rng.gen_range(1..600)));
         let s = match ChunkStore::open(cut.clone()).await {
@@ -606,7 +694,15 @@ async fn power_loss_run(seed: u64) -> Result<(u64, u64), String> {
             let chunk = rng.gen_range(0..PL_CHUNKS);
             let roll = rng.gen_range(0..100);
             let max = PL_BLOCKS * BLOCK;
-            if roll < 60 {
+            if roll < 12 {
+                // A whole chunk: written out of place when a clean slot is free.
+                let salt: u8 = rng.gen();
+                let data: Vec<u8> = (0..CHUNK_SIZE as usize)
+                    .map(|i| (i as u8).wrapping_mul(29) ^ salt ^ (i / BLOCK) as u8)
+                    .collect();
+                model.change(chunk, 0, max, |i| data[i]);
+                let _ = s.write(c(chunk), 0, &data).await;
+            } else if roll < 60 {
                 let len = match rng.gen_range(0..4) {
                     0 => rng.gen_range(1..=BLOCK),
                     1 => BLOCK * rng.gen_range(1..=4),
@@ -646,6 +742,7 @@ async fn power_loss_run(seed: u64) -> Result<(u64, u64), String> {
                 model.flushed();
             }
         }
+        whole += s.as_ref().map_or(0, |s| s.out_of_place_writes());
         drop(s);
         let report = d
             .crash(CrashMode::Partial { tear: true })
@@ -685,7 +782,7 @@ async fn power_loss_run(seed: u64) -> Result<(u64, u64), String> {
         }
         model.flushed();
     }
-    Ok((replayed, cuts))
+    Ok((replayed, cuts, whole))
 }
 
 /// Seeds `0..default`, or the range in `var` (`"first..end"`) for a longer soak.
@@ -702,13 +799,14 @@ fn seeds(var: &str, default: u64) -> std::ops::Range<u64> {
 #[tokio::test]
 async fn power_loss_at_any_point_reads_old_or_new_never_a_checksum_error() {
     let mut failures = Vec::new();
-    let (mut replayed, mut cuts) = (0, 0);
+    let (mut replayed, mut cuts, mut whole) = (0, 0, 0);
     let runs = seeds("SDS_POWER_LOSS_SEEDS", 120).count();
     for seed in seeds("SDS_POWER_LOSS_SEEDS", 120) {
         match power_loss_run(seed).await {
-            Ok((r, c)) => {
+            Ok((r, c, w)) => {
                 replayed += r;
                 cuts += c;
+                whole += u64::from(w > 0);
             }
             Err(e) => failures.push(format!("seed {seed}: {e}")),
         }
@@ -718,10 +816,15 @@ async fn power_loss_at_any_point_reads_old_or_new_never_a_checksum_error() {
         "fault scenario 5 (power loss on the fault-injecting device, seeded): runs {runs}, power cuts mid-workload {cuts}, journal records replayed {replayed}, runs with a lost flushed write or checksum error {lost}"
     ));
     assert!(failures.is_empty(), "{}", failures.join("\n"));
-    eprintln!("power loss: {cuts} cuts mid-workload, {replayed} records replayed");
-    // The runs did cut power mid-workload and did replay records.
+    eprintln!(
+        "power loss: {cuts} cuts mid-workload, {replayed} records replayed, \
+         {whole} runs with out-of-place whole-chunk writes"
+    );
+    // The runs did cut power mid-workload, did replay records and did write chunks whole out
+    // of place.
     assert!(cuts > 50, "only {cuts} cuts");
     assert!(replayed > 100, "only {replayed} records replayed");
+    assert!(whole > 30, "only {whole} runs wrote a chunk out of place");
 }
 
 #[tokio::test]
@@ -878,9 +981,14 @@ async fn concurrent_power_loss_run(seed: u64) -> Result<(bool, bool), String> {
             for k in 0..40u32 {
                 let id = t * 1000 + k + 1;
                 let chunk = rng.gen_range(0..CHUNKS);
-                let n = rng.gen_range(1..=8);
-                let b0 = rng.gen_range(0..=NB - n);
-                let data: Vec<u8> = (b0..b0 + n).flat_map(|b| tagged(id, b)).collect();
+                // One write in eight covers the whole chunk (out of place when it can).
+                let (b0, n, all) = if rng.gen_range(0..8) == 0 {
+                    (0, NB, BLOCKS)
+                } else {
+                    let n = rng.gen_range(1..=8);
+                    (rng.gen_range(0..=NB - n), n, n)
+                };
+                let data: Vec<u8> = (b0..b0 + all).flat_map(|b| tagged(id, b)).collect();
                 let ok = s.write(c(chunk), (b0 * BLOCK) as u32, &data).await.is_ok();
                 let now = clock.fetch_add(1, Ordering::SeqCst);
                 {
