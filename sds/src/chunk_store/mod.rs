@@ -1188,11 +1188,7 @@ impl<D: BlockDevice> ChunkStore<D> {
         self.append(header, page, &entry, Vec::new(), mark).await?;
         self.whole_writes.fetch_add(1, Ordering::Relaxed);
         if lock(&self.slots).held >= HELD_BEFORE_APPLY {
-            if let Ok(_one) = self.apply_lock.try_lock() {
-                if let Err(e) = self.apply_locked(true, true).await {
-                    tracing::warn!("applying the journal failed: {e}");
-                }
-            }
+            self.try_apply_round(true).await;
         }
         Ok(())
     }
@@ -1451,9 +1447,7 @@ impl<D: BlockDevice> ChunkStore<D> {
         }
         lock(&self.dirty).insert(entry.slot, entry.clone());
         if self.mark_done(seq) {
-            if let Err(e) = self.try_apply_round().await {
-                tracing::warn!("applying the journal failed: {e}");
-            }
+            self.try_apply_round(false).await;
         }
         Ok(())
     }
@@ -1685,12 +1679,14 @@ impl<D: BlockDevice> ChunkStore<D> {
         self.apply_locked(fresh, final_flush).await
     }
 
-    /// An apply round unless one is running already (which then covers the caller's records
-    /// or leaves them to the next round).
-    async fn try_apply_round(&self) -> Result<(), StoreError> {
-        match self.apply_lock.try_lock() {
-            Ok(_one) => self.apply_locked(true, false).await,
-            Err(_) => Ok(()),
+    /// A fresh apply round (with `final_flush`, its checkpoint made durable too) unless one is
+    /// running already, which then covers the caller's records or leaves them to the next
+    /// round. A failure is logged: the caller's own write already succeeded.
+    async fn try_apply_round(&self, final_flush: bool) {
+        if let Ok(_one) = self.apply_lock.try_lock() {
+            if let Err(e) = self.apply_locked(true, final_flush).await {
+                tracing::warn!("applying the journal failed: {e}");
+            }
         }
     }
 
