@@ -132,6 +132,10 @@ struct RunArgs {
     /// Transport to the SDS: tcp or quic.
     #[arg(long, value_name = "tcp|quic")]
     data_transport: Option<proto::transport::DataTransport>,
+    /// Threads for NBD and request work (0: one per 4 CPUs, at least one; 1 runs everything
+    /// on one thread).
+    #[arg(long, value_name = "N")]
+    worker_threads: Option<usize>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -228,15 +232,15 @@ fn main() -> anyhow::Result<()> {
             if let Some(v) = a.data_transport {
                 cfg.data_transport = v;
             }
+            if let Some(v) = a.worker_threads {
+                cfg.worker_threads = v;
+            }
             cfg.validate()
                 .map_err(anyhow::Error::msg)
                 .context("validate the configuration")?;
             // Held until the process exits.
             let _wake_latency = proto::daemon::apply_cpu_wake_latency(cfg.cpu_wake_latency_us);
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()?;
+            let rt = proto::daemon::runtime(cfg.worker_threads, "sdc-worker")?;
             rt.block_on(run(cfg))
         }
     }

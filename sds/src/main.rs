@@ -65,7 +65,8 @@ struct Args {
     /// Transport for connections to peer SDS: tcp or quic.
     #[arg(long, value_name = "tcp|quic")]
     data_transport: Option<proto::transport::DataTransport>,
-    /// Threads for network and request work (0: one per CPU).
+    /// Threads for network and request work (0: one per 4 CPUs, at least one; 1 runs
+    /// everything on one thread).
     #[arg(long, value_name = "N")]
     worker_threads: Option<usize>,
     /// Print the default configuration as commented TOML and exit.
@@ -112,13 +113,7 @@ fn start(args: &Args) -> anyhow::Result<()> {
     }
     // Held until the process exits.
     let _wake_latency = proto::daemon::apply_cpu_wake_latency(cfg.cpu_wake_latency_us);
-    let mut rt = tokio::runtime::Builder::new_multi_thread();
-    if cfg.worker_threads > 0 {
-        rt.worker_threads(cfg.worker_threads);
-    }
-    rt.enable_all()
-        .thread_name("sds-worker")
-        .build()
+    proto::daemon::runtime(cfg.worker_threads, "sds-worker")
         .context("start the runtime")?
         .block_on(run(cfg))
 }

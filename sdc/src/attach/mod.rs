@@ -224,7 +224,7 @@ impl Attacher {
                 table.insert(name, att);
                 continue;
             }
-            match system::loop_attach(&file) {
+            match off_runtime("losetup", move || system::loop_attach(&file)).await {
                 Ok(device) => {
                     tracing::info!(volume = %name, device = %device.display(), "re-attached");
                     table.insert(
@@ -304,18 +304,11 @@ impl Attacher {
             Arc::new(VolumeIo::new(self.io.clone(), volume)),
         );
         let file = self.dir.join(name);
-        let device = match tokio::task::spawn_blocking(move || system::loop_attach(&file)).await {
-            Ok(Ok(d)) => d,
-            Ok(Err(e)) => {
-                self.fs.remove(volume.0);
-                return Err(e.into());
-            }
+        let device = match off_runtime("losetup", move || system::loop_attach(&file)).await {
+            Ok(d) => d,
             Err(e) => {
                 self.fs.remove(volume.0);
-                return Err(AttachError::System(SystemError::Command {
-                    command: "losetup".into(),
-                    stderr: e.to_string(),
-                }));
+                return Err(e.into());
             }
         };
         tracing::info!(volume = %name, device = %device.display(), "attached");
@@ -349,8 +342,8 @@ impl Attacher {
                         .join(", "),
                 });
             }
-            for m in &mounts {
-                system::unmount(m, true)?;
+            for m in mounts {
+                off_runtime("umount", move || system::unmount(&m, true)).await?;
             }
         }
         let file = self.dir.join(name);
@@ -358,7 +351,8 @@ impl Attacher {
             .into_iter()
             .any(|l| l.device == a.device && l.backing == file);
         if still {
-            system::loop_detach(&a.device)?;
+            let dev = a.device.clone();
+            off_runtime("losetup", move || system::loop_detach(&dev)).await?;
         }
         self.fs.remove(a.volume.0);
         table.remove(name);
@@ -397,10 +391,27 @@ impl Attacher {
             );
             return;
         }
-        if let Err(e) = system::unmount(&self.dir, false) {
+        let dir = self.dir.clone();
+        if let Err(e) = off_runtime("umount", move || system::unmount(&dir, false)).await {
             tracing::warn!("failed to unmount the FUSE directory, detaching it lazily: {e}");
             let _ = system::unmount(&self.dir, true);
         }
         keeper::stop(&self.keeper_socket);
     }
+}
+
+/// Run a host call that may wait for this SDC's own FUSE server (attaching a loop device opens
+/// the volume's file; detaching one, or unmounting, flushes through it) on a blocking thread.
+/// The FUSE server's requests run on the runtime: on a one-thread runtime, the call would
+/// otherwise block the very thread that must answer them.
+async fn off_runtime<T: Send + 'static>(
+    what: &str,
+    call: impl FnOnce() -> Result<T, SystemError> + Send + 'static,
+) -> Result<T, SystemError> {
+    tokio::task::spawn_blocking(call).await.unwrap_or_else(|e| {
+        Err(SystemError::Command {
+            command: what.into(),
+            stderr: e.to_string(),
+        })
+    })
 }

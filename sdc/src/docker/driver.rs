@@ -566,7 +566,10 @@ impl Driver {
                 )));
             }
         }
-        let _ = std::fs::remove_dir(&mp);
+        // Off the runtime thread: removing a mount point detaches copies of the mount that
+        // propagated into other namespaces (Docker's), and the last one's shutdown flushes the
+        // filesystem through this SDC's own FUSE server, which the runtime thread serves.
+        let _ = tokio::fs::remove_dir(&mp).await;
         refs.volumes.remove(name);
         self.save_refs(&refs).await?;
         drop(refs);

@@ -66,7 +66,11 @@ pub async fn mkfs(dev: &Path, fstype: &str) -> Result<(), String> {
 }
 
 pub async fn mount(dev: &Path, dir: &Path, fstype: &str) -> Result<(), String> {
-    std::fs::create_dir_all(dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
+    // tokio::fs: off the runtime thread, like every call here that may reach a volume's own
+    // filesystem (see `attach::off_runtime`).
+    tokio::fs::create_dir_all(dir)
+        .await
+        .map_err(|e| format!("create {}: {e}", dir.display()))?;
     let (d, m) = (dev.display().to_string(), dir.display().to_string());
     match run("mount", &["-t", fstype, &d, &m], QUICK).await? {
         (0, _) => Ok(()),
