@@ -17,7 +17,7 @@ use super::{Backend, BackendError, NbdError, INFLIGHT_PER_CONN, MAX_PAYLOAD};
 use bytes::{Bytes, BytesMut};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 
@@ -30,6 +30,9 @@ const SKIP_PAYLOAD_LEN_MAX: u32 = 2 * MAX_PAYLOAD;
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 /// Bytes the writer gathers before writing to the socket.
 const WRITE_BUFFER_LEN: usize = 256 << 10;
+/// Bytes read from the client at a time: a request header and a small write's payload (or
+/// many, at queue depth) come in one read instead of a read each. Larger payloads bypass it.
+const READ_BUFFER_LEN: usize = 64 << 10;
 
 /// Why transmission ended without error.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -73,16 +76,14 @@ struct Conn<B> {
 
 /// Serves requests until the client disconnects, the export goes away or the client breaks
 /// the protocol; answers everything in flight before returning.
-pub(crate) async fn transmit<R, W, B>(
-    mut rd: R,
-    wr: W,
-    session: Session<B>,
-) -> Result<End, NbdError>
+pub(crate) async fn transmit<R, W, B>(rd: R, wr: W, session: Session<B>) -> Result<End, NbdError>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin + Send + 'static,
     B: Backend,
 {
+    // Created after the handshake, which reads exactly what it needs: nothing is buffered yet.
+    let mut rd = BufReader::with_capacity(READ_BUFFER_LEN, rd);
     let (replies, queue) = mpsc::channel(INFLIGHT_PER_CONN);
     let writer = tokio::spawn(write_replies(wr, queue));
     let backend = session.export.backend;
