@@ -304,10 +304,14 @@ async fn run(cfg: SdsConfig) -> anyhow::Result<()> {
     tokio::spawn(async move {
         // Journaled writes wait in memory for the second flush after them; without client
         // flushes, apply them here so the overlay stays small and the data sits in place.
+        // Writes that fill half the journal ask for a round at once.
         let mut tick = tokio::time::interval(std::time::Duration::from_millis(JOURNAL_APPLY_MS));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            tick.tick().await;
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = applier.apply_wanted() => {}
+            }
             if let Err(e) = applier.apply_journals().await {
                 tracing::warn!("background journal apply failed: {e}");
             }

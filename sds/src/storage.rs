@@ -56,16 +56,32 @@ pub struct Storage<D> {
     devices: RwLock<Devices<D>>,
     placement: Mutex<()>,
     moves: RangeLocks,
+    /// Signalled when a device's writes call for an apply round ([`Storage::apply_wanted`]).
+    apply_wanted: Arc<tokio::sync::Notify>,
 }
 
 impl<D: BlockDevice> Storage<D> {
     /// `(path, store)` per device, in configuration order.
     pub fn new(devices: Vec<(String, ChunkStore<D>)>) -> Storage<D> {
+        let apply_wanted = Arc::new(tokio::sync::Notify::new());
         Storage {
-            devices: RwLock::new(devices.into_iter().map(|(p, s)| new_device(p, s)).collect()),
+            devices: RwLock::new(
+                devices
+                    .into_iter()
+                    .map(|(p, s)| new_device(p, s, &apply_wanted))
+                    .collect(),
+            ),
             placement: Mutex::new(()),
             moves: RangeLocks::new(),
+            apply_wanted,
         }
+    }
+
+    /// Returns when some device's writes have called for an apply round (its journal is half
+    /// full, or many slots wait for one): the background applier then runs
+    /// [`apply_journals`](Self::apply_journals), so that no write waits for a round.
+    pub async fn apply_wanted(&self) {
+        self.apply_wanted.notified().await;
     }
 
     /// A snapshot of the devices.
@@ -81,7 +97,7 @@ impl<D: BlockDevice> Storage<D> {
         let _one_at_a_time = self.placement.lock().unwrap_or_else(|p| p.into_inner());
         let mut devs = self.devices.write().unwrap_or_else(|p| p.into_inner());
         let mut next: Vec<Arc<Device<D>>> = devs.iter().cloned().collect();
-        next.push(new_device(path, store));
+        next.push(new_device(path, store, &self.apply_wanted));
         *devs = next.into();
     }
 
@@ -458,10 +474,14 @@ impl<D: BlockDevice> Storage<D> {
     }
 }
 
-fn new_device<D>(path: String, store: ChunkStore<D>) -> Arc<Device<D>> {
+fn new_device<D: BlockDevice>(
+    path: String,
+    store: ChunkStore<D>,
+    apply_wanted: &Arc<tokio::sync::Notify>,
+) -> Arc<Device<D>> {
     Arc::new(Device {
         path,
-        store: Arc::new(store),
+        store: Arc::new(store.apply_in_background(apply_wanted.clone())),
         failed: AtomicBool::new(false),
         draining: AtomicBool::new(false),
     })

@@ -661,8 +661,9 @@ impl Model {
 /// flushed content when no write followed the last completed flush. Two crash cycles per
 /// seed, so the second replays over a journal that holds records of an earlier epoch. One seed
 /// in three uses a larger device, whose journal takes whole-chunk records (a 1 MiB journal
-/// splits writes into records of 31 blocks).
-async fn power_loss_run(seed: u64) -> Result<(u64, u64, u64), String> {
+/// splits writes into records of 31 blocks). Odd seeds run the applies the writes call for in
+/// a background task, as the SDS does.
+async fn power_loss_run(seed: u64) -> Result<(u64, u64, u64, u64), String> {
     use rand::{Rng, SeedableRng};
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let size = if seed % 3 == 2 { 256 << 20 } else { 8 << 20 };
@@ -678,14 +679,29 @@ async fn power_loss_run(seed: u64) -> Result<(u64, u64, u64), String> {
     let mut replayed = 0;
     let mut cuts = 0;
     let mut whole = 0;
+    let bg_rounds = Arc::new(AtomicU64::new(0));
     for cycle in 0..2 {
         let cut = Arc::new(CutDevice::new(d.clone(), rng.gen_range(1..600)));
+        // Odd seeds apply as the SDS does: rounds the writes call for run in a task of their
+        // own, concurrently with the writes that follow; even seeds in the writer.
+        let wanted = Arc::new(tokio::sync::Notify::new());
         let s = match ChunkStore::open(cut.clone()).await {
-            Ok(s) => Some(s),
+            Ok(s) if seed % 2 == 1 => Some(Arc::new(s.apply_in_background(wanted.clone()))),
+            Ok(s) => Some(Arc::new(s)),
             // Power lost during the recovery itself.
             Err(_) if cut.tripped() => None,
             Err(e) => return Err(format!("cycle {cycle}: open: {e}")),
         };
+        let applier = s.clone().filter(|_| seed % 2 == 1).map(|s| {
+            let rounds = bg_rounds.clone();
+            tokio::spawn(async move {
+                loop {
+                    wanted.notified().await;
+                    let _ = s.apply_journal().await;
+                    rounds.fetch_add(1, Ordering::Relaxed);
+                }
+            })
+        });
         for _ in 0..rng.gen_range(10..120) {
             let Some(s) = &s else { break };
             if cut.tripped() {
@@ -742,6 +758,10 @@ async fn power_loss_run(seed: u64) -> Result<(u64, u64, u64), String> {
                 model.flushed();
             }
         }
+        if let Some(a) = applier {
+            a.abort();
+            let _ = a.await;
+        }
         whole += s.as_ref().map_or(0, |s| s.out_of_place_writes());
         drop(s);
         let report = d
@@ -782,7 +802,7 @@ async fn power_loss_run(seed: u64) -> Result<(u64, u64, u64), String> {
         }
         model.flushed();
     }
-    Ok((replayed, cuts, whole))
+    Ok((replayed, cuts, whole, bg_rounds.load(Ordering::Relaxed)))
 }
 
 /// Seeds `0..default`, or the range in `var` (`"first..end"`) for a longer soak.
@@ -799,14 +819,15 @@ fn seeds(var: &str, default: u64) -> std::ops::Range<u64> {
 #[tokio::test]
 async fn power_loss_at_any_point_reads_old_or_new_never_a_checksum_error() {
     let mut failures = Vec::new();
-    let (mut replayed, mut cuts, mut whole) = (0, 0, 0);
+    let (mut replayed, mut cuts, mut whole, mut background) = (0, 0, 0, 0);
     let runs = seeds("SDS_POWER_LOSS_SEEDS", 120).count();
     for seed in seeds("SDS_POWER_LOSS_SEEDS", 120) {
         match power_loss_run(seed).await {
-            Ok((r, c, w)) => {
+            Ok((r, c, w, b)) => {
                 replayed += r;
                 cuts += c;
                 whole += u64::from(w > 0);
+                background += b;
             }
             Err(e) => failures.push(format!("seed {seed}: {e}")),
         }
@@ -818,13 +839,14 @@ async fn power_loss_at_any_point_reads_old_or_new_never_a_checksum_error() {
     assert!(failures.is_empty(), "{}", failures.join("\n"));
     eprintln!(
         "power loss: {cuts} cuts mid-workload, {replayed} records replayed, \
-         {whole} runs with out-of-place whole-chunk writes"
+         {whole} runs with out-of-place whole-chunk writes, {background} background apply rounds"
     );
     // The runs did cut power mid-workload, did replay records and did write chunks whole out
     // of place.
     assert!(cuts > 50, "only {cuts} cuts");
     assert!(replayed > 100, "only {replayed} records replayed");
     assert!(whole > 30, "only {whole} runs wrote a chunk out of place");
+    assert!(background > 30, "only {background} background apply rounds");
 }
 
 #[tokio::test]
