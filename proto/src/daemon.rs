@@ -106,7 +106,13 @@ pub fn runtime(setting: usize, thread_name: &str) -> std::io::Result<tokio::runt
         b.worker_threads(n);
         b
     };
-    b.enable_all().thread_name(thread_name).build()
+    let rt = b.enable_all().thread_name(thread_name).build()?;
+    if n == 1 {
+        tracing::info!("runtime: one thread (current-thread; worker_threads = {setting})");
+    } else {
+        tracing::info!("runtime: {n} worker threads (worker_threads = {setting})");
+    }
+    Ok(rt)
 }
 
 /// Keep large allocations on the heap and freed memory in the process.

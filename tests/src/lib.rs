@@ -684,7 +684,7 @@ impl DataCluster {
             },
         );
         let sdc_node = o.net.as_ref().map(|x| x.node("sdc1"));
-        let (sdc, socket) = spawn_sdc(&c, "sdc1", sdc_node.as_ref());
+        let (sdc, socket) = spawn_sdc(&c, "sdc1", sdc_node.as_ref(), &o.sdc_extra);
         c.must_scli(&[
             "--add_volume",
             "--storage_pool_name",
@@ -733,7 +733,7 @@ impl DataCluster {
     /// Start another SDC host named `name` (state under `<dir>/<name>`) and wait until it
     /// registered; returns the process and its NBD socket.
     pub fn start_sdc(&self, name: &str) -> (Proc, PathBuf) {
-        spawn_sdc(&self.c, name, None)
+        spawn_sdc(&self.c, name, None, &[])
     }
     /// Add and start SDS number `i` (named `sdsI`, in fault set `fs((i-1) % fault_sets + 1)`
     /// when `o` has fault sets) to the running cluster.
@@ -781,15 +781,22 @@ pub fn sdc_run_args(c: &Cluster, name: &str, state: &Path) -> Vec<String> {
 }
 
 /// Start an SDC named `name` with its state dir and NBD socket under `<dir>/<name>` (the
-/// first one, `sdc1`, keeps the historical `<dir>/sdc`), and wait until it registered.
-fn spawn_sdc(c: &Cluster, name: &str, node: Option<&netns::Node>) -> (Proc, PathBuf) {
+/// first one, `sdc1`, keeps the historical `<dir>/sdc`) and `extra` flags, and wait until it
+/// registered.
+fn spawn_sdc(
+    c: &Cluster,
+    name: &str,
+    node: Option<&netns::Node>,
+    extra: &[String],
+) -> (Proc, PathBuf) {
     let state = if name == "sdc1" {
         c.dir.join("sdc")
     } else {
         c.dir.join(name)
     };
     let socket = state.join("nbd.sock");
-    let args = sdc_run_args(c, name, &state);
+    let mut args = sdc_run_args(c, name, &state);
+    args.extend(extra.iter().cloned());
     let sdc = Proc::spawn_in(
         node,
         name,
@@ -929,6 +936,8 @@ pub struct DataOpts {
     pub adaptive_rebuild: bool,
     /// The sds binary to run (default: [`bin`]`("sds")`), e.g. one built with fail points.
     pub sds_bin: Option<PathBuf>,
+    /// Extra flags for the SDC `sdc1`.
+    pub sdc_extra: Vec<String>,
 }
 
 impl Default for DataOpts {
@@ -943,6 +952,7 @@ impl Default for DataOpts {
             dev_bytes: 4 << 30,
             adaptive_rebuild: false,
             sds_bin: None,
+            sdc_extra: Vec::new(),
         }
     }
 }
