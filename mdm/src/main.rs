@@ -134,12 +134,7 @@ fn load_config(path: &Path) -> anyhow::Result<MdmConfig> {
 }
 
 fn run(args: RunArgs) -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    proto::daemon::init_logging();
     let mut cfg = match &args.config {
         Some(p) => load_config(p)?,
         None => MdmConfig::default(),

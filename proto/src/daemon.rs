@@ -136,6 +136,20 @@ pub fn tune_allocator() {
     }
 }
 
+/// Log to stderr at the level `RUST_LOG` asks for (`info` without it). Colours only on a
+/// terminal: a log a supervisor or journald keeps is plain text, greppable for `key=value`.
+pub fn init_logging() {
+    use std::io::IsTerminal as _;
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr)
+        .init();
+}
+
 /// Install the panic hook: a panic is a bug; report it and abort.
 pub fn install_panic_hook(daemon: &'static str) {
     std::panic::set_hook(Box::new(move |info| {

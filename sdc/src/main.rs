@@ -182,13 +182,7 @@ fn main() -> anyhow::Result<()> {
             sdc::attach::keeper::run(&socket).context("run the FUSE keeper")
         }
         Cmd::Run(a) => {
-            tracing_subscriber::fmt()
-                .with_env_filter(
-                    tracing_subscriber::EnvFilter::try_from_default_env()
-                        .unwrap_or_else(|_| "info".into()),
-                )
-                .with_writer(std::io::stderr)
-                .init();
+            proto::daemon::init_logging();
             let mut cfg = match &a.config {
                 Some(p) => load_config(p)?,
                 None => SdcConfig::default(),

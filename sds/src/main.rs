@@ -85,13 +85,7 @@ fn main() -> ExitCode {
         print!("{}", SdsConfig::default_toml());
         return ExitCode::SUCCESS;
     }
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    proto::daemon::init_logging();
     match start(&args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -214,17 +214,25 @@ impl MdmLink {
     async fn hello_loop(&self) {
         let mut tick = tokio::time::interval(self.opts.hello_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Consecutive failed hellos: the first is a warning, and every `REMIND_EVERY`th again,
+        // so an SDS that never reaches the MDM says why in its log.
+        const REMIND_EVERY: u64 = 30;
+        let mut failed = 0u64;
         loop {
             tick.tick().await;
             let r = self.hello().await;
             let ok = r.is_ok();
             let was = self.connected.swap(ok, Ordering::Relaxed);
             match r {
-                Ok(_) if !was => tracing::info!("the MDM answers again"),
-                Err(e) if was => tracing::warn!("failed to report to the MDM: {e}; retrying"),
+                Ok(_) if !was => tracing::info!(failed, "the MDM answers again"),
+                Err(e) if was || failed % REMIND_EVERY == REMIND_EVERY - 1 => tracing::warn!(
+                    failed = failed + 1,
+                    "failed to report to the MDM: {e}; retrying"
+                ),
                 Err(e) => tracing::debug!("failed to report to the MDM: {e}"),
                 Ok(_) => {}
             }
+            failed = if ok { 0 } else { failed + 1 };
             if let Some(f) = &self.on_hello {
                 f(ok);
             }

@@ -53,16 +53,24 @@ impl Drop for TestDir {
 
 static NEXT_PORT: AtomicU16 = AtomicU16::new(0);
 
+/// Test ports come from `[PORTS_LOW, PORTS_HIGH)`, below Linux's ephemeral range (32768 and
+/// up by default): a process the tests restart gets its port back, where a port in the
+/// ephemeral range may meanwhile be taken by any outgoing connection or client socket.
+const PORTS_LOW: u16 = 10000;
+const PORTS_HIGH: u16 = 32000;
+
 /// A loopback port free for both UDP (QUIC) and TCP (metrics, NBD).
 pub fn free_port() -> u16 {
     if NEXT_PORT.load(Ordering::SeqCst) == 0 {
-        let base = 20000 + (std::process::id() % 200) as u16 * 100;
+        // Spread test binaries apart: 100-port blocks by pid.
+        let blocks = u32::from((PORTS_HIGH - PORTS_LOW) / 100);
+        let base = PORTS_LOW + (std::process::id() % blocks) as u16 * 100;
         let _ = NEXT_PORT.compare_exchange(0, base, Ordering::SeqCst, Ordering::SeqCst);
     }
     loop {
         let p = NEXT_PORT.fetch_add(1, Ordering::SeqCst);
-        if p > 60000 {
-            NEXT_PORT.store(20000, Ordering::SeqCst);
+        if p >= PORTS_HIGH {
+            NEXT_PORT.store(PORTS_LOW, Ordering::SeqCst);
             continue;
         }
         if UdpSocket::bind(("127.0.0.1", p)).is_ok() && TcpListener::bind(("127.0.0.1", p)).is_ok()
@@ -901,21 +909,59 @@ impl Drop for Writer {
 
 /// The state `scli --query_sds` reports for SDS `name` (empty if the query fails).
 pub fn sds_state(dc: &DataCluster, name: &str) -> String {
-    let v =
-        dc.c.scli_raw(&["--query_sds", "--sds_name", name, "--json"]);
-    if !v.ok {
-        return String::new();
-    }
-    v.json()["state"].as_str().unwrap_or_default().to_string()
+    state_of(&query_sds(dc, name))
 }
 
-/// Wait until SDS `name` is in state `want`.
+fn query_sds(dc: &DataCluster, name: &str) -> Scli {
+    dc.c.scli_raw(&["--query_sds", "--sds_name", name, "--json"])
+}
+
+/// The `state` of a `--json` query's answer (empty if the query failed).
+fn state_of(v: &Scli) -> String {
+    match v.ok {
+        true => v.json()["state"].as_str().unwrap_or_default().to_string(),
+        false => String::new(),
+    }
+}
+
+/// On a timeout, the panic shows what scli last answered and the ends of the SDS's and the
+/// MDMs' logs (why the SDS did not start or report, when it did not).
 pub fn wait_sds_state(dc: &DataCluster, name: &str, want: &str) {
-    wait_for(
-        &format!("SDS {name} {want}"),
-        Duration::from_secs(60),
-        || (sds_state(dc, name) == want).then_some(()),
-    );
+    let timeout = Duration::from_secs(60);
+    let deadline = Instant::now() + timeout;
+    let mut delay = Duration::from_millis(10);
+    let mut last = query_sds(dc, name);
+    while state_of(&last) != want {
+        if Instant::now() > deadline {
+            let mut logs: Vec<String> = dc
+                .sds
+                .iter()
+                .filter(|p| p.name == name)
+                .map(|p| format!("--- {}:\n{}", p.name, log_tail(&p.log_text(), 40)))
+                .collect();
+            logs.extend(
+                dc.c.mdms
+                    .iter()
+                    .map(|m| format!("--- {}:\n{}", m.name, log_tail(&m.proc.log_text(), 15))),
+            );
+            panic!(
+                "timed out after {timeout:?} waiting for SDS {name} {want}; scli last answered ({}): {}{}\nthe ends of the logs:\n{}",
+                last.code,
+                last.stdout,
+                last.stderr,
+                logs.join("\n")
+            );
+        }
+        std::thread::park_timeout(delay);
+        delay = (delay * 2).min(Duration::from_millis(200));
+        last = query_sds(dc, name);
+    }
+}
+
+/// The last `n` lines of `text`.
+pub fn log_tail(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
 /// How [`DataCluster::start_opts`] builds a cluster.

@@ -682,8 +682,11 @@ fn crashes_at_fail_points_on_the_write_path() {
             || (!dc.sds[i].alive()).then_some(()),
         );
         assert!(
-            dc.sds[i].log_text().contains(point),
-            "{name} died elsewhere than at {point}"
+            dc.sds[i]
+                .log_text()
+                .contains(&format!("failpoint {point} panic")),
+            "{name} died elsewhere than at {point}:\n{}",
+            log_tail(&dc.sds[i].log_text(), 40)
         );
         dc.sds[i].kill();
         wait_sds_state(&dc, &name, "Down");
