@@ -150,6 +150,25 @@ pub fn init_logging() {
         .init();
 }
 
+/// An error and its causes on one line, `outer: cause: cause`, leaving out a cause whose text
+/// the message before it already ends with (many errors name their cause in their own message,
+/// so `{:#}` would print it twice).
+pub fn error_line(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = String::new();
+    let mut next = Some(err);
+    while let Some(cause) = next {
+        next = cause.source();
+        let text = cause.to_string();
+        if out.is_empty() {
+            out = text;
+        } else if !out.ends_with(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+    }
+    out
+}
+
 /// Install the panic hook: a panic is a bug; report it and abort.
 pub fn install_panic_hook(daemon: &'static str) {
     std::panic::set_hook(Box::new(move |info| {
@@ -178,6 +197,24 @@ pub async fn shutdown_signal() {
 mod tests {
     use super::*;
     use std::io::Read;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("open /dev/x: {source}")]
+    struct Names {
+        source: std::io::Error,
+    }
+
+    #[test]
+    fn error_line_names_each_cause_once() {
+        let io = || std::io::Error::new(std::io::ErrorKind::NotFound, "no such file");
+        let named = anyhow::Error::new(Names { source: io() }).context("open device /dev/x");
+        assert_eq!(
+            error_line(named.as_ref()),
+            "open device /dev/x: open /dev/x: no such file"
+        );
+        let plain = anyhow::Error::new(io()).context("read the config");
+        assert_eq!(error_line(plain.as_ref()), "read the config: no such file");
+    }
 
     /// The machine-wide limit the kernel applies now.
     fn current_limit() -> std::io::Result<i32> {

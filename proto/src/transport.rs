@@ -61,6 +61,12 @@ pub enum TransportError {
     },
     #[error("no certificate or key found in {0}")]
     NoIdentity(PathBuf),
+    #[error(
+        "{path} does not exist: issue this node's certificate into {dir} with `mdm ca issue \
+         --ca-dir CA_DIR --name NAME --out {dir}` (see README, \"Creating a cluster by hand\")",
+        dir = .path.parent().unwrap_or(.path).display()
+    )]
+    MissingIdentity { path: PathBuf },
     #[error("TLS configuration: {0}")]
     Tls(String),
     #[error("bind {addr}: {source}")]
@@ -92,7 +98,10 @@ impl Identity {
     pub fn load(dir: &Path) -> Result<Identity, TransportError> {
         let read = |name: &str| {
             let path = dir.join(name);
-            std::fs::read(&path).map_err(|source| TransportError::File { path, source })
+            std::fs::read(&path).map_err(|source| match source.kind() {
+                std::io::ErrorKind::NotFound => TransportError::MissingIdentity { path },
+                _ => TransportError::File { path, source },
+            })
         };
         let certs: Vec<CertificateDer<'static>> =
             CertificateDer::pem_slice_iter(&read(NODE_CERT_FILE)?)
@@ -978,6 +987,26 @@ mod tests {
         async fn handle(&self, peer: Arc<Peer>, req: Frame) -> Response {
             Response::ok(Bytes::from(peer.name.clone()), req.data)
         }
+    }
+
+    #[test]
+    fn a_missing_certificate_says_how_to_issue_one() {
+        let dir = std::env::temp_dir().join(format!("mb-noid-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        let e = Identity::load(&dir)
+            .err()
+            .expect("no identity in an empty directory");
+        let _ = std::fs::remove_dir_all(&dir);
+        assert!(matches!(e, TransportError::MissingIdentity { .. }), "{e:?}");
+        let text = e.to_string();
+        assert!(text.contains("node.pem does not exist"), "{text}");
+        assert!(
+            text.contains(&format!(
+                "mdm ca issue --ca-dir CA_DIR --name NAME --out {}",
+                dir.display()
+            )),
+            "{text}"
+        );
     }
 
     fn identities(dir: &Path) -> (Identity, Identity) {

@@ -31,7 +31,7 @@ fn main() {
             }
         }
         Err(e) => {
-            eprintln!("Error: {e:#}");
+            eprintln!("Error: {}", proto::daemon::error_line(e.as_ref()));
             std::process::exit(1);
         }
     }

@@ -138,9 +138,19 @@ struct RunArgs {
     worker_threads: Option<usize>,
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> std::process::ExitCode {
     proto::daemon::install_panic_hook("sdc");
     proto::daemon::tune_allocator();
+    match cli_main() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("Error: {}", proto::daemon::error_line(e.as_ref()));
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn cli_main() -> anyhow::Result<()> {
     match Cli::parse().cmd {
         Cmd::PrintDefaultConfig => {
             print!("{}", toml::to_string(&SdcConfig::default())?);

@@ -89,7 +89,7 @@ fn main() -> ExitCode {
     match start(&args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            tracing::error!("failed to {e:#}");
+            tracing::error!("failed to {}", proto::daemon::error_line(e.as_ref()));
             ExitCode::FAILURE
         }
     }
@@ -247,7 +247,7 @@ async fn run(cfg: SdsConfig) -> anyhow::Result<()> {
             Box::pin(async move {
                 open_device(&path, io_uring, lock_wait)
                     .await
-                    .map_err(|e| format!("{e:#}"))
+                    .map_err(|e| proto::daemon::error_line(e.as_ref()))
             })
         }),
         cfg.device_lock_wait(),
