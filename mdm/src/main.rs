@@ -97,13 +97,7 @@ enum CaCmd {
 
 fn main() -> std::process::ExitCode {
     proto::daemon::install_panic_hook("mdm");
-    match cli_main() {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("Error: {}", proto::daemon::error_line(e.as_ref()));
-            std::process::ExitCode::FAILURE
-        }
-    }
+    proto::daemon::exit_with(cli_main())
 }
 
 fn cli_main() -> anyhow::Result<()> {

@@ -169,6 +169,20 @@ pub fn error_line(err: &(dyn std::error::Error + 'static)) -> String {
     out
 }
 
+/// The exit of a command-line `main`: success, or the error on one line ([`error_line`]) and
+/// failure.
+pub fn exit_with<E: AsRef<dyn std::error::Error + 'static>>(
+    result: Result<(), E>,
+) -> std::process::ExitCode {
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("Error: {}", error_line(e.as_ref()));
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
 /// Install the panic hook: a panic is a bug; report it and abort.
 pub fn install_panic_hook(daemon: &'static str) {
     std::panic::set_hook(Box::new(move |info| {

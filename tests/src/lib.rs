@@ -81,7 +81,17 @@ pub fn free_port() -> u16 {
 }
 
 /// Poll `f` until it returns `Some`, or fail after `timeout` with `what`.
-pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+pub fn wait_for<T>(what: &str, timeout: Duration, f: impl FnMut() -> Option<T>) -> T {
+    wait_for_explained(what, timeout, f, String::new)
+}
+
+/// [`wait_for`], whose failure adds what `explain` says (what was last seen, logs).
+pub fn wait_for_explained<T>(
+    what: &str,
+    timeout: Duration,
+    mut f: impl FnMut() -> Option<T>,
+    explain: impl FnOnce() -> String,
+) -> T {
     let deadline = Instant::now() + timeout;
     let mut delay = Duration::from_millis(10);
     loop {
@@ -89,7 +99,10 @@ pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<
             return v;
         }
         if Instant::now() > deadline {
-            panic!("timed out after {timeout:?} waiting for {what}");
+            panic!(
+                "timed out after {timeout:?} waiting for {what}{}",
+                explain()
+            );
         }
         std::thread::park_timeout(delay);
         delay = (delay * 2).min(Duration::from_millis(200));
@@ -927,35 +940,37 @@ fn state_of(v: &Scli) -> String {
 /// On a timeout, the panic shows what scli last answered and the ends of the SDS's and the
 /// MDMs' logs (why the SDS did not start or report, when it did not).
 pub fn wait_sds_state(dc: &DataCluster, name: &str, want: &str) {
-    let timeout = Duration::from_secs(60);
-    let deadline = Instant::now() + timeout;
-    let mut delay = Duration::from_millis(10);
-    let mut last = query_sds(dc, name);
-    while state_of(&last) != want {
-        if Instant::now() > deadline {
-            let mut logs: Vec<String> = dc
-                .sds
-                .iter()
-                .filter(|p| p.name == name)
-                .map(|p| format!("--- {}:\n{}", p.name, log_tail(&p.log_text(), 40)))
+    let last = std::cell::RefCell::new(None);
+    wait_for_explained(
+        &format!("SDS {name} {want}"),
+        Duration::from_secs(60),
+        || {
+            let v = query_sds(dc, name);
+            let reached = state_of(&v) == want;
+            *last.borrow_mut() = Some(v);
+            reached.then_some(())
+        },
+        || {
+            let answer = match &*last.borrow() {
+                Some(v) => format!("({}): {}{}", v.code, v.stdout, v.stderr),
+                None => "nothing".to_string(),
+            };
+            let sds = dc.sds.iter().filter(|p| p.name == name);
+            let logs: Vec<String> = sds
+                .map(|p| (&p.name, log_tail(&p.log_text(), 40)))
+                .chain(
+                    dc.c.mdms
+                        .iter()
+                        .map(|m| (&m.name, log_tail(&m.proc.log_text(), 15))),
+                )
+                .map(|(who, tail)| format!("--- {who}:\n{tail}"))
                 .collect();
-            logs.extend(
-                dc.c.mdms
-                    .iter()
-                    .map(|m| format!("--- {}:\n{}", m.name, log_tail(&m.proc.log_text(), 15))),
-            );
-            panic!(
-                "timed out after {timeout:?} waiting for SDS {name} {want}; scli last answered ({}): {}{}\nthe ends of the logs:\n{}",
-                last.code,
-                last.stdout,
-                last.stderr,
+            format!(
+                "; scli last answered {answer}\nthe ends of the logs:\n{}",
                 logs.join("\n")
-            );
-        }
-        std::thread::park_timeout(delay);
-        delay = (delay * 2).min(Duration::from_millis(200));
-        last = query_sds(dc, name);
-    }
+            )
+        },
+    );
 }
 
 /// The last `n` lines of `text`.
