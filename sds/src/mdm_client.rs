@@ -20,7 +20,6 @@ use proto::client::MdmClient;
 use proto::model::ClusterState;
 use proto::msg::{DeviceReport, MdmRequest, MdmResponse, SdsStats};
 use proto::{Epoch, PgId, PoolId, SdsId, WireError};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -80,7 +79,6 @@ pub struct MdmLink {
     map: Arc<MapCache>,
     devices: DeviceReports,
     opts: LinkOptions,
-    connected: AtomicBool,
     on_hello: Option<HelloObserver>,
     stats: Option<StatsReport>,
 }
@@ -104,7 +102,6 @@ impl MdmLink {
             map,
             devices,
             opts,
-            connected: AtomicBool::new(true),
             on_hello: None,
             stats: None,
         }
@@ -214,18 +211,18 @@ impl MdmLink {
     async fn hello_loop(&self) {
         let mut tick = tokio::time::interval(self.opts.hello_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        // Consecutive failed hellos: the first is a warning, and every `REMIND_EVERY`th again,
-        // so an SDS that never reaches the MDM says why in its log.
+        // Consecutive failed hellos (0: the last one was answered): the first failure is a
+        // warning, and every `REMIND_EVERY`th again, so an SDS that never reaches the MDM says
+        // why in its log.
         const REMIND_EVERY: u64 = 30;
         let mut failed = 0u64;
         loop {
             tick.tick().await;
             let r = self.hello().await;
             let ok = r.is_ok();
-            let was = self.connected.swap(ok, Ordering::Relaxed);
             match r {
-                Ok(_) if !was => tracing::info!(failed, "the MDM answers again"),
-                Err(e) if was || failed % REMIND_EVERY == REMIND_EVERY - 1 => tracing::warn!(
+                Ok(_) if failed > 0 => tracing::info!(failed, "the MDM answers again"),
+                Err(e) if failed.is_multiple_of(REMIND_EVERY) => tracing::warn!(
                     failed = failed + 1,
                     "failed to report to the MDM: {e}; retrying"
                 ),
