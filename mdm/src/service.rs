@@ -514,6 +514,7 @@ impl Service {
                 name,
                 devices,
                 stats,
+                boot,
             } => {
                 require_sds_peer(peer, &name)?;
                 let mut stats = stats;
@@ -537,7 +538,7 @@ impl Service {
                 if let Ok(mut m) = self.sds_stats.lock() {
                     m.insert(name.clone(), stats);
                 }
-                self.sds_hello(&name, devices).await
+                self.sds_hello(&name, devices, boot).await
             }
             MdmRequest::PgRebuilt {
                 name,
@@ -877,15 +878,31 @@ impl Service {
         &self,
         name: &str,
         devices: Vec<DeviceReport>,
+        boot: String,
     ) -> Result<MdmResponse, WireError> {
         let state = self.raft.shared.read_state();
-        let Some(sds) = state.sds_by_name(name) else {
+        let Some(mut sds) = state.sds_by_name(name).cloned() else {
             return fail(
                 ErrorCode::NotFound,
                 format!("No SDS named {name} was added; add it with scli --add_sds"),
             );
         };
+        // A new boot of its host: its devices may have lost writes acknowledged but not yet
+        // flushed, so none of its copies can be trusted as in sync. It is declared down (its
+        // PGs fail over to their other copy, flushed by the SDC) before it may serve, and comes
+        // back holding nothing: no backward rebuild, which would trust what it kept.
+        let rebooted = !boot.is_empty() && !sds.boot.is_empty() && sds.boot != boot;
+        if rebooted && sds.state != proto::model::SdsState::Down {
+            tracing::warn!(%name, "the SDS's host restarted (new boot id): declaring it down, its copies are rebuilt");
+            let out = self.propose(Op::SdsDown { sds: sds.id }).await?;
+            tracing::info!(%name, "{}", out.message);
+            let Some(again) = self.raft.shared.read_state().sds_by_name(name).cloned() else {
+                return fail(ErrorCode::NotFound, format!("SDS {name} was removed"));
+            };
+            sds = again;
+        }
         let changed = sds.state != proto::model::SdsState::Normal
+            || (!boot.is_empty() && sds.boot != boot)
             || devices.iter().any(|r| {
                 sds.devices.iter().any(|d| {
                     d.path == r.path
@@ -903,13 +920,13 @@ impl Service {
             if sds.state == proto::model::SdsState::Down {
                 tracing::info!(%name, "a down SDS reports again; it holds no copy until rebuilt");
             }
-            let backward = sds.state == proto::model::SdsState::Down
-                && self
-                    .down_since
-                    .lock()
-                    .ok()
-                    .and_then(|mut d| d.remove(&id))
-                    .is_some_and(|t| t.elapsed() < self.backward_window);
+            let within_window = self
+                .down_since
+                .lock()
+                .ok()
+                .and_then(|mut d| d.remove(&id))
+                .is_some_and(|t| t.elapsed() < self.backward_window);
+            let backward = sds.state == proto::model::SdsState::Down && !rebooted && within_window;
             if backward {
                 tracing::info!(%name, "a down SDS returns within the backward-rebuild window: it gets only what changed");
             }
@@ -918,6 +935,7 @@ impl Service {
                     sds: id,
                     devices,
                     backward,
+                    boot,
                 })
                 .await?;
             if out.message.contains("emptied") {

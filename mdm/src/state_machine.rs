@@ -44,6 +44,9 @@ pub enum Op {
         /// the PGs it was dropped from take it back as a backward-rebuild target.
         #[serde(default)]
         backward: bool,
+        /// The boot of the SDS's host, recorded when not empty.
+        #[serde(default)]
+        boot: String,
     },
     SdcRegister {
         guid: String,
@@ -289,7 +292,8 @@ fn apply_inner(s: &mut ClusterState, op: &Op) -> Result<Outcome, WireError> {
             sds,
             devices,
             backward,
-        } => sds_report(s, *sds, devices, *backward),
+            boot,
+        } => sds_report(s, *sds, devices, *backward, boot),
         Op::TakeOverVolume { volume, sdc, evict } => take_over(s, *volume, *sdc, evict),
         Op::SdcRegister { guid, name, ip } => {
             if let Some(sdc) = s.sdcs.values_mut().find(|c| &c.guid == guid) {
@@ -778,6 +782,7 @@ fn add_sds(
             devices: devs,
             state: SdsState::Initializing,
             removing: false,
+            boot: String::new(),
         },
     );
     for p in pools {
@@ -1029,10 +1034,14 @@ fn sds_report(
     id: SdsId,
     reports: &[DeviceReport],
     backward: bool,
+    boot: &str,
 ) -> Result<Outcome, WireError> {
     let Some(sd) = s.sds.get_mut(&id) else {
         return err(ErrorCode::NotFound, "Could not find the SDS");
     };
+    if !boot.is_empty() {
+        sd.boot = boot.to_owned();
+    }
     let mut pools = Vec::new();
     let returned = sd.state != SdsState::Normal;
     sd.state = SdsState::Normal;
@@ -1632,6 +1641,7 @@ mod tests {
                         draining,
                     }],
                     backward: false,
+                    boot: String::new(),
                 },
                 v,
             )
@@ -1670,6 +1680,7 @@ mod tests {
                     sds: id,
                     devices: vec![],
                     backward: false,
+                    boot: String::new(),
                 },
                 v,
             )

@@ -207,6 +207,15 @@ pub async fn shutdown_signal() {
     }
 }
 
+/// This host's boot id (`/proc/sys/kernel/random/boot_id`): it changes with every boot, so a
+/// daemon that finds a new one knows its host restarted (and disks may have lost what they had
+/// not flushed). Empty when unreadable.
+pub fn boot_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_default()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

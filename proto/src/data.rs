@@ -9,6 +9,10 @@
 //! `offset`/`len` are bytes inside the chunk (for [`DataOp::AllocStatus`], `chunk` is the first
 //! chunk and `len` a chunk count). `fence` is the volume mapping generation the SDC was given
 //! (0 when the request does not come from a mapped volume).
+//!
+//! A successful [`DataOp::Flush`] answers with 8 bytes of data: the [`boot_tag`] of the SDS's
+//! host, so the SDC can tell a flush that reached the devices that took its writes from one
+//! that reached them after a host restart lost what they had not flushed.
 
 use crate::ids::*;
 
@@ -16,6 +20,16 @@ pub const DATA_HEADER_LEN: usize = 64;
 
 /// Set on a write that must be durable when acknowledged (NBD FUA).
 pub const FLAG_FUA: u8 = 1;
+
+/// A 64-bit tag of a host boot id (FNV-1a), as a flush answer carries it; `boot_tag("")` is 0.
+pub fn boot_tag(boot: &str) -> u64 {
+    if boot.is_empty() {
+        return 0;
+    }
+    boot.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u8)]

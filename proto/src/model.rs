@@ -331,6 +331,11 @@ pub struct Sds {
     /// then it is removed. It receives no new copies meanwhile.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub removing: bool,
+    /// The boot of the SDS's host it last reported (the kernel's boot id). A new one means the
+    /// host restarted and its devices may have lost writes they had not flushed: the SDS is
+    /// treated as down and comes back holding nothing (see ARCHITECTURE, "Flushes").
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub boot: String,
 }
 
 impl Sds {

@@ -24,6 +24,9 @@ pub enum MdmRequest {
         /// Data-integrity counters and scrubber progress (kept by the leader in memory).
         #[serde(default)]
         stats: SdsStats,
+        /// The boot of the SDS's host ([`crate::daemon::boot_id`]); empty if unknown.
+        #[serde(default)]
+        boot: String,
     },
     /// An SDC registers its stable GUID.
     SdcRegister {

@@ -5,11 +5,13 @@
 //! PERFORMANCE-CRITICAL: runs per 4 KiB request. No logging above DEBUG here, no allocation
 //! beyond the response buffers.
 //!
-//! FLUSH semantics: each volume remembers which SDS (primary, secondary and a copy being moved
-//! off, of every PG written) received writes since its last flush, across all its NBD
-//! connections; a FLUSH is sent to all of them and acknowledged only when every one is
-//! durable. That is what makes CAN_MULTI_CONN truthful.
+//! FLUSH semantics: each volume's [`FlushDebt`] (one per volume in this process, shared by all
+//! its exports and attaches) records which SDS (primary, secondary and a copy being moved off,
+//! of every PG written) took writes no flush has covered yet; a FLUSH is sent to all of them
+//! (and to every holder of the pool when the debt says so: a new process, an SDS gone) and
+//! acknowledged only when every one is durable. That is what makes CAN_MULTI_CONN truthful.
 
+use crate::flush::{FlushDebt, Outcome, Ticket};
 use crate::volume::{self, Piece};
 use bytes::{Bytes, BytesMut};
 use proto::client::MdmClient;
@@ -69,6 +71,9 @@ pub struct IoPath {
     stuck: std::sync::atomic::AtomicUsize,
     /// This SDC's id once registered: map polls carry it as the session heartbeat.
     me: std::sync::OnceLock<proto::SdcId>,
+    /// Per volume, the flushes it owes: one for every export and attach of the volume, kept
+    /// for the life of the process (a rename or a re-export keeps its debt).
+    debts: Mutex<HashMap<VolumeId, Arc<FlushDebt>>>,
 }
 
 /// Counts a request as stuck while alive.
@@ -92,7 +97,21 @@ impl IoPath {
             changed: tokio::sync::watch::channel(0).0,
             stuck: std::sync::atomic::AtomicUsize::new(0),
             me: std::sync::OnceLock::new(),
+            debts: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// The flush debt of `volume`, shared by every export and attach of it. A volume this
+    /// process has not served before starts owing a flush to every SDS holding its pool.
+    pub fn debt_of(&self, volume: VolumeId) -> Arc<FlushDebt> {
+        let mut debts = match self.debts.lock() {
+            Ok(d) => d,
+            Err(p) => p.into_inner(),
+        };
+        debts
+            .entry(volume)
+            .or_insert_with(|| Arc::new(FlushDebt::new_process()))
+            .clone()
     }
 
     /// Record this SDC's id (after registration) for the session heartbeat.
@@ -243,16 +262,13 @@ impl IoPath {
 pub struct VolumeIo {
     io: Arc<IoPath>,
     pub volume: VolumeId,
-    dirty: Mutex<HashSet<SdsId>>,
+    debt: Arc<FlushDebt>,
 }
 
 impl VolumeIo {
     pub fn new(io: Arc<IoPath>, volume: VolumeId) -> VolumeIo {
-        VolumeIo {
-            io,
-            volume,
-            dirty: Mutex::new(HashSet::new()),
-        }
+        let debt = io.debt_of(volume);
+        VolumeIo { io, volume, debt }
     }
 
     pub fn size(&self) -> u64 {
@@ -329,16 +345,20 @@ impl VolumeIo {
                 match sent {
                     Ok(f) => {
                         if op != DataOp::Read {
-                            if let Ok(mut d) = self.dirty.lock() {
-                                d.insert(primary);
-                                // A copy being moved off (rebalance) also took the write.
-                                for s in [route.mapping.secondary, route.mapping.leaving]
-                                    .into_iter()
-                                    .flatten()
-                                {
-                                    d.insert(s);
-                                }
-                            }
+                            // A copy being moved off (rebalance) also took the write.
+                            let copies: Vec<crate::flush::Copy> = [
+                                Some(primary),
+                                route.mapping.secondary,
+                                route.mapping.leaving,
+                            ]
+                            .into_iter()
+                            .flatten()
+                            .map(|s| {
+                                let boot = map.sds.get(&s).map_or("", |x| x.boot.as_str());
+                                (s, proto::data::boot_tag(boot))
+                            })
+                            .collect();
+                            self.debt.record(&copies);
                         }
                         return Ok(f.data);
                     }
@@ -444,37 +464,107 @@ impl VolumeIo {
         Ok(())
     }
 
-    /// Make every write acknowledged before this call durable on every SDS that took one.
+    /// Make every write acknowledged before this call (through any export or attach of the
+    /// volume) durable on every copy. Owed SDS that turn out to be gone hand their debt to every
+    /// holder of the pool, flushed in a further round (at most one per SDS of the map).
     pub async fn flush(&self) -> Result<(), IoError> {
-        let targets: Vec<SdsId> = match self.dirty.lock() {
-            Ok(mut d) => d.drain().collect(),
-            Err(_) => return Err(IoError::Storage("flush state poisoned".into())),
-        };
-        let rs = futures_join(targets.iter().map(|sds| self.flush_one(*sds))).await;
-        let mut failed = Vec::new();
-        for r in rs {
-            if let Err((sds, m)) = r {
-                failed.push((sds, m));
+        let rounds = self.io.map().sds.len() + 1;
+        for _ in 0..rounds {
+            let ticket = self.debt.ticket();
+            if ticket.is_empty() {
+                return Ok(());
+            }
+            if !self.flush_round(&ticket).await? {
+                return Ok(());
             }
         }
-        if failed.is_empty() {
-            return Ok(());
-        }
-        // Keep them dirty: a later flush must try again.
-        if let Ok(mut d) = self.dirty.lock() {
-            d.extend(failed.iter().map(|(s, _)| *s));
-        }
-        Err(IoError::Storage(format!(
-            "flush failed on {} SDS: {}",
-            failed.len(),
-            failed[0].1
-        )))
+        Err(IoError::Unavailable(
+            "flush: the SDS holding the volume kept going down while it was flushed; retry".into(),
+        ))
     }
 
-    /// Flush one SDS, retrying through reconnects until the I/O timeout. An SDS the MDM
-    /// declared down that no PG waits for any more needs no flush: every write it acknowledged
-    /// is also on the copy that took over (a dirty SDS too, flushed alongside).
-    async fn flush_one(&self, sds: SdsId) -> Result<(), (SdsId, String)> {
+    /// Flush what `ticket` owes; true when an owed SDS was gone and every holder must be
+    /// flushed in another round.
+    async fn flush_round(&self, ticket: &Ticket) -> Result<bool, IoError> {
+        let mut targets = ticket.sds();
+        let holders = if ticket.all_holders {
+            self.holders()?
+        } else {
+            Vec::new()
+        };
+        for h in &holders {
+            if !targets.contains(h) {
+                targets.push(*h);
+            }
+        }
+        let rs = futures_join(targets.iter().map(|sds| self.flush_one(*sds))).await;
+        let mut outcomes = HashMap::new();
+        let mut failed = Vec::new();
+        for (sds, r) in targets.iter().zip(rs) {
+            match r {
+                Ok(o) => {
+                    outcomes.insert(*sds, o);
+                }
+                Err(m) => {
+                    outcomes.insert(*sds, Outcome::Failed);
+                    failed.push((*sds, m));
+                }
+            }
+        }
+        let holders_flushed = holders
+            .iter()
+            .all(|h| !matches!(outcomes.get(h), Some(Outcome::Failed) | None));
+        let settled = self.debt.settle(ticket, &outcomes, holders_flushed);
+        if let Some((a, b)) = settled.lost.first() {
+            let name = |id: SdsId| {
+                self.io
+                    .map()
+                    .sds
+                    .get(&id)
+                    .map_or(id.to_string(), |x| x.name.clone())
+            };
+            tracing::error!(
+                volume = %self.volume,
+                pairs = settled.lost.len(),
+                "acknowledged writes were lost: both copies' hosts restarted before a flush reached them"
+            );
+            return Err(IoError::Storage(format!(
+                "acknowledged writes not yet flushed were lost: SDS {} and {} (both copies) \
+                 restarted their hosts before a flush reached them",
+                name(a.0),
+                name(b.0)
+            )));
+        }
+        if let Some((sds, m)) = failed.first() {
+            // What failed stays owed: a later flush must try again.
+            return Err(IoError::Storage(format!(
+                "flush failed on {} SDS (SDS {sds}: {m})",
+                failed.len()
+            )));
+        }
+        Ok(settled.need_holders)
+    }
+
+    /// Every SDS holding a copy of a PG of the volume's pool.
+    fn holders(&self) -> Result<Vec<SdsId>, IoError> {
+        let map = self.io.map();
+        let (_, pool) = volume::lookup(&map, self.volume).ok_or(IoError::VolumeGone)?;
+        let set: HashSet<SdsId> = pool
+            .pgs
+            .iter()
+            .flat_map(|m| [m.primary, m.secondary, m.leaving])
+            .flatten()
+            .collect();
+        let mut v: Vec<SdsId> = set.into_iter().collect();
+        v.sort_unstable();
+        Ok(v)
+    }
+
+    /// Flush one SDS, retrying through reconnects until the I/O timeout; the answer names the
+    /// boot of the host that made the writes durable. An SDS the MDM declared down that no PG
+    /// waits for any more is [`Outcome::Gone`]: every write it acknowledged is also on a copy
+    /// that took over, which the caller flushes instead.
+    async fn flush_one(&self, sds: SdsId) -> Result<Outcome, String> {
         let deadline = tokio::time::Instant::now() + self.io.io_timeout;
         let h = DataHeader {
             op: DataOp::Flush,
@@ -501,15 +591,23 @@ impl VolumeIo {
                 .values()
                 .any(|p| p.pgs.iter().any(|m| m.primary == Some(sds)));
             if down && !waited_for {
-                return Ok(());
+                return Ok(Outcome::Gone);
             }
             let last = match self.io.send(sds, &map, h, Bytes::new()).await {
-                Ok(_) => return Ok(()),
+                Ok(f) => {
+                    // An SDS that does not say (older) is taken to be the one written to.
+                    let tag = f
+                        .data
+                        .get(..8)
+                        .and_then(|b| b.try_into().ok())
+                        .map_or(0, u64::from_le_bytes);
+                    return Ok(Outcome::Durable(tag));
+                }
                 Err((ErrorCode::Unavailable, m)) => m,
-                Err((_, m)) => return Err((sds, m)),
+                Err((_, m)) => return Err(m),
             };
             if tokio::time::Instant::now() >= deadline {
-                return Err((sds, last));
+                return Err(last);
             }
             if !self.io.refresh_map().await {
                 let mut rx = self.io.changed.subscribe();

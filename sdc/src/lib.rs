@@ -13,6 +13,7 @@ pub mod config;
 pub mod daemon;
 pub mod docker;
 pub mod export;
+pub mod flush;
 pub mod io_path;
 pub mod metrics;
 pub mod nbd;

@@ -34,6 +34,51 @@ pub fn configure(spec: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// Follow `path` for the life of the process: whenever its content changes, arm the fail points
+/// it names (the same `NAME=ACTION;...` spec) and disarm those it no longer names. Lets a test
+/// arm a fail point in a running SDS that already holds the role the point needs, instead of
+/// restarting it armed. A missing file means no fail points. Refused without the `failpoints`
+/// feature.
+pub fn watch_file(path: std::path::PathBuf) -> Result<(), String> {
+    if !cfg!(feature = "failpoints") {
+        return Err(format!(
+            "fail points file {}: this sds was built without the `failpoints` feature",
+            path.display()
+        ));
+    }
+    let spawned = std::thread::Builder::new()
+        .name("failpoints-file".into())
+        .spawn(move || {
+            let mut last = String::new();
+            loop {
+                let now = std::fs::read_to_string(&path).unwrap_or_default();
+                if now != last {
+                    for gone in names(&last).filter(|n| !names(&now).any(|m| m == *n)) {
+                        fail::remove(gone);
+                    }
+                    match configure(&now) {
+                        Ok(()) => {
+                            tracing::warn!("fail points armed from {}: {now}", path.display())
+                        }
+                        Err(e) => tracing::error!("fail points file {}: {e}", path.display()),
+                    }
+                    last = now;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+        });
+    spawned
+        .map(|_| ())
+        .map_err(|e| format!("start the fail points watcher: {e}"))
+}
+
+/// The fail point names of a spec.
+fn names(spec: &str) -> impl Iterator<Item = &str> {
+    spec.split(';')
+        .filter_map(|item| item.split_once('='))
+        .map(|(name, _)| name.trim())
+}
+
 /// Evaluate the fail point `name` (a no-op without the `failpoints` feature).
 #[inline]
 pub fn fail_point(name: &str) {

@@ -7,7 +7,7 @@ use proto::client::MdmClient;
 use proto::transport::{Endpoint, Identity};
 use sds::chunk_store::ChunkStore;
 use sds::config::SdsConfig;
-use sds::device::{AnyDevice, DeviceOptions};
+use sds::device::{AnyDevice, DeviceOptions, ServedDevice};
 use sds::devices::DeviceSet;
 use sds::mdm_client::{LinkOptions, MdmLink};
 use sds::metrics::SdsMetrics;
@@ -56,6 +56,15 @@ struct Args {
     /// fault tests).
     #[arg(long, value_name = "SPEC", hide = true)]
     failpoints: Option<String>,
+    /// A file of fail points (`NAME=ACTION;...`) to follow while running: arms and disarms
+    /// them as it changes (builds with the `failpoints` feature only; for fault tests).
+    #[arg(long, value_name = "PATH", hide = true)]
+    failpoints_file: Option<PathBuf>,
+    /// Keep every device write not followed by a device flush in a cache in this process's
+    /// memory, lost when it is killed (builds with the `failpoints` feature only; for fault
+    /// tests of flushes).
+    #[arg(long, hide = true)]
+    test_volatile_cache: bool,
     /// Scrubber rate in MiB/s (0 turns it off).
     #[arg(long, value_name = "MIB_S")]
     scrub_rate_mib_s: Option<u64>,
@@ -101,6 +110,9 @@ fn start(args: &Args) -> anyhow::Result<()> {
         sds::failpoints::configure(spec).map_err(anyhow::Error::msg)?;
         tracing::warn!("fail points armed: {spec}");
     }
+    if let Some(path) = &args.failpoints_file {
+        sds::failpoints::watch_file(path.clone()).map_err(anyhow::Error::msg)?;
+    }
     if args.check_config {
         println!("configuration OK");
         return Ok(());
@@ -109,7 +121,7 @@ fn start(args: &Args) -> anyhow::Result<()> {
     let _wake_latency = proto::daemon::apply_cpu_wake_latency(cfg.cpu_wake_latency_us);
     proto::daemon::runtime(cfg.worker_threads, "sds-worker")
         .context("start the runtime")?
-        .block_on(run(cfg))
+        .block_on(run(cfg, args.test_volatile_cache))
 }
 
 /// The configuration: file, then flags, then validation.
@@ -178,12 +190,14 @@ async fn open_device(
     path: &std::path::Path,
     io_uring: bool,
     lock_wait: Duration,
-) -> anyhow::Result<ChunkStore<AnyDevice>> {
+    volatile_cache: bool,
+) -> anyhow::Result<ChunkStore<ServedDevice>> {
     let shown = path.display().to_string();
     let dev = AnyDevice::open_when_free(path, io_uring, &DeviceOptions::default(), lock_wait)
         .await
         .with_context(|| format!("open device {shown}"))?;
     let engine = dev.engine();
+    let dev = sds::device::serve(dev, &shown, volatile_cache).map_err(anyhow::Error::msg)?;
     let store = ChunkStore::open(dev)
         .await
         .with_context(|| format!("open the chunk store on {shown}"))?;
@@ -198,10 +212,13 @@ async fn open_device(
     Ok(store)
 }
 
-async fn open_storage(cfg: &SdsConfig) -> anyhow::Result<Storage<AnyDevice>> {
+async fn open_storage(
+    cfg: &SdsConfig,
+    volatile_cache: bool,
+) -> anyhow::Result<Storage<ServedDevice>> {
     let mut stores = Vec::new();
     for path in &cfg.devices {
-        let store = open_device(path, cfg.io_uring, cfg.device_lock_wait()).await?;
+        let store = open_device(path, cfg.io_uring, cfg.device_lock_wait(), volatile_cache).await?;
         stores.push((path.display().to_string(), store));
     }
     let storage = Storage::new(stores);
@@ -218,8 +235,20 @@ async fn open_storage(cfg: &SdsConfig) -> anyhow::Result<Storage<AnyDevice>> {
     Ok(storage)
 }
 
-async fn run(cfg: SdsConfig) -> anyhow::Result<()> {
-    let storage = Arc::new(open_storage(&cfg).await?);
+async fn run(cfg: SdsConfig, volatile_cache: bool) -> anyhow::Result<()> {
+    if volatile_cache {
+        tracing::warn!(
+            "fault test: device writes not followed by a flush are lost when this process dies"
+        );
+    }
+    let storage = Arc::new(open_storage(&cfg, volatile_cache).await?);
+    // A volatile test cache is lost with the process, as a disk's with its host's power: every
+    // process is a new boot.
+    let boot = if volatile_cache {
+        format!("test-{:016x}", rand::random::<u64>())
+    } else {
+        proto::daemon::boot_id()
+    };
     let identity = Identity::load(&cfg.cert_dir).context("load this SDS's certificate")?;
     let endpoint = Endpoint::server(cfg.listen, &identity, &format!("sds:{}", cfg.name))
         .context("open the data port (QUIC on UDP, TLS on TCP)")?
@@ -233,6 +262,7 @@ async fn run(cfg: SdsConfig) -> anyhow::Result<()> {
         metrics.clone(),
         ServiceOptions {
             forward_timeout: cfg.forward_timeout(),
+            boot_tag: proto::data::boot_tag(&boot),
             ..ServiceOptions::default()
         },
     );
@@ -245,7 +275,7 @@ async fn run(cfg: SdsConfig) -> anyhow::Result<()> {
         service.clone(),
         Arc::new(move |path: PathBuf, lock_wait: Duration| {
             Box::pin(async move {
-                open_device(&path, io_uring, lock_wait)
+                open_device(&path, io_uring, lock_wait, volatile_cache)
                     .await
                     .map_err(|e| proto::daemon::error_line(e.as_ref()))
             })
@@ -265,6 +295,7 @@ async fn run(cfg: SdsConfig) -> anyhow::Result<()> {
                 hello_interval: cfg.hello_interval(),
                 map_poll_interval: cfg.map_poll_interval(),
                 lease: Some(cfg.lease()),
+                boot: boot.clone(),
                 ..LinkOptions::default()
             },
         )

@@ -1,7 +1,7 @@
 //! The SDS's link to the MDM: registration, device reports and map following.
 //!
 //! Two loops, both for the life of the process:
-//! - **hello**: at start and every `hello_interval`, `SdsHello { name, devices, stats }`
+//! - **hello**: at start and every `hello_interval`, `SdsHello { name, devices, stats, boot }`
 //!   (CONTROL frame, JSON). The SDS identifies itself by its certificate; the answer
 //!   `SdsWelcome { id, map_version }` gives its id and renews its lease (see [`MapCache`]).
 //!   Device reports carry `failed: true` once a device has failed; `stats` carries the checksum
@@ -42,6 +42,9 @@ pub struct LinkOptions {
     /// Serve only under a lease of this length from each answered hello (see
     /// [`MapCache`]); `None` serves without one (tests that drive the map by hand).
     pub lease: Option<Duration>,
+    /// The boot of this host ([`proto::daemon::boot_id`]), sent with every hello: a new one
+    /// tells the MDM that the devices may have lost unflushed writes.
+    pub boot: String,
 }
 
 impl Default for LinkOptions {
@@ -51,6 +54,7 @@ impl Default for LinkOptions {
             map_poll_interval: Duration::from_millis(500),
             request_timeout: Duration::from_secs(2),
             lease: None,
+            boot: String::new(),
         }
     }
 }
@@ -131,6 +135,7 @@ impl MdmLink {
             name: self.name.clone(),
             devices: (self.devices)(),
             stats: self.stats.as_ref().map(|f| f()).unwrap_or_default(),
+            boot: self.opts.boot.clone(),
         };
         let sent = std::time::Instant::now();
         // A hello that takes longer than the lease grants nothing.

@@ -447,6 +447,7 @@ mod tests {
                     devices: vec![],
                     state: SdsState::Normal,
                     removing: false,
+                    boot: String::new(),
                 },
             );
         }

@@ -15,7 +15,8 @@
 //!   overlapping writes reach the two copies in the same order. A PG without a secondary
 //!   (degraded) is written locally only.
 //! - FUA: write, then flush, on both copies (the flag is forwarded). Flush flushes every local
-//!   device; the SDC sends it to every SDS it wrote to, so the primary forwards nothing.
+//!   device; the SDC sends it to every SDS it wrote to, so the primary forwards nothing. Its
+//!   answer is this host's boot tag (see [`proto::data`]).
 //! - WriteZeroes is forwarded as ReplicaTrim: both make the range read as zeros here.
 //! - ReadLocal reads this SDS's copy whatever its role; AllocStatus answers one byte per chunk.
 //! - Errors: device failure → `Io` (and the device is reported failed), checksum mismatch →
@@ -58,6 +59,8 @@ pub struct ServiceOptions {
     pub dial_timeout: Duration,
     /// How long a request from a newer epoch waits for the newer map.
     pub refresh_timeout: Duration,
+    /// The [`proto::data::boot_tag`] of this host's boot, the answer to every flush.
+    pub boot_tag: u64,
 }
 
 impl Default for ServiceOptions {
@@ -66,6 +69,7 @@ impl Default for ServiceOptions {
             forward_timeout: Duration::from_secs(5),
             dial_timeout: Duration::from_secs(2),
             refresh_timeout: Duration::from_secs(2),
+            boot_tag: 0,
         }
     }
 }
@@ -810,7 +814,7 @@ impl<D: BlockDevice> Service<D> {
                     .flush()
                     .await
                     .map_err(|e| self.store_error(e))?;
-                Ok(Bytes::new())
+                Ok(Bytes::copy_from_slice(&self.opts.boot_tag.to_le_bytes()))
             }
             DataOp::AllocStatus => {
                 if h.len > ALLOC_STATUS_MAX_CHUNKS {

@@ -98,6 +98,7 @@ async fn start<D: BlockDevice>(dir: &Scratch, name: &str, id: SdsId, dev: D) -> 
             forward_timeout: Duration::from_secs(2),
             dial_timeout: Duration::from_millis(500),
             refresh_timeout: Duration::from_millis(500),
+            ..ServiceOptions::default()
         },
     );
     let (ep, svc) = (endpoint.clone(), service.clone());
@@ -173,6 +174,7 @@ fn cluster(a: SocketAddr, b: SocketAddr, epoch: u64, version: u64) -> ClusterSta
                 devices: vec![],
                 state: SdsState::Normal,
                 removing: false,
+                boot: String::new(),
             },
         );
     }
@@ -672,6 +674,7 @@ async fn the_mdm_link_follows_the_leader_registers_and_fetches_the_map() {
             map_poll_interval: Duration::from_millis(100),
             lease: None,
             request_timeout: Duration::from_secs(2),
+            boot: String::new(),
         },
     ));
     let task = tokio::spawn(link.run());

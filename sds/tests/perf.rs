@@ -107,6 +107,7 @@ fn cluster(a: SocketAddr, b: SocketAddr, mirrored: bool) -> ClusterState {
                 devices: vec![],
                 state: SdsState::Normal,
                 removing: false,
+                boot: String::new(),
             },
         );
     }

@@ -985,6 +985,8 @@ pub struct DataOpts {
     pub n_mdm: usize,
     pub n_sds: usize,
     pub vol_gb: u32,
+    /// Extra flags for every SDS; `{name}` in one is replaced by the SDS's name, `{dir}` by the
+    /// cluster's scratch directory.
     pub sds_extra: Vec<String>,
     pub net: Option<std::sync::Arc<netns::Net>>,
     /// Fault sets `fs1..fsN` (0: none); SDS i goes to `fs((i-1) % N + 1)`.
@@ -1082,7 +1084,10 @@ fn spawn_sds(
         "1000".into(),
     ]
     .into_iter()
-    .chain(o.sds_extra.iter().cloned())
+    .chain(o.sds_extra.iter().map(|a| {
+        a.replace("{name}", &n)
+            .replace("{dir}", &c.dir.path.display().to_string())
+    }))
     .collect();
     let p = Proc::spawn_in(
         node.as_ref(),
@@ -1094,7 +1099,51 @@ fn spawn_sds(
     (p, addr, metrics, node)
 }
 
+/// The sds built with the `failpoints` feature (fail points, the volatile device cache and the
+/// device-EIO fail point of fault tests); `./test` builds it.
+pub fn failpoint_sds() -> std::path::PathBuf {
+    let p = std::env::var_os("MESHBLOCK_FAILPOINTS_SDS")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| std::path::PathBuf::from("target/failpoints/release/sds"));
+    assert!(
+        p.exists(),
+        "{} is missing: build it with `cargo build --release -p sds --features failpoints \
+         --target-dir target/failpoints` (./test does)",
+        p.display()
+    );
+    p
+}
+
+/// Print a fault scenario's one-line summary and append it to `$MESHBLOCK_FAULT_SUMMARY`
+/// (printed by `./test` at the end).
+pub fn summary(line: &str) {
+    use std::io::Write as _;
+    eprintln!("{line}");
+    if let Ok(p) = std::env::var("MESHBLOCK_FAULT_SUMMARY") {
+        if let Ok(mut f) = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(p)
+        {
+            let _ = writeln!(f, "{line}");
+        }
+    }
+}
+
+/// Wait until pool sp1 of `dc` is in state `want`; returns its `--query_storage_pool` answer.
+pub fn wait_pool(dc: &DataCluster, want: &str) -> serde_json::Value {
+    wait_for(
+        &format!("pool sp1 {want}"),
+        Duration::from_secs(120),
+        || {
+            let v = pool_state(&dc.c, "sp1");
+            (v["state"] == want).then_some(v)
+        },
+    )
+}
+
 pub mod fill;
+pub mod flushes;
 pub mod nbd;
 pub mod netns;
 

@@ -6,36 +6,11 @@
 use meshblock_tests::nbd::{check_model, Nbd};
 use meshblock_tests::*;
 use std::collections::HashSet;
-use std::io::Write as _;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 /// Bytes of the volume the writers touch.
 const REGION: u64 = 128 << 20;
-
-fn summary(line: &str) {
-    eprintln!("{line}");
-    if let Ok(p) = std::env::var("MESHBLOCK_FAULT_SUMMARY") {
-        if let Ok(mut f) = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(p)
-        {
-            let _ = writeln!(f, "{line}");
-        }
-    }
-}
-
-fn wait_pool(dc: &DataCluster, want: &str) -> serde_json::Value {
-    wait_for(
-        &format!("pool sp1 {want}"),
-        Duration::from_secs(120),
-        || {
-            let v = pool_state(&dc.c, "sp1");
-            (v["state"] == want).then_some(v)
-        },
-    )
-}
 
 fn check(dc: &DataCluster, model: &[u8], uncertain: &HashSet<u64>) -> (u64, u64) {
     let (checked, wrong, first) =
@@ -571,20 +546,6 @@ fn network_partitions() {
     ));
 }
 
-/// The sds binary built with the `failpoints` feature (`./test` builds it).
-fn failpoint_sds() -> std::path::PathBuf {
-    let p = std::env::var_os("MESHBLOCK_FAILPOINTS_SDS")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| std::path::PathBuf::from("target/failpoints/release/sds"));
-    assert!(
-        p.exists(),
-        "{} is missing: build it with `cargo build --release -p sds --features failpoints \
-         --target-dir target/failpoints` (./test does)",
-        p.display()
-    );
-    p
-}
-
 /// A forward held up past the primary's timeout never lands after the writes that followed
 /// it. The first forwarded write each SDS gets waits 4 s before it is applied (a fail point, as
 /// a stalled connection would); the primary times it out after 1.5 s, gives up on that
@@ -657,7 +618,15 @@ fn a_forward_held_up_past_its_timeout_never_lands_after_later_writes() {
 #[test]
 fn crashes_at_fail_points_on_the_write_path() {
     let fp_sds = failpoint_sds();
-    let mut dc = DataCluster::start("faults_failpoints", 3, 4);
+    let mut dc = DataCluster::start_opts(
+        "faults_failpoints",
+        &DataOpts {
+            vol_gb: 4,
+            sds_bin: Some(fp_sds),
+            sds_extra: vec!["--failpoints-file".into(), "{dir}/{name}.failpoints".into()],
+            ..DataOpts::default()
+        },
+    );
     let w = Writer::start(&dc, REGION, 11);
     w.wait_more(1000, "writes before the first fail point");
     let points = [
@@ -667,19 +636,37 @@ fn crashes_at_fail_points_on_the_write_path() {
         "sds::chunk_store::before_relocate_record",
     ];
     for (k, point) in points.iter().enumerate() {
-        let i = k % dc.sds.len();
+        // Arm the SDS that is now the primary of the most mirrored PGs: it forwards, and it
+        // holds copies, whatever happened to the others in earlier rounds. It is armed while
+        // it runs, so no restart can cost it its roles before the point is reached.
+        let i = busiest_primary(&dc);
         let name = format!("sds{}", i + 1);
-        let normal = dc.sds[i].cmd();
-        let mut armed = normal.clone();
-        armed[0] = fp_sds.display().to_string();
-        armed.extend(["--failpoints".to_string(), format!("{point}=1*panic")]);
-        dc.sds[i].kill();
-        dc.sds[i].set_cmd(armed);
-        dc.sds[i].start();
+        let file = dc.c.dir.join(&format!("{name}.failpoints"));
+        std::fs::write(&file, format!("{point}=1*panic")).expect("arm the fail point");
+        let mut bumps = 0;
         wait_for(
             &format!("{name} to crash at {point}"),
-            Duration::from_secs(60),
-            || (!dc.sds[i].alive()).then_some(()),
+            Duration::from_secs(120),
+            || {
+                if !dc.sds[i].alive() {
+                    return Some(());
+                }
+                if *point == "sds::routing::during_map_update" {
+                    // A new map version for the armed SDS to install.
+                    bumps += 1;
+                    dc.c.must_scli(&[
+                        "--add_volume",
+                        "--storage_pool_name",
+                        "sp1",
+                        "--size_gb",
+                        "1",
+                        "--volume_name",
+                        &format!("bump{k}x{bumps}"),
+                        "--thin_provisioned",
+                    ]);
+                }
+                None
+            },
         );
         assert!(
             dc.sds[i]
@@ -688,11 +675,11 @@ fn crashes_at_fail_points_on_the_write_path() {
             "{name} died elsewhere than at {point}:\n{}",
             log_tail(&dc.sds[i].log_text(), 40)
         );
+        std::fs::write(&file, "").expect("disarm the fail point");
         dc.sds[i].kill();
         wait_sds_state(&dc, &name, "Down");
         wait_pool(&dc, "Normal");
         w.wait_more(500, "writes after the crash");
-        dc.sds[i].set_cmd(normal);
         dc.sds[i].start();
         wait_sds_state(&dc, &name, "Normal");
     }
@@ -707,4 +694,40 @@ fn crashes_at_fail_points_on_the_write_path() {
         report.acked,
         report.max_stall.as_secs_f64()
     ));
+}
+
+/// The index of the running SDS that is the primary of the most PGs with a secondary (waits
+/// until there is one).
+fn busiest_primary(dc: &DataCluster) -> usize {
+    wait_for(
+        "an SDS that is the primary of a mirrored PG",
+        Duration::from_secs(120),
+        || {
+            let map = cluster_map(&dc.c);
+            let pool = map.pools.values().find(|p| p.name == "sp1")?;
+            let mut best: Option<(usize, usize)> = None;
+            for s in map.sds.values() {
+                let Some(i) = s
+                    .name
+                    .strip_prefix("sds")
+                    .and_then(|n| n.parse::<usize>().ok())
+                    .and_then(|n| n.checked_sub(1))
+                else {
+                    continue;
+                };
+                if s.state != proto::model::SdsState::Normal {
+                    continue;
+                }
+                let n = pool
+                    .pgs
+                    .iter()
+                    .filter(|m| m.primary == Some(s.id) && m.secondary.is_some())
+                    .count();
+                if n > 0 && best.is_none_or(|(_, b)| n > b) {
+                    best = Some((i, n));
+                }
+            }
+            best.map(|(i, _)| i)
+        },
+    )
 }

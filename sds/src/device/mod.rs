@@ -6,7 +6,8 @@
 //! - [`FileDevice`]: O_DIRECT pread/pwrite on tokio's blocking threads, for hosts where io_uring
 //!   is unavailable (Docker's default seccomp profile blocks it).
 //! - [`FaultyDevice`]: wraps any device and injects faults from a seeded plan (EIO, bit flips,
-//!   latency, power loss with torn writes). Tests only reach faults through this seam.
+//!   latency, power loss with torn writes). Tests only reach faults through this seam; the
+//!   daemon's [`ServedDevice`] puts it under every device in fault-test builds ([`served`]).
 //!
 //! Contract, checked by one conformance suite for every implementation: offsets and lengths are
 //! multiples of [`ALIGN`]; buffers are [`AlignedBuf`] and I/O covers their window; a range past
@@ -19,6 +20,7 @@
 pub mod buf;
 mod faulty;
 mod file;
+mod served;
 mod uring;
 
 #[cfg(test)]
@@ -27,6 +29,9 @@ mod conformance;
 pub use buf::{AlignedBuf, BufferPool, PoolConfig, ALIGN};
 pub use faulty::{CrashMode, CrashReport, EioRule, FaultOp, FaultyDevice, SECTOR};
 pub use file::FileDevice;
+#[cfg(feature = "failpoints")]
+pub use served::TestDevice;
+pub use served::{serve, ServedDevice, DEVICE_EIO};
 pub use uring::UringDevice;
 
 use std::future::Future;
