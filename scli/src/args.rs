@@ -275,6 +275,13 @@ impl Args {
             let Some((k, v)) = l.split_once('=') else {
                 bail!("--label {l}: give KEY=VALUE");
             };
+            if k == proto::model::LABEL_CREATED_BY {
+                bail!(
+                    "--label {k}: this label is reserved for the Docker driver, which marks the \
+                     volumes its Create makes with it (Docker removes only those); create the \
+                     volume with `docker volume create` to hand it to Docker"
+                );
+            }
             if out.insert(k.to_string(), v.to_string()).is_some() {
                 bail!("--label {k} given twice");
             }
