@@ -720,6 +720,30 @@ mod tests {
     }
 
     #[test]
+    fn the_docker_label_is_reserved() {
+        let add = |label: &str| {
+            parse(&[
+                "--add_volume",
+                "--storage_pool_name",
+                "sp1",
+                "--volume_name",
+                "v",
+                "--size_gb",
+                "1",
+                "--label",
+                label,
+            ])
+            .command("--add_volume")
+        };
+        let e = add("created-by=docker").expect_err("reserved");
+        assert!(
+            e.to_string().contains("reserved for the Docker driver"),
+            "{e}"
+        );
+        assert!(add("owner=ops").is_ok());
+    }
+
+    #[test]
     fn sizes_are_validated() {
         assert!(parse_gb("abc", "--size_gb").is_err());
         assert!(parse_gb("-1", "--size_gb").is_err());
