@@ -232,7 +232,9 @@ mod tests {
 
     #[test]
     fn refused_while_anything_outside_docker_uses_it() {
-        let cases: [(Facts, fn(&Refusal) -> bool); 5] = [
+        /// Is this the refusal the case expects?
+        type Expected = fn(&Refusal) -> bool;
+        let cases: [(Facts, Expected); 5] = [
             (
                 Facts {
                     container_mounts: 2,
