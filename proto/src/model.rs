@@ -351,6 +351,13 @@ impl Sds {
     }
 }
 
+/// The volume label that marks a volume made by the Docker driver's Create (value
+/// [`CREATED_BY_DOCKER`]). Reserved: scli refuses to set it, so every host's Docker driver can
+/// tell the volumes Docker made (which it lists, mounts and removes) from all others.
+pub const LABEL_CREATED_BY: &str = "created-by";
+/// The value of [`LABEL_CREATED_BY`] on a volume made by the Docker driver.
+pub const CREATED_BY_DOCKER: &str = "docker";
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Volume {
     pub id: VolumeId,
@@ -366,6 +373,13 @@ pub struct Volume {
     /// Another host may take the volume over while its current host is alive.
     #[serde(default)]
     pub preempt: bool,
+}
+
+impl Volume {
+    /// Made by the Docker driver's Create (see [`LABEL_CREATED_BY`]).
+    pub fn created_by_docker(&self) -> bool {
+        self.labels.get(LABEL_CREATED_BY).map(String::as_str) == Some(CREATED_BY_DOCKER)
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

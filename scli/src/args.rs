@@ -275,6 +275,13 @@ impl Args {
             let Some((k, v)) = l.split_once('=') else {
                 bail!("--label {l}: give KEY=VALUE");
             };
+            if k == proto::model::LABEL_CREATED_BY {
+                bail!(
+                    "--label {k}: this label is reserved for the Docker driver, which marks the \
+                     volumes its Create makes with it (Docker removes only those); create the \
+                     volume with `docker volume create` to hand it to Docker"
+                );
+            }
             if out.insert(k.to_string(), v.to_string()).is_some() {
                 bail!("--label {k} given twice");
             }
@@ -710,6 +717,30 @@ mod tests {
         ])
         .command("--add_user")
         .is_err());
+    }
+
+    #[test]
+    fn the_docker_label_is_reserved() {
+        let add = |label: &str| {
+            parse(&[
+                "--add_volume",
+                "--storage_pool_name",
+                "sp1",
+                "--volume_name",
+                "v",
+                "--size_gb",
+                "1",
+                "--label",
+                label,
+            ])
+            .command("--add_volume")
+        };
+        let e = add("created-by=docker").expect_err("reserved");
+        assert!(
+            e.to_string().contains("reserved for the Docker driver"),
+            "{e}"
+        );
+        assert!(add("owner=ops").is_ok());
     }
 
     #[test]

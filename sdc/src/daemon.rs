@@ -70,6 +70,8 @@ pub fn mapped_volumes(map: &ClusterState, me: SdcId) -> Vec<(VolumeId, String)> 
 pub trait Exports: Send + Sync + 'static {
     fn add(&self, name: &str, vol: Arc<VolumeIo>);
     fn remove(&self, name: &str);
+    /// Client connections on the export of `name` now (0 if not exported).
+    fn connections(&self, name: &str) -> usize;
 }
 
 /// Follow the map forever: poll the MDM and reconcile exports with the mappings.

@@ -108,4 +108,7 @@ impl Exports for NbdExports {
     fn remove(&self, name: &str) {
         self.registry.remove(name);
     }
+    fn connections(&self, name: &str) -> usize {
+        self.registry.connections(name)
+    }
 }

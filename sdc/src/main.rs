@@ -352,6 +352,7 @@ async fn run(cfg: SdcConfig) -> anyhow::Result<()> {
             attacher: attacher.clone(),
             me,
             guid: guid.clone(),
+            exports: exports.clone(),
         }));
         if let Some(d) = &driver {
             d.reconcile().await;

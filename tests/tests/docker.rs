@@ -244,6 +244,198 @@ fn docker_create_refuses_bad_options() {
     s.docker().must(&["volume", "rm", "v2"]);
 }
 
+/// `qemu-io` on `uri`; panics unless it ran and every pattern read back verified.
+fn must_qemu_io(uri: &str, cmds: &[&str]) {
+    let mut args = vec!["-f", "raw", uri];
+    for c in cmds {
+        args.extend(["-c", c]);
+    }
+    let o = sh("qemu-io", &args);
+    let all = format!("{}{}", o.stdout, o.stderr);
+    assert!(o.ok && !all.contains("failed"), "qemu-io {cmds:?}: {all}");
+}
+
+/// An NBD client holding a volume's export open (qemu-io sleeping after one read); killed on
+/// drop, pass or fail.
+struct NbdClient(std::process::Child);
+
+impl NbdClient {
+    /// Connects to `uri` and returns once the connection serves requests.
+    fn hold(uri: &str, out: &Path) -> NbdClient {
+        let log = std::fs::File::create(out).expect("qemu-io output file");
+        let err = log.try_clone().expect("qemu-io output file");
+        // Line-buffered, so the read's report shows while qemu-io still sleeps.
+        let child = std::process::Command::new("stdbuf")
+            .args(["-oL", "qemu-io", "-f", "raw", uri])
+            .args(["-c", "read 0 512", "-c", "sleep 600000"])
+            .stdout(log)
+            .stderr(err)
+            .spawn()
+            .expect("start qemu-io");
+        let c = NbdClient(child);
+        wait_for(
+            "qemu-io connected and read",
+            Duration::from_secs(20),
+            || {
+                let text = std::fs::read_to_string(out).unwrap_or_default();
+                assert!(!text.contains("failed"), "qemu-io: {text}");
+                text.contains("read 512/512").then_some(())
+            },
+        );
+        c
+    }
+}
+
+impl Drop for NbdClient {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Issue 18 item 7: Docker destroys nothing it did not create. `vol1` is made with scli and
+/// mapped to this very host (as `DataCluster` does) and written over NBD: Docker does not list
+/// it, and `docker volume rm`, `docker volume prune -a -f` and a container's mount leave it,
+/// its mapping and its data alone, saying why. A Docker volume that something outside Docker
+/// uses on this host (a mapping made with scli, an NBD client) is refused until that ends.
+#[test]
+fn docker_leaves_volumes_it_did_not_create_alone() {
+    let s = Setup::start("docker-foreign");
+    require("qemu-io").expect("qemu-io");
+    require("stdbuf").expect("stdbuf");
+    let drv = s.drv();
+    let uri = s.d.uri("vol1");
+    let verify = ["read -P 0xa5 0 4M", "read -P 0x5a 100M 1M"];
+    must_qemu_io(
+        &uri,
+        &["write -P 0xa5 0 4M", "write -P 0x5a 100M 1M", "flush"],
+    );
+    must_qemu_io(&uri, &verify);
+    // Docker's own unused volume beside it.
+    s.docker().must(&[
+        "volume",
+        "create",
+        "--driver",
+        &drv,
+        "--opt",
+        "size=256MiB",
+        "mine",
+    ]);
+
+    let ls = s
+        .docker()
+        .must(&["volume", "ls", "--format", "{{.Driver}} {{.Name}}"]);
+    assert!(ls.lines().any(|l| l == format!("{drv} mine")), "{ls}");
+    assert!(
+        !ls.lines().any(|l| l == format!("{drv} vol1")),
+        "Docker lists an scli volume: {ls}"
+    );
+    let o = s.docker().cli(&["volume", "rm", "vol1"]);
+    assert!(!o.ok, "docker volume rm vol1 succeeded");
+    assert!(o.stderr.contains("not created by Docker"), "{}", o.stderr);
+    // No container gets it either: a first mount makes a filesystem on a blank-looking device.
+    let o = s.docker().cli(&[
+        "run",
+        "--rm",
+        "--network",
+        "none",
+        "--mount",
+        &format!("type=volume,src=vol1,dst=/data,volume-driver={drv}"),
+        &s.image,
+        "true",
+    ]);
+    assert!(!o.ok, "a container mounted vol1: {}", o.stdout);
+    assert!(o.stderr.contains("not created by Docker"), "{}", o.stderr);
+    // Docker prunes only its `local` driver's volumes (moby's VolumesService.Prune filters
+    // by the default driver), so prune never reaches a plugin, this one or another test's.
+    let mut o = s.docker().cli(&["volume", "prune", "-a", "-f"]);
+    if o.stderr.contains("unknown shorthand flag: 'a'") {
+        // Docker before 23 has no -a: its prune removes every unused volume, named ones too.
+        o = s.docker().cli(&["volume", "prune", "-f"]);
+    }
+    assert!(o.ok, "{}{}", o.stdout, o.stderr);
+
+    let map = cluster_map(&s.d.c);
+    assert!(
+        map.volume_by_name("mine").is_some(),
+        "prune reached the plugin"
+    );
+    assert!(map.volume_by_name("vol1").is_some(), "vol1 was removed");
+    assert_eq!(s.volume_mappings("vol1"), 1, "vol1 lost its scli mapping");
+    assert!(loops_under(&s.plugin().state_dir).is_empty());
+    must_qemu_io(&uri, &verify);
+    s.docker().must(&["volume", "rm", "mine"]);
+
+    // A Docker volume mapped to this host with scli: not Docker's mapping to undo.
+    s.docker().must(&[
+        "volume",
+        "create",
+        "--driver",
+        &drv,
+        "--opt",
+        "size=256MiB",
+        "dm",
+    ]);
+    let map_args = ["--volume_name", "dm", "--sdc_name", "sdc1"];
+    s.d.c
+        .must_scli(&[&["--map_volume_to_sdc"][..], &map_args].concat());
+    let o = s.docker().cli(&["volume", "rm", "dm"]);
+    assert!(!o.ok, "docker volume rm dm succeeded");
+    assert!(
+        o.stderr.contains("mapped to this host outside Docker"),
+        "{}",
+        o.stderr
+    );
+    assert_eq!(s.volume_mappings("dm"), 1);
+    s.d.c
+        .must_scli(&[&["--unmap_volume_from_sdc"][..], &map_args].concat());
+    s.docker().must(&["volume", "rm", "dm"]);
+
+    // Docker's own mapping with an NBD client on it: the last Unmount detaches Docker's
+    // device but keeps the mapping, and rm waits for the client to go.
+    s.docker().must(&[
+        "volume",
+        "create",
+        "--driver",
+        &drv,
+        "--opt",
+        "size=256MiB",
+        "dn",
+    ]);
+    let cid = s
+        .docker()
+        .must(&[
+            "run",
+            "-d",
+            "--network",
+            "none",
+            "-v",
+            "dn:/data",
+            &s.image,
+            "sleep",
+            "600",
+        ])
+        .trim()
+        .to_string();
+    wait_export(&s.d.uri("dn"));
+    let client = NbdClient::hold(&s.d.uri("dn"), &s.d.c.dir.join("qemu-io-dn.txt"));
+    s.docker().must(&["rm", "-f", &cid]);
+    assert!(!is_mounted(&s.mountpoint("dn")));
+    assert!(loops_under(&s.plugin().state_dir).is_empty());
+    assert_eq!(s.volume_mappings("dn"), 1, "unmapped under an NBD client");
+    let o = s.docker().cli(&["volume", "rm", "dn"]);
+    assert!(!o.ok, "docker volume rm dn succeeded under an NBD client");
+    assert!(o.stderr.contains("NBD client"), "{}", o.stderr);
+    drop(client);
+    wait_for(
+        "docker volume rm dn once its NBD client left",
+        Duration::from_secs(20),
+        || s.docker().cli(&["volume", "rm", "dn"]).ok.then_some(()),
+    );
+    assert!(cluster_map(&s.d.c).volume_by_name("dn").is_none());
+    must_qemu_io(&uri, &verify);
+}
+
 #[test]
 fn plugin_http_api_directly() {
     let mut s = Setup::start("docker-http");

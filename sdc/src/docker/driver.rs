@@ -1,8 +1,10 @@
-//! The volume driver's behaviour behind each plugin call: Create (validated, idempotent), Remove
-//! (refused while in use), Mount/Unmount (map, attach, mkfs only on a blank device, mount;
-//! counted per mount ID on disk), Path, Get (never a transient failure for an existing volume:
-//! answered from the map the SDC follows, or a disk cache before the first map), List and the
-//! start-up reconciliation with `/proc/self/mountinfo`.
+//! The volume driver's behaviour behind each plugin call: Create (validated, idempotent; marks
+//! the volume `created-by=docker`), Remove (only Docker's volumes, refused while anything uses
+//! them: see [`super::guard`]), Mount/Unmount (map, attach, mkfs only on a blank device, mount;
+//! counted per mount ID on disk; releases only what Mount acquired), Path, Get (any volume, so
+//! a refusal can say why; never a transient failure for an existing volume: answered from the
+//! map the SDC follows, or a disk cache before the first map), List (Docker's volumes only) and
+//! the start-up reconciliation with `/proc/self/mountinfo`.
 //!
 //! Owns the reference table and the per-volume locks. Volumes of one name are handled one
 //! call at a time; different volumes in parallel.
@@ -10,8 +12,9 @@
 use super::api::VolumeInfo;
 use super::cluster::Cluster;
 use super::fs;
+use super::guard::{self, Facts, Refusal};
 use super::options::{self, CreateSpec};
-use super::refs::Refs;
+use super::refs::{Held, Refs};
 use crate::attach::{system, Attacher};
 use crate::config::DockerConfig;
 use proto::model::{ClusterState, Volume};
@@ -44,6 +47,9 @@ pub enum DriverError {
     /// Something on this host failed (attach, mkfs, mount, state files).
     #[error("{0}")]
     Host(String),
+    /// Docker may not touch the volume: not Docker's, or used outside Docker.
+    #[error(transparent)]
+    Refused(#[from] Refusal),
 }
 
 impl DriverError {
@@ -55,6 +61,8 @@ impl DriverError {
             DriverError::InUse(_) => "in_use",
             DriverError::Cluster(_) => "cluster",
             DriverError::Host(_) => "host",
+            DriverError::Refused(Refusal::NotDockers { .. }) => "not_docker",
+            DriverError::Refused(_) => "in_use",
         }
     }
 }
@@ -79,6 +87,8 @@ pub struct Core {
     pub attacher: Arc<Attacher>,
     pub me: SdcId,
     pub guid: String,
+    /// The NBD exports, to see clients outside Docker.
+    pub exports: Arc<dyn crate::daemon::Exports>,
 }
 
 pub struct Driver {
@@ -108,7 +118,7 @@ impl Driver {
     ) -> Result<Driver, crate::persist::PersistError> {
         let refs_file = state_dir.join("docker-mounts.json");
         let cache_file = state_dir.join("docker-volumes.json");
-        let refs: Refs = crate::persist::load(&refs_file)?;
+        let refs = crate::persist::load::<Refs>(&refs_file)?.upgraded();
         // A damaged cache only costs answers while the MDM is unreachable: start empty.
         let cache: BTreeMap<String, VolumeInfo> =
             crate::persist::load(&cache_file).unwrap_or_default();
@@ -194,7 +204,7 @@ impl Driver {
             ));
         }
         if let Some(v) = map.volume_by_name(name) {
-            return self.compatible(&map, v, &spec);
+            return Self::dockers(v).and_then(|()| self.compatible(&map, v, &spec));
         }
         let pool = self.pick_pool(&map, &spec)?;
         let size = spec.size_bytes.unwrap_or(self.cfg.default_size_bytes);
@@ -215,7 +225,7 @@ impl Driver {
                 // Created concurrently (by another host?): same options is fine.
                 let map = self.cluster.fresh_map().await;
                 match map.volume_by_name(name) {
-                    Some(v) => self.compatible(&map, v, &spec),
+                    Some(v) => Self::dockers(v).and_then(|()| self.compatible(&map, v, &spec)),
                     None => Err(cluster_err("cannot create", e)),
                 }
             }
@@ -268,6 +278,19 @@ impl Driver {
                 many.join(", ")
             ))),
         }
+    }
+
+    /// A Create of an existing volume adopts it only if Docker made it.
+    fn dockers(v: &Volume) -> Result<(), DriverError> {
+        if v.created_by_docker() {
+            return Ok(());
+        }
+        Err(DriverError::Invalid(format!(
+            "volume {} already exists in the Meshblock cluster and was not created by Docker \
+             (made with scli?); choose another name: the meshblock Docker driver uses only \
+             volumes it created",
+            v.name
+        )))
     }
 
     /// An existing volume is fine for a Create whose given options it matches.
@@ -343,23 +366,9 @@ impl Driver {
 
     // ---- Remove ----
 
-    pub async fn remove(&self, name: &str) -> Result<(), DriverError> {
-        let _g = self.lock_of(name);
-        let _g = _g.lock().await;
-        let n = self.refs.lock().await.count(name);
-        if n > 0 {
-            return Err(DriverError::InUse(format!(
-                "volume {name} is in use by {n} container mount(s) on this host; stop them first"
-            )));
-        }
-        let map = self.cluster.fresh_map().await;
-        let Some(v) = map.volume_by_name(name).cloned() else {
-            return Err(DriverError::NotFound(format!(
-                "volume {name} does not exist"
-            )));
-        };
-        let core = self.core().await?;
-        let others: Vec<String> = map
+    /// What this host knows about `v` (see [`guard::Facts`]).
+    async fn facts(&self, core: &Core, map: &ClusterState, v: &Volume, refs: &Refs) -> Facts {
+        let mapped_elsewhere = map
             .mappings_of(v.id)
             .filter(|m| m.sdc != core.me)
             .map(|m| {
@@ -368,20 +377,47 @@ impl Driver {
                     .map_or(m.sdc.to_string(), |s| s.name.clone())
             })
             .collect();
-        if !others.is_empty() {
-            return Err(DriverError::InUse(format!(
-                "volume {name} is in use on host(s) {}; unmount it there first",
-                others.join(", ")
+        Facts {
+            volume: v.name.clone(),
+            created_by_docker: v.created_by_docker(),
+            container_mounts: refs.count(&v.name),
+            mapped_elsewhere,
+            mapped_here: map.mappings_of(v.id).any(|m| m.sdc == core.me),
+            attached_device: core
+                .attacher
+                .device(&v.name)
+                .await
+                .map(|d| d.display().to_string()),
+            nbd_clients: core.exports.connections(&v.name),
+            held: refs.held(&v.name, v.id),
+        }
+    }
+
+    pub async fn remove(&self, name: &str) -> Result<(), DriverError> {
+        let _g = self.lock_of(name);
+        let _g = _g.lock().await;
+        let map = self.cluster.fresh_map().await;
+        let Some(v) = map.volume_by_name(name).cloned() else {
+            return Err(DriverError::NotFound(format!(
+                "volume {name} does not exist"
             )));
+        };
+        if !v.created_by_docker() {
+            // Before waiting for the SDC: this refusal needs nothing of this host.
+            return Err(Refusal::NotDockers { volume: v.name }.into());
         }
-        if map.mappings_of(v.id).any(|m| m.sdc == core.me) {
-            // Left mapped here, unused: release it.
-            self.release(&core, name).await?;
-        }
+        let core = self.core().await?;
+        let mut refs = self.refs.lock().await;
+        let facts = self.facts(&core, &map, &v, &refs).await;
+        let plan = guard::removal(&facts)?;
+        self.undo(&core, &v, plan, &mut refs).await?;
         self.cluster
             .command(Command::RemoveVolume { name: name.into() })
             .await
             .map_err(|e| cluster_err(&format!("cannot remove volume {name}"), e))?;
+        refs.set_held(name, v.id, Held::default());
+        self.save_refs(&refs).await?;
+        drop(refs);
         if let Ok(mut c) = self.cache.lock() {
             c.remove(name);
         }
@@ -389,23 +425,64 @@ impl Driver {
         Ok(())
     }
 
-    /// Detach (if attached) and unmap from this SDC.
+    /// Releases what Docker's Mount acquired here (its device, its mapping), unless something
+    /// outside Docker uses the volume here (then the mapping stays, recorded as Docker's).
     async fn release(&self, core: &Core, name: &str) -> Result<(), DriverError> {
-        if core.attacher.device(name).await.is_some() {
+        let mut refs = self.refs.lock().await;
+        if !refs.held.contains_key(name) {
+            return Ok(());
+        }
+        let map = self.cluster.fresh_map().await;
+        let Some(v) = map.volume_by_name(name).cloned() else {
+            // Removed (with scli): nothing of it is left to release.
+            refs.held.remove(name);
+            return self.save_refs(&refs).await;
+        };
+        let mut facts = self.facts(core, &map, &v, &refs).await;
+        // What is gone meanwhile (a takeover unmapped it, a detach by hand) is held no more.
+        facts.held.mapped &= facts.mapped_here;
+        facts.held.attached &= facts.attached_device.is_some();
+        refs.set_held(name, v.id, facts.held);
+        let (plan, kept) = guard::release(&facts);
+        if let Some(why) = kept {
+            tracing::warn!(volume = %name, "left mapped to this host: {why}");
+        }
+        self.undo(core, &v, plan, &mut refs).await
+    }
+
+    /// Detaches and unmaps as `plan` says, and records that Docker holds that no more.
+    async fn undo(
+        &self,
+        core: &Core,
+        v: &Volume,
+        plan: guard::Release,
+        refs: &mut Refs,
+    ) -> Result<(), DriverError> {
+        let name = v.name.as_str();
+        let mut held = refs.held(name, v.id);
+        if plan.detach {
             core.attacher
                 .detach(name, false)
                 .await
-                .map_err(|e| DriverError::Host(e.to_string()))?;
+                .map_err(|e| DriverError::Host(format!("cannot detach volume {name}: {e}")))?;
+            held.attached = false;
+            refs.set_held(name, v.id, held);
+            self.save_refs(refs).await?;
         }
-        let cmd = Command::UnmapVolumeFromSdc {
-            volume: name.into(),
-            sdc: Some(SdcSelector::Guid(core.guid.clone())),
-        };
-        match self.cluster.command(cmd).await {
-            Ok(_) => Ok(()),
-            Err(e) if e.code == ErrorCode::NotFound => Ok(()),
-            Err(e) => Err(cluster_err(&format!("cannot unmap volume {name}"), e)),
+        if plan.unmap {
+            let cmd = Command::UnmapVolumeFromSdc {
+                volume: name.into(),
+                sdc: Some(SdcSelector::Guid(core.guid.clone())),
+            };
+            match self.cluster.command(cmd).await {
+                Ok(_) => {}
+                Err(e) if e.code == ErrorCode::NotFound => {}
+                Err(e) => return Err(cluster_err(&format!("cannot unmap volume {name}"), e)),
+            }
+            held.mapped = false;
         }
+        refs.set_held(name, v.id, held);
+        self.save_refs(refs).await
     }
 
     // ---- Mount / Unmount ----
@@ -433,7 +510,17 @@ impl Driver {
                 "volume {name} does not exist"
             )));
         };
-        self.map_here(&core, &v).await?;
+        {
+            let refs = self.refs.lock().await;
+            guard::mounting(&self.facts(&core, &map, &v, &refs).await)?;
+        }
+        if let Err(e) = self.map_here(&core, &v).await {
+            // A mapping this Mount made before failing is Docker's to release.
+            if let Err(e2) = self.release(&core, name).await {
+                tracing::warn!(volume = %name, "failed to release after a failed mount: {e2}");
+            }
+            return Err(e);
+        }
         match self.attach_and_mount(&core, &v, &mp).await {
             Ok(device) => {
                 let mut refs = self.refs.lock().await;
@@ -452,7 +539,8 @@ impl Driver {
     }
 
     /// Maps the volume to this SDC (taking it over from a dead host, or a preemptible
-    /// volume from any host) and waits until the SDC's map shows it.
+    /// volume from any host) and waits until the SDC's map shows it. A mapping the MDM made
+    /// for this call is recorded as Docker's; one that existed already (scli) is not.
     async fn map_here(&self, core: &Core, v: &Volume) -> Result<(), DriverError> {
         let deadline =
             tokio::time::Instant::now() + Duration::from_millis(self.cfg.takeover_wait_ms);
@@ -464,7 +552,10 @@ impl Driver {
                 takeover: true,
             };
             match self.cluster.command(cmd).await {
-                Ok(_) => break,
+                Ok(_) => {
+                    self.hold(v, |h| h.mapped = true).await?;
+                    break;
+                }
                 Err(e) if e.code == ErrorCode::AlreadyExists => break,
                 Err(e)
                     if matches!(e.code, ErrorCode::Busy | ErrorCode::Conflict)
@@ -513,17 +604,28 @@ impl Driver {
         }
     }
 
+    /// Records something Docker's Mount acquired.
+    async fn hold(&self, v: &Volume, f: impl FnOnce(&mut Held)) -> Result<(), DriverError> {
+        let mut refs = self.refs.lock().await;
+        let mut h = refs.held(&v.name, v.id);
+        f(&mut h);
+        refs.set_held(&v.name, v.id, h);
+        self.save_refs(&refs).await
+    }
+
     async fn attach_and_mount(
         &self,
         core: &Core,
         v: &Volume,
         mp: &std::path::Path,
     ) -> Result<PathBuf, DriverError> {
+        // `mounting` refused a device attached outside Docker; one here now is Docker's own.
         let device = core
             .attacher
             .attach(&v.name)
             .await
             .map_err(|e| DriverError::Host(format!("cannot attach volume {}: {e}", v.name)))?;
+        self.hold(v, |h| h.attached = true).await?;
         let fstype = labels(v)
             .get(options::LABEL_FSTYPE)
             .cloned()
@@ -575,7 +677,7 @@ impl Driver {
         drop(refs);
         let core = self.core().await?;
         self.release(&core, name).await?;
-        tracing::info!(volume = %name, id, "unmounted, detached and unmapped");
+        tracing::info!(volume = %name, id, "unmounted and released");
         Ok(())
     }
 
@@ -677,6 +779,10 @@ impl Driver {
             let c = self.cache.lock().map(|c| c.clone()).unwrap_or_default();
             return Ok(c
                 .into_values()
+                .filter(|i| {
+                    i.Status.get(options::LABEL_CREATED_BY)
+                        == Some(&serde_json::Value::from(options::CREATED_BY_DOCKER))
+                })
                 .map(|mut i| {
                     i.Mountpoint = mounted(&i.Name)
                         .map(|p| p.display().to_string())
@@ -685,9 +791,11 @@ impl Driver {
                 })
                 .collect());
         }
+        // Only Docker's volumes: what scli made is not Docker's to show, prune or remove.
         let infos: Vec<VolumeInfo> = map
             .volumes
             .values()
+            .filter(|v| v.created_by_docker())
             .map(|v| self.info(&map, v, mounted(&v.name)))
             .collect();
         self.remember(&infos, true);
@@ -711,12 +819,24 @@ impl Driver {
             }
             tracing::warn!(volume = %name, "its mount is gone: dropping its references and releasing it");
             refs.volumes.remove(&name);
-            if let Err(e) = self.release(&core, &name).await {
-                tracing::warn!(volume = %name, "failed to release: {e}");
-            }
         }
         if let Err(e) = self.save_refs(&refs).await {
             tracing::warn!("failed to save the mount references: {e}");
+        }
+        // Whatever Docker still holds without a mount: a release cut short before.
+        let unused: Vec<String> = refs
+            .held
+            .keys()
+            .filter(|n| !refs.volumes.contains_key(*n))
+            .cloned()
+            .collect();
+        drop(refs);
+        for name in unused {
+            let _g = self.lock_of(&name);
+            let _g = _g.lock().await;
+            if let Err(e) = self.release(&core, &name).await {
+                tracing::warn!(volume = %name, "failed to release: {e}");
+            }
         }
     }
 

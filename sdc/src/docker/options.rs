@@ -6,13 +6,12 @@ use std::collections::{BTreeMap, HashMap};
 
 /// Filesystems the driver can make.
 pub const FSTYPES: [&str; 2] = ["ext4", "xfs"];
-/// Label keys on a Meshblock volume made by the driver.
-pub const LABEL_CREATED_BY: &str = "created-by";
+/// Label keys on a Meshblock volume made by the driver ([`LABEL_CREATED_BY`] marks it as
+/// Docker's; reserved, see `proto::model`).
+pub use proto::model::{CREATED_BY_DOCKER, LABEL_CREATED_BY};
 pub const LABEL_FSTYPE: &str = "fstype";
 pub const LABEL_IOPS: &str = "iops_limit";
 pub const LABEL_BANDWIDTH: &str = "bandwidth_limit_kbps";
-/// The value of [`LABEL_CREATED_BY`].
-pub const CREATED_BY_DOCKER: &str = "docker";
 /// Smallest IOPS limit accepted (as ScaleIO: lower makes a volume unusable).
 pub const IOPS_LIMIT_MIN: u64 = 10;
 /// Smallest bandwidth limit accepted, KiB/s.
