@@ -4,13 +4,16 @@
 //!
 //! Modules: [`raft`] (ready loop and Raft storage), [`store`] (the `MetaStore` seam over sled),
 //! [`state_machine`] (applies committed ops), [`placement`] (pure PG assignment), [`service`]
-//! (requests over QUIC), [`auth`], [`config`], [`metrics`].
+//! (requests over QUIC), [`authz`] (which certificate roles may send which request),
+//! [`raft_net`] (the Raft transport between MDMs), [`auth`], [`config`], [`metrics`].
 
 pub mod auth;
+pub mod authz;
 pub mod config;
 pub mod metrics;
 pub mod placement;
 pub mod raft;
+pub mod raft_net;
 pub mod service;
 pub mod state_machine;
 pub mod store;

@@ -232,7 +232,7 @@ async fn serve(cfg: MdmConfig, bootstrap: bool, admin_password: String) -> anyho
             backward_window: Duration::from_millis(cfg.backward_rebuild_window_ms),
         },
     );
-    tokio::spawn(service::raft_network(svc.clone(), out_rx));
+    tokio::spawn(mdm::raft_net::raft_network(svc.clone(), out_rx));
     tokio::spawn(svc.clone().watch_sds());
     tokio::spawn(svc.clone().rebalance());
     let m = metrics.clone();

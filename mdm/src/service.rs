@@ -1,5 +1,6 @@
 //! The MDM's network face: control requests from scli, SDS and SDC, and Raft messages between
-//! MDMs, all over the QUIC transport.
+//! MDMs, all over the QUIC transport. Every request first passes [`crate::authz`] (may the
+//! sender's certificate role send it?); Raft frames then go to [`crate::raft_net`].
 //!
 //! Everything but `Identify` is answered by the leader only; a follower answers
 //! `ErrorCode::NotLeader` with the leader's address so the client can go there. Reads are
@@ -7,24 +8,22 @@
 //! acknowledged change.
 
 use crate::auth;
+use crate::authz;
 use crate::metrics::MdmMetrics;
-use crate::raft::{RaftHandle, RaftMsg};
+use crate::raft::RaftHandle;
+use crate::raft_net;
 use crate::state_machine::{self, Op, Outcome};
 use proto::codec::{kind, Frame};
 use proto::model::{ClusterMode, ClusterState, MdmMember, MdmRole, Role, SdsState, User};
 use proto::msg::*;
 use proto::transport::{check_status, Endpoint, Handler, Peer, Response, RpcClient};
 use proto::{ErrorCode, MdmId, WireError};
-use protobuf::Message as _;
-use raft::eraftpb::{ConfChangeType, Message};
-use serde::{Deserialize, Serialize};
+use raft::eraftpb::ConfChangeType;
+use serde::Serialize;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tokio::sync::mpsc;
 
-/// Raft messages queued per peer before new ones are dropped.
-const PEER_QUEUE_LEN: usize = 1024;
 /// How long a membership step may take.
 const MEMBERSHIP_TIMEOUT: Duration = Duration::from_secs(20);
 /// PG moves (rebalance) in flight per pool at once.
@@ -32,21 +31,15 @@ pub const REBALANCE_MOVES_MAX: usize = 8;
 /// How often the leader's rebalance driver looks at the map.
 const REBALANCE_PERIOD: Duration = Duration::from_millis(500);
 
-/// Metadata of a RAFT frame.
-#[derive(Serialize, Deserialize)]
-struct RaftMeta {
-    from: u64,
-    from_addr: String,
-}
-
 pub struct Service {
     pub raft: RaftHandle,
     pub endpoint: Endpoint,
     pub advertise: String,
     pub session_ttl_secs: u64,
     pub metrics: Arc<MdmMetrics>,
-    /// Peer addresses learnt from incoming Raft messages (before the state knows them).
-    peers: Mutex<HashMap<u64, String>>,
+    /// Addresses of MDMs the cluster map does not list (yet): given by `--add_standby_mdm`, or
+    /// introduced by a peer MDM from its map ([`crate::raft_net`]).
+    pub(crate) peers: Mutex<HashMap<u64, String>>,
     /// When the leader last heard each SDS (leader-only, reset at every new term).
     liveness: Mutex<Liveness>,
     sds_down_timeout: Duration,
@@ -426,7 +419,8 @@ impl Service {
         (stored, capacity)
     }
 
-    fn peer_addr(&self, id: u64) -> Option<String> {
+    /// Where MDM `id` listens: the cluster map's address, else one noted in `peers`.
+    pub(crate) fn peer_addr(&self, id: u64) -> Option<String> {
         if let Ok(s) = self.raft.shared.state.read() {
             if let Some(m) = s.mdms.get(&MdmId(id)) {
                 return Some(m.addr.clone());
@@ -487,9 +481,14 @@ impl Service {
                 cluster_id,
             });
         }
+        if let MdmRequest::Introduce { members } = req {
+            return Ok(raft_net::introduce(self, members));
+        }
         self.require_leader()?;
         match req {
-            MdmRequest::Identify => unreachable!("answered above"),
+            MdmRequest::Identify | MdmRequest::Introduce { .. } => {
+                unreachable!("answered above")
+            }
             MdmRequest::Login { username, password } => self.login(&username, &password),
             MdmRequest::Command { token, command } => {
                 let need = match command {
@@ -499,7 +498,7 @@ impl Service {
                     _ => Role::Configure,
                 };
                 let user = self.authorize(&token, need)?;
-                tracing::info!(%user, peer = %peer.addr, "command {}", command_name(&command));
+                tracing::info!(%user, peer = %peer.addr, "command {}", authz::command_name(&command));
                 let out = self.command(command).await?;
                 Ok(MdmResponse::Done {
                     message: out.message,
@@ -516,7 +515,7 @@ impl Service {
                 stats,
                 boot,
             } => {
-                require_sds_peer(peer, &name)?;
+                authz::require_own_sds(peer, &name)?;
                 let mut stats = stats;
                 if let Ok(mut w) = self.rebuild_rates.lock() {
                     // The rebuild copy rate, measured over windows of at least 2 s.
@@ -547,7 +546,7 @@ impl Service {
                 target,
                 rebuild,
             } => {
-                require_sds_peer(peer, &name)?;
+                authz::require_own_sds(peer, &name)?;
                 let state = self.raft.shared.read_state();
                 let me = state.sds_by_name(&name).map(|x| x.id);
                 let primary = state
@@ -576,6 +575,7 @@ impl Service {
                 })
             }
             MdmRequest::SdcRegister { guid, name, ip } => {
+                authz::require_own_sdc(peer, &name)?;
                 let state = self.raft.shared.read_state();
                 if let Some(c) = state.sdcs.values().find(|c| c.guid == guid) {
                     if c.name == name || name.is_empty() {
@@ -594,6 +594,7 @@ impl Service {
             }
             MdmRequest::GetMap { known_version, sdc } => {
                 if let Some(id) = sdc {
+                    authz::require_own_sdc_id(peer, &self.raft.shared.read_state(), id)?;
                     let term = self.raft.shared.status().term;
                     if let Ok(mut m) = self.sdc_seen.lock() {
                         m.roll(term);
@@ -1032,60 +1033,6 @@ impl Service {
             commit_index: st.commit,
         }
     }
-
-    fn step_raft(&self, req: &Frame) -> Result<(), WireError> {
-        let bad = |e: &dyn std::fmt::Display| {
-            WireError::new(ErrorCode::BadRequest, format!("bad raft message: {e}"))
-        };
-        let meta: RaftMeta = serde_json::from_slice(&req.meta).map_err(|e| bad(&e))?;
-        let msg = Message::parse_from_bytes(&req.data).map_err(|e| bad(&e))?;
-        if msg.from != meta.from || msg.to != self.raft.id.0 {
-            return Err(bad(&"sender or recipient does not match"));
-        }
-        if let Ok(mut p) = self.peers.lock() {
-            if p.get(&meta.from) != Some(&meta.from_addr) {
-                p.insert(meta.from, meta.from_addr);
-            }
-        }
-        self.raft.send(RaftMsg::Step(Box::new(msg)))
-    }
-}
-
-/// An SDS speaks for itself only: its certificate must be `sds:NAME`.
-fn require_sds_peer(peer: &Peer, name: &str) -> Result<(), WireError> {
-    match peer.name.strip_prefix("sds:") {
-        Some(n) if n == name => Ok(()),
-        _ => fail(
-            ErrorCode::PermissionDenied,
-            format!(
-                "certificate '{}' may not speak for SDS {name}; issue it with `mdm ca issue --name sds:{name}`",
-                peer.name
-            ),
-        ),
-    }
-}
-
-fn command_name(c: &Command) -> &'static str {
-    match c {
-        Command::AddProtectionDomain { .. } => "add_protection_domain",
-        Command::AddFaultSet { .. } => "add_fault_set",
-        Command::AddStoragePool { .. } => "add_storage_pool",
-        Command::AddSds { .. } => "add_sds",
-        Command::RemoveSds { .. } => "remove_sds",
-        Command::SetRebuildPolicy { .. } => "set_rebuild_rebalance_policy",
-        Command::AddSdsDevice { .. } => "add_sds_device",
-        Command::RemoveSdsDevice { .. } => "remove_sds_device",
-        Command::AddVolume { .. } => "add_volume",
-        Command::RemoveVolume { .. } => "remove_volume",
-        Command::ModifyVolumeCapacity { .. } => "modify_volume_capacity",
-        Command::RenameVolume { .. } => "rename_volume",
-        Command::MapVolumeToSdc { .. } => "map_volume_to_sdc",
-        Command::UnmapVolumeFromSdc { .. } => "unmap_volume_from_sdc",
-        Command::SetSdcVolumeLimits { .. } => "set_sdc_volume_limits",
-        Command::AddUser { .. } => "add_user",
-        Command::AddStandbyMdm { .. } => "add_standby_mdm",
-        Command::SwitchClusterMode { .. } => "switch_cluster_mode",
-    }
 }
 
 /// Send one control request and decode the answer.
@@ -1110,15 +1057,21 @@ impl Handler for Service {
             kind::CONTROL => {
                 self.metrics.requests.inc();
                 match serde_json::from_slice::<MdmRequest>(&req.meta) {
-                    Ok(m) => self.control(&peer, m).await.map(|r| json(&r)),
+                    Ok(m) => match authz::check(&peer, authz::Request::Control(&m)) {
+                        Ok(()) => self.control(&peer, m).await.map(|r| json(&r)),
+                        Err(e) => {
+                            tracing::warn!(peer = %peer.addr, "{}", e.message);
+                            Err(e)
+                        }
+                    },
                     Err(e) => fail(
                         ErrorCode::BadRequest,
                         format!("malformed control request: {e}"),
                     ),
                 }
             }
-            kind::RAFT => self
-                .step_raft(&req)
+            kind::RAFT => authz::check(&peer, authz::Request::Raft)
+                .and_then(|()| raft_net::step(self, &req))
                 .map(|()| Response::ok(bytes::Bytes::new(), bytes::Bytes::new())),
             other => fail(
                 ErrorCode::BadRequest,
@@ -1132,60 +1085,6 @@ impl Handler for Service {
                     self.metrics.request_errors.inc();
                 }
                 Response::error(&e)
-            }
-        }
-    }
-}
-
-/// Deliver outgoing Raft messages: one queue and one connection per peer.
-pub async fn raft_network(svc: Arc<Service>, mut outbox: mpsc::Receiver<Message>) {
-    let mut queues: HashMap<u64, mpsc::Sender<Message>> = HashMap::new();
-    while let Some(m) = outbox.recv().await {
-        let to = m.to;
-        let q = queues.entry(to).or_insert_with(|| {
-            let (tx, rx) = mpsc::channel(PEER_QUEUE_LEN);
-            tokio::spawn(peer_sender(svc.clone(), to, rx));
-            tx
-        });
-        let _ = q.try_send(m);
-    }
-}
-
-async fn peer_sender(svc: Arc<Service>, to: u64, mut rx: mpsc::Receiver<Message>) {
-    let mut client: Option<RpcClient> = None;
-    let mut retry_at = tokio::time::Instant::now();
-    let from_addr = svc.advertise.clone();
-    let meta = serde_json::to_vec(&RaftMeta {
-        from: svc.raft.id.0,
-        from_addr,
-    })
-    .unwrap_or_default();
-    while let Some(m) = rx.recv().await {
-        if client.as_ref().is_none_or(|c| c.is_closed()) {
-            client = None;
-            if tokio::time::Instant::now() < retry_at {
-                continue;
-            }
-            let Some(addr) = svc.peer_addr(to).and_then(|a| a.parse().ok()) else {
-                continue;
-            };
-            match svc.endpoint.connect(addr).await {
-                Ok(c) => client = Some(c),
-                Err(e) => {
-                    tracing::debug!(peer = to, "raft peer unreachable: {e}");
-                    retry_at = tokio::time::Instant::now() + Duration::from_millis(300);
-                    continue;
-                }
-            }
-        }
-        let Ok(data) = m.write_to_bytes() else {
-            continue;
-        };
-        if let Some(c) = &client {
-            if c.notify(Frame::request(kind::RAFT, meta.clone(), data.into()))
-                .is_err()
-            {
-                client = None;
             }
         }
     }

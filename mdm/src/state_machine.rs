@@ -1518,10 +1518,12 @@ mod tests {
         assert_eq!(vol.labels.get("fstype").map(String::as_str), Some("ext4"));
         let old = s.mappings_of(vol.id).next().expect("m").generation;
         assert_ne!(old, 0);
-        assert_eq!(s.check_fence(vol.vtree, old), FenceCheck::Allowed);
-        assert_eq!(s.check_fence(vol.vtree, 0), FenceCheck::Fenced);
+        assert_eq!(s.check_fence(vol.vtree, old, "a"), FenceCheck::Allowed);
+        // Only the SDC the volume is mapped to may use its generation.
+        assert_eq!(s.check_fence(vol.vtree, old, "b"), FenceCheck::OtherHost);
+        assert_eq!(s.check_fence(vol.vtree, 0, "a"), FenceCheck::Fenced);
         assert_eq!(
-            s.check_fence(vol.vtree, s.next_id + 1),
+            s.check_fence(vol.vtree, s.next_id + 1, "a"),
             FenceCheck::NewerThanMap
         );
         // The leader may evict nobody: a live mapping refuses the takeover, changing nothing.
@@ -1540,14 +1542,18 @@ mod tests {
         assert_eq!(maps.len(), 1);
         assert_eq!(maps[0].sdc, b);
         assert!(maps[0].generation > old);
-        assert_eq!(s.check_fence(vol.vtree, old), FenceCheck::Fenced);
+        assert_eq!(s.check_fence(vol.vtree, old, "a"), FenceCheck::Fenced);
         assert_eq!(
-            s.check_fence(vol.vtree, maps[0].generation),
+            s.check_fence(vol.vtree, maps[0].generation, "b"),
             FenceCheck::Allowed
         );
+        assert_eq!(
+            s.check_fence(vol.vtree, maps[0].generation, "a"),
+            FenceCheck::OtherHost
+        );
         // An unknown tree with fence 0 (hand-made maps) passes; with a fence it does not.
-        assert_eq!(s.check_fence(VtreeId(12345), 0), FenceCheck::Allowed);
-        assert_eq!(s.check_fence(VtreeId(12345), old), FenceCheck::Fenced);
+        assert_eq!(s.check_fence(VtreeId(12345), 0, "a"), FenceCheck::Allowed);
+        assert_eq!(s.check_fence(VtreeId(12345), old, "a"), FenceCheck::Fenced);
     }
 
     #[test]

@@ -4,7 +4,9 @@
 //!
 //! Every certificate carries the DNS name [`CLUSTER_SERVER_NAME`], which clients use as the TLS
 //! server name, so addresses can change without reissuing certificates. The common name says who
-//! the holder is (`mdm`, `sds:sds1`, `sdc:host1`, `admin`).
+//! the holder is (`mdm`, `sds:sds1`, `sdc:host1`, `admin`): [`CertRole::of`] reads it, and every
+//! daemon decides from that role which requests a peer may send (see ARCHITECTURE.md, "Who may
+//! send what").
 
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
@@ -12,6 +14,71 @@ use rcgen::{
 };
 use std::fs;
 use std::path::{Path, PathBuf};
+
+/// What a certificate's holder is, by its common name.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum CertRole {
+    /// `mdm` (or `mdm:NAME`): a metadata manager.
+    Mdm,
+    /// `sds:NAME`: the data server scli added as NAME.
+    Sds,
+    /// `sdc:NAME`: the client host that registers as NAME.
+    Sdc,
+    /// `admin` (or `admin:NAME`): a host running scli.
+    Admin,
+}
+
+impl CertRole {
+    /// Every role, for tables and tests.
+    pub const ALL: [CertRole; 4] = [CertRole::Mdm, CertRole::Sds, CertRole::Sdc, CertRole::Admin];
+
+    /// The role and the name part (after the colon; empty for a bare `mdm` or `admin`) of a
+    /// certificate common name, or `None` for a name that gives no role (an SDS or SDC
+    /// certificate must name its holder).
+    pub fn of(common_name: &str) -> Option<(CertRole, &str)> {
+        let (prefix, name) = match common_name.split_once(':') {
+            Some((p, n)) => (p, n),
+            None => (common_name, ""),
+        };
+        let role = match prefix {
+            "mdm" => CertRole::Mdm,
+            "admin" => CertRole::Admin,
+            "sds" if !name.is_empty() => CertRole::Sds,
+            "sdc" if !name.is_empty() => CertRole::Sdc,
+            _ => return None,
+        };
+        Some((role, name))
+    }
+}
+
+impl std::fmt::Display for CertRole {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            CertRole::Mdm => "MDM",
+            CertRole::Sds => "SDS",
+            CertRole::Sdc => "SDC",
+            CertRole::Admin => "admin",
+        })
+    }
+}
+
+/// The refusal of a request whose sender's certificate role may not send it: names the
+/// certificate, its role, the request and who may send it.
+pub fn forbidden(common_name: &str, request: &str, allowed: &[CertRole]) -> crate::WireError {
+    let role = CertRole::of(common_name).map_or("no role".to_string(), |(r, _)| r.to_string());
+    let who: Vec<String> = allowed.iter().map(|r| r.to_string()).collect();
+    let who = if who.is_empty() {
+        "nobody".to_string()
+    } else {
+        who.join(", ")
+    };
+    crate::WireError::new(
+        crate::ErrorCode::PermissionDenied,
+        format!(
+            "certificate '{common_name}' ({role}) may not send {request}; only {who} certificates may"
+        ),
+    )
+}
 
 /// The TLS server name every Meshblock certificate is valid for.
 pub const CLUSTER_SERVER_NAME: &str = "meshblock";
@@ -127,4 +194,39 @@ pub fn make_rogue_identity(dir: &Path, common_name: &str) -> Result<(), CaError>
     let rogue_ca = dir.join("rogue-ca");
     init_ca(&rogue_ca, "rogue")?;
     issue(&rogue_ca, common_name, dir)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::CertRole;
+
+    #[test]
+    fn common_names_give_roles() {
+        let cases = [
+            ("mdm", Some((CertRole::Mdm, ""))),
+            ("mdm:mdm2", Some((CertRole::Mdm, "mdm2"))),
+            ("admin", Some((CertRole::Admin, ""))),
+            ("sds:sds1", Some((CertRole::Sds, "sds1"))),
+            ("sdc:host1", Some((CertRole::Sdc, "host1"))),
+            ("sds", None),
+            ("sdc:", None),
+            ("sdc", None),
+            ("", None),
+            ("server", None),
+            ("SDS:x", None),
+        ];
+        for (cn, want) in cases {
+            assert_eq!(CertRole::of(cn), want, "{cn}");
+        }
+    }
+
+    #[test]
+    fn a_refusal_names_the_certificate_role_and_request() {
+        let e = super::forbidden("sdc:h1", "ReadLocal", &[CertRole::Sds]);
+        assert_eq!(e.code, crate::ErrorCode::PermissionDenied);
+        assert_eq!(
+            e.message,
+            "certificate 'sdc:h1' (SDC) may not send ReadLocal; only SDS certificates may"
+        );
+    }
 }

@@ -414,6 +414,8 @@ pub enum FenceCheck {
     NewerThanMap,
     /// The mapping was removed (unmapped or taken over by another host).
     Fenced,
+    /// The generation is a current mapping of the volume, but to another SDC.
+    OtherHost,
 }
 
 /// The whole replicated state.
@@ -473,15 +475,25 @@ impl ClusterState {
     pub fn volume_by_vtree(&self, vtree: VtreeId) -> Option<&Volume> {
         self.volumes.values().find(|v| v.vtree == vtree)
     }
-    /// May a client request stamped with mapping generation `fence` touch `vtree`?
+    /// May the SDC named `sdc` (its certificate's name), stamping its requests with mapping
+    /// generation `fence`, touch `vtree`? Only under a current mapping of the volume to that
+    /// very SDC: a generation of another host's mapping is [`FenceCheck::OtherHost`].
     ///
     /// A vtree that belongs to no volume in this map, asked with fence 0, is allowed (tools
     /// and tests that install hand-made maps); a removed volume's I/O carries a non-zero fence
     /// and is refused.
-    pub fn check_fence(&self, vtree: VtreeId, fence: u64) -> FenceCheck {
-        match self.volume_by_vtree(vtree) {
-            None if fence == 0 => FenceCheck::Allowed,
-            Some(v) if self.mappings_of(v.id).any(|m| m.generation == fence) => FenceCheck::Allowed,
+    pub fn check_fence(&self, vtree: VtreeId, fence: u64, sdc: &str) -> FenceCheck {
+        let volume = self.volume_by_vtree(vtree);
+        let mapping = volume.and_then(|v| self.mappings_of(v.id).find(|m| m.generation == fence));
+        match (volume, mapping) {
+            (None, _) if fence == 0 => FenceCheck::Allowed,
+            (Some(_), Some(m)) => {
+                if self.sdcs.get(&m.sdc).is_some_and(|c| c.name == sdc) {
+                    FenceCheck::Allowed
+                } else {
+                    FenceCheck::OtherHost
+                }
+            }
             // Generations are values of the `next_id` counter: one above it is newer than this map.
             _ if fence > self.next_id => FenceCheck::NewerThanMap,
             _ => FenceCheck::Fenced,

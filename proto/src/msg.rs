@@ -5,7 +5,7 @@
 //! leader's address, or empty while none is known.
 
 use crate::ids::*;
-use crate::model::{ClusterMode, ClusterState, Role};
+use crate::model::{ClusterMode, ClusterState, MdmMember, Role};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
@@ -52,6 +52,10 @@ pub enum MdmRequest {
     },
     /// Who is this MDM (used before adding it as a standby).
     Identify,
+    /// An MDM tells a peer the MDMs of its cluster map (sent on every new Raft connection), so
+    /// an MDM that has no map yet (a standby being added) knows where to answer Raft messages.
+    /// The receiver fills in only MDMs its own map lacks.
+    Introduce { members: Vec<MdmMember> },
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

@@ -621,6 +621,8 @@ impl VolumeIo {
         self.check_range(offset, len)?;
         let map = self.io.map();
         let (vol, pool) = volume::lookup(&map, self.volume).ok_or(IoError::VolumeGone)?;
+        // Fenced like reads: an SDS answers only under this host's current mapping.
+        let fence = self.generation(&map).ok_or(IoError::VolumeGone)?;
         let first = offset / CHUNK_SIZE;
         let last = (offset + len)
             .div_ceil(CHUNK_SIZE)
@@ -646,7 +648,7 @@ impl VolumeIo {
                 },
                 offset: 0,
                 len: count as u32,
-                fence: 0,
+                fence,
             };
             self.io.send(*sds, &map, h, Bytes::new())
         }))

@@ -4,7 +4,8 @@
 //! Public modules first: [`device`] (the only one touching io_uring), [`chunk_store`] (on-disk
 //! chunk layout and checksums of one device), [`storage`] (all devices as one chunk space),
 //! [`routing`] (the cached cluster map, the epoch/PG fence and the MDM lease), [`replication`]
-//! (forwarding to the secondary), [`service`] (the data protocol handler), [`rebuild`] (copying
+//! (forwarding to the secondary), [`service`] (the data protocol handler), [`authz`] (which
+//! certificate roles may send which data op), [`rebuild`] (copying
 //! a PG to a new secondary as its primary), [`devices`] (the device set following the map:
 //! devices added and removed while running), [`gc`] (freeing chunks of PGs held no more),
 //! [`scrub`] (verifying stored data and repairing it
@@ -17,6 +18,7 @@
 //! `endpoint.serve(service)`, and run an [`mdm_client::MdmLink`] that keeps the map cache and
 //! this SDS's id current.
 
+pub mod authz;
 pub mod chunk_store;
 pub mod config;
 pub mod device;

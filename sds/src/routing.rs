@@ -25,6 +25,9 @@ use tokio::sync::{watch, Notify};
 pub enum Role {
     Primary,
     Secondary,
+    /// Any copy: primary, secondary or a copy being moved off (a peer reading this SDS's own
+    /// copy).
+    Holder,
 }
 
 impl std::fmt::Display for Role {
@@ -32,6 +35,7 @@ impl std::fmt::Display for Role {
         f.write_str(match self {
             Role::Primary => "primary",
             Role::Secondary => "secondary",
+            Role::Holder => "holder of a copy",
         })
     }
 }
@@ -99,6 +103,67 @@ pub fn check(
     h: &DataHeader,
     role: Role,
 ) -> Result<Route, Refusal> {
+    let pool = check_epoch(map, floor, h)?;
+    let no_pg = Refusal::NoSuchPg {
+        pool: h.pool,
+        pg: h.pg,
+    };
+    if pool.pg_count == 0 {
+        return Err(no_pg);
+    }
+    let actual = h.chunk.pg(pool.pg_count);
+    if actual != h.pg {
+        return Err(Refusal::ChunkNotInPg {
+            chunk: h.chunk,
+            claimed: h.pg,
+            actual,
+        });
+    }
+    let pg = pool.pg(h.pg).ok_or(no_pg)?;
+    let holder = match role {
+        Role::Holder => [pg.primary, pg.secondary, pg.leaving]
+            .into_iter()
+            .flatten()
+            .find(|s| *s == me),
+        Role::Primary => pg.primary,
+        // A leaving copy (rebalance) takes replica writes like the secondary.
+        Role::Secondary if pg.leaving == Some(me) => pg.leaving,
+        Role::Secondary => pg.secondary,
+    };
+    if holder != Some(me) {
+        return Err(Refusal::WrongRole {
+            me,
+            role,
+            pool: h.pool,
+            pg: h.pg,
+            epoch: pool.epoch,
+        });
+    }
+    let peer = |copy: Option<SdsId>| match (role, copy) {
+        (Role::Primary, Some(s)) if s != me => {
+            let addr = map
+                .sds
+                .get(&s)
+                .and_then(|x| x.addr.parse::<SocketAddr>().ok())
+                .ok_or(Refusal::NoPeerAddress(s))?;
+            Ok(Some((s, addr)))
+        }
+        _ => Ok(None),
+    };
+    Ok(Route {
+        secondary: peer(pg.secondary)?,
+        leaving: peer(pg.leaving)?,
+        version: map.version,
+    })
+}
+
+/// The epoch part of the fence: `h`'s pool must be in `map` at exactly the epoch `h` carries,
+/// which must not be older than `floor` (the newest this SDS has seen).
+pub fn check_epoch<'m>(
+    map: &'m ClusterState,
+    floor: Epoch,
+    h: &DataHeader,
+) -> Result<&'m proto::model::StoragePool, Refusal> {
     let Some(pool) = map.pools.get(&h.pool) else {
         if h.epoch > floor {
             return Err(Refusal::NewerEpoch {
@@ -131,53 +196,7 @@ pub fn check(
             have: pool.epoch,
         });
     }
-    let no_pg = Refusal::NoSuchPg {
-        pool: h.pool,
-        pg: h.pg,
-    };
-    if pool.pg_count == 0 {
-        return Err(no_pg);
-    }
-    let actual = h.chunk.pg(pool.pg_count);
-    if actual != h.pg {
-        return Err(Refusal::ChunkNotInPg {
-            chunk: h.chunk,
-            claimed: h.pg,
-            actual,
-        });
-    }
-    let pg = pool.pg(h.pg).ok_or(no_pg)?;
-    let holder = match role {
-        Role::Primary => pg.primary,
-        // A leaving copy (rebalance) takes replica writes like the secondary.
-        Role::Secondary if pg.leaving == Some(me) => pg.leaving,
-        Role::Secondary => pg.secondary,
-    };
-    if holder != Some(me) {
-        return Err(Refusal::WrongRole {
-            me,
-            role,
-            pool: h.pool,
-            pg: h.pg,
-            epoch: pool.epoch,
-        });
-    }
-    let peer = |copy: Option<SdsId>| match (role, copy) {
-        (Role::Primary, Some(s)) if s != me => {
-            let addr = map
-                .sds
-                .get(&s)
-                .and_then(|x| x.addr.parse::<SocketAddr>().ok())
-                .ok_or(Refusal::NoPeerAddress(s))?;
-            Ok(Some((s, addr)))
-        }
-        _ => Ok(None),
-    };
-    Ok(Route {
-        secondary: peer(pg.secondary)?,
-        leaving: peer(pg.leaving)?,
-        version: map.version,
-    })
+    Ok(pool)
 }
 
 /// The cached cluster map, this SDS's id, and the per-pool epoch high-water marks.
@@ -348,6 +367,16 @@ impl MapCache {
             return Err(Refusal::NoLease);
         }
         check(&self.state(), self.floor(h.pool), me, h, role)
+    }
+
+    /// The fence of a request about a whole pool rather than one PG (AllocStatus): joined,
+    /// leased, and at the pool's current epoch.
+    pub fn check_pool(&self, h: &DataHeader) -> Result<(), Refusal> {
+        self.me().ok_or(Refusal::NotJoined)?;
+        if !self.leased() {
+            return Err(Refusal::NoLease);
+        }
+        check_epoch(&self.state(), self.floor(h.pool), h).map(|_| ())
     }
 
     /// Ask the map follower for a newer map now (it may be sleeping until its next poll).

@@ -6,8 +6,13 @@
 //! PERFORMANCE-CRITICAL: runs per request; no logging above DEBUG on the I/O path.
 //!
 //! Rules:
+//! - Every request first passes [`crate::authz`]: may the sender's certificate role send this
+//!   op? Then: an SDC's Read, Write, Trim, WriteZeroes and AllocStatus carry the generation of
+//!   a current mapping of the volume to that SDC (the fence); an SDS's ReplicaWrite and
+//!   ReplicaTrim come from the PG's primary, Repair from its secondary, ReadLocal from another
+//!   holder of the PG.
 //! - Read, Write, Trim and WriteZeroes need this SDS to be the PG's primary; ReplicaWrite and
-//!   ReplicaTrim its secondary (and a peer certificate of an SDS). The chunk must map to the PG.
+//!   ReplicaTrim its secondary; ReadLocal any copy. The chunk must map to the PG.
 //!   A request whose epoch is older than the newest this SDS saw for the pool is refused with
 //!   `StaleEpoch`; a newer one makes the SDS fetch the map first.
 //! - The primary writes locally and forwards to the secondary in parallel, and acknowledges
@@ -18,7 +23,8 @@
 //!   device; the SDC sends it to every SDS it wrote to, so the primary forwards nothing. Its
 //!   answer is this host's boot tag (see [`proto::data`]).
 //! - WriteZeroes is forwarded as ReplicaTrim: both make the range read as zeros here.
-//! - ReadLocal reads this SDS's copy whatever its role; AllocStatus answers one byte per chunk.
+//! - ReadLocal reads this SDS's copy whatever its role; AllocStatus answers one byte per chunk
+//!   (under the lease and the pool's current epoch).
 //! - Errors: device failure → `Io` (and the device is reported failed), checksum mismatch →
 //!   `Checksum`, malformed header or data length → `BadRequest`, fence → `StaleEpoch`/`WrongPg`,
 //!   secondary unreachable → `Unavailable` (the SDC retries until the MDM re-maps the PG).
@@ -26,6 +32,7 @@
 //!   and the secondary refuses forwards from a connection older than the newest one the same
 //!   primary sent a forward on (checked under the blocks' order lock, see `replica_apply`).
 
+use crate::authz::{self, PgCopy};
 use crate::chunk_store::StoreError;
 use crate::device::BlockDevice;
 use crate::metrics::SdsMetrics;
@@ -34,6 +41,7 @@ use crate::replication::{ForwardError, Replicator};
 use crate::routing::{MapCache, Refusal, Role, Route};
 use crate::storage::Storage;
 use bytes::Bytes;
+use proto::ca::CertRole;
 use proto::codec::{kind, Frame};
 use proto::data::{DataHeader, DataOp, FLAG_FUA};
 use proto::model::PgMapping;
@@ -46,8 +54,6 @@ use std::time::{Duration, Instant};
 pub const ALLOC_STATUS_MAX_CHUNKS: u32 = 1 << 16;
 /// Checksum (and repair) granularity.
 const BLOCK_BYTES: u32 = 4096;
-/// Prefix of the certificate name of an SDS (`sds:NAME`).
-const SDS_PEER_PREFIX: &str = "sds:";
 
 /// Timeouts of the data service.
 #[derive(Clone, Debug)]
@@ -179,19 +185,29 @@ impl<D: BlockDevice> Service<D> {
         r.map_err(refusal)
     }
 
-    /// The mapping fence: a client's I/O on a volume must carry the generation of one of the
-    /// volume's current mappings (the SDC stamps it). A generation newer than this SDS's map
-    /// makes it fetch the map first; a removed one (the volume was unmapped or taken over by
-    /// another host) is refused with `Fenced`, whatever the request's epoch.
-    async fn check_fence(&self, peer: &Peer, h: &DataHeader) -> Result<(), WireError> {
+    /// The fence of a request about a whole pool (AllocStatus): lease and epoch.
+    async fn route_pool(&self, h: &DataHeader) -> Result<(), WireError> {
+        let r = match self.map.check_pool(h) {
+            Err(Refusal::NewerEpoch { .. }) => {
+                self.map.refresh(self.opts.refresh_timeout).await;
+                self.map.check_pool(h)
+            }
+            r => r,
+        };
+        r.map_err(refusal)
+    }
+
+    /// The mapping fence: the I/O of the SDC named `sdc` on a volume must carry the generation
+    /// of one of the volume's current mappings to that SDC (the SDC stamps it). A generation
+    /// newer than this SDS's map makes it fetch the map first; a removed one (the volume was
+    /// unmapped or taken over by another host) is refused with `Fenced`, whatever the
+    /// request's epoch; another host's is refused with `PermissionDenied`.
+    async fn check_fence(&self, sdc: &str, h: &DataHeader) -> Result<(), WireError> {
         use proto::model::FenceCheck;
-        if peer.name.starts_with(SDS_PEER_PREFIX) {
-            return Ok(());
-        }
-        let mut check = self.map.state().check_fence(h.chunk.vtree, h.fence);
+        let mut check = self.map.state().check_fence(h.chunk.vtree, h.fence, sdc);
         if check == FenceCheck::NewerThanMap {
             self.map.refresh(self.opts.refresh_timeout).await;
-            check = self.map.state().check_fence(h.chunk.vtree, h.fence);
+            check = self.map.state().check_fence(h.chunk.vtree, h.fence, sdc);
         }
         match check {
             FenceCheck::Allowed => Ok(()),
@@ -202,11 +218,12 @@ impl<D: BlockDevice> Service<D> {
                     h.fence
                 ),
             )),
-            FenceCheck::Fenced => Err(WireError::new(
-                ErrorCode::Fenced,
+            FenceCheck::Fenced => Err(fenced(h)),
+            FenceCheck::OtherHost => Err(WireError::new(
+                ErrorCode::PermissionDenied,
                 format!(
-                    "mapping generation {} of volume tree {} is no longer current (the volume was unmapped from this host or taken over by another); this host may not do I/O on it",
-                    h.fence, h.chunk.vtree
+                    "mapping generation {} of volume tree {} is not a mapping to SDC {sdc}; {:?} refused",
+                    h.fence, h.chunk.vtree, h.op
                 ),
             )),
         }
@@ -329,14 +346,14 @@ impl<D: BlockDevice> Service<D> {
         }
     }
 
-    /// The primary's write: local and forward in parallel, under the chunk range lock. A
-    /// `fenced` (client) write re-checks the mapping fence if the map moved while it waited.
+    /// The primary's write (from the SDC named `sdc`): local and forward in parallel, under the
+    /// chunk range lock. It re-checks the mapping fence if the map moved while it waited.
     async fn primary_write(
         &self,
         h: DataHeader,
         route: Route,
         data: Bytes,
-        fenced: bool,
+        sdc: &str,
     ) -> Result<(), WireError> {
         let _order = self
             .order
@@ -348,14 +365,16 @@ impl<D: BlockDevice> Service<D> {
         let route = if map.version == route.version {
             route
         } else {
-            if fenced {
-                // The volume may have been taken over while this write waited.
-                if map.check_fence(h.chunk.vtree, h.fence) == proto::model::FenceCheck::Fenced {
-                    return Err(WireError::new(
-                        ErrorCode::Fenced,
-                        format!("mapping generation {} was fenced while the write waited; this host may not do I/O on the volume", h.fence),
-                    ));
-                }
+            // The volume may have been taken over while this write waited.
+            use proto::model::FenceCheck;
+            if matches!(
+                map.check_fence(h.chunk.vtree, h.fence, sdc),
+                FenceCheck::Fenced | FenceCheck::OtherHost
+            ) {
+                return Err(WireError::new(
+                    ErrorCode::Fenced,
+                    format!("mapping generation {} was fenced while the write waited; this host may not do I/O on the volume", h.fence),
+                ));
             }
             self.map.check(&h, Role::Primary).map_err(refusal)?
         };
@@ -754,11 +773,12 @@ impl<D: BlockDevice> Service<D> {
         if !carries_data && !data.is_empty() {
             return Err(bad_request(format!("{:?} carries no data", h.op)));
         }
+        let (role, name) = authz::check(peer, h.op)?;
         match h.op {
             DataOp::Read => {
                 let started = Instant::now();
                 self.route(&h, Role::Primary).await?;
-                self.check_fence(peer, &h).await?;
+                self.check_fence(name, &h).await?;
                 self.metrics.user_requests.inc();
                 let out = self.read_repairing(&h).await?;
                 self.metrics
@@ -766,45 +786,33 @@ impl<D: BlockDevice> Service<D> {
                     .observe(started.elapsed().as_secs_f64());
                 Ok(out)
             }
-            DataOp::ReadLocal => self.read(&h).await,
+            DataOp::ReadLocal => {
+                self.route(&h, Role::Holder).await?;
+                authz::require_pg_peer(&self.map.state(), name, &h, PgCopy::Any)?;
+                self.read(&h).await
+            }
             DataOp::Write | DataOp::Trim | DataOp::WriteZeroes => {
                 let started = Instant::now();
                 let route = self.route(&h, Role::Primary).await?;
-                self.check_fence(peer, &h).await?;
+                self.check_fence(name, &h).await?;
                 self.metrics.user_requests.inc();
-                let fenced = !peer.name.starts_with(SDS_PEER_PREFIX);
-                self.primary_write(h, route, data, fenced).await?;
+                self.primary_write(h, route, data, name).await?;
                 self.metrics
                     .write_seconds
                     .observe(started.elapsed().as_secs_f64());
                 Ok(Bytes::new())
             }
             DataOp::ReplicaWrite | DataOp::ReplicaTrim => {
-                if !peer.name.starts_with(SDS_PEER_PREFIX) {
-                    return Err(WireError::new(
-                        ErrorCode::PermissionDenied,
-                        format!(
-                            "replica requests come from SDS only, not from '{}'",
-                            peer.name
-                        ),
-                    ));
-                }
                 crate::failpoints::delay_point(crate::failpoints::SERVICE_BEFORE_REPLICA_APPLY)
                     .await;
                 self.route(&h, Role::Secondary).await?;
+                authz::require_pg_peer(&self.map.state(), name, &h, PgCopy::Primary)?;
                 self.replica_apply(peer, &h, &data).await?;
                 Ok(Bytes::new())
             }
             DataOp::Repair => {
-                if !peer.name.starts_with(SDS_PEER_PREFIX) {
-                    return Err(WireError::new(
-                        ErrorCode::PermissionDenied,
-                        format!(
-                            "repair requests come from SDS only, not from '{}'",
-                            peer.name
-                        ),
-                    ));
-                }
+                self.route(&h, Role::Primary).await?;
+                authz::require_pg_peer(&self.map.state(), name, &h, PgCopy::Secondary)?;
                 self.serve_repair(&h).await?;
                 Ok(Bytes::new())
             }
@@ -823,6 +831,10 @@ impl<D: BlockDevice> Service<D> {
                         h.len
                     )));
                 }
+                self.route_pool(&h).await?;
+                if role == CertRole::Sdc {
+                    self.check_fence(name, &h).await?;
+                }
                 let v = self
                     .storage
                     .allocated(h.chunk.vtree, h.chunk.index.0, h.len);
@@ -830,6 +842,17 @@ impl<D: BlockDevice> Service<D> {
             }
         }
     }
+}
+
+/// The refusal of I/O under a mapping generation that is no longer current.
+fn fenced(h: &DataHeader) -> WireError {
+    WireError::new(
+        ErrorCode::Fenced,
+        format!(
+            "mapping generation {} of volume tree {} is no longer current (the volume was unmapped from this host or taken over by another); this host may not do I/O on it",
+            h.fence, h.chunk.vtree
+        ),
+    )
 }
 
 /// The wire code of a fence refusal.

@@ -2,6 +2,7 @@
 //! with a hand-built cluster map (one pool, primary A and secondary B), and a fake MDM.
 
 use bytes::Bytes;
+use proto::ca::CertRole;
 use proto::codec::{kind, Frame};
 use proto::data::{DataHeader, DataOp, FLAG_FUA};
 use proto::model::{ClusterState, PgMapping, Sds, SdsState, StoragePool};
@@ -167,7 +168,8 @@ fn cluster(a: SocketAddr, b: SocketAddr, epoch: u64, version: u64) -> ClusterSta
             id,
             Sds {
                 id,
-                name: format!("sds{}", id.0),
+                // The names the nodes' certificates carry (`sds:a`, `sds:b`).
+                name: if id == A { "a".into() } else { "b".into() },
                 addr: addr.to_string(),
                 pd: PdId(1),
                 fault_set: None,
@@ -240,6 +242,9 @@ struct Pair {
     b: Node<UringDevice>,
     client: RpcClient,
     client_ep: Endpoint,
+    /// A's certificate talking to B, and B's to A: peers that may read each other's copies.
+    a_to_b: RpcClient,
+    b_to_a: RpcClient,
 }
 
 async fn pair(name: &str) -> Pair {
@@ -251,19 +256,25 @@ async fn pair(name: &str) -> Pair {
     b.service.map().install(map);
     let client_ep = Endpoint::client(&dir.identity("sdc:host1"), "sdc:host1").expect("client");
     let client = client_ep.connect(a.addr).await.expect("connect to A");
+    let a_to_b = a.endpoint.connect(b.addr).await.expect("connect A to B");
+    let b_to_a = b.endpoint.connect(a.addr).await.expect("connect B to A");
     Pair {
         _dir: dir,
         a,
         b,
         client,
         client_ep,
+        a_to_b,
+        b_to_a,
     }
 }
 
-async fn read_local(conn: &RpcClient, chunk: ChunkId, len: u32) -> Bytes {
+/// The copy of `chunk` on the SDS `peer` is connected to (a peer SDS holding the PG), at
+/// `epoch`.
+async fn read_local(peer: &RpcClient, chunk: ChunkId, epoch: u64, len: u32) -> Bytes {
     call(
-        conn,
-        header(DataOp::ReadLocal, chunk, 0, 0, len),
+        peer,
+        header(DataOp::ReadLocal, chunk, epoch, 0, len),
         Bytes::new(),
     )
     .await
@@ -292,8 +303,8 @@ async fn writes_are_mirrored_to_the_secondary() {
     )
     .await;
     assert_eq!(read.expect("read"), data);
-    for (who, conn) in [("A", &p.client), ("B", &to_b)] {
-        let local = read_local(conn, c, 16384).await;
+    for (who, conn) in [("A", &p.b_to_a), ("B", &p.a_to_b)] {
+        let local = read_local(conn, c, 2, 16384).await;
         assert_eq!(&local[1000..1000 + 12288], &data[..], "copy on {who}");
         assert!(local[..1000].iter().all(|b| *b == 0), "copy on {who}");
     }
@@ -312,8 +323,8 @@ async fn writes_are_mirrored_to_the_secondary() {
         t.await.expect("join").expect("write");
     }
     assert_eq!(
-        read_local(&p.client, c, 32768).await,
-        read_local(&to_b, c, 32768).await,
+        read_local(&p.b_to_a, c, 2, 32768).await,
+        read_local(&p.a_to_b, c, 2, 32768).await,
         "both copies applied overlapping writes in the same order"
     );
 
@@ -332,8 +343,8 @@ async fn writes_are_mirrored_to_the_secondary() {
     .expect("write zeroes");
     let mut want = pattern(7, 4096).to_vec();
     want[100..150].fill(0);
-    for conn in [&p.client, &to_b] {
-        assert_eq!(&read_local(conn, c, 4096).await[..], &want[..]);
+    for conn in [&p.b_to_a, &p.a_to_b] {
+        assert_eq!(&read_local(conn, c, 2, 4096).await[..], &want[..]);
     }
     let status = |conn: &RpcClient| {
         let conn = conn.clone();
@@ -369,7 +380,6 @@ async fn writes_are_mirrored_to_the_secondary() {
     )
     .await
     .expect("write");
-    assert!(read_local(&to_b, lone, 4096).await.iter().all(|b| *b == 0));
     assert_eq!(p.b.service.storage().chunk_count(), 0);
     assert_eq!(p.a.service.storage().chunk_count(), 1);
 }
@@ -480,10 +490,188 @@ async fn stale_epochs_wrong_pgs_and_bad_requests_are_refused() {
         .await
         .expect("the new primary takes the write");
     assert_eq!(
-        read_local(&p.client, c, 4096).await,
+        read_local(&p.b_to_a, c, 3, 4096).await,
         data,
         "mirrored to the new secondary"
     );
+}
+
+/// `cluster` with volume tree 9 a volume mapped to SDC `host1` under generation 5 (SDC `host2`
+/// is registered but maps nothing).
+fn cluster_with_mapping(a: SocketAddr, b: SocketAddr) -> ClusterState {
+    use proto::model::{Mapping, Sdc, Volume};
+    use proto::{SdcId, VolumeId};
+    // Newer than the pair's first map (version 10), so it installs.
+    let mut s = cluster(a, b, 2, 11);
+    s.next_id = 10;
+    s.volumes.insert(
+        VolumeId(3),
+        Volume {
+            id: VolumeId(3),
+            name: "vol".into(),
+            pool: POOL,
+            size_bytes: 1 << 30,
+            thin: true,
+            vtree: VtreeId(9),
+            created_unix: 0,
+            labels: Default::default(),
+            preempt: false,
+        },
+    );
+    for (id, name) in [(1, "host1"), (2, "host2")] {
+        s.sdcs.insert(
+            SdcId(id),
+            Sdc {
+                id: SdcId(id),
+                guid: format!("guid{id}"),
+                name: name.into(),
+                ip: "127.0.0.1".into(),
+            },
+        );
+    }
+    s.mappings.push(Mapping {
+        volume: VolumeId(3),
+        sdc: SdcId(1),
+        generation: 5,
+        iops_limit: 0,
+        bandwidth_limit_kbps: 0,
+    });
+    s
+}
+
+/// Every data op, sent by every certificate role that may not send it (and by a certificate
+/// that gives no role), is refused with `PermissionDenied` naming the certificate and the op,
+/// and changes nothing; within an allowed role, only the SDC the volume is mapped to (under its
+/// generation) and SDS holding the PG are served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_data_op_is_served_only_to_the_roles_allowed_to_send_it() {
+    let p = pair("roles").await;
+    let map = cluster_with_mapping(p.a.addr, p.b.addr);
+    p.a.service.map().install(map.clone());
+    p.b.service.map().install(map);
+    let c = chunk_in(0, 0);
+    let fenced = |op, len| DataHeader {
+        fence: 5,
+        ..header(op, c, 2, 0, len)
+    };
+    // The mapped host writes a block: both copies hold it.
+    let host1 = dir_peer(&p, "sdc:host1", p.a.addr).await;
+    let data = pattern(9, 4096);
+    call(&host1, fenced(DataOp::Write, 4096), data.clone())
+        .await
+        .expect("the mapped host writes");
+    let copies = || async {
+        (
+            read_local(&p.b_to_a, c, 2, 4096).await,
+            read_local(&p.a_to_b, c, 2, 4096).await,
+        )
+    };
+    assert_eq!(copies().await, (data.clone(), data.clone()));
+
+    let ops = [
+        DataOp::Read,
+        DataOp::Write,
+        DataOp::ReplicaWrite,
+        DataOp::Flush,
+        DataOp::Trim,
+        DataOp::WriteZeroes,
+        DataOp::AllocStatus,
+        DataOp::ReplicaTrim,
+        DataOp::ReadLocal,
+        DataOp::Repair,
+    ];
+    let certs = [
+        (Some(CertRole::Mdm), "mdm"),
+        (Some(CertRole::Sds), "sds:b"),
+        (Some(CertRole::Sdc), "sdc:host1"),
+        (Some(CertRole::Admin), "admin"),
+        (None, "sdc"),
+    ];
+    let mut refused = 0;
+    for (role, cn) in certs {
+        let to_a = dir_peer(&p, cn, p.a.addr).await;
+        for op in ops {
+            if role.is_some_and(|r| sds::authz::senders(op).contains(&r)) {
+                continue;
+            }
+            let carries = matches!(op, DataOp::Write | DataOp::ReplicaWrite);
+            let body = if carries {
+                pattern(1, 4096)
+            } else {
+                Bytes::new()
+            };
+            let e = call(&to_a, fenced(op, 4096), body)
+                .await
+                .expect_err("a wrong role is refused");
+            assert_eq!(e.code, ErrorCode::PermissionDenied, "{op:?} from {cn}: {e}");
+            assert!(
+                e.message.contains(&format!("'{cn}'")) && e.message.contains(&format!("{op:?}")),
+                "the refusal names the certificate and the op: {}",
+                e.message
+            );
+            refused += 1;
+        }
+    }
+    assert!(refused >= 25, "{refused} refusals");
+
+    // Within the allowed roles: another host's generation, no generation, a foreign SDS.
+    let host2 = dir_peer(&p, "sdc:host2", p.a.addr).await;
+    for op in [DataOp::Read, DataOp::Write, DataOp::AllocStatus] {
+        let body = if op == DataOp::Write {
+            pattern(2, 4096)
+        } else {
+            Bytes::new()
+        };
+        let e = call(&host2, fenced(op, 4096), body.clone())
+            .await
+            .expect_err("another host's generation");
+        assert_eq!(e.code, ErrorCode::PermissionDenied, "{op:?}: {e}");
+        let e = call(&host1, header(op, c, 2, 0, 4096), body)
+            .await
+            .expect_err("no generation");
+        assert_eq!(e.code, ErrorCode::Fenced, "{op:?}: {e}");
+    }
+    // The mapped host's AllocStatus (from chunk `c`, one chunk) passes.
+    let alloc = fenced(DataOp::AllocStatus, 1);
+    let held = call(&host1, alloc, Bytes::new()).await.expect("alloc");
+    assert_eq!(&held[..], &[1]);
+    let stranger = dir_peer(&p, "sds:c", p.b.addr).await;
+    let e = call(
+        &stranger,
+        header(DataOp::ReplicaWrite, c, 2, 0, 4096),
+        pattern(3, 4096),
+    )
+    .await
+    .expect_err("only the PG's primary forwards");
+    assert_eq!(e.code, ErrorCode::WrongPg, "{e}");
+    let e = call(
+        &stranger,
+        header(DataOp::ReadLocal, c, 2, 0, 4096),
+        Bytes::new(),
+    )
+    .await
+    .expect_err("only a holder of the PG reads a copy");
+    assert_eq!(e.code, ErrorCode::WrongPg, "{e}");
+    let stranger_to_a = dir_peer(&p, "sds:c", p.a.addr).await;
+    let e = call(
+        &stranger_to_a,
+        header(DataOp::Repair, c, 2, 0, 4096),
+        Bytes::new(),
+    )
+    .await
+    .expect_err("only the PG's secondary asks for repairs");
+    assert_eq!(e.code, ErrorCode::WrongPg, "{e}");
+
+    // Nothing changed.
+    assert_eq!(copies().await, (data.clone(), data));
+    assert_eq!(p.a.service.storage().chunk_count(), 1);
+    assert_eq!(p.b.service.storage().chunk_count(), 1);
+}
+
+/// A connection to `to` with a certificate for `cn` from the pair's CA.
+async fn dir_peer(p: &Pair, cn: &str, to: SocketAddr) -> RpcClient {
+    let ep = Endpoint::client(&p._dir.identity(cn), cn).expect("endpoint");
+    ep.connect(to).await.expect("connect")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

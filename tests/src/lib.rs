@@ -319,7 +319,7 @@ impl Cluster {
             &mdm,
             &["ca", "init", "--dir", &dir.join("ca").display().to_string()],
         );
-        for who in ["mdm", "admin", "sdc"] {
+        for who in ["mdm", "admin"] {
             run_ok(
                 &mdm,
                 &[
@@ -781,6 +781,35 @@ pub fn wait_export(uri: &str) {
     );
 }
 
+/// The certificate directory for `common_name` (`sdc:host1`, `sds:sds1`...), issued by the
+/// cluster CA on first use into `certs/<common_name>`.
+pub fn cert_dir(c: &Cluster, common_name: &str) -> PathBuf {
+    let dir = c
+        .dir
+        .join(&format!("certs/{}", common_name.replace(':', "-")));
+    if !dir.join("node.pem").exists() {
+        run_ok(
+            &bin("mdm"),
+            &[
+                "ca",
+                "issue",
+                "--ca-dir",
+                &c.dir.join("ca").display().to_string(),
+                "--name",
+                common_name,
+                "--out",
+                &dir.display().to_string(),
+            ],
+        );
+    }
+    dir
+}
+
+/// The certificate directory of SDC host `name` (`sdc:NAME`): an SDC speaks only for itself.
+pub fn sdc_cert(c: &Cluster, name: &str) -> PathBuf {
+    cert_dir(c, &format!("sdc:{name}"))
+}
+
 /// The arguments of `sdc` for a host named `name` of cluster `c` with state in `state` (NBD
 /// socket `state/nbd.sock`, metrics on a free loopback port).
 pub fn sdc_run_args(c: &Cluster, name: &str, state: &Path) -> Vec<String> {
@@ -791,7 +820,7 @@ pub fn sdc_run_args(c: &Cluster, name: &str, state: &Path) -> Vec<String> {
         "--mdm".into(),
         c.mdm_ips(),
         "--cert-dir".into(),
-        c.dir.join("certs/sdc").display().to_string(),
+        sdc_cert(c, name).display().to_string(),
         "--state-dir".into(),
         state.display().to_string(),
         "--nbd-socket".into(),
@@ -833,10 +862,11 @@ fn spawn_sdc(
     (sdc, socket)
 }
 
-/// One raw data-plane request to the SDS at `addr`, with the admin certificate (a client,
-/// like an SDC): the response data, or the refusal's code and message.
+/// One raw data-plane request to the SDS at `addr`, with the certificate of SDC host `sdc`:
+/// the response data, or the refusal's code and message.
 pub fn data_call(
     c: &Cluster,
+    sdc: &str,
     addr: SocketAddr,
     h: &proto::data::DataHeader,
     data: bytes::Bytes,
@@ -846,8 +876,9 @@ pub fn data_call(
         .enable_all()
         .build()
         .expect("runtime");
+    let cert = sdc_cert(c, sdc);
     rt.block_on(async {
-        let id = proto::transport::Identity::load(&c.dir.join("certs/admin")).expect("identity");
+        let id = proto::transport::Identity::load(&cert).expect("identity");
         let ep = proto::transport::Endpoint::client(&id, "test").expect("endpoint");
         let conn = ep.connect(addr).await.expect("connect to SDS");
         let f = conn
@@ -1147,10 +1178,11 @@ pub mod flushes;
 pub mod nbd;
 pub mod netns;
 
-/// The cluster map, as an SDS or SDC gets it.
+/// The cluster map, as an SDS or SDC gets it (with the certificate of an SDC host `probe`
+/// that registers nowhere: GetMap without a session to renew).
 pub fn cluster_map(c: &Cluster) -> proto::model::ClusterState {
     match control_request(
-        &c.dir.join("certs/admin"),
+        &sdc_cert(c, "probe"),
         &c.mdm_ips(),
         &proto::msg::MdmRequest::GetMap {
             known_version: 0,
@@ -1211,9 +1243,22 @@ fn compare_copies_under(
         .enable_all()
         .build()
         .expect("runtime");
+    // ReadLocal comes only from an SDS holding the PG: each copy is read with the certificate
+    // of the SDS holding the other.
+    let mut endpoints = std::collections::HashMap::new();
+    for sds in map.sds.values() {
+        // spawn_sds issued `sds:NAME` into certs/NAME.
+        endpoints.insert(sds.id, c.dir.join(&format!("certs/{}", sds.name)));
+    }
     rt.block_on(async {
-        let id = proto::transport::Identity::load(&c.dir.join("certs/admin")).expect("identity");
-        let ep = proto::transport::Endpoint::client(&id, "test").expect("endpoint");
+        let endpoints: std::collections::HashMap<_, _> = endpoints
+            .into_iter()
+            .map(|(id, dir)| {
+                let identity = proto::transport::Identity::load(&dir).expect("identity");
+                let ep = proto::transport::Endpoint::client(&identity, "test").expect("endpoint");
+                (id, ep)
+            })
+            .collect();
         let mut conns = std::collections::HashMap::new();
         let mut compared = 0;
         let mut diffs = Vec::new();
@@ -1231,10 +1276,15 @@ fn compare_copies_under(
                 continue;
             };
             let mut copies = Vec::new();
-            for sds in [a, b] {
+            for (sds, reader) in [(a, b), (b, a)] {
                 let addr: SocketAddr = map.sds[&sds].addr.parse().expect("sds addr");
-                if let std::collections::hash_map::Entry::Vacant(e) = conns.entry(sds) {
-                    e.insert(ep.connect(addr).await.expect("connect to SDS"));
+                if let std::collections::hash_map::Entry::Vacant(e) = conns.entry((sds, reader)) {
+                    e.insert(
+                        endpoints[&reader]
+                            .connect(addr)
+                            .await
+                            .expect("connect to SDS"),
+                    );
                 }
                 let h = DataHeader {
                     op: DataOp::ReadLocal,
@@ -1247,7 +1297,7 @@ fn compare_copies_under(
                     len: proto::CHUNK_SIZE as u32,
                     fence: 0,
                 };
-                let f = conns[&sds]
+                let f = conns[&(sds, reader)]
                     .call_timeout(
                         Frame::request(
                             kind::DATA,

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 fn register_sdc(c: &Cluster, guid: &str, name: &str, ip: &str) {
     let r = control_request(
-        &c.dir.join("certs/sdc"),
+        &sdc_cert(c, name),
         &c.mdm_ips(),
         &MdmRequest::SdcRegister {
             guid: guid.into(),

@@ -295,16 +295,21 @@ fn compare_copies(d: &DataCluster) {
         .build()
         .expect("rt");
     rt.block_on(async {
-        let id = proto::transport::Identity::load(&d.c.dir.join("certs/sdc")).expect("identity");
-        let ep = proto::transport::Endpoint::client(&id, "checker").expect("ep");
+        // ReadLocal comes only from an SDS holding the PG: each copy is read with the
+        // certificate of the SDS holding the other one (AllocStatus too, as rebuild asks it).
         let mut clients = std::collections::HashMap::new();
-        for s in state.sds.values() {
-            clients.insert(
-                s.id,
-                ep.connect(s.addr.parse().expect("addr"))
-                    .await
-                    .expect("connect sds"),
-            );
+        for reader in state.sds.values() {
+            let dir = d.c.dir.join(&format!("certs/{}", reader.name));
+            let id = proto::transport::Identity::load(&dir).expect("identity");
+            let ep = proto::transport::Endpoint::client(&id, "checker").expect("ep");
+            for s in state.sds.values().filter(|s| s.id != reader.id) {
+                clients.insert(
+                    (s.id, reader.id),
+                    ep.connect(s.addr.parse().expect("addr"))
+                        .await
+                        .expect("connect sds"),
+                );
+            }
         }
         let chunks = vol.size_bytes / proto::CHUNK_SIZE;
         let mut compared = 0;
@@ -329,7 +334,7 @@ fn compare_copies(d: &DataCluster) {
                 len: 1,
                 fence: 0,
             };
-            let r = clients[&p]
+            let r = clients[&(p, s)]
                 .call(Frame::request(
                     kind::DATA,
                     h.encode().to_vec(),
@@ -345,7 +350,7 @@ fn compare_copies(d: &DataCluster) {
                 len: proto::CHUNK_SIZE as u32,
                 ..h
             };
-            let a = clients[&p]
+            let a = clients[&(p, s)]
                 .call(Frame::request(
                     kind::DATA,
                     h.encode().to_vec(),
@@ -353,7 +358,7 @@ fn compare_copies(d: &DataCluster) {
                 ))
                 .await
                 .expect("read primary");
-            let b = clients[&s]
+            let b = clients[&(s, p)]
                 .call(Frame::request(
                     kind::DATA,
                     h.encode().to_vec(),

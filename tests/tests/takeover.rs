@@ -27,9 +27,11 @@ fn generation(c: &Cluster, volume: &str, sdc: &str) -> Option<u64> {
     g
 }
 
-/// A request for chunk 0 of `volume`, sent to that chunk's primary, stamped with `fence`.
+/// A request for chunk 0 of `volume`, sent by SDC host `sdc` to that chunk's primary, stamped
+/// with `fence`.
 fn raw_chunk0(
     c: &Cluster,
+    sdc: &str,
     volume: &str,
     op: DataOp,
     fence: u64,
@@ -49,7 +51,7 @@ fn raw_chunk0(
         fence,
         ..DataHeader::at(op, pool.id, pg, pool.epoch, chunk, 0, 4096)
     };
-    data_call(c, addr, &h, data)
+    data_call(c, sdc, addr, &h, data)
 }
 
 fn map_takeover(c: &Cluster, volume: &str, sdc: &str) -> Scli {
@@ -105,12 +107,17 @@ fn a_dead_hosts_volume_is_taken_over_and_the_old_host_is_fenced() {
         } else {
             Bytes::new()
         };
-        let e = raw_chunk0(c, "vol1", op, old, data.clone()).expect_err("old generation fenced");
+        let e = raw_chunk0(c, "sdc1", "vol1", op, old, data.clone())
+            .expect_err("old generation fenced");
         assert_eq!(e.0, ErrorCode::Fenced, "{op:?}: {}", e.1);
-        let e = raw_chunk0(c, "vol1", op, 0, data).expect_err("no generation fenced");
+        let e = raw_chunk0(c, "sdc1", "vol1", op, 0, data.clone()).expect_err("no generation");
         assert_eq!(e.0, ErrorCode::Fenced, "{op:?}: {}", e.1);
+        // B's generation is B's alone: A may not use it.
+        let e = raw_chunk0(c, "sdc1", "vol1", op, new, data).expect_err("another host's");
+        assert_eq!(e.0, ErrorCode::PermissionDenied, "{op:?}: {}", e.1);
     }
-    let got = raw_chunk0(c, "vol1", DataOp::Read, new, Bytes::new()).expect("B's generation");
+    let got =
+        raw_chunk0(c, "sdc2", "vol1", DataOp::Read, new, Bytes::new()).expect("B's generation");
     assert_eq!(&got[..], &a_data[..4096]);
 
     // Host B sees A's flushed data and writes its own.
@@ -208,8 +215,15 @@ fn a_preemptible_volume_is_taken_from_a_live_host() {
         "preempt: takeover answered in {:.2} s (it waits until the fence is in force)",
         started.elapsed().as_secs_f64()
     );
-    let e =
-        raw_chunk0(c, "pv", DataOp::Write, old, Bytes::from(vec![1; 4096])).expect_err("fenced");
+    let e = raw_chunk0(
+        c,
+        "sdc1",
+        "pv",
+        DataOp::Write,
+        old,
+        Bytes::from(vec![1; 4096]),
+    )
+    .expect_err("fenced");
     assert_eq!(e.0, ErrorCode::Fenced);
     // A's open connection can no longer write (fenced, or its export closed).
     assert!(a.write_at(0, &pattern(7, 4096)).is_err());
