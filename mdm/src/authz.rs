@@ -214,6 +214,7 @@ mod tests {
                     name: s(),
                     devices: vec![],
                     stats: SdsStats::default(),
+                    boot: String::new(),
                 },
                 &[Sds],
             ),

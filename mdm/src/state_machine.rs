@@ -714,6 +714,7 @@ fn new_device(s: &mut ClusterState, pd: PdId, d: &NewDevice) -> Result<Device, W
         pool,
         capacity_bytes,
         state,
+        error: String::new(),
     })
 }
 
@@ -1043,6 +1044,8 @@ fn sds_report(
         sd.boot = boot.to_owned();
     }
     let mut pools = Vec::new();
+    // Pools in which a device of this SDS failed now: its copies there are gone.
+    let mut failed_in = Vec::new();
     let returned = sd.state != SdsState::Normal;
     sd.state = SdsState::Normal;
     let pd = sd.pd;
@@ -1055,6 +1058,12 @@ fn sds_report(
             } else {
                 DeviceState::Normal
             };
+            if state == DeviceState::Failed && d.state != DeviceState::Failed {
+                failed_in.push(d.pool);
+            }
+            if r.failed && d.error != r.error {
+                d.error = r.error.clone();
+            }
             if d.capacity_bytes != r.capacity_bytes || d.state != state {
                 d.capacity_bytes = r.capacity_bytes;
                 d.state = state;
@@ -1078,6 +1087,24 @@ fn sds_report(
         sd.devices.retain(|d| &d.path != path);
         pools.push(*pool);
     }
+    let mut device_note = String::new();
+    for pool in &failed_in {
+        // Chunks of nearly every PG this SDS holds in the pool were on the device: none of
+        // its copies there can be trusted whole. They are rebuilt like a lost SDS's.
+        if let Some(p) = s.pools.get_mut(pool) {
+            let before = p.epoch;
+            let (over, unavailable) = lose_copies(p, id, false);
+            let dropped = p.epoch != before;
+            device_note = format!(
+                "; a device failed: copies in pool {} dropped ({over} PGs failed over, \
+                 {unavailable} left on it alone)",
+                p.name
+            );
+            if dropped {
+                pools.push(*pool);
+            }
+        }
+    }
     if returned {
         // Its return may make unavailable PGs available and give degraded ones a new copy.
         pools.extend(s.pools.values().filter(|p| p.pd == pd).map(|p| p.id));
@@ -1092,7 +1119,7 @@ fn sds_report(
         heal(s, p, false);
     }
     if emptied.is_empty() {
-        done("SDS report recorded", Some(id.0))
+        done(format!("SDS report recorded{device_note}"), Some(id.0))
     } else {
         let paths: Vec<&str> = emptied.iter().map(|(p, _)| p.as_str()).collect();
         done(
@@ -1157,64 +1184,80 @@ fn sds_down(s: &mut ClusterState, id: SdsId) -> Result<Outcome, WireError> {
         let Some(p) = s.pools.get_mut(&pool) else {
             continue;
         };
-        let mut changed = false;
-        let next = p.epoch.next();
-        for m in p.pgs.iter_mut() {
-            if m.secondary == Some(id)
-                && m.rebuild.is_none()
-                && m.leaving.is_none()
-                && m.primary.is_some_and(|x| x != id)
-            {
-                // An in-sync secondary lost while the primary stays: it may come back soon.
-                m.dropped = Some((id, next));
-            }
-            if m.leaving == Some(id) {
-                // A copy being moved off: the move goes on without it.
-                m.leaving = None;
-                changed = true;
-            }
-            if m.secondary == Some(id) {
-                // A move's target falls back to the in-sync copy it was to replace.
-                m.secondary = m.leaving.take();
-                m.rebuild = None;
-                m.rebuild_since = None;
-                changed = true;
-            }
-            if m.primary == Some(id) {
-                // The chunks changed since an earlier drop were tracked by this primary only.
-                m.dropped = None;
-                m.rebuild_since = None;
-                if m.secondary.is_some() && m.rebuild.is_none() {
-                    m.primary = m.secondary.take();
-                    // The promoted copy tracks what is written from now on: the lost primary
-                    // may come back for a backward rebuild too.
-                    m.dropped = Some((id, next));
-                    failed_over += 1;
-                } else if let Some(l) = m.leaving.take() {
-                    // Mid-move: the leaving copy is in sync; the target is dropped (heal
-                    // picks a new one for the new primary to fill).
-                    m.primary = Some(l);
-                    m.secondary = None;
-                    m.rebuild = None;
-                    failed_over += 1;
-                } else {
-                    // No in-sync copy elsewhere: the PG waits for this SDS.
-                    m.secondary = None;
-                    m.rebuild = None;
-                    lost += 1;
-                }
-                changed = true;
-            }
-        }
-        if changed {
-            p.epoch = p.epoch.next();
-        }
+        let before = p.epoch;
+        let (over, gone) = lose_copies(p, id, true);
+        failed_over += over;
+        lost += gone;
+        let changed = p.epoch != before;
         heal(s, pool, changed);
     }
     done(
         format!("SDS {name} declared down: {failed_over} PGs failed over, {lost} PGs unavailable"),
         Some(id.0),
     )
+}
+
+/// Take SDS `id`'s copies out of every PG of pool `p`: a lost secondary (or rebuild target) is
+/// dropped; a lost primary is replaced by its in-sync secondary; a PG whose only in-sync copy
+/// was on it keeps naming it as primary (unavailable until it returns). With `may_return`
+/// (the SDS is down, its devices intact) dropped copies are marked for a backward rebuild.
+/// Bumps the pool's epoch when anything changed. Returns (PGs failed over, PGs unavailable).
+fn lose_copies(p: &mut StoragePool, id: SdsId, may_return: bool) -> (u32, u32) {
+    let mut failed_over = 0u32;
+    let mut lost = 0u32;
+    let mut changed = false;
+    let next = p.epoch.next();
+    for m in p.pgs.iter_mut() {
+        if m.secondary == Some(id)
+            && m.rebuild.is_none()
+            && m.leaving.is_none()
+            && m.primary.is_some_and(|x| x != id)
+        {
+            // An in-sync secondary lost while the primary stays: it may come back soon.
+            m.dropped = may_return.then_some((id, next));
+        }
+        if m.leaving == Some(id) {
+            // A copy being moved off: the move goes on without it.
+            m.leaving = None;
+            changed = true;
+        }
+        if m.secondary == Some(id) {
+            // A move's target falls back to the in-sync copy it was to replace.
+            m.secondary = m.leaving.take();
+            m.rebuild = None;
+            m.rebuild_since = None;
+            changed = true;
+        }
+        if m.primary == Some(id) {
+            // The chunks changed since an earlier drop were tracked by this primary only.
+            m.dropped = None;
+            m.rebuild_since = None;
+            if m.secondary.is_some() && m.rebuild.is_none() {
+                m.primary = m.secondary.take();
+                // The promoted copy tracks what is written from now on: the lost primary
+                // may come back for a backward rebuild too.
+                m.dropped = may_return.then_some((id, next));
+                failed_over += 1;
+            } else if let Some(l) = m.leaving.take() {
+                // Mid-move: the leaving copy is in sync; the target is dropped (heal
+                // picks a new one for the new primary to fill).
+                m.primary = Some(l);
+                m.secondary = None;
+                m.rebuild = None;
+                failed_over += 1;
+            } else {
+                // No in-sync copy elsewhere: the PG waits for this SDS.
+                m.secondary = None;
+                m.rebuild = None;
+                lost += 1;
+            }
+            changed = true;
+        }
+    }
+    if changed {
+        p.epoch = next;
+    }
+    (failed_over, lost)
 }
 
 /// Give every degraded PG of `pool` (live primary, no secondary) a new secondary to rebuild
@@ -1645,6 +1688,7 @@ mod tests {
                         failed: false,
                         chunks,
                         draining,
+                        error: String::new(),
                     }],
                     backward: false,
                     boot: String::new(),

@@ -315,6 +315,9 @@ pub struct Device {
     pub pool: PoolId,
     pub capacity_bytes: u64,
     pub state: DeviceState,
+    /// Why the device failed, as its SDS reported it (empty unless Failed).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub error: String,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

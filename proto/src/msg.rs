@@ -70,6 +70,9 @@ pub struct DeviceReport {
     /// saw the device marked removing, or not listed at all, in the map).
     #[serde(default)]
     pub draining: bool,
+    /// Why the device failed (the first error that failed it); empty while it works.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub error: String,
 }
 
 /// Picks an SDC the ScaleIO way: by name, IP or GUID.

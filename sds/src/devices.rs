@@ -20,7 +20,7 @@ use crate::service::Service;
 use proto::model::{ClusterState, DeviceState, RebuildPolicy};
 use proto::msg::DeviceReport;
 use proto::CHUNK_SIZE;
-use std::collections::BTreeSet;
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::path::PathBuf;
 use std::pin::Pin;
@@ -47,7 +47,7 @@ pub struct DeviceSet<D> {
     service: Arc<Service<D>>,
     open: OpenDevice<D>,
     /// Paths that failed to open: reported failed, not retried until restart.
-    broken: Mutex<BTreeSet<String>>,
+    broken: Mutex<BTreeMap<String, String>>,
     wake: Notify,
     /// How long the first sync (at start, before this SDS serves) waits for a locked device;
     /// later ones do not wait, so a map is never held up.
@@ -69,7 +69,7 @@ impl<D: BlockDevice> DeviceSet<D> {
             name,
             service,
             open,
-            broken: Mutex::new(BTreeSet::new()),
+            broken: Mutex::new(BTreeMap::new()),
             wake: Notify::new(),
             start_lock_wait,
             synced: AtomicBool::new(false),
@@ -80,12 +80,13 @@ impl<D: BlockDevice> DeviceSet<D> {
     pub fn reports(&self) -> Vec<DeviceReport> {
         let mut out = self.service.storage().reports();
         if let Ok(broken) = self.broken.lock() {
-            out.extend(broken.iter().map(|p| DeviceReport {
+            out.extend(broken.iter().map(|(p, e)| DeviceReport {
                 path: p.clone(),
                 capacity_bytes: 0,
                 failed: true,
                 chunks: 0,
                 draining: false,
+                error: format!("cannot open: {e}"),
             }));
         }
         out
@@ -118,7 +119,11 @@ impl<D: BlockDevice> DeviceSet<D> {
             if *state == DeviceState::Removing {
                 continue;
             }
-            let broken = self.broken.lock().map(|b| b.contains(path)).unwrap_or(true);
+            let broken = self
+                .broken
+                .lock()
+                .map(|b| b.contains_key(path))
+                .unwrap_or(true);
             if storage.has_device(path) || broken {
                 continue;
             }
@@ -133,7 +138,7 @@ impl<D: BlockDevice> DeviceSet<D> {
                 Err(e) => {
                     tracing::error!(device = %path, "cannot open the device the cluster map gives this SDS: {e}; reporting it failed (fix it, then restart the SDS)");
                     if let Ok(mut b) = self.broken.lock() {
-                        b.insert(path.clone());
+                        b.insert(path.clone(), e.clone());
                     }
                 }
             }
@@ -149,6 +154,12 @@ impl<D: BlockDevice> DeviceSet<D> {
             }
         }
         for (path, state) in &listed {
+            if *state == DeviceState::Failed {
+                let n = storage.forget_failed(path);
+                if n > 0 {
+                    tracing::warn!(device = %path, chunks = n, "the MDM recorded the failed device and dropped this SDS's copies on it: forgot its chunks");
+                }
+            }
             if *state == DeviceState::Removing && storage.drain(path) {
                 tracing::info!(device = %path, "device is being removed: it takes no new chunks and its chunks are moved to the other devices");
                 self.wake.notify_one();

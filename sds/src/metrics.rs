@@ -47,6 +47,8 @@ pub struct SdsMetrics {
     pub checksum_errors: Counter,
     /// Device operations that failed.
     pub device_errors: Counter,
+    /// Primary reads served from the secondary because this SDS's copy is on a failed device.
+    pub reads_from_other_copy: Counter,
     /// 1 per device that has failed.
     pub device_failed: Family<Labels, Gauge>,
     pub chunks_allocated: Gauge,
@@ -223,6 +225,7 @@ impl SdsMetrics {
             request_errors: Family::default(),
             checksum_errors: Counter::default(),
             device_errors: Counter::default(),
+            reads_from_other_copy: Counter::default(),
             device_failed: Family::default(),
             chunks_allocated: Gauge::default(),
             journal_overlay_blocks: Gauge::default(),
@@ -302,6 +305,11 @@ impl SdsMetrics {
             "meshblock_sds_device_errors",
             "Device operations that failed",
             m.device_errors.clone(),
+        );
+        r.register(
+            "meshblock_sds_reads_from_other_copy",
+            "Primary reads served from the secondary because the local copy is on a failed device",
+            m.reads_from_other_copy.clone(),
         );
         r.register(
             "meshblock_sds_device_failed",

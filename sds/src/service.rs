@@ -25,7 +25,9 @@
 //! - WriteZeroes is forwarded as ReplicaTrim: both make the range read as zeros here.
 //! - ReadLocal reads this SDS's copy whatever its role; AllocStatus answers one byte per chunk
 //!   (under the lease and the pool's current epoch).
-//! - Errors: device failure → `Io` (and the device is reported failed), checksum mismatch →
+//! - Errors: device failure → `Unavailable` (the device is taken out of I/O and reported
+//!   failed; the MDM moves its PGs to their other copy, where the SDC retries; a primary read
+//!   is served from the secondary at once), checksum mismatch →
 //!   `Checksum`, malformed header or data length → `BadRequest`, fence → `StaleEpoch`/`WrongPg`,
 //!   secondary unreachable → `Unavailable` (the SDC retries until the MDM re-maps the PG).
 //! - A forward that timed out is not applied later: the primary drops the connection it used,
@@ -234,7 +236,14 @@ impl<D: BlockDevice> Service<D> {
             StoreError::Device(d) => {
                 self.metrics.device_errors.inc();
                 if d.is_device_failure() {
-                    ErrorCode::Io
+                    // The device is out of this SDS's I/O now and the MDM moves the PGs it held
+                    // copies of to their other copy: the client retries there.
+                    return WireError::new(
+                        ErrorCode::Unavailable,
+                        format!(
+                            "{e}; this SDS's copy is being replaced by the PG's other copy: retry"
+                        ),
+                    );
                 } else {
                     ErrorCode::Internal
                 }
@@ -548,7 +557,8 @@ impl<D: BlockDevice> Service<D> {
     }
 
     /// A primary read; a block failing its checksum is repaired from the secondary and the
-    /// read retried. With no good copy the read fails with `Checksum` (never wrong data).
+    /// read retried. With no good copy the read fails with `Checksum` (never wrong data). A
+    /// read that meets a failed device is served from the secondary's copy.
     async fn read_repairing(&self, h: &DataHeader) -> Result<Bytes, WireError> {
         // Each round repairs one block; a chunk has BLOCKS of them.
         for _ in 0..=crate::range_lock::BLOCKS {
@@ -559,6 +569,10 @@ impl<D: BlockDevice> Service<D> {
                     self.metrics.checksum_errors.inc();
                     self.repair_local(h.pool, h.pg, chunk, offset).await?;
                 }
+                Err(StoreError::Device(e)) if e.is_device_failure() => {
+                    self.metrics.device_errors.inc();
+                    return self.read_other_copy(h, &e.to_string()).await;
+                }
                 r => return r.map_err(|e| self.store_error(e)),
             }
         }
@@ -566,6 +580,56 @@ impl<D: BlockDevice> Service<D> {
             ErrorCode::Checksum,
             "repairs did not converge",
         ))
+    }
+
+    /// As the PG's primary whose own copy sits on a failed device, read the range from the
+    /// in-sync secondary under the blocks' write-order lock (so no write of them is half
+    /// applied there). Without one, the read fails with `Io`.
+    async fn read_other_copy(&self, h: &DataHeader, why: &str) -> Result<Bytes, WireError> {
+        let lost = |more: String| {
+            WireError::new(
+                ErrorCode::Io,
+                format!(
+                    "this SDS's copy of chunk {} is on a failed device ({why}) and {more}",
+                    h.chunk
+                ),
+            )
+        };
+        let map = self.map.state();
+        let Some(p) = map.pools.get(&h.pool) else {
+            return Err(lost("its pool is not in the map".into()));
+        };
+        let secondary = p
+            .pg(h.pg)
+            .and_then(PgMapping::in_sync_secondary)
+            .filter(|s| Some(*s) != self.map.me());
+        let Some(secondary) = secondary else {
+            return Err(lost("the PG has no in-sync second copy".into()));
+        };
+        let Some(addr) = map.sds.get(&secondary).and_then(|x| x.addr.parse().ok()) else {
+            return Err(lost(format!("SDS {secondary} has no address")));
+        };
+        let _order = self
+            .order
+            .lock(h.chunk, BlockMask::bytes(h.offset, h.len))
+            .await;
+        let r = DataHeader::at(
+            DataOp::ReadLocal,
+            h.pool,
+            h.pg,
+            p.epoch,
+            h.chunk,
+            h.offset,
+            h.len,
+        );
+        match self.replicas.call(secondary, addr, &r).await {
+            Ok(d) if d.len() == h.len as usize => {
+                self.metrics.reads_from_other_copy.inc();
+                Ok(d)
+            }
+            Ok(d) => Err(lost(format!("the secondary sent {} bytes", d.len()))),
+            Err(e) => Err(self.forward_error(e)),
+        }
     }
 
     /// As the PG's primary, replace this SDS's block at `offset` of `chunk` (which failed its

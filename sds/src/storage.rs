@@ -30,6 +30,8 @@ pub struct Device<D> {
     pub path: String,
     pub store: Arc<ChunkStore<D>>,
     failed: AtomicBool,
+    /// The error that failed it.
+    failure: Mutex<String>,
     draining: AtomicBool,
 }
 
@@ -127,6 +129,7 @@ impl<D: BlockDevice> Storage<D> {
                 failed: d.failed(),
                 chunks: d.store.chunk_count() as u64,
                 draining: d.draining(),
+                error: d.failure.lock().map(|e| e.clone()).unwrap_or_default(),
             })
             .collect()
     }
@@ -149,7 +152,10 @@ impl<D: BlockDevice> Storage<D> {
     pub fn mark_failed(&self, i: usize, why: &DeviceError) {
         if let Some(d) = self.devices().get(i) {
             if !d.failed.swap(true, Ordering::SeqCst) {
-                tracing::error!(device = %d.path, "device failed: {why}; reporting it to the MDM");
+                if let Ok(mut f) = d.failure.lock() {
+                    *f = why.to_string();
+                }
+                tracing::error!(device = %d.path, "device failed: {why}; it takes no more I/O, its copies are rebuilt from the other SDS (reporting it to the MDM)");
             }
         }
     }
@@ -217,11 +223,13 @@ impl<D: BlockDevice> Storage<D> {
         let Some(i) = Self::locate(&devs, chunk) else {
             return crate::chunk_store::zeros(offset, len);
         };
+        Self::working(&devs, i)?;
         let r = self.note(i, devs[i].store.read(chunk, offset, len).await);
         // A move may have freed this copy between the lookup and the read (which then saw
         // zeros): read the new copy. (With one device there is nowhere to move to.)
         if devs.len() > 1 && !devs[i].store.contains(chunk) {
             if let Some(j) = Self::locate(&devs, chunk) {
+                Self::working(&devs, j)?;
                 return self.note(j, devs[j].store.read(chunk, offset, len).await);
             }
         }
@@ -238,7 +246,27 @@ impl<D: BlockDevice> Storage<D> {
             .await;
         let devs = self.devices();
         let i = self.place(&devs, chunk)?;
+        Self::working(&devs, i)?;
         self.note(i, devs[i].store.write(chunk, offset, data).await)
+    }
+
+    /// The device at `path` has failed and the cluster map says so (the MDM dropped this SDS's
+    /// copies in its pool when it recorded the failure): forget its chunks, so later writes of
+    /// them (as a fresh rebuild target) go to a working device. Returns how many.
+    pub fn forget_failed(&self, path: &str) -> usize {
+        self.devices()
+            .iter()
+            .find(|d| d.path == path && d.failed())
+            .map_or(0, |d| d.store.forget_all())
+    }
+
+    /// Refuse I/O to a chunk on a failed device: its copy here is lost (the MDM rebuilds it
+    /// from the other SDS), and a failing disk may answer with data older than what it lost.
+    fn working(devs: &[Arc<Device<D>>], i: usize) -> Result<(), StoreError> {
+        match devs.get(i) {
+            Some(d) if d.failed() => Err(StoreError::Device(DeviceError::Failed(d.path.clone()))),
+            _ => Ok(()),
+        }
     }
 
     /// Trim and write-zeroes: the range reads as zeros afterwards; emptied chunks are freed.
@@ -246,7 +274,10 @@ impl<D: BlockDevice> Storage<D> {
         let _moving = self.moves.lock(chunk, BlockMask::bytes(offset, len)).await;
         let devs = self.devices();
         match Self::locate(&devs, chunk) {
-            Some(i) => self.note(i, devs[i].store.trim(chunk, offset, len).await),
+            Some(i) => {
+                Self::working(&devs, i)?;
+                self.note(i, devs[i].store.trim(chunk, offset, len).await)
+            }
             None => crate::chunk_store::zeros(offset, len).map(|_| ()),
         }
     }
@@ -261,7 +292,10 @@ impl<D: BlockDevice> Storage<D> {
         let _moving = self.moves.lock(chunk, BlockMask::bytes(offset, len)).await;
         let devs = self.devices();
         match Self::locate(&devs, chunk) {
-            Some(i) => self.note(i, devs[i].store.zero_keeping(chunk, offset, len).await),
+            Some(i) => {
+                Self::working(&devs, i)?;
+                self.note(i, devs[i].store.zero_keeping(chunk, offset, len).await)
+            }
             None => crate::chunk_store::zeros(offset, len).map(|_| ()),
         }
     }
@@ -379,25 +413,39 @@ impl<D: BlockDevice> Storage<D> {
         Ok(resolved)
     }
 
-    /// Flush every device (in parallel when there are several).
+    /// Flush every working device (in parallel when there are several). A device that fails
+    /// now is taken out like one that failed earlier, and does not fail the flush: what it held
+    /// is lost here either way, its chunks refuse I/O from now on and the MDM rebuilds its
+    /// copies from the other SDS (which the client flushes too). Fails only when no device
+    /// works, or on an error that is not a device failure.
     pub async fn flush(&self) -> Result<(), StoreError> {
         let devs = self.devices();
-        if let [d] = &devs[..] {
-            return self.note(0, d.store.flush().await);
-        }
         let mut set = tokio::task::JoinSet::new();
         for (i, d) in devs.iter().enumerate() {
+            if d.failed() {
+                continue;
+            }
             let store = d.store.clone();
             set.spawn(async move { (i, store.flush().await) });
         }
         let mut first_err = None;
         while let Some(joined) = set.join_next().await {
             let (i, r) = joined.map_err(|_| StoreError::Device(DeviceError::Stopped))?;
-            if let Err(e) = self.note(i, r) {
-                first_err.get_or_insert(e);
+            match self.note(i, r) {
+                Ok(()) => {}
+                Err(StoreError::Device(e)) if e.is_device_failure() => {}
+                Err(e) => {
+                    first_err.get_or_insert(e);
+                }
             }
         }
-        first_err.map_or(Ok(()), Err)
+        if let Some(e) = first_err {
+            return Err(e);
+        }
+        if !devs.is_empty() && devs.iter().all(|d| d.failed()) {
+            return Err(StoreError::Device(DeviceError::eio()));
+        }
+        Ok(())
     }
 
     /// Apply every device's journaled writes in place (when it holds any): the background
@@ -442,7 +490,8 @@ impl<D: BlockDevice> Storage<D> {
         let devs = self.devices();
         let mut freed = false;
         for (i, d) in devs.iter().enumerate() {
-            if d.store.contains(chunk) {
+            // A failed device takes no I/O; its chunks are forgotten once the map says so.
+            if d.store.contains(chunk) && !d.failed() {
                 self.note(i, d.store.trim(chunk, 0, proto::CHUNK_SIZE as u32).await)?;
                 freed = true;
             }
@@ -483,6 +532,7 @@ fn new_device<D: BlockDevice>(
         path,
         store: Arc::new(store.apply_in_background(apply_wanted.clone())),
         failed: AtomicBool::new(false),
+        failure: Mutex::new(String::new()),
         draining: AtomicBool::new(false),
     })
 }

@@ -850,6 +850,7 @@ async fn the_mdm_link_follows_the_leader_registers_and_fetches_the_map() {
             failed: true,
             chunks: 0,
             draining: false,
+            error: String::new(),
         }]
     });
     let link = Arc::new(MdmLink::new(

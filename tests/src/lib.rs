@@ -1173,6 +1173,57 @@ pub fn wait_pool(dc: &DataCluster, want: &str) -> serde_json::Value {
     )
 }
 
+/// The devices `--query_sds` shows for `sds`, as (path, state, capacity).
+pub fn sds_devices(dc: &DataCluster, sds: &str) -> Vec<(String, String, u64)> {
+    let v =
+        dc.c.must_scli(&["--query_sds", "--sds_name", sds, "--json"]);
+    v.json()["devices"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|d| {
+                    (
+                        d["path"].as_str().unwrap_or("").to_string(),
+                        d["state"].as_str().unwrap_or("").to_string(),
+                        d["capacity_bytes"].as_u64().unwrap_or(0),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Give the running sds1 a second device (a 4 GiB sparse file) with `--add_sds_device` and
+/// wait until it serves it; returns the paths of its first device and the new one.
+pub fn add_second_device(dc: &DataCluster) -> (String, String) {
+    let old = dc.c.dir.join("sds1.img").display().to_string();
+    let new = dc.c.dir.join("sds1-b.img");
+    std::fs::File::create(&new)
+        .and_then(|f| f.set_len(4 << 30))
+        .expect("device file");
+    let new = new.display().to_string();
+    dc.c.must_scli(&[
+        "--add_sds_device",
+        "--sds_name",
+        "sds1",
+        "--device_path",
+        &new,
+        "--storage_pool_name",
+        "sp1",
+    ]);
+    wait_for(
+        "the running SDS to open the added device",
+        Duration::from_secs(30),
+        || {
+            sds_devices(dc, "sds1")
+                .iter()
+                .any(|(p, st, cap)| *p == new && st == "Normal" && *cap > 0)
+                .then_some(())
+        },
+    );
+    (old, new)
+}
+
 pub mod fill;
 pub mod flushes;
 pub mod nbd;

@@ -95,3 +95,79 @@ fn flushed_writes_survive_kills_with_volatile_device_caches() {
         r.writes_acked, r.flushes_ok, r.flushes_failed
     ));
 }
+
+/// A device that dies under load: one of sds1's two devices starts failing every I/O (the
+/// fault-test fail point `sds::device::eio`) under 4 connections of writes with concurrent
+/// flushes. The SDS takes it out of its I/O at once and keeps serving from its other device;
+/// primary reads of copies on it come from the other copy; the MDM drops sds1's copies in the
+/// pool and rebuilds them elsewhere, and the pool is Normal again by itself; no write and no
+/// flush fails; every acknowledged write reads back; scli shows the device Failed with why.
+#[test]
+fn a_failing_device_is_taken_out_and_its_copies_rebuilt() {
+    let dc = DataCluster::start_opts(
+        "durability_failed_device",
+        &DataOpts {
+            vol_gb: 1,
+            sds_bin: Some(failpoint_sds()),
+            sds_extra: vec!["--failpoints-file".into(), "{dir}/{name}.failpoints".into()],
+            ..DataOpts::default()
+        },
+    );
+    let (_, second) = add_second_device(&dc);
+    let model = Model::new(REGION);
+    let writers = FlushWriters::start(&dc.socket, "vol1", &model, 4, 8, 12, 7);
+    let wait_writes = |n: u64, what: &str| {
+        let base = model.report().writes_acked;
+        wait_for(what, Duration::from_secs(120), || {
+            (model.report().writes_acked >= base + n).then_some(())
+        });
+    };
+    wait_writes(1500, "writes over both devices");
+    let on_second = dc.sds_metric(0, "meshblock_sds_chunks_allocated");
+    std::fs::write(
+        dc.c.dir.join("sds1.failpoints"),
+        "sds::device::eio=return(sds1-b.img)",
+    )
+    .expect("arm the failing device");
+    wait_for(
+        "the MDM to show the failing device Failed",
+        Duration::from_secs(60),
+        || {
+            sds_devices(&dc, "sds1")
+                .iter()
+                .any(|(p, st, _)| *p == second && st == "Failed")
+                .then_some(())
+        },
+    );
+    wait_writes(1500, "writes after the device failed");
+    let pool = wait_pool(&dc, "Normal");
+    writers.finish().expect("writers");
+    let r = model.report();
+    assert_eq!(r.writes_failed, 0, "{r:?}");
+    assert_eq!(r.flushes_failed, 0, "{r:?}");
+    let (checked, lost, first) = model.check(&dc.socket, "vol1").expect("read back");
+    assert_eq!(
+        lost,
+        0,
+        "{lost} of {checked} blocks lost a flushed write; first: {}",
+        first.unwrap_or_default()
+    );
+    let (compared, diffs) = compare_copies(&dc.c, "vol1", REGION >> 20);
+    assert!(diffs.is_empty(), "copies differ: {diffs:#?}");
+    let q =
+        dc.c.must_scli(&["--query_sds", "--sds_name", "sds1", "--json"]);
+    let dev = q.json()["devices"]
+        .as_array()
+        .and_then(|a| a.iter().find(|d| d["path"] == second.as_str()).cloned())
+        .expect("the failed device in --query_sds");
+    let error = dev["error"].as_str().unwrap_or_default().to_string();
+    assert!(!error.is_empty(), "--query_sds shows no error: {dev}");
+    let text =
+        dc.c.must_scli(&["--query_sds", "--sds_name", "sds1"])
+            .stdout;
+    assert!(text.contains("Failed"), "{text}");
+    summary(&format!(
+        "fault scenario failed device (one of sds1's two devices fails every I/O under 4 NBD connections flushing concurrently): chunks on sds1 before {on_second}, acknowledged writes {}, flushes {} ok / 0 failed, blocks checked {checked}, lost 0, pool {} again by itself, chunks with identical copies {compared}, device error shown: {error}",
+        r.writes_acked, r.flushes_ok, pool["state"]
+    ));
+}

@@ -485,57 +485,6 @@ fn backward_rebuild_copies_only_changes() {
     );
 }
 
-/// The devices `--query_sds` shows for `sds`, as (path, state, capacity).
-fn sds_devices(dc: &DataCluster, sds: &str) -> Vec<(String, String, u64)> {
-    let v =
-        dc.c.must_scli(&["--query_sds", "--sds_name", sds, "--json"]);
-    v.json()["devices"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .map(|d| {
-                    (
-                        d["path"].as_str().unwrap_or("").to_string(),
-                        d["state"].as_str().unwrap_or("").to_string(),
-                        d["capacity_bytes"].as_u64().unwrap_or(0),
-                    )
-                })
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
-/// Give the running sds1 a second device (a 4 GiB sparse file) with `--add_sds_device` and
-/// wait until it serves it; returns the paths of its first device and the new one.
-fn add_second_device(dc: &DataCluster) -> (String, String) {
-    let old = dc.c.dir.join("sds1.img").display().to_string();
-    let new = dc.c.dir.join("sds1-b.img");
-    std::fs::File::create(&new)
-        .and_then(|f| f.set_len(4 << 30))
-        .expect("device file");
-    let new = new.display().to_string();
-    dc.c.must_scli(&[
-        "--add_sds_device",
-        "--sds_name",
-        "sds1",
-        "--device_path",
-        &new,
-        "--storage_pool_name",
-        "sp1",
-    ]);
-    wait_for(
-        "the running SDS to open the added device",
-        Duration::from_secs(30),
-        || {
-            sds_devices(dc, "sds1")
-                .iter()
-                .any(|(p, st, cap)| *p == new && st == "Normal" && *cap > 0)
-                .then_some(())
-        },
-    );
-    (old, new)
-}
-
 /// Devices added and removed while the SDS runs, with a writer at QD32: `--add_sds_device`
 /// is opened by the running SDS and takes new chunks; `--remove_sds_device` moves the old
 /// device's chunks to it (the SDS is SIGKILLed in the middle of that and restarted with only

@@ -94,6 +94,7 @@ fn table(token: &str) -> Vec<(MdmRequest, &'static [&'static str])> {
                 name: s("sds1"),
                 devices: vec![],
                 stats: Default::default(),
+                boot: String::new(),
             },
             &[SDS],
         ),

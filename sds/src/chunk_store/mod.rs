@@ -1608,6 +1608,16 @@ impl<D: BlockDevice> ChunkStore<D> {
         (header, self.dev.buffers().page().await)
     }
 
+    /// Forget every chunk in memory, writing nothing: for a store on a failed device whose
+    /// copies the MDM has dropped (none of them may be read again; the device takes no I/O).
+    /// Returns how many were forgotten.
+    pub fn forget_all(&self) -> usize {
+        let mut index = self.index.write().unwrap_or_else(|p| p.into_inner());
+        let n = index.len();
+        index.clear();
+        n
+    }
+
     /// Free the chunk's slot: journal the free and forget the chunk; the slot is reused once
     /// the free is applied. The caller holds the whole-chunk lock.
     async fn free(&self, chunk: ChunkId, entry: &Arc<Entry>) -> Result<(), StoreError> {

@@ -84,6 +84,10 @@ pub enum DeviceError {
     },
     #[error("the device's I/O thread has stopped")]
     Stopped,
+    /// Marked failed earlier: no I/O reaches it any more (a failing disk may still answer
+    /// some reads, with data older than writes it lost).
+    #[error("device {0} has failed; it takes no more I/O")]
+    Failed(String),
 }
 
 impl DeviceError {
@@ -92,7 +96,10 @@ impl DeviceError {
     pub fn is_device_failure(&self) -> bool {
         matches!(
             self,
-            DeviceError::Io(_) | DeviceError::Short { .. } | DeviceError::Stopped
+            DeviceError::Io(_)
+                | DeviceError::Short { .. }
+                | DeviceError::Stopped
+                | DeviceError::Failed(_)
         )
     }
 
