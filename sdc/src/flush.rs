@@ -18,7 +18,7 @@
 //!   it: that host restarted and its devices may have lost what they had not flushed. Neither
 //!   does an SDS declared down that no PG waits for ([`Outcome::Gone`]). Writes whose every copy
 //!   is in one of these cases are lost, and the flush says so (once); writes with a copy that
-//!   answered under its boot are durable there;
+//!   answered under its boot are durable there (a write of a degraded PG has one copy);
 //! - a new process owes a flush to every SDS holding the volume's pool (writes acknowledged by
 //!   the process before it may still sit in device caches), and so does a flush that finds an
 //!   owed SDS gone (its writes live on in the copies that took over).
@@ -43,9 +43,10 @@ struct Inner {
     seq: u64,
     /// Per copy, the sequence of the newest write it took that no flush has covered yet.
     owed: HashMap<Copy, u64>,
-    /// Copies that took the same writes (a PG's primary with its secondary and a copy being
-    /// moved off), with the newest such write: a write is lost only when all its copies are.
-    pairs: HashMap<(Copy, Copy), u64>,
+    /// The sets of copies that took the same writes (a PG's primary with its secondary and a
+    /// copy being moved off; a degraded PG's primary alone), sorted, with the newest such
+    /// write: a write is lost only when all its copies are.
+    groups: HashMap<Vec<Copy>, u64>,
     /// Every SDS holding a copy of the volume's pool owes a flush covering the writes up to
     /// this sequence (a flush whose ticket is at least this new pays it).
     all_holders: Option<u64>,
@@ -91,8 +92,8 @@ pub enum Outcome {
 /// What a settled ticket found.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Settled {
-    /// Pairs of copies that both lost writes they had acknowledged: those writes are gone.
-    pub lost: Vec<(Copy, Copy)>,
+    /// Sets of copies that all lost writes they had acknowledged: those writes are gone.
+    pub lost: Vec<Vec<Copy>>,
     /// An owed SDS was gone: every holder must be flushed in another round.
     pub need_holders: bool,
 }
@@ -128,13 +129,14 @@ impl FlushDebt {
         self.with(|d| {
             d.seq += 1;
             let seq = d.seq;
-            for (i, c) in copies.iter().enumerate() {
+            for c in copies {
                 d.owed.insert(*c, seq);
-                for o in &copies[i + 1..] {
-                    if o != c {
-                        d.pairs.insert(pair(*c, *o), seq);
-                    }
-                }
+            }
+            let mut group = copies.to_vec();
+            group.sort_unstable();
+            group.dedup();
+            if !group.is_empty() {
+                d.groups.insert(group, seq);
             }
         });
     }
@@ -163,42 +165,48 @@ impl FlushDebt {
     ) -> Settled {
         self.with(|d| {
             let mut out = Settled::default();
+            // Durable: answered under the write's boot. Gone: its writes live on in the copies
+            // that took over (flushed in the holders' round). Rebooted: lost there.
             let mut durable: HashSet<Copy> = HashSet::new();
-            let mut unsafe_copies: HashSet<Copy> = HashSet::new();
+            let mut gone: HashSet<Copy> = HashSet::new();
+            let mut rebooted: HashSet<Copy> = HashSet::new();
             for c in &ticket.owed {
                 match outcomes.get(&c.0).copied().unwrap_or(Outcome::Failed) {
                     Outcome::Durable(tag) if tag == c.1 || tag == 0 || c.1 == 0 => {
                         durable.insert(*c);
                     }
                     Outcome::Durable(_) => {
-                        unsafe_copies.insert(*c);
+                        rebooted.insert(*c);
                     }
                     Outcome::Gone => {
-                        unsafe_copies.insert(*c);
+                        gone.insert(*c);
                         out.need_holders = true;
                     }
                     Outcome::Failed => {}
                 }
             }
-            // Writes both of whose copies are unsafe are lost; a pair with a durable member
-            // is settled; other pairs (a member failed) stay.
-            d.pairs.retain(|(a, b), seq| {
+            // Writes all of whose copies rebooted are lost; a set with a durable member, or a
+            // gone one (the holders' round covers it), is settled; other sets (a member failed)
+            // stay to be judged again.
+            d.groups.retain(|group, seq| {
                 if *seq > ticket.seq {
                     return true;
                 }
-                if unsafe_copies.contains(a) && unsafe_copies.contains(b) {
-                    out.lost.push((*a, *b));
+                if group.iter().all(|c| rebooted.contains(c)) {
+                    out.lost.push(group.clone());
                     return false;
                 }
-                !(durable.contains(a) || durable.contains(b))
+                !group
+                    .iter()
+                    .any(|c| durable.contains(c) || gone.contains(c))
             });
-            // Paid: durable copies, and unsafe ones whose writes are settled (durable on their
-            // other copy, or reported lost above); an unsafe copy whose partner's flush failed
-            // stays owed, so the pair is judged again when the partner answers. Only up to the
-            // ticket: newer writes stay owed.
-            let paired: HashSet<Copy> = d.pairs.keys().flat_map(|(a, b)| [*a, *b]).collect();
-            let settled = unsafe_copies.iter().filter(|c| !paired.contains(c));
-            for c in durable.iter().chain(settled) {
+            // Paid, up to the ticket (newer writes stay owed): durable and gone copies, and
+            // rebooted ones whose writes are settled (durable elsewhere, or reported lost); a
+            // rebooted copy in a set still waiting (a member failed) stays owed, so the set is
+            // judged again when that member answers.
+            let waiting: HashSet<Copy> = d.groups.keys().flatten().copied().collect();
+            let settled = rebooted.iter().filter(|c| !waiting.contains(c));
+            for c in durable.iter().chain(gone.iter()).chain(settled) {
                 if d.owed.get(c).is_some_and(|s| *s <= ticket.seq) {
                     d.owed.remove(c);
                 }
@@ -215,15 +223,6 @@ impl FlushDebt {
             out.lost.sort_unstable();
             out
         })
-    }
-}
-
-/// A pair in a fixed order.
-fn pair(a: Copy, b: Copy) -> (Copy, Copy) {
-    if a <= b {
-        (a, b)
-    } else {
-        (b, a)
     }
 }
 
@@ -346,7 +345,7 @@ mod tests {
             false,
         );
         // Writes on 1+2 are lost; those on 2+3 are durable on 3.
-        assert_eq!(s.lost, vec![(c(1), c(2))]);
+        assert_eq!(s.lost, vec![vec![c(1), c(2)]]);
         assert!(d.ticket().is_empty());
     }
 
@@ -373,7 +372,7 @@ mod tests {
             &outcomes(&[(1, Outcome::Durable(99)), (2, Outcome::Durable(98))]),
             false,
         );
-        assert_eq!(s.lost, vec![(c(1), c(2))]);
+        assert_eq!(s.lost, vec![vec![c(1), c(2)]]);
         assert!(d.ticket().is_empty());
     }
 
@@ -403,7 +402,9 @@ mod tests {
     }
 
     #[test]
-    fn a_gone_copy_whose_partner_lost_the_writes_is_a_loss() {
+    fn a_gone_copy_hands_its_writes_to_the_holders_even_if_its_partner_rebooted() {
+        // The copy that took over from the gone one (by rebuild, from its intact copy) holds
+        // them: the holders' round makes them durable.
         let d = FlushDebt::clean();
         d.record(&[c(1), c(2)]);
         let t = d.ticket();
@@ -412,6 +413,17 @@ mod tests {
             &outcomes(&[(1, Outcome::Gone), (2, Outcome::Durable(5))]),
             false,
         );
-        assert_eq!(s.lost, vec![(c(1), c(2))]);
+        assert!(s.lost.is_empty() && s.need_holders);
+        assert!(d.ticket().owed.is_empty() && d.ticket().all_holders);
+    }
+
+    #[test]
+    fn a_write_with_one_copy_is_lost_when_that_host_rebooted() {
+        let d = FlushDebt::clean();
+        d.record(&[c(1)]);
+        let t = d.ticket();
+        let s = d.settle(&t, &outcomes(&[(1, Outcome::Durable(5))]), false);
+        assert_eq!(s.lost, vec![vec![c(1)]]);
+        assert!(d.ticket().is_empty());
     }
 }

@@ -515,7 +515,7 @@ impl VolumeIo {
             .iter()
             .all(|h| !matches!(outcomes.get(h), Some(Outcome::Failed) | None));
         let settled = self.debt.settle(ticket, &outcomes, holders_flushed);
-        if let Some((a, b)) = settled.lost.first() {
+        if let Some(group) = settled.lost.first() {
             let name = |id: SdsId| {
                 self.io
                     .map()
@@ -523,16 +523,16 @@ impl VolumeIo {
                     .get(&id)
                     .map_or(id.to_string(), |x| x.name.clone())
             };
+            let names: Vec<String> = group.iter().map(|c| name(c.0)).collect();
             tracing::error!(
                 volume = %self.volume,
-                pairs = settled.lost.len(),
-                "acknowledged writes were lost: both copies' hosts restarted before a flush reached them"
+                sets = settled.lost.len(),
+                "acknowledged writes were lost: every copy's host restarted before a flush reached it"
             );
             return Err(IoError::Storage(format!(
-                "acknowledged writes not yet flushed were lost: SDS {} and {} (both copies) \
-                 restarted their hosts before a flush reached them",
-                name(a.0),
-                name(b.0)
+                "acknowledged writes not yet flushed were lost: every copy of them (SDS {}) \
+                 restarted its host before a flush reached it",
+                names.join(", ")
             )));
         }
         if let Some((sds, m)) = failed.first() {

@@ -582,6 +582,30 @@ impl<D: BlockDevice> Service<D> {
         ))
     }
 
+    /// The PG's in-sync secondary (not this SDS), its address and the pool's epoch; or why
+    /// there is none.
+    fn other_copy(
+        &self,
+        pool: proto::PoolId,
+        pg: proto::PgId,
+    ) -> Result<(proto::SdsId, std::net::SocketAddr, proto::Epoch), String> {
+        let map = self.map.state();
+        let Some(p) = map.pools.get(&pool) else {
+            return Err("its pool is not in the map".into());
+        };
+        let secondary = p
+            .pg(pg)
+            .and_then(PgMapping::in_sync_secondary)
+            .filter(|s| Some(*s) != self.map.me());
+        let Some(secondary) = secondary else {
+            return Err("the PG has no in-sync second copy".into());
+        };
+        let Some(addr) = map.sds.get(&secondary).and_then(|x| x.addr.parse().ok()) else {
+            return Err(format!("SDS {secondary} has no address"));
+        };
+        Ok((secondary, addr, p.epoch))
+    }
+
     /// As the PG's primary whose own copy sits on a failed device, read the range from the
     /// in-sync secondary under the blocks' write-order lock (so no write of them is half
     /// applied there). Without one, the read fails with `Io`.
@@ -595,20 +619,7 @@ impl<D: BlockDevice> Service<D> {
                 ),
             )
         };
-        let map = self.map.state();
-        let Some(p) = map.pools.get(&h.pool) else {
-            return Err(lost("its pool is not in the map".into()));
-        };
-        let secondary = p
-            .pg(h.pg)
-            .and_then(PgMapping::in_sync_secondary)
-            .filter(|s| Some(*s) != self.map.me());
-        let Some(secondary) = secondary else {
-            return Err(lost("the PG has no in-sync second copy".into()));
-        };
-        let Some(addr) = map.sds.get(&secondary).and_then(|x| x.addr.parse().ok()) else {
-            return Err(lost(format!("SDS {secondary} has no address")));
-        };
+        let (secondary, addr, epoch) = self.other_copy(h.pool, h.pg).map_err(lost)?;
         let _order = self
             .order
             .lock(h.chunk, BlockMask::bytes(h.offset, h.len))
@@ -617,7 +628,7 @@ impl<D: BlockDevice> Service<D> {
             DataOp::ReadLocal,
             h.pool,
             h.pg,
-            p.epoch,
+            epoch,
             h.chunk,
             h.offset,
             h.len,
@@ -654,25 +665,12 @@ impl<D: BlockDevice> Service<D> {
                 format!("block at {block} of chunk {chunk} failed its checksum and no good copy is left: {why}"),
             )
         };
-        let map = self.map.state();
-        let Some(p) = map.pools.get(&pool) else {
-            return Err(unrecoverable("its pool is not in the map".into()));
-        };
-        let secondary = p
-            .pg(pg)
-            .and_then(PgMapping::in_sync_secondary)
-            .filter(|s| Some(*s) != self.map.me());
-        let Some(secondary) = secondary else {
-            return Err(unrecoverable("the PG has no in-sync second copy".into()));
-        };
-        let Some(addr) = map.sds.get(&secondary).and_then(|x| x.addr.parse().ok()) else {
-            return Err(unrecoverable(format!("SDS {secondary} has no address")));
-        };
+        let (secondary, addr, epoch) = self.other_copy(pool, pg).map_err(unrecoverable)?;
         let h = DataHeader::at(
             DataOp::ReadLocal,
             pool,
             pg,
-            p.epoch,
+            epoch,
             chunk,
             block,
             BLOCK_BYTES,

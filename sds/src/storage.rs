@@ -595,9 +595,14 @@ mod tests {
         // New chunks avoid the failed device.
         s.write(c(7), 0, b"x").await.expect("write");
         assert!(s.devices()[0].store.contains(c(7)));
+        // The failed device is out of the flush set: flushes of the others go on.
+        s.flush().await.expect("flush without the failed device");
+        // It takes no more I/O, even once it answers again.
+        s.devices()[1].store.device().clear_faults();
+        let e = s.read(c(on_b), 0, 4096).await.expect_err("failed");
         assert!(
-            s.flush().await.is_err(),
-            "the failed device fails the flush"
+            matches!(e, StoreError::Device(DeviceError::Failed(_))),
+            "{e}"
         );
     }
 

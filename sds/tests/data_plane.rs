@@ -759,13 +759,6 @@ async fn a_device_error_is_io_and_marks_the_device_failed() {
         .apply_journal()
         .await
         .expect("apply");
-    dev.add_eio(EioRule::always(FaultOp::Read, None));
-    assert_eq!(code(call(&client, read, Bytes::new()).await), ErrorCode::Io);
-    assert!(
-        a.service.storage().reports()[0].failed,
-        "reported failed in the next hello"
-    );
-    dev.clear_faults();
     // Silent corruption is a checksum error, not data.
     let at = a.service.storage().devices()[0]
         .store
@@ -776,6 +769,17 @@ async fn a_device_error_is_io_and_marks_the_device_failed() {
         code(call(&client, read, Bytes::new()).await),
         ErrorCode::Checksum
     );
+    dev.clear_faults();
+    // A device error fails the device; with no other copy to read from, the read says Io.
+    dev.add_eio(EioRule::always(FaultOp::Read, None));
+    assert_eq!(code(call(&client, read, Bytes::new()).await), ErrorCode::Io);
+    assert!(
+        a.service.storage().reports()[0].failed,
+        "reported failed in the next hello"
+    );
+    // A failed device takes no more I/O, even once it answers again.
+    dev.clear_faults();
+    assert_eq!(code(call(&client, read, Bytes::new()).await), ErrorCode::Io);
     a.service.update_gauges();
     let text = a.service.metrics().render();
     assert!(

@@ -1270,7 +1270,8 @@ pub fn compare_copies(c: &Cluster, volume: &str, chunks: u64) -> (u64, Vec<Strin
             {
                 return None;
             }
-            let result = compare_copies_under(c, &map, volume, chunks);
+            // A copy refusing the read for a newer epoch: the placement moved, start again.
+            let result = compare_copies_under(c, &map, volume, chunks)?;
             let after = cluster_map(c);
             (after.pools.get(&vol.pool).map(|p| p.epoch) == Some(pool.epoch)).then_some(result)
         },
@@ -1282,7 +1283,7 @@ fn compare_copies_under(
     map: &proto::model::ClusterState,
     volume: &str,
     chunks: u64,
-) -> (u64, Vec<String>) {
+) -> Option<(u64, Vec<String>)> {
     use proto::codec::{kind, Frame};
     use proto::data::{DataHeader, DataOp};
     let vol = map
@@ -1359,7 +1360,18 @@ fn compare_copies_under(
                     )
                     .await
                     .expect("ReadLocal");
-                let f = proto::transport::check_status(f).expect("ReadLocal status");
+                let f = match proto::transport::check_status(f) {
+                    Ok(f) => f,
+                    Err(e)
+                        if matches!(
+                            e.code,
+                            proto::ErrorCode::StaleEpoch | proto::ErrorCode::WrongPg
+                        ) =>
+                    {
+                        return None;
+                    }
+                    Err(e) => panic!("ReadLocal status: {e:?}"),
+                };
                 copies.push(f.data);
             }
             compared += 1;
@@ -1389,7 +1401,7 @@ fn compare_copies_under(
                 ));
             }
         }
-        (compared, diffs)
+        Some((compared, diffs))
     })
 }
 
