@@ -4,10 +4,11 @@
 //!
 //! Modules: [`raft`] (ready loop and Raft storage), [`store`] (the `MetaStore` seam over sled),
 //! [`state_machine`] (applies committed ops), [`placement`] (pure PG assignment), [`service`]
-//! (requests over QUIC), [`auth`], [`config`], [`metrics`].
+//! (requests over QUIC), [`lease`] (SDS leases only from a leader a quorum follows), [`auth`], [`config`], [`metrics`].
 
 pub mod auth;
 pub mod config;
+pub mod lease;
 pub mod metrics;
 pub mod placement;
 pub mod raft;
