@@ -96,6 +96,7 @@ pub async fn delay_point(name: &str) {
     #[cfg(feature = "failpoints")]
     if let Some(Some(ms)) = fail::eval(name, |arg| arg.and_then(|a| a.trim().parse::<u64>().ok())) {
         tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+        tracing::warn!("fail point {name} held a request {ms} ms; it goes on now");
     }
     #[cfg(not(feature = "failpoints"))]
     let _ = name;
