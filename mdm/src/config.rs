@@ -39,7 +39,9 @@ pub struct MdmConfig {
     /// Name of the cluster, set when it is created. Default: "meshblock".
     pub cluster_name: String,
     /// An SDS the leader has not heard from (hello) for this long is declared down and its PGs
-    /// fail over to their other copy. Must exceed the SDS's `lease_ms`. Default: 1500.
+    /// fail over to their other copy. The leader grants SDS leases of 4/5 of this (sent with
+    /// each answer to a hello), so an SDS that may be declared down has stopped serving before.
+    /// Default: 1500.
     pub sds_down_timeout_ms: u64,
     /// An SDC that has not polled the leader for this long has lost its session: a volume
     /// mapped to it may be taken over by another host (`map_volume_to_sdc` with takeover, the

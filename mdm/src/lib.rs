@@ -5,11 +5,13 @@
 //! Modules: [`raft`] (ready loop and Raft storage), [`store`] (the `MetaStore` seam over sled),
 //! [`state_machine`] (applies committed ops), [`placement`] (pure PG assignment), [`service`]
 //! (requests over QUIC), [`authz`] (which certificate roles may send which request),
-//! [`raft_net`] (the Raft transport between MDMs), [`auth`], [`config`], [`metrics`].
+//! [`raft_net`] (the Raft transport between MDMs), [`lease`] (SDS leases only from a leader a
+//! quorum follows), [`auth`], [`config`], [`metrics`].
 
 pub mod auth;
 pub mod authz;
 pub mod config;
+pub mod lease;
 pub mod metrics;
 pub mod placement;
 pub mod raft;

@@ -17,6 +17,10 @@ pub struct MdmMetrics {
     pub request_errors: Counter,
     pub proposals: Counter,
     pub sds_declared_down: Counter,
+    /// SDS leases granted (hellos answered after a quorum confirmed this leader).
+    pub leases_granted: Counter,
+    /// Hellos refused because no quorum confirmed this leader in time.
+    pub leases_refused: Counter,
 }
 
 impl MdmMetrics {
@@ -27,6 +31,16 @@ impl MdmMetrics {
             "meshblock_mdm_sds_declared_down",
             "SDS this MDM declared down after missing heartbeats",
             m.sds_declared_down.clone(),
+        );
+        r.register(
+            "meshblock_mdm_sds_leases_granted",
+            "SDS leases granted (a quorum of MDMs confirmed this leader since the hello arrived)",
+            m.leases_granted.clone(),
+        );
+        r.register(
+            "meshblock_mdm_sds_leases_refused",
+            "SDS hellos refused because no quorum of MDMs confirmed this leader in time",
+            m.leases_refused.clone(),
         );
         r.register(
             "meshblock_mdm_is_leader",

@@ -881,6 +881,7 @@ impl Service {
         devices: Vec<DeviceReport>,
         boot: String,
     ) -> Result<MdmResponse, WireError> {
+        let received = Instant::now();
         let state = self.raft.shared.read_state();
         let Some(mut sds) = state.sds_by_name(name).cloned() else {
             return fail(
@@ -943,10 +944,17 @@ impl Service {
                 tracing::info!(sds = %name, "{}", out.message);
             }
         }
+        // A lease only from a leader that a quorum still follows (see crate::lease).
+        let lease =
+            crate::lease::grant(&self.raft, &self.metrics, received, self.sds_down_timeout).await?;
         // The SDS may serve only once it has a map at least as new as this: the one that
         // records it as Normal (and, after an outage, without the PGs it lost).
         let map_version = self.raft.shared.read_state().version;
-        Ok(MdmResponse::SdsWelcome { id, map_version })
+        Ok(MdmResponse::SdsWelcome {
+            id,
+            map_version,
+            lease_ms: u64::try_from(lease.as_millis()).unwrap_or(u64::MAX),
+        })
     }
 
     fn query(&self, q: &Query) -> Result<MdmResponse, WireError> {

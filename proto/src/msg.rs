@@ -312,6 +312,11 @@ pub enum MdmResponse {
         /// The SDS serves only once its map is at least this new.
         #[serde(default)]
         map_version: u64,
+        /// The lease this answer grants, in milliseconds from when the SDS sent its hello
+        /// (derived from the leader's `sds_down_timeout_ms`, so the two cannot disagree). 0
+        /// from an MDM older than this field: the SDS falls back to its own bound.
+        #[serde(default)]
+        lease_ms: u64,
     },
     SdcRegistered {
         id: SdcId,

@@ -17,7 +17,8 @@ pub const DEFAULT_METRICS_LISTEN: ([u8; 4], u16) = ([127, 0, 0, 1], 9072);
 pub const DEFAULT_CERT_DIR: &str = "/etc/meshblock/certs";
 pub const DEFAULT_MAP_POLL_INTERVAL_MS: u64 = 500;
 pub const DEFAULT_HELLO_INTERVAL_MS: u64 = 200;
-pub const DEFAULT_LEASE_MS: u64 = 1200;
+/// `lease_ms` unset: the lease is as long as the MDM grants.
+pub const DEFAULT_LEASE_MS: u64 = 0;
 pub const DEFAULT_REBUILD_CONCURRENCY: u32 = 16;
 pub const DEFAULT_SCRUB_RATE_MIB_S: u64 = 4;
 pub const DEFAULT_FORWARD_TIMEOUT_MS: u64 = 5000;
@@ -104,9 +105,11 @@ pub struct SdsConfig {
     /// milliseconds; keep it below the SDC's 10 s call timeout. Default: 5000.
     #[serde(default = "default_forward_timeout_ms")]
     pub forward_timeout_ms: u64,
-    /// How long after sending its last answered hello this SDS keeps serving I/O without
-    /// hearing from the MDM, in milliseconds. Must be below the MDM's `sds_down_timeout_ms`
-    /// (1500): an SDS the MDM may have declared down has stopped serving by then. Default: 1200.
+    /// An upper bound, in milliseconds, on the lease: how long after sending its last answered
+    /// hello this SDS keeps serving I/O without hearing from the MDM. The MDM leader sends the
+    /// lease's length with each answer (4/5 of its `sds_down_timeout_ms`), so it always ends
+    /// before that MDM may declare this SDS down; this key can only shorten it. 0: no bound
+    /// of its own (an MDM too old to send a length then grants 1200). Default: 0.
     #[serde(default = "default_lease_ms")]
     pub lease_ms: u64,
     /// PGs this SDS copies at once as a rebuild or rebalance source (one chunk at a time each);
@@ -199,9 +202,11 @@ const FIELD_DOCS: &[(&str, &str)] = &[
     ),
     (
         "lease_ms",
-        "How long after sending its last answered hello this SDS keeps serving I/O without \
-         hearing from the MDM, in milliseconds. Must be below the MDM's sds_down_timeout_ms \
-         (1500): an SDS the MDM may have declared down has stopped serving by then.",
+        "An upper bound, in milliseconds, on the lease: how long after sending its last \
+         answered hello this SDS keeps serving I/O without hearing from the MDM. The MDM \
+         leader sends the lease's length with each answer (4/5 of its sds_down_timeout_ms), so \
+         it always ends before that MDM may declare this SDS down; this key can only shorten \
+         it. 0: no bound of its own (an MDM too old to send a length then grants 1200).",
     ),
     (
         "rebuild_concurrency",
@@ -316,8 +321,12 @@ impl SdsConfig {
         Duration::from_millis(self.forward_timeout_ms)
     }
 
-    pub fn lease(&self) -> Duration {
-        Duration::from_millis(self.lease_ms)
+    /// The bound on the lease the MDM grants (`Duration::MAX`: none of its own).
+    pub fn lease_cap(&self) -> Duration {
+        match self.lease_ms {
+            0 => Duration::MAX,
+            ms => Duration::from_millis(ms),
+        }
     }
 
     pub fn device_lock_wait(&self) -> Duration {
@@ -348,7 +357,6 @@ impl SdsConfig {
             ("map_poll_interval_ms", self.map_poll_interval_ms),
             ("hello_interval_ms", self.hello_interval_ms),
             ("forward_timeout_ms", self.forward_timeout_ms),
-            ("lease_ms", self.lease_ms),
             ("rebuild_concurrency", u64::from(self.rebuild_concurrency)),
         ] {
             if v == 0 {
@@ -361,7 +369,7 @@ impl SdsConfig {
         if let Err(e) = proto::daemon::check_worker_threads(self.worker_threads) {
             p.push(e);
         }
-        if self.hello_interval_ms >= self.lease_ms {
+        if self.lease_ms != 0 && self.hello_interval_ms >= self.lease_ms {
             p.push(
                 "hello_interval_ms: must be below lease_ms, or the lease lapses between hellos"
                     .to_string(),

@@ -13,6 +13,10 @@ pub const SERVICE_AFTER_FORWARD_BEFORE_ACK: &str = "sds::service::after_forward_
 /// A secondary got a forwarded write or trim and has not applied it yet (armed with
 /// `return(MS)` it waits MS milliseconds there, as a forward held up in the network would).
 pub const SERVICE_BEFORE_REPLICA_APPLY: &str = "sds::service::before_replica_apply";
+/// A write or trim (client or forwarded) holds its blocks' range lock and has not re-checked
+/// the lease yet (armed with `return(MS)` it waits MS milliseconds there, as a write queued
+/// behind others would).
+pub const SERVICE_AFTER_RANGE_LOCK: &str = "sds::service::after_range_lock";
 /// In the middle of installing a newer cluster map (epoch floors raised, map not yet swapped).
 pub const ROUTING_DURING_MAP_UPDATE: &str = "sds::routing::during_map_update";
 
@@ -92,6 +96,7 @@ pub async fn delay_point(name: &str) {
     #[cfg(feature = "failpoints")]
     if let Some(Some(ms)) = fail::eval(name, |arg| arg.and_then(|a| a.trim().parse::<u64>().ok())) {
         tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+        tracing::warn!("fail point {name} held a request {ms} ms; it goes on now");
     }
     #[cfg(not(feature = "failpoints"))]
     let _ = name;

@@ -135,6 +135,12 @@ fn configure(args: &Args) -> anyhow::Result<SdsConfig> {
             for k in unknown {
                 tracing::warn!(file = %p.display(), "unknown configuration key {k} ignored");
             }
+            if cfg.lease_ms != 0 {
+                tracing::info!(
+                    lease_ms = cfg.lease_ms,
+                    "lease_ms bounds the lease the MDM grants (the MDM sends its length); it can only shorten it"
+                );
+            }
             cfg
         }
         None => SdsConfig::default(),
@@ -294,7 +300,7 @@ async fn run(cfg: SdsConfig, volatile_cache: bool) -> anyhow::Result<()> {
             LinkOptions {
                 hello_interval: cfg.hello_interval(),
                 map_poll_interval: cfg.map_poll_interval(),
-                lease: Some(cfg.lease()),
+                lease: Some(cfg.lease_cap()),
                 boot: boot.clone(),
                 ..LinkOptions::default()
             },

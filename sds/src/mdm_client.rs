@@ -3,7 +3,9 @@
 //! Two loops, both for the life of the process:
 //! - **hello**: at start and every `hello_interval`, `SdsHello { name, devices, stats, boot }`
 //!   (CONTROL frame, JSON). The SDS identifies itself by its certificate; the answer
-//!   `SdsWelcome { id, map_version }` gives its id and renews its lease (see [`MapCache`]).
+//!   `SdsWelcome { id, map_version, lease_ms }` gives its id and renews its lease (see
+//!   [`MapCache`]) for `lease_ms` from when the hello was sent: the MDM leader derives it from
+//!   its own down timeout, so the two cannot disagree ([`effective_lease`]).
 //!   Device reports carry `failed: true` once a device has failed; `stats` carries the checksum
 //!   counters and scrub progress. The hello doubles as the SDS's heartbeat.
 //! - **map**: every `map_poll_interval`, or at once when the data path asks
@@ -20,8 +22,26 @@ use proto::client::MdmClient;
 use proto::model::ClusterState;
 use proto::msg::{DeviceReport, MdmRequest, MdmResponse, SdsStats};
 use proto::{Epoch, PgId, PoolId, SdsId, WireError};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
+
+/// The lease an answer from an MDM that sends none (older than `SdsWelcome::lease_ms`) grants:
+/// what SDS used to assume, below such an MDM's default 1.5 s down timeout.
+pub const LEGACY_LEASE: Duration = Duration::from_millis(1200);
+/// No lease is longer, whatever an answer says (a sanity bound on a value from the network).
+pub const LEASE_MAX: Duration = Duration::from_secs(600);
+
+/// The lease an answer granting `granted_ms` gives an SDS whose own bound is `cap` (the
+/// `lease_ms` config key; `Duration::MAX` when unset): the MDM's length, never longer than
+/// the bound, [`LEGACY_LEASE`] from an MDM that sends none.
+pub fn effective_lease(granted_ms: u64, cap: Duration) -> Duration {
+    let granted = match granted_ms {
+        0 => LEGACY_LEASE,
+        ms => Duration::from_millis(ms),
+    };
+    granted.min(cap).min(LEASE_MAX)
+}
 
 /// Produces the device reports of the next hello.
 pub type DeviceReports = Arc<dyn Fn() -> Vec<DeviceReport> + Send + Sync>;
@@ -39,8 +59,9 @@ pub struct LinkOptions {
     pub map_poll_interval: Duration,
     /// How long one request may keep trying (leader changes included).
     pub request_timeout: Duration,
-    /// Serve only under a lease of this length from each answered hello (see
-    /// [`MapCache`]); `None` serves without one (tests that drive the map by hand).
+    /// Serve only under the lease each answered hello grants, at most this long (see
+    /// [`MapCache`], [`effective_lease`]; `Duration::MAX`: as long as the MDM grants); `None`
+    /// serves without one (tests that drive the map by hand).
     pub lease: Option<Duration>,
     /// The boot of this host ([`proto::daemon::boot_id`]), sent with every hello: a new one
     /// tells the MDM that the devices may have lost unflushed writes.
@@ -85,6 +106,8 @@ pub struct MdmLink {
     opts: LinkOptions,
     on_hello: Option<HelloObserver>,
     stats: Option<StatsReport>,
+    /// Whether a lease shorter than the hello interval was reported already.
+    warned_short_lease: AtomicBool,
 }
 
 impl MdmLink {
@@ -108,6 +131,7 @@ impl MdmLink {
             opts,
             on_hello: None,
             stats: None,
+            warned_short_lease: AtomicBool::new(false),
         }
     }
 
@@ -144,12 +168,26 @@ impl MdmLink {
             None => self.opts.request_timeout,
         };
         match self.client.request(&req, timeout).await? {
-            MdmResponse::SdsWelcome { id, map_version } => {
+            MdmResponse::SdsWelcome {
+                id,
+                map_version,
+                lease_ms,
+            } => {
                 if self.map.me() != Some(id) {
                     tracing::info!(sds_id = %id, name = %self.name, "welcomed by the MDM");
                     self.map.set_me(id);
                 }
-                if let Some(lease) = self.opts.lease {
+                if let Some(cap) = self.opts.lease {
+                    let lease = effective_lease(lease_ms, cap);
+                    if lease <= self.opts.hello_interval
+                        && !self.warned_short_lease.swap(true, Ordering::Relaxed)
+                    {
+                        tracing::warn!(
+                            lease_ms = lease.as_millis() as u64,
+                            hello_interval_ms = self.opts.hello_interval.as_millis() as u64,
+                            "the lease is not longer than the hello interval: it lapses between hellos (raise the MDM's sds_down_timeout_ms or lower hello_interval_ms)"
+                        );
+                    }
                     self.map.grant_lease(sent, lease, map_version);
                 }
                 if self.map.version() < map_version {
@@ -258,5 +296,26 @@ impl MdmLink {
     /// Run both loops until the process ends.
     pub async fn run(self: Arc<Self>) {
         tokio::join!(self.hello_loop(), self.map_loop());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_lease_comes_from_the_mdm_within_the_sds_bound() {
+        let ms = Duration::from_millis;
+        assert_eq!(effective_lease(1200, Duration::MAX), ms(1200));
+        assert_eq!(effective_lease(8000, Duration::MAX), ms(8000));
+        assert_eq!(effective_lease(8000, ms(1000)), ms(1000), "the bound caps");
+        assert_eq!(effective_lease(500, ms(1000)), ms(500), "never longer");
+        assert_eq!(
+            effective_lease(0, Duration::MAX),
+            LEGACY_LEASE,
+            "an old MDM"
+        );
+        assert_eq!(effective_lease(0, ms(300)), ms(300));
+        assert_eq!(effective_lease(u64::MAX, Duration::MAX), LEASE_MAX);
     }
 }

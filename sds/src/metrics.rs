@@ -91,6 +91,9 @@ pub struct SdsMetrics {
     /// Forwarded writes and trims refused because they arrived on a connection the primary
     /// had since given up on (it timed the forward out and sent later writes on a new one).
     pub stale_forwards_refused: Counter,
+    /// Writes and trims (client or forwarded) refused, not applied or not acknowledged,
+    /// because the lease ran out while they waited (for the range lock, or for the device).
+    pub lease_expired_writes: Counter,
     /// Chunks of PGs this SDS no longer holds, freed by the garbage collector.
     pub gc_freed_chunks: Counter,
     /// 1 while this SDS holds a lease from the MDM and may serve.
@@ -247,6 +250,7 @@ impl SdsMetrics {
             draining_chunks: Gauge::default(),
             drained_chunks: Counter::default(),
             stale_forwards_refused: Counter::default(),
+            lease_expired_writes: Counter::default(),
             gc_freed_chunks: Counter::default(),
             leased: Gauge::default(),
             repaired_blocks: Counter::default(),
@@ -340,6 +344,11 @@ impl SdsMetrics {
             "meshblock_sds_stale_forwards_refused",
             "Forwarded writes not applied: they came on a connection the primary had replaced",
             m.stale_forwards_refused.clone(),
+        );
+        r.register(
+            "meshblock_sds_lease_expired_writes",
+            "Writes refused (not applied, or not acknowledged) because the lease ran out while they waited",
+            m.lease_expired_writes.clone(),
         );
         r.register(
             "meshblock_sds_gc_freed_chunks",

@@ -253,7 +253,9 @@ impl MapCache {
     /// least `min_version`.
     pub fn grant_lease(&self, sent: Instant, lease: Duration, min_version: u64) {
         if let Ok(mut l) = self.lease.lock() {
-            let until = sent + lease;
+            let Some(until) = sent.checked_add(lease) else {
+                return;
+            };
             if l.until.is_none_or(|u| u < until) {
                 l.until = Some(until);
             }

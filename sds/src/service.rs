@@ -33,6 +33,10 @@
 //! - A forward that timed out is not applied later: the primary drops the connection it used,
 //!   and the secondary refuses forwards from a connection older than the newest one the same
 //!   primary sent a forward on (checked under the blocks' order lock, see `replica_apply`).
+//! - **Lease**: no write or trim, client or forwarded, is applied or acknowledged after this
+//!   SDS's lease ran out. The fence checks it on arrival; it is checked again once the range
+//!   lock is held (the wait may be long), right before the local apply, and before the
+//!   acknowledgement (`Unavailable`: the SDC retries, by then on the copy that took over).
 
 use crate::authz::{self, PgCopy};
 use crate::chunk_store::StoreError;
@@ -279,8 +283,22 @@ impl<D: BlockDevice> Service<D> {
         WireError::new(code, e.to_string())
     }
 
-    /// Apply a write, trim or write-zeroes to the local copy; FUA flushes afterwards.
+    /// Refuse unless the lease still holds: a write that waited (for the range lock, for the
+    /// device) must not land or be acknowledged after the MDM may have moved its PG away.
+    fn lease_held(&self, h: &DataHeader) -> Result<(), WireError> {
+        if self.map.leased() {
+            return Ok(());
+        }
+        self.metrics.lease_expired_writes.inc();
+        tracing::debug!(chunk = %h.chunk, offset = h.offset, len = h.len, op = ?h.op,
+            "refused a write: the lease ran out while it waited");
+        Err(refusal(Refusal::NoLease))
+    }
+
+    /// Apply a write, trim or write-zeroes to the local copy (only under the lease); FUA
+    /// flushes afterwards.
     async fn apply(&self, h: &DataHeader, data: &[u8]) -> Result<(), WireError> {
+        self.lease_held(h)?;
         let r = match h.op {
             DataOp::Write | DataOp::ReplicaWrite => {
                 self.metrics.writes.inc();
@@ -326,6 +344,8 @@ impl<D: BlockDevice> Service<D> {
             .order
             .lock(h.chunk, BlockMask::bytes(h.offset, h.len))
             .await;
+        crate::failpoints::delay_point(crate::failpoints::SERVICE_AFTER_RANGE_LOCK).await;
+        self.lease_held(h)?;
         if !self.newest_replica_conn(peer) {
             self.metrics.stale_forwards_refused.inc();
             tracing::warn!(peer = %peer.name, chunk = %h.chunk, offset = h.offset, len = h.len,
@@ -335,7 +355,8 @@ impl<D: BlockDevice> Service<D> {
                 "this forward came on a connection the primary has since replaced; not applied",
             ));
         }
-        self.apply(h, data).await
+        self.apply(h, data).await?;
+        self.lease_held(h)
     }
 
     /// Whether `peer`'s connection is the newest one that SDS has sent forwards on (and note
@@ -368,6 +389,8 @@ impl<D: BlockDevice> Service<D> {
             .order
             .lock(h.chunk, BlockMask::bytes(h.offset, h.len))
             .await;
+        crate::failpoints::delay_point(crate::failpoints::SERVICE_AFTER_RANGE_LOCK).await;
+        self.lease_held(&h)?;
         // The map may have changed while this write waited for the lock (a rebuild copy of
         // this chunk, for one, holds it): route again so the write reaches the current copies.
         let map = self.map.state();
@@ -402,7 +425,8 @@ impl<D: BlockDevice> Service<D> {
             in_sync && map.version == route.version,
         );
         let Some((sds, addr)) = route.secondary else {
-            return self.apply(&h, &data).await;
+            self.apply(&h, &data).await?;
+            return self.lease_held(&h);
         };
         let replica = DataHeader {
             op: if h.op == DataOp::Write {
@@ -447,7 +471,7 @@ impl<D: BlockDevice> Service<D> {
         remote?;
         moving?;
         crate::failpoints::fail_point(crate::failpoints::SERVICE_AFTER_FORWARD_BEFORE_ACK);
-        Ok(())
+        self.lease_held(&h)
     }
 
     /// Rebuild: make `target`'s copy of `chunk` equal to this primary's, under the chunk's

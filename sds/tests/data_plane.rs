@@ -811,6 +811,7 @@ impl Handler for FakeMdm {
             MdmRequest::SdsHello { .. } => MdmResponse::SdsWelcome {
                 id: A,
                 map_version: 0,
+                lease_ms: 1200,
             },
             MdmRequest::GetMap { known_version, .. } => MdmResponse::Map {
                 state: (*known_version < self.state.version).then(|| Box::new(self.state.clone())),

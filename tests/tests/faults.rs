@@ -731,3 +731,262 @@ fn busiest_primary(dc: &DataCluster) -> usize {
         },
     )
 }
+
+/// The index in `dc.sds` of the primary of `vol1`'s chunk `index`, with the chunk's pool, PG
+/// and epoch.
+fn primary_of_chunk(
+    dc: &DataCluster,
+    index: u64,
+) -> (
+    usize,
+    proto::PoolId,
+    proto::PgId,
+    proto::Epoch,
+    proto::ChunkId,
+) {
+    let map = cluster_map(&dc.c);
+    let vol = map.volume_by_name("vol1").expect("vol1");
+    let pool = map.pools.get(&vol.pool).expect("pool");
+    let chunk = proto::ChunkId {
+        vtree: vol.vtree,
+        index: proto::ChunkIndex(index),
+    };
+    let pg = chunk.pg(pool.pg_count);
+    let primary = pool.pg(pg).and_then(|m| m.primary).expect("a primary");
+    let name = &map.sds.get(&primary).expect("primary in the map").name;
+    let i = dc
+        .sds
+        .iter()
+        .position(|p| &p.name == name)
+        .expect("a started SDS");
+    (i, pool.id, pg, pool.epoch, chunk)
+}
+
+/// Issue 18 item 4: a write held at its range lock (a fail point) past the lease of its
+/// primary, which is cut off from the MDM meanwhile, is refused, not applied: the primary's own
+/// copy keeps the old data once the hold is over, the write is acknowledged by the copy that
+/// took over, and a writer running throughout loses nothing; the copies agree after the
+/// primary returns.
+#[test]
+fn a_write_held_past_the_lease_is_refused_not_applied() {
+    let net = match netns::Net::new() {
+        Ok(n) => std::sync::Arc::new(n),
+        Err(e) => panic!("network namespaces are needed for this test: {e}"),
+    };
+    let dc = DataCluster::start_opts(
+        "faults_held_write",
+        &DataOpts {
+            n_sds: 2,
+            vol_gb: 1,
+            sds_bin: Some(failpoint_sds()),
+            sds_extra: vec!["--failpoints-file".into(), "{dir}/{name}.failpoints".into()],
+            net: Some(net.clone()),
+            ..DataOpts::default()
+        },
+    );
+    // The probe: the first blocks of the chunk after the writer's region.
+    const PROBE: u64 = REGION;
+    let (old, new) = (vec![0xA1u8; 64 << 10], vec![0xB2u8; 64 << 10]);
+    let mut nbd = Nbd::connect(&dc.socket, "vol1").expect("connect");
+    nbd.write_at(PROBE, &old).expect("write the old data");
+    nbd.flush().expect("flush");
+    let (i, pool, pg, epoch, chunk) = primary_of_chunk(&dc, PROBE >> 20);
+    let name = dc.sds[i].name.clone();
+    let read_local = |dc: &DataCluster| {
+        let h = proto::data::DataHeader::at(
+            proto::data::DataOp::ReadLocal,
+            pool,
+            pg,
+            epoch,
+            chunk,
+            0,
+            new.len() as u32,
+        );
+        data_call(&dc.c, dc.sds_addrs[i], &h, bytes::Bytes::new()).expect("ReadLocal")
+    };
+    assert_eq!(read_local(&dc), old, "the primary holds the old data");
+
+    // Hold the next write that takes a range lock on the primary for 6 s (once).
+    let point = "sds::service::after_range_lock";
+    std::fs::write(
+        dc.c.dir.join(&format!("{name}.failpoints")),
+        format!("{point}=1*return(6000)"),
+    )
+    .expect("arm the fail point");
+    wait_for(
+        &format!("{name} to arm {point}"),
+        Duration::from_secs(20),
+        || {
+            dc.sds[i]
+                .log_text()
+                .lines()
+                .any(|l| l.contains("fail points armed from") && l.contains(point))
+                .then_some(())
+        },
+    );
+    let requests = |dc: &DataCluster| dc.sds_metric(i, "meshblock_sds_user_requests_total");
+    let before = requests(&dc);
+    let socket = dc.socket.clone();
+    let probe = {
+        let new = new.clone();
+        std::thread::spawn(move || -> std::io::Result<()> {
+            let mut c = Nbd::connect(&socket, "vol1")?;
+            c.write_at(PROBE, &new)?;
+            c.flush()?;
+            c.disconnect();
+            Ok(())
+        })
+    };
+    wait_for(
+        "the probe write to reach its primary (and be held)",
+        Duration::from_secs(20),
+        || (requests(&dc) > before).then_some(()),
+    );
+    let w = Writer::start(&dc, REGION, 31);
+
+    // Cut the primary off from the MDM: no more lease renewals, no newer map.
+    let (sds_node, mdm_node) = (
+        dc.sds_nodes[i].clone().expect("a namespace"),
+        dc.c.mdms[0].node.clone().expect("a namespace"),
+    );
+    net.cut(&sds_node, &mdm_node);
+    let resumed = format!("fail point {point} held a request");
+    wait_for(
+        &format!("{name}'s lease to lapse"),
+        Duration::from_secs(20),
+        || (dc.sds_metric(i, "meshblock_sds_leased") == 0.0).then_some(()),
+    );
+    assert!(
+        !dc.sds[i].log_text().contains(&resumed),
+        "the held write went on before the lease lapsed: the test proves nothing (hold longer)"
+    );
+    wait_for("the held write to go on", Duration::from_secs(30), || {
+        dc.sds[i].log_text().contains(&resumed).then_some(())
+    });
+    let refused = wait_for(
+        "the held write to be refused",
+        Duration::from_secs(10),
+        || {
+            let n = dc.sds_metric(i, "meshblock_sds_lease_expired_writes_total");
+            (n >= 1.0).then_some(n)
+        },
+    );
+    assert_eq!(
+        read_local(&dc),
+        old,
+        "the write held past the lease was applied on the cut-off primary"
+    );
+    probe
+        .join()
+        .expect("probe thread")
+        .expect("the probe write is acknowledged by the copy that took over");
+    wait_sds_state(&dc, &name, "Down");
+    w.wait_more(500, "writes while the old primary is cut off");
+    net.heal(&sds_node, &mdm_node);
+    wait_sds_state(&dc, &name, "Normal");
+    w.wait_more(500, "writes after the old primary returned");
+    let (report, model, uncertain) = w.finish();
+    assert_eq!(report.failed, 0, "{report:?}");
+    let (checked, _) = check(&dc, &model, &uncertain);
+    assert_eq!(nbd.read_at(PROBE, new.len() as u32).expect("read"), new);
+    nbd.disconnect();
+    wait_pool(&dc, "Normal");
+    let (compared, diffs) = compare_copies(&dc.c, "vol1", (REGION >> 20) + 1);
+    assert!(diffs.is_empty(), "copies differ: {diffs:#?}");
+    summary(&format!(
+        "fault scenario held write (a write held at the range lock past the lease, primary cut off from the MDM): runs 1, refused after the lease {refused}, applied 0, acknowledged writes {}, blocks checked {checked}, lost 0, chunks with identical copies {compared}",
+        report.acked
+    ));
+}
+
+/// Issue 18 item 4: the MDM leader is cut off from the other MDMs while the SDS still reach it,
+/// and sds1 reaches only it. The isolated leader grants no more leases (it cannot get a quorum
+/// to confirm it leads), so sds1's lease lapses before the new leader declares it (or anything)
+/// down: every sample that sees a declaration reads sds1 unleased afterwards. Every
+/// acknowledged write reads back; the copies agree.
+#[test]
+fn an_isolated_mdm_leader_stops_granting_leases_before_the_new_one_declares_sds_down() {
+    let net = match netns::Net::new() {
+        Ok(n) => std::sync::Arc::new(n),
+        Err(e) => panic!("network namespaces are needed for this test: {e}"),
+    };
+    let dc = DataCluster::start_net("faults_isolated_leader", 3, 3, 4, &[], Some(net.clone()));
+    let node = |n: &Option<netns::Node>| n.clone().expect("a namespace");
+    let w = Writer::start(&dc, REGION, 41);
+    w.wait_more(1000, "writes before the partition");
+    let leader = dc.c.wait_leader(Duration::from_secs(10));
+    let lnode = node(&dc.c.mdms[leader].node);
+    let others: Vec<usize> = (0..dc.c.mdms.len()).filter(|j| *j != leader).collect();
+    let s1 = node(&dc.sds_nodes[0]);
+    // sds1 keeps only the leader.
+    for j in &others {
+        net.cut(&s1, &node(&dc.c.mdms[*j].node));
+    }
+    w.wait_more(300, "writes with sds1 reaching only the leader");
+    assert_eq!(dc.sds_metric(0, "meshblock_sds_leased"), 1.0);
+    let declared = |dc: &DataCluster| -> f64 {
+        others
+            .iter()
+            .filter_map(|j| dc.c.mdms[*j].metric("meshblock_mdm_sds_declared_down_total"))
+            .sum()
+    };
+    let declared_before = declared(&dc);
+    // The leader | the other MDMs.
+    for j in &others {
+        net.cut(&lnode, &node(&dc.c.mdms[*j].node));
+    }
+    let cut_at = std::time::Instant::now();
+    let mut lapsed = None;
+    wait_for(
+        "the new leader to declare sds1 down",
+        Duration::from_secs(60),
+        || {
+            // The declaration first, then the lease: a lease still held after a declaration
+            // was seen outlived it.
+            let now_declared = declared(&dc) > declared_before;
+            let leased = dc.sds_metric(0, "meshblock_sds_leased");
+            if leased == 0.0 && lapsed.is_none() {
+                lapsed = Some(cut_at.elapsed());
+            }
+            if now_declared {
+                assert_eq!(
+                    leased,
+                    0.0,
+                    "sds1 still held a lease (from the isolated leader) after the new leader declared an SDS down"
+                );
+                return Some(());
+            }
+            None
+        },
+    );
+    let down_after = cut_at.elapsed();
+    let lapsed = lapsed.expect("sds1's lease lapsed");
+    wait_sds_state(&dc, "sds1", "Down");
+    let refused = dc.c.mdms[leader]
+        .metric("meshblock_mdm_sds_leases_refused_total")
+        .unwrap_or(0.0);
+    assert!(
+        refused >= 1.0,
+        "the isolated leader refused no hello: did sds1 reach it?"
+    );
+    w.wait_more(500, "writes under the new leader");
+    for j in &others {
+        net.heal(&lnode, &node(&dc.c.mdms[*j].node));
+        net.heal(&s1, &node(&dc.c.mdms[*j].node));
+    }
+    wait_sds_state(&dc, "sds1", "Normal");
+    w.wait_more(500, "writes after healing");
+    let (report, model, uncertain) = w.finish();
+    assert_eq!(report.failed, 0, "{report:?}");
+    let (checked, _) = check(&dc, &model, &uncertain);
+    wait_pool(&dc, "Normal");
+    assert_pgs_sane(&dc);
+    let (compared, diffs) = compare_copies(&dc.c, "vol1", REGION >> 20);
+    assert!(diffs.is_empty(), "copies differ: {diffs:#?}");
+    summary(&format!(
+        "fault scenario isolated MDM leader (cut from the other MDMs, sds1 reaching only it): runs 1, sds1's lease lapsed {:.2} s and sds1 declared down {:.2} s after the cut, leases refused by the isolated leader {refused}, acknowledged writes {}, blocks checked {checked}, lost 0, chunks with identical copies {compared}",
+        lapsed.as_secs_f64(),
+        down_after.as_secs_f64(),
+        report.acked
+    ));
+}

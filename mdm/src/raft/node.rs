@@ -36,6 +36,11 @@ pub enum RaftMsg {
         reply: Reply,
     },
     Step(Box<Message>),
+    /// Somebody needs a quorum to confirm this leader in a round issued at or after `since`
+    /// (see [`crate::lease`]); the answer is published in [`Shared::confirmed`].
+    ConfirmLeader {
+        since: Instant,
+    },
 }
 
 /// What the rest of the MDM may read about Raft.
@@ -60,6 +65,8 @@ pub struct Shared {
     pub state: RwLock<ClusterState>,
     pub status: RwLock<RaftStatus>,
     applied: Mutex<(u64, u64, ConfState)>,
+    /// When the newest leadership round a quorum confirmed was issued (only grows).
+    pub confirmed: tokio::sync::watch::Sender<Option<Instant>>,
 }
 
 impl Shared {
@@ -134,6 +141,8 @@ struct Node {
     id: u64,
     /// Term of the last entry this node applied as leader of that term.
     ready_term: u64,
+    /// Leadership confirmation rounds (ReadIndex) for SDS leases.
+    rounds: crate::lease::Rounds,
 }
 
 /// Open storage, rebuild the state machine from the last snapshot, and start the Raft thread.
@@ -167,6 +176,7 @@ pub fn start(
             ..Default::default()
         }),
         applied: Mutex::new(applied.clone()),
+        confirmed: tokio::sync::watch::channel(None).0,
     });
     let src = shared.clone();
     storage.set_snapshot_source(Box::new(move || snapshot_of(&src)));
@@ -201,6 +211,7 @@ pub fn start(
         cfg,
         id: id.0,
         ready_term: 0,
+        rounds: Default::default(),
     };
     let thread = std::thread::Builder::new()
         .name("raft".into())
@@ -238,18 +249,70 @@ impl Node {
             }
             if last_tick.elapsed() >= self.cfg.tick {
                 self.raw.tick();
+                self.retry_rounds();
                 last_tick = Instant::now();
             }
-            if let Err(e) = self.on_ready() {
-                // Storage failed: Raft cannot go on safely. Crash and let systemd restart us.
-                tracing::error!("raft storage failed, aborting: {e}");
-                std::process::abort();
+            // A second pass sends at once what handling the first one's read states made (the
+            // next leadership round) instead of a tick later.
+            for _ in 0..2 {
+                if let Err(e) = self.on_ready() {
+                    // Storage failed: Raft cannot go on safely. Crash and let systemd restart us.
+                    tracing::error!("raft storage failed, aborting: {e}");
+                    std::process::abort();
+                }
+                if !self.raw.has_ready() {
+                    break;
+                }
+            }
+        }
+    }
+
+    /// Re-issue a leadership round that went unanswered for two heartbeats.
+    fn retry_rounds(&mut self) {
+        if self.raw.raft.state != StateRole::Leader {
+            return;
+        }
+        let retry = self.cfg.tick * (2 * self.cfg.heartbeat_tick).max(1) as u32;
+        let term = self.raw.raft.term;
+        if let Some(ctx) = self.rounds.tick(term, Instant::now(), retry) {
+            self.raw.read_index(ctx);
+        }
+    }
+
+    /// Publish the issue times that ReadIndex answers confirmed; issue the next round.
+    fn confirm_rounds(&mut self, states: Vec<raft::ReadState>) {
+        let term = self.raw.raft.term;
+        for rs in states {
+            if self.raw.raft.state != StateRole::Leader {
+                break;
+            }
+            let (confirmed, next) = self.rounds.answered(term, &rs.request_ctx, Instant::now());
+            if let Some(at) = confirmed {
+                self.shared.confirmed.send_if_modified(|c| {
+                    let newer = c.is_none_or(|c| c < at);
+                    if newer {
+                        *c = Some(at);
+                    }
+                    newer
+                });
+            }
+            if let Some(ctx) = next {
+                self.raw.read_index(ctx);
             }
         }
     }
 
     fn handle(&mut self, m: RaftMsg) {
         match m {
+            RaftMsg::ConfirmLeader { since } => {
+                if self.raw.raft.state != StateRole::Leader {
+                    return;
+                }
+                let term = self.raw.raft.term;
+                if let Some(ctx) = self.rounds.want(term, since, Instant::now()) {
+                    self.raw.read_index(ctx);
+                }
+            }
             RaftMsg::Step(msg) => {
                 if let Err(e) = self.raw.step(*msg) {
                     tracing::debug!("raft step: {e}");
@@ -330,6 +393,7 @@ impl Node {
         }
         let mut rd = self.raw.ready();
         self.send(rd.take_messages());
+        self.confirm_rounds(rd.take_read_states());
         if !rd.snapshot().is_empty() {
             self.install_snapshot(rd.snapshot().clone())?;
         }
@@ -345,6 +409,9 @@ impl Node {
         self.apply_entries(light.take_committed_entries())?;
         self.raw.advance_apply();
         self.maybe_compact()?;
+        if self.raw.raft.state != StateRole::Leader {
+            self.rounds.reset();
+        }
         if self.raw.raft.state != StateRole::Leader && !self.pending.is_empty() {
             for (_, r) in self.pending.drain() {
                 let _ = r.send(Err(lost()));
