@@ -871,12 +871,22 @@ pub fn data_call(
     h: &proto::data::DataHeader,
     data: bytes::Bytes,
 ) -> Result<bytes::Bytes, (proto::ErrorCode, String)> {
+    data_call_as(&sdc_cert(c, sdc), addr, h, data)
+}
+
+/// [`data_call`] with the certificate in `cert` (e.g. `certs/sds2`, an SDS's).
+pub fn data_call_as(
+    cert: &Path,
+    addr: SocketAddr,
+    h: &proto::data::DataHeader,
+    data: bytes::Bytes,
+) -> Result<bytes::Bytes, (proto::ErrorCode, String)> {
     use proto::codec::{kind, Frame};
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .expect("runtime");
-    let cert = sdc_cert(c, sdc);
+    let cert = cert.to_path_buf();
     rt.block_on(async {
         let id = proto::transport::Identity::load(&cert).expect("identity");
         let ep = proto::transport::Endpoint::client(&id, "test").expect("endpoint");

@@ -802,7 +802,9 @@ fn a_write_held_past_the_lease_is_refused_not_applied() {
             0,
             new.len() as u32,
         );
-        data_call(&dc.c, dc.sds_addrs[i], &h, bytes::Bytes::new()).expect("ReadLocal")
+        // ReadLocal comes only from another holder of the PG: the other SDS.
+        let other = dc.c.dir.join(&format!("certs/{}", dc.sds[1 - i].name));
+        data_call_as(&other, dc.sds_addrs[i], &h, bytes::Bytes::new()).expect("ReadLocal")
     };
     assert_eq!(read_local(&dc), old, "the primary holds the old data");
 
@@ -856,6 +858,9 @@ fn a_write_held_past_the_lease_is_refused_not_applied() {
         Duration::from_secs(20),
         || (dc.sds_metric(i, "meshblock_sds_leased") == 0.0).then_some(()),
     );
+    // Writes applied locally from here on: none may be (the held one included).
+    let applied = |dc: &DataCluster| dc.sds_metric(i, "meshblock_sds_writes_total");
+    let applied_at_lapse = applied(&dc);
     assert!(
         !dc.sds[i].log_text().contains(&resumed),
         "the held write went on before the lease lapsed: the test proves nothing (hold longer)"
@@ -871,10 +876,12 @@ fn a_write_held_past_the_lease_is_refused_not_applied() {
             (n >= 1.0).then_some(n)
         },
     );
+    // Its own copy cannot be read from outside now (ReadLocal needs the lease): its count of
+    // applied writes shows the held write was not applied.
     assert_eq!(
-        read_local(&dc),
-        old,
-        "the write held past the lease was applied on the cut-off primary"
+        applied(&dc),
+        applied_at_lapse,
+        "a write (the held one) was applied on the cut-off primary after its lease lapsed"
     );
     probe
         .join()
