@@ -39,7 +39,11 @@ fn ip(args: &[&str]) -> Result<(), String> {
 impl Net {
     /// A bridge and subnet of its own; `Err` when namespaces cannot be made here.
     pub fn new() -> Result<Net, String> {
-        let subnet = (std::process::id() % 200) as u8 + 20;
+        // Tests of one binary run side by side: each Net of a process gets its own subnet (and
+        // bridge), four per process, chosen by pid across processes.
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let k = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % 4;
+        let subnet = ((std::process::id() % 50) * 4 + k) as u8 + 20;
         let bridge = format!("mbtbr{subnet}");
         let _ = ip(&["link", "del", &bridge]);
         ip(&["link", "add", &bridge, "type", "bridge"])?;
