@@ -3,10 +3,12 @@
 //! of data. It never sees user data.
 //!
 //! Modules: [`raft`] (ready loop and Raft storage), [`store`] (the `MetaStore` seam over sled),
-//! [`state_machine`] (applies committed ops), [`placement`] (pure PG assignment), [`service`]
-//! (requests over QUIC), [`auth`], [`config`], [`metrics`].
+//! [`state_machine`] (applies committed ops), [`placement`] (pure PG assignment), [`capacity`]
+//! (pure thick-volume admission), [`service`] (requests over QUIC), [`auth`], [`config`],
+//! [`metrics`].
 
 pub mod auth;
+pub mod capacity;
 pub mod config;
 pub mod metrics;
 pub mod placement;

@@ -751,8 +751,19 @@ impl Service {
                 })
                 .await
             }
+            command @ (Command::AddVolume { .. } | Command::ModifyVolumeCapacity { .. }) => {
+                // Thick reservations must fit beside the thin data the SDS report storing.
+                let state = self.raft.shared.read_state();
+                crate::capacity::check_command(&state, &self.sds_stats(), &command)?;
+                self.propose(Op::Command { command }).await
+            }
             command => self.propose(Op::Command { command }).await,
         }
+    }
+
+    /// What each SDS reported in its last hello to this MDM (by name; leader's soft state).
+    pub fn sds_stats(&self) -> std::collections::BTreeMap<String, SdsStats> {
+        self.sds_stats.lock().map(|m| m.clone()).unwrap_or_default()
     }
 
     async fn add_standby(&self, addr: &str, name: Option<String>) -> Result<Outcome, WireError> {
