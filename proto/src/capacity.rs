@@ -178,6 +178,74 @@ mod tests {
     }
 
     #[test]
+    fn pool_capacity_from_the_map_and_the_hellos() {
+        use crate::model::*;
+        use crate::*;
+        const MIB: u64 = 1 << 20;
+        let mut s = ClusterState::default();
+        for i in 1..=2 {
+            s.sds.insert(
+                SdsId(i),
+                Sds {
+                    id: SdsId(i),
+                    name: format!("sds{i}"),
+                    addr: String::new(),
+                    pd: PdId(1),
+                    fault_set: None,
+                    devices: vec![Device {
+                        id: DeviceId(10 + i),
+                        path: "/dev/x".into(),
+                        pool: PoolId(1),
+                        capacity_bytes: 100 * MIB,
+                        state: DeviceState::Normal,
+                    }],
+                    state: SdsState::Normal,
+                    removing: false,
+                    boot: String::new(),
+                },
+            );
+        }
+        s.volumes.insert(
+            VolumeId(5),
+            Volume {
+                id: VolumeId(5),
+                name: "t".into(),
+                pool: PoolId(1),
+                size_bytes: 20 * MIB,
+                thin: false,
+                vtree: VtreeId(5),
+                created_unix: 0,
+                labels: Default::default(),
+                preempt: false,
+            },
+        );
+        let report = |stored: u64, thick: u64| SdsStats {
+            chunks_stored: stored,
+            thick_chunks_stored: thick,
+            ..SdsStats::default()
+        };
+        let mut stats = BTreeMap::new();
+        stats.insert("sds1".to_string(), report(30, 20));
+        let c = pool_capacity(&s, &stats, PoolId(1));
+        assert_eq!(c.raw_bytes, 200 * MIB);
+        assert_eq!(c.thick_reserved_bytes, 40 * MIB);
+        assert_eq!(c.thin_used_bytes, 10 * MIB);
+        assert_eq!(c.free_bytes, 150 * MIB);
+        assert_eq!((c.used_percent, c.state), (25, CapacityState::Normal));
+        assert_eq!(c.sds_unreported, 1);
+        // The pool is 57% used but sds2 is 85% full: a warning.
+        stats.insert("sds2".to_string(), report(85, 20));
+        let c = pool_capacity(&s, &stats, PoolId(1));
+        assert_eq!((c.used_percent, c.fullest_sds_percent), (57, 85));
+        assert_eq!(c.state, CapacityState::Warning);
+        stats.insert("sds2".to_string(), report(100, 20));
+        assert_eq!(
+            pool_capacity(&s, &stats, PoolId(1)).state,
+            CapacityState::Full
+        );
+    }
+
+    #[test]
     fn human_sizes() {
         assert_eq!(human(0), "0 MiB");
         assert_eq!(human(48 << 20), "48 MiB");
