@@ -11,9 +11,11 @@
 //! - every SDS holding PGs of the pool holds its reservations for every thick volume (of any
 //!   pool: an SDS's devices are one chunk space) plus the thin data it stores.
 //!
-//! The state machine checks without thin data (it is not in the log, and `apply` must be
-//! deterministic): that orders concurrent thick creates. The leader checks first with the thin
-//! data the SDS report in their hellos. Neither changes anything.
+//! The leader runs the whole check before proposing, with the thin data the SDS report in their
+//! hellos, one thick command at a time (so concurrent creates cannot both take the last room).
+//! The state machine checks again only the pool's raw capacity against thick volumes
+//! ([`pool_fits`]): thin data is not in the log, and this is the rule older versions applied,
+//! so replaying their logs gives the same state. Neither changes anything when refusing.
 
 use proto::capacity::{human, sds_capacity_bytes, thin_used_bytes};
 use proto::model::{ClusterState, Sds, SdsState};
@@ -199,6 +201,18 @@ pub fn thick_fits(
 ) -> Result<(), WireError> {
     let (p, x) = rooms(s, pool, resized, size, thin);
     check(&p, &x).map_err(|e| WireError::new(ErrorCode::NoSpace, e.to_string()))
+}
+
+/// The state machine's check: two copies of every thick volume of `pool` (with `resized` at
+/// `size`, or a new one of `size`) within its raw capacity. Deterministic: no thin data.
+pub fn pool_fits(
+    s: &ClusterState,
+    pool: PoolId,
+    resized: Option<VolumeId>,
+    size: u64,
+) -> Result<(), WireError> {
+    let (p, _) = rooms(s, pool, resized, size, &|_| 0);
+    check(&p, &[]).map_err(|e| WireError::new(ErrorCode::NoSpace, e.to_string()))
 }
 
 /// The leader's check of a command before proposing it: a thick create or growth must fit with
@@ -480,6 +494,10 @@ mod tests {
         let e = thick_fits(&s, PoolId(1), None, 75 * MIB, &thin).expect_err("sds2 is short");
         assert_eq!(e.code, ErrorCode::NoSpace);
         assert!(e.message.contains("SDS sds2"), "{}", e.message);
+        // The state machine's check sees only the pool: 2 x (10 + 75) <= 300.
+        pool_fits(&s, PoolId(1), None, 75 * MIB).expect("the pool has room");
+        let e = pool_fits(&s, PoolId(1), None, 141 * MIB).expect_err("2 x 151 > 300");
+        assert!(e.message.contains("storage pool sp1"), "{}", e.message);
         // Growing v7 to 60 MiB counts it once, at its new size: 30 + 60 <= 100.
         assert!(thick_fits(&s, PoolId(1), Some(VolumeId(7)), 60 * MIB, &thin).is_ok());
         let e = thick_fits(&s, PoolId(1), Some(VolumeId(7)), 80 * MIB, &thin)

@@ -506,8 +506,8 @@ fn apply_command(s: &mut ClusterState, c: &Command) -> Result<Outcome, WireError
             }
             let size = round_size(*size_bytes)?;
             if !thin {
-                // Thin data is not in the log: the leader checked it before proposing.
-                crate::capacity::thick_fits(s, pool, None, size, &|_| 0)?;
+                // The leader checked each SDS and the thin data before proposing.
+                crate::capacity::pool_fits(s, pool, None, size)?;
             }
             let id = VolumeId(new_id(s));
             let vtree = VtreeId(new_id(s));
@@ -553,7 +553,7 @@ fn apply_command(s: &mut ClusterState, c: &Command) -> Result<Outcome, WireError
                     gib(size), gib(v.size_bytes)));
             }
             if !v.thin {
-                crate::capacity::thick_fits(s, v.pool, Some(id), size, &|_| 0)?;
+                crate::capacity::pool_fits(s, v.pool, Some(id), size)?;
             }
             if let Some(v) = s.volumes.get_mut(&id) {
                 v.size_bytes = size;
