@@ -3,13 +3,15 @@
 //! of data. It never sees user data.
 //!
 //! Modules: [`raft`] (ready loop and Raft storage), [`store`] (the `MetaStore` seam over sled),
-//! [`state_machine`] (applies committed ops), [`placement`] (pure PG assignment), [`service`]
-//! (requests over QUIC), [`authz`] (which certificate roles may send which request),
-//! [`raft_net`] (the Raft transport between MDMs), [`lease`] (SDS leases only from a leader a
-//! quorum follows), [`auth`], [`config`], [`metrics`].
+//! [`state_machine`] (applies committed ops), [`placement`] (pure PG assignment), [`capacity`]
+//! (pure thick-volume admission), [`service`] (requests over QUIC), [`authz`] (which
+//! certificate roles may send which request), [`raft_net`] (the Raft transport between MDMs),
+//! [`lease`] (SDS leases only from a leader a quorum follows), [`auth`], [`config`],
+//! [`metrics`].
 
 pub mod auth;
 pub mod authz;
+pub mod capacity;
 pub mod config;
 pub mod lease;
 pub mod metrics;

@@ -243,6 +243,7 @@ async fn serve(cfg: MdmConfig, bootstrap: bool, admin_password: String) -> anyho
         }
     });
     let r2 = raft.clone();
+    let s2 = svc.clone();
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_millis(500));
         loop {
@@ -252,6 +253,11 @@ async fn serve(cfg: MdmConfig, bootstrap: bool, admin_password: String) -> anyho
             metrics.term.set(st.term as i64);
             metrics.commit_index.set(st.commit as i64);
             metrics.applied_index.set(st.applied as i64);
+            if st.is_leader {
+                metrics.set_pools(&r2.shared.read_state(), &s2.sds_stats());
+            } else {
+                metrics.clear_pools();
+            }
         }
     });
     if bootstrap {

@@ -1,10 +1,19 @@
-//! MDM metrics (Prometheus text format).
+//! MDM metrics (Prometheus text format): Raft and request counters, and each pool's capacity
+//! (`meshblock_mdm_pool_*{pool}`, set by the leader from the SDS's hellos; followers export none).
 
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
+use proto::capacity::pool_capacity;
+use proto::model::ClusterState;
+use proto::msg::SdsStats;
+use std::collections::BTreeMap;
 use std::sync::Arc;
+
+/// Label set with one `(name, value)` pair.
+pub type Labels = Vec<(String, String)>;
 
 #[derive(Default)]
 pub struct MdmMetrics {
@@ -21,6 +30,14 @@ pub struct MdmMetrics {
     pub leases_granted: Counter,
     /// Hellos refused because no quorum confirmed this leader in time.
     pub leases_refused: Counter,
+    /// Per pool (label `pool`), from [`proto::capacity::PoolCapacity`].
+    pub pool_raw_bytes: Family<Labels, Gauge>,
+    pub pool_thin_used_bytes: Family<Labels, Gauge>,
+    pub pool_thick_reserved_bytes: Family<Labels, Gauge>,
+    pub pool_free_bytes: Family<Labels, Gauge>,
+    pub pool_used_percent: Family<Labels, Gauge>,
+    pub pool_capacity_state: Family<Labels, Gauge>,
+    pub pool_thick_chunks_no_space: Family<Labels, Gauge>,
 }
 
 impl MdmMetrics {
@@ -77,7 +94,89 @@ impl MdmMetrics {
             "Changes proposed to Raft",
             m.proposals.clone(),
         );
+        let pools = [
+            (
+                "meshblock_mdm_pool_raw_bytes",
+                "Raw capacity of the pool's usable devices (both copies)",
+                &m.pool_raw_bytes,
+            ),
+            (
+                "meshblock_mdm_pool_thin_used_bytes",
+                "Raw bytes of thin data the pool's SDS store",
+                &m.pool_thin_used_bytes,
+            ),
+            (
+                "meshblock_mdm_pool_thick_reserved_bytes",
+                "Raw bytes reserved by thick volumes (two copies each)",
+                &m.pool_thick_reserved_bytes,
+            ),
+            (
+                "meshblock_mdm_pool_free_bytes",
+                "Raw bytes neither used by thin data nor reserved by thick volumes",
+                &m.pool_free_bytes,
+            ),
+            (
+                "meshblock_mdm_pool_used_percent",
+                "Used share of the pool (thin data and thick reservations), percent",
+                &m.pool_used_percent,
+            ),
+            (
+                "meshblock_mdm_pool_capacity_state",
+                "0 Normal, 1 Warning (80% used, pool or fullest SDS), 2 Critical (90%), 3 Full",
+                &m.pool_capacity_state,
+            ),
+            (
+                "meshblock_mdm_pool_thick_chunks_no_space",
+                "Chunks of thick volumes an SDS could not allocate (devices full); should be 0",
+                &m.pool_thick_chunks_no_space,
+            ),
+        ];
+        for (name, help, family) in pools {
+            r.register(name, help, family.clone());
+        }
         Arc::new(m)
+    }
+
+    /// Set every pool's capacity gauges from the map and the SDS's last hellos (leader).
+    /// (Pools are never removed, so no stale series remain.)
+    pub fn set_pools(&self, s: &ClusterState, stats: &BTreeMap<String, SdsStats>) {
+        let g = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        for p in s.pools.values() {
+            let c = pool_capacity(s, stats, p.id);
+            let l: Labels = vec![("pool".into(), p.name.clone())];
+            self.pool_raw_bytes.get_or_create(&l).set(g(c.raw_bytes));
+            self.pool_thin_used_bytes
+                .get_or_create(&l)
+                .set(g(c.thin_used_bytes));
+            self.pool_thick_reserved_bytes
+                .get_or_create(&l)
+                .set(g(c.thick_reserved_bytes));
+            self.pool_free_bytes.get_or_create(&l).set(g(c.free_bytes));
+            self.pool_used_percent
+                .get_or_create(&l)
+                .set(g(c.used_percent));
+            self.pool_capacity_state
+                .get_or_create(&l)
+                .set(c.state.level());
+            self.pool_thick_chunks_no_space
+                .get_or_create(&l)
+                .set(g(c.thick_chunks_no_space));
+        }
+    }
+
+    /// Drop the pool gauges (a follower knows no SDS usage).
+    pub fn clear_pools(&self) {
+        for f in [
+            &self.pool_raw_bytes,
+            &self.pool_thin_used_bytes,
+            &self.pool_thick_reserved_bytes,
+            &self.pool_free_bytes,
+            &self.pool_used_percent,
+            &self.pool_capacity_state,
+            &self.pool_thick_chunks_no_space,
+        ] {
+            f.clear();
+        }
     }
 
     pub fn render(&self) -> String {

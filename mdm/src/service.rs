@@ -58,6 +58,8 @@ pub struct Service {
     /// SDS gets a full copy, never a wrong backward one).
     down_since: Mutex<HashMap<proto::SdsId, Instant>>,
     backward_window: Duration,
+    /// Held from a thick create's or growth's capacity check until it is applied.
+    thick_admission: tokio::sync::Mutex<()>,
 }
 
 /// The SDC session clock (leader-only soft state). A new term forgets what an earlier
@@ -148,6 +150,7 @@ impl Service {
             pool_since: Mutex::new(HashMap::new()),
             down_since: Mutex::new(HashMap::new()),
             backward_window,
+            thick_admission: tokio::sync::Mutex::new(()),
         })
     }
 
@@ -752,8 +755,21 @@ impl Service {
                 })
                 .await
             }
+            command @ (Command::AddVolume { .. } | Command::ModifyVolumeCapacity { .. }) => {
+                // Thick reservations must fit beside the thin data the SDS report storing, one
+                // command at a time (apply checks only the pool's raw capacity).
+                let _one_at_a_time = self.thick_admission.lock().await;
+                let state = self.raft.shared.read_state();
+                crate::capacity::check_command(&state, &self.sds_stats(), &command)?;
+                self.propose(Op::Command { command }).await
+            }
             command => self.propose(Op::Command { command }).await,
         }
+    }
+
+    /// What each SDS reported in its last hello to this MDM (by name; leader's soft state).
+    pub fn sds_stats(&self) -> std::collections::BTreeMap<String, SdsStats> {
+        self.sds_stats.lock().map(|m| m.clone()).unwrap_or_default()
     }
 
     async fn add_standby(&self, addr: &str, name: Option<String>) -> Result<Outcome, WireError> {

@@ -506,7 +506,8 @@ fn apply_command(s: &mut ClusterState, c: &Command) -> Result<Outcome, WireError
             }
             let size = round_size(*size_bytes)?;
             if !thin {
-                check_thick_fits(s, pool, size)?;
+                // The leader checked each SDS and the thin data before proposing.
+                crate::capacity::pool_fits(s, pool, None, size)?;
             }
             let id = VolumeId(new_id(s));
             let vtree = VtreeId(new_id(s));
@@ -552,7 +553,7 @@ fn apply_command(s: &mut ClusterState, c: &Command) -> Result<Outcome, WireError
                     gib(size), gib(v.size_bytes)));
             }
             if !v.thin {
-                check_thick_fits(s, v.pool, size - v.size_bytes)?;
+                crate::capacity::pool_fits(s, v.pool, Some(id), size)?;
             }
             if let Some(v) = s.volumes.get_mut(&id) {
                 v.size_bytes = size;
@@ -676,18 +677,6 @@ fn round_size(size: u64) -> Result<u64, WireError> {
         );
     }
     Ok(size.div_ceil(CHUNK_SIZE) * CHUNK_SIZE)
-}
-
-fn check_thick_fits(s: &ClusterState, pool: PoolId, size: u64) -> Result<(), WireError> {
-    let raw = s.pool_raw_capacity(pool);
-    let reserved = s.pool_thick_reserved(pool);
-    let free = raw.saturating_sub(reserved);
-    if size.saturating_mul(2) > free {
-        return err(ErrorCode::NoSpace, format!(
-            "Not enough capacity in the storage pool: a thick volume of {} GB needs {} GB of raw capacity (two copies), {} GB is free",
-            gib(size), gib(size.saturating_mul(2)), gib(free)));
-    }
-    Ok(())
 }
 
 fn new_device(s: &mut ClusterState, pd: PdId, d: &NewDevice) -> Result<Device, WireError> {

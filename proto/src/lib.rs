@@ -5,6 +5,7 @@
 //! only writer of the model, every other process caches it.
 
 pub mod ca;
+pub mod capacity;
 pub mod client;
 pub mod codec;
 pub mod daemon;

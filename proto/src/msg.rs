@@ -278,6 +278,14 @@ pub struct SdsStats {
     /// Chunks the current backward rebuilds (copies of only what changed) still skip.
     #[serde(default)]
     pub rebuild_chunks_skipped: u64,
+    /// Of `chunks_stored`, chunks of thick volumes (the rest is thin data, which the MDM
+    /// counts against the space thick volumes need).
+    #[serde(default)]
+    pub thick_chunks_stored: u64,
+    /// Chunks of thick volumes this SDS holds but could not allocate: its devices are full.
+    /// Writes to them can fail with ENOSPC; should be 0.
+    #[serde(default)]
+    pub thick_chunks_no_space: u64,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

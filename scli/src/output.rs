@@ -3,6 +3,7 @@
 
 use crate::args::Args;
 use anyhow::anyhow;
+use proto::capacity::{human, pool_capacity, CapacityState, PoolCapacity};
 use proto::model::{ClusterState, StoragePool, Volume};
 use proto::msg::{ClusterStatus, MdmStatus, Query};
 use serde_json::{json, Value};
@@ -54,6 +55,7 @@ fn pool_json(s: &ClusterState, c: &ClusterStatus, p: &StoragePool) -> Value {
         "id": p.id, "name": p.name, "protection_domain": s.pds.get(&p.pd).map(|d| d.name.clone()),
         "media_type": p.media_type, "pg_count": p.pg_count, "map_epoch": p.epoch, "pgs_fully_placed": placed,
         "raw_capacity_bytes": raw, "usable_capacity_bytes": raw / 2, "thick_reserved_bytes": reserved / 2,
+        "capacity": pool_capacity(s, &c.sds_stats, p.id),
         "volumes": s.volumes.values().filter(|v| v.pool == p.id).map(|v| v.name.clone()).collect::<Vec<_>>(),
     })
 }
@@ -149,10 +151,40 @@ fn rebuild_line(r: &Value) -> String {
     )
 }
 
+/// The pool's capacity lines: its state before it runs out, what uses it, and thick volumes'
+/// chunks that found no space.
+fn capacity_text(c: &PoolCapacity) -> String {
+    let mut o = format!(
+        "\n    Capacity: {}, {}% used (raw {}: thin data {}, reserved by thick volumes {}, free {}); fullest SDS {}% full",
+        c.state,
+        c.used_percent,
+        human(c.raw_bytes),
+        human(c.thin_used_bytes),
+        human(c.thick_reserved_bytes),
+        human(c.free_bytes),
+        c.fullest_sds_percent
+    );
+    if c.state >= CapacityState::Warning {
+        o.push_str("\n    WARNING: the pool is running out of space; thin volumes' writes get ENOSPC when it is full. Add capacity or remove volumes");
+    }
+    if c.thick_chunks_no_space > 0 {
+        let _ = write!(o, "\n    WARNING: {} chunks of thick volumes found no free space on their SDS: writes to them can fail with ENOSPC", c.thick_chunks_no_space);
+    }
+    if c.sds_unreported > 0 {
+        let _ = write!(
+            o,
+            "\n    ({} SDS have not reported their usage to this MDM yet)",
+            c.sds_unreported
+        );
+    }
+    o
+}
+
 fn pool_text(s: &ClusterState, c: &ClusterStatus, p: &StoragePool) -> String {
     let j = pool_json(s, c, p);
+    let capacity = capacity_text(&pool_capacity(s, &c.sds_stats, p.id));
     format!(
-        "Storage Pool {} (Id: {}) has {} volumes\n    State: {} (PGs: {} normal, {} rebalancing, {} rebuilding, {} degraded, {} unavailable){}\n    Rebuild/rebalance policy per SDS: {} concurrent copies, {}, adaptive {}\n    Protection Domain: {}, Media type: {}\n    PGs: {} ({} fully placed), map epoch {}\n    Raw capacity: {}, usable (2 copies): {}, reserved by thick volumes: {}",
+        "Storage Pool {} (Id: {}) has {} volumes\n    State: {} (PGs: {} normal, {} rebalancing, {} rebuilding, {} degraded, {} unavailable){}\n    Rebuild/rebalance policy per SDS: {} concurrent copies, {}, adaptive {}\n    Protection Domain: {}, Media type: {}\n    PGs: {} ({} fully placed), map epoch {}\n    Raw capacity: {}, usable (2 copies): {}, reserved by thick volumes: {}{capacity}",
         p.name, p.id, j["volumes"].as_array().map_or(0, |v| v.len()), j["state"].as_str().unwrap_or("?"),
         j["normal_pgs"], j["rebalancing_pgs"], j["rebuilding_pgs"], j["degraded_pgs"], j["unavailable_pgs"], rebuild_line(&j["rebuild"]),
         p.rebuild_policy.concurrency,
@@ -221,6 +253,21 @@ fn sds_text(s: &ClusterState, c: &ClusterStatus, x: &proto::model::Sds) -> Strin
             st.checksum_errors, st.repaired_blocks, st.unrecoverable_blocks, st.scrub_passes,
             st.scrub_chunks_done, st.scrub_chunks_total, st.scrub_rate_bytes >> 20
         );
+        let _ = writeln!(
+            o,
+            "    Stored: {} chunks ({}), of which {} of thick volumes; chunk space {}",
+            st.chunks_stored,
+            human(st.chunks_stored << 20),
+            st.thick_chunks_stored,
+            human(proto::capacity::sds_capacity_bytes(x))
+        );
+        if st.thick_chunks_no_space > 0 {
+            let _ = writeln!(
+                o,
+                "    WARNING: {} chunks of thick volumes found no free space here (devices full): writes to them can fail with ENOSPC",
+                st.thick_chunks_no_space
+            );
+        }
         if st.chunks_draining > 0 {
             let _ = writeln!(
                 o,

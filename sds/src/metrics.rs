@@ -84,6 +84,8 @@ pub struct SdsMetrics {
     pub thick_chunks_allocated: Counter,
     /// Chunks of thick volumes this SDS holds but has not allocated yet (or cannot: full).
     pub thick_chunks_pending: Gauge,
+    /// Chunks of thick volumes the last pre-allocation pass found no slot for (devices full).
+    pub thick_chunks_no_space: Gauge,
     /// Chunks still on devices being removed.
     pub draining_chunks: Gauge,
     /// Chunks moved off devices being removed.
@@ -247,6 +249,7 @@ impl SdsMetrics {
             rebuild_chunks_left: Gauge::default(),
             thick_chunks_allocated: Counter::default(),
             thick_chunks_pending: Gauge::default(),
+            thick_chunks_no_space: Gauge::default(),
             draining_chunks: Gauge::default(),
             drained_chunks: Counter::default(),
             stale_forwards_refused: Counter::default(),
@@ -329,6 +332,11 @@ impl SdsMetrics {
             "meshblock_sds_thick_chunks_pending",
             "Chunks of thick volumes held here and not allocated yet",
             m.thick_chunks_pending.clone(),
+        );
+        r.register(
+            "meshblock_sds_thick_chunks_no_space",
+            "Chunks of thick volumes held here that found no free slot (devices full); should be 0",
+            m.thick_chunks_no_space.clone(),
         );
         r.register(
             "meshblock_sds_draining_chunks",

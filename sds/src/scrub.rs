@@ -63,6 +63,8 @@ impl<D: BlockDevice> Scrubber<D> {
             chunks_stored: self.service.storage().chunk_count() as u64,
             chunks_draining: self.service.storage().draining_chunks() as u64,
             rebuild_chunks_skipped: m.rebuild_chunks_skipped.get(),
+            thick_chunks_stored: self.service.storage().thick_stored(),
+            thick_chunks_no_space: m.thick_chunks_no_space.get().max(0) as u64,
         }
     }
 

@@ -13,7 +13,14 @@
 //! change of a chunk holds the lock of the blocks it changes) and frees the old copy only after
 //! the new one is flushed; reads prefer the draining copy until it is gone, so a half-made copy
 //! is never read. After a crash mid-move, [`Storage::resolve_duplicates`] keeps the complete
-//! copy. This module must not know about epochs or the wire protocol.
+//! copy.
+//!
+//! **Thick reservation**: slots promised to thick volumes are not given to other chunks. The
+//! `thick` task tells [`Storage::set_thick_reservation`] which vtrees are thick and how many of
+//! their chunks this SDS still has to allocate; a new chunk of any other vtree is placed only
+//! while more slots stay free than that (else `NoSpace`, which the client sees as ENOSPC), so
+//! thin writes run out first. Moves off draining devices are not held back (they free a slot
+//! for each they take). This module must not know about epochs or the wire protocol.
 
 use crate::chunk_store::{ChunkStore, StoreError, BLOCK};
 use crate::device::{BlockDevice, DeviceError};
@@ -21,6 +28,7 @@ use crate::range_lock::{BlockMask, RangeLocks, BLOCKS};
 use bytes::Bytes;
 use proto::msg::DeviceReport;
 use proto::{ChunkId, VtreeId};
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
@@ -54,9 +62,21 @@ impl<D> Device<D> {
 /// index into one snapshot names the same device in every later one).
 type Devices<D> = Arc<[Arc<Device<D>>]>;
 
+/// Space promised to thick volumes (see the module docs).
+#[derive(Debug, Default)]
+struct ThickReservation {
+    /// Vtrees of the map's thick volumes.
+    vtrees: HashSet<VtreeId>,
+    /// Chunks of thick volumes this SDS holds and has not allocated yet.
+    pending: u64,
+    /// Chunks of thick volumes allocated here.
+    stored: u64,
+}
+
 pub struct Storage<D> {
     devices: RwLock<Devices<D>>,
-    placement: Mutex<()>,
+    /// Held while a new chunk is placed; guards the thick reservation.
+    placement: Mutex<ThickReservation>,
     moves: RangeLocks,
     /// Signalled when a device's writes call for an apply round ([`Storage::apply_wanted`]).
     apply_wanted: Arc<tokio::sync::Notify>,
@@ -73,7 +93,7 @@ impl<D: BlockDevice> Storage<D> {
                     .map(|(p, s)| new_device(p, s, &apply_wanted))
                     .collect(),
             ),
-            placement: Mutex::new(()),
+            placement: Mutex::new(ThickReservation::default()),
             moves: RangeLocks::new(),
             apply_wanted,
         }
@@ -192,11 +212,46 @@ impl<D: BlockDevice> Storage<D> {
         if let Some(i) = Self::locate(devs, chunk) {
             return Ok(i);
         }
-        let _one_at_a_time = self.placement.lock().unwrap_or_else(|p| p.into_inner());
+        let mut thick = self.placement.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(i) = Self::locate(devs, chunk) {
             return Ok(i);
         }
+        if thick.vtrees.contains(&chunk.vtree) {
+            let i = Self::place_new(devs, chunk)?;
+            thick.pending = thick.pending.saturating_sub(1);
+            thick.stored += 1;
+            return Ok(i);
+        }
+        if thick.pending > 0 {
+            let free: u64 = devs
+                .iter()
+                .filter(|d| d.usable())
+                .map(|d| d.store.free_slots())
+                .sum();
+            if free <= thick.pending {
+                return Err(StoreError::NoSpace);
+            }
+        }
         Self::place_new(devs, chunk)
+    }
+
+    /// Promise space to thick volumes: `vtrees` are the map's thick volumes, of whose chunks
+    /// this SDS holds `pending` not yet allocated and `stored` allocated.
+    pub fn set_thick_reservation(&self, vtrees: HashSet<VtreeId>, pending: u64, stored: u64) {
+        let mut thick = self.placement.lock().unwrap_or_else(|p| p.into_inner());
+        *thick = ThickReservation {
+            vtrees,
+            pending,
+            stored,
+        };
+    }
+
+    /// Chunks of thick volumes allocated here (as last counted, plus those placed since).
+    pub fn thick_stored(&self) -> u64 {
+        self.placement
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .stored
     }
 
     /// Reserve `chunk` on the usable device with the most free slots (placement mutex held).
@@ -720,5 +775,41 @@ mod tests {
         assert_eq!(s.read(c(1), 0, 4 * 4096).await.expect("read"), block(1, 4));
         assert_eq!(s.read(c(3), 0, 3 * 4096).await.expect("read"), block(3, 3));
         assert_eq!(s.resolve_duplicates().await.expect("again"), 0);
+    }
+
+    #[tokio::test]
+    async fn thin_chunks_leave_the_slots_promised_to_thick_volumes() {
+        let f = Scratch::new("st-thick", 8 << 20);
+        let s = Storage::new(vec![("a".into(), store(&f).await)]);
+        let free = s.devices()[0].store.free_slots();
+        assert!(free >= 3, "a device of a few slots: {free}");
+        let thick = |i| ChunkId {
+            vtree: VtreeId(9),
+            index: ChunkIndex(i),
+        };
+        // Promise all but one free slot to thick vtree 9.
+        s.set_thick_reservation([VtreeId(9)].into_iter().collect(), free - 1, 0);
+        s.write(c(0), 0, &[1; 4096])
+            .await
+            .expect("one thin chunk fits");
+        let e = s
+            .write(c(1), 0, &[2; 4096])
+            .await
+            .expect_err("the rest is promised");
+        assert!(matches!(e, StoreError::NoSpace), "{e:?}");
+        // The thin chunk already allocated keeps taking writes.
+        s.write(c(0), 4096, &[3; 4096]).await.expect("rewrite");
+        // Thick chunks take the promised slots, by write or pre-allocation.
+        s.write(thick(0), 0, &[4; 4096]).await.expect("thick write");
+        for i in 1..free - 1 {
+            assert!(s.preallocate(thick(i)).await.expect("preallocate"));
+        }
+        assert_eq!(s.thick_stored(), free - 1);
+        assert_eq!(s.devices()[0].store.free_slots(), 0);
+        // Nothing promised any more: a freed slot goes to thin data again.
+        s.zero(c(0), 0, proto::CHUNK_SIZE as u32)
+            .await
+            .expect("free");
+        s.write(c(1), 0, &[5; 4096]).await.expect("thin again");
     }
 }

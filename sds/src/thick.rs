@@ -6,12 +6,19 @@
 //! reservation into allocated slots (journaled allocation records: they survive restarts).
 //! It wakes on every map change and every [`RESCAN`], allocates in batches with a pause
 //! between them so user I/O keeps its share, and exposes its progress as metrics.
+//!
+//! Until a chunk is allocated its slot is promised ([`Storage::set_thick_reservation`]): thin
+//! writes get `NoSpace` rather than take it. Chunks that still find no slot (the MDM's
+//! reservation is a conservative estimate of how PGs spread chunks, so this should not happen)
+//! are counted in `meshblock_sds_thick_chunks_no_space` and reported in the hello, so scli
+//! shows them on the SDS and its pool.
 
 use crate::device::BlockDevice;
 use crate::service::Service;
 use crate::storage::Storage;
 use proto::model::ClusterState;
-use proto::{ChunkId, ChunkIndex, SdsId, CHUNK_SIZE};
+use proto::{ChunkId, ChunkIndex, SdsId, VtreeId, CHUNK_SIZE};
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -49,6 +56,15 @@ pub fn thick_chunks(map: &ClusterState, me: SdsId) -> Vec<ChunkId> {
     out
 }
 
+/// The vtrees of every thick volume in `map`.
+pub fn thick_vtrees(map: &ClusterState) -> HashSet<VtreeId> {
+    map.volumes
+        .values()
+        .filter(|v| !v.thin)
+        .map(|v| v.vtree)
+        .collect()
+}
+
 /// Allocate every chunk of `wanted` that `storage` lacks. Returns (allocated now, missing
 /// because the devices are full).
 pub async fn preallocate<D: BlockDevice>(
@@ -83,6 +99,7 @@ pub async fn run<D: BlockDevice>(service: Arc<Service<D>>) {
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_scan = tokio::time::Instant::now();
+    let mut last_no_space = 0;
     loop {
         tick.tick().await;
         let state = map.state();
@@ -92,29 +109,41 @@ pub async fn run<D: BlockDevice>(service: Arc<Service<D>>) {
         let Some(me) = map.me() else { continue };
         seen = state.version;
         last_scan = tokio::time::Instant::now();
-        let wanted: Vec<ChunkId> = thick_chunks(&state, me)
-            .into_iter()
+        let held = thick_chunks(&state, me);
+        let wanted: Vec<ChunkId> = held
+            .iter()
+            .copied()
             .filter(|c| !service.storage().contains(*c))
             .collect();
+        let storage = service.storage();
+        storage.set_thick_reservation(
+            thick_vtrees(&state),
+            wanted.len() as u64,
+            (held.len() - wanted.len()) as u64,
+        );
+        let metrics = service.metrics().clone();
         if wanted.is_empty() {
-            service.metrics().thick_chunks_pending.set(0);
+            metrics.thick_chunks_pending.set(0);
+            metrics.thick_chunks_no_space.set(0);
+            last_no_space = 0;
             continue;
         }
-        let metrics = service.metrics().clone();
         metrics.thick_chunks_pending.set(wanted.len() as i64);
-        let (allocated, no_space) = preallocate(service.storage(), &wanted, |left| {
+        let (allocated, no_space) = preallocate(storage, &wanted, |left| {
             metrics.thick_chunks_pending.set(left as i64);
         })
         .await;
         metrics.thick_chunks_allocated.inc_by(allocated);
         metrics.thick_chunks_pending.set(no_space as i64);
-        if no_space > 0 {
+        metrics.thick_chunks_no_space.set(no_space as i64);
+        if no_space > 0 && no_space != last_no_space {
             tracing::error!(
                 no_space,
-                "cannot pre-allocate every chunk of the thick volumes this SDS holds: its devices are full; add a device or move PGs away"
+                "cannot pre-allocate every chunk of the thick volumes this SDS holds: its devices are full; writes to those chunks can fail with ENOSPC. Add a device or move PGs away"
             );
-        } else {
+        } else if no_space == 0 {
             tracing::info!(allocated, "pre-allocated the chunks of thick volumes");
         }
+        last_no_space = no_space;
     }
 }

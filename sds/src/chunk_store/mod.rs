@@ -947,6 +947,16 @@ impl<D: BlockDevice> ChunkStore<D> {
         self.entry(chunk).is_some()
     }
 
+    /// Whether `chunk` is held by a journal record or a meta page, not only by a slot reserved
+    /// in memory for its first write ([`reserve`](Self::reserve), generation 0): such a slot is
+    /// lost at a restart, so a pre-allocation must still record it.
+    fn recorded(&self, chunk: ChunkId) -> bool {
+        self.entry(chunk).is_some_and(|e| {
+            let st = lock(&e.state);
+            st.generation != 0 || !st.pending.is_empty() || st.disk.any_written()
+        })
+    }
+
     pub fn device(&self) -> &D {
         &self.dev
     }
@@ -1235,11 +1245,11 @@ impl<D: BlockDevice> ChunkStore<D> {
     /// allocated. Journaled as a `Write` record of no blocks; its meta page is written in
     /// place by the next apply.
     pub async fn preallocate(&self, chunk: ChunkId) -> Result<bool, StoreError> {
-        if self.contains(chunk) {
+        if self.recorded(chunk) {
             return Ok(false);
         }
         let _whole = self.locks.lock(chunk, BlockMask::all()).await;
-        if self.contains(chunk) {
+        if self.recorded(chunk) {
             return Ok(false);
         }
         let entry = self.entry_or_allocate_applying(chunk).await?;
