@@ -428,6 +428,7 @@ mod tests {
                         pool: PoolId(1),
                         capacity_bytes: cap_mib * MIB,
                         state: DeviceState::Normal,
+                        error: String::new(),
                     }],
                     state: SdsState::Normal,
                     removing: false,

@@ -198,6 +198,7 @@ mod tests {
                         pool: PoolId(1),
                         capacity_bytes: 100 * MIB,
                         state: DeviceState::Normal,
+                        error: String::new(),
                     }],
                     state: SdsState::Normal,
                     removing: false,
