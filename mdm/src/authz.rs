@@ -61,6 +61,7 @@ fn command_senders(command: &Command) -> &'static [CertRole] {
         | Command::SetRebuildPolicy { .. }
         | Command::AddSdsDevice { .. }
         | Command::RemoveSdsDevice { .. }
+        | Command::ClearSdsDeviceError { .. }
         | Command::ModifyVolumeCapacity { .. }
         | Command::RenameVolume { .. }
         | Command::AddUser { .. }
@@ -98,6 +99,7 @@ pub fn command_name(c: &Command) -> &'static str {
         Command::SetRebuildPolicy { .. } => "set_rebuild_rebalance_policy",
         Command::AddSdsDevice { .. } => "add_sds_device",
         Command::RemoveSdsDevice { .. } => "remove_sds_device",
+        Command::ClearSdsDeviceError { .. } => "clear_sds_device_error",
         Command::AddVolume { .. } => "add_volume",
         Command::RemoveVolume { .. } => "remove_volume",
         Command::ModifyVolumeCapacity { .. } => "modify_volume_capacity",

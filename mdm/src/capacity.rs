@@ -429,6 +429,7 @@ mod tests {
                         capacity_bytes: cap_mib * MIB,
                         state: DeviceState::Normal,
                         error: String::new(),
+                        cleared_error: String::new(),
                     }],
                     state: SdsState::Normal,
                     removing: false,

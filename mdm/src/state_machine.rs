@@ -487,6 +487,7 @@ fn apply_command(s: &mut ClusterState, c: &Command) -> Result<Outcome, WireError
             done("Successfully added a device to SDS.", Some(id.0))
         }
         Command::RemoveSdsDevice { sds, path } => remove_sds_device(s, sds, path),
+        Command::ClearSdsDeviceError { sds, path } => clear_device_error(s, sds, path),
         Command::AddVolume {
             pool,
             name,
@@ -704,6 +705,7 @@ fn new_device(s: &mut ClusterState, pd: PdId, d: &NewDevice) -> Result<Device, W
         capacity_bytes,
         state,
         error: String::new(),
+        cleared_error: String::new(),
     })
 }
 
@@ -834,6 +836,40 @@ pub fn copies_on(p: &StoragePool, sds: SdsId) -> usize {
 /// Mark a device removing (its SDS drains it; the record goes when the SDS reports it empty),
 /// or drop the record at once when the device failed or never reported (it holds nothing
 /// readable). The capacity check against the data stored is the leader's, before proposing.
+fn clear_device_error(s: &mut ClusterState, sds: &str, path: &str) -> Result<Outcome, WireError> {
+    let Some(id) = s.sds_by_name(sds).map(|x| x.id) else {
+        return not_found("SDS", sds);
+    };
+    let Some(d) = s
+        .sds
+        .get_mut(&id)
+        .and_then(|x| x.devices.iter_mut().find(|d| d.path == path))
+    else {
+        return err(
+            ErrorCode::NotFound,
+            format!("SDS {sds} has no device {path}"),
+        );
+    };
+    if d.state != DeviceState::Failed {
+        return err(
+            ErrorCode::Conflict,
+            format!(
+                "Device {path} of SDS {sds} is {:?}, not Failed: there is no error to clear. Nothing was changed",
+                d.state
+            ),
+        );
+    }
+    // Its SDS formats it anew when it sees this; it reports capacity again as a new device.
+    d.state = DeviceState::Initializing;
+    d.capacity_bytes = 0;
+    d.cleared_error = std::mem::take(&mut d.error);
+    let id = d.id.0;
+    done(
+        format!("Cleared the error of device {path} of SDS {sds}: the SDS formats it and it returns as new capacity (its old data is not kept)"),
+        Some(id),
+    )
+}
+
 fn remove_sds_device(s: &mut ClusterState, sds: &str, path: &str) -> Result<Outcome, WireError> {
     let Some(sd) = s.sds_by_name(sds).cloned() else {
         return not_found("SDS", sds);
@@ -1040,6 +1076,17 @@ fn sds_report(
     let pd = sd.pd;
     for r in reports {
         if let Some(d) = sd.devices.iter_mut().find(|d| d.path == r.path) {
+            if d.state == DeviceState::Initializing
+                && r.failed
+                && !d.cleared_error.is_empty()
+                && r.error == d.cleared_error
+            {
+                // Sent before the SDS saw the clear: it formats the device next.
+                continue;
+            }
+            if !r.failed {
+                d.cleared_error.clear();
+            }
             let state = if r.failed {
                 DeviceState::Failed
             } else if d.state == DeviceState::Removing {

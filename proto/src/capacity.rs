@@ -199,6 +199,7 @@ mod tests {
                         capacity_bytes: 100 * MIB,
                         state: DeviceState::Normal,
                         error: String::new(),
+                        cleared_error: String::new(),
                     }],
                     state: SdsState::Normal,
                     removing: false,

@@ -318,6 +318,10 @@ pub struct Device {
     /// Why the device failed, as its SDS reported it (empty unless Failed).
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub error: String,
+    /// The error an operator cleared (`--clear_sds_device_error`): while the device is
+    /// Initializing, hellos still reporting that error come from before the SDS saw the clear.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub cleared_error: String,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

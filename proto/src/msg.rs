@@ -136,6 +136,12 @@ pub enum Command {
         sds: String,
         path: String,
     },
+    /// Clear a failed device's error (ScaleIO's `--clear_sds_device_error`): its SDS formats it
+    /// anew and it comes back as new capacity (nothing on it is kept). Refused unless Failed.
+    ClearSdsDeviceError {
+        sds: String,
+        path: String,
+    },
     AddVolume {
         pool: String,
         name: String,

@@ -52,6 +52,10 @@ pub struct Args {
     /// or when the rest cannot hold the data.
     #[arg(long)]
     pub remove_sds_device: bool,
+    /// --sds_name --device_path: a Failed device (fixed or replaced at the same path) is
+    /// formatted anew by its SDS and returns as new capacity; its old data is not kept.
+    #[arg(long)]
+    pub clear_sds_device_error: bool,
     /// --storage_pool_name --size_gb --volume_name [--thin_provisioned|--thick_provisioned]
     /// [--preempt] [--label KEY=VALUE]...
     #[arg(long)]
@@ -231,6 +235,7 @@ impl Args {
             ),
             (self.add_sds_device, "--add_sds_device"),
             (self.remove_sds_device, "--remove_sds_device"),
+            (self.clear_sds_device_error, "--clear_sds_device_error"),
             (self.add_volume, "--add_volume"),
             (self.remove_volume, "--remove_volume"),
             (self.modify_volume_capacity, "--modify_volume_capacity"),
@@ -370,6 +375,10 @@ impl Args {
                     device: d.remove(0),
                 }
             }
+            "--clear_sds_device_error" => Command::ClearSdsDeviceError {
+                sds: need(&self.sds_name, "--sds_name")?.into(),
+                path: need(&self.device_path, "--device_path")?.into(),
+            },
             "--remove_sds_device" => {
                 let path = need(&self.device_path, "--device_path")?;
                 if path.contains(',') {

@@ -154,6 +154,11 @@ impl<D: BlockDevice> DeviceSet<D> {
             }
         }
         for (path, state) in &listed {
+            if *state == DeviceState::Initializing && storage.is_failed(path) {
+                // An operator cleared its error (--clear_sds_device_error): format it anew.
+                self.reopen_cleared(path, lock_wait).await;
+                continue;
+            }
             if *state == DeviceState::Failed {
                 let n = storage.forget_failed(path);
                 if n > 0 {
@@ -169,6 +174,30 @@ impl<D: BlockDevice> DeviceSet<D> {
             if !listed.iter().any(|(p, _)| *p == d.path) && storage.drain(&d.path) {
                 tracing::warn!(device = %d.path, "device is not one of this SDS's devices in the cluster map (removed, or never added with scli --add_sds_device): it takes no new chunks and its chunks are moved to the other devices");
                 self.wake.notify_one();
+            }
+        }
+    }
+
+    /// Format the failed device at `path` anew after an operator cleared its error, and serve
+    /// it in place of the failed one (as new capacity). A failure is logged and reported as the
+    /// device's new error in the next hello.
+    async fn reopen_cleared(&self, path: &str, lock_wait: Duration) {
+        let storage = self.service.storage();
+        if let Err(e) = storage.wipe_failed(path).await {
+            tracing::error!(device = %path, "cannot clear the failed device: writing its superblock failed: {e}");
+            storage.set_failure(path, format!("clearing the error failed: {e}"));
+            return;
+        }
+        match (self.open)(PathBuf::from(path), lock_wait).await {
+            Ok(store) => {
+                let capacity = store.capacity_bytes();
+                if storage.replace_failed(path, store) {
+                    tracing::warn!(device = %path, capacity_bytes = capacity, "device error cleared: formatted anew, serving it as new capacity");
+                }
+            }
+            Err(e) => {
+                tracing::error!(device = %path, "cannot reopen the cleared device: {e}");
+                storage.set_failure(path, format!("reopening after the clear failed: {e}"));
             }
         }
     }

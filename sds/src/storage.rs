@@ -123,6 +123,52 @@ impl<D: BlockDevice> Storage<D> {
         *devs = next.into();
     }
 
+    /// Replace the error the failed device at `path` reports.
+    pub fn set_failure(&self, path: &str, why: String) {
+        if let Some(d) = self.devices().iter().find(|d| d.path == path) {
+            if let Ok(mut f) = d.failure.lock() {
+                *f = why;
+            }
+        }
+    }
+
+    /// Whether the device at `path` is open and has failed.
+    pub fn is_failed(&self, path: &str) -> bool {
+        self.devices().iter().any(|d| d.path == path && d.failed())
+    }
+
+    /// Prepare the failed device at `path` for a fresh start (its error was cleared): zero its
+    /// superblock page through the old handle, so the next open formats it, and let go of the
+    /// file lock so it can be opened again. Its chunks were forgotten already.
+    pub async fn wipe_failed(&self, path: &str) -> Result<(), StoreError> {
+        let devs = self.devices();
+        let Some(d) = devs.iter().find(|d| d.path == path && d.failed()) else {
+            return Ok(());
+        };
+        d.store.forget_all();
+        let dev = d.store.device();
+        let page = crate::device::AlignedBuf::zeroed(crate::device::ALIGN);
+        dev.write(0, page).await.map_err(StoreError::Device)?;
+        dev.flush().await.map_err(StoreError::Device)?;
+        dev.unlock();
+        Ok(())
+    }
+
+    /// Put `store` (the device at `path` opened anew) in place of the failed device of that
+    /// path, at the same position (indices stay valid); the old handle closes once nothing
+    /// uses it. Returns false when no failed device has that path.
+    pub fn replace_failed(&self, path: &str, store: ChunkStore<D>) -> bool {
+        let _one_at_a_time = self.placement.lock().unwrap_or_else(|p| p.into_inner());
+        let mut devs = self.devices.write().unwrap_or_else(|p| p.into_inner());
+        let Some(i) = devs.iter().position(|d| d.path == path && d.failed()) else {
+            return false;
+        };
+        let mut next: Vec<Arc<Device<D>>> = devs.iter().cloned().collect();
+        next[i] = new_device(path.to_owned(), store, &self.apply_wanted);
+        *devs = next.into();
+        true
+    }
+
     /// Whether a device with this path is open.
     pub fn has_device(&self, path: &str) -> bool {
         self.devices().iter().any(|d| d.path == path)

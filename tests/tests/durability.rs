@@ -166,8 +166,58 @@ fn a_failing_device_is_taken_out_and_its_copies_rebuilt() {
         dc.c.must_scli(&["--query_sds", "--sds_name", "sds1"])
             .stdout;
     assert!(text.contains("Failed"), "{text}");
+
+    // The operator replaces the disk at the same path and clears the error: the SDS formats it
+    // and serves it as new capacity, under writes that keep flushing.
+    std::fs::write(dc.c.dir.join("sds1.failpoints"), "").expect("disarm");
+    let cleared = dc.c.must_scli(&[
+        "--clear_sds_device_error",
+        "--sds_name",
+        "sds1",
+        "--device_path",
+        &second,
+    ]);
+    assert!(cleared.stdout.contains("Cleared"), "{}", cleared.stdout);
+    let refused = dc.c.scli_raw(&[
+        "--clear_sds_device_error",
+        "--sds_name",
+        "sds1",
+        "--device_path",
+        &second,
+    ]);
+    assert!(
+        !refused.ok && refused.stderr.contains("not Failed"),
+        "a second clear is refused: {}",
+        refused.stderr
+    );
+    let writers = FlushWriters::start(&dc.socket, "vol1", &model, 4, 8, 12, 8);
+    wait_for(
+        "the cleared device to serve again as new capacity",
+        Duration::from_secs(60),
+        || {
+            sds_devices(&dc, "sds1")
+                .iter()
+                .any(|(p, st, cap)| *p == second && st == "Normal" && *cap > 0)
+                .then_some(())
+        },
+    );
+    let base = model.report().writes_acked;
+    wait_for("writes after the clear", Duration::from_secs(120), || {
+        (model.report().writes_acked >= base + 1000).then_some(())
+    });
+    wait_pool(&dc, "Normal");
+    writers.finish().expect("writers after the clear");
+    let r2 = model.report();
+    assert_eq!((r2.writes_failed, r2.flushes_failed), (0, 0), "{r2:?}");
+    let (checked2, lost2, first2) = model.check(&dc.socket, "vol1").expect("read back");
+    assert_eq!(lost2, 0, "after the clear: {}", first2.unwrap_or_default());
+    let (_, diffs) = compare_copies(&dc.c, "vol1", REGION >> 20);
+    assert!(
+        diffs.is_empty(),
+        "copies differ after the clear: {diffs:#?}"
+    );
     summary(&format!(
-        "fault scenario failed device (one of sds1's two devices fails every I/O under 4 NBD connections flushing concurrently): chunks on sds1 before {on_second}, acknowledged writes {}, flushes {} ok / 0 failed, blocks checked {checked}, lost 0, pool {} again by itself, chunks with identical copies {compared}, device error shown: {error}",
+        "fault scenario failed device (one of sds1's two devices fails every I/O under 4 NBD connections flushing concurrently): chunks on sds1 before {on_second}, acknowledged writes {}, flushes {} ok / 0 failed, blocks checked {checked}, lost 0, pool {} again by itself, chunks with identical copies {compared}, device error shown: {error}; cleared with --clear_sds_device_error and served again as new capacity, blocks checked after {checked2}, lost 0",
         r.writes_acked, r.flushes_ok, pool["state"]
     ));
 }

@@ -206,6 +206,16 @@ fn table(token: &str) -> Vec<(MdmRequest, &'static [&'static str])> {
         (
             command(
                 t,
+                Command::ClearSdsDeviceError {
+                    sds: s("sds1"),
+                    path: s("/dev/fake1"),
+                },
+            ),
+            admin,
+        ),
+        (
+            command(
+                t,
                 Command::AddVolume {
                     pool: s("sp1"),
                     name: s("volx"),

@@ -267,6 +267,10 @@ impl<D: BlockDevice> FaultyDevice<D> {
 }
 
 impl<D: BlockDevice> BlockDevice for FaultyDevice<D> {
+    fn unlock(&self) {
+        self.inner.unlock();
+    }
+
     fn capacity(&self) -> u64 {
         self.inner.capacity()
     }

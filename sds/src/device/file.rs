@@ -38,6 +38,10 @@ impl FileDevice {
 }
 
 impl BlockDevice for FileDevice {
+    fn unlock(&self) {
+        super::unlock_file(&self.file);
+    }
+
     fn capacity(&self) -> u64 {
         self.capacity
     }

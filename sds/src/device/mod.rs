@@ -143,6 +143,9 @@ pub trait BlockDevice: Send + Sync + 'static {
     }
     /// Make every write completed before this call durable (fdatasync).
     fn flush(&self) -> impl Future<Output = Result<(), DeviceError>> + Send;
+    /// Let go of the exclusive lock on the device file, so it can be opened again while this
+    /// handle lives on (a failed device an operator cleared is reopened and formatted).
+    fn unlock(&self) {}
     /// Hint that `[offset, offset + len)` is unused (hole punch or discard); its contents are
     /// unspecified afterwards. Devices that cannot discard succeed without doing anything.
     fn discard(
@@ -155,6 +158,9 @@ pub trait BlockDevice: Send + Sync + 'static {
 impl<D: BlockDevice> BlockDevice for Arc<D> {
     fn capacity(&self) -> u64 {
         (**self).capacity()
+    }
+    fn unlock(&self) {
+        (**self).unlock()
     }
     fn buffers(&self) -> &BufferPool {
         (**self).buffers()
@@ -245,6 +251,12 @@ impl DeviceOptions {
             queue_depth: 128,
         }
     }
+}
+
+/// Drop this process's `flock` on `file` (taken by [`open_file`]).
+pub(crate) fn unlock_file(file: &std::fs::File) {
+    // SAFETY: flock on a descriptor we own; failure only leaves the lock held.
+    let _ = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_UN) };
 }
 
 /// An opened device file: the descriptor, locked against other processes, and its geometry.
@@ -432,6 +444,13 @@ impl BlockDevice for AnyDevice {
             AnyDevice::File(d) => d.buffers(),
         }
     }
+    fn unlock(&self) {
+        match self {
+            AnyDevice::Uring(d) => d.unlock(),
+            AnyDevice::File(d) => d.unlock(),
+        }
+    }
+
     async fn read(&self, offset: u64, buf: AlignedBuf) -> Result<AlignedBuf, DeviceError> {
         match self {
             AnyDevice::Uring(d) => d.read(offset, buf).await,

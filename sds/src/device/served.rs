@@ -97,6 +97,10 @@ impl BlockDevice for TestDevice {
         self.inner.flush().await
     }
 
+    fn unlock(&self) {
+        self.inner.inner().unlock();
+    }
+
     async fn discard(&self, offset: u64, len: u64) -> Result<(), DeviceError> {
         self.check()?;
         self.inner.discard(offset, len).await

@@ -196,6 +196,10 @@ impl Drop for UringDevice {
 }
 
 impl BlockDevice for UringDevice {
+    fn unlock(&self) {
+        super::unlock_file(&self.file);
+    }
+
     fn capacity(&self) -> u64 {
         self.capacity
     }
