@@ -185,28 +185,38 @@ impl FlushDebt {
                     Outcome::Failed => {}
                 }
             }
-            // Writes all of whose copies rebooted are lost; a set with a durable member, or a
-            // gone one (the holders' round covers it), is settled; other sets (a member failed)
-            // stay to be judged again.
+            // A set with a durable member is settled. Writes none of whose copies answered
+            // under their boot, at least one of which rebooted, are lost: the copy that took
+            // over from a gone one may be the one that rebooted (a false alarm when a rebuild
+            // had copied them elsewhere first: the flush fails safe). A set of gone copies
+            // only is covered by the holders' round (what they took lives on in the copies
+            // rebuilt from them). Other sets (a member failed) stay to be judged again.
             d.groups.retain(|group, seq| {
                 if *seq > ticket.seq {
                     return true;
                 }
-                if group.iter().all(|c| rebooted.contains(c)) {
+                if group.iter().any(|c| durable.contains(c)) {
+                    return false;
+                }
+                let unsafe_all = group
+                    .iter()
+                    .all(|c| rebooted.contains(c) || gone.contains(c));
+                if unsafe_all && group.iter().any(|c| rebooted.contains(c)) {
                     out.lost.push(group.clone());
                     return false;
                 }
-                !group
-                    .iter()
-                    .any(|c| durable.contains(c) || gone.contains(c))
+                !unsafe_all
             });
-            // Paid, up to the ticket (newer writes stay owed): durable and gone copies, and
-            // rebooted ones whose writes are settled (durable elsewhere, or reported lost); a
-            // rebooted copy in a set still waiting (a member failed) stays owed, so the set is
-            // judged again when that member answers.
+            // Paid, up to the ticket (newer writes stay owed): durable copies, and gone or
+            // rebooted ones whose writes are settled (durable elsewhere, covered by the
+            // holders, or reported lost); one in a set still waiting (a member failed) stays
+            // owed, so the set is judged again when that member answers.
             let waiting: HashSet<Copy> = d.groups.keys().flatten().copied().collect();
-            let settled = rebooted.iter().filter(|c| !waiting.contains(c));
-            for c in durable.iter().chain(gone.iter()).chain(settled) {
+            let settled = rebooted
+                .iter()
+                .chain(gone.iter())
+                .filter(|c| !waiting.contains(c));
+            for c in durable.iter().chain(settled) {
                 if d.owed.get(c).is_some_and(|s| *s <= ticket.seq) {
                     d.owed.remove(c);
                 }
@@ -402,9 +412,25 @@ mod tests {
     }
 
     #[test]
-    fn a_gone_copy_hands_its_writes_to_the_holders_even_if_its_partner_rebooted() {
-        // The copy that took over from the gone one (by rebuild, from its intact copy) holds
-        // them: the holders' round makes them durable.
+    fn gone_copies_hand_their_writes_to_the_holders() {
+        // Both copies declared down, neither rebooted: the copies rebuilt from them hold the
+        // writes, and the holders' round makes them durable.
+        let d = FlushDebt::clean();
+        d.record(&[c(1), c(2)]);
+        let t = d.ticket();
+        let s = d.settle(
+            &t,
+            &outcomes(&[(1, Outcome::Gone), (2, Outcome::Gone)]),
+            false,
+        );
+        assert!(s.lost.is_empty() && s.need_holders);
+        assert!(d.ticket().owed.is_empty() && d.ticket().all_holders);
+    }
+
+    #[test]
+    fn a_gone_copy_whose_partner_rebooted_is_a_loss() {
+        // The partner took over from the gone copy, then its host restarted: nothing is left
+        // that is known to hold the writes.
         let d = FlushDebt::clean();
         d.record(&[c(1), c(2)]);
         let t = d.ticket();
@@ -413,8 +439,8 @@ mod tests {
             &outcomes(&[(1, Outcome::Gone), (2, Outcome::Durable(5))]),
             false,
         );
-        assert!(s.lost.is_empty() && s.need_holders);
-        assert!(d.ticket().owed.is_empty() && d.ticket().all_holders);
+        assert_eq!(s.lost, vec![vec![c(1), c(2)]]);
+        assert!(s.need_holders);
     }
 
     #[test]

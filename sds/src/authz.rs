@@ -21,7 +21,10 @@ pub fn senders(op: DataOp) -> &'static [CertRole] {
     use CertRole::*;
     match op {
         // Volume I/O: the SDC the volume is mapped to, under its mapping's generation.
-        DataOp::Read | DataOp::Write | DataOp::Trim | DataOp::WriteZeroes | DataOp::Flush => &[Sdc],
+        DataOp::Read | DataOp::Write | DataOp::Trim | DataOp::WriteZeroes => &[Sdc],
+        // Flushes: the SDC's, and a rebuild source's making its copy durable on the target
+        // before reporting the rebuild done (flushing changes no data).
+        DataOp::Flush => &[Sdc, Sds],
         // NBD block status (the SDC, fenced like reads) and rebuild (the PG's primary).
         DataOp::AllocStatus => &[Sds, Sdc],
         // Forwards and rebuild copies from the PG's primary; repairs from its secondary; reads

@@ -455,7 +455,13 @@ impl<D: BlockDevice> Rebuilder<D> {
                     "rebuild no longer assigned; abandoned");
                 break;
             }
-            match self.copy_pg(&a).await {
+            // The copy counts as a full one only once it is durable on the target: a target
+            // whose disks lose unflushed writes must not become the PG's only good copy.
+            let copied = match self.copy_pg(&a).await {
+                Ok(bytes) => self.service.flush_peer(a.target).await.map(|()| bytes),
+                Err(e) => Err(e),
+            };
+            match copied {
                 Ok(bytes) => match self
                     .link
                     .report_rebuilt(a.pool, a.pg, a.target, a.rebuild)

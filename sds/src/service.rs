@@ -606,6 +606,37 @@ impl<D: BlockDevice> Service<D> {
         ))
     }
 
+    /// Make what this SDS wrote to SDS `target` durable there (a rebuild copy, before it is
+    /// reported done).
+    pub async fn flush_peer(&self, target: proto::SdsId) -> Result<(), WireError> {
+        let map = self.map.state();
+        let Some(addr) = map.sds.get(&target).and_then(|x| x.addr.parse().ok()) else {
+            return Err(WireError::new(
+                ErrorCode::Unavailable,
+                format!("SDS {target} has no address in the map"),
+            ));
+        };
+        let h = DataHeader {
+            op: DataOp::Flush,
+            flags: 0,
+            pool: proto::PoolId(0),
+            pg: proto::PgId(0),
+            epoch: proto::Epoch(0),
+            chunk: proto::ChunkId {
+                vtree: proto::VtreeId(0),
+                index: proto::ChunkIndex(0),
+            },
+            offset: 0,
+            len: 0,
+            fence: 0,
+        };
+        self.replicas
+            .call(target, addr, &h)
+            .await
+            .map(|_| ())
+            .map_err(|e| self.forward_error(e))
+    }
+
     /// The PG's in-sync secondary (not this SDS), its address and the pool's epoch; or why
     /// there is none.
     fn other_copy(
