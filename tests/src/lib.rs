@@ -1280,7 +1280,8 @@ pub fn compare_copies(c: &Cluster, volume: &str, chunks: u64) -> (u64, Vec<Strin
             {
                 return None;
             }
-            // A copy refusing the read for a newer epoch: the placement moved, start again.
+            // A copy refusing the read for a newer epoch (the placement moved) or for want of a
+            // lease (just restarted): start again.
             let result = compare_copies_under(c, &map, volume, chunks)?;
             let after = cluster_map(c);
             (after.pools.get(&vol.pool).map(|p| p.epoch) == Some(pool.epoch)).then_some(result)
@@ -1375,7 +1376,9 @@ fn compare_copies_under(
                     Err(e)
                         if matches!(
                             e.code,
-                            proto::ErrorCode::StaleEpoch | proto::ErrorCode::WrongPg
+                            proto::ErrorCode::StaleEpoch
+                                | proto::ErrorCode::WrongPg
+                                | proto::ErrorCode::Unavailable
                         ) =>
                     {
                         return None;
