@@ -80,8 +80,13 @@ fn volatile_kills(name: &str, several: bool) {
                 dc.sds[*i].kill();
                 kills += 1;
             }
-            // Down for a random while: sometimes back before the MDM notices, sometimes after.
-            std::thread::sleep(Duration::from_millis(rng.gen_range(0..2500)));
+            // Sometimes back at once (before the MDM notices), sometimes only once the MDM
+            // declared them down: a condition, not a pause.
+            if rng.gen_bool(0.5) {
+                for i in &victims {
+                    wait_sds_state(&dc, &format!("sds{}", i + 1), "Down");
+                }
+            }
             for i in &victims {
                 dc.sds[*i].start();
             }
