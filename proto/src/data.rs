@@ -90,6 +90,22 @@ pub struct DataHeader {
 }
 
 impl DataHeader {
+    /// A Flush: it names no pool, PG or chunk (an SDS flushes every device it serves).
+    pub fn flush() -> DataHeader {
+        DataHeader::at(
+            DataOp::Flush,
+            PoolId(0),
+            PgId(0),
+            Epoch(0),
+            ChunkId {
+                vtree: VtreeId(0),
+                index: ChunkIndex(0),
+            },
+            0,
+            0,
+        )
+    }
+
     /// A header without flags or fence (what SDS-to-SDS requests use).
     pub fn at(
         op: DataOp,

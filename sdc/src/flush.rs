@@ -9,7 +9,10 @@
 //! - one [`FlushDebt`] per volume per process ([`crate::io_path::IoPath`] hands the same one to
 //!   every export and attach of the volume, and keeps it across renames);
 //! - a write is recorded before it is acknowledged, with a sequence number, as a set of
-//!   [`Copy`]s: each SDS that took it with the boot tag of its host the map showed;
+//!   [`Member`]s: each SDS that took it with the boot tag of its host the map showed, and the
+//!   PG. A copy makes a write durable only while the map shows it as an in-sync copy of that
+//!   PG when the flush settles: a rebuild or move target not in sync yet is dropped by the MDM
+//!   if the primary dies first, and a copy moved off or dropped no longer serves the PG;
 //! - a flush takes a [`Ticket`] (what is owed now) without clearing anything, and pays a copy
 //!   off only up to the ticket's sequence once that SDS answered a flush sent after it: a
 //!   concurrent flush still sees what the first has not finished paying, a failed flush leaves
@@ -17,19 +20,33 @@
 //! - a flush answered under another boot than the write's ([`Outcome::Rebooted`]) does not pay
 //!   it: that host restarted and its devices may have lost what they had not flushed. Neither
 //!   does an SDS declared down that no PG waits for ([`Outcome::Gone`]). Writes whose every copy
-//!   is in one of these cases are lost, and the flush says so (once); writes with a copy that
-//!   answered under its boot are durable there (a write of a degraded PG has one copy);
+//!   is in one of these cases are lost, and the flush says so; so does every other flush whose
+//!   ticket covered them, even when the first settled them (concurrent flushes on other
+//!   connections must not answer success for writes that are gone); a flush that starts
+//!   afterwards does not. Writes with a copy that answered under its boot are durable there
+//!   (a write of a degraded PG has one copy);
 //! - a new process owes a flush to every SDS holding the volume's pool (writes acknowledged by
 //!   the process before it may still sit in device caches), and so does a flush that finds an
 //!   owed SDS gone (its writes live on in the copies that took over).
 
-use proto::SdsId;
-use std::collections::{HashMap, HashSet};
+use proto::{PgId, PoolId, SdsId};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Mutex;
+
+/// Losses remembered for flushes that started before they were declared (a flush settles
+/// within its I/O timeout, so only a handful are ever needed).
+const LOSSES_KEPT: usize = 256;
 
 /// One copy that took writes: the SDS and the [`proto::data::boot_tag`] of its host as the
 /// SDC's map showed it when the write was sent (0: unknown, matches any).
 pub type Copy = (SdsId, u64);
+
+/// One copy of a write in a set: the copy and the PG it took the write for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Member {
+    pub copy: Copy,
+    pub pg: (PoolId, PgId),
+}
 
 /// The flushes one volume owes.
 #[derive(Debug)]
@@ -44,9 +61,13 @@ struct Inner {
     /// Per copy, the sequence of the newest write it took that no flush has covered yet.
     owed: HashMap<Copy, u64>,
     /// The sets of copies that took the same writes (a PG's primary with its secondary and a
-    /// copy being moved off; a degraded PG's primary alone), sorted, with the newest such
-    /// write: a write is lost only when all its copies are.
-    groups: HashMap<Vec<Copy>, u64>,
+    /// copy being moved off; a degraded PG's primary alone), sorted, with the oldest and the
+    /// newest such write not settled yet: a write is lost only when all its copies are.
+    groups: HashMap<Vec<Member>, (u64, u64)>,
+    /// How many losses were declared.
+    declared: u64,
+    /// The latest losses: (declaration number, oldest write of the set, the set).
+    losses: VecDeque<(u64, u64, Vec<Copy>)>,
     /// Every SDS holding a copy of the volume's pool owes a flush covering the writes up to
     /// this sequence (a flush whose ticket is at least this new pays it).
     all_holders: Option<u64>,
@@ -61,6 +82,8 @@ pub struct Ticket {
     pub owed: Vec<Copy>,
     /// Every holder of the volume's pool must be flushed too.
     pub all_holders: bool,
+    /// Losses declared before this ticket was taken.
+    pub declared: u64,
 }
 
 impl Ticket {
@@ -125,18 +148,21 @@ impl FlushDebt {
     }
 
     /// Record a completed write taken by `copies` (call before acknowledging it).
-    pub fn record(&self, copies: &[Copy]) {
+    pub fn record(&self, copies: &[Member]) {
         self.with(|d| {
             d.seq += 1;
             let seq = d.seq;
-            for c in copies {
-                d.owed.insert(*c, seq);
+            for m in copies {
+                d.owed.insert(m.copy, seq);
             }
             let mut group = copies.to_vec();
             group.sort_unstable();
             group.dedup();
             if !group.is_empty() {
-                d.groups.insert(group, seq);
+                d.groups
+                    .entry(group)
+                    .and_modify(|(_, newest)| *newest = seq)
+                    .or_insert((seq, seq));
             }
         });
     }
@@ -150,18 +176,22 @@ impl FlushDebt {
                 seq: d.seq,
                 owed,
                 all_holders: d.all_holders.is_some(),
+                declared: d.declared,
             }
         })
     }
 
     /// Settle `ticket` with how each SDS's flush (sent after the ticket was taken) ended;
     /// `holders_flushed` when every holder of the pool was flushed too (for
-    /// [`Ticket::all_holders`]). SDS missing from `outcomes` count as failed.
+    /// [`Ticket::all_holders`]); `in_sync(sds, pool, pg)`: whether the current map shows that
+    /// SDS as an in-sync copy of the PG (primary, secondary not being filled, or a copy being
+    /// moved off). SDS missing from `outcomes` count as failed.
     pub fn settle(
         &self,
         ticket: &Ticket,
         outcomes: &HashMap<SdsId, Outcome>,
         holders_flushed: bool,
+        in_sync: impl Fn(SdsId, PoolId, PgId) -> bool,
     ) -> Settled {
         self.with(|d| {
             let mut out = Settled::default();
@@ -191,27 +221,55 @@ impl FlushDebt {
             // had copied them elsewhere first: the flush fails safe). A set of gone copies
             // only is covered by the holders' round (what they took lives on in the copies
             // rebuilt from them). Other sets (a member failed) stay to be judged again.
-            d.groups.retain(|group, seq| {
-                if *seq > ticket.seq {
+            // Losses another flush declared after this ticket was taken, of writes it covers:
+            // this flush cannot promise them either.
+            let pruned = d
+                .losses
+                .front()
+                .is_some_and(|(n, _, _)| *n > ticket.declared + 1);
+            for (n, oldest, group) in &d.losses {
+                if (*n > ticket.declared && *oldest <= ticket.seq) || pruned {
+                    out.lost.push(group.clone());
+                }
+            }
+            let mut newly = Vec::new();
+            // A copy not in sync (not yet, or no more) does not count either way.
+            let counts = |m: &Member| in_sync(m.copy.0, m.pg.0, m.pg.1);
+            d.groups.retain(|group, (oldest, newest)| {
+                if *newest > ticket.seq {
                     return true;
                 }
-                if group.iter().any(|c| durable.contains(c)) {
+                if group.iter().any(|m| counts(m) && durable.contains(&m.copy)) {
                     return false;
                 }
                 let unsafe_all = group
                     .iter()
-                    .all(|c| rebooted.contains(c) || gone.contains(c));
-                if unsafe_all && group.iter().any(|c| rebooted.contains(c)) {
-                    out.lost.push(group.clone());
+                    .all(|m| !counts(m) || rebooted.contains(&m.copy) || gone.contains(&m.copy));
+                if unsafe_all
+                    && group
+                        .iter()
+                        .any(|m| counts(m) && rebooted.contains(&m.copy))
+                {
+                    let copies: Vec<Copy> =
+                        group.iter().filter(|m| counts(m)).map(|m| m.copy).collect();
+                    newly.push((*oldest, copies));
                     return false;
                 }
                 !unsafe_all
             });
+            for (oldest, group) in newly {
+                d.declared += 1;
+                d.losses.push_back((d.declared, oldest, group.clone()));
+                if d.losses.len() > LOSSES_KEPT {
+                    d.losses.pop_front();
+                }
+                out.lost.push(group);
+            }
             // Paid, up to the ticket (newer writes stay owed): durable copies, and gone or
             // rebooted ones whose writes are settled (durable elsewhere, covered by the
             // holders, or reported lost); one in a set still waiting (a member failed) stays
             // owed, so the set is judged again when that member answers.
-            let waiting: HashSet<Copy> = d.groups.keys().flatten().copied().collect();
+            let waiting: HashSet<Copy> = d.groups.keys().flatten().map(|m| m.copy).collect();
             let settled = rebooted
                 .iter()
                 .chain(gone.iter())
@@ -231,6 +289,7 @@ impl FlushDebt {
                 d.all_holders = None;
             }
             out.lost.sort_unstable();
+            out.lost.dedup();
             out
         })
     }
@@ -244,6 +303,17 @@ mod tests {
 
     fn c(i: u64) -> Copy {
         (SdsId(i), BOOT)
+    }
+
+    const PG: (PoolId, PgId) = (PoolId(1), PgId(4));
+
+    fn m(copies: &[Copy]) -> Vec<Member> {
+        copies.iter().map(|c| Member { copy: *c, pg: PG }).collect()
+    }
+
+    /// No copy is a target.
+    fn all(_: SdsId, _: PoolId, _: PgId) -> bool {
+        true
     }
 
     fn outcomes(v: &[(u64, Outcome)]) -> HashMap<SdsId, Outcome> {
@@ -260,53 +330,54 @@ mod tests {
     fn a_write_is_owed_until_a_flush_covers_every_copy() {
         let d = FlushDebt::clean();
         assert!(d.ticket().is_empty());
-        d.record(&[c(1), c(2)]);
+        d.record(&m(&[c(1), c(2)]));
         let t = d.ticket();
         assert_eq!(t.owed, vec![c(1), c(2)]);
-        assert_eq!(d.settle(&t, &ok(&[1, 2]), false), Settled::default());
+        assert_eq!(d.settle(&t, &ok(&[1, 2]), false, all), Settled::default());
         assert!(d.ticket().is_empty());
     }
 
     #[test]
     fn a_concurrent_flush_still_sees_what_the_first_has_not_paid() {
         let d = FlushDebt::clean();
-        d.record(&[c(1), c(2)]);
+        d.record(&m(&[c(1), c(2)]));
         let first = d.ticket();
         // The second FLUSH arrives while the first is still sending: it must not answer at once.
         let second = d.ticket();
         assert_eq!(second.owed, vec![c(1), c(2)]);
-        d.settle(&first, &ok(&[1]), false);
-        d.settle(&second, &ok(&[2]), false);
+        d.settle(&first, &ok(&[1]), false, all);
+        d.settle(&second, &ok(&[2]), false, all);
         assert!(d.ticket().is_empty());
     }
 
     #[test]
     fn a_failed_flush_leaves_the_debt() {
         let d = FlushDebt::clean();
-        d.record(&[c(1), c(2)]);
+        d.record(&m(&[c(1), c(2)]));
         let t = d.ticket();
         d.settle(
             &t,
             &outcomes(&[(1, Outcome::Durable(BOOT)), (2, Outcome::Failed)]),
             false,
+            all,
         );
         assert_eq!(d.ticket().owed, vec![c(2)]);
         // SDS missing from the outcomes failed too.
         let t = d.ticket();
-        d.settle(&t, &HashMap::new(), false);
+        d.settle(&t, &HashMap::new(), false, all);
         assert_eq!(d.ticket().owed, vec![c(2)]);
     }
 
     #[test]
     fn a_write_recorded_after_the_ticket_stays_owed() {
         let d = FlushDebt::clean();
-        d.record(&[c(1)]);
+        d.record(&m(&[c(1)]));
         let t = d.ticket();
-        d.record(&[c(1)]);
-        d.settle(&t, &ok(&[1]), false);
+        d.record(&m(&[c(1)]));
+        d.settle(&t, &ok(&[1]), false, all);
         assert_eq!(d.ticket().owed, vec![c(1)]);
         let t2 = d.ticket();
-        d.settle(&t2, &ok(&[1]), false);
+        d.settle(&t2, &ok(&[1]), false, all);
         assert!(d.ticket().is_empty());
     }
 
@@ -315,11 +386,11 @@ mod tests {
         let d = FlushDebt::new_process();
         let t = d.ticket();
         assert!(t.all_holders && !t.is_empty());
-        d.record(&[c(3)]);
+        d.record(&m(&[c(3)]));
         // Not every holder answered: still owed.
-        d.settle(&t, &ok(&[]), false);
+        d.settle(&t, &ok(&[]), false, all);
         assert!(d.ticket().all_holders);
-        d.settle(&t, &ok(&[]), true);
+        d.settle(&t, &ok(&[]), true, all);
         let t2 = d.ticket();
         assert!(!t2.all_holders);
         assert_eq!(t2.owed, vec![c(3)]);
@@ -328,12 +399,13 @@ mod tests {
     #[test]
     fn one_rebooted_copy_is_covered_by_the_other() {
         let d = FlushDebt::clean();
-        d.record(&[c(1), c(2)]);
+        d.record(&m(&[c(1), c(2)]));
         let t = d.ticket();
         let s = d.settle(
             &t,
             &outcomes(&[(1, Outcome::Durable(99)), (2, Outcome::Durable(BOOT))]),
             false,
+            all,
         );
         assert_eq!(s, Settled::default());
         assert!(d.ticket().is_empty());
@@ -342,8 +414,8 @@ mod tests {
     #[test]
     fn both_copies_rebooted_before_the_flush_is_a_loss_reported_once() {
         let d = FlushDebt::clean();
-        d.record(&[c(1), c(2)]);
-        d.record(&[c(2), c(3)]);
+        d.record(&m(&[c(1), c(2)]));
+        d.record(&m(&[c(2), c(3)]));
         let t = d.ticket();
         let s = d.settle(
             &t,
@@ -353,6 +425,7 @@ mod tests {
                 (3, Outcome::Durable(BOOT)),
             ]),
             false,
+            all,
         );
         // Writes on 1+2 are lost; those on 2+3 are durable on 3.
         assert_eq!(s.lost, vec![vec![c(1), c(2)]]);
@@ -362,15 +435,16 @@ mod tests {
     #[test]
     fn a_flush_that_meets_the_new_boot_does_not_pay_the_old_one() {
         let d = FlushDebt::clean();
-        d.record(&[c(1), c(2)]);
+        d.record(&m(&[c(1), c(2)]));
         // SDS 1 restarted its host; a write under its new boot.
-        d.record(&[(SdsId(1), 99), c(2)]);
+        d.record(&m(&[(SdsId(1), 99), c(2)]));
         let t = d.ticket();
         assert_eq!(t.sds(), vec![SdsId(1), SdsId(2)]);
         let s = d.settle(
             &t,
             &outcomes(&[(1, Outcome::Durable(99)), (2, Outcome::Failed)]),
             false,
+            all,
         );
         assert!(s.lost.is_empty());
         // The old boot's writes wait on SDS 2 (their other copy), which failed: both stay owed.
@@ -381,6 +455,7 @@ mod tests {
             &t,
             &outcomes(&[(1, Outcome::Durable(99)), (2, Outcome::Durable(98))]),
             false,
+            all,
         );
         assert_eq!(s.lost, vec![vec![c(1), c(2)]]);
         assert!(d.ticket().is_empty());
@@ -389,12 +464,13 @@ mod tests {
     #[test]
     fn a_gone_sds_makes_every_holder_owe_its_writes() {
         let d = FlushDebt::clean();
-        d.record(&[c(1), c(2)]);
+        d.record(&m(&[c(1), c(2)]));
         let t = d.ticket();
         let s = d.settle(
             &t,
             &outcomes(&[(1, Outcome::Gone), (2, Outcome::Durable(BOOT))]),
             false,
+            all,
         );
         assert!(s.need_holders && s.lost.is_empty());
         let t2 = d.ticket();
@@ -402,12 +478,12 @@ mod tests {
         // Holders flushed after a ticket older than the gone SDS's writes do not pay it.
         let d2 = FlushDebt::clean();
         let early = d2.ticket();
-        d2.record(&[c(1)]);
+        d2.record(&m(&[c(1)]));
         let late = d2.ticket();
-        d2.settle(&late, &outcomes(&[(1, Outcome::Gone)]), false);
-        d2.settle(&early, &HashMap::new(), true);
+        d2.settle(&late, &outcomes(&[(1, Outcome::Gone)]), false, all);
+        d2.settle(&early, &HashMap::new(), true, all);
         assert!(d2.ticket().all_holders);
-        d2.settle(&d2.ticket(), &HashMap::new(), true);
+        d2.settle(&d2.ticket(), &HashMap::new(), true, all);
         assert!(d2.ticket().is_empty());
     }
 
@@ -416,12 +492,13 @@ mod tests {
         // Both copies declared down, neither rebooted: the copies rebuilt from them hold the
         // writes, and the holders' round makes them durable.
         let d = FlushDebt::clean();
-        d.record(&[c(1), c(2)]);
+        d.record(&m(&[c(1), c(2)]));
         let t = d.ticket();
         let s = d.settle(
             &t,
             &outcomes(&[(1, Outcome::Gone), (2, Outcome::Gone)]),
             false,
+            all,
         );
         assert!(s.lost.is_empty() && s.need_holders);
         assert!(d.ticket().owed.is_empty() && d.ticket().all_holders);
@@ -432,12 +509,13 @@ mod tests {
         // The partner took over from the gone copy, then its host restarted: nothing is left
         // that is known to hold the writes.
         let d = FlushDebt::clean();
-        d.record(&[c(1), c(2)]);
+        d.record(&m(&[c(1), c(2)]));
         let t = d.ticket();
         let s = d.settle(
             &t,
             &outcomes(&[(1, Outcome::Gone), (2, Outcome::Durable(5))]),
             false,
+            all,
         );
         assert_eq!(s.lost, vec![vec![c(1), c(2)]]);
         assert!(s.need_holders);
@@ -446,10 +524,72 @@ mod tests {
     #[test]
     fn a_write_with_one_copy_is_lost_when_that_host_rebooted() {
         let d = FlushDebt::clean();
-        d.record(&[c(1)]);
+        d.record(&m(&[c(1)]));
         let t = d.ticket();
-        let s = d.settle(&t, &outcomes(&[(1, Outcome::Durable(5))]), false);
+        let s = d.settle(&t, &outcomes(&[(1, Outcome::Durable(5))]), false, all);
         assert_eq!(s.lost, vec![vec![c(1)]]);
+        assert!(d.ticket().is_empty());
+    }
+    #[test]
+    fn a_concurrent_flush_whose_ticket_covered_a_loss_fails_too() {
+        let d = FlushDebt::clean();
+        d.record(&m(&[c(1), c(2)]));
+        let first = d.ticket();
+        let second = d.ticket();
+        let rebooted = outcomes(&[(1, Outcome::Durable(98)), (2, Outcome::Durable(99))]);
+        let a = d.settle(&first, &rebooted, false, all);
+        assert_eq!(a.lost, vec![vec![c(1), c(2)]]);
+        // The other flush was taken before the first settled: it covered the same writes and
+        // must not answer success, although the first already settled them.
+        let b = d.settle(&second, &rebooted, false, all);
+        assert_eq!(b.lost, vec![vec![c(1), c(2)]]);
+        // A flush that starts afterwards owes nothing and is not told again.
+        let later = d.ticket();
+        assert!(later.is_empty());
+        assert_eq!(d.settle(&later, &ok(&[]), false, all), Settled::default());
+    }
+
+    #[test]
+    fn a_flush_taken_before_a_loss_of_only_newer_writes_is_not_failed_by_it() {
+        let d = FlushDebt::clean();
+        d.record(&m(&[c(3)]));
+        let early = d.ticket();
+        // Newer writes on 1+2, then both hosts restart.
+        d.record(&m(&[c(1), c(2)]));
+        let late = d.ticket();
+        let s = d.settle(
+            &late,
+            &outcomes(&[
+                (1, Outcome::Durable(98)),
+                (2, Outcome::Durable(99)),
+                (3, Outcome::Durable(BOOT)),
+            ]),
+            false,
+            all,
+        );
+        assert_eq!(s.lost, vec![vec![c(1), c(2)]]);
+        // The early flush covered only the write on 3, durable.
+        let s = d.settle(&early, &ok(&[3]), false, all);
+        assert_eq!(s, Settled::default());
+    }
+    #[test]
+    fn a_rebuild_target_counts_only_once_in_sync() {
+        let pg = PG;
+        let rebooted_primary = outcomes(&[(1, Outcome::Durable(98)), (2, Outcome::Durable(BOOT))]);
+        // The primary restarted before a flush reached it; the target has the write durably,
+        // but while it is not in sync the MDM drops it with the primary gone: a loss.
+        let d = FlushDebt::clean();
+        d.record(&m(&[c(1), c(2)]));
+        let t = d.ticket();
+        assert_eq!(t.owed, vec![c(1), c(2)], "the target is flushed too");
+        let s = d.settle(&t, &rebooted_primary, false, |sds, _, _| sds == SdsId(1));
+        assert_eq!(s.lost, vec![vec![c(1)]]);
+        // Once its rebuild completed it is a full copy: the write is durable there.
+        let d = FlushDebt::clean();
+        d.record(&m(&[c(1), c(2)]));
+        let t = d.ticket();
+        let s = d.settle(&t, &rebooted_primary, false, |_, pool, g| (pool, g) == pg);
+        assert_eq!(s, Settled::default());
         assert!(d.ticket().is_empty());
     }
 }

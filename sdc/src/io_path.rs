@@ -11,7 +11,7 @@
 //! (and to every holder of the pool when the debt says so: a new process, an SDS gone) and
 //! acknowledged only when every one is durable. That is what makes CAN_MULTI_CONN truthful.
 
-use crate::flush::{FlushDebt, Outcome, Ticket};
+use crate::flush::{FlushDebt, Member, Outcome, Ticket};
 use crate::volume::{self, Piece};
 use bytes::{Bytes, BytesMut};
 use proto::client::MdmClient;
@@ -346,7 +346,7 @@ impl VolumeIo {
                     Ok(f) => {
                         if op != DataOp::Read {
                             // A copy being moved off (rebalance) also took the write.
-                            let copies: Vec<crate::flush::Copy> = [
+                            let copies: Vec<Member> = [
                                 Some(primary),
                                 route.mapping.secondary,
                                 route.mapping.leaving,
@@ -355,7 +355,10 @@ impl VolumeIo {
                             .flatten()
                             .map(|s| {
                                 let boot = map.sds.get(&s).map_or("", |x| x.boot.as_str());
-                                (s, proto::data::boot_tag(boot))
+                                Member {
+                                    copy: (s, proto::data::boot_tag(boot)),
+                                    pg: (pool.id, route.pg),
+                                }
                             })
                             .collect();
                             self.debt.record(&copies);
@@ -514,7 +517,19 @@ impl VolumeIo {
         let holders_flushed = holders
             .iter()
             .all(|h| !matches!(outcomes.get(h), Some(Outcome::Failed) | None));
-        let settled = self.debt.settle(ticket, &outcomes, holders_flushed);
+        let map = self.io.map();
+        let settled = self
+            .debt
+            .settle(ticket, &outcomes, holders_flushed, |sds, pool, pg| {
+                map.pools
+                    .get(&pool)
+                    .and_then(|p| p.pg(pg))
+                    .is_some_and(|m| {
+                        m.primary == Some(sds)
+                            || m.leaving == Some(sds)
+                            || (m.secondary == Some(sds) && m.rebuild.is_none())
+                    })
+            });
         if let Some(group) = settled.lost.first() {
             let name = |id: SdsId| {
                 self.io
@@ -566,20 +581,7 @@ impl VolumeIo {
     /// that took over, which the caller flushes instead.
     async fn flush_one(&self, sds: SdsId) -> Result<Outcome, String> {
         let deadline = tokio::time::Instant::now() + self.io.io_timeout;
-        let h = DataHeader {
-            op: DataOp::Flush,
-            flags: 0,
-            pool: proto::PoolId(0),
-            pg: proto::PgId(0),
-            epoch: proto::Epoch(0),
-            chunk: ChunkId {
-                vtree: proto::VtreeId(0),
-                index: ChunkIndex(0),
-            },
-            offset: 0,
-            len: 0,
-            fence: 0,
-        };
+        let h = DataHeader::flush();
         loop {
             let map = self.io.map();
             let down = map

@@ -616,20 +616,7 @@ impl<D: BlockDevice> Service<D> {
                 format!("SDS {target} has no address in the map"),
             ));
         };
-        let h = DataHeader {
-            op: DataOp::Flush,
-            flags: 0,
-            pool: proto::PoolId(0),
-            pg: proto::PgId(0),
-            epoch: proto::Epoch(0),
-            chunk: proto::ChunkId {
-                vtree: proto::VtreeId(0),
-                index: proto::ChunkIndex(0),
-            },
-            offset: 0,
-            len: 0,
-            fence: 0,
-        };
+        let h = DataHeader::flush();
         self.replicas
             .call(target, addr, &h)
             .await

@@ -5,7 +5,11 @@
 //!
 //! The rule checked: a write whose reply arrived before a FLUSH was sent (on any connection)
 //! must read back, or a later write of the same block, once that FLUSH completed, whatever
-//! process died since. Each block's content names the write that made it (its first 16 bytes
+//! process died since. Except after a FLUSH that failed (the SDC's way of saying that writes
+//! whose every copy's host restarted before a flush reached it are lost): a write not yet
+//! covered by a completed FLUSH when the failure arrived, and sent before it, may be gone, on
+//! whatever connection it was (the SDC saw it complete before the failed FLUSH took its ticket,
+//! which the client cannot order across connections). Each block's content names the write that made it (its first 16 bytes
 //! are the write id and the block number; the rest is derived from them), so the check needs no
 //! copy of the data.
 
@@ -56,20 +60,72 @@ pub struct Model {
 
 #[derive(Default)]
 struct Inner {
-    /// Per block, `(write id, tick of its reply)`, oldest first: the newest version a completed
-    /// FLUSH covered, and every one after it.
-    versions: Vec<Vec<(u64, u64)>>,
+    /// Per block, every version since the newest one a completed FLUSH covered, oldest first.
+    versions: Vec<Vec<Version>>,
     /// Blocks with a write in flight (writes never overlap).
     busy: HashSet<u64>,
     /// Blocks a failed write touched: they may hold anything written there.
     uncertain: HashSet<u64>,
-    /// Blocks whose newest write before a FLUSH that failed was not durable yet, with that
-    /// FLUSH's tick: the SDC may have lost it (every copy's host restarted before a flush
-    /// reached it; the failed FLUSH is how it says so). A later write of the block counts.
-    maybe_lost: HashMap<u64, u64>,
+    /// Per FLUSH that failed, `(tick its failure arrived, durable tick when it was sent)`: a
+    /// write sent before the failure arrived and acknowledged at or after that durable tick
+    /// may be lost. (Not the durable tick at the failure: a concurrent FLUSH may have
+    /// completed in between only because this one had already reported the loss.)
+    failures: Vec<(u64, u64)>,
     /// The send tick of the newest completed FLUSH: replies before it are durable.
     durable: u64,
+    /// Wall-clock times (UTC time of day) of each write's sending and reply, and of the
+    /// newest completed FLUSH's sending and completion: a loss names them, to find in the
+    /// daemons' logs.
+    times: HashMap<u64, (String, String)>,
+    durable_times: (String, String),
     report: FlushReport,
+}
+
+/// One write of a block.
+#[derive(Clone, Copy, Debug)]
+struct Version {
+    /// Write id (0: the zeros before any write).
+    wid: u64,
+    /// Tick of its reply.
+    acked: u64,
+    /// Tick taken before it was sent.
+    sent: u64,
+}
+
+impl Version {
+    const ZEROS: Version = Version {
+        wid: 0,
+        acked: 0,
+        sent: 0,
+    };
+}
+
+/// The time of day (UTC, as the daemons log it).
+fn time_of_day() -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    let s = now.as_secs() % 86_400;
+    format!(
+        "{:02}:{:02}:{:02}.{:06}",
+        s / 3600,
+        s / 60 % 60,
+        s % 60,
+        now.subsec_micros()
+    )
+}
+
+/// What a read-back found.
+#[derive(Clone, Debug, Default)]
+pub struct Checked {
+    /// Blocks compared with what they may hold.
+    pub checked: u64,
+    /// Blocks that lost a flushed write.
+    pub lost: u64,
+    /// Blocks not compared because a failed FLUSH may have reported their write lost.
+    pub excused: u64,
+    /// The first loss, described.
+    pub first: Option<String>,
 }
 
 /// Counts of what happened.
@@ -89,7 +145,7 @@ impl Model {
             clock: AtomicU64::new(1),
             next_wid: AtomicU64::new(1),
             inner: Mutex::new(Inner {
-                versions: vec![vec![(0, 0)]; blocks],
+                versions: vec![vec![Version::ZEROS]; blocks],
                 ..Inner::default()
             }),
             changed: Condvar::new(),
@@ -112,13 +168,20 @@ impl Model {
         self.lock().report.clone()
     }
 
-    fn write_done(&self, first: u64, n: u64, wid: u64, ok: bool) {
+    fn write_done(&self, first: u64, n: u64, wid: u64, sent: u64, ok: bool) {
         let tick = self.clock.fetch_add(1, Ordering::SeqCst);
         let mut m = self.lock();
+        if let Some(t) = m.times.get_mut(&wid) {
+            t.1 = time_of_day();
+        }
         for b in first..first + n {
             m.busy.remove(&b);
             if ok {
-                m.versions[b as usize].push((wid, tick));
+                m.versions[b as usize].push(Version {
+                    wid,
+                    acked: tick,
+                    sent,
+                });
             } else {
                 m.uncertain.insert(b);
             }
@@ -132,37 +195,30 @@ impl Model {
         self.changed.notify_all();
     }
 
-    fn flush_done(&self, sent: u64, durable_at_send: u64, ok: bool) {
+    fn flush_done(&self, sent: u64, sent_at: &str, durable_at_send: u64, ok: bool) {
         let mut m = self.lock();
         if !ok {
             m.report.flushes_failed += 1;
-            let Inner {
-                versions,
-                maybe_lost,
-                ..
-            } = &mut *m;
-            for (b, v) in versions.iter().enumerate() {
-                let newest = v.iter().rev().find(|(_, t)| *t < sent);
-                if newest.is_some_and(|(wid, t)| *wid != 0 && *t >= durable_at_send) {
-                    maybe_lost.insert(b as u64, sent);
-                }
-            }
+            let arrived = self.clock.fetch_add(1, Ordering::SeqCst);
+            m.failures.push((arrived, durable_at_send));
             return;
         }
         m.report.flushes_ok += 1;
         if sent > m.durable {
             m.durable = sent;
+            m.durable_times = (sent_at.to_owned(), time_of_day());
             // Versions older than the newest durable one can no longer show.
             for v in m.versions.iter_mut() {
-                if let Some(keep) = v.iter().rposition(|(_, t)| *t < sent) {
+                if let Some(keep) = v.iter().rposition(|x| x.acked < sent) {
                     v.drain(..keep);
                 }
             }
         }
     }
 
-    /// Pick a free range and mark it busy (waits while everything drawn is busy).
-    fn take_range(&self, rng: &mut impl Rng) -> (u64, u64, u64) {
+    /// Pick a free range and mark it busy (waits while everything drawn is busy): returns the
+    /// first block, the block count, the write id and the send tick.
+    fn take_range(&self, rng: &mut impl Rng) -> (u64, u64, u64, u64) {
         let blocks = self.blocks();
         let mut m = self.lock();
         loop {
@@ -179,7 +235,9 @@ impl Model {
             if !(first..first + n).any(|b| m.busy.contains(&b)) {
                 m.busy.extend(first..first + n);
                 let wid = self.next_wid.fetch_add(1, Ordering::SeqCst);
-                return (first, n, wid);
+                m.times.insert(wid, (time_of_day(), String::new()));
+                let sent = self.clock.fetch_add(1, Ordering::SeqCst);
+                return (first, n, wid, sent);
             }
             m = self
                 .changed
@@ -189,12 +247,11 @@ impl Model {
         }
     }
 
-    /// Read the region back through `export` and check every block against the model:
-    /// returns (blocks checked, blocks that lost a flushed write, description of the first).
-    pub fn check(&self, socket: &Path, export: &str) -> io::Result<(u64, u64, Option<String>)> {
+    /// Read the region back through `export` and check every block against the model.
+    pub fn check(&self, socket: &Path, export: &str) -> io::Result<Checked> {
         let mut c = Nbd::connect(socket, export)?;
         let m = self.lock();
-        let (mut checked, mut lost, mut first) = (0u64, 0u64, None);
+        let (mut checked, mut lost, mut excused, mut first) = (0u64, 0u64, 0u64, None);
         let blocks = m.versions.len() as u64;
         let per_read = 256u64;
         let mut b0 = 0;
@@ -207,33 +264,46 @@ impl Model {
                     continue;
                 }
                 let versions = &m.versions[b as usize];
-                if let Some(t) = m.maybe_lost.get(&b) {
-                    if !versions.iter().any(|(_, w)| w > t) {
-                        continue;
-                    }
+                let allowed = versions
+                    .iter()
+                    .rposition(|x| x.acked < m.durable)
+                    .unwrap_or(0);
+                let v = versions[allowed];
+                if v.wid != 0
+                    && m.failures
+                        .iter()
+                        .any(|(arrived, durable)| v.sent < *arrived && v.acked >= *durable)
+                {
+                    // A failed FLUSH may have reported it lost.
+                    excused += 1;
+                    continue;
                 }
                 checked += 1;
                 let data = &got[(i * BLOCK) as usize..((i + 1) * BLOCK) as usize];
-                let allowed = versions
-                    .iter()
-                    .rposition(|(_, t)| *t < m.durable)
-                    .unwrap_or(0);
                 let ok = versions[allowed..]
                     .iter()
-                    .any(|(wid, _)| block_content(*wid, b) == data);
+                    .any(|x| block_content(x.wid, b) == data);
                 if !ok {
                     lost += 1;
                     first.get_or_insert_with(|| {
                         let mut id = [0u8; 8];
                         id.copy_from_slice(&data[..8]);
                         format!(
-                            "block {b} holds write {} (zeros: {}); it may hold writes {:?}",
+                            "block {b} holds write {} (zeros: {}); it may hold writes {:?} \
+                             (sent, acknowledged: {:?}); the FLUSH that made the first durable \
+                             was sent at {} and completed at {} (UTC)",
                             u64::from_le_bytes(id),
                             data.iter().all(|x| *x == 0),
                             versions[allowed..]
                                 .iter()
-                                .map(|(w, _)| *w)
-                                .collect::<Vec<_>>()
+                                .map(|x| x.wid)
+                                .collect::<Vec<_>>(),
+                            versions[allowed..]
+                                .iter()
+                                .map(|x| m.times.get(&x.wid).cloned().unwrap_or_default())
+                                .collect::<Vec<_>>(),
+                            m.durable_times.0,
+                            m.durable_times.1,
                         )
                     });
                 }
@@ -242,7 +312,12 @@ impl Model {
         }
         drop(m);
         c.disconnect();
-        Ok((checked, lost, first))
+        Ok(Checked {
+            checked,
+            lost,
+            excused,
+            first,
+        })
     }
 }
 
@@ -302,8 +377,17 @@ impl Drop for FlushWriters {
 
 /// What a request in flight on one connection was.
 enum Sent {
-    Write { first: u64, n: u64, wid: u64 },
-    Flush { tick: u64, durable: u64 },
+    Write {
+        first: u64,
+        n: u64,
+        wid: u64,
+        sent: u64,
+    },
+    Flush {
+        tick: u64,
+        at: String,
+        durable: u64,
+    },
 }
 
 fn connection(
@@ -333,11 +417,14 @@ fn connection(
                     .unwrap_or_else(|p| p.into_inner())
                     .remove(&r.handle);
                 match sent {
-                    Some(Sent::Write { first, n, wid }) => {
-                        model.write_done(first, n, wid, r.error == 0)
-                    }
-                    Some(Sent::Flush { tick, durable }) => {
-                        model.flush_done(tick, durable, r.error == 0)
+                    Some(Sent::Write {
+                        first,
+                        n,
+                        wid,
+                        sent,
+                    }) => model.write_done(first, n, wid, sent, r.error == 0),
+                    Some(Sent::Flush { tick, at, durable }) => {
+                        model.flush_done(tick, &at, durable, r.error == 0)
                     }
                     None => {
                         return Err(io::Error::other(format!(
@@ -375,20 +462,31 @@ fn connection(
                 // The tick is taken before the FLUSH leaves: every reply seen so far precedes it.
                 let durable = model.durable();
                 let tick = model.clock.fetch_add(1, Ordering::SeqCst);
-                m.lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .insert(handle, Sent::Flush { tick, durable });
+                m.lock().unwrap_or_else(|p| p.into_inner()).insert(
+                    handle,
+                    Sent::Flush {
+                        tick,
+                        at: time_of_day(),
+                        durable,
+                    },
+                );
                 tx.send(CMD_FLUSH, handle, 0, 0, &[])?;
                 continue;
             }
-            let (first, n, wid) = model.take_range(&mut rng);
+            let (first, n, wid, sent) = model.take_range(&mut rng);
             let mut data = Vec::with_capacity((n * BLOCK) as usize);
             for b in first..first + n {
                 data.extend_from_slice(&block_content(wid, b));
             }
-            m.lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .insert(handle, Sent::Write { first, n, wid });
+            m.lock().unwrap_or_else(|p| p.into_inner()).insert(
+                handle,
+                Sent::Write {
+                    first,
+                    n,
+                    wid,
+                    sent,
+                },
+            );
             tx.send(CMD_WRITE, handle, first * BLOCK, data.len() as u32, &data)?;
         }
         // Drain what is in flight.
@@ -404,12 +502,13 @@ fn connection(
     // A last FLUSH that ends the reader.
     let durable = model.durable();
     let tick = model.clock.fetch_add(1, Ordering::SeqCst);
+    let at = time_of_day();
     let sent = tx.send(CMD_FLUSH, u64::MAX, 0, 0, &[]);
     let read = reader
         .join()
         .unwrap_or_else(|_| Err(io::Error::other("reader panicked")));
     if let (Ok(()), Ok(error)) = (&sent, &read) {
-        model.flush_done(tick, durable, *error == 0);
+        model.flush_done(tick, &at, durable, *error == 0);
     }
     tx.disconnect();
     result.and(sent).and(read.map(|_| ()))
