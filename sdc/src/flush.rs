@@ -311,7 +311,16 @@ mod tests {
         copies.iter().map(|c| Member { copy: *c, pg: PG }).collect()
     }
 
-    /// No copy is a target.
+    /// SDS 1 and 2 answer under new boots, 3 under the writes' boot.
+    fn hosts_1_and_2_restarted() -> HashMap<SdsId, Outcome> {
+        outcomes(&[
+            (1, Outcome::Durable(98)),
+            (2, Outcome::Durable(99)),
+            (3, Outcome::Durable(BOOT)),
+        ])
+    }
+
+    /// Every copy is in sync.
     fn all(_: SdsId, _: PoolId, _: PgId) -> bool {
         true
     }
@@ -417,16 +426,7 @@ mod tests {
         d.record(&m(&[c(1), c(2)]));
         d.record(&m(&[c(2), c(3)]));
         let t = d.ticket();
-        let s = d.settle(
-            &t,
-            &outcomes(&[
-                (1, Outcome::Durable(98)),
-                (2, Outcome::Durable(99)),
-                (3, Outcome::Durable(BOOT)),
-            ]),
-            false,
-            all,
-        );
+        let s = d.settle(&t, &hosts_1_and_2_restarted(), false, all);
         // Writes on 1+2 are lost; those on 2+3 are durable on 3.
         assert_eq!(s.lost, vec![vec![c(1), c(2)]]);
         assert!(d.ticket().is_empty());
@@ -557,21 +557,13 @@ mod tests {
         // Newer writes on 1+2, then both hosts restart.
         d.record(&m(&[c(1), c(2)]));
         let late = d.ticket();
-        let s = d.settle(
-            &late,
-            &outcomes(&[
-                (1, Outcome::Durable(98)),
-                (2, Outcome::Durable(99)),
-                (3, Outcome::Durable(BOOT)),
-            ]),
-            false,
-            all,
-        );
+        let s = d.settle(&late, &hosts_1_and_2_restarted(), false, all);
         assert_eq!(s.lost, vec![vec![c(1), c(2)]]);
         // The early flush covered only the write on 3, durable.
         let s = d.settle(&early, &ok(&[3]), false, all);
         assert_eq!(s, Settled::default());
     }
+
     #[test]
     fn a_rebuild_target_counts_only_once_in_sync() {
         let pg = PG;
