@@ -1236,6 +1236,7 @@ pub fn add_second_device(dc: &DataCluster) -> (String, String) {
 
 pub mod fill;
 pub mod flushes;
+pub mod hosts;
 pub mod nbd;
 pub mod netns;
 
