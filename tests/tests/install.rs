@@ -572,10 +572,12 @@ fn ansible_installs_upgrades_and_survives_a_host_loss() {
         &json!({"Name": "dvol", "Opts": {"size": "1GiB"}}),
     );
     assert_eq!(created["Err"], "", "plugin Create: {created}");
-    let vol = c.must_scli(&["--query_volume", "--volume_name", "dvol", "--json"]);
-    assert!(
-        vol.contains("created-by"),
-        "dvol lacks the Docker label: {vol}"
+    let vol: Value =
+        serde_json::from_str(&c.must_scli(&["--query_volume", "--volume_name", "dvol", "--json"]))
+            .expect("query_volume JSON");
+    assert_eq!(
+        vol["labels"]["created-by"], "docker",
+        "dvol is not marked as Docker's: {vol}"
     );
     let mounted = plugin_call(
         &h,
