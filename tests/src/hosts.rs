@@ -362,6 +362,8 @@ impl Hosts {
                     && !["/root", "/var", "/var/lib", "/etc"].contains(&p)
             })
             .map(str::to_string)
+            .collect::<BTreeSet<String>>()
+            .into_iter()
             .collect()
     }
 
