@@ -202,8 +202,8 @@ impl Controller {
 /// A change that breaks the test's inventory.
 type Mutation = Box<dyn FnOnce(&mut Value)>;
 
-/// The inventory of the test: every host in every group, devices as sparse files, one fault
-/// set per host. `mutate` breaks it for the bad-input cases.
+/// The inventory of the test: every host in every group, devices as sparse files, fault sets
+/// fs1..fs3 round robin. `mutate` breaks it for the bad-input cases.
 fn inventory(
     c: &Controller,
     h: &Hosts,
@@ -227,7 +227,7 @@ fn inventory(
             .collect();
         sds.insert(
             host.name.clone(),
-            json!({"meshblock_sds_fault_set": format!("fs{}", i + 1), "meshblock_sds_devices": devices}),
+            json!({"meshblock_sds_fault_set": format!("fs{}", i % 3 + 1), "meshblock_sds_devices": devices}),
         );
     }
     let mut inv = json!({
@@ -641,6 +641,41 @@ fn ansible_installs_upgrades_and_survives_a_host_loss() {
     }
     check_cluster(&c, &h);
 
+    // A fourth host (SDS and SDC) added to the inventory: a re-run installs it and adds it, the
+    // other hosts change nothing, and rebalance moves PGs onto its SDS by itself.
+    let n4 = h.add("n4");
+    std::fs::File::create(h.hosts[n4].disks.join("d0"))
+        .and_then(|f| f.set_len(DEVICE_BYTES))
+        .expect("n4's device");
+    let inv4 = inventory(&c, &h, "four", &t.join("debs-v2"), |v| {
+        v["all"]["vars"]["meshblock_version"] = json!(bumped);
+        v["all"]["children"]["mdm"]["hosts"]
+            .as_object_mut()
+            .expect("mdm hosts")
+            .remove("n4");
+    });
+    let grown = c.playbook("add-host", &inv4, "site.yml", &[]);
+    assert!(grown.ok, "site.yml with n4 failed:\n{}", grown.tail());
+    for (host, n) in grown.changed() {
+        match host.as_str() {
+            "n4" => assert!(n > 0, "n4 was not installed:\n{}", grown.tail()),
+            _ => assert_eq!(n, 0, "adding n4 changed {host}:\n{}", grown.tail()),
+        }
+    }
+    let n4_id = wait_for("SDS n4 Normal", Duration::from_secs(300), || {
+        let v = c.json(&["--query_sds", "--sds_name", "n4", "--json"])?;
+        (v["state"] == "Normal").then(|| v["id"].clone())
+    });
+    let moved = wait_for("PGs moved onto n4", Duration::from_secs(600), || {
+        let n = pgs_on(&c, &n4_id);
+        (n > 0).then_some(n)
+    });
+    wait_for(
+        "pool sp1 Normal after the rebalance",
+        Duration::from_secs(900),
+        || (c.pool_state() == "Normal").then_some(()),
+    );
+
     // n3 dies: its SDS goes down, the pool rebuilds onto n1 and n2, the data reads back.
     h.kill(2);
     let killed = Instant::now();
@@ -657,13 +692,7 @@ fn ansible_installs_upgrades_and_survives_a_host_loss() {
         "pool sp1 rebuilt (Normal, no copy on n3)",
         Duration::from_secs(600),
         || {
-            let all = c.json(&["--query_all", "--json"])?;
-            let on_n3 = all["state"]["pools"]
-                .as_object()?
-                .values()
-                .flat_map(|p| p["pgs"].as_array().cloned().unwrap_or_default())
-                .filter(|m| m["primary"] == n3_id || m["secondary"] == n3_id)
-                .count();
+            let on_n3 = pgs_on(&c, &n3_id);
             let state = c.pool_state();
             *last.borrow_mut() = format!("state {state}, {on_n3} PGs still on n3");
             (state == "Normal" && on_n3 == 0).then_some(())
@@ -693,15 +722,34 @@ fn ansible_installs_upgrades_and_survives_a_host_loss() {
     summary(&format!(
         "install: 3 systemd hosts by ansible: site.yml {:.0} s first run, {:.0} s re-run \
          (changed=0); upgrade.yml {:.0} s to {bumped} under a writer ({} records, {} flushes, \
-         longest flush {:.1} s, no I/O error, all read back); host n3 killed: pool {degraded}, \
-         rebuilt in {rebuilt_secs:.0} s, data intact",
+         longest flush {:.1} s, no I/O error, all read back); n4 added by site.yml in {:.0} s \
+         (others changed=0, rebalance moved {moved}+ PG copies onto it); host n3 killed: pool \
+         {degraded}, rebuilt in {rebuilt_secs:.0} s, data intact",
         first.secs,
         rerun.secs,
         upgrade.secs,
         report.records,
         report.flushes,
-        report.longest_flush.as_secs_f64()
+        report.longest_flush.as_secs_f64(),
+        grown.secs,
     ));
+}
+
+/// How many PG copies of all pools the SDS with id `sds` holds (0 when the query fails).
+fn pgs_on(c: &Controller, sds: &Value) -> usize {
+    let Some(all) = c.json(&["--query_all", "--json"]) else {
+        return 0;
+    };
+    all["state"]["pools"]
+        .as_object()
+        .map(|pools| {
+            pools
+                .values()
+                .flat_map(|p| p["pgs"].as_array().cloned().unwrap_or_default())
+                .filter(|m| m["primary"] == *sds || m["secondary"] == *sds)
+                .count()
+        })
+        .unwrap_or(0)
 }
 
 /// Every key of the configuration files the roles wrote is a key of the documented defaults
