@@ -160,7 +160,7 @@ fn packages_hold_binaries_units_and_configs_and_start_nothing() {
             &["--extract", &f, &extracted.display().to_string()],
         );
         // The configuration file is the documented defaults, as the binary prints them.
-        let config = std::fs::read_to_string(extracted.join(&format!("etc/meshblock/{d}.toml")))
+        let config = std::fs::read_to_string(extracted.join(format!("etc/meshblock/{d}.toml")))
             .expect("config");
         let docs = std::fs::read_to_string(repo().join(format!("docs/config/{d}.default.toml")))
             .expect("docs/config");
@@ -173,7 +173,7 @@ fn packages_hold_binaries_units_and_configs_and_start_nothing() {
         assert_eq!(config, printed, "{pkg}'s config is not what {d} prints");
 
         let unit =
-            std::fs::read_to_string(extracted.join(&format!("lib/systemd/system/{pkg}.service")))
+            std::fs::read_to_string(extracted.join(format!("lib/systemd/system/{pkg}.service")))
                 .expect("unit");
         let exec = unit
             .lines()
@@ -279,7 +279,7 @@ fn install_into_a_scratch_root(dir: &TestDir, out: &Path) {
     std::fs::create_dir_all(root.join("var/lib/dpkg/info")).expect("mkdir");
     std::fs::create_dir_all(root.join("var/lib/dpkg/updates")).expect("mkdir");
     for f in ["status", "available"] {
-        std::fs::write(root.join(&format!("var/lib/dpkg/{f}")), "").expect("dpkg db");
+        std::fs::write(root.join(format!("var/lib/dpkg/{f}")), "").expect("dpkg db");
     }
     let r = format!("--root={}", root.display());
     let mut args = vec![
