@@ -130,7 +130,7 @@ pub fn require_own_sds(peer: &Peer, name: &str) -> Result<(), WireError> {
         _ => Err(WireError::new(
             ErrorCode::PermissionDenied,
             format!(
-                "certificate '{}' may not speak for SDS {name}; issue it with `mdm ca issue --name sds:{name}`",
+                "certificate '{}' may not speak for SDS {name}; make its certificate with `meshblock-ca csr --name sds:{name}`",
                 peer.name
             ),
         )),
@@ -144,7 +144,7 @@ pub fn require_own_sdc(peer: &Peer, name: &str) -> Result<(), WireError> {
         _ => Err(WireError::new(
             ErrorCode::PermissionDenied,
             format!(
-                "certificate '{}' may not register the SDC {name}; issue it with `mdm ca issue --name sdc:{name}`",
+                "certificate '{}' may not register the SDC {name}; make its certificate with `meshblock-ca csr --name sdc:{name}`",
                 peer.name
             ),
         )),

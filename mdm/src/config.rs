@@ -121,15 +121,92 @@ impl MdmConfig {
     pub fn parse(text: &str) -> Result<(MdmConfig, Vec<String>), toml::de::Error> {
         let cfg: MdmConfig = toml::from_str(text)?;
         let raw: toml::Table = toml::from_str(text)?;
-        let known = toml::Table::try_from(MdmConfig::default()).unwrap_or_default();
-        let unknown = raw
-            .keys()
-            .filter(|k| !known.contains_key(*k) && *k != "advertise")
-            .cloned()
-            .collect();
-        Ok((cfg, unknown))
+        Ok((cfg, proto::config_file::unknown_keys(&raw, FIELD_DOCS)))
+    }
+
+    /// The defaults as commented TOML (what `mdm print-default-config` prints, and the file
+    /// the package installs as /etc/meshblock/mdm.toml).
+    pub fn default_toml() -> String {
+        let table = toml::Table::try_from(MdmConfig::default()).unwrap_or_default();
+        proto::config_file::render(TITLE, &table, FIELD_DOCS, UNSET_EXAMPLES)
     }
 }
+
+/// The first line of the rendered configuration.
+const TITLE: &str =
+    "Meshblock MDM configuration: /etc/meshblock/mdm.toml, or the file given with mdm --config.";
+
+/// Every key with its documentation, in file order.
+const FIELD_DOCS: &[(&str, &str)] = &[
+    (
+        "name",
+        "Name of this MDM, as `scli --query_cluster` shows it and as given to `scli \
+         --add_standby_mdm --mdm_name`.",
+    ),
+    (
+        "listen",
+        "QUIC (UDP) address to listen on for scli, SDS, SDC and the other MDMs.",
+    ),
+    (
+        "advertise",
+        "Address the other processes reach this MDM at. Unset: `listen`, or 127.0.0.1 with its \
+         port when `listen` is a wildcard (0.0.0.0), which only suits a one-host lab: set it on \
+         every MDM of a real cluster.",
+    ),
+    (
+        "data_dir",
+        "Directory of the Raft log, hard state and snapshots (sled), made by `mdm bootstrap` on \
+         the first MDM and by the first start on the others.",
+    ),
+    (
+        "cert_dir",
+        "Directory with node.pem, node.key and ca.pem signed by the cluster CA (certificate \
+         name mdm or mdm:NAME).",
+    ),
+    (
+        "metrics_listen",
+        "HTTP address serving Prometheus metrics at GET /metrics.",
+    ),
+    ("tick_ms", "Raft tick, in milliseconds."),
+    (
+        "election_ticks",
+        "Ticks without a leader before a follower campaigns (randomised up to twice this).",
+    ),
+    ("heartbeat_ticks", "Ticks between leader heartbeats."),
+    (
+        "snapshot_interval_entries",
+        "Applied entries between log compactions into a snapshot.",
+    ),
+    (
+        "session_ttl_secs",
+        "Lifetime of an scli session token, in seconds (28800: 8 hours).",
+    ),
+    (
+        "cluster_name",
+        "Name of the cluster, set when it is created (mdm bootstrap).",
+    ),
+    (
+        "sds_down_timeout_ms",
+        "An SDS the leader has not heard from (hello) for this long, in milliseconds, is \
+         declared down and its PGs fail over to their other copy. The leader grants SDS leases \
+         of 4/5 of this, so an SDS that may be declared down has stopped serving before.",
+    ),
+    (
+        "sdc_session_timeout_ms",
+        "An SDC that has not polled the leader for this long, in milliseconds, has lost its \
+         session: a volume mapped to it may be taken over by another host (map_volume_to_sdc \
+         with takeover, the Docker driver's Mount). SDCs poll every 500 ms.",
+    ),
+    (
+        "backward_rebuild_window_ms",
+        "An SDS declared down that returns within this long, in milliseconds, is refilled by \
+         backward rebuild (only the chunks written while it was away) in the PGs it was \
+         dropped from; later it is treated as new capacity (300000: 5 minutes).",
+    ),
+];
+
+/// Examples shown (commented out) for the keys unset by default.
+const UNSET_EXAMPLES: &[(&str, &str)] = &[("advertise", "\"10.0.0.1:7611\"")];
 
 #[cfg(test)]
 mod tests {
@@ -137,11 +214,19 @@ mod tests {
 
     #[test]
     fn defaults_round_trip_and_match_the_checked_in_file() {
-        let text = toml::to_string(&MdmConfig::default()).expect("serialize");
+        let table = toml::Table::try_from(MdmConfig::default()).expect("serialize");
+        proto::config_file::check_documented(&table, FIELD_DOCS, UNSET_EXAMPLES)
+            .expect("every key documented");
+        let text = MdmConfig::default_toml();
         let (back, unknown) = MdmConfig::parse(&text).expect("parse");
         assert_eq!(back, MdmConfig::default());
         assert!(unknown.is_empty());
         let checked_in = include_str!("../../docs/config/mdm.default.toml");
+        assert_eq!(
+            checked_in, text,
+            "docs/config/mdm.default.toml is out of date: regenerate it with \
+             `mdm print-default-config`"
+        );
         let (file, unknown) =
             MdmConfig::parse(checked_in).expect("parse docs/config/mdm.default.toml");
         assert!(unknown.is_empty(), "unknown keys {unknown:?}");

@@ -2,7 +2,8 @@
 //! (protection domains, fault sets, pools, SDS, volumes, SDCs, mappings, users) and the placement
 //! of data. It never sees user data.
 //!
-//! Modules: [`raft`] (ready loop and Raft storage), [`store`] (the `MetaStore` seam over sled),
+//! Modules: [`bootstrap`] (this MDM's id; a new cluster's birth, `mdm bootstrap`), [`raft`]
+//! (ready loop and Raft storage), [`store`] (the `MetaStore` seam over sled),
 //! [`state_machine`] (applies committed ops), [`placement`] (pure PG assignment), [`capacity`]
 //! (pure thick-volume admission), [`service`] (requests over QUIC), [`authz`] (which
 //! certificate roles may send which request), [`raft_net`] (the Raft transport between MDMs),
@@ -11,6 +12,7 @@
 
 pub mod auth;
 pub mod authz;
+pub mod bootstrap;
 pub mod capacity;
 pub mod config;
 pub mod lease;

@@ -5,17 +5,20 @@ use clap::{Args, Parser, Subcommand};
 use mdm::config::MdmConfig;
 use mdm::raft::node::{self, NodeConfig};
 use mdm::service::{self, Service};
-use mdm::state_machine::Op;
 use mdm::store::{MetaStore, SledStore};
-use proto::model::{MdmMember, MdmRole, Role, User};
 use proto::transport::{Endpoint, Identity};
-use proto::MdmId;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 #[derive(Parser)]
-#[command(name = "mdm", version, about = "Meshblock metadata manager (MDM)")]
+#[command(
+    name = "mdm",
+    version,
+    about = "Meshblock metadata manager (MDM)",
+    after_help = "Configuration: /etc/meshblock/mdm.toml unless --config names another file \
+                  (built-in defaults when that file does not exist); flags override it."
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -23,25 +26,33 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Run an MDM. A brand-new cluster starts from one MDM run with --bootstrap; more MDMs are
-    /// started without it and joined with `scli --add_standby_mdm` and `--switch_cluster_mode`.
+    /// Run an MDM. A brand-new cluster starts from one MDM made with `mdm bootstrap`; more
+    /// MDMs are started on empty data directories and joined with `scli --add_standby_mdm` and
+    /// `--switch_cluster_mode`.
     Run(RunArgs),
-    /// Manage the cluster certificate authority.
+    /// Make this MDM's data directory the first member of a new cluster, with the `admin`
+    /// user, and exit; then run it with `mdm run` (or systemctl start meshblock-mdm). A data
+    /// directory that already belongs to a cluster is left as it is ("already bootstrapped").
+    Bootstrap(BootstrapArgs),
+    /// Manage the cluster certificate authority (the same as `meshblock-ca init|issue`).
     #[command(subcommand)]
     Ca(CaCmd),
-    /// Print the default configuration as TOML.
+    /// Print the default configuration as commented TOML (what /etc/meshblock/mdm.toml holds
+    /// when installed).
     PrintDefaultConfig,
-    /// Validate a configuration file and exit.
+    /// Validate a configuration file (default /etc/meshblock/mdm.toml) and exit.
     CheckConfig {
         /// The file to check.
-        config: PathBuf,
+        config: Option<PathBuf>,
     },
 }
 
+/// Where the configuration comes from: the file, then these flags.
 #[derive(Args)]
-struct RunArgs {
-    /// Configuration file (TOML); flags override it.
-    #[arg(long)]
+struct ConfigArgs {
+    /// Configuration file (TOML); flags override it. Default: /etc/meshblock/mdm.toml, or the
+    /// built-in defaults when that file does not exist. A file given here must exist.
+    #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
     /// Name shown by `scli --query_cluster`.
     #[arg(long)]
@@ -64,12 +75,31 @@ struct RunArgs {
     /// Applied entries between log compactions.
     #[arg(long)]
     snapshot_interval_entries: Option<u64>,
-    /// Create a new cluster with this MDM as its only member (ignored once initialized).
-    #[arg(long)]
+}
+
+#[derive(Args)]
+struct RunArgs {
+    #[command(flatten)]
+    cfg: ConfigArgs,
+    /// Refused: a cluster is now created with `mdm bootstrap` (once, before the first run).
+    #[arg(long, hide = true)]
     bootstrap: bool,
-    /// Password of the `admin` user created with the cluster (or env MESHBLOCK_ADMIN_PASSWORD).
-    #[arg(long, env = "MESHBLOCK_ADMIN_PASSWORD", hide_env_values = true)]
-    admin_password: Option<String>,
+    /// Refused: a password on the command line shows in `ps`.
+    #[arg(long = "admin-password", hide = true, value_name = "REFUSED")]
+    refused_admin_password: Option<String>,
+}
+
+#[derive(Args)]
+struct BootstrapArgs {
+    #[command(flatten)]
+    cfg: ConfigArgs,
+    /// File holding the password of the `admin` user (its first line, at least 6 characters;
+    /// keep it mode 0600). Without it the password is asked for on the terminal.
+    #[arg(long, value_name = "FILE")]
+    admin_password_file: Option<PathBuf>,
+    /// Refused: a password on the command line shows in `ps`.
+    #[arg(long = "admin-password", hide = true, value_name = "REFUSED")]
+    refused_admin_password: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -81,7 +111,8 @@ enum CaCmd {
         #[arg(long, default_value = "meshblock")]
         cluster_name: String,
     },
-    /// Issue a certificate signed by the cluster CA for one process or admin host.
+    /// Issue a certificate signed by the cluster CA for one process or admin host, its key
+    /// made beside the CA (labs; hosts of a real cluster use `meshblock-ca csr` and `sign`).
     Issue {
         /// Directory holding ca.pem and ca.key.
         #[arg(long)]
@@ -94,6 +125,11 @@ enum CaCmd {
         out: PathBuf,
     },
 }
+
+/// The refusal of a password given on the command line.
+const PASSWORD_FLAG_GONE: &str = "--admin-password is no longer accepted: a password on the \
+     command line shows in `ps`. Write it to a file only root can read (chmod 600) and pass \
+     --admin-password-file FILE, or leave both out to be asked on the terminal";
 
 fn main() -> std::process::ExitCode {
     proto::daemon::install_panic_hook("mdm");
@@ -109,40 +145,46 @@ fn cli_main() -> anyhow::Result<()> {
             Ok(())
         }
         Cmd::Ca(CaCmd::Issue { ca_dir, name, out }) => {
+            proto::ca::check_common_name(&name)?;
             proto::ca::issue(&ca_dir, &name, &out).context("issue a certificate")?;
             println!("Issued a certificate for {name} in {}", out.display());
             Ok(())
         }
         Cmd::PrintDefaultConfig => {
-            print!("{}", toml::to_string(&MdmConfig::default())?);
+            print!("{}", MdmConfig::default_toml());
             Ok(())
         }
         Cmd::CheckConfig { config } => {
-            let cfg = load_config(&config)?;
+            let (cfg, path) = load_config(config.as_deref())?;
             cfg.validate().map_err(anyhow::Error::msg)?;
-            println!("{}: OK", config.display());
+            match path {
+                Some(p) => println!("{}: OK", p.display()),
+                None => println!("no configuration file; the built-in defaults are OK"),
+            }
             Ok(())
         }
         Cmd::Run(args) => run(args),
+        Cmd::Bootstrap(args) => bootstrap(args),
     }
 }
 
-fn load_config(path: &Path) -> anyhow::Result<MdmConfig> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("read {}", path.display()))?;
+/// The configuration file (the one named, else the default one when it exists), and its path.
+fn load_config(explicit: Option<&Path>) -> anyhow::Result<(MdmConfig, Option<PathBuf>)> {
+    let default = proto::config_file::default_path("mdm");
+    let Some((path, text)) = proto::config_file::read("mdm", explicit, &default)? else {
+        return Ok((MdmConfig::default(), None));
+    };
     let (cfg, unknown) =
         MdmConfig::parse(&text).with_context(|| format!("parse {}", path.display()))?;
     for k in unknown {
         tracing::warn!("unknown config key {k} in {} ignored", path.display());
     }
-    Ok(cfg)
+    Ok((cfg, Some(path)))
 }
 
-fn run(args: RunArgs) -> anyhow::Result<()> {
-    proto::daemon::init_logging();
-    let mut cfg = match &args.config {
-        Some(p) => load_config(p)?,
-        None => MdmConfig::default(),
-    };
+/// The configuration: file, then flags, then validation.
+fn configure(args: ConfigArgs) -> anyhow::Result<MdmConfig> {
+    let (mut cfg, _) = load_config(args.config.as_deref())?;
     if let Some(v) = args.name {
         cfg.name = v;
     }
@@ -167,57 +209,131 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     cfg.validate()
         .map_err(anyhow::Error::msg)
         .context("validate the configuration")?;
-    if args.bootstrap && args.admin_password.as_deref().is_none_or(|p| p.len() < 6) {
-        bail!("--bootstrap needs --admin-password (at least 6 characters) for the admin user");
-    }
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
-    rt.block_on(serve(
-        cfg,
-        args.bootstrap,
-        args.admin_password.unwrap_or_default(),
-    ))
+    Ok(cfg)
 }
 
-fn node_id(store: &dyn MetaStore) -> anyhow::Result<MdmId> {
-    if let Some(v) = store.get("node", b"id")? {
-        let a: [u8; 8] = v
-            .as_slice()
-            .try_into()
-            .context("read this MDM's id: corrupt value")?;
-        return Ok(MdmId(u64::from_be_bytes(a)));
-    }
-    let id = loop {
-        let v: u64 = rand::random::<u64>() >> 1;
-        if v != 0 {
-            break v;
-        }
-    };
-    store.put("node", b"id", &id.to_be_bytes())?;
-    store.flush()?;
-    Ok(MdmId(id))
-}
-
-async fn serve(cfg: MdmConfig, bootstrap: bool, admin_password: String) -> anyhow::Result<()> {
-    std::fs::create_dir_all(&cfg.data_dir)
-        .with_context(|| format!("create {}", cfg.data_dir.display()))?;
-    let store: Arc<dyn MetaStore> =
-        Arc::new(SledStore::open(&cfg.data_dir.join("db")).context("open the metadata store")?);
-    let id = node_id(&*store)?;
-    let identity = Identity::load(&cfg.cert_dir).context("load this MDM's certificate")?;
-    let endpoint =
-        Endpoint::server(cfg.listen, &identity, &format!("mdm:{}", cfg.name)).context("listen")?;
-    let (out_tx, out_rx) = tokio::sync::mpsc::channel(node::INBOX_LEN);
-    let node_cfg = NodeConfig {
+fn node_config(cfg: &MdmConfig) -> NodeConfig {
+    NodeConfig {
         tick: Duration::from_millis(cfg.tick_ms),
         election_tick: cfg.election_ticks,
         heartbeat_tick: cfg.heartbeat_ticks,
         snapshot_interval_entries: cfg.snapshot_interval_entries,
+    }
+}
+
+fn open_store(cfg: &MdmConfig) -> anyhow::Result<Arc<dyn MetaStore>> {
+    std::fs::create_dir_all(&cfg.data_dir)
+        .with_context(|| format!("create {}", cfg.data_dir.display()))?;
+    let db = cfg.data_dir.join("db");
+    let store = SledStore::open(&db).with_context(|| {
+        format!(
+            "open the metadata store {} (an MDM running on it holds it: stop that first)",
+            db.display()
+        )
+    })?;
+    Ok(Arc::new(store))
+}
+
+fn run(args: RunArgs) -> anyhow::Result<()> {
+    proto::daemon::init_logging();
+    if args.refused_admin_password.is_some() {
+        bail!(PASSWORD_FLAG_GONE);
+    }
+    if args.bootstrap {
+        bail!(
+            "mdm run --bootstrap is no longer accepted: create the cluster once with \
+             `mdm bootstrap --config FILE --admin-password-file FILE`, then start `mdm run`"
+        );
+    }
+    let cfg = configure(args.cfg)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    rt.block_on(serve(cfg))
+}
+
+/// The admin password: from its file, or asked for on the terminal.
+fn admin_password(file: Option<&Path>) -> anyhow::Result<String> {
+    let password = match file {
+        Some(f) => proto::secret::read_file(f)?,
+        None if proto::secret::can_prompt() => {
+            proto::secret::prompt("Password for the new cluster's admin user: ", true)?
+        }
+        None => bail!(
+            "give the admin user's password with --admin-password-file FILE (its first line; \
+             chmod 600), or run mdm bootstrap on a terminal to be asked for it"
+        ),
     };
+    if password.chars().count() < BOOTSTRAP_MIN_PASSWORD {
+        bail!("the admin password must have at least {BOOTSTRAP_MIN_PASSWORD} characters");
+    }
+    Ok(password)
+}
+
+const BOOTSTRAP_MIN_PASSWORD: usize = mdm::bootstrap::MIN_PASSWORD_LEN;
+
+fn bootstrap(args: BootstrapArgs) -> anyhow::Result<()> {
+    proto::daemon::init_logging();
+    if args.refused_admin_password.is_some() {
+        bail!(PASSWORD_FLAG_GONE);
+    }
+    let cfg = configure(args.cfg)?;
+    let store = open_store(&cfg)?;
+    // Nothing is asked for (nor any password file read) when there is nothing to do.
+    if let Some(done) = mdm::bootstrap::already(&store)? {
+        println!("{}", outcome_line(&cfg, &done));
+        return Ok(());
+    }
+    let password = admin_password(args.admin_password_file.as_deref())?;
+    let addr = cfg.advertise_addr();
+    if addr.ip().is_loopback() && !cfg.listen.ip().is_loopback() {
+        tracing::warn!(
+            "this MDM is recorded in the cluster map at {addr}, which other hosts cannot reach: \
+             set advertise in the configuration for a cluster of several hosts"
+        );
+    }
+    let birth = mdm::bootstrap::Birth {
+        name: cfg.name.clone(),
+        addr: addr.to_string(),
+        cluster_name: cfg.cluster_name.clone(),
+        admin_password: password,
+    };
+    let outcome = mdm::bootstrap::bootstrap(store, birth, node_config(&cfg))
+        .context("bootstrap the cluster")?;
+    println!("{}", outcome_line(&cfg, &outcome));
+    Ok(())
+}
+
+fn outcome_line(cfg: &MdmConfig, outcome: &mdm::bootstrap::Outcome) -> String {
+    use mdm::bootstrap::Outcome;
+    let dir = cfg.data_dir.display();
+    match outcome {
+        Outcome::Created { cluster_id } => format!(
+            "Created cluster {} ({cluster_id:016x}) in {dir} with this MDM ({}) as its only \
+             member. Start it (mdm run, or systemctl start meshblock-mdm) and log in with \
+             scli --login --username admin.",
+            cfg.cluster_name, cfg.name
+        ),
+        Outcome::AlreadyBootstrapped { cluster_id } => {
+            format!("{dir} is already bootstrapped (cluster {cluster_id:016x}); nothing changed.")
+        }
+        Outcome::AlreadyMember { voters, learners } => format!(
+            "{dir} is already bootstrapped: it belongs to a cluster ({voters} voting MDM(s), \
+             {learners} standby); nothing changed."
+        ),
+    }
+}
+
+async fn serve(cfg: MdmConfig) -> anyhow::Result<()> {
+    let store = open_store(&cfg)?;
+    let id = mdm::bootstrap::node_id(&*store)?;
+    let identity = Identity::load(&cfg.cert_dir).context("load this MDM's certificate")?;
+    let endpoint =
+        Endpoint::server(cfg.listen, &identity, &format!("mdm:{}", cfg.name)).context("listen")?;
+    let (out_tx, out_rx) = tokio::sync::mpsc::channel(node::INBOX_LEN);
     let (raft, _thread) =
-        node::start(store, id, node_cfg, bootstrap, out_tx).context("start raft")?;
+        node::start(store, id, node_config(&cfg), false, out_tx).context("start raft")?;
     let metrics = mdm::metrics::MdmMetrics::new();
     let advertise = cfg.advertise_addr().to_string();
     let svc = Service::new(
@@ -260,64 +376,48 @@ async fn serve(cfg: MdmConfig, bootstrap: bool, admin_password: String) -> anyho
             }
         }
     });
-    if bootstrap {
-        let name = cfg.name.clone();
-        let cluster_name = cfg.cluster_name.clone();
-        let raft = raft.clone();
-        tokio::spawn(async move {
-            bootstrap_cluster(raft, name, advertise, cluster_name, admin_password).await
-        });
-    }
     tracing::info!(id = %id, listen = %cfg.listen, "MDM {} serving", cfg.name);
+    tokio::spawn(notify_ready(raft.clone(), &cfg));
     let ep = endpoint.clone();
     tokio::select! {
         _ = ep.serve(svc) => {}
-        _ = proto::daemon::shutdown_signal() => tracing::info!("shutting down"),
+        _ = proto::daemon::shutdown_signal() => {
+            tracing::info!("shutting down");
+            proto::daemon::notify(proto::daemon::NOTIFY_STOPPING);
+        }
     }
     endpoint.close();
     Ok(())
 }
 
-/// Once this MDM leads its fresh single-node group, commit the cluster's birth: its id, token
-/// secret, the admin user and this MDM as the first manager.
-async fn bootstrap_cluster(
+/// Tell systemd (Type=notify) that this MDM serves: its listener is bound and Raft runs. A
+/// member of a cluster first waits, for a few election timeouts at most, until it knows a
+/// leader, so a unit ordered after it finds the cluster answering; an MDM no group has added
+/// yet (a standby before `--add_standby_mdm`), or one whose peers are down, is ready after
+/// that wait all the same: it serves what it can and answers the rest with "no leader".
+fn notify_ready(
     raft: mdm::raft::RaftHandle,
-    name: String,
-    addr: String,
-    cluster_name: String,
-    password: String,
-) {
-    loop {
-        let st = raft.shared.status();
-        if st.is_leader && st.leader_ready {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    if raft.shared.read_state().cluster_id != 0 {
-        return;
-    }
-    let salt = mdm::auth::random_hex(16);
-    let admin = User {
-        name: "admin".into(),
-        role: Role::Administrator,
-        password_sha256: mdm::auth::hash_password(&salt, &password),
-        salt,
-    };
-    let op = Op::Bootstrap {
-        cluster_id: rand::random::<u64>() | 1 << 63,
-        cluster_name,
-        secret: mdm::auth::random_hex(32),
-        admin,
-        mdm: MdmMember {
-            id: raft.id,
-            name,
-            addr,
-            role: MdmRole::Manager,
-        },
-    };
-    match raft.propose(op).await {
-        Ok(_) => tracing::info!("created a new cluster; log in with scli --login --username admin"),
-        Err(e) => tracing::error!("failed to create the cluster: {e}"),
+    cfg: &MdmConfig,
+) -> impl std::future::Future<Output = ()> {
+    let wait = Duration::from_millis(cfg.tick_ms * cfg.election_ticks as u64 * 4);
+    let listen = cfg.listen;
+    async move {
+        let deadline = tokio::time::Instant::now() + wait;
+        let mut tick = tokio::time::interval(Duration::from_millis(20));
+        let leader = loop {
+            tick.tick().await;
+            let st = raft.shared.status();
+            if st.leader_id != 0 {
+                break Some(st.leader_id);
+            }
+            if tokio::time::Instant::now() >= deadline {
+                break None;
+            }
+        };
+        let status = match leader {
+            Some(l) => format!("serving on {listen}; Raft leader {l:016x}"),
+            None => format!("serving on {listen}; no Raft leader known yet"),
+        };
+        proto::daemon::notify(&format!("{}\nSTATUS={status}", proto::daemon::NOTIFY_READY));
     }
 }

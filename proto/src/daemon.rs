@@ -1,7 +1,7 @@
 //! What every Meshblock daemon does the same way at its edges: the panic hook (log version and
 //! backtrace, then abort so the supervisor restarts us into a known state), tracing setup, the
-//! allocator's tuning, the CPU wake-latency request, the async runtime, and waiting for
-//! SIGTERM or Ctrl-C.
+//! allocator's tuning, the CPU wake-latency request, the async runtime, waiting for SIGTERM or
+//! Ctrl-C, and telling systemd when the daemon serves and when it stops ([`notify`]).
 
 /// The kernel's PM QoS interface for CPU wake latency (root only).
 pub const CPU_DMA_LATENCY: &str = "/dev/cpu_dma_latency";
@@ -207,6 +207,61 @@ pub async fn shutdown_signal() {
     }
 }
 
+/// The environment variable systemd sets for a `Type=notify` service: where to send its state.
+pub const NOTIFY_SOCKET: &str = "NOTIFY_SOCKET";
+
+/// `READY=1`: the daemon serves (sent once, when it does).
+pub const NOTIFY_READY: &str = "READY=1";
+
+/// `STOPPING=1`: the daemon is shutting down gracefully.
+pub const NOTIFY_STOPPING: &str = "STOPPING=1";
+
+/// Tell the service manager our state (`READY=1`, `STOPPING=1`, `STATUS=...`; several lines
+/// may go in one message) through the socket in `$NOTIFY_SOCKET`, systemd's sd_notify
+/// protocol. Without the variable (not started by systemd as `Type=notify`) this does nothing.
+/// A failure to send is logged, not returned: the daemon serves either way, and systemd then
+/// reports the start as timed out.
+pub fn notify(state: &str) {
+    let Some(socket) = std::env::var_os(NOTIFY_SOCKET) else {
+        return;
+    };
+    if let Err(e) = notify_to(&socket, state) {
+        tracing::warn!(
+            "cannot tell systemd '{}' through {}: {e}",
+            state.replace('\n', " "),
+            socket.to_string_lossy()
+        );
+    }
+}
+
+/// Send `state` as one datagram to the unix socket `socket`: a path, or an abstract socket
+/// name when it starts with `@`.
+pub fn notify_to(socket: &std::ffi::OsStr, state: &str) -> std::io::Result<()> {
+    use std::os::linux::net::SocketAddrExt;
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::net::{SocketAddr, UnixDatagram};
+    let bytes = socket.as_bytes();
+    let addr = match bytes.split_first() {
+        Some((b'@', name)) => SocketAddr::from_abstract_name(name)?,
+        Some(_) => SocketAddr::from_pathname(std::path::Path::new(socket))?,
+        None => {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "empty socket address",
+            ))
+        }
+    };
+    let sock = UnixDatagram::unbound()?;
+    let sent = sock.send_to_addr(state.as_bytes(), &addr)?;
+    if sent != state.len() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::WriteZero,
+            format!("sent {sent} of {} bytes", state.len()),
+        ));
+    }
+    Ok(())
+}
+
 /// This host's boot id (`/proc/sys/kernel/random/boot_id`): it changes with every boot, so a
 /// daemon that finds a new one knows its host restarted (and disks may have lost what they had
 /// not flushed). Empty when unreadable.
@@ -281,6 +336,32 @@ mod tests {
             });
             assert_eq!(v, 7);
         }
+    }
+
+    #[test]
+    fn notify_sends_one_datagram_to_a_path_or_an_abstract_socket() {
+        use std::os::linux::net::SocketAddrExt;
+        use std::os::unix::net::{SocketAddr, UnixDatagram};
+        let name = format!("mb-notify-{}-{}", std::process::id(), rand::random::<u32>());
+        let path = std::env::temp_dir().join(&name);
+        let server = UnixDatagram::bind(&path).expect("bind");
+        notify_to(path.as_os_str(), "READY=1\nSTATUS=serving").expect("send");
+        let mut buf = [0u8; 256];
+        let n = server.recv(&mut buf).expect("receive");
+        assert_eq!(&buf[..n], b"READY=1\nSTATUS=serving");
+        drop(server);
+        std::fs::remove_file(&path).expect("remove the socket");
+        assert!(
+            notify_to(path.as_os_str(), NOTIFY_STOPPING).is_err(),
+            "nobody listens"
+        );
+
+        let addr = SocketAddr::from_abstract_name(name.as_bytes()).expect("abstract");
+        let server = UnixDatagram::bind_addr(&addr).expect("bind abstract");
+        notify_to(std::ffi::OsStr::new(&format!("@{name}")), NOTIFY_STOPPING).expect("send");
+        let n = server.recv(&mut buf).expect("receive");
+        assert_eq!(&buf[..n], NOTIFY_STOPPING.as_bytes());
+        assert!(notify_to(std::ffi::OsStr::new(""), NOTIFY_READY).is_err());
     }
 
     #[test]

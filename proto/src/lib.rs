@@ -8,6 +8,7 @@ pub mod ca;
 pub mod capacity;
 pub mod client;
 pub mod codec;
+pub mod config_file;
 pub mod daemon;
 pub mod data;
 pub mod error;
@@ -15,6 +16,7 @@ pub mod http;
 pub mod ids;
 pub mod model;
 pub mod msg;
+pub mod secret;
 pub mod transport;
 
 pub use error::{ErrorCode, WireError};

@@ -62,8 +62,9 @@ pub enum TransportError {
     #[error("no certificate or key found in {0}")]
     NoIdentity(PathBuf),
     #[error(
-        "{path} does not exist: issue this node's certificate into {dir} with `mdm ca issue \
-         --ca-dir CA_DIR --name NAME --out {dir}` (see README, \"Creating a cluster by hand\")",
+        "{path} does not exist: make this node's key and request with `meshblock-ca csr --name \
+         NAME --dir {dir}`, sign it on the CA host with `meshblock-ca sign`, and copy node.pem \
+         and ca.pem into {dir} (see README, \"Install a cluster by hand\")",
         dir = .path.parent().unwrap_or(.path).display()
     )]
     MissingIdentity { path: PathBuf },
@@ -1002,7 +1003,7 @@ mod tests {
         assert!(text.contains("node.pem does not exist"), "{text}");
         assert!(
             text.contains(&format!(
-                "mdm ca issue --ca-dir CA_DIR --name NAME --out {}",
+                "meshblock-ca csr --name NAME --dir {}",
                 dir.display()
             )),
             "{text}"

@@ -16,7 +16,8 @@ use proto::msg::{Command, MdmRequest, MdmResponse, NewDevice, Query, SdcSelector
 )]
 pub struct Args {
     // ---- commands ----
-    /// Log in: --username --password [--mdm_ip].
+    /// Log in: --username [--password_file FILE] [--mdm_ip]; the password also from
+    /// MESHBLOCK_PASSWORD, or asked for on the terminal.
     #[arg(long)]
     pub login: bool,
     /// Forget the saved session.
@@ -78,7 +79,8 @@ pub struct Args {
     /// --volume_name (--sdc_name|--sdc_ip|--sdc_guid) [--limit_iops N] [--limit_bandwidth_kbps N]; 0 = unlimited.
     #[arg(long)]
     pub set_sdc_volume_limits: bool,
-    /// --username --user_role Monitor|Configure|Administrator --password.
+    /// --username --user_role Monitor|Configure|Administrator [--password_file FILE]; without
+    /// it the new user's password is asked for (twice) on the terminal.
     #[arg(long)]
     pub add_user: bool,
     /// --new_mdm_ip IP:PORT [--mdm_name].
@@ -123,9 +125,16 @@ pub struct Args {
     pub json: bool,
     #[arg(long)]
     pub username: Option<String>,
-    /// Password (for --login also from MESHBLOCK_PASSWORD; never for --add_user).
-    #[arg(long)]
-    pub password: Option<String>,
+    /// File holding the password, on its first line (--login, --add_user). --login also takes
+    /// it from MESHBLOCK_PASSWORD; without either, scli asks on the terminal.
+    #[arg(long, value_name = "FILE")]
+    pub password_file: Option<std::path::PathBuf>,
+    /// Refused: a password on the command line shows in `ps` (use --password_file).
+    #[arg(long = "password", hide = true, value_name = "REFUSED")]
+    pub refused_password: Option<String>,
+    /// Whether a password may be asked for on the terminal (set by `main`: stdin is one).
+    #[arg(skip)]
+    pub can_prompt: bool,
     #[arg(long)]
     pub user_role: Option<String>,
     #[arg(long)]
@@ -192,6 +201,62 @@ pub struct Args {
     pub bandwidth_mib_s: Option<String>,
     #[arg(long)]
     pub adaptive: Option<String>,
+}
+
+/// The refusal of a password given on the command line.
+const PASSWORD_FLAG_GONE: &str = "--password is no longer accepted: a password on the command \
+     line shows in `ps`. Put it in a file only you can read (chmod 600) and pass --password_file \
+     FILE; --login also reads MESHBLOCK_PASSWORD; on a terminal scli asks for it";
+
+impl Args {
+    /// Refuse what must not be on a command line, before anything else happens.
+    pub fn refuse_secrets(&self) -> anyhow::Result<()> {
+        if self.refused_password.is_some() {
+            bail!(PASSWORD_FLAG_GONE);
+        }
+        Ok(())
+    }
+
+    /// The login password: --password_file, else MESHBLOCK_PASSWORD, else the terminal.
+    fn login_password(&self, user: &str) -> anyhow::Result<String> {
+        if let Some(f) = &self.password_file {
+            return Ok(proto::secret::read_file(f)?);
+        }
+        // The environment only ever supplies the login password, so it cannot leak into
+        // another command such as --add_user.
+        if let Ok(p) = std::env::var("MESHBLOCK_PASSWORD") {
+            if !p.is_empty() {
+                return Ok(p);
+            }
+        }
+        if self.can_prompt {
+            return Ok(proto::secret::prompt(
+                &format!("Password for {user}: "),
+                false,
+            )?);
+        }
+        bail!(
+            "missing the password: give --password_file FILE, set MESHBLOCK_PASSWORD, or run \
+             scli on a terminal to be asked for it"
+        )
+    }
+
+    /// A new user's password: --password_file, else asked twice on the terminal.
+    fn new_user_password(&self, user: &str) -> anyhow::Result<String> {
+        if let Some(f) = &self.password_file {
+            return Ok(proto::secret::read_file(f)?);
+        }
+        if self.can_prompt {
+            return Ok(proto::secret::prompt(
+                &format!("Password for the new user {user}: "),
+                true,
+            )?);
+        }
+        bail!(
+            "missing the new user's password: give --password_file FILE, or run scli on a \
+             terminal to be asked for it"
+        )
+    }
 }
 
 fn need<'a>(v: &'a Option<String>, flag: &str) -> anyhow::Result<&'a str> {
@@ -481,10 +546,11 @@ impl Args {
                 let role = Role::parse(role).ok_or_else(|| {
                     anyhow!("invalid --user_role '{role}': use Monitor, Configure or Administrator")
                 })?;
+                let name = need(&self.username, "--username")?;
                 Command::AddUser {
-                    name: need(&self.username, "--username")?.into(),
+                    name: name.into(),
                     role,
-                    password: need(&self.password, "--password")?.into(),
+                    password: self.new_user_password(name)?,
                 }
             }
             "--add_standby_mdm" => Command::AddStandbyMdm {
@@ -530,6 +596,7 @@ impl Args {
 
 /// Run the command line; the returned text goes to stdout.
 pub async fn run(a: Args) -> anyhow::Result<String> {
+    a.refuse_secrets()?;
     let cmds = a.commands();
     let name = match cmds.as_slice() {
         [one] => *one,
@@ -542,16 +609,7 @@ pub async fn run(a: Args) -> anyhow::Result<String> {
     }
     if name == "--login" {
         let user = need(&a.username, "--username")?.to_string();
-        // The environment only ever supplies the login password, so it cannot leak into
-        // another command such as --add_user.
-        let password = match a
-            .password
-            .clone()
-            .or_else(|| std::env::var("MESHBLOCK_PASSWORD").ok())
-        {
-            Some(p) if !p.is_empty() => p,
-            _ => bail!("missing --password (or MESHBLOCK_PASSWORD)"),
-        };
+        let password = a.login_password(&user)?;
         let ips = match &a.mdm_ip {
             Some(ips) => ips.clone(),
             None => session::load()
@@ -715,17 +773,11 @@ mod tests {
         assert!(parse(&["--map_volume_to_sdc", "--volume_name", "v"])
             .command("--map_volume_to_sdc")
             .is_err());
-        assert!(parse(&[
-            "--add_user",
-            "--username",
-            "u",
-            "--user_role",
-            "King",
-            "--password",
-            "x"
-        ])
-        .command("--add_user")
-        .is_err());
+        assert!(
+            parse(&["--add_user", "--username", "u", "--user_role", "King"])
+                .command("--add_user")
+                .is_err()
+        );
     }
 
     #[test]
@@ -765,8 +817,36 @@ mod tests {
         std::env::set_var("MESHBLOCK_PASSWORD", "AdminSecret1");
         let a = parse(&["--add_user", "--username", "u", "--user_role", "Monitor"]);
         let e = a.command("--add_user").expect_err("password missing");
-        assert!(e.to_string().contains("--password"), "{e}");
+        assert!(e.to_string().contains("--password_file"), "{e}");
         std::env::remove_var("MESHBLOCK_PASSWORD");
+    }
+
+    #[test]
+    fn passwords_come_from_files_never_from_the_command_line() {
+        let f = std::env::temp_dir().join(format!("scli-pw-{}", std::process::id()));
+        std::fs::write(&f, "NewUser1\n").expect("write");
+        let file = f.display().to_string();
+        let a = parse(&[
+            "--add_user",
+            "--username",
+            "u",
+            "--user_role",
+            "Monitor",
+            "--password_file",
+            &file,
+        ]);
+        match a.command("--add_user").expect("ok") {
+            Some(Command::AddUser { password, .. }) => assert_eq!(password, "NewUser1"),
+            other => panic!("{other:?}"),
+        }
+        std::fs::remove_file(&f).expect("remove");
+        let a = parse(&["--login", "--username", "admin", "--password", "x"]);
+        let e = a.refuse_secrets().expect_err("refused");
+        assert!(e.to_string().contains("--password_file"), "{e}");
+        assert!(
+            !e.to_string().contains(" x"),
+            "the refusal does not echo the password"
+        );
     }
 
     #[test]

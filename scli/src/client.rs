@@ -26,7 +26,7 @@ fn cert_dir(flag: Option<&str>) -> PathBuf {
 pub async fn connect(mdm_ips: &str, cert_flag: Option<&str>) -> anyhow::Result<MdmClient> {
     let dir = cert_dir(cert_flag);
     let identity = Identity::load(&dir).map_err(|e| {
-        anyhow!("{e}. scli needs a certificate of the cluster CA in {}: create one with `mdm ca issue --ca-dir CA_DIR --name admin --out {}` (or set MESHBLOCK_CERT_DIR / --cert_dir)", dir.display(), dir.display())
+        anyhow!("{e}. scli needs a certificate of the cluster CA in {}: create one with `meshblock-ca csr --name admin --dir {}` and have the CA sign it (meshblock-ca sign), or set MESHBLOCK_CERT_DIR / --cert_dir", dir.display(), dir.display())
     })?;
     let addrs = parse_addrs(mdm_ips, DEFAULT_MDM_PORT).map_err(|e| anyhow!("{e}"))?;
     let ep = Endpoint::client(&identity, "scli").context("create the QUIC endpoint")?;

@@ -11,7 +11,8 @@ use args::Args;
 use clap::Parser;
 
 fn main() {
-    let args = Args::parse();
+    let mut args = Args::parse();
+    args.can_prompt = proto::secret::can_prompt();
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

@@ -64,7 +64,7 @@ pub fn load() -> anyhow::Result<Session> {
     let text = match std::fs::read_to_string(&p) {
         Ok(t) => t,
         Err(_) => {
-            bail!("not logged in: run scli --login --username USER --password PASSWORD --mdm_ip IP")
+            bail!("not logged in: run scli --login --username USER --mdm_ip IP (password from --password_file FILE, MESHBLOCK_PASSWORD or the terminal)")
         }
     };
     let s: Session = serde_json::from_str(&text)

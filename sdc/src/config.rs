@@ -181,48 +181,129 @@ impl SdcConfig {
     pub fn parse(text: &str) -> Result<(SdcConfig, Vec<String>), toml::de::Error> {
         let cfg: SdcConfig = toml::from_str(text)?;
         let raw: toml::Table = toml::from_str(text)?;
-        let known = [
-            "name",
-            "mdm",
-            "cert_dir",
-            "state_dir",
-            "nbd_socket",
-            "nbd_tcp",
-            "metrics_listen",
-            "map_poll_ms",
-            "io_timeout_ms",
-            "data_transport",
-            "cpu_wake_latency_us",
-            "worker_threads",
-            "docker",
-        ];
-        let docker_known = [
-            "enabled",
-            "socket",
-            "mount_root",
-            "username",
-            "password_file",
-            "default_pool",
-            "default_protection_domain",
-            "default_size_bytes",
-            "default_fstype",
-            "takeover_wait_ms",
-        ];
-        let mut unknown: Vec<String> = raw
-            .keys()
-            .filter(|k| !known.contains(&k.as_str()))
-            .cloned()
-            .collect();
-        if let Some(toml::Value::Table(d)) = raw.get("docker") {
-            unknown.extend(
-                d.keys()
-                    .filter(|k| !docker_known.contains(&k.as_str()))
-                    .map(|k| format!("docker.{k}")),
-            );
-        }
-        Ok((cfg, unknown))
+        Ok((cfg, proto::config_file::unknown_keys(&raw, FIELD_DOCS)))
+    }
+
+    /// The defaults as commented TOML (what `sdc print-default-config` prints, and the file
+    /// the package installs as /etc/meshblock/sdc.toml).
+    pub fn default_toml() -> String {
+        let table = toml::Table::try_from(SdcConfig::default()).unwrap_or_default();
+        proto::config_file::render(TITLE, &table, FIELD_DOCS, UNSET_EXAMPLES)
     }
 }
+
+/// The first line of the rendered configuration.
+const TITLE: &str =
+    "Meshblock SDC configuration: /etc/meshblock/sdc.toml, or the file given with sdc --config.";
+
+/// Every key with its documentation, in file order (the `[docker]` table last).
+const FIELD_DOCS: &[(&str, &str)] = &[
+    (
+        "name",
+        "Name of this client host in the cluster (scli --query_sdc); its certificate's common \
+         name is `sdc:NAME`. Empty means the host name.",
+    ),
+    (
+        "mdm",
+        "MDM addresses, `ip:port`; any member will do, the leader is found from there.",
+    ),
+    (
+        "cert_dir",
+        "Directory with node.pem, node.key and ca.pem signed by the cluster CA.",
+    ),
+    (
+        "state_dir",
+        "Local state: the SDC's stable GUID, the attached volumes, the admin socket of sdc \
+         attach|detach|list and the Docker plugin's mount references.",
+    ),
+    (
+        "nbd_socket",
+        "Unix socket serving every mapped volume as an NBD export named after the volume.",
+    ),
+    (
+        "nbd_tcp",
+        "A TCP address to serve NBD on too (loopback or a trusted network only: NBD has no \
+         authentication). Unset: none.",
+    ),
+    (
+        "metrics_listen",
+        "HTTP address serving Prometheus metrics at GET /metrics.",
+    ),
+    (
+        "map_poll_ms",
+        "How often the SDC asks the MDM for a newer cluster map, in milliseconds.",
+    ),
+    (
+        "io_timeout_ms",
+        "How long one block request may wait for a usable copy (retries included) before it \
+         fails with EIO, in milliseconds.",
+    ),
+    (
+        "data_transport",
+        "Transport to the SDS: \"tcp\" (TLS 1.3 over TCP) or \"quic\".",
+    ),
+    (
+        "cpu_wake_latency_us",
+        "While the SDC runs, idle CPUs of this host use only idle states they wake from within \
+         this many microseconds (PM QoS through /dev/cpu_dma_latency, needs root); 0 keeps them \
+         polling, which cuts QD1 latency on VMs most; -1 leaves the host's idle policy alone \
+         (application hosts keep their power policy unless the operator asks).",
+    ),
+    (
+        "worker_threads",
+        "Threads running the SDC's async work (NBD, the Docker plugin, requests to the SDS). 1 \
+         runs all of it on one thread, which costs the fewest thread wake-ups per request and \
+         was fastest on small hosts; 0 chooses one per 4 CPUs, at least one. Raise it when one \
+         SDC's CPU limits a busy client host.",
+    ),
+    (
+        "docker",
+        "The Docker volume plugin served by the SDC daemon.",
+    ),
+    ("docker.enabled", "Serve the plugin."),
+    (
+        "docker.socket",
+        "The plugin's unix socket. Docker finds legacy plugins by socket name in \
+         /run/docker/plugins: the driver's name is the file name without `.sock`.",
+    ),
+    (
+        "docker.mount_root",
+        "Volumes are mounted for containers at `<mount_root>/<volume>`.",
+    ),
+    (
+        "docker.username",
+        "MDM user the plugin logs in as (role Configure or Administrator).",
+    ),
+    (
+        "docker.password_file",
+        "File holding that user's password (its first line; keep it mode 0600).",
+    ),
+    (
+        "docker.default_pool",
+        "Storage pool for volumes created without `--opt pool`. Empty: the only pool (of the \
+         protection domain, when one is given).",
+    ),
+    (
+        "docker.default_protection_domain",
+        "Protection domain for volumes created without `--opt protection_domain`. Empty: any.",
+    ),
+    (
+        "docker.default_size_bytes",
+        "Size of volumes created without `--opt size`, in bytes (8589934592: 8 GiB).",
+    ),
+    (
+        "docker.default_fstype",
+        "Filesystem made on volumes created without `--opt fstype`: ext4 or xfs.",
+    ),
+    (
+        "docker.takeover_wait_ms",
+        "How long Mount keeps asking to take over a volume still mapped to another host (whose \
+         session may still be expiring), in milliseconds.",
+    ),
+];
+
+/// Examples shown (commented out) for the keys unset by default.
+const UNSET_EXAMPLES: &[(&str, &str)] = &[("nbd_tcp", "\"127.0.0.1:10809\"")];
 
 #[cfg(test)]
 mod tests {
@@ -230,17 +311,28 @@ mod tests {
 
     #[test]
     fn defaults_round_trip_and_match_the_checked_in_file() {
-        let text = toml::to_string(&SdcConfig::default()).expect("serialize");
+        let table = toml::Table::try_from(SdcConfig::default()).expect("serialize");
+        proto::config_file::check_documented(&table, FIELD_DOCS, UNSET_EXAMPLES)
+            .expect("every key documented");
+        let text = SdcConfig::default_toml();
         let (back, unknown) = SdcConfig::parse(&text).expect("parse");
         assert_eq!(back, SdcConfig::default());
         assert!(unknown.is_empty(), "{unknown:?}");
-        let (file, unknown) = SdcConfig::parse(include_str!("../../docs/config/sdc.default.toml"))
-            .expect("parse the checked-in defaults");
+        let checked_in = include_str!("../../docs/config/sdc.default.toml");
+        assert_eq!(
+            checked_in, text,
+            "docs/config/sdc.default.toml is out of date: regenerate it with \
+             `sdc print-default-config`"
+        );
+        let (file, unknown) = SdcConfig::parse(checked_in).expect("parse the checked-in defaults");
         assert!(unknown.is_empty(), "{unknown:?}");
         assert_eq!(
             file,
             SdcConfig::default(),
             "docs/config/sdc.default.toml is out of date"
         );
+        let (_, unknown) =
+            SdcConfig::parse("future = 1\n[docker]\nenabled = true\nknob = 2\n").expect("parse");
+        assert_eq!(unknown, vec!["docker.knob", "future"]);
     }
 }

@@ -20,7 +20,9 @@ use std::time::Duration;
 #[command(
     name = "sdc",
     version,
-    about = "Meshblock storage data client (SDC): serves mapped volumes over NBD"
+    about = "Meshblock storage data client (SDC): serves mapped volumes over NBD",
+    after_help = "Configuration: /etc/meshblock/sdc.toml unless --config names another file \
+                  (built-in defaults when that file does not exist); flags override it."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -33,10 +35,14 @@ struct Cli {
 enum Cmd {
     /// Run the SDC daemon.
     Run(RunArgs),
-    /// Print the default configuration as TOML.
+    /// Print the default configuration as commented TOML (what /etc/meshblock/sdc.toml holds
+    /// when installed).
     PrintDefaultConfig,
-    /// Validate a configuration file and exit.
-    CheckConfig { config: PathBuf },
+    /// Validate a configuration file (default /etc/meshblock/sdc.toml) and exit.
+    CheckConfig {
+        /// The file to check.
+        config: Option<PathBuf>,
+    },
     /// Attach a volume mapped to this host as a local block device; prints the device.
     Attach {
         volume: String,
@@ -68,10 +74,11 @@ enum Cmd {
 /// Which running SDC a local command talks to.
 #[derive(Args)]
 struct LocalArgs {
-    /// The SDC's state directory (default: the config's, or /var/lib/meshblock/sdc).
+    /// The SDC's state directory (default: the configuration's).
     #[arg(long)]
     state_dir: Option<PathBuf>,
-    /// Configuration file to take the state directory from.
+    /// Configuration file to take the state directory from (default /etc/meshblock/sdc.toml
+    /// when it exists; a file given here must exist).
     #[arg(long)]
     config: Option<PathBuf>,
 }
@@ -81,17 +88,15 @@ impl LocalArgs {
         if let Some(d) = &self.state_dir {
             return Ok(d.clone());
         }
-        Ok(match &self.config {
-            Some(p) => load_config(p)?.state_dir,
-            None => SdcConfig::default().state_dir,
-        })
+        Ok(load_config(self.config.as_deref())?.0.state_dir)
     }
 }
 
 #[derive(Args)]
 struct RunArgs {
-    /// Configuration file (TOML); flags override it.
-    #[arg(long)]
+    /// Configuration file (TOML); flags override it. Default: /etc/meshblock/sdc.toml, or the
+    /// built-in defaults when that file does not exist. A file given here must exist.
+    #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
     /// Name of this host in the cluster.
     #[arg(long)]
@@ -147,14 +152,16 @@ fn main() -> std::process::ExitCode {
 fn cli_main() -> anyhow::Result<()> {
     match Cli::parse().cmd {
         Cmd::PrintDefaultConfig => {
-            print!("{}", toml::to_string(&SdcConfig::default())?);
+            print!("{}", SdcConfig::default_toml());
             Ok(())
         }
         Cmd::CheckConfig { config } => {
-            load_config(&config)?
-                .validate()
-                .map_err(anyhow::Error::msg)?;
-            println!("{}: OK", config.display());
+            let (cfg, path) = load_config(config.as_deref())?;
+            cfg.validate().map_err(anyhow::Error::msg)?;
+            match path {
+                Some(p) => println!("{}: OK", p.display()),
+                None => println!("no configuration file; the built-in defaults are OK"),
+            }
             Ok(())
         }
         Cmd::Attach { volume, at } => {
@@ -187,10 +194,7 @@ fn cli_main() -> anyhow::Result<()> {
         }
         Cmd::Run(a) => {
             proto::daemon::init_logging();
-            let mut cfg = match &a.config {
-                Some(p) => load_config(p)?,
-                None => SdcConfig::default(),
-            };
+            let (mut cfg, _) = load_config(a.config.as_deref())?;
             if let Some(v) = a.name {
                 cfg.name = v;
             }
@@ -244,14 +248,18 @@ fn cli_main() -> anyhow::Result<()> {
     }
 }
 
-fn load_config(path: &Path) -> anyhow::Result<SdcConfig> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("read {}", path.display()))?;
+/// The configuration file (the one named, else the default one when it exists), and its path.
+fn load_config(explicit: Option<&Path>) -> anyhow::Result<(SdcConfig, Option<PathBuf>)> {
+    let default = proto::config_file::default_path("sdc");
+    let Some((path, text)) = proto::config_file::read("sdc", explicit, &default)? else {
+        return Ok((SdcConfig::default(), None));
+    };
     let (cfg, unknown) =
         SdcConfig::parse(&text).with_context(|| format!("parse {}", path.display()))?;
     for k in unknown {
         tracing::warn!("unknown config key {k} in {} ignored", path.display());
     }
-    Ok(cfg)
+    Ok((cfg, Some(path)))
 }
 
 async fn run(cfg: SdcConfig) -> anyhow::Result<()> {
@@ -304,6 +312,18 @@ async fn run(cfg: SdcConfig) -> anyhow::Result<()> {
         .await
         .context("start the NBD server")?;
     tracing::info!(%guid, "SDC {name} starting; NBD on {}", cfg.nbd_socket.display());
+    // The NBD socket (and the Docker plugin's, when enabled) listens: tell systemd, so
+    // docker.service, ordered after this unit, finds the plugin.
+    proto::daemon::notify(&format!(
+        "{}\nSTATUS=NBD on {}{}",
+        proto::daemon::NOTIFY_READY,
+        cfg.nbd_socket.display(),
+        if cfg.docker.enabled {
+            format!("; Docker plugin on {}", cfg.docker.socket.display())
+        } else {
+            String::new()
+        }
+    ));
 
     let attacher_slot: Arc<std::sync::OnceLock<Arc<Attacher>>> = Default::default();
     {
@@ -364,6 +384,7 @@ async fn run(cfg: SdcConfig) -> anyhow::Result<()> {
         r = work => r,
         _ = proto::daemon::shutdown_signal() => {
             tracing::info!("shutting down");
+            proto::daemon::notify(proto::daemon::NOTIFY_STOPPING);
             Ok(())
         }
     };

@@ -296,12 +296,7 @@ impl SdsConfig {
     pub fn parse(text: &str) -> Result<(SdsConfig, Vec<String>), toml::de::Error> {
         let cfg: SdsConfig = toml::from_str(text)?;
         let raw: toml::Table = toml::from_str(text)?;
-        let unknown = raw
-            .keys()
-            .filter(|k| !FIELD_DOCS.iter().any(|(known, _)| known == k))
-            .cloned()
-            .collect();
-        Ok((cfg, unknown))
+        Ok((cfg, proto::config_file::unknown_keys(&raw, FIELD_DOCS)))
     }
 
     /// The MDM addresses, parsed.
@@ -382,37 +377,17 @@ impl SdsConfig {
         }
     }
 
-    /// The defaults as commented TOML (what `--print-default-config` prints).
+    /// The defaults as commented TOML (what `--print-default-config` prints, and the file
+    /// the package installs as /etc/meshblock/sds.toml).
     pub fn default_toml() -> String {
         let table = toml::Table::try_from(SdsConfig::default()).unwrap_or_default();
-        let mut out = String::from("# Meshblock SDS configuration (sds --config FILE).\n");
-        for (key, doc) in FIELD_DOCS {
-            out.push('\n');
-            for line in wrap(doc, 96) {
-                out.push_str("# ");
-                out.push_str(&line);
-                out.push('\n');
-            }
-            let value = table.get(*key).map(|v| v.to_string()).unwrap_or_default();
-            out.push_str(&format!("{key} = {value}\n"));
-        }
-        out
+        proto::config_file::render(TITLE, &table, FIELD_DOCS, &[])
     }
 }
 
-fn wrap(text: &str, width: usize) -> Vec<String> {
-    let mut lines: Vec<String> = Vec::new();
-    for word in text.split_whitespace() {
-        match lines.last_mut() {
-            Some(cur) if cur.len() + 1 + word.len() <= width => {
-                cur.push(' ');
-                cur.push_str(word);
-            }
-            _ => lines.push(word.to_string()),
-        }
-    }
-    lines
-}
+/// The first line of the rendered configuration.
+const TITLE: &str =
+    "Meshblock SDS configuration: /etc/meshblock/sds.toml, or the file given with sds --config.";
 
 #[cfg(test)]
 mod tests {

@@ -28,7 +28,9 @@ const JOURNAL_APPLY_MS: u64 = 500;
 #[derive(Parser)]
 #[command(name = "sds", version, about = "Meshblock storage data server (SDS)")]
 struct Args {
-    /// Configuration file (TOML); the flags below override it.
+    /// Configuration file (TOML); the flags below override it. Without --config the SDS reads
+    /// /etc/meshblock/sds.toml, or runs on built-in defaults and flags when that file does not
+    /// exist. A file given here must exist.
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
     /// This SDS's name, as given to `scli --add_sds --sds_name`.
@@ -126,10 +128,9 @@ fn start(args: &Args) -> anyhow::Result<()> {
 
 /// The configuration: file, then flags, then validation.
 fn configure(args: &Args) -> anyhow::Result<SdsConfig> {
-    let mut cfg = match &args.config {
-        Some(p) => {
-            let text =
-                std::fs::read_to_string(p).with_context(|| format!("read {}", p.display()))?;
+    let default = proto::config_file::default_path("sds");
+    let mut cfg = match proto::config_file::read("sds", args.config.as_deref(), &default)? {
+        Some((p, text)) => {
             let (cfg, unknown) =
                 SdsConfig::parse(&text).with_context(|| format!("parse {}", p.display()))?;
             for k in unknown {
@@ -364,9 +365,18 @@ async fn run(cfg: SdsConfig, volatile_cache: bool) -> anyhow::Result<()> {
     });
 
     tracing::info!(name = %cfg.name, listen = %cfg.listen, "SDS serving");
+    // Its devices are open and its data port listens: tell systemd (Type=notify).
+    proto::daemon::notify(&format!(
+        "{}\nSTATUS=serving on {}",
+        proto::daemon::NOTIFY_READY,
+        cfg.listen
+    ));
     tokio::select! {
         _ = endpoint.serve(service.clone()) => {}
-        _ = proto::daemon::shutdown_signal() => tracing::info!("shutting down"),
+        _ = proto::daemon::shutdown_signal() => {
+            tracing::info!("shutting down");
+            proto::daemon::notify(proto::daemon::NOTIFY_STOPPING);
+        }
     }
     endpoint.close();
     storage

@@ -1,6 +1,10 @@
 //! Helpers shared by the integration tests: scratch directories, a port allocator, real
 //! processes with logs in files (killed when dropped), an MDM cluster builder, scli runs, and
 //! waiting on conditions with a deadline (never fixed sleeps).
+//!
+//! Every daemon is started with `--config` naming a file in the test's scratch directory
+//! ([`Cluster::config_file`]), so a `/etc/meshblock/<daemon>.toml` on the machine running the
+//! tests is never read; passwords go through files ([`Cluster::password_file`]).
 
 use anyhow::{bail, Context};
 use std::net::{SocketAddr, TcpListener, UdpSocket};
@@ -314,19 +318,15 @@ impl Cluster {
         net: Option<std::sync::Arc<netns::Net>>,
     ) -> Cluster {
         let dir = TestDir::new(name);
-        let mdm = bin("mdm");
-        run_ok(
-            &mdm,
-            &["ca", "init", "--dir", &dir.join("ca").display().to_string()],
-        );
+        let ca = dir.join("ca").display().to_string();
+        run_ok(&bin("meshblock-ca"), &["init", "--dir", &ca]);
         for who in ["mdm", "admin"] {
             run_ok(
-                &mdm,
+                &bin("meshblock-ca"),
                 &[
-                    "ca",
                     "issue",
                     "--ca-dir",
-                    &dir.join("ca").display().to_string(),
+                    &ca,
                     "--name",
                     who,
                     "--out",
@@ -345,12 +345,13 @@ impl Cluster {
         }
         c.wait_leader(Duration::from_secs(10));
         wait_for("admin login", Duration::from_secs(10), || {
+            let pw = c.password_file(ADMIN_PASSWORD).display().to_string();
             let r = c.scli_raw(&[
                 "--login",
                 "--username",
                 "admin",
-                "--password",
-                ADMIN_PASSWORD,
+                "--password_file",
+                &pw,
                 "--mdm_ip",
                 &c.mdm_ips(),
             ]);
@@ -385,8 +386,15 @@ impl Cluster {
         let ip = node.as_ref().map_or([127, 0, 0, 1], |n| n.ip.octets());
         let addr: SocketAddr = (ip, port).into();
         let metrics: SocketAddr = (ip, mport).into();
-        let mut args: Vec<String> = vec![
-            "run".into(),
+        // A test's own --config (in `extra_mdm_args`) replaces the harness's empty one.
+        let mut args: Vec<String> = Vec::new();
+        if !self.extra_mdm_args.iter().any(|a| a == "--config") {
+            args.extend([
+                "--config".into(),
+                self.config_file("mdm").display().to_string(),
+            ]);
+        }
+        args.extend([
             "--name".into(),
             name.clone(),
             "--listen".into(),
@@ -397,15 +405,17 @@ impl Cluster {
             self.dir.join("certs/mdm").display().to_string(),
             "--metrics-listen".into(),
             metrics.to_string(),
-        ];
+        ]);
         args.extend(self.extra_mdm_args.iter().cloned());
         if bootstrap {
-            args.extend([
-                "--bootstrap".into(),
-                "--admin-password".into(),
-                ADMIN_PASSWORD.into(),
-            ]);
+            let pw = self.password_file(ADMIN_PASSWORD).display().to_string();
+            let once: Vec<&str> = std::iter::once("bootstrap")
+                .chain(args.iter().map(String::as_str))
+                .chain(["--admin-password-file", &pw])
+                .collect();
+            run_ok(&bin("mdm"), &once);
         }
+        args.insert(0, "run".into());
         let proc = Proc::spawn_in(
             node.as_ref(),
             &name,
@@ -437,6 +447,40 @@ impl Cluster {
                 .iter()
                 .position(|m| m.proc.child.is_some() && m.is_leader())
         })
+    }
+
+    /// The configuration file every daemon of this cluster is started with (`--config`): empty,
+    /// so the daemons run on built-in defaults and flags and never read a stray
+    /// /etc/meshblock/<daemon>.toml of the machine running the tests.
+    pub fn config_file(&self, daemon: &str) -> PathBuf {
+        let p = self.dir.join(&format!("{daemon}.toml"));
+        if !p.exists() {
+            std::fs::write(
+                &p,
+                "# Written by the test harness: built-in defaults, flags override.\n",
+            )
+            .expect("write the daemon's configuration file");
+        }
+        p
+    }
+
+    /// A file holding `password` (mode 0600), for scli's --password_file and mdm's
+    /// --admin-password-file.
+    pub fn password_file(&self, password: &str) -> PathBuf {
+        use std::os::unix::fs::OpenOptionsExt;
+        let p = self.dir.join(&format!("password-{password}"));
+        if !p.exists() {
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&p)
+                .expect("create the password file");
+            std::io::Write::write_all(&mut f, format!("{password}\n").as_bytes())
+                .expect("write the password file");
+        }
+        p
     }
 
     pub fn session_file(&self) -> PathBuf {
@@ -788,19 +832,9 @@ pub fn cert_dir(c: &Cluster, common_name: &str) -> PathBuf {
         .dir
         .join(&format!("certs/{}", common_name.replace(':', "-")));
     if !dir.join("node.pem").exists() {
-        run_ok(
-            &bin("mdm"),
-            &[
-                "ca",
-                "issue",
-                "--ca-dir",
-                &c.dir.join("ca").display().to_string(),
-                "--name",
-                common_name,
-                "--out",
-                &dir.display().to_string(),
-            ],
-        );
+        // In process: tests also issue names that give no role (a bare `sdc`), which
+        // meshblock-ca refuses.
+        proto::ca::issue(&c.dir.join("ca"), common_name, &dir).expect("issue a certificate");
     }
     dir
 }
@@ -815,6 +849,8 @@ pub fn sdc_cert(c: &Cluster, name: &str) -> PathBuf {
 pub fn sdc_run_args(c: &Cluster, name: &str, state: &Path) -> Vec<String> {
     vec![
         "run".into(),
+        "--config".into(),
+        c.config_file("sdc").display().to_string(),
         "--name".into(),
         name.into(),
         "--mdm".into(),
@@ -1073,9 +1109,8 @@ fn spawn_sds(
         .and_then(|f| f.set_len(o.dev_bytes))
         .expect("device file");
     run_ok(
-        &bin("mdm"),
+        &bin("meshblock-ca"),
         &[
-            "ca",
             "issue",
             "--ca-dir",
             &c.dir.join("ca").display().to_string(),
@@ -1108,6 +1143,8 @@ fn spawn_sds(
     }
     c.must_scli(&add.iter().map(String::as_str).collect::<Vec<_>>());
     let args: Vec<String> = vec![
+        "--config".into(),
+        c.config_file("sds").display().to_string(),
         "--name".into(),
         n.clone(),
         "--listen".into(),
@@ -1236,6 +1273,7 @@ pub fn add_second_device(dc: &DataCluster) -> (String, String) {
 
 pub mod fill;
 pub mod flushes;
+pub mod hosts;
 pub mod nbd;
 pub mod netns;
 

@@ -116,14 +116,15 @@ fn build_tree(c: &Cluster) {
         "--limit_bandwidth_kbps",
         "20480",
     ]);
+    let pw = c.password_file("Watcher1").display().to_string();
     c.must_scli(&[
         "--add_user",
         "--username",
         "watcher",
         "--user_role",
         "Monitor",
-        "--password",
-        "Watcher1",
+        "--password_file",
+        &pw,
     ]);
 }
 
@@ -373,6 +374,7 @@ fn bad_input_is_refused_and_changes_nothing() {
     let c = Cluster::start("badinput", 1, &[]);
     build_tree(&c);
     let before = c.query_all();
+    let watcher_pw = c.password_file("Watcher1").display().to_string();
     let cases: Vec<Vec<&str>> = vec![
         vec![],
         vec!["--no_such_command"],
@@ -596,8 +598,8 @@ fn bad_input_is_refused_and_changes_nothing() {
             "watcher",
             "--user_role",
             "Monitor",
-            "--password",
-            "Watcher1",
+            "--password_file",
+            &watcher_pw,
         ],
         vec![
             "--add_user",
@@ -605,9 +607,20 @@ fn bad_input_is_refused_and_changes_nothing() {
             "u2",
             "--user_role",
             "Emperor",
+            "--password_file",
+            &watcher_pw,
+        ],
+        // A password on the command line is refused, whatever the command.
+        vec![
+            "--add_user",
+            "--username",
+            "u3",
+            "--user_role",
+            "Monitor",
             "--password",
             "Watcher1",
         ],
+        vec!["--add_user", "--username", "u4", "--user_role", "Monitor"],
         vec!["--switch_cluster_mode", "--cluster_mode", "3_node"],
         vec!["--switch_cluster_mode", "--cluster_mode", "7_node"],
         vec!["--add_standby_mdm", "--new_mdm_ip", "127.0.0.1:1"],
@@ -636,8 +649,8 @@ fn bad_input_is_refused_and_changes_nothing() {
             "--login",
             "--username",
             "watcher",
-            "--password",
-            "Watcher1",
+            "--password_file",
+            &watcher_pw,
             "--mdm_ip",
             &c.mdm_ips(),
         ],
@@ -658,8 +671,8 @@ fn bad_input_is_refused_and_changes_nothing() {
             "--login",
             "--username",
             "admin",
-            "--password",
-            "wrong",
+            "--password_file",
+            &c.password_file("wrong").display().to_string(),
             "--mdm_ip",
             &c.mdm_ips(),
         ],
@@ -723,8 +736,8 @@ fn peers_without_a_ca_signed_certificate_are_refused_and_garbage_is_survived() {
                 "--login",
                 "--username",
                 "admin",
-                "--password",
-                ADMIN_PASSWORD,
+                "--password_file",
+                &c.password_file(ADMIN_PASSWORD).display().to_string(),
                 "--mdm_ip",
                 &addr.to_string(),
             ])
