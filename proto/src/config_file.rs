@@ -22,11 +22,12 @@ pub enum ConfigFileError {
     /// The file given with `--config` does not exist.
     #[error(
         "the configuration file {path} given with --config does not exist; create it (e.g. \
-         from `{daemon} print-default-config`) or leave --config out to read {default}"
+         from `{print_defaults}`) or leave --config out to read {default}"
     )]
     Missing {
         path: PathBuf,
-        daemon: String,
+        /// The command printing the daemon's documented defaults.
+        print_defaults: String,
         default: PathBuf,
     },
     /// The file exists but cannot be read.
@@ -54,7 +55,7 @@ pub fn read(
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => match explicit {
             Some(p) => Err(ConfigFileError::Missing {
                 path: p.to_path_buf(),
-                daemon: daemon.to_string(),
+                print_defaults: print_defaults_command(daemon),
                 default: default.to_path_buf(),
             }),
             None => {
@@ -69,6 +70,14 @@ pub fn read(
             path: path.to_path_buf(),
             source,
         }),
+    }
+}
+
+/// The command that prints `daemon`'s documented defaults (the SDS takes flags only).
+fn print_defaults_command(daemon: &str) -> String {
+    match daemon {
+        "sds" => "sds --print-default-config".to_string(),
+        d => format!("{d} print-default-config"),
     }
 }
 
@@ -218,6 +227,7 @@ mod tests {
         let e = read("sds", Some(&other), &default).expect_err("named file missing");
         assert!(matches!(e, ConfigFileError::Missing { .. }), "{e}");
         assert!(e.to_string().contains("--config"), "{e}");
+        assert!(e.to_string().contains("sds --print-default-config"), "{e}");
         // The default file is read when it exists; a named file wins over it.
         std::fs::write(&default, "name = \"d\"\n").expect("write");
         std::fs::write(&other, "name = \"o\"\n").expect("write");
