@@ -524,11 +524,7 @@ impl VolumeIo {
                 map.pools
                     .get(&pool)
                     .and_then(|p| p.pg(pg))
-                    .is_some_and(|m| {
-                        m.primary == Some(sds)
-                            || m.leaving == Some(sds)
-                            || (m.secondary == Some(sds) && m.rebuild.is_none())
-                    })
+                    .is_some_and(|m| m.primary == Some(sds) || m.in_sync_secondary() == Some(sds))
             });
         if let Some(group) = settled.lost.first() {
             let name = |id: SdsId| {

@@ -20,7 +20,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 const BLOCK: u64 = 4096;
 const CMD_WRITE: u16 = 1;
@@ -76,8 +76,8 @@ struct Inner {
     /// Wall-clock times (UTC time of day) of each write's sending and reply, and of the
     /// newest completed FLUSH's sending and completion: a loss names them, to find in the
     /// daemons' logs.
-    times: HashMap<u64, (String, String)>,
-    durable_times: (String, String),
+    times: HashMap<u64, (SystemTime, Option<SystemTime>)>,
+    durable_times: Option<(SystemTime, SystemTime)>,
     report: FlushReport,
 }
 
@@ -100,11 +100,9 @@ impl Version {
     };
 }
 
-/// The time of day (UTC, as the daemons log it).
-fn time_of_day() -> String {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default();
+/// The time of day of `t` (UTC, as the daemons log it).
+fn time_of_day(t: SystemTime) -> String {
+    let now = t.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
     let s = now.as_secs() % 86_400;
     format!(
         "{:02}:{:02}:{:02}.{:06}",
@@ -172,7 +170,7 @@ impl Model {
         let tick = self.clock.fetch_add(1, Ordering::SeqCst);
         let mut m = self.lock();
         if let Some(t) = m.times.get_mut(&wid) {
-            t.1 = time_of_day();
+            t.1 = Some(SystemTime::now());
         }
         for b in first..first + n {
             m.busy.remove(&b);
@@ -195,7 +193,7 @@ impl Model {
         self.changed.notify_all();
     }
 
-    fn flush_done(&self, sent: u64, sent_at: &str, durable_at_send: u64, ok: bool) {
+    fn flush_done(&self, sent: u64, sent_at: SystemTime, durable_at_send: u64, ok: bool) {
         let mut m = self.lock();
         if !ok {
             m.report.flushes_failed += 1;
@@ -206,7 +204,7 @@ impl Model {
         m.report.flushes_ok += 1;
         if sent > m.durable {
             m.durable = sent;
-            m.durable_times = (sent_at.to_owned(), time_of_day());
+            m.durable_times = Some((sent_at, SystemTime::now()));
             // Versions older than the newest durable one can no longer show.
             for v in m.versions.iter_mut() {
                 if let Some(keep) = v.iter().rposition(|x| x.acked < sent) {
@@ -235,7 +233,7 @@ impl Model {
             if !(first..first + n).any(|b| m.busy.contains(&b)) {
                 m.busy.extend(first..first + n);
                 let wid = self.next_wid.fetch_add(1, Ordering::SeqCst);
-                m.times.insert(wid, (time_of_day(), String::new()));
+                m.times.insert(wid, (SystemTime::now(), None));
                 let sent = self.clock.fetch_add(1, Ordering::SeqCst);
                 return (first, n, wid, sent);
             }
@@ -300,10 +298,18 @@ impl Model {
                                 .collect::<Vec<_>>(),
                             versions[allowed..]
                                 .iter()
-                                .map(|x| m.times.get(&x.wid).cloned().unwrap_or_default())
+                                .map(|x| {
+                                    m.times.get(&x.wid).map(|(s, a)| {
+                                        (time_of_day(*s), a.map(time_of_day).unwrap_or_default())
+                                    })
+                                })
                                 .collect::<Vec<_>>(),
-                            m.durable_times.0,
-                            m.durable_times.1,
+                            m.durable_times
+                                .map(|t| time_of_day(t.0))
+                                .unwrap_or_default(),
+                            m.durable_times
+                                .map(|t| time_of_day(t.1))
+                                .unwrap_or_default(),
                         )
                     });
                 }
@@ -385,7 +391,7 @@ enum Sent {
     },
     Flush {
         tick: u64,
-        at: String,
+        at: SystemTime,
         durable: u64,
     },
 }
@@ -424,7 +430,7 @@ fn connection(
                         sent,
                     }) => model.write_done(first, n, wid, sent, r.error == 0),
                     Some(Sent::Flush { tick, at, durable }) => {
-                        model.flush_done(tick, &at, durable, r.error == 0)
+                        model.flush_done(tick, at, durable, r.error == 0)
                     }
                     None => {
                         return Err(io::Error::other(format!(
@@ -466,7 +472,7 @@ fn connection(
                     handle,
                     Sent::Flush {
                         tick,
-                        at: time_of_day(),
+                        at: SystemTime::now(),
                         durable,
                     },
                 );
@@ -502,13 +508,13 @@ fn connection(
     // A last FLUSH that ends the reader.
     let durable = model.durable();
     let tick = model.clock.fetch_add(1, Ordering::SeqCst);
-    let at = time_of_day();
+    let at = SystemTime::now();
     let sent = tx.send(CMD_FLUSH, u64::MAX, 0, 0, &[]);
     let read = reader
         .join()
         .unwrap_or_else(|_| Err(io::Error::other("reader panicked")));
     if let (Ok(()), Ok(error)) = (&sent, &read) {
-        model.flush_done(tick, &at, durable, *error == 0);
+        model.flush_done(tick, at, durable, *error == 0);
     }
     tx.disconnect();
     result.and(sent).and(read.map(|_| ()))

@@ -795,6 +795,29 @@ impl DataCluster {
             .unwrap_or(f64::NAN)
     }
 
+    /// Set the fail points of SDS `i` (started with `--failpoints-file {dir}/{name}.failpoints`)
+    /// to `spec` and wait until its watcher applied them, as its log says: the watcher polls
+    /// the file, so a step that must run armed or disarmed cannot follow the write blindly.
+    pub fn set_failpoints(&self, i: usize, spec: &str) {
+        let name = format!("sds{}", i + 1);
+        let file = format!("{name}.failpoints");
+        let applied = |log: &str| {
+            log.lines().rev().find_map(|l| {
+                l.split_once(&format!("{file}:"))
+                    .map(|(_, s)| s.trim().to_string())
+            })
+        };
+        if applied(&self.sds[i].log_text()).unwrap_or_default() == spec.trim() {
+            return;
+        }
+        std::fs::write(self.c.dir.join(&file), spec).expect("write the fail points file");
+        wait_for(
+            &format!("{name} to apply the fail points {spec:?}"),
+            Duration::from_secs(60),
+            || (applied(&self.sds[i].log_text()).as_deref() == Some(spec.trim())).then_some(()),
+        );
+    }
+
     /// Start another SDC host named `name` (state under `<dir>/<name>`) and wait until it
     /// registered; returns the process and its NBD socket.
     pub fn start_sdc(&self, name: &str) -> (Proc, PathBuf) {

@@ -153,11 +153,7 @@ fn a_failing_device_is_taken_out_and_its_copies_rebuilt() {
     };
     wait_writes(1500, "writes over both devices");
     let on_second = dc.sds_metric(0, "meshblock_sds_chunks_allocated");
-    std::fs::write(
-        dc.c.dir.join("sds1.failpoints"),
-        "sds::device::eio=return(sds1-b.img)",
-    )
-    .expect("arm the failing device");
+    dc.set_failpoints(0, "sds::device::eio=return(sds1-b.img)");
     wait_for(
         "the MDM to show the failing device Failed",
         Duration::from_secs(60),
@@ -203,7 +199,7 @@ fn a_failing_device_is_taken_out_and_its_copies_rebuilt() {
 
     // The operator replaces the disk at the same path and clears the error: the SDS formats it
     // and serves it as new capacity, under writes that keep flushing.
-    std::fs::write(dc.c.dir.join("sds1.failpoints"), "").expect("disarm");
+    dc.set_failpoints(0, "");
     let cleared = dc.c.must_scli(&[
         "--clear_sds_device_error",
         "--sds_name",
@@ -225,14 +221,24 @@ fn a_failing_device_is_taken_out_and_its_copies_rebuilt() {
         refused.stderr
     );
     let writers = FlushWriters::start(&dc.socket, "vol1", &model, 4, 8, 12, 8);
-    wait_for(
+    wait_for_explained(
         "the cleared device to serve again as new capacity",
-        Duration::from_secs(60),
+        Duration::from_secs(180),
         || {
             sds_devices(&dc, "sds1")
                 .iter()
                 .any(|(p, st, cap)| *p == second && st == "Normal" && *cap > 0)
                 .then_some(())
+        },
+        || {
+            let log = dc.sds[0].log_text();
+            let tail: Vec<&str> = log.lines().rev().take(40).collect();
+            format!(
+                "\nscli --query_sds: {}\nsds1 log, newest first:\n{}",
+                dc.c.scli_raw(&["--query_sds", "--sds_name", "sds1", "--json"])
+                    .stdout,
+                tail.join("\n")
+            )
         },
     );
     let base = model.report().writes_acked;

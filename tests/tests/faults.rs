@@ -810,22 +810,7 @@ fn a_write_held_past_the_lease_is_refused_not_applied() {
 
     // Hold the next write that takes a range lock on the primary for 6 s (once).
     let point = "sds::service::after_range_lock";
-    std::fs::write(
-        dc.c.dir.join(&format!("{name}.failpoints")),
-        format!("{point}=1*return(6000)"),
-    )
-    .expect("arm the fail point");
-    wait_for(
-        &format!("{name} to arm {point}"),
-        Duration::from_secs(20),
-        || {
-            dc.sds[i]
-                .log_text()
-                .lines()
-                .any(|l| l.contains("fail points armed from") && l.contains(point))
-                .then_some(())
-        },
-    );
+    dc.set_failpoints(i, &format!("{point}=1*return(6000)"));
     let requests = |dc: &DataCluster| dc.sds_metric(i, "meshblock_sds_user_requests_total");
     let before = requests(&dc);
     let socket = dc.socket.clone();
