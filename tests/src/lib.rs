@@ -84,7 +84,14 @@ pub fn free_port() -> u16 {
     }
 }
 
-/// Poll `f` until it returns `Some`, or fail after `timeout` with `what`.
+/// The least time any wait gives its condition. A wait's own `timeout` says how long the step
+/// takes on an idle machine at most; on a fresh, busy one (a cold build, the install test's
+/// hosts beside it) a restart, a placement or a failover may take many times that. The limit only
+/// ends a test that hangs; it never decides that a slow step failed.
+pub const WAIT_FLOOR: Duration = Duration::from_secs(300);
+
+/// Poll `f` until it returns `Some`, or fail after `timeout` (at least [`WAIT_FLOOR`]) with
+/// `what`.
 pub fn wait_for<T>(what: &str, timeout: Duration, f: impl FnMut() -> Option<T>) -> T {
     wait_for_explained(what, timeout, f, String::new)
 }
@@ -96,6 +103,7 @@ pub fn wait_for_explained<T>(
     mut f: impl FnMut() -> Option<T>,
     explain: impl FnOnce() -> String,
 ) -> T {
+    let timeout = timeout.max(WAIT_FLOOR);
     let deadline = Instant::now() + timeout;
     let mut delay = Duration::from_millis(10);
     loop {
