@@ -16,7 +16,7 @@ use proto::msg::{Command, MdmRequest, MdmResponse, NewDevice, Query, SdcSelector
 )]
 pub struct Args {
     // ---- commands ----
-    /// Log in: --username --password [--mdm_ip].
+    /// Log in: --username (--password|--password_file) [--mdm_ip].
     #[arg(long)]
     pub login: bool,
     /// Forget the saved session.
@@ -78,7 +78,7 @@ pub struct Args {
     /// --volume_name (--sdc_name|--sdc_ip|--sdc_guid) [--limit_iops N] [--limit_bandwidth_kbps N]; 0 = unlimited.
     #[arg(long)]
     pub set_sdc_volume_limits: bool,
-    /// --username --user_role Monitor|Configure|Administrator --password.
+    /// --username --user_role Monitor|Configure|Administrator (--password|--password_file).
     #[arg(long)]
     pub add_user: bool,
     /// --new_mdm_ip IP:PORT [--mdm_name].
@@ -126,6 +126,10 @@ pub struct Args {
     /// Password (for --login also from MESHBLOCK_PASSWORD; never for --add_user).
     #[arg(long)]
     pub password: Option<String>,
+    /// File whose first line is the password (--login, --add_user): keeps it off the
+    /// command line.
+    #[arg(long)]
+    pub password_file: Option<String>,
     #[arg(long)]
     pub user_role: Option<String>,
     #[arg(long)]
@@ -280,7 +284,7 @@ impl Args {
             let Some((k, v)) = l.split_once('=') else {
                 bail!("--label {l}: give KEY=VALUE");
             };
-            if k == proto::model::LABEL_CREATED_BY {
+            if k == proto::model::LABEL_CREATED_BY || proto::docker::is_name_label(k) {
                 bail!(
                     "--label {k}: this label is reserved for the Docker driver, which marks the \
                      volumes its Create makes with it (Docker removes only those); create the \
@@ -292,6 +296,24 @@ impl Args {
             }
         }
         Ok(out)
+    }
+
+    /// The password of --password or --password_file (its first line), if either is given.
+    fn given_password(&self) -> anyhow::Result<Option<String>> {
+        match (&self.password, &self.password_file) {
+            (Some(_), Some(_)) => bail!("give only one of --password and --password_file"),
+            (Some(p), None) => Ok(Some(p.clone())),
+            (None, Some(f)) => {
+                let text = std::fs::read_to_string(f)
+                    .with_context(|| format!("read the password file {f}"))?;
+                let line = text.lines().next().unwrap_or("").to_string();
+                if line.is_empty() {
+                    bail!("the password file {f} is empty");
+                }
+                Ok(Some(line))
+            }
+            (None, None) => Ok(None),
+        }
     }
 
     fn need_sdc(&self) -> anyhow::Result<SdcSelector> {
@@ -484,7 +506,9 @@ impl Args {
                 Command::AddUser {
                     name: need(&self.username, "--username")?.into(),
                     role,
-                    password: need(&self.password, "--password")?.into(),
+                    password: self
+                        .given_password()?
+                        .ok_or_else(|| anyhow!("missing --password or --password_file"))?,
                 }
             }
             "--add_standby_mdm" => Command::AddStandbyMdm {
@@ -545,12 +569,11 @@ pub async fn run(a: Args) -> anyhow::Result<String> {
         // The environment only ever supplies the login password, so it cannot leak into
         // another command such as --add_user.
         let password = match a
-            .password
-            .clone()
+            .given_password()?
             .or_else(|| std::env::var("MESHBLOCK_PASSWORD").ok())
         {
             Some(p) if !p.is_empty() => p,
-            _ => bail!("missing --password (or MESHBLOCK_PASSWORD)"),
+            _ => bail!("missing --password or --password_file (or MESHBLOCK_PASSWORD)"),
         };
         let ips = match &a.mdm_ip {
             Some(ips) => ips.clone(),
@@ -744,11 +767,13 @@ mod tests {
             ])
             .command("--add_volume")
         };
-        let e = add("created-by=docker").expect_err("reserved");
-        assert!(
-            e.to_string().contains("reserved for the Docker driver"),
-            "{e}"
-        );
+        for reserved in ["created-by=docker", "docker-name=x", "docker-name.2=y"] {
+            let e = add(reserved).expect_err("reserved");
+            assert!(
+                e.to_string().contains("reserved for the Docker driver"),
+                "{e}"
+            );
+        }
         assert!(add("owner=ops").is_ok());
     }
 
@@ -767,6 +792,27 @@ mod tests {
         let e = a.command("--add_user").expect_err("password missing");
         assert!(e.to_string().contains("--password"), "{e}");
         std::env::remove_var("MESHBLOCK_PASSWORD");
+    }
+
+    #[test]
+    fn add_user_takes_the_password_from_a_file() {
+        let dir = std::env::temp_dir().join(format!("scli-pw-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let f = dir.join("pw");
+        std::fs::write(&f, "Secret123\nignored\n").expect("write");
+        let f = f.display().to_string();
+        let args = ["--add_user", "--username", "u", "--user_role", "Configure"];
+        let a = parse(&[&args[..], &["--password_file", &f]].concat());
+        match a.command("--add_user").expect("ok") {
+            Some(Command::AddUser { password, .. }) => assert_eq!(password, "Secret123"),
+            other => panic!("{other:?}"),
+        }
+        let both = parse(&[&args[..], &["--password_file", &f, "--password", "x"]].concat());
+        assert!(both.command("--add_user").is_err());
+        std::fs::write(&f, "").expect("write");
+        let e = a.command("--add_user").expect_err("empty file");
+        assert!(e.to_string().contains("empty"), "{e}");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
