@@ -996,7 +996,9 @@ impl Service {
             Query::Sds { name } if state.sds_by_name(name).is_none() => {
                 return Err(missing("SDS", name))
             }
-            Query::Volume { name } if state.volume_by_name(name).is_none() => {
+            Query::Volume { name }
+                if proto::docker::volume_by_either_name(&state, name).is_none() =>
+            {
                 return Err(missing("volume", name))
             }
             Query::Sdc { sdc: Some(sel) } => {

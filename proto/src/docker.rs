@@ -11,7 +11,7 @@
 //! cluster volume whose stored Docker name differs from the one asked is a collision
 //! ([`held_name`] tells which name a volume holds), never silently shared.
 
-use crate::model::Volume;
+use crate::model::{ClusterState, Volume};
 use std::collections::BTreeMap;
 
 /// The MDM's longest volume name.
@@ -105,6 +105,16 @@ pub fn stored_name(labels: &BTreeMap<String, String>) -> Option<String> {
         }
     }
     (!name.is_empty()).then_some(name)
+}
+
+/// The volume named `name` in the cluster, or else the one holding Docker volume `name` (what
+/// scli's `--query_volume --volume_name` accepts).
+pub fn volume_by_either_name<'s>(s: &'s ClusterState, name: &str) -> Option<&'s Volume> {
+    s.volume_by_name(name).or_else(|| {
+        s.volumes
+            .values()
+            .find(|v| stored_name(&v.labels).as_deref() == Some(name))
+    })
 }
 
 /// The Docker name volume `v` holds: the one recorded in its labels, else (volumes made before

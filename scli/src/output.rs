@@ -437,14 +437,8 @@ pub fn render(q: &Query, a: &Args, c: &ClusterStatus, s: &ClusterState) -> anyho
         }
         Query::Volume { name } => {
             // A cluster name, or else the Docker name of a volume the Docker driver made.
-            let v = s
-                .volume_by_name(name)
-                .or_else(|| {
-                    s.volumes
-                        .values()
-                        .find(|v| proto::docker::stored_name(&v.labels).as_deref() == Some(name))
-                })
-                .ok_or_else(|| missing("volume"))?;
+            let v =
+                proto::docker::volume_by_either_name(s, name).ok_or_else(|| missing("volume"))?;
             (volume_text(s, v), volume_json(s, v))
         }
         Query::AllVolumes => {
