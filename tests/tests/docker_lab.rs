@@ -62,7 +62,8 @@ fn cmdlines_with(needle: &str) -> Vec<String> {
 fn lab_serves_the_docker_plugin_and_down_removes_it() {
     require_all();
     let t = TestDir::new("docker-lab");
-    let driver = format!("mbt{}xlab", std::process::id());
+    // Named like the other tests' plugins, so ./test's cleanup finds a socket left behind.
+    let driver = format!("mbt{}x{}", std::process::id(), rand::random::<u16>());
     let socket = Path::new("/run/docker/plugins").join(format!("{driver}.sock"));
     // Ports base+1 to base+2203: below the default lab's (7611 up) and the tests' allocator.
     let base = 1100 + rand::random::<u16>() % 4300;
