@@ -259,7 +259,7 @@ impl Service {
                     let command = Command::RemoveSds {
                         name: sds.name.clone(),
                     };
-                    match self.propose(Op::Command { command }).await {
+                    match self.propose_command(command).await {
                         Ok(out) => {
                             tracing::info!(sds = %sds.name, "emptied by rebalance: {}", out.message)
                         }
@@ -642,6 +642,16 @@ impl Service {
         self.raft.propose(op).await.map_err(|e| self.redirect(e))
     }
 
+    /// Proposes `command` stamped with this leader's clock (what apply records as the time of
+    /// a new volume, the same on every MDM).
+    async fn propose_command(&self, command: Command) -> Result<Outcome, WireError> {
+        self.propose(Op::Command {
+            command,
+            proposed_unix: auth::now_unix(),
+        })
+        .await
+    }
+
     /// A `NotLeader` from the Raft thread gets the leader's address filled in.
     fn redirect(&self, e: WireError) -> WireError {
         if e.code == ErrorCode::NotLeader && e.message.is_empty() {
@@ -743,17 +753,12 @@ impl Service {
             } => self.take_over(&volume, &sdc).await,
             Command::RemoveSdsDevice { sds, path } => {
                 self.check_device_removal_fits(&sds, &path)?;
-                self.propose(Op::Command {
-                    command: Command::RemoveSdsDevice { sds, path },
-                })
-                .await
+                self.propose_command(Command::RemoveSdsDevice { sds, path })
+                    .await
             }
             Command::RemoveSds { name } => {
                 self.check_removal_fits(&name)?;
-                self.propose(Op::Command {
-                    command: Command::RemoveSds { name },
-                })
-                .await
+                self.propose_command(Command::RemoveSds { name }).await
             }
             command @ (Command::AddVolume { .. } | Command::ModifyVolumeCapacity { .. }) => {
                 // Thick reservations must fit beside the thin data the SDS report storing, one
@@ -761,9 +766,9 @@ impl Service {
                 let _one_at_a_time = self.thick_admission.lock().await;
                 let state = self.raft.shared.read_state();
                 crate::capacity::check_command(&state, &self.sds_stats(), &command)?;
-                self.propose(Op::Command { command }).await
+                self.propose_command(command).await
             }
-            command => self.propose(Op::Command { command }).await,
+            command => self.propose_command(command).await,
         }
     }
 
@@ -991,7 +996,9 @@ impl Service {
             Query::Sds { name } if state.sds_by_name(name).is_none() => {
                 return Err(missing("SDS", name))
             }
-            Query::Volume { name } if state.volume_by_name(name).is_none() => {
+            Query::Volume { name }
+                if proto::docker::volume_by_either_name(&state, name).is_none() =>
+            {
                 return Err(missing("volume", name))
             }
             Query::Sdc { sdc: Some(sel) } => {

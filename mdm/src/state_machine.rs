@@ -30,6 +30,10 @@ pub enum Op {
     },
     Command {
         command: Command,
+        /// The proposing leader's clock (Unix seconds) when it proposed the command: a new
+        /// volume's creation time. 0 in entries of older versions.
+        #[serde(default, skip_serializing_if = "is_zero")]
+        proposed_unix: u64,
     },
     AddUser {
         user: User,
@@ -82,6 +86,10 @@ pub enum Op {
         from: SdsId,
         to: SdsId,
     },
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// A log entry's payload: who proposed it (to answer the waiting client) and the op.
@@ -322,7 +330,10 @@ fn apply_inner(s: &mut ClusterState, op: &Op) -> Result<Outcome, WireError> {
             );
             done("SDC registered", Some(id.0))
         }
-        Op::Command { command } => apply_command(s, command),
+        Op::Command {
+            command,
+            proposed_unix,
+        } => apply_command(s, command, *proposed_unix),
         Op::SdsDown { sds } => sds_down(s, *sds),
         Op::PgRebuilt {
             pool,
@@ -365,7 +376,11 @@ pub fn sdc_id(s: &ClusterState, sel: &SdcSelector) -> Result<SdcId, WireError> {
     }
 }
 
-fn apply_command(s: &mut ClusterState, c: &Command) -> Result<Outcome, WireError> {
+fn apply_command(
+    s: &mut ClusterState,
+    c: &Command,
+    proposed_unix: u64,
+) -> Result<Outcome, WireError> {
     match c {
         Command::AddProtectionDomain { name } => {
             validate_name("protection domain", name)?;
@@ -521,7 +536,7 @@ fn apply_command(s: &mut ClusterState, c: &Command) -> Result<Outcome, WireError
                     size_bytes: size,
                     thin: *thin,
                     vtree,
-                    created_unix: 0,
+                    created_unix: proposed_unix,
                     labels: labels.clone(),
                     preempt: *preempt,
                 },
@@ -1424,9 +1439,16 @@ pub fn replace_placement(s: &mut ClusterState, pool: PoolId) {
 mod tests {
     use super::*;
 
+    /// The leader's clock in test proposals.
+    const TEST_NOW_UNIX: u64 = 1_800_000_000;
+
     fn cmd(s: &mut ClusterState, c: Command) -> Result<Outcome, WireError> {
         let v = s.version + 1;
-        apply(s, &Op::Command { command: c }, v)
+        let op = Op::Command {
+            command: c,
+            proposed_unix: TEST_NOW_UNIX,
+        };
+        apply(s, &op, v)
     }
 
     /// Add volume `name` to pool sp1 (no labels, not preemptible).
@@ -1595,6 +1617,10 @@ mod tests {
         .expect("map");
         let vol = s.volume_by_name("v").cloned().expect("v");
         assert_eq!(vol.labels.get("fstype").map(String::as_str), Some("ext4"));
+        assert_eq!(
+            vol.created_unix, TEST_NOW_UNIX,
+            "the proposing leader's time"
+        );
         let old = s.mappings_of(vol.id).next().expect("m").generation;
         assert_ne!(old, 0);
         assert_eq!(s.check_fence(vol.vtree, old, "a"), FenceCheck::Allowed);
@@ -1829,5 +1855,22 @@ mod tests {
             (Some(sec), Some(other), None, None)
         );
         assert!(s.pools[&pool].epoch > e);
+    }
+
+    #[test]
+    fn entries_of_older_versions_still_apply() {
+        // A command entry without the proposer's time (older MDMs): volumes get time 0.
+        let old = r#"{"Command":{"command":{"RemoveVolume":{"name":"v"}}}}"#;
+        let op: Op = serde_json::from_str(old).expect("an old entry parses");
+        assert!(matches!(
+            op,
+            Op::Command {
+                proposed_unix: 0,
+                ..
+            }
+        ));
+        // And a new entry without a time serializes as the old ones did.
+        let again = serde_json::to_string(&op).expect("json");
+        assert_eq!(again, old);
     }
 }

@@ -7,10 +7,12 @@
 pub mod ca;
 pub mod capacity;
 pub mod client;
+pub mod clock;
 pub mod codec;
 pub mod config_file;
 pub mod daemon;
 pub mod data;
+pub mod docker;
 pub mod error;
 pub mod http;
 pub mod ids;

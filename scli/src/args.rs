@@ -345,7 +345,7 @@ impl Args {
             let Some((k, v)) = l.split_once('=') else {
                 bail!("--label {l}: give KEY=VALUE");
             };
-            if k == proto::model::LABEL_CREATED_BY {
+            if k == proto::model::LABEL_CREATED_BY || proto::docker::is_name_label(k) {
                 bail!(
                     "--label {k}: this label is reserved for the Docker driver, which marks the \
                      volumes its Create makes with it (Docker removes only those); create the \
@@ -796,11 +796,13 @@ mod tests {
             ])
             .command("--add_volume")
         };
-        let e = add("created-by=docker").expect_err("reserved");
-        assert!(
-            e.to_string().contains("reserved for the Docker driver"),
-            "{e}"
-        );
+        for reserved in ["created-by=docker", "docker-name=x", "docker-name.2=y"] {
+            let e = add(reserved).expect_err("reserved");
+            assert!(
+                e.to_string().contains("reserved for the Docker driver"),
+                "{e}"
+            );
+        }
         assert!(add("owner=ops").is_ok());
     }
 

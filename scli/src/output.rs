@@ -70,6 +70,8 @@ fn volume_json(s: &ClusterState, v: &Volume) -> Value {
         "id": v.id, "name": v.name, "size_bytes": v.size_bytes, "provisioning": if v.thin { "thin" } else { "thick" },
         "storage_pool": s.pools.get(&v.pool).map(|p| p.name.clone()), "vtree": v.vtree, "mapped_sdcs": maps,
         "preempt": v.preempt, "labels": v.labels,
+        "docker_name": proto::docker::stored_name(&v.labels),
+        "created": (v.created_unix > 0).then(|| proto::clock::rfc3339(v.created_unix)),
     })
 }
 
@@ -204,11 +206,22 @@ fn volume_text(s: &ClusterState, v: &Volume) -> String {
         if v.thin { "Thin" } else { "Thick" },
         s.pools.get(&v.pool).map(|p| p.name.as_str()).unwrap_or("?")
     );
+    if let Some(d) = proto::docker::stored_name(&v.labels) {
+        let _ = writeln!(o, "    Docker volume: {d}");
+    }
+    if v.created_unix > 0 {
+        let _ = writeln!(o, "    Created: {}", proto::clock::rfc3339(v.created_unix));
+    }
     if v.preempt {
         o.push_str("    Preemptible: another host may take it over while its host is alive\n");
     }
-    if !v.labels.is_empty() {
-        let l: Vec<String> = v.labels.iter().map(|(k, x)| format!("{k}={x}")).collect();
+    let l: Vec<String> = v
+        .labels
+        .iter()
+        .filter(|(k, _)| !proto::docker::is_name_label(k))
+        .map(|(k, x)| format!("{k}={x}"))
+        .collect();
+    if !l.is_empty() {
         let _ = writeln!(o, "    Labels: {}", l.join(", "));
     }
     let maps: Vec<_> = s.mappings_of(v.id).collect();
@@ -423,7 +436,9 @@ pub fn render(q: &Query, a: &Args, c: &ClusterStatus, s: &ClusterState) -> anyho
             (t, Value::Array(json))
         }
         Query::Volume { name } => {
-            let v = s.volume_by_name(name).ok_or_else(|| missing("volume"))?;
+            // A cluster name, or else the Docker name of a volume the Docker driver made.
+            let v =
+                proto::docker::volume_by_either_name(s, name).ok_or_else(|| missing("volume"))?;
             (volume_text(s, v), volume_json(s, v))
         }
         Query::AllVolumes => {

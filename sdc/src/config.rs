@@ -59,7 +59,8 @@ pub struct DockerConfig {
     /// Volumes are mounted for containers at `<mount_root>/<volume>`.
     /// Default: /var/lib/meshblock/mounts.
     pub mount_root: PathBuf,
-    /// MDM user the plugin logs in as (role Configure or Administrator). Default: "admin".
+    /// MDM user the plugin logs in as: a user of role Configure made for it (`scli --add_user
+    /// --username docker --user_role Configure --password_file FILE`). Default: "docker".
     pub username: String,
     /// File holding that user's password (one line). Default: /etc/meshblock/docker-password.
     pub password_file: PathBuf,
@@ -84,7 +85,7 @@ impl Default for DockerConfig {
             enabled: false,
             socket: PathBuf::from("/run/docker/plugins/meshblock.sock"),
             mount_root: PathBuf::from("/var/lib/meshblock/mounts"),
-            username: "admin".into(),
+            username: "docker".into(),
             password_file: PathBuf::from("/etc/meshblock/docker-password"),
             default_pool: String::new(),
             default_protection_domain: String::new(),
@@ -272,7 +273,7 @@ const FIELD_DOCS: &[(&str, &str)] = &[
     ),
     (
         "docker.username",
-        "MDM user the plugin logs in as (role Configure or Administrator).",
+        "MDM user the plugin logs in as (role Configure is all it needs).",
     ),
     (
         "docker.password_file",

@@ -4,11 +4,14 @@
 //! `busybox-static` (nothing can be pulled here), and an SDC serving the plugin on a socket in
 //! `/run/docker/plugins` under a unique name.
 //!
+//! [`Setup`] puts them together: a cluster (1 MDM, 3 SDS, `vol1` made with scli and mapped to
+//! this host), its SDC serving the plugin, and a dockerd with the image.
+//!
 //! Everything is undone on drop, pass or fail: containers, the daemon and its containerd
 //! shims, mounts under the scratch directory, the plugin socket, and the SDC's attach state
 //! (loop devices, FUSE mount, keeper).
 
-use crate::{bin, netns, wait_for, Cluster, DataCluster, Proc};
+use crate::{bin, cluster_map, netns, require, wait_for, Cluster, DataCluster, Proc};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
@@ -245,6 +248,31 @@ impl Drop for Dockerd {
     }
 }
 
+/// The MDM user the plugins log in as: role Configure, as the README tells operators to make.
+pub const PLUGIN_USER: &str = "docker";
+
+/// Makes the plugins' MDM user (once per cluster; its password only in a file, never on a
+/// command line) and returns the password file.
+pub fn plugin_user(c: &Cluster) -> PathBuf {
+    let pw = c.dir.join("docker-password");
+    if pw.exists() {
+        return pw;
+    }
+    let tmp = c.dir.join("docker-password.new");
+    std::fs::write(&tmp, format!("Plug-{}\n", rand::random::<u64>())).expect("password file");
+    c.must_scli(&[
+        "--add_user",
+        "--username",
+        PLUGIN_USER,
+        "--user_role",
+        "Configure",
+        "--password_file",
+        &tmp.display().to_string(),
+    ]);
+    std::fs::rename(&tmp, &pw).expect("password file");
+    pw
+}
+
 /// An SDC serving the Docker plugin, replacing a [`DataCluster`]'s plain SDC process.
 pub struct PluginSdc {
     /// The driver name: the plugin socket's file name without `.sock`.
@@ -263,8 +291,7 @@ impl PluginSdc {
         let socket = plugins.join(format!("{driver}.sock"));
         let state_dir = d.c.dir.join("sdc");
         let mount_root = d.c.dir.join("mounts");
-        let pw = d.c.dir.join("docker-password");
-        std::fs::write(&pw, crate::ADMIN_PASSWORD).expect("password file");
+        let pw = plugin_user(&d.c);
         let mut cmd = d.sdc.cmd();
         cmd.extend([
             "--docker".into(),
@@ -273,7 +300,7 @@ impl PluginSdc {
             "--docker-mount-root".into(),
             mount_root.display().to_string(),
             "--docker-username".into(),
-            "admin".into(),
+            PLUGIN_USER.into(),
             "--docker-password-file".into(),
             pw.display().to_string(),
         ]);
@@ -301,8 +328,7 @@ impl PluginSdc {
         let socket = plugins.join(format!("{driver}.sock"));
         let state_dir = c.dir.join(name);
         let mount_root = c.dir.join(&format!("{name}-mounts"));
-        let pw = c.dir.join("docker-password");
-        std::fs::write(&pw, crate::ADMIN_PASSWORD).expect("password file");
+        let pw = plugin_user(c);
         let mut cmd: Vec<String> = Vec::new();
         if let Some(n) = node {
             cmd.extend([
@@ -320,7 +346,7 @@ impl PluginSdc {
             "--docker-mount-root".into(),
             mount_root.display().to_string(),
             "--docker-username".into(),
-            "admin".into(),
+            PLUGIN_USER.into(),
             "--docker-password-file".into(),
             pw.display().to_string(),
         ]);
@@ -474,4 +500,122 @@ fn mounts_of(dev: &str) -> Vec<String> {
             (src == dev).then(|| left.split(' ').nth(4).map(str::to_string))?
         })
         .collect()
+}
+
+pub fn require_all() {
+    for p in [
+        "dockerd",
+        "curl",
+        "losetup",
+        "mkfs.ext4",
+        "mkfs.xfs",
+        "blkid",
+        "nsenter",
+    ] {
+        require(p).expect("tool installed");
+    }
+    assert!(
+        Path::new("/bin/busybox").exists(),
+        "/bin/busybox is missing; ./test installs busybox-static"
+    );
+}
+
+/// A cluster (1 MDM, 3 SDS), an SDC serving the plugin, and a private dockerd.
+pub struct Setup {
+    pub docker: Option<Dockerd>,
+    pub plugin: Option<PluginSdc>,
+    pub image: String,
+    pub d: DataCluster,
+}
+
+impl Setup {
+    pub fn start(name: &str) -> Setup {
+        require_all();
+        let mut d = DataCluster::start(name, 3, 1);
+        let plugin = PluginSdc::enable(&mut d);
+        let docker = Dockerd::start(&d.c.dir.join("docker"), None, &[]);
+        let image = docker.import_busybox();
+        Setup {
+            docker: Some(docker),
+            plugin: Some(plugin),
+            image,
+            d,
+        }
+    }
+
+    pub fn docker(&self) -> &Dockerd {
+        self.docker.as_ref().expect("dockerd")
+    }
+
+    pub fn plugin(&self) -> &PluginSdc {
+        self.plugin.as_ref().expect("plugin")
+    }
+
+    pub fn drv(&self) -> String {
+        self.plugin().driver.clone()
+    }
+
+    /// `docker run --rm` with the volume at /data; returns stdout.
+    pub fn run(&self, vol: &str, script: &str) -> String {
+        let v = format!("{vol}:/data");
+        self.docker().must(&[
+            "run",
+            "--rm",
+            "--network",
+            "none",
+            "-v",
+            &v,
+            &self.image,
+            "sh",
+            "-c",
+            script,
+        ])
+    }
+
+    pub fn mountpoint(&self, vol: &str) -> PathBuf {
+        self.plugin().mount_root.join(vol)
+    }
+
+    pub fn volume_mappings(&self, vol: &str) -> usize {
+        let map = cluster_map(&self.d.c);
+        let v = map.volume_by_name(vol).expect("volume");
+        map.mappings_of(v.id).count()
+    }
+}
+
+impl Drop for Setup {
+    fn drop(&mut self) {
+        // Containers first (Docker unmounts through the plugin), then the SDC (SIGTERM: it
+        // detaches what is unused), then whatever is left.
+        drop(self.docker.take());
+        PluginSdc::stop_sdc(&mut self.d);
+        drop(self.plugin.take());
+    }
+}
+
+pub fn loops_under(state_dir: &Path) -> Vec<String> {
+    let fuse = state_dir.join("fuse");
+    sh(
+        "losetup",
+        &["--list", "--noheadings", "--raw", "-O", "NAME,BACK-FILE"],
+    )
+    .stdout
+    .lines()
+    .filter(|l| {
+        l.split_once(' ')
+            .is_some_and(|(_, f)| Path::new(f.trim()).starts_with(&fuse))
+    })
+    .map(str::to_string)
+    .collect()
+}
+
+/// `qemu-io` on `uri`; panics unless it ran and every pattern read back verified.
+pub fn must_qemu_io(uri: &str, cmds: &[&str]) {
+    let mut args = vec!["-f", "raw", uri];
+    for c in cmds {
+        args.extend(["-c", c]);
+    }
+    let o = sh("qemu-io", &args);
+    let all = format!("{}{}", o.stdout, o.stderr);
+    assert!(o.ok && !all.contains("failed"), "qemu-io {cmds:?}: {all}");
 }

@@ -7,113 +7,6 @@ use meshblock_tests::*;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-fn require_all() {
-    for p in [
-        "dockerd",
-        "curl",
-        "losetup",
-        "mkfs.ext4",
-        "mkfs.xfs",
-        "blkid",
-        "nsenter",
-    ] {
-        require(p).expect("tool installed");
-    }
-    assert!(
-        Path::new("/bin/busybox").exists(),
-        "/bin/busybox is missing; ./test installs busybox-static"
-    );
-}
-
-/// A cluster (1 MDM, 3 SDS), an SDC serving the plugin, and a private dockerd.
-struct Setup {
-    docker: Option<Dockerd>,
-    plugin: Option<PluginSdc>,
-    image: String,
-    d: DataCluster,
-}
-
-impl Setup {
-    fn start(name: &str) -> Setup {
-        require_all();
-        let mut d = DataCluster::start(name, 3, 1);
-        let plugin = PluginSdc::enable(&mut d);
-        let docker = Dockerd::start(&d.c.dir.join("docker"), None, &[]);
-        let image = docker.import_busybox();
-        Setup {
-            docker: Some(docker),
-            plugin: Some(plugin),
-            image,
-            d,
-        }
-    }
-
-    fn docker(&self) -> &Dockerd {
-        self.docker.as_ref().expect("dockerd")
-    }
-
-    fn plugin(&self) -> &PluginSdc {
-        self.plugin.as_ref().expect("plugin")
-    }
-
-    fn drv(&self) -> String {
-        self.plugin().driver.clone()
-    }
-
-    /// `docker run --rm` with the volume at /data; returns stdout.
-    fn run(&self, vol: &str, script: &str) -> String {
-        let v = format!("{vol}:/data");
-        self.docker().must(&[
-            "run",
-            "--rm",
-            "--network",
-            "none",
-            "-v",
-            &v,
-            &self.image,
-            "sh",
-            "-c",
-            script,
-        ])
-    }
-
-    fn mountpoint(&self, vol: &str) -> PathBuf {
-        self.plugin().mount_root.join(vol)
-    }
-
-    fn volume_mappings(&self, vol: &str) -> usize {
-        let map = cluster_map(&self.d.c);
-        let v = map.volume_by_name(vol).expect("volume");
-        map.mappings_of(v.id).count()
-    }
-}
-
-impl Drop for Setup {
-    fn drop(&mut self) {
-        // Containers first (Docker unmounts through the plugin), then the SDC (SIGTERM: it
-        // detaches what is unused), then whatever is left.
-        drop(self.docker.take());
-        PluginSdc::stop_sdc(&mut self.d);
-        drop(self.plugin.take());
-    }
-}
-
-fn loops_under(state_dir: &Path) -> Vec<String> {
-    let fuse = state_dir.join("fuse");
-    sh(
-        "losetup",
-        &["--list", "--noheadings", "--raw", "-O", "NAME,BACK-FILE"],
-    )
-    .stdout
-    .lines()
-    .filter(|l| {
-        l.split_once(' ')
-            .is_some_and(|(_, f)| Path::new(f.trim()).starts_with(&fuse))
-    })
-    .map(str::to_string)
-    .collect()
-}
-
 #[test]
 fn docker_volume_lifecycle() {
     let s = Setup::start("docker-life");
@@ -242,17 +135,6 @@ fn docker_create_refuses_bad_options() {
     );
     s.docker().must(&["volume", "rm", "v3"]);
     s.docker().must(&["volume", "rm", "v2"]);
-}
-
-/// `qemu-io` on `uri`; panics unless it ran and every pattern read back verified.
-fn must_qemu_io(uri: &str, cmds: &[&str]) {
-    let mut args = vec!["-f", "raw", uri];
-    for c in cmds {
-        args.extend(["-c", c]);
-    }
-    let o = sh("qemu-io", &args);
-    let all = format!("{}{}", o.stdout, o.stderr);
-    assert!(o.ok && !all.contains("failed"), "qemu-io {cmds:?}: {all}");
 }
 
 /// An NBD client holding a volume's export open (qemu-io sleeping after one read); killed on

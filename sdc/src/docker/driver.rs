@@ -1,18 +1,22 @@
 //! The volume driver's behaviour behind each plugin call: Create (validated, idempotent; marks
-//! the volume `created-by=docker`), Remove (only Docker's volumes, refused while anything uses
-//! them: see [`super::guard`]), Mount/Unmount (map, attach, mkfs only on a blank device, mount;
+//! the volume `created-by=docker` and records its Docker name, the cluster name derived from
+//! it by [`proto::docker`]), Remove (only Docker's volumes, refused while anything uses them:
+//! see [`super::guard`]; a volume already gone is removed), Mount/Unmount (map, attach, mkfs only on a blank device, mount;
 //! counted per mount ID on disk; releases only what Mount acquired), Path, Get (any volume, so
 //! a refusal can say why; never a transient failure for an existing volume: answered from the
 //! map the SDC follows, or a disk cache before the first map), List (Docker's volumes only) and
 //! the start-up reconciliation with `/proc/self/mountinfo`.
 //!
 //! Owns the reference table and the per-volume locks. Volumes of one name are handled one
-//! call at a time; different volumes in parallel.
+//! call at a time; different volumes in parallel. Docker names are used toward Docker (Get,
+//! List, messages about the name); everything on this host (locks, mount references, mount
+//! points, devices, exports) is keyed by the cluster name, which is bounded and unique.
 
 use super::api::VolumeInfo;
 use super::cluster::Cluster;
 use super::fs;
 use super::guard::{self, Facts, Refusal};
+use super::names;
 use super::options::{self, CreateSpec};
 use super::refs::{Held, Refs};
 use crate::attach::{system, Attacher};
@@ -109,6 +113,11 @@ fn labels(v: &Volume) -> BTreeMap<String, String> {
     v.labels.clone()
 }
 
+/// The cluster volume holding Docker volume `name` (see [`names::find`]).
+fn find<'m>(map: &'m ClusterState, name: &str) -> Result<Option<&'m Volume>, DriverError> {
+    names::find(map, name).map_err(DriverError::Invalid)
+}
+
 impl Driver {
     pub fn new(
         cfg: DockerConfig,
@@ -158,8 +167,9 @@ impl Driver {
         l.entry(name.to_string()).or_default().clone()
     }
 
-    fn mountpoint(&self, name: &str) -> PathBuf {
-        self.cfg.mount_root.join(name)
+    /// Where volume `cname` (a cluster name) is mounted for containers.
+    fn mountpoint(&self, cname: &str) -> PathBuf {
+        self.cfg.mount_root.join(cname)
     }
 
     async fn save_refs(&self, refs: &Refs) -> Result<(), DriverError> {
@@ -169,21 +179,10 @@ impl Driver {
         crate::persist::save(&self.refs_file, refs).map_err(|e| DriverError::Host(e.to_string()))
     }
 
-    fn check_name(name: &str) -> Result<(), DriverError> {
-        let ok = !name.is_empty()
-            && name.len() <= 31
-            && name != "."
-            && name != ".."
-            && name
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || "_-.".contains(c));
-        if ok {
-            Ok(())
-        } else {
-            Err(DriverError::Invalid(format!(
-                "invalid volume name {name:?}: use 1-31 letters, digits, '_', '-' or '.'"
-            )))
-        }
+    /// Checks a Docker name and returns its cluster name (see [`proto::docker`]).
+    fn check_name(name: &str) -> Result<String, DriverError> {
+        names::validate(name).map_err(DriverError::Invalid)?;
+        Ok(names::cluster_name(name))
     }
 
     // ---- Create ----
@@ -193,9 +192,9 @@ impl Driver {
         name: &str,
         opts: &HashMap<String, String>,
     ) -> Result<(), DriverError> {
-        Self::check_name(name)?;
+        let cname = Self::check_name(name)?;
         let spec = options::parse(opts).map_err(DriverError::Invalid)?;
-        let _g = self.lock_of(name);
+        let _g = self.lock_of(&cname);
         let _g = _g.lock().await;
         let map = self.cluster.fresh_map().await;
         if map.version == 0 {
@@ -203,28 +202,30 @@ impl Driver {
                 "cannot create: the Meshblock MDM cannot be reached; retry when it is up".into(),
             ));
         }
-        if let Some(v) = map.volume_by_name(name) {
+        if let Some(v) = find(&map, name)? {
             return Self::dockers(v).and_then(|()| self.compatible(&map, v, &spec));
         }
         let pool = self.pick_pool(&map, &spec)?;
         let size = spec.size_bytes.unwrap_or(self.cfg.default_size_bytes);
+        let mut labels = options::labels(&spec, &self.cfg.default_fstype);
+        labels.extend(names::name_labels(name));
         let cmd = Command::AddVolume {
             pool: pool.clone(),
-            name: name.into(),
+            name: cname.clone(),
             size_bytes: size,
             thin: spec.thin.unwrap_or(true),
-            labels: options::labels(&spec, &self.cfg.default_fstype),
+            labels,
             preempt: spec.preempt.unwrap_or(false),
         };
         match self.cluster.command(cmd).await {
             Ok(_) => {
-                tracing::info!(volume = %name, pool = %pool, size, "created a volume for Docker");
+                tracing::info!(volume = %name, cluster_volume = %cname, pool = %pool, size, "created a volume for Docker");
                 Ok(())
             }
             Err(e) if e.code == ErrorCode::AlreadyExists => {
                 // Created concurrently (by another host?): same options is fine.
                 let map = self.cluster.fresh_map().await;
-                match map.volume_by_name(name) {
+                match find(&map, name)? {
                     Some(v) => Self::dockers(v).and_then(|()| self.compatible(&map, v, &spec)),
                     None => Err(cluster_err("cannot create", e)),
                 }
@@ -358,7 +359,7 @@ impl Driver {
             Err(DriverError::Invalid(format!(
                 "volume {} already exists with different options ({}); remove it first or \
                  create it with the same options",
-                v.name,
+                names::held_name(v),
                 diffs.join(", ")
             )))
         }
@@ -393,14 +394,25 @@ impl Driver {
         }
     }
 
+    /// Removes Docker volume `name` from the cluster. A volume already gone is removed: with
+    /// the global scope every host's Docker sends Remove, and only the first finds it.
     pub async fn remove(&self, name: &str) -> Result<(), DriverError> {
-        let _g = self.lock_of(name);
+        let cname = Self::check_name(name)?;
+        let _g = self.lock_of(&cname);
         let _g = _g.lock().await;
         let map = self.cluster.fresh_map().await;
-        let Some(v) = map.volume_by_name(name).cloned() else {
-            return Err(DriverError::NotFound(format!(
-                "volume {name} does not exist"
-            )));
+        let v = match find(&map, name)? {
+            Some(v) => v.clone(),
+            None if map.version == 0 => {
+                return Err(DriverError::Cluster(format!(
+                    "cannot remove volume {name}: the Meshblock MDM cannot be reached; retry"
+                )))
+            }
+            None => {
+                self.forget(name);
+                tracing::info!(volume = %name, "already removed from the cluster");
+                return Ok(());
+            }
         };
         if !v.created_by_docker() {
             // Before waiting for the SDC: this refusal needs nothing of this host.
@@ -411,18 +423,36 @@ impl Driver {
         let facts = self.facts(&core, &map, &v, &refs).await;
         let plan = guard::removal(&facts)?;
         self.undo(&core, &v, plan, &mut refs).await?;
-        self.cluster
-            .command(Command::RemoveVolume { name: name.into() })
+        match self
+            .cluster
+            .command(Command::RemoveVolume {
+                name: cname.clone(),
+            })
             .await
-            .map_err(|e| cluster_err(&format!("cannot remove volume {name}"), e))?;
-        refs.set_held(name, v.id, Held::default());
+        {
+            Ok(_) => {}
+            // Removed meanwhile (another host's Docker): gone is what was asked.
+            Err(e) if e.code == ErrorCode::NotFound => {
+                tracing::info!(volume = %name, "removed meanwhile by another host");
+            }
+            Err(e) => return Err(cluster_err(&format!("cannot remove volume {name}"), e)),
+        }
+        refs.set_held(&cname, v.id, Held::default());
         self.save_refs(&refs).await?;
         drop(refs);
-        if let Ok(mut c) = self.cache.lock() {
-            c.remove(name);
-        }
-        tracing::info!(volume = %name, "removed for Docker");
+        self.forget(name);
+        tracing::info!(volume = %name, cluster_volume = %cname, "removed for Docker");
         Ok(())
+    }
+
+    /// Drops Docker volume `name` from the answers cache.
+    fn forget(&self, name: &str) {
+        let Ok(mut c) = self.cache.lock() else { return };
+        if c.remove(name).is_some() {
+            if let Err(e) = crate::persist::save(&self.cache_file, &*c) {
+                tracing::warn!("failed to save the volume cache: {e}");
+            }
+        }
     }
 
     /// Releases what Docker's Mount acquired here (its device, its mapping), unless something
@@ -488,15 +518,15 @@ impl Driver {
     // ---- Mount / Unmount ----
 
     pub async fn mount(&self, name: &str, id: &str) -> Result<PathBuf, DriverError> {
-        Self::check_name(name)?;
-        let _g = self.lock_of(name);
+        let cname = Self::check_name(name)?;
+        let _g = self.lock_of(&cname);
         let _g = _g.lock().await;
-        let mp = self.mountpoint(name);
+        let mp = self.mountpoint(&cname);
         {
             let mut refs = self.refs.lock().await;
-            if let Some(v) = refs.volumes.get(name).cloned() {
+            if let Some(v) = refs.volumes.get(&cname).cloned() {
                 if system::mount_at(&mp).is_some() {
-                    let n = refs.add(name, id, mp.clone(), v.device);
+                    let n = refs.add(&cname, id, mp.clone(), v.device);
                     self.save_refs(&refs).await?;
                     tracing::info!(volume = %name, id, refs = n, "mounted again");
                     return Ok(mp);
@@ -505,7 +535,7 @@ impl Driver {
         }
         let core = self.core().await?;
         let map = self.cluster.fresh_map().await;
-        let Some(v) = map.volume_by_name(name).cloned() else {
+        let Some(v) = find(&map, name)?.cloned() else {
             return Err(DriverError::NotFound(format!(
                 "volume {name} does not exist"
             )));
@@ -516,7 +546,7 @@ impl Driver {
         }
         if let Err(e) = self.map_here(&core, &v).await {
             // A mapping this Mount made before failing is Docker's to release.
-            if let Err(e2) = self.release(&core, name).await {
+            if let Err(e2) = self.release(&core, &cname).await {
                 tracing::warn!(volume = %name, "failed to release after a failed mount: {e2}");
             }
             return Err(e);
@@ -524,13 +554,13 @@ impl Driver {
         match self.attach_and_mount(&core, &v, &mp).await {
             Ok(device) => {
                 let mut refs = self.refs.lock().await;
-                let n = refs.add(name, id, mp.clone(), device.clone());
+                let n = refs.add(&cname, id, mp.clone(), device.clone());
                 self.save_refs(&refs).await?;
                 tracing::info!(volume = %name, id, refs = n, device = %device.display(), "mounted");
                 Ok(mp)
             }
             Err(e) => {
-                if let Err(e2) = self.release(&core, name).await {
+                if let Err(e2) = self.release(&core, &cname).await {
                     tracing::warn!(volume = %name, "failed to release after a failed mount: {e2}");
                 }
                 Err(e)
@@ -647,10 +677,11 @@ impl Driver {
     }
 
     pub async fn unmount(&self, name: &str, id: &str) -> Result<(), DriverError> {
-        let _g = self.lock_of(name);
+        let cname = names::cluster_name(name);
+        let _g = self.lock_of(&cname);
         let _g = _g.lock().await;
         let mut refs = self.refs.lock().await;
-        let Some(left) = refs.remove(name, id) else {
+        let Some(left) = refs.remove(&cname, id) else {
             return Ok(());
         };
         if left > 0 {
@@ -658,7 +689,7 @@ impl Driver {
             tracing::info!(volume = %name, id, refs = left, "unmounted by one container, still in use");
             return Ok(());
         }
-        let mp = self.mountpoint(name);
+        let mp = self.mountpoint(&cname);
         if system::mount_at(&mp).is_some() {
             if let Err(e) = fs::unmount(&mp).await {
                 self.save_refs(&refs).await?;
@@ -672,19 +703,19 @@ impl Driver {
         // propagated into other namespaces (Docker's), and the last one's shutdown flushes the
         // filesystem through this SDC's own FUSE server, which the runtime thread serves.
         let _ = tokio::fs::remove_dir(&mp).await;
-        refs.volumes.remove(name);
+        refs.volumes.remove(&cname);
         self.save_refs(&refs).await?;
         drop(refs);
         let core = self.core().await?;
-        self.release(&core, name).await?;
+        self.release(&core, &cname).await?;
         tracing::info!(volume = %name, id, "unmounted and released");
         Ok(())
     }
 
-    /// Where the volume is mounted on this host, if it is.
+    /// Where Docker volume `name` is mounted on this host, if it is.
     pub async fn path(&self, name: &str) -> Option<PathBuf> {
         let refs = self.refs.lock().await;
-        let v = refs.volumes.get(name)?;
+        let v = refs.volumes.get(&names::cluster_name(name))?;
         system::mount_at(&v.mountpoint).map(|_| v.mountpoint.clone())
     }
 
@@ -703,15 +734,18 @@ impl Driver {
             .collect();
         status.insert("mapped_to".into(), hosts.into());
         for (k, val) in labels(v) {
-            status.insert(k, val.into());
+            if !names::is_name_label(&k) {
+                status.insert(k, val.into());
+            }
         }
         status.insert("preempt".into(), v.preempt.into());
+        status.insert("cluster_volume".into(), v.name.clone().into());
         VolumeInfo {
-            Name: v.name.clone(),
+            Name: names::held_name(v),
             Mountpoint: mountpoint
                 .map(|p| p.display().to_string())
                 .unwrap_or_default(),
-            CreatedAt: String::new(),
+            CreatedAt: names::created_at(v),
             Status: status,
         }
     }
@@ -735,13 +769,14 @@ impl Driver {
     }
 
     pub async fn get(&self, name: &str) -> Result<VolumeInfo, DriverError> {
+        Self::check_name(name)?;
         let mut map = self.cluster.map();
-        if map.volume_by_name(name).is_none() {
+        if !matches!(find(&map, name), Ok(Some(_))) {
             map = self.cluster.fresh_map().await;
         }
         let mountpoint = self.path(name).await;
         if map.version > 0 {
-            if let Some(v) = map.volume_by_name(name) {
+            if let Some(v) = find(&map, name)? {
                 let info = self.info(&map, v, mountpoint);
                 self.remember(std::slice::from_ref(&info), false);
                 return Ok(info);
@@ -769,9 +804,10 @@ impl Driver {
     pub async fn list(&self) -> Result<Vec<VolumeInfo>, DriverError> {
         let map = self.cluster.map();
         let refs = self.refs.lock().await.clone();
-        let mounted = |name: &str| {
+        // By cluster name.
+        let mounted = |cname: &str| {
             refs.volumes
-                .get(name)
+                .get(cname)
                 .filter(|v| system::mount_at(&v.mountpoint).is_some())
                 .map(|v| v.mountpoint.clone())
         };
@@ -784,7 +820,7 @@ impl Driver {
                         == Some(&serde_json::Value::from(options::CREATED_BY_DOCKER))
                 })
                 .map(|mut i| {
-                    i.Mountpoint = mounted(&i.Name)
+                    i.Mountpoint = mounted(&names::cluster_name(&i.Name))
                         .map(|p| p.display().to_string())
                         .unwrap_or_default();
                     i
