@@ -736,6 +736,12 @@ impl DataCluster {
             "every PG placed, over every SDS with reported capacity",
             Duration::from_secs(20),
             || {
+                // An SDS that exited (a bad flag, a device it cannot open) never reports.
+                for p in sds.iter_mut() {
+                    if !p.alive() {
+                        panic!("{} exited at start:\n{}", p.name, p.log_text());
+                    }
+                }
                 let map = cluster_map(&c);
                 let pool = map.pools.values().find(|p| p.name == "sp1")?;
                 let placed = pool
@@ -1173,31 +1179,39 @@ fn spawn_sds(
         add.extend(["--fault_set_name".to_string(), fs]);
     }
     c.must_scli(&add.iter().map(String::as_str).collect::<Vec<_>>());
-    let args: Vec<String> = vec![
-        "--config".into(),
-        c.config_file("sds").display().to_string(),
-        "--name".into(),
-        n.clone(),
-        "--listen".into(),
-        addr.to_string(),
-        "--mdm".into(),
-        c.mdm_ips(),
-        "--cert-dir".into(),
-        c.dir.join(&format!("certs/{n}")).display().to_string(),
-        "--device".into(),
-        dev.display().to_string(),
-        "--metrics-listen".into(),
-        metrics.to_string(),
-        // A fast garbage collector, so every test runs with it freeing what it may.
-        "--gc-interval-ms".into(),
-        "1000".into(),
-    ]
-    .into_iter()
-    .chain(o.sds_extra.iter().map(|a| {
-        a.replace("{name}", &n)
-            .replace("{dir}", &c.dir.path.display().to_string())
-    }))
-    .collect();
+    // A test's own --config (in `sds_extra`) replaces the harness's empty one.
+    let config: Vec<String> = if o.sds_extra.iter().any(|a| a == "--config") {
+        Vec::new()
+    } else {
+        vec![
+            "--config".into(),
+            c.config_file("sds").display().to_string(),
+        ]
+    };
+    let args: Vec<String> = config
+        .into_iter()
+        .chain([
+            "--name".into(),
+            n.clone(),
+            "--listen".into(),
+            addr.to_string(),
+            "--mdm".into(),
+            c.mdm_ips(),
+            "--cert-dir".into(),
+            c.dir.join(&format!("certs/{n}")).display().to_string(),
+            "--device".into(),
+            dev.display().to_string(),
+            "--metrics-listen".into(),
+            metrics.to_string(),
+            // A fast garbage collector, so every test runs with it freeing what it may.
+            "--gc-interval-ms".into(),
+            "1000".into(),
+        ])
+        .chain(o.sds_extra.iter().map(|a| {
+            a.replace("{name}", &n)
+                .replace("{dir}", &c.dir.path.display().to_string())
+        }))
+        .collect();
     let p = Proc::spawn_in(
         node.as_ref(),
         &n,
