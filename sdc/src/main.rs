@@ -207,7 +207,17 @@ fn cli_main() -> anyhow::Result<()> {
                     rt.block_on(async move {
                         match run(cfg).await {
                             Ok(()) => Ok(()),
-                            Err(e) => serve_failed(proto::daemon::error_line(e.as_ref())).await,
+                            Err(e) => {
+                                let line = proto::daemon::error_line(e.as_ref());
+                                serve_failed(format!(
+                                    "{line} (in the plugin, {} is its `certs` mount: docker \
+                                     plugin set PLUGIN certs.source=DIR; {} its `password` \
+                                     mount: password.source=FILE)",
+                                    sdc::docker::managed::CERT_DIR,
+                                    sdc::docker::managed::PASSWORD_FILE
+                                ))
+                                .await
+                            }
                         }
                     })
                 }
