@@ -68,22 +68,7 @@ fn managed_plugin_survives_dockerd_restarts_and_disable_enable() {
     // The SDC crashes (SIGKILL) in the middle of a stream of fsynced writes: the plugin's
     // supervisor starts it again, it takes the devices over from the FUSE keeper, and the
     // writer sees no error.
-    s.docker().must(&[
-        "exec",
-        "-d",
-        "c2",
-        "sh",
-        "-c",
-        "i=0; while [ ! -e /data/stop ]; do i=$((i+1)); \
-         echo $i | dd of=/data/counter conv=fsync 2>/dev/null || echo $i >> /data/errors; done",
-    ]);
-    let counter = |s: &Setup| -> u64 {
-        let o = s.docker().cli(&["exec", "c2", "cat", "/data/counter"]);
-        o.stdout.trim().parse().unwrap_or(0)
-    };
-    wait_for("the writer to start", Duration::from_secs(20), || {
-        (counter(&s) > 10).then_some(())
-    });
+    s.start_fsync_writer("c2");
     let sdc_pid = |m: &Managed| {
         m.pids().into_iter().find(|p| {
             std::fs::read(format!("/proc/{p}/cmdline"))
@@ -97,18 +82,7 @@ fn managed_plugin_survives_dockerd_restarts_and_disable_enable() {
     wait_for("the SDC started again", Duration::from_secs(30), || {
         sdc_pid(&m).filter(|p| *p != crashed).map(|_| ())
     });
-    let after = counter(&s);
-    wait_for("the writer to carry on", Duration::from_secs(30), || {
-        (counter(&s) > after + 10).then_some(())
-    });
-    s.docker()
-        .must(&["exec", "c2", "sh", "-c", "touch /data/stop"]);
-    let errors = s.docker().cli(&["exec", "c2", "cat", "/data/errors"]);
-    assert!(
-        !errors.ok,
-        "writes failed across the SDC crash: {}",
-        errors.stdout
-    );
+    let after = s.check_fsync_writer("c2");
     println!("SDC killed in the plugin at write {after}: the writer carried on without an error");
 
     // Once the container is gone: disable (Docker still counts the volume as a reference to
