@@ -12,6 +12,7 @@
 //! acknowledged only when every one is durable. That is what makes CAN_MULTI_CONN truthful.
 
 use crate::flush::{FlushDebt, Member, Outcome, Ticket};
+use crate::qos::Throttle;
 use crate::volume::{self, Piece};
 use bytes::{Bytes, BytesMut};
 use proto::client::MdmClient;
@@ -74,6 +75,9 @@ pub struct IoPath {
     /// Per volume, the flushes it owes: one for every export and attach of the volume, kept
     /// for the life of the process (a rename or a re-export keeps its debt).
     debts: Mutex<HashMap<VolumeId, Arc<FlushDebt>>>,
+    /// Per volume, its QoS limits on this host (from its mapping to this SDC), shared by every
+    /// export and attach of the volume.
+    throttles: Mutex<HashMap<VolumeId, Arc<Throttle>>>,
 }
 
 /// Counts a request as stuck while alive.
@@ -98,6 +102,7 @@ impl IoPath {
             stuck: std::sync::atomic::AtomicUsize::new(0),
             me: std::sync::OnceLock::new(),
             debts: Mutex::new(HashMap::new()),
+            throttles: Mutex::new(HashMap::new()),
         })
     }
 
@@ -114,9 +119,42 @@ impl IoPath {
             .clone()
     }
 
+    /// The QoS throttle of `volume`, shared by every export and attach of it, with the limits
+    /// of the volume's mapping to this SDC in the current map.
+    pub fn throttle_of(&self, volume: VolumeId) -> Arc<Throttle> {
+        let t = {
+            let mut all = self.throttles.lock().unwrap_or_else(|p| p.into_inner());
+            all.entry(volume).or_default().clone()
+        };
+        self.apply_limits(&self.map(), volume, &t);
+        t
+    }
+
+    /// Every volume's throttle, for metrics.
+    pub fn throttles(&self) -> Vec<(VolumeId, Arc<Throttle>)> {
+        let all = self.throttles.lock().unwrap_or_else(|p| p.into_inner());
+        all.iter().map(|(v, t)| (*v, t.clone())).collect()
+    }
+
+    /// Sets `t` to the limits of `volume`'s mapping to this SDC in `map` (none while this SDC
+    /// is not registered or the volume is not mapped here).
+    fn apply_limits(&self, map: &ClusterState, volume: VolumeId, t: &Throttle) {
+        let me = self.me.get().copied();
+        let (iops, kbps) = map
+            .mappings
+            .iter()
+            .find(|m| m.volume == volume && Some(m.sdc) == me)
+            .map_or((0, 0), |m| (m.iops_limit, m.bandwidth_limit_kbps));
+        t.set_limits(iops, kbps);
+    }
+
     /// Record this SDC's id (after registration) for the session heartbeat.
     pub fn set_me(&self, id: proto::SdcId) {
         let _ = self.me.set(id);
+        let map = self.map();
+        for (volume, t) in self.throttles() {
+            self.apply_limits(&map, volume, &t);
+        }
     }
 
     /// Poll the MDM every [`FAST_POLL`] while some request is stuck (its SDS may be dead and
@@ -171,8 +209,12 @@ impl IoPath {
         if let Ok(mut cur) = self.map.write() {
             if m.version > cur.version {
                 let v = m.version;
-                *cur = Arc::new(m);
+                let m = Arc::new(m);
+                *cur = m.clone();
                 drop(cur);
+                for (volume, t) in self.throttles() {
+                    self.apply_limits(&m, volume, &t);
+                }
                 self.changed.send_replace(v);
                 return true;
             }
@@ -263,12 +305,19 @@ pub struct VolumeIo {
     io: Arc<IoPath>,
     pub volume: VolumeId,
     debt: Arc<FlushDebt>,
+    qos: Arc<Throttle>,
 }
 
 impl VolumeIo {
     pub fn new(io: Arc<IoPath>, volume: VolumeId) -> VolumeIo {
         let debt = io.debt_of(volume);
-        VolumeIo { io, volume, debt }
+        let qos = io.throttle_of(volume);
+        VolumeIo {
+            io,
+            volume,
+            debt,
+            qos,
+        }
     }
 
     pub fn size(&self) -> u64 {
@@ -402,6 +451,7 @@ impl VolumeIo {
 
     pub async fn read(&self, offset: u64, len: u32) -> Result<Bytes, IoError> {
         let pieces = self.pieces(offset, u64::from(len))?;
+        self.qos.admit(u64::from(len)).await;
         if let [p] = pieces.as_slice() {
             return self.piece_op(DataOp::Read, 0, *p, Bytes::new()).await;
         }
@@ -427,6 +477,7 @@ impl VolumeIo {
 
     pub async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), IoError> {
         let pieces = self.pieces(offset, data.len() as u64)?;
+        self.qos.admit(data.len() as u64).await;
         let flags = if fua { FLAG_FUA } else { 0 };
         let rs = futures_join(pieces.iter().map(|p| {
             let d = data.slice(p.buf_offset..p.buf_offset + p.len as usize);
@@ -447,6 +498,8 @@ impl VolumeIo {
 
     async fn zero_or_trim(&self, offset: u64, len: u64, may_trim: bool) -> Result<(), IoError> {
         let pieces = self.pieces(offset, len)?;
+        // One I/O; no data crosses the network.
+        self.qos.admit(0).await;
         for batch in pieces.chunks(64) {
             let rs = futures_join(batch.iter().map(|p| {
                 let whole = p.offset == 0 && u64::from(p.len) == CHUNK_SIZE;

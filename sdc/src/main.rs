@@ -394,7 +394,14 @@ async fn run(cfg: SdcConfig) -> anyhow::Result<()> {
         let driver = driver.clone();
         let slot = attacher_slot.clone();
         let addr = cfg.metrics_listen;
+        let io = io.clone();
         let render = Arc::new(move || {
+            let map = io.map();
+            for (volume, t) in io.throttles() {
+                if let Some(v) = map.volumes.get(&volume) {
+                    metrics.volume_qos(&v.name, t.limits(), t.throttled());
+                }
+            }
             if let Some(a) = slot.get() {
                 metrics.attached_volumes.set(a.attached_count() as i64);
             }

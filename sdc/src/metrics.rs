@@ -1,6 +1,7 @@
 //! The SDC's Prometheus metrics (`meshblock_sdc_*`), served at `GET /metrics` on
 //! `metrics_listen`: Docker plugin requests by endpoint and outcome, their time, and the
-//! attached volumes and Docker mount references (set just before rendering).
+//! attached volumes and Docker mount references, and each volume's QoS limits and the time its
+//! requests waited for them (set just before rendering).
 
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
@@ -22,6 +23,12 @@ pub struct SdcMetrics {
     pub attached_volumes: Gauge,
     /// (volume, container mount ID) references the Docker driver holds.
     pub docker_mount_refs: Gauge,
+    /// Each volume's IOPS limit on this host (0: none), by `volume`.
+    pub volume_iops_limit: Family<Labels, Gauge>,
+    /// Each volume's bandwidth limit on this host, bytes per second (0: none), by `volume`.
+    pub volume_bandwidth_limit: Family<Labels, Gauge>,
+    /// Time requests waited for their volume's limits, seconds, by `volume`.
+    pub volume_throttled_seconds: Family<Labels, Counter<f64, AtomicU64>>,
 }
 
 impl Default for SdcMetrics {
@@ -31,6 +38,24 @@ impl Default for SdcMetrics {
         let plugin_seconds = Family::<Labels, Counter<f64, AtomicU64>>::default();
         let attached_volumes = Gauge::default();
         let docker_mount_refs = Gauge::default();
+        let volume_iops_limit = Family::<Labels, Gauge>::default();
+        let volume_bandwidth_limit = Family::<Labels, Gauge>::default();
+        let volume_throttled_seconds = Family::<Labels, Counter<f64, AtomicU64>>::default();
+        registry.register(
+            "volume_iops_limit",
+            "IOPS limit of a volume mapped to this host (0: none)",
+            volume_iops_limit.clone(),
+        );
+        registry.register(
+            "volume_bandwidth_limit_bytes_per_second",
+            "Bandwidth limit of a volume mapped to this host (0: none)",
+            volume_bandwidth_limit.clone(),
+        );
+        registry.register(
+            "volume_throttled_seconds",
+            "Time requests waited for their volume's QoS limits",
+            volume_throttled_seconds.clone(),
+        );
         registry.register(
             "docker_requests",
             "Docker volume plugin requests by endpoint and result",
@@ -57,6 +82,9 @@ impl Default for SdcMetrics {
             plugin_seconds,
             attached_volumes,
             docker_mount_refs,
+            volume_iops_limit,
+            volume_bandwidth_limit,
+            volume_throttled_seconds,
         }
     }
 }
@@ -73,6 +101,22 @@ impl SdcMetrics {
         self.plugin_seconds
             .get_or_create(&vec![("endpoint".into(), endpoint.into())])
             .inc_by(seconds);
+    }
+
+    /// Records volume `name`'s limits (IOPS, bytes per second) and its total throttled time.
+    pub fn volume_qos(&self, name: &str, limits: (u64, u64), throttled: std::time::Duration) {
+        let l: Labels = vec![("volume".into(), name.into())];
+        self.volume_iops_limit
+            .get_or_create(&l)
+            .set(i64::try_from(limits.0).unwrap_or(i64::MAX));
+        self.volume_bandwidth_limit
+            .get_or_create(&l)
+            .set(i64::try_from(limits.1).unwrap_or(i64::MAX));
+        let c = self.volume_throttled_seconds.get_or_create(&l);
+        let delta = throttled.as_secs_f64() - c.get();
+        if delta > 0.0 {
+            c.inc_by(delta);
+        }
     }
 
     pub fn render(&self) -> String {

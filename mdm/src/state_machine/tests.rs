@@ -1,0 +1,438 @@
+//! Tests of the state machine: commands, SDS lifecycle, placement and epochs.
+
+use super::*;
+
+/// The leader's clock in test proposals.
+const TEST_NOW_UNIX: u64 = 1_800_000_000;
+
+fn cmd(s: &mut ClusterState, c: Command) -> Result<Outcome, WireError> {
+    let v = s.version + 1;
+    let op = Op::Command {
+        command: c,
+        proposed_unix: TEST_NOW_UNIX,
+    };
+    apply(s, &op, v)
+}
+
+/// Add volume `name` to pool sp1 (no labels, not preemptible).
+fn volume(name: &str, size_bytes: u64, thin: bool) -> Command {
+    Command::AddVolume {
+        pool: "sp1".into(),
+        name: name.into(),
+        size_bytes,
+        thin,
+        labels: Default::default(),
+        preempt: false,
+    }
+}
+
+fn cluster() -> ClusterState {
+    let mut s = ClusterState::default();
+    let admin = User {
+        name: "admin".into(),
+        role: Role::Administrator,
+        salt: "s".into(),
+        password_sha256: "h".into(),
+    };
+    let mdm = MdmMember {
+        id: MdmId(1),
+        name: "mdm1".into(),
+        addr: "127.0.0.1:1".into(),
+        role: MdmRole::Manager,
+    };
+    apply(
+        &mut s,
+        &Op::Bootstrap {
+            cluster_id: 0xabcd_0000_0000_0000,
+            cluster_name: "c".into(),
+            secret: "x".into(),
+            admin,
+            mdm,
+        },
+        1,
+    )
+    .expect("bootstrap");
+    cmd(&mut s, Command::AddProtectionDomain { name: "pd1".into() }).expect("pd");
+    cmd(
+        &mut s,
+        Command::AddStoragePool {
+            pd: "pd1".into(),
+            name: "sp1".into(),
+            media_type: "".into(),
+            pg_count: Some(64),
+        },
+    )
+    .expect("pool");
+    for i in 1..=3 {
+        cmd(
+            &mut s,
+            Command::AddSds {
+                name: format!("sds{i}"),
+                addr: format!("127.0.0.1:{}", 7000 + i),
+                pd: "pd1".into(),
+                fault_set: None,
+                devices: vec![NewDevice {
+                    path: "/d".into(),
+                    pool: "sp1".into(),
+                    capacity_bytes: Some(100 << 30),
+                }],
+            },
+        )
+        .expect("sds");
+    }
+    s
+}
+
+#[test]
+fn placement_follows_sds_and_bumps_epoch() {
+    let s = cluster();
+    let p = s.pool_by_name("sp1").expect("pool");
+    assert!(p
+        .pgs
+        .iter()
+        .all(|m| m.primary.is_some() && m.secondary.is_some()));
+    assert!(p.epoch.0 > 1);
+}
+
+#[test]
+fn refused_commands_change_nothing() {
+    let mut s = cluster();
+    let before = s.clone();
+    for c in [
+        Command::AddProtectionDomain { name: "pd1".into() },
+        Command::AddProtectionDomain {
+            name: "bad name!".into(),
+        },
+        Command::AddStoragePool {
+            pd: "nope".into(),
+            name: "sp2".into(),
+            media_type: "".into(),
+            pg_count: None,
+        },
+        volume("big", 200 << 30, false),
+        Command::RemoveVolume {
+            name: "nope".into(),
+        },
+        Command::RemoveSds {
+            name: "nope".into(),
+        },
+    ] {
+        assert!(cmd(&mut s, c).is_err());
+        assert_eq!(s, before);
+    }
+}
+
+#[test]
+fn thick_volumes_reserve_capacity() {
+    let mut s = cluster();
+    // 300 GiB raw, 150 GiB usable.
+    cmd(&mut s, volume("a", 100 << 30, false)).expect("fits");
+    let e = cmd(&mut s, volume("b", 60 << 30, false));
+    assert_eq!(e.expect_err("must not fit").code, ErrorCode::NoSpace);
+    cmd(&mut s, volume("c", 60 << 30, true)).expect("thin fits");
+}
+
+#[test]
+fn takeover_fences_the_old_mapping() {
+    let mut s = cluster();
+    for (guid, name) in [("g-a", "a"), ("g-b", "b")] {
+        let v = s.version + 1;
+        apply(
+            &mut s,
+            &Op::SdcRegister {
+                guid: guid.into(),
+                name: name.into(),
+                ip: "127.0.0.1".into(),
+            },
+            v,
+        )
+        .expect("register");
+    }
+    let sdc = |s: &ClusterState, n: &str| {
+        s.sdcs
+            .values()
+            .find(|c| c.name == n)
+            .map(|c| c.id)
+            .expect("sdc")
+    };
+    let (a, b) = (sdc(&s, "a"), sdc(&s, "b"));
+    cmd(
+        &mut s,
+        Command::AddVolume {
+            pool: "sp1".into(),
+            name: "v".into(),
+            size_bytes: 1 << 30,
+            thin: true,
+            labels: [("fstype".to_string(), "ext4".to_string())].into(),
+            preempt: false,
+        },
+    )
+    .expect("vol");
+    cmd(
+        &mut s,
+        Command::MapVolumeToSdc {
+            volume: "v".into(),
+            sdc: SdcSelector::Name("a".into()),
+            allow_multi_map: false,
+            takeover: false,
+        },
+    )
+    .expect("map");
+    let vol = s.volume_by_name("v").cloned().expect("v");
+    assert_eq!(vol.labels.get("fstype").map(String::as_str), Some("ext4"));
+    assert_eq!(
+        vol.created_unix, TEST_NOW_UNIX,
+        "the proposing leader's time"
+    );
+    let old = s.mappings_of(vol.id).next().expect("m").generation;
+    assert_ne!(old, 0);
+    assert_eq!(s.check_fence(vol.vtree, old, "a"), FenceCheck::Allowed);
+    // Only the SDC the volume is mapped to may use its generation.
+    assert_eq!(s.check_fence(vol.vtree, old, "b"), FenceCheck::OtherHost);
+    assert_eq!(s.check_fence(vol.vtree, 0, "a"), FenceCheck::Fenced);
+    assert_eq!(
+        s.check_fence(vol.vtree, s.next_id + 1, "a"),
+        FenceCheck::NewerThanMap
+    );
+    // The leader may evict nobody: a live mapping refuses the takeover, changing nothing.
+    let before = s.clone();
+    let v = s.version + 1;
+    let op = |evict: Vec<SdcId>| Op::TakeOverVolume {
+        volume: vol.id,
+        sdc: b,
+        evict,
+    };
+    let e = apply(&mut s, &op(vec![]), v).expect_err("busy");
+    assert_eq!(e.code, ErrorCode::Busy);
+    assert_eq!(s, before);
+    apply(&mut s, &op(vec![a]), v).expect("takeover");
+    let maps: Vec<_> = s.mappings_of(vol.id).cloned().collect();
+    assert_eq!(maps.len(), 1);
+    assert_eq!(maps[0].sdc, b);
+    assert!(maps[0].generation > old);
+    assert_eq!(s.check_fence(vol.vtree, old, "a"), FenceCheck::Fenced);
+    assert_eq!(
+        s.check_fence(vol.vtree, maps[0].generation, "b"),
+        FenceCheck::Allowed
+    );
+    assert_eq!(
+        s.check_fence(vol.vtree, maps[0].generation, "a"),
+        FenceCheck::OtherHost
+    );
+    // An unknown tree with fence 0 (hand-made maps) passes; with a fence it does not.
+    assert_eq!(s.check_fence(VtreeId(12345), 0, "a"), FenceCheck::Allowed);
+    assert_eq!(s.check_fence(VtreeId(12345), old, "a"), FenceCheck::Fenced);
+}
+
+#[test]
+fn sds_holding_data_is_marked_removing_not_removed() {
+    let mut s = cluster();
+    cmd(&mut s, volume("a", 1 << 30, true)).expect("vol");
+    let pgs_before = s.pool_by_name("sp1").expect("pool").pgs.clone();
+    cmd(
+        &mut s,
+        Command::RemoveSds {
+            name: "sds1".into(),
+        },
+    )
+    .expect("marked");
+    assert!(s.sds_by_name("sds1").expect("still there").removing);
+    assert_eq!(s.pool_by_name("sp1").expect("pool").pgs, pgs_before);
+    // With only two SDS left, removing another cannot keep two copies: refused.
+    let before = s.clone();
+    let e = cmd(
+        &mut s,
+        Command::RemoveSds {
+            name: "sds2".into(),
+        },
+    )
+    .expect_err("refused");
+    assert_eq!(e.code, ErrorCode::NoSpace);
+    assert_eq!(s, before);
+}
+
+#[test]
+fn a_device_is_drained_before_its_record_goes() {
+    let mut s = cluster();
+    cmd(&mut s, volume("a", 1 << 30, true)).expect("vol");
+    let remove = |s: &mut ClusterState, path: &str| {
+        cmd(
+            s,
+            Command::RemoveSdsDevice {
+                sds: "sds1".into(),
+                path: path.into(),
+            },
+        )
+    };
+    // The last device of an SDS holding copies: refused, nothing changed.
+    let before = s.clone();
+    let e = remove(&mut s, "/d").expect_err("last device");
+    assert_eq!(e.code, ErrorCode::Conflict);
+    assert!(e.message.contains("--remove_sds"), "{}", e.message);
+    assert_eq!(s, before);
+    let e = remove(&mut s, "/nope").expect_err("unknown");
+    assert_eq!(e.code, ErrorCode::NotFound);
+    assert_eq!(s, before);
+
+    cmd(
+        &mut s,
+        Command::AddSdsDevice {
+            sds: "sds1".into(),
+            device: NewDevice {
+                path: "/e".into(),
+                pool: "sp1".into(),
+                capacity_bytes: Some(100 << 30),
+            },
+        },
+    )
+    .expect("second device");
+    let pool = s.pool_by_name("sp1").expect("pool").id;
+    let cap = |s: &ClusterState| s.sds_by_name("sds1").expect("sds1").capacity_in(pool);
+    assert_eq!(cap(&s), 200 << 30);
+    remove(&mut s, "/d").expect("marked");
+    let state = |s: &ClusterState, path: &str| {
+        s.sds_by_name("sds1")
+            .expect("sds1")
+            .devices
+            .iter()
+            .find(|d| d.path == path)
+            .map(|d| d.state)
+    };
+    assert_eq!(state(&s, "/d"), Some(DeviceState::Removing));
+    assert_eq!(cap(&s), 100 << 30, "a removing device is no capacity");
+    let report = |s: &mut ClusterState, chunks: u64, draining: bool| {
+        let v = s.version + 1;
+        let id = sds_id(s, "sds1");
+        apply(
+            s,
+            &Op::SdsReport {
+                sds: id,
+                devices: vec![DeviceReport {
+                    path: "/d".into(),
+                    capacity_bytes: 100 << 30,
+                    failed: false,
+                    chunks,
+                    draining,
+                    error: String::new(),
+                }],
+                backward: false,
+                boot: String::new(),
+            },
+            v,
+        )
+        .expect("report")
+    };
+    // Still holding chunks, or not yet draining (an old report): the record stays.
+    report(&mut s, 12, true);
+    assert_eq!(state(&s, "/d"), Some(DeviceState::Removing));
+    report(&mut s, 0, false);
+    assert_eq!(state(&s, "/d"), Some(DeviceState::Removing));
+    let out = report(&mut s, 0, true);
+    assert!(out.message.contains("/d"), "{}", out.message);
+    assert_eq!(state(&s, "/d"), None, "drained and empty: removed");
+    assert_eq!(cap(&s), 100 << 30);
+}
+
+fn sds_id(s: &ClusterState, n: &str) -> SdsId {
+    s.sds_by_name(n).expect("sds").id
+}
+
+#[test]
+fn a_move_keeps_two_in_sync_copies_through_failures() {
+    let mut s = cluster();
+    cmd(&mut s, volume("a", 1 << 30, true)).expect("vol");
+    let pool = s.pool_by_name("sp1").expect("pool").id;
+    let m0 = s.pools[&pool].pgs[0];
+    let (p, sec) = (m0.primary.expect("p"), m0.secondary.expect("s"));
+    let ids = [sds_id(&s, "sds1"), sds_id(&s, "sds2"), sds_id(&s, "sds3")];
+    let other = *ids.iter().find(|x| **x != p && **x != sec).expect("third");
+    for n in ["sds1", "sds2", "sds3"] {
+        let id = sds_id(&s, n);
+        let v = s.version + 1;
+        apply(
+            &mut s,
+            &Op::SdsReport {
+                sds: id,
+                devices: vec![],
+                backward: false,
+                boot: String::new(),
+            },
+            v,
+        )
+        .expect("report");
+    }
+    // Move the primary's copy: the secondary leads, the old primary keeps getting writes.
+    let v = s.version + 1;
+    apply(
+        &mut s,
+        &Op::MovePg {
+            pool,
+            pg: PgId(0),
+            from: p,
+            to: other,
+        },
+        v,
+    )
+    .expect("move");
+    let m = s.pools[&pool].pgs[0];
+    assert_eq!(
+        (m.primary, m.secondary, m.leaving),
+        (Some(sec), Some(other), Some(p))
+    );
+    assert_eq!(m.state(&s), PgState::Rebalancing);
+    // The target dies: back to the two in-sync copies.
+    let snapshot = s.clone();
+    let v = s.version + 1;
+    apply(&mut s, &Op::SdsDown { sds: other }, v).expect("down");
+    let m = s.pools[&pool].pgs[0];
+    assert_eq!(
+        (m.primary, m.secondary, m.leaving, m.rebuild),
+        (Some(sec), Some(p), None, None)
+    );
+    // Or the new primary dies: the leaving copy (in sync) leads.
+    let mut s = snapshot.clone();
+    let v = s.version + 1;
+    apply(&mut s, &Op::SdsDown { sds: sec }, v).expect("down");
+    let m = s.pools[&pool].pgs[0];
+    assert_eq!(m.primary, Some(p));
+    assert!(m.leaving.is_none());
+    // Or the copy finishes: the leaving copy is dropped with an epoch bump.
+    let mut s = snapshot;
+    let m = s.pools[&pool].pgs[0];
+    let e = s.pools[&pool].epoch;
+    let v = s.version + 1;
+    apply(
+        &mut s,
+        &Op::PgRebuilt {
+            pool,
+            pg: PgId(0),
+            target: other,
+            rebuild: m.rebuild.expect("r"),
+        },
+        v,
+    )
+    .expect("done");
+    let m = s.pools[&pool].pgs[0];
+    assert_eq!(
+        (m.primary, m.secondary, m.leaving, m.rebuild),
+        (Some(sec), Some(other), None, None)
+    );
+    assert!(s.pools[&pool].epoch > e);
+}
+
+#[test]
+fn entries_of_older_versions_still_apply() {
+    // A command entry without the proposer's time (older MDMs): volumes get time 0.
+    let old = r#"{"Command":{"command":{"RemoveVolume":{"name":"v"}}}}"#;
+    let op: Op = serde_json::from_str(old).expect("an old entry parses");
+    assert!(matches!(
+        op,
+        Op::Command {
+            proposed_unix: 0,
+            ..
+        }
+    ));
+    // And a new entry without a time serializes as the old ones did.
+    let again = serde_json::to_string(&op).expect("json");
+    assert_eq!(again, old);
+}
