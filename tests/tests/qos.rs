@@ -4,6 +4,7 @@
 //! requests waited. Bounds are loose (no timed pass/fail on a busy machine beyond "near the
 //! limit, never far above it"); `benches/qos.sh` reports the figures.
 
+use meshblock_tests::nbd::check_model;
 use meshblock_tests::*;
 use std::time::{Duration, Instant};
 
@@ -226,4 +227,51 @@ fn volume_limits_are_enforced_and_changes_reach_running_io() {
     wait_applied(metrics, 0, 0);
     let (iops, _) = fio(&uri, "4k", 3);
     println!("no limit: fio read {iops:.0} IOPS at QD32");
+}
+
+/// QoS on the write path: with the volume's mapping limited (IOPS and bandwidth), requests
+/// wait in the SDC before they are sent; an SDS SIGKILLed under that load loses no
+/// acknowledged write, and the limit holds the writer near it throughout.
+#[test]
+fn kill_an_sds_under_qos_limits() {
+    let mut dc = DataCluster::start("faults_qos", 3, 4);
+    dc.c.must_scli(&[
+        "--set_sdc_volume_limits",
+        "--volume_name",
+        "vol1",
+        "--sdc_name",
+        "sdc1",
+        "--limit_iops",
+        "1500",
+        "--limit_bandwidth_kbps",
+        "32768",
+    ]);
+    // The writer's first second would otherwise run before the SDC's next map poll.
+    std::thread::sleep(Duration::from_secs(2));
+    let started = std::time::Instant::now();
+    let w = Writer::start(&dc, 128 << 20, 11);
+    w.wait_more(1500, "writes before the kill");
+    dc.sds[1].kill();
+    wait_sds_state(&dc, "sds2", "Down");
+    w.wait_more(1000, "writes after the SDS was declared down");
+    dc.sds[1].start();
+    wait_sds_state(&dc, "sds2", "Normal");
+    w.wait_more(500, "writes after the SDS returned");
+    let (report, model, uncertain) = w.finish();
+    let rate = report.acked as f64 / started.elapsed().as_secs_f64();
+    assert_eq!(report.failed, 0, "writes failed: {report:?}");
+    assert!(
+        rate < 1500.0 * 1.2,
+        "{rate:.0} writes/s above a 1500 IOPS limit"
+    );
+    let (checked, wrong, first) =
+        check_model(&dc.socket, "vol1", &model, &uncertain).expect("read back");
+    assert_eq!(
+        wrong, 0,
+        "{wrong} of {checked} acknowledged 4 KiB blocks read back wrong (first at byte {first:?})"
+    );
+    summary(&format!(
+        "fault scenario QoS (SIGKILL an SDS at QD32 under 1500 IOPS / 32 MiB/s limits): acknowledged writes {}, {rate:.0} writes/s, blocks checked {checked}, lost 0",
+        report.acked
+    ));
 }
