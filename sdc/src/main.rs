@@ -438,6 +438,24 @@ async fn run(cfg: SdcConfig) -> anyhow::Result<()> {
                 tracing::error!("the admin socket stopped: {e}");
             }
         });
+        {
+            // Online resize: attached devices, then Docker's filesystems on them, follow a
+            // volume that grew.
+            let attacher = attacher.clone();
+            let driver = driver.clone();
+            let every = Duration::from_millis(cfg.map_poll_ms);
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(every);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tick.tick().await;
+                    let grown = attacher.grow_devices().await;
+                    if let (Some(d), false) = (&driver, grown.is_empty()) {
+                        d.grow_filesystems(&grown).await;
+                    }
+                }
+            });
+        }
         core_tx.send_replace(Some(Core {
             attacher: attacher.clone(),
             me,

@@ -205,7 +205,7 @@ impl Dockerd {
         std::fs::copy("/bin/busybox", rootfs.join("bin/busybox"))
             .expect("copy /bin/busybox (./test installs busybox-static)");
         for l in [
-            "sh", "cat", "echo", "sync", "sleep", "ls", "dd", "test", "stat",
+            "sh", "cat", "echo", "sync", "sleep", "ls", "dd", "test", "stat", "df", "wc",
         ] {
             let _ = std::os::unix::fs::symlink("busybox", rootfs.join("bin").join(l));
         }
@@ -877,6 +877,14 @@ impl Setup {
         let errors = self.docker().cli(&["exec", c, "cat", "/data/errors"]);
         assert!(!errors.ok, "writes failed: {}", errors.stdout);
         after
+    }
+
+    /// What the plugin's SDC logged.
+    pub fn sdc_log(&self) -> String {
+        match &self.plugin().managed {
+            Some(m) => m.log(self.docker()),
+            None => self.d.sdc.log_text(),
+        }
     }
 
     pub fn mountpoint(&self, vol: &str) -> PathBuf {

@@ -28,6 +28,7 @@ use std::collections::BTreeMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 use system::SystemError;
 
 /// One attached volume, as persisted.
@@ -255,6 +256,48 @@ impl Attacher {
     /// Number of attached volumes.
     pub fn attached_count(&self) -> usize {
         self.count.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Grows the device of every attached volume that grew in the map (an online resize):
+    /// waits until the FUSE file shows the volume's size (its attributes are cached for a
+    /// second), then has the loop device re-read it. Returns (volume, device, new size) of each
+    /// device that grew. Shrinking never happens (the MDM refuses it).
+    pub async fn grow_devices(&self) -> Vec<(String, PathBuf, u64)> {
+        let table = self.attached.lock().await.clone();
+        let map = self.io.map();
+        let mut grown = Vec::new();
+        for (name, a) in table {
+            let Some(size) = map.volumes.get(&a.volume).map(|v| v.size_bytes) else {
+                continue;
+            };
+            let dev = a.device.clone();
+            if system::device_size(&dev).is_none_or(|now| now >= size) {
+                continue;
+            }
+            let file = self.dir.join(&name);
+            let r = off_runtime("losetup --set-capacity", move || {
+                // The kernel refreshes the file's size once its cached attributes expire.
+                let deadline = std::time::Instant::now() + Duration::from_secs(5);
+                while std::fs::metadata(&file).map(|m| m.len()).unwrap_or(0) < size
+                    && std::time::Instant::now() < deadline
+                {
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+                system::loop_set_capacity(&dev)
+            })
+            .await;
+            match r {
+                Ok(()) if system::device_size(&a.device) == Some(size) => {
+                    tracing::info!(volume = %name, device = %a.device.display(), size, "device grown with its volume");
+                    grown.push((name, a.device, size));
+                }
+                Ok(()) => {
+                    tracing::warn!(volume = %name, "the device did not grow yet; trying again")
+                }
+                Err(e) => tracing::warn!(volume = %name, "growing the device failed: {e}"),
+            }
+        }
+        grown
     }
 
     /// The device of an attached volume.

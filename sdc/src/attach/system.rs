@@ -212,6 +212,18 @@ pub fn loop_attach(file: &Path) -> Result<PathBuf, SystemError> {
     Ok(PathBuf::from(out.trim()))
 }
 
+/// Makes a loop device re-read its backing file's size (`losetup --set-capacity`).
+pub fn loop_set_capacity(dev: &Path) -> Result<(), SystemError> {
+    run("losetup", &["--set-capacity", &dev.display().to_string()]).map(|_| ())
+}
+
+/// A block device's size in bytes, from sysfs (`None` when it cannot be read).
+pub fn device_size(dev: &Path) -> Option<u64> {
+    let name = dev.file_name()?.to_str()?;
+    let sectors = std::fs::read_to_string(format!("/sys/block/{name}/size")).ok()?;
+    sectors.trim().parse::<u64>().ok().map(|s| s * 512)
+}
+
 /// Detaches a loop device (the kernel frees it once its last user closes it).
 pub fn loop_detach(dev: &Path) -> Result<(), SystemError> {
     run("losetup", &["--detach", &dev.display().to_string()]).map(|_| ())

@@ -25,7 +25,7 @@ use proto::model::{ClusterState, Volume};
 use proto::msg::{Command, SdcSelector};
 use proto::{ErrorCode, SdcId, WireError};
 use std::collections::{BTreeMap, HashMap};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -658,6 +658,26 @@ impl Driver {
                 )));
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Grows the filesystem of each Docker volume whose device just grew (an online resize
+    /// with `scli --modify_volume_capacity`): containers see the new size without a restart.
+    pub async fn grow_filesystems(&self, grown: &[(String, PathBuf, u64)]) {
+        for (cname, device, size) in grown {
+            let mp = self.mountpoint(cname);
+            let Some(m) = system::mount_at(&mp) else {
+                continue;
+            };
+            if Path::new(&m.source) != device.as_path() {
+                continue;
+            }
+            match fs::grow(device, &mp, &m.fstype).await {
+                Ok(()) => {
+                    tracing::info!(volume = %cname, size, fstype = %m.fstype, "filesystem grown online")
+                }
+                Err(e) => tracing::warn!(volume = %cname, "growing the filesystem failed: {e}"),
+            }
         }
     }
 

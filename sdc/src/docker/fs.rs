@@ -1,5 +1,5 @@
 //! Filesystems on attached devices: probe (`blkid`), make (`mkfs.ext4`, `mkfs.xfs`, only when
-//! no filesystem is found), mount and unmount. Runs the host's tools with timeouts; decides
+//! no filesystem is found), mount, unmount, and grow online (`resize2fs`, `xfs_growfs`). Runs the host's tools with timeouts; decides
 //! nothing.
 
 use std::path::Path;
@@ -84,4 +84,26 @@ pub async fn unmount(dir: &Path) -> Result<(), String> {
         (0, _) => Ok(()),
         (_, e) => Err(e),
     }
+}
+
+/// Grows the mounted filesystem of `fstype` on `dev` (mounted at `dir`) to the device's size.
+pub async fn grow(dev: &Path, dir: &Path, fstype: &str) -> Result<(), String> {
+    let (d, m) = (dev.display().to_string(), dir.display().to_string());
+    let (code, text) = match fstype {
+        "ext4" => run("resize2fs", &[&d], MKFS).await?,
+        "xfs" => run("xfs_growfs", &[&m], MKFS).await?,
+        other => return Err(format!("cannot grow a {other} filesystem")),
+    };
+    if code != 0 {
+        if fstype == "ext4" && text.contains("Permission denied") {
+            return Err(format!(
+                "{text}: growing a mounted ext4 needs CAP_SYS_RESOURCE, which this SDC lacks \
+                 (its host's or container's capability bounding set drops it); the filesystem \
+                 keeps its size until it is grown where that capability exists (xfs grows \
+                 online with CAP_SYS_ADMIN alone)"
+            ));
+        }
+        return Err(text);
+    }
+    Ok(())
 }
