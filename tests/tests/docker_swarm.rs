@@ -1,0 +1,462 @@
+//! Flocker's and REX-Ray's Swarm demo, for real: three dockerd "hosts" (each in a network
+//! namespace of its own) in one Swarm, Meshblock's managed volume plugin installed on each under
+//! one name, the cluster's MDM and SDS on the same test network. A service's task writes and
+//! syncs a known pattern on a plugin volume; the host running it dies (dockerd, shims, the task
+//! and the plugin's SDC together); Swarm reschedules the task on another host, whose plugin
+//! takes the volume over through the MDM's fencing, and the task reads the pattern back. The
+//! dead host, brought back with its dockerd and plugin state, can change nothing on the volume.
+//!
+//! The test prints how long each phase took (kill → node down → task rescheduled → volume
+//! taken over → container started → data read); it never fails on a duration.
+
+use bytes::Bytes;
+use meshblock_tests::docker::{plugin_user, require_all, sh};
+use meshblock_tests::swarm::{parse_rfc3339, unix_now, Swarm};
+use meshblock_tests::*;
+use proto::data::{DataHeader, DataOp};
+use proto::ErrorCode;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// The plugin's name on every node (each node's dockerd is private: no clash).
+const PLUGIN: &str = "meshblock";
+/// The service and its volume.
+const SERVICE: &str = "db";
+/// Lines of the pattern the first task writes (about 600 KiB).
+const LINES: u32 = 20_000;
+
+fn pattern() -> String {
+    (1..=LINES)
+        .map(|i| format!("meshblock swarm demo line {i}\n"))
+        .collect()
+}
+
+fn sha256_hex(b: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(b))
+}
+
+/// The task: the first one writes the pattern (to a temporary file, synced, then renamed and
+/// the filesystem synced); any later one finds it and reads it. Each prints what it did, its
+/// host and the file's SHA-256, then sleeps.
+fn task_script() -> String {
+    format!(
+        "set -e; if [ -f /data/pattern ]; then \
+           echo \"read $(hostname) $(sha256sum /data/pattern | cut -d' ' -f1)\"; \
+         else \
+           seq 1 {LINES} | sed 's/^/meshblock swarm demo line /' \
+             | dd of=/data/pattern.tmp conv=fsync 2>/dev/null; \
+           mv /data/pattern.tmp /data/pattern; sync -f /data; \
+           echo \"wrote $(hostname) $(sha256sum /data/pattern | cut -d' ' -f1)\"; \
+         fi; exec sleep 1000000"
+    )
+}
+
+/// Assembles the managed plugin (config.json and rootfs/) from the release binaries, or takes
+/// the one already assembled in `$MESHBLOCK_DOCKER_PLUGIN_DIR`.
+fn build_plugin(out: &Path) -> PathBuf {
+    if let Some(dir) = std::env::var_os("MESHBLOCK_DOCKER_PLUGIN_DIR") {
+        return PathBuf::from(dir);
+    }
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("repository root");
+    let script = repo.join("packaging/build-docker-plugin");
+    assert!(
+        script.exists() && repo.join("packaging/docker-plugin/config.json").exists(),
+        "the managed Docker plugin is not in this tree ({} and packaging/docker-plugin/)",
+        script.display()
+    );
+    let sdc = bin("sdc");
+    let bin_dir = sdc.parent().expect("bin dir").display().to_string();
+    let o = sh(
+        &script.display().to_string(),
+        &["--bin-dir", &bin_dir, "--out", &out.display().to_string()],
+    );
+    assert!(o.ok, "build-docker-plugin: {}{}", o.stdout, o.stderr);
+    out.to_path_buf()
+}
+
+/// The generation of `volume`'s mapping to SDC `sdc`, if mapped.
+fn generation(c: &Cluster, volume: &str, sdc: &str) -> Option<u64> {
+    let map = cluster_map(c);
+    let v = map.volume_by_name(volume)?;
+    let id = map.sdcs.values().find(|x| x.name == sdc)?.id;
+    let g = map
+        .mappings_of(v.id)
+        .find(|m| m.sdc == id)
+        .map(|m| m.generation);
+    g
+}
+
+/// The names of the SDCs `volume` is mapped to.
+fn mapped_to(c: &Cluster, volume: &str) -> Vec<String> {
+    let map = cluster_map(c);
+    let Some(v) = map.volume_by_name(volume) else {
+        return Vec::new();
+    };
+    map.mappings_of(v.id)
+        .filter_map(|m| map.sdcs.get(&m.sdc).map(|s| s.name.clone()))
+        .collect()
+}
+
+/// A 4 KiB write to chunk 0 of `volume`, sent by SDC host `sdc` to its primary, stamped with
+/// `fence`.
+fn raw_write(
+    c: &Cluster,
+    sdc: &str,
+    volume: &str,
+    fence: u64,
+) -> Result<Bytes, (ErrorCode, String)> {
+    let map = cluster_map(c);
+    let v = map.volume_by_name(volume).expect("volume");
+    let pool = &map.pools[&v.pool];
+    let chunk = proto::ChunkId {
+        vtree: v.vtree,
+        index: proto::ChunkIndex(0),
+    };
+    let pg = chunk.pg(pool.pg_count);
+    let primary = pool.pgs[pg.0 as usize].primary.expect("primary");
+    let addr = map.sds[&primary].addr.parse().expect("addr");
+    let h = DataHeader {
+        fence,
+        ..DataHeader::at(DataOp::Write, pool.id, pg, pool.epoch, chunk, 0, 4096)
+    };
+    data_call(c, sdc, addr, &h, Bytes::from(vec![0xee; 4096]))
+}
+
+/// What the failover looked like, in seconds after the kill (wall clock; Docker's own
+/// timestamps where it has them, else when the test first saw it).
+#[derive(Debug, Default)]
+struct Phases {
+    node_down: f64,
+    task_created: f64,
+    taken_over: f64,
+    container_started: f64,
+    data_read: f64,
+}
+
+#[test]
+fn swarm_service_follows_a_lost_host() {
+    require_all();
+    let net = match netns::Net::new() {
+        Ok(n) => std::sync::Arc::new(n),
+        Err(e) => panic!("network namespaces are needed (run as root): {e}"),
+    };
+    let mut d = DataCluster::start_net("swarm", 1, 3, 1, &[], Some(net.clone()));
+    // The cluster's own SDC is not a Docker host here.
+    d.sdc.kill();
+    let c = &d.c;
+    let password = plugin_user(c);
+    let plugin_dir = build_plugin(&c.dir.join("plugin"));
+    let volume = format!("swarmdb{}", std::process::id());
+
+    let mut swarm = Swarm::start(&net, &c.dir.join("swarm"), 3);
+    swarm.track_volume(&volume);
+    swarm.install_plugin(PLUGIN, &plugin_dir, c, &password, &[]);
+    let image = swarm.image.clone();
+
+    // The service: one task on a worker (killing the manager, the Raft leader, would add an
+    // election), restarted anywhere at once.
+    let mount = format!(
+        "type=volume,source={volume},target=/data,volume-driver={PLUGIN},volume-opt=size=256MiB"
+    );
+    let script = task_script();
+    swarm.manager().must(&[
+        "service",
+        "create",
+        "--detach",
+        "--name",
+        SERVICE,
+        "--no-resolve-image",
+        "--network",
+        "host",
+        "--restart-condition",
+        "any",
+        "--restart-delay",
+        "0s",
+        "--stop-grace-period",
+        "1s",
+        "--constraint",
+        "node.role==worker",
+        "--mount",
+        &mount,
+        &image,
+        "sh",
+        "-c",
+        &script,
+    ]);
+    let want = sha256_hex(pattern().as_bytes());
+
+    // The first task writes and syncs the pattern.
+    let (a_name, wrote) = wait_for_explained(
+        "the first task to write the pattern",
+        Duration::from_secs(120),
+        || {
+            swarm.nodes.iter().find_map(|n| {
+                let id = n.task_container(SERVICE)?;
+                let line = n
+                    .logs(&id)
+                    .into_iter()
+                    .find(|(_, l)| l.starts_with("wrote "))?;
+                Some((n.name.clone(), line.1))
+            })
+        },
+        || format!("; tasks: {:?}", swarm.tasks(SERVICE)),
+    );
+    assert_eq!(
+        wrote,
+        format!("wrote {a_name} {want}"),
+        "the first task wrote something else"
+    );
+    let a = swarm.index(&a_name);
+    assert_ne!(a, 0, "the task runs on a worker");
+    let b_name = swarm.nodes[1..]
+        .iter()
+        .find(|n| n.name != a_name)
+        .expect("another worker")
+        .name
+        .clone();
+    let b = swarm.index(&b_name);
+    let old_generation = generation(c, &volume, &a_name).expect("the volume is mapped to A");
+    eprintln!("the task runs on {a_name} (mapping generation {old_generation}); {b_name} is the other worker");
+
+    // Host A dies. A thread watches the MDM's map for the takeover meanwhile.
+    let stop = AtomicBool::new(false);
+    let taken_over: Mutex<Option<f64>> = Mutex::new(None);
+    let killed_at = unix_now();
+    let phases = std::thread::scope(|s| {
+        s.spawn(|| {
+            while !stop.load(Ordering::Relaxed) {
+                if mapped_to(c, &volume) == std::slice::from_ref(&b_name) {
+                    *taken_over.lock().unwrap_or_else(|p| p.into_inner()) = Some(unix_now());
+                    return;
+                }
+                std::thread::park_timeout(Duration::from_millis(50));
+            }
+        });
+        let killed = swarm.kill(a);
+        eprintln!("killed {a_name}: {killed} processes (dockerd, containerd, shims, the task, the plugin's SDC)");
+        let phases = follow_failover(&swarm, &a_name, b, &want, killed_at);
+        stop.store(true, Ordering::Relaxed);
+        phases
+    });
+    let mut phases = phases;
+    phases.taken_over = taken_over
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .map_or(f64::NAN, |t| t - killed_at);
+    report(&phases);
+    assert_eq!(mapped_to(c, &volume), std::slice::from_ref(&b_name));
+    let new_generation = generation(c, &volume, &b_name).expect("mapped to B");
+    assert_ne!(new_generation, old_generation);
+
+    // Host A comes back: its dockerd restarts on the same directories, and with it the plugin.
+    let revived = Instant::now();
+    swarm.revive(a);
+    swarm.wait_plugin_advertised(&a_name, PLUGIN);
+    eprintln!("{a_name} is back in {:?}", revived.elapsed());
+    must_be_fenced(&swarm, c, a, b, &volume, old_generation, &want);
+
+    // The end: the task goes, B's plugin releases the volume.
+    swarm.manager().must(&["service", "rm", SERVICE]);
+    wait_for(
+        "the service's containers to go",
+        Duration::from_secs(60),
+        || {
+            swarm
+                .nodes
+                .iter()
+                .all(|n| n.task_container(SERVICE).is_none())
+                .then_some(())
+        },
+    );
+    wait_for(
+        "the volume to be released by B",
+        Duration::from_secs(60),
+        || (!mapped_to(c, &volume).contains(&b_name)).then_some(()),
+    );
+    drop(swarm);
+}
+
+/// Follows the failover until the rescheduled task on node `b` read the pattern.
+fn follow_failover(swarm: &Swarm, a_name: &str, b: usize, want: &str, killed_at: f64) -> Phases {
+    let node_b = &swarm.nodes[b];
+    let mut p = Phases {
+        taken_over: f64::NAN,
+        ..Phases::default()
+    };
+    // Swarm's node-down detection: the node object's update time when it turned down.
+    wait_for(
+        "the Swarm to see the dead host down",
+        Duration::from_secs(60),
+        || {
+            let (state, at) = swarm.node_state(a_name)?;
+            (state == "down")
+                .then(|| p.node_down = parse_rfc3339(&at).unwrap_or(f64::NAN) - killed_at)
+        },
+    );
+    let task = wait_for_explained(
+        "a task on the other host",
+        Duration::from_secs(60),
+        || {
+            swarm
+                .tasks(SERVICE)
+                .into_iter()
+                .find(|t| t.1 == node_b.name && t.2 == "Running")
+                .map(|t| t.0)
+        },
+        || format!("; tasks: {:?}", swarm.tasks(SERVICE)),
+    );
+    if let Some((_, _, created)) = swarm.task_times(&task) {
+        p.task_created = parse_rfc3339(&created).unwrap_or(f64::NAN) - killed_at;
+    }
+    let line = wait_for_explained(
+        "the rescheduled task to read the pattern",
+        Duration::from_secs(120),
+        || {
+            let id = node_b.task_container(SERVICE)?;
+            let (at, line) = node_b
+                .logs(&id)
+                .into_iter()
+                .find(|(_, l)| l.starts_with("read "))?;
+            let started = node_b.must(&["inspect", "--format", "{{.State.StartedAt}}", &id]);
+            p.container_started = parse_rfc3339(&started).unwrap_or(f64::NAN) - killed_at;
+            p.data_read = parse_rfc3339(&at).unwrap_or(f64::NAN) - killed_at;
+            Some(line)
+        },
+        || {
+            format!(
+                "; tasks: {:?}\nthe plugin's lines in {}'s dockerd log:\n{}",
+                swarm.tasks(SERVICE),
+                node_b.name,
+                plugin_log(node_b.dir.join("dockerd.log").as_path(), 40)
+            )
+        },
+    );
+    assert_eq!(
+        line,
+        format!("read {} {want}", node_b.name),
+        "the rescheduled task read something else"
+    );
+    eprintln!(
+        "the plugin's lines in {}'s dockerd log:\n{}",
+        node_b.name,
+        plugin_log(node_b.dir.join("dockerd.log").as_path(), 20)
+    );
+    p
+}
+
+/// The last `n` lines a plugin wrote to a dockerd log.
+fn plugin_log(log: &Path, n: usize) -> String {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().filter(|l| l.contains("plugin=")).collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+fn report(p: &Phases) {
+    summary(&format!(
+        "swarm failover (worker killed; dispatcher heartbeat 1 s, MDM sdc_session_timeout 4 s, \
+         plugin takeover_wait 15 s): node down after {:.1} s, task rescheduled at {:.1} s, \
+         volume taken over at {:.1} s, container started at {:.1} s, data read at {:.1} s",
+        p.node_down, p.task_created, p.taken_over, p.container_started, p.data_read
+    ));
+}
+
+/// Host `a`, back with its dockerd and plugin state, can change nothing on the volume that
+/// node `b`'s task now holds.
+fn must_be_fenced(
+    swarm: &Swarm,
+    c: &Cluster,
+    a: usize,
+    b: usize,
+    volume: &str,
+    old_generation: u64,
+    want: &str,
+) {
+    let node_a = &swarm.nodes[a];
+    let node_b = &swarm.nodes[b];
+    // Every SDS refuses A's old mapping generation.
+    let e = raw_write(c, &node_a.name, volume, old_generation)
+        .expect_err("a write under A's old mapping generation was accepted");
+    assert_eq!(e.0, ErrorCode::Fenced, "{}", e.1);
+
+    // A's kernel may still have the old filesystem mounted (the plugin's propagated mount):
+    // a write through it must not reach the volume.
+    let stale = volume_mounts_under(&node_a.dir);
+    for m in &stale {
+        let o = sh(
+            "timeout",
+            &[
+                "60",
+                "dd",
+                "if=/dev/zero",
+                &format!("of={}/evil", m.display()),
+                "bs=4096",
+                "count=16",
+                "conv=fsync",
+            ],
+        );
+        eprintln!(
+            "a write through {a}'s leftover mount {}: {}",
+            m.display(),
+            if o.ok { "succeeded" } else { "failed" },
+            a = node_a.name
+        );
+    }
+
+    // A's plugin cannot take the volume back while B's task holds it.
+    let mount = format!("type=volume,source={volume},target=/data,volume-driver={PLUGIN}");
+    let o = node_a.cli(&[
+        "run",
+        "--rm",
+        "--network",
+        "host",
+        "--mount",
+        &mount,
+        &swarm.image,
+        "sh",
+        "-c",
+        "echo started; echo evil > /data/evil && sync -f /data",
+    ]);
+    // Refused by the plugin's Mount: the container never starts.
+    assert!(
+        !o.ok && !o.stdout.contains("started") && o.stderr.contains("VolumeDriver.Mount"),
+        "{} mounted the volume B holds: {}{}",
+        node_a.name,
+        o.stdout,
+        o.stderr
+    );
+    eprintln!(
+        "{} asked for the volume and was refused: {}",
+        node_a.name,
+        o.stderr.trim()
+    );
+
+    // B's task still reads the pattern, and sees nothing of A's.
+    let id = node_b.task_container(SERVICE).expect("B's task");
+    let sum = node_b.must(&["exec", &id, "sha256sum", "/data/pattern"]);
+    assert_eq!(sum.split_whitespace().next(), Some(want), "{sum}");
+    let ls = node_b.must(&["exec", &id, "ls", "/data"]);
+    assert!(!ls.split_whitespace().any(|f| f == "evil"), "{ls}");
+}
+
+/// ext4 and xfs mounts under `dir` (a node's leftover volume filesystems).
+fn volume_mounts_under(dir: &Path) -> Vec<PathBuf> {
+    let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    text.lines()
+        .filter_map(|l| {
+            let (left, right) = l.split_once(" - ")?;
+            let mut r = right.split(' ');
+            let fstype = r.next()?;
+            let src = r.next()?;
+            let at = PathBuf::from(left.split(' ').nth(4)?);
+            let ours = at.starts_with(dir)
+                && matches!(fstype, "ext4" | "xfs")
+                && src.starts_with("/dev/loop");
+            ours.then_some(at)
+        })
+        .collect()
+}
