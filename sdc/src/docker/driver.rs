@@ -526,6 +526,17 @@ impl Driver {
             let mut refs = self.refs.lock().await;
             if let Some(v) = refs.volumes.get(&cname).cloned() {
                 if system::mount_at(&mp).is_some() {
+                    // The map the SDC holds is enough: a host that cannot hear the MDM is
+                    // fenced by the SDS either way; one that hears it must not hand a stale
+                    // mount to a new container.
+                    let core = self.core.borrow().clone();
+                    if let Some(now) = core.and_then(|c| self.taken_over(&c, &cname)) {
+                        return Err(DriverError::InUse(format!(
+                            "volume {name} is {now} while this host was away: its mount here is \
+                             stale and every write to it is refused; it is released when the \
+                             containers using it here stop (or when the plugin restarts)"
+                        )));
+                    }
                     let n = refs.add(&cname, id, mp.clone(), v.device);
                     self.save_refs(&refs).await?;
                     tracing::info!(volume = %name, id, refs = n, "mounted again");
@@ -631,6 +642,54 @@ impl Driver {
                 )));
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// How volume `cname` (a cluster name) left this host, if it did, as the SDC's map shows:
+    /// "taken over by HOST" (another host's Mount, the MDM having fenced this one) or "unmapped
+    /// from this host". `None` while it is mapped here (or gone from the map: nothing to fence).
+    fn taken_over(&self, core: &Core, cname: &str) -> Option<String> {
+        let map = self.cluster.map();
+        let v = map.volume_by_name(cname)?;
+        if map.mappings_of(v.id).any(|m| m.sdc == core.me) {
+            return None;
+        }
+        let hosts: Vec<String> = map
+            .mappings_of(v.id)
+            .map(|m| {
+                map.sdcs
+                    .get(&m.sdc)
+                    .map_or(m.sdc.to_string(), |s| s.name.clone())
+            })
+            .collect();
+        Some(match hosts.is_empty() {
+            true => "unmapped from this host".to_string(),
+            false => format!("taken over by {}", hosts.join(", ")),
+        })
+    }
+
+    /// Unmounts the stale mount of volume `cname` (taken over while this host was away; its
+    /// filesystem can write nothing) and frees its device, so nothing of it is left behind:
+    /// lazily, since containers that died with the host may still pin it, and the loop device
+    /// under it is detached once the filesystem lets go of it.
+    async fn drop_stale_mount(&self, cname: &str) {
+        let mp = self.mountpoint(cname);
+        let Some(m) = system::mount_at(&mp) else {
+            return;
+        };
+        if let Err(e) = system::unmount(&mp, true) {
+            tracing::warn!(volume = %cname, "failed to unmount the stale mount: {e}");
+            return;
+        }
+        // Off the runtime thread (see `unmount`).
+        let _ = tokio::fs::remove_dir(&mp).await;
+        if m.source.starts_with("/dev/loop") {
+            let dev = PathBuf::from(&m.source);
+            if system::loop_devices().iter().any(|l| l.device == dev) {
+                if let Err(e) = system::loop_detach(&dev) {
+                    tracing::warn!(volume = %cname, device = %m.source, "failed to free the stale device: {e}");
+                }
+            }
         }
     }
 
@@ -850,7 +909,20 @@ impl Driver {
         for name in names {
             let mp = self.mountpoint(&name);
             if system::mount_at(&mp).is_some() {
-                tracing::info!(volume = %name, refs = refs.count(&name), "still mounted: references kept");
+                let Some(now) = self.taken_over(&core, &name) else {
+                    tracing::info!(volume = %name, refs = refs.count(&name), "still mounted: references kept");
+                    continue;
+                };
+                // This host died or was cut off, and another one took the volume over: the
+                // containers that used it here are gone (or can write nothing); release it
+                // all, so no operator has to.
+                tracing::warn!(
+                    volume = %name,
+                    refs = refs.count(&name),
+                    "{now} while this host was away: unmounting its stale mount and releasing it"
+                );
+                self.drop_stale_mount(&name).await;
+                refs.volumes.remove(&name);
                 continue;
             }
             tracing::warn!(volume = %name, "its mount is gone: dropping its references and releasing it");
