@@ -501,6 +501,25 @@ fn list_dir(dir: &Path) -> BTreeSet<PathBuf> {
         .unwrap_or_default()
 }
 
+/// Loop devices over a plugin's FUSE file of `volume` (a test's unique volume name). Seen from
+/// here, a file of a FUSE mount left in a dead plugin's namespace is just `/<volume>`.
+pub fn loops_of(volume: &str) -> Vec<String> {
+    let list = sh(
+        "losetup",
+        &["--list", "--noheadings", "--raw", "-O", "NAME,BACK-FILE"],
+    );
+    list.stdout
+        .lines()
+        .filter_map(|l| l.split_once(' '))
+        .filter(|(_, f)| {
+            f.trim()
+                .trim_end_matches(" (deleted)")
+                .ends_with(&format!("/{volume}"))
+        })
+        .map(|(d, _)| d.to_string())
+        .collect()
+}
+
 /// Loop devices whose backing file is a plugin's FUSE file of one of `volumes` (named after
 /// the volume; the test's volume names are unique): their mounts are unmounted, then they are
 /// detached.
@@ -508,24 +527,11 @@ fn detach_loops_of(volumes: &[String]) {
     if volumes.is_empty() {
         return;
     }
-    let list = sh(
-        "losetup",
-        &["--list", "--noheadings", "--raw", "-O", "NAME,BACK-FILE"],
-    );
-    for line in list.stdout.lines() {
-        let Some((dev, file)) = line.split_once(' ') else {
-            continue;
-        };
-        let file = file.trim().trim_end_matches(" (deleted)");
-        // Seen from here, a file of a FUSE mount left in a dead plugin's namespace is just
-        // `/<volume>`.
-        if !volumes.iter().any(|v| file.ends_with(&format!("/{v}"))) {
-            continue;
-        }
-        for m in mounts_of_source(dev) {
+    for dev in volumes.iter().flat_map(|v| loops_of(v)) {
+        for m in mounts_of_source(&dev) {
             let _ = sh("umount", &["-l", &m]);
         }
-        let _ = sh("losetup", &["-d", dev]);
+        let _ = sh("losetup", &["-d", &dev]);
     }
 }
 

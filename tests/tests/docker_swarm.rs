@@ -11,7 +11,7 @@
 
 use bytes::Bytes;
 use meshblock_tests::docker::{plugin_user, require_all, sh};
-use meshblock_tests::swarm::{parse_rfc3339, unix_now, Swarm};
+use meshblock_tests::swarm::{loops_of, parse_rfc3339, unix_now, Swarm};
 use meshblock_tests::*;
 use proto::data::{DataHeader, DataOp};
 use proto::ErrorCode;
@@ -253,11 +253,39 @@ fn swarm_service_follows_a_lost_host() {
     let new_generation = generation(c, &volume, &b_name).expect("mapped to B");
     assert_ne!(new_generation, old_generation);
 
-    // Host A comes back: its dockerd restarts on the same directories, and with it the plugin.
+    // Dead A's kernel still has the volume's filesystem mounted and its device open (the
+    // plugin's propagated mount): nothing written through it reaches the volume.
+    let leftovers = volume_mounts_under(&swarm.nodes[a].dir);
+    for m in &leftovers {
+        must_not_write(m);
+    }
+    eprintln!(
+        "{a_name}, dead, still has {} mount(s) of the volume; writes through them failed",
+        leftovers.len()
+    );
+
+    // Host A comes back: its dockerd restarts on the same directories, and with it the plugin,
+    // which finds the volume taken over and releases what was left of it: no operator needed.
     let revived = Instant::now();
     swarm.revive(a);
     swarm.wait_plugin_advertised(&a_name, PLUGIN);
     eprintln!("{a_name} is back in {:?}", revived.elapsed());
+    wait_for_explained(
+        "the revived host's plugin to release its stale mount and device",
+        Duration::from_secs(60),
+        || {
+            (volume_mounts_under(&swarm.nodes[a].dir).is_empty() && loops_of(&volume).len() == 1)
+                .then_some(())
+        },
+        || {
+            format!(
+                "; mounts {:?}, loop devices {:?}\nthe plugin's lines in {a_name}'s dockerd log:\n{}",
+                volume_mounts_under(&swarm.nodes[a].dir),
+                loops_of(&volume),
+                plugin_log(&swarm.nodes[a].dir.join("dockerd.log"), 30)
+            )
+        },
+    );
     must_be_fenced(&swarm, c, a, b, &volume, old_generation, &want);
 
     // The end: the task goes, B's plugin releases the volume.
@@ -383,30 +411,6 @@ fn must_be_fenced(
         .expect_err("a write under A's old mapping generation was accepted");
     assert_eq!(e.0, ErrorCode::Fenced, "{}", e.1);
 
-    // A's kernel may still have the old filesystem mounted (the plugin's propagated mount):
-    // a write through it must not reach the volume.
-    let stale = volume_mounts_under(&node_a.dir);
-    for m in &stale {
-        let o = sh(
-            "timeout",
-            &[
-                "60",
-                "dd",
-                "if=/dev/zero",
-                &format!("of={}/evil", m.display()),
-                "bs=4096",
-                "count=16",
-                "conv=fsync",
-            ],
-        );
-        eprintln!(
-            "a write through {a}'s leftover mount {}: {}",
-            m.display(),
-            if o.ok { "succeeded" } else { "failed" },
-            a = node_a.name
-        );
-    }
-
     // A's plugin cannot take the volume back while B's task holds it.
     let mount = format!("type=volume,source={volume},target=/data,volume-driver={PLUGIN}");
     let o = node_a.cli(&[
@@ -423,7 +427,7 @@ fn must_be_fenced(
     ]);
     // Refused by the plugin's Mount: the container never starts.
     assert!(
-        !o.ok && !o.stdout.contains("started") && o.stderr.contains("VolumeDriver.Mount"),
+        !o.ok && !o.stdout.contains("started") && o.stderr.contains("error while mounting volume"),
         "{} mounted the volume B holds: {}{}",
         node_a.name,
         o.stdout,
@@ -441,6 +445,27 @@ fn must_be_fenced(
     assert_eq!(sum.split_whitespace().next(), Some(want), "{sum}");
     let ls = node_b.must(&["exec", &id, "ls", "/data"]);
     assert!(!ls.split_whitespace().any(|f| f == "evil"), "{ls}");
+}
+
+/// A write (with fsync) through `mount`, a dead host's leftover mount of the volume, fails.
+fn must_not_write(mount: &Path) {
+    let o = sh(
+        "timeout",
+        &[
+            "60",
+            "dd",
+            "if=/dev/zero",
+            &format!("of={}/evil", mount.display()),
+            "bs=4096",
+            "count=16",
+            "conv=fsync",
+        ],
+    );
+    assert!(
+        !o.ok,
+        "a write through the dead host's mount {} succeeded",
+        mount.display()
+    );
 }
 
 /// ext4 and xfs mounts under `dir` (a node's leftover volume filesystems).
