@@ -41,7 +41,12 @@ pub fn load_or_create_guid(state_dir: &Path) -> anyhow::Result<String> {
 }
 
 /// Register until the MDM answers; returns this SDC's id.
-pub async fn register(mdm: &MdmClient, guid: &str, name: &str) -> SdcId {
+pub async fn register(
+    mdm: &MdmClient,
+    guid: &str,
+    name: &str,
+    status: &RegistrationStatus,
+) -> SdcId {
     let req = MdmRequest::SdcRegister {
         guid: guid.into(),
         name: name.into(),
@@ -49,11 +54,62 @@ pub async fn register(mdm: &MdmClient, guid: &str, name: &str) -> SdcId {
     };
     loop {
         match mdm.request(&req, Duration::from_secs(10)).await {
-            Ok(MdmResponse::SdcRegistered { id }) => return id,
-            Ok(other) => tracing::warn!("unexpected answer to SDC registration: {other:?}"),
-            Err(e) => tracing::warn!("failed to register with the MDM, retrying: {e}"),
+            Ok(MdmResponse::SdcRegistered { id }) => {
+                status.succeeded();
+                return id;
+            }
+            Ok(other) => {
+                tracing::warn!("unexpected answer to SDC registration: {other:?}");
+                status.failed(format!("unexpected answer to registration: {other:?}"));
+            }
+            Err(e) => {
+                tracing::warn!("failed to register with the MDM, retrying: {e}");
+                status.failed(e.to_string());
+            }
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+/// Whether registration with the MDM is failing, since when and why: lets callers waiting for
+/// the SDC (the Docker plugin) give up with the reason instead of waiting out their limit.
+pub struct RegistrationStatus {
+    /// The MDM addresses, for messages.
+    mdm: String,
+    failing: std::sync::Mutex<Option<(std::time::Instant, String)>>,
+}
+
+impl RegistrationStatus {
+    pub fn new(mdm: &[String]) -> RegistrationStatus {
+        RegistrationStatus {
+            mdm: mdm.join(","),
+            failing: Default::default(),
+        }
+    }
+
+    /// The MDM addresses registration goes to.
+    pub fn mdm(&self) -> &str {
+        &self.mdm
+    }
+
+    fn failed(&self, why: String) {
+        let mut f = self.failing.lock().unwrap_or_else(|p| p.into_inner());
+        let since = f.as_ref().map_or_else(std::time::Instant::now, |(t, _)| *t);
+        *f = Some((since, why));
+    }
+
+    fn succeeded(&self) {
+        *self.failing.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    }
+
+    /// How long registration has been failing, and its last error; `None` while it has not
+    /// failed (yet) or once it succeeded.
+    pub fn failing(&self) -> Option<(Duration, String)> {
+        self.failing
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .map(|(t, why)| (t.elapsed(), why.clone()))
     }
 }
 

@@ -63,6 +63,12 @@ enum Cmd {
         #[command(flatten)]
         at: LocalArgs,
     },
+    /// Run as Docker's managed volume plugin (the entrypoint of the plugin that
+    /// packaging/build-docker-plugin assembles): settings come from the environment Docker
+    /// passes (`docker plugin set`), paths are fixed inside the plugin. When a setting or the
+    /// certificate is wrong, the plugin still starts and every Docker command fails with what
+    /// to fix.
+    Plugin,
     /// Internal: hold the FUSE descriptor across SDC restarts (started by `sdc run`).
     #[command(hide = true)]
     FuseKeeper {
@@ -192,6 +198,25 @@ fn cli_main() -> anyhow::Result<()> {
         Cmd::FuseKeeper { socket } => {
             sdc::attach::keeper::run(&socket).context("run the FUSE keeper")
         }
+        Cmd::Plugin => {
+            proto::daemon::init_logging();
+            let env: std::collections::BTreeMap<String, String> = std::env::vars().collect();
+            match sdc::docker::managed::config(&env) {
+                Ok(cfg) => {
+                    let rt = proto::daemon::runtime(cfg.worker_threads, "sdc-worker")?;
+                    rt.block_on(async move {
+                        match run(cfg).await {
+                            Ok(()) => Ok(()),
+                            Err(e) => serve_failed(proto::daemon::error_line(e.as_ref())).await,
+                        }
+                    })
+                }
+                Err(problem) => {
+                    let rt = proto::daemon::runtime(1, "sdc-worker")?;
+                    rt.block_on(serve_failed(problem))
+                }
+            }
+        }
         Cmd::Run(a) => {
             proto::daemon::init_logging();
             let (mut cfg, _) = load_config(a.config.as_deref())?;
@@ -248,6 +273,21 @@ fn cli_main() -> anyhow::Result<()> {
     }
 }
 
+/// A managed plugin that cannot work: says why in its log and in the answer to every Docker
+/// call, until Docker stops it.
+async fn serve_failed(problem: String) -> anyhow::Result<()> {
+    tracing::error!("the plugin cannot work: {problem}");
+    let socket = Path::new(sdc::docker::managed::SOCKET);
+    let server = sdc::docker::server::bind_failed(socket, problem)
+        .with_context(|| format!("listen on {}", socket.display()))?;
+    tokio::select! {
+        r = server => r.context("serve the plugin socket")?,
+        _ = proto::daemon::shutdown_signal() => {}
+    }
+    let _ = std::fs::remove_file(socket);
+    Ok(())
+}
+
 /// The configuration file (the one named, else the default one when it exists), and its path.
 fn load_config(explicit: Option<&Path>) -> anyhow::Result<(SdcConfig, Option<PathBuf>)> {
     let default = proto::config_file::default_path("sdc");
@@ -282,6 +322,7 @@ async fn run(cfg: SdcConfig) -> anyhow::Result<()> {
     // The Docker plugin listens first (Docker gives plugins ~10 s); calls needing the
     // cluster wait for `core`.
     let (core_tx, core_rx) = tokio::sync::watch::channel(None);
+    let registration = Arc::new(daemon::RegistrationStatus::new(&cfg.mdm));
     let driver = if cfg.docker.enabled {
         let cluster = Cluster::new(
             mdm.clone(),
@@ -294,6 +335,7 @@ async fn run(cfg: SdcConfig) -> anyhow::Result<()> {
             cluster,
             &cfg.state_dir,
             core_rx,
+            registration.clone(),
         )?);
         let server = sdc::docker::server::bind(&cfg.docker.socket, driver.clone(), metrics.clone())
             .with_context(|| format!("listen on {}", cfg.docker.socket.display()))?;
@@ -350,7 +392,7 @@ async fn run(cfg: SdcConfig) -> anyhow::Result<()> {
     }
 
     let work = async {
-        let me = daemon::register(&mdm, &guid, &name).await;
+        let me = daemon::register(&mdm, &guid, &name, &registration).await;
         io.set_me(me);
         tracing::info!(sdc_id = %me, "registered with the MDM");
         while !io.refresh_map().await && io.map().version == 0 {

@@ -227,25 +227,125 @@ impl Dockerd {
     }
 }
 
+impl Dockerd {
+    /// The ids of the managed plugins installed in this daemon (its data root's plugin dirs).
+    pub fn plugin_ids(&self) -> Vec<String> {
+        std::fs::read_dir(self.dir.join("root/plugins"))
+            .map(|rd| {
+                rd.filter_map(|e| e.ok()?.file_name().into_string().ok())
+                    .filter(|n| n.len() == 64 && n.bytes().all(|b| b.is_ascii_hexdigit()))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// The directory of managed plugin `id` in the data root.
+    pub fn plugin_dir(&self, id: &str) -> PathBuf {
+        self.dir.join("root/plugins").join(id)
+    }
+}
+
 impl Drop for Dockerd {
     fn drop(&mut self) {
-        if self.proc.as_mut().is_some_and(|p| p.alive()) {
+        let alive = self.proc.as_mut().is_some_and(|p| p.alive());
+        if alive {
             let ids = self.cli(&["ps", "-aq"]).stdout;
             for id in ids.split_whitespace() {
                 let _ = self.cli(&["rm", "-f", id]);
             }
+            // Managed plugins stop cleanly (their SDC detaches what is unused).
+            for p in self.cli(&["plugin", "ls", "-q"]).stdout.split_whitespace() {
+                let _ = self.cli(&["plugin", "disable", "-f", p]);
+            }
+        }
+        // Whatever of a plugin still runs (dockerd died, or a test killed it): its processes,
+        // and the loop devices over its FUSE files.
+        let rootfs: Vec<PathBuf> = self
+            .plugin_ids()
+            .iter()
+            .map(|id| self.plugin_dir(id).join("rootfs"))
+            .collect();
+        let mut fuse = Vec::new();
+        let mut rooted = Vec::new();
+        for r in &rootfs {
+            fuse.extend(fuse_devs_of(&pids_rooted_at(r)));
+            rooted.extend(pids_rooted_at(r));
         }
         self.stop();
         // containerd and its shims run under our exec root; end them by pid.
         let needle = self.dir.display().to_string();
-        for pid in pids_mentioning(&needle) {
+        for pid in pids_mentioning(&needle).into_iter().chain(rooted) {
             // SAFETY: kill(2) on processes started under this test's unique directory.
             unsafe { libc::kill(pid, libc::SIGKILL) };
         }
         for m in mounts_under(&self.dir) {
             let _ = sh("umount", &["-l", &m.display().to_string()]);
         }
+        for dev in loops_backed_by(&fuse) {
+            for m in mounts_of(&dev) {
+                let _ = sh("umount", &["-l", &m]);
+            }
+            let _ = sh("losetup", &["-d", &dev]);
+        }
+        for id in self.plugin_ids() {
+            let _ = std::fs::remove_dir_all(Path::new("/run/docker/plugins").join(id));
+        }
     }
+}
+
+/// Processes whose root is `rootfs` (a managed plugin's: their namespace's `/` is a bind of it).
+pub fn pids_rooted_at(rootfs: &Path) -> Vec<i32> {
+    let want = rootfs.display().to_string();
+    let Ok(rd) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    rd.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/mountinfo"))
+                .ok()
+                .and_then(|t| {
+                    t.lines().find_map(|l| {
+                        let f: Vec<&str> = l.split(' ').collect();
+                        (f.get(4) == Some(&"/")).then(|| f.get(3).map(|r| *r == want))?
+                    })
+                })
+                .unwrap_or(false)
+        })
+        .collect()
+}
+
+/// `major:minor` of the Meshblock FUSE mounts the namespaces of `pids` hold.
+pub fn fuse_devs_of(pids: &[i32]) -> Vec<String> {
+    let mut devs: Vec<String> = pids
+        .iter()
+        .filter_map(|pid| std::fs::read_to_string(format!("/proc/{pid}/mountinfo")).ok())
+        .flat_map(|t| {
+            t.lines()
+                .filter(|l| l.contains(" - fuse.meshblock "))
+                .filter_map(|l| l.split(' ').nth(2).map(str::to_string))
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    devs.sort();
+    devs.dedup();
+    devs
+}
+
+/// Loop devices whose backing file lives on one of `devs` (`major:minor`).
+pub fn loops_backed_by(devs: &[String]) -> Vec<String> {
+    if devs.is_empty() {
+        return Vec::new();
+    }
+    sh(
+        "losetup",
+        &["--list", "--noheadings", "--raw", "-O", "NAME,BACK-MAJ:MIN"],
+    )
+    .stdout
+    .lines()
+    .filter_map(|l| l.split_once(' '))
+    .filter(|(_, d)| devs.iter().any(|x| x == d.trim()))
+    .map(|(n, _)| n.to_string())
+    .collect()
 }
 
 /// The MDM user the plugins log in as: role Configure, as the README tells operators to make.
@@ -275,11 +375,120 @@ pub fn plugin_user(c: &Cluster) -> PathBuf {
 
 /// An SDC serving the Docker plugin, replacing a [`DataCluster`]'s plain SDC process.
 pub struct PluginSdc {
-    /// The driver name: the plugin socket's file name without `.sock`.
+    /// The driver name: the plugin socket's file name without `.sock` (legacy), the plugin's
+    /// `NAME:latest` (managed).
     pub driver: String,
     pub socket: PathBuf,
+    /// The SDC's state directory as the host sees it.
     pub state_dir: PathBuf,
+    /// Where volumes are mounted, as the host sees it.
     pub mount_root: PathBuf,
+    /// The managed plugin this SDC runs as; `None` for the legacy SDC daemon.
+    pub managed: Option<Managed>,
+}
+
+/// Which form of the Meshblock plugin a Docker test runs against.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    /// The SDC daemon on the host, serving a socket in /run/docker/plugins.
+    Legacy,
+    /// The SDC as Docker's managed plugin (`docker plugin create`, `set`, `enable`).
+    Managed,
+}
+
+/// A managed plugin created in one dockerd from `packaging/build-docker-plugin`'s output.
+#[derive(Clone, Debug)]
+pub struct Managed {
+    pub name: String,
+    pub id: String,
+    /// `<data-root>/plugins/<id>`.
+    pub dir: PathBuf,
+}
+
+impl Managed {
+    /// Assembles the plugin from the SDC under test (under `work`) and creates it, disabled,
+    /// in `docker` as `name`.
+    pub fn create(docker: &Dockerd, name: &str, work: &Path) -> Managed {
+        let out = work.join(format!("plugin-{name}"));
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging/build-docker-plugin");
+        let bin_dir = bin("sdc");
+        let bin_dir = bin_dir.parent().expect("the binaries' directory");
+        let o = sh(
+            &script.display().to_string(),
+            &[
+                "--bin-dir",
+                &bin_dir.display().to_string(),
+                "--out",
+                &out.display().to_string(),
+            ],
+        );
+        assert!(o.ok, "build-docker-plugin: {}{}", o.stdout, o.stderr);
+        docker.must(&["plugin", "create", name, &out.display().to_string()]);
+        let _ = std::fs::remove_dir_all(&out);
+        let id = docker
+            .must(&["plugin", "inspect", "-f", "{{.Id}}", name])
+            .trim()
+            .to_string();
+        Managed {
+            name: name.to_string(),
+            dir: docker.plugin_dir(&id),
+            id,
+        }
+    }
+
+    /// The settings that make this plugin SDC `sdc_name` of cluster `c`.
+    pub fn settings_for(c: &Cluster, sdc_name: &str) -> Vec<String> {
+        vec![
+            format!("MDM={}", c.mdm_ips()),
+            format!("SDC_NAME={sdc_name}"),
+            format!("certs.source={}", crate::sdc_cert(c, sdc_name).display()),
+            format!("password.source={}", plugin_user(c).display()),
+            format!("METRICS_LISTEN=127.0.0.1:{}", crate::free_port()),
+        ]
+    }
+
+    /// `docker plugin set NAME settings...`.
+    pub fn set(&self, docker: &Dockerd, settings: &[String]) -> Out {
+        let mut args = vec!["plugin", "set", self.name.as_str()];
+        args.extend(settings.iter().map(String::as_str));
+        docker.cli(&args)
+    }
+
+    pub fn rootfs(&self) -> PathBuf {
+        self.dir.join("rootfs")
+    }
+
+    /// The SDC's state directory inside the plugin, as the host sees it.
+    pub fn state_dir(&self) -> PathBuf {
+        self.rootfs().join("var/lib/meshblock/sdc")
+    }
+
+    /// The plugin's socket on the host (dockerd 20.10 puts it here whatever its exec root).
+    pub fn socket(&self) -> PathBuf {
+        Path::new("/run/docker/plugins")
+            .join(&self.id)
+            .join("meshblock.sock")
+    }
+
+    /// The PropagatedMount on the host: volumes mount under it.
+    pub fn mount_root(&self) -> PathBuf {
+        self.dir.join("propagated-mount")
+    }
+
+    /// The plugin's processes (the SDC and its FUSE keeper).
+    pub fn pids(&self) -> Vec<i32> {
+        pids_rooted_at(&self.rootfs())
+    }
+
+    /// What the plugin logged (dockerd's log lines tagged with its id).
+    pub fn log(&self, docker: &Dockerd) -> String {
+        std::fs::read_to_string(docker.dir.join("dockerd.log"))
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.contains(&self.id))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
 }
 
 impl PluginSdc {
@@ -312,6 +521,7 @@ impl PluginSdc {
             socket,
             state_dir,
             mount_root,
+            managed: None,
         };
         p.wait_ready(d);
         p
@@ -361,6 +571,7 @@ impl PluginSdc {
             socket,
             state_dir,
             mount_root,
+            managed: None,
         };
         p.wait_up();
         (proc, p)
@@ -420,6 +631,14 @@ impl PluginSdc {
         (code.trim().parse().unwrap_or(0), body.to_string())
     }
 
+    /// The loop devices this SDC attached.
+    pub fn loops(&self) -> Vec<String> {
+        match &self.managed {
+            None => loops_under(&self.state_dir),
+            Some(m) => loops_backed_by(&fuse_devs_of(&m.pids())),
+        }
+    }
+
     /// The plugin's mount references on disk: volume -> IDs.
     pub fn refs(&self) -> serde_json::Value {
         std::fs::read_to_string(self.state_dir.join("docker-mounts.json"))
@@ -453,6 +672,12 @@ impl PluginSdc {
 
 impl Drop for PluginSdc {
     fn drop(&mut self) {
+        if self.managed.is_some() {
+            // The link to its state; its dockerd disables it and removes what is left (see
+            // `Dockerd`'s drop).
+            let _ = std::fs::remove_file(&self.state_dir);
+            return;
+        }
         let _ = std::fs::remove_file(&self.socket);
         for m in mounts_under(&self.mount_root) {
             let _ = sh("umount", &["-l", &m.display().to_string()]);
@@ -525,20 +750,64 @@ pub struct Setup {
     pub docker: Option<Dockerd>,
     pub plugin: Option<PluginSdc>,
     pub image: String,
+    pub kind: Kind,
     pub d: DataCluster,
 }
 
 impl Setup {
+    /// With the legacy plugin (the SDC daemon on the host).
     pub fn start(name: &str) -> Setup {
+        Setup::start_kind(name, Kind::Legacy)
+    }
+
+    /// With the plugin of `kind`. The managed plugin takes over the cluster's SDC `sdc1`
+    /// (its GUID and certificate), so what the cluster mapped to this host is the plugin's,
+    /// and the cluster's NBD URIs ([`DataCluster::uri`]) reach the plugin's NBD socket.
+    pub fn start_kind(name: &str, kind: Kind) -> Setup {
         require_all();
         let mut d = DataCluster::start(name, 3, 1);
-        let plugin = PluginSdc::enable(&mut d);
+        if kind == Kind::Legacy {
+            let plugin = PluginSdc::enable(&mut d);
+            let docker = Dockerd::start(&d.c.dir.join("docker"), None, &[]);
+            let image = docker.import_busybox();
+            return Setup {
+                docker: Some(docker),
+                plugin: Some(plugin),
+                image,
+                kind,
+                d,
+            };
+        }
         let docker = Dockerd::start(&d.c.dir.join("docker"), None, &[]);
         let image = docker.import_busybox();
+        let name = format!("mbt{}x{}", std::process::id(), rand::random::<u16>());
+        let m = Managed::create(&docker, &name, &d.c.dir.join("."));
+        PluginSdc::stop_sdc(&mut d);
+        std::fs::create_dir_all(m.state_dir()).expect("the plugin's state dir");
+        std::fs::copy(d.c.dir.join("sdc/guid"), m.state_dir().join("guid"))
+            .expect("give the plugin sdc1's GUID");
+        let o = m.set(&docker, &Managed::settings_for(&d.c, "sdc1"));
+        assert!(o.ok, "docker plugin set: {}", o.stderr);
+        docker.must(&["plugin", "enable", &name]);
+        // Unix socket paths are at most 107 bytes: reach the plugin's state (admin and NBD
+        // sockets) through a short link.
+        let state = std::env::temp_dir().join(format!("{name}-sdc"));
+        let _ = std::fs::remove_file(&state);
+        std::os::unix::fs::symlink(m.state_dir(), &state).expect("link the plugin's state dir");
+        d.socket = state.join("nbd.sock");
+        let plugin = PluginSdc {
+            driver: format!("{name}:latest"),
+            socket: m.socket(),
+            state_dir: state,
+            mount_root: m.mount_root(),
+            managed: Some(m),
+        };
+        plugin.wait_up();
         Setup {
             docker: Some(docker),
             plugin: Some(plugin),
             image,
+            kind,
             d,
         }
     }
@@ -588,7 +857,9 @@ impl Drop for Setup {
         // Containers first (Docker unmounts through the plugin), then the SDC (SIGTERM: it
         // detaches what is unused), then whatever is left.
         drop(self.docker.take());
-        PluginSdc::stop_sdc(&mut self.d);
+        if self.kind == Kind::Legacy {
+            PluginSdc::stop_sdc(&mut self.d);
+        }
         drop(self.plugin.take());
     }
 }

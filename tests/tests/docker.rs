@@ -9,7 +9,16 @@ use std::time::Duration;
 
 #[test]
 fn docker_volume_lifecycle() {
-    let s = Setup::start("docker-life");
+    volume_lifecycle(Kind::Legacy);
+}
+
+#[test]
+fn managed_plugin_volume_lifecycle() {
+    volume_lifecycle(Kind::Managed);
+}
+
+fn volume_lifecycle(kind: Kind) {
+    let s = Setup::start_kind("docker-life", kind);
     let drv = s.drv();
     s.docker().must(&[
         "volume",
@@ -31,7 +40,7 @@ fn docker_volume_lifecycle() {
     // Released after the container: unmounted, detached, unmapped.
     assert!(!is_mounted(&s.mountpoint("v1")));
     assert_eq!(s.volume_mappings("v1"), 0);
-    assert!(loops_under(&s.plugin().state_dir).is_empty());
+    assert!(s.plugin().loops().is_empty());
     let out = s.run("v1", "cat /data/f");
     assert_eq!(out.trim(), "hello");
 
@@ -72,7 +81,16 @@ fn docker_volume_lifecycle() {
 
 #[test]
 fn docker_create_refuses_bad_options() {
-    let s = Setup::start("docker-bad");
+    create_refuses_bad_options(Kind::Legacy);
+}
+
+#[test]
+fn managed_plugin_refuses_bad_options() {
+    create_refuses_bad_options(Kind::Managed);
+}
+
+fn create_refuses_bad_options(kind: Kind) {
+    let s = Setup::start_kind("docker-bad", kind);
     let drv = s.drv();
     let create = |name: &str, opts: &[&str]| {
         let mut args = vec!["volume", "create", "--driver", drv.as_str()];
@@ -182,7 +200,16 @@ impl Drop for NbdClient {
 /// uses on this host (a mapping made with scli, an NBD client) is refused until that ends.
 #[test]
 fn docker_leaves_volumes_it_did_not_create_alone() {
-    let s = Setup::start("docker-foreign");
+    leaves_volumes_it_did_not_create_alone(Kind::Legacy);
+}
+
+#[test]
+fn managed_plugin_leaves_volumes_it_did_not_create_alone() {
+    leaves_volumes_it_did_not_create_alone(Kind::Managed);
+}
+
+fn leaves_volumes_it_did_not_create_alone(kind: Kind) {
+    let s = Setup::start_kind("docker-foreign", kind);
     require("qemu-io").expect("qemu-io");
     require("stdbuf").expect("stdbuf");
     let drv = s.drv();
@@ -244,7 +271,7 @@ fn docker_leaves_volumes_it_did_not_create_alone() {
     );
     assert!(map.volume_by_name("vol1").is_some(), "vol1 was removed");
     assert_eq!(s.volume_mappings("vol1"), 1, "vol1 lost its scli mapping");
-    assert!(loops_under(&s.plugin().state_dir).is_empty());
+    assert!(s.plugin().loops().is_empty());
     must_qemu_io(&uri, &verify);
     s.docker().must(&["volume", "rm", "mine"]);
 
@@ -303,7 +330,7 @@ fn docker_leaves_volumes_it_did_not_create_alone() {
     let client = NbdClient::hold(&s.d.uri("dn"), &s.d.c.dir.join("qemu-io-dn.txt"));
     s.docker().must(&["rm", "-f", &cid]);
     assert!(!is_mounted(&s.mountpoint("dn")));
-    assert!(loops_under(&s.plugin().state_dir).is_empty());
+    assert!(s.plugin().loops().is_empty());
     assert_eq!(s.volume_mappings("dn"), 1, "unmapped under an NBD client");
     let o = s.docker().cli(&["volume", "rm", "dn"]);
     assert!(!o.ok, "docker volume rm dn succeeded under an NBD client");

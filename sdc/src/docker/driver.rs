@@ -32,6 +32,9 @@ use std::time::Duration;
 /// How long a call waits for the SDC to finish starting (registration, first map).
 const READY_WAIT: Duration = Duration::from_secs(60);
 /// How long Mount waits for the map to show a new mapping.
+/// How long a call waits for an SDC whose registration keeps failing before it fails with the
+/// registration's error (Docker commands must not hang on an unreachable MDM).
+const FAILING_REGISTRATION: Duration = Duration::from_secs(5);
 const MAPPING_WAIT: Duration = Duration::from_secs(15);
 
 /// Why a plugin call failed; the message is what Docker shows the user.
@@ -106,6 +109,8 @@ pub struct Driver {
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// References held, readable without the table's lock (metrics).
     ref_count: std::sync::atomic::AtomicUsize,
+    /// Whether the SDC's registration with the MDM is failing (calls then fail fast).
+    registration: Arc<crate::daemon::RegistrationStatus>,
 }
 
 /// The labels of a volume (the Docker options it was created with).
@@ -124,6 +129,7 @@ impl Driver {
         cluster: Cluster,
         state_dir: &std::path::Path,
         core: tokio::sync::watch::Receiver<Option<Core>>,
+        registration: Arc<crate::daemon::RegistrationStatus>,
     ) -> Result<Driver, crate::persist::PersistError> {
         let refs_file = state_dir.join("docker-mounts.json");
         let cache_file = state_dir.join("docker-volumes.json");
@@ -141,24 +147,34 @@ impl Driver {
             cache_file,
             locks: Mutex::new(HashMap::new()),
             ref_count: Default::default(),
+            registration,
         })
     }
 
     async fn core(&self) -> Result<Core, DriverError> {
         let mut rx = self.core.clone();
-        let got = tokio::time::timeout(READY_WAIT, async {
-            rx.wait_for(|c| c.is_some())
-                .await
-                .ok()
-                .and_then(|c| c.clone())
-        })
-        .await;
-        match got {
-            Ok(Some(c)) => Ok(c),
-            _ => Err(DriverError::Cluster(
-                "the SDC has not registered with the MDM yet; check that the MDM is reachable"
-                    .into(),
-            )),
+        let deadline = tokio::time::Instant::now() + READY_WAIT;
+        loop {
+            if let Some(c) = rx.borrow_and_update().clone() {
+                return Ok(c);
+            }
+            if let Some((for_how_long, why)) = self.registration.failing() {
+                if for_how_long >= FAILING_REGISTRATION {
+                    return Err(DriverError::Cluster(format!(
+                        "this SDC cannot register with the MDM ({}) for {}s: {why}; check the \
+                         MDM addresses, this host's certificate and that an MDM is up",
+                        self.registration.mdm(),
+                        for_how_long.as_secs()
+                    )));
+                }
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(DriverError::Cluster(
+                    "the SDC has not registered with the MDM yet; check that the MDM is reachable"
+                        .into(),
+                ));
+            }
+            let _ = tokio::time::timeout(Duration::from_millis(500), rx.changed()).await;
         }
     }
 

@@ -6,7 +6,7 @@
 //! (what each call does), [`guard`] (what Docker may remove, mount or release; pure),
 //! [`options`] (create options, pure), [`names`] (which cluster volume holds a Docker name,
 //! pure), [`refs`] (mount references and what Docker holds, on
-//! disk), [`cluster`] (MDM session and commands), [`fs`] (mkfs, mount). The plugin reaches the
+//! disk), [`cluster`] (MDM session and commands), [`fs`] (mkfs, mount), [`managed`] (the settings of the managed plugin, `sdc plugin`). The plugin reaches the
 //! MDM lazily: its socket listens before the SDC has registered, and calls that need the cluster
 //! wait for it.
 
@@ -15,6 +15,7 @@ pub mod cluster;
 pub mod driver;
 pub mod fs;
 pub mod guard;
+pub mod managed;
 pub mod names;
 pub mod options;
 pub mod refs;

@@ -48,6 +48,46 @@ pub fn bind(
     Ok(async move { axum::serve(listener, app).await })
 }
 
+/// Binds the socket and answers every volume call with `problem` (a managed plugin whose
+/// settings or certificate are wrong): Docker's commands fail at once with what to fix instead
+/// of waiting for a plugin that never comes up.
+pub fn bind_failed(
+    socket: &Path,
+    problem: String,
+) -> std::io::Result<impl std::future::Future<Output = std::io::Result<()>>> {
+    if let Some(dir) = socket.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let _ = std::fs::remove_file(socket);
+    let listener = tokio::net::UnixListener::bind(socket)?;
+    let message = Arc::new(format!("the Meshblock plugin cannot work: {problem}"));
+    let refuse = move || {
+        let m = message.clone();
+        async move { err_json(StatusCode::OK, m.to_string()) }
+    };
+    let app = Router::new()
+        .route(
+            "/Plugin.Activate",
+            post(|| async {
+                Json(ActivateResponse {
+                    Implements: vec!["VolumeDriver".into()],
+                })
+            }),
+        )
+        .route(
+            "/VolumeDriver.Capabilities",
+            post(|| async {
+                Json(CapabilitiesResponse {
+                    Capabilities: Capabilities {
+                        Scope: "global".into(),
+                    },
+                })
+            }),
+        )
+        .fallback(refuse);
+    Ok(async move { axum::serve(listener, app).await })
+}
+
 fn err_json(status: StatusCode, msg: String) -> Response {
     (status, Json(ErrResponse { Err: msg })).into_response()
 }
