@@ -699,12 +699,32 @@ impl Driver {
         }
         // Off the runtime thread (see `unmount`).
         let _ = tokio::fs::remove_dir(&mp).await;
-        if m.source.starts_with("/dev/loop") {
-            let dev = PathBuf::from(&m.source);
-            if system::loop_devices().iter().any(|l| l.device == dev) {
-                if let Err(e) = system::loop_detach(&dev) {
-                    tracing::warn!(volume = %cname, device = %m.source, "failed to free the stale device: {e}");
-                }
+        self.free_dead_device(cname, &m.source).await;
+    }
+
+    /// Detaches `source`, the loop device a filesystem of volume `cname` was mounted from,
+    /// unless the attach layer serves it: one left from an SDC that died with its FUSE keeper
+    /// (a managed plugin's keeper dies with it), whose backing connection is gone and which
+    /// nothing else would ever free.
+    async fn free_dead_device(&self, cname: &str, source: &str) {
+        if !source.starts_with("/dev/loop") {
+            return;
+        }
+        let dev = PathBuf::from(source);
+        if let Ok(core) = self.core().await {
+            if core.attacher.device(cname).await.as_ref() == Some(&dev) {
+                return;
+            }
+        }
+        if !system::loop_devices().iter().any(|l| l.device == dev) {
+            return;
+        }
+        match system::loop_detach(&dev) {
+            Ok(()) => {
+                tracing::info!(volume = %cname, device = %source, "freed the device left by a dead SDC")
+            }
+            Err(e) => {
+                tracing::warn!(volume = %cname, device = %source, "failed to free the device left by a dead SDC: {e}")
             }
         }
     }
@@ -765,7 +785,8 @@ impl Driver {
             return Ok(());
         }
         let mp = self.mountpoint(&cname);
-        if system::mount_at(&mp).is_some() {
+        let mounted = system::mount_at(&mp);
+        if mounted.is_some() {
             if let Err(e) = fs::unmount(&mp).await {
                 self.save_refs(&refs).await?;
                 return Err(DriverError::Host(format!(
@@ -773,6 +794,9 @@ impl Driver {
                     mp.display()
                 )));
             }
+        }
+        if let Some(m) = mounted {
+            self.free_dead_device(&cname, &m.source).await;
         }
         // Off the runtime thread: removing a mount point detaches copies of the mount that
         // propagated into other namespaces (Docker's), and the last one's shutdown flushes the
