@@ -152,6 +152,18 @@ impl SwarmNode {
             .collect()
     }
 
+    /// Pids of the node's processes whose command line starts with `argv` (e.g. the plugin's
+    /// SDC, `/bin/sdc plugin`).
+    pub fn pids_running(&self, argv: &[&str]) -> Vec<i32> {
+        let want: Vec<u8> = argv.join("\0").into_bytes();
+        self.pids()
+            .into_iter()
+            .filter(|pid| {
+                std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| c.starts_with(&want))
+            })
+            .collect()
+    }
+
     /// SIGKILLs every process of the node until none is left; returns how many there were.
     fn kill_all(&mut self) -> usize {
         let mut killed = BTreeSet::new();
@@ -402,6 +414,16 @@ impl Swarm {
     pub fn kill(&mut self, i: usize) -> usize {
         self.nodes[i].set_link("down");
         self.nodes[i].kill_all()
+    }
+
+    /// Cuts node `i` off the network, everything on it left running.
+    pub fn cut(&mut self, i: usize) {
+        self.nodes[i].set_link("down");
+    }
+
+    /// Undoes [`cut`](Self::cut).
+    pub fn heal(&mut self, i: usize) {
+        self.nodes[i].set_link("up");
     }
 
     /// Brings node `i` back after [`kill`](Self::kill): link up, dockerd (and with it the

@@ -138,119 +138,147 @@ struct Phases {
     data_read: f64,
 }
 
+/// The demo's world. Fields drop in order: the Swarm's hosts before the cluster, the network
+/// last.
+struct Demo {
+    swarm: Swarm,
+    d: DataCluster,
+    _net: std::sync::Arc<netns::Net>,
+    /// The service's volume.
+    volume: String,
+    /// The SHA-256 of the pattern.
+    want: String,
+}
+
+impl Demo {
+    /// A cluster (1 MDM, 3 SDS) and a Swarm of three hosts (node1 the manager) with the
+    /// plugin, all on one test network; the service created, its first task's write waited
+    /// for. Returns the demo and the node that runs the task (a worker).
+    fn start(name: &str) -> (Demo, usize) {
+        require_all();
+        let net = match netns::Net::new() {
+            Ok(n) => std::sync::Arc::new(n),
+            Err(e) => panic!("network namespaces are needed (run as root): {e}"),
+        };
+        let mut d = DataCluster::start_net(name, 1, 3, 1, &[], Some(net.clone()));
+        // The cluster's own SDC is not a Docker host here.
+        d.sdc.kill();
+        let c = &d.c;
+        let password = plugin_user(c);
+        let plugin_dir = build_plugin(&c.dir.join("plugin"));
+        let volume = format!("{name}{}", std::process::id());
+        let mut swarm = Swarm::start(&net, &c.dir.join("swarm"), 3);
+        swarm.track_volume(&volume);
+        swarm.install_plugin(PLUGIN, &plugin_dir, c, &password, &[]);
+        let demo = Demo {
+            swarm,
+            d,
+            _net: net,
+            volume,
+            want: sha256_hex(pattern().as_bytes()),
+        };
+        demo.create_service();
+        let a = demo.wait_first_write();
+        (demo, a)
+    }
+
+    /// The service: one task on a worker (killing the manager, the Raft leader, would add an
+    /// election), restarted anywhere at once.
+    fn create_service(&self) {
+        let mount = format!(
+            "type=volume,source={},target=/data,volume-driver={PLUGIN},volume-opt=size=256MiB",
+            self.volume
+        );
+        let script = task_script();
+        self.swarm.manager().must(&[
+            "service",
+            "create",
+            "--detach",
+            "--name",
+            SERVICE,
+            "--no-resolve-image",
+            "--network",
+            "host",
+            "--restart-condition",
+            "any",
+            "--restart-delay",
+            "0s",
+            "--stop-grace-period",
+            "1s",
+            "--constraint",
+            "node.role==worker",
+            "--mount",
+            &mount,
+            &self.swarm.image,
+            "sh",
+            "-c",
+            &script,
+        ]);
+    }
+
+    /// Waits until the first task wrote and synced the pattern; returns its node.
+    fn wait_first_write(&self) -> usize {
+        let swarm = &self.swarm;
+        let (a_name, wrote) = wait_for_explained(
+            "the first task to write the pattern",
+            Duration::from_secs(120),
+            || {
+                swarm.nodes.iter().find_map(|n| {
+                    let id = n.task_container(SERVICE)?;
+                    let line = n
+                        .logs(&id)
+                        .into_iter()
+                        .find(|(_, l)| l.starts_with("wrote "))?;
+                    Some((n.name.clone(), line.1))
+                })
+            },
+            || format!("; tasks: {:?}", swarm.tasks(SERVICE)),
+        );
+        assert_eq!(
+            wrote,
+            format!("wrote {a_name} {}", self.want),
+            "the first task wrote something else"
+        );
+        swarm.index(&a_name)
+    }
+}
+
+/// The worker other than `a`.
+fn other_worker(swarm: &Swarm, a: usize) -> usize {
+    (1..swarm.nodes.len())
+        .find(|i| *i != a)
+        .expect("another worker")
+}
+
 #[test]
 fn swarm_service_follows_a_lost_host() {
-    require_all();
-    let net = match netns::Net::new() {
-        Ok(n) => std::sync::Arc::new(n),
-        Err(e) => panic!("network namespaces are needed (run as root): {e}"),
-    };
-    let mut d = DataCluster::start_net("swarm", 1, 3, 1, &[], Some(net.clone()));
-    // The cluster's own SDC is not a Docker host here.
-    d.sdc.kill();
-    let c = &d.c;
-    let password = plugin_user(c);
-    let plugin_dir = build_plugin(&c.dir.join("plugin"));
-    let volume = format!("swarmdb{}", std::process::id());
-
-    let mut swarm = Swarm::start(&net, &c.dir.join("swarm"), 3);
-    swarm.track_volume(&volume);
-    swarm.install_plugin(PLUGIN, &plugin_dir, c, &password, &[]);
-    let image = swarm.image.clone();
-
-    // The service: one task on a worker (killing the manager, the Raft leader, would add an
-    // election), restarted anywhere at once.
-    let mount = format!(
-        "type=volume,source={volume},target=/data,volume-driver={PLUGIN},volume-opt=size=256MiB"
-    );
-    let script = task_script();
-    swarm.manager().must(&[
-        "service",
-        "create",
-        "--detach",
-        "--name",
-        SERVICE,
-        "--no-resolve-image",
-        "--network",
-        "host",
-        "--restart-condition",
-        "any",
-        "--restart-delay",
-        "0s",
-        "--stop-grace-period",
-        "1s",
-        "--constraint",
-        "node.role==worker",
-        "--mount",
-        &mount,
-        &image,
-        "sh",
-        "-c",
-        &script,
-    ]);
-    let want = sha256_hex(pattern().as_bytes());
-
-    // The first task writes and syncs the pattern.
-    let (a_name, wrote) = wait_for_explained(
-        "the first task to write the pattern",
-        Duration::from_secs(120),
-        || {
-            swarm.nodes.iter().find_map(|n| {
-                let id = n.task_container(SERVICE)?;
-                let line = n
-                    .logs(&id)
-                    .into_iter()
-                    .find(|(_, l)| l.starts_with("wrote "))?;
-                Some((n.name.clone(), line.1))
-            })
-        },
-        || format!("; tasks: {:?}", swarm.tasks(SERVICE)),
-    );
-    assert_eq!(
-        wrote,
-        format!("wrote {a_name} {want}"),
-        "the first task wrote something else"
-    );
-    let a = swarm.index(&a_name);
+    let (mut demo, a) = Demo::start("swarmdb");
+    let Demo {
+        swarm,
+        d,
+        volume,
+        want,
+        ..
+    } = &mut demo;
+    let (c, volume, want) = (&d.c, volume.as_str(), want.as_str());
+    let a_name = swarm.nodes[a].name.clone();
     assert_ne!(a, 0, "the task runs on a worker");
-    let b_name = swarm.nodes[1..]
-        .iter()
-        .find(|n| n.name != a_name)
-        .expect("another worker")
-        .name
-        .clone();
-    let b = swarm.index(&b_name);
-    let old_generation = generation(c, &volume, &a_name).expect("the volume is mapped to A");
+    let b = other_worker(swarm, a);
+    let b_name = swarm.nodes[b].name.clone();
+    let old_generation = generation(c, volume, &a_name).expect("the volume is mapped to A");
     eprintln!("the task runs on {a_name} (mapping generation {old_generation}); {b_name} is the other worker");
 
-    // Host A dies. A thread watches the MDM's map for the takeover meanwhile.
-    let stop = AtomicBool::new(false);
-    let taken_over: Mutex<Option<f64>> = Mutex::new(None);
-    let killed_at = unix_now();
-    let phases = std::thread::scope(|s| {
-        s.spawn(|| {
-            while !stop.load(Ordering::Relaxed) {
-                if mapped_to(c, &volume) == std::slice::from_ref(&b_name) {
-                    *taken_over.lock().unwrap_or_else(|p| p.into_inner()) = Some(unix_now());
-                    return;
-                }
-                std::thread::park_timeout(Duration::from_millis(50));
-            }
-        });
+    // Host A dies.
+    let phases = time_failover(swarm, c, volume, a, b, |swarm| {
         let killed = swarm.kill(a);
-        eprintln!("killed {a_name}: {killed} processes (dockerd, containerd, shims, the task, the plugin's SDC)");
-        let phases = follow_failover(&swarm, &a_name, b, &want, killed_at);
-        stop.store(true, Ordering::Relaxed);
-        phases
+        eprintln!(
+            "killed {a_name}: {killed} processes (dockerd, containerd, shims, the task, the \
+             plugin's SDC)"
+        );
     });
-    let mut phases = phases;
-    phases.taken_over = taken_over
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .map_or(f64::NAN, |t| t - killed_at);
-    report(&phases);
-    assert_eq!(mapped_to(c, &volume), std::slice::from_ref(&b_name));
-    let new_generation = generation(c, &volume, &b_name).expect("mapped to B");
+    report("worker killed", &phases);
+    assert_eq!(mapped_to(c, volume), std::slice::from_ref(&b_name));
+    let new_generation = generation(c, volume, &b_name).expect("mapped to B");
     assert_ne!(new_generation, old_generation);
 
     // Dead A's kernel still has the volume's filesystem mounted and its device open (the
@@ -274,19 +302,19 @@ fn swarm_service_follows_a_lost_host() {
         "the revived host's plugin to release its stale mount and device",
         Duration::from_secs(60),
         || {
-            (volume_mounts_under(&swarm.nodes[a].dir).is_empty() && loops_of(&volume).len() == 1)
+            (volume_mounts_under(&swarm.nodes[a].dir).is_empty() && loops_of(volume).len() == 1)
                 .then_some(())
         },
         || {
             format!(
                 "; mounts {:?}, loop devices {:?}\nthe plugin's lines in {a_name}'s dockerd log:\n{}",
                 volume_mounts_under(&swarm.nodes[a].dir),
-                loops_of(&volume),
+                loops_of(volume),
                 plugin_log(&swarm.nodes[a].dir.join("dockerd.log"), 30)
             )
         },
     );
-    must_be_fenced(&swarm, c, a, b, &volume, old_generation, &want);
+    must_be_fenced(swarm, c, a, b, volume, old_generation, want);
 
     // The end: the task goes, B's plugin releases the volume.
     swarm.manager().must(&["service", "rm", SERVICE]);
@@ -304,9 +332,47 @@ fn swarm_service_follows_a_lost_host() {
     wait_for(
         "the volume to be released by B",
         Duration::from_secs(60),
-        || (!mapped_to(c, &volume).contains(&b_name)).then_some(()),
+        || (!mapped_to(c, volume).contains(&b_name)).then_some(()),
     );
-    drop(swarm);
+}
+
+/// Does `fail` to node `a` (the host running the task) and times the failover until the task
+/// rescheduled on node `b` read the pattern. A thread watches the MDM's map for the takeover
+/// meanwhile.
+fn time_failover(
+    swarm: &mut Swarm,
+    c: &Cluster,
+    volume: &str,
+    a: usize,
+    b: usize,
+    fail: impl FnOnce(&mut Swarm),
+) -> Phases {
+    let a_name = swarm.nodes[a].name.clone();
+    let b_name = swarm.nodes[b].name.clone();
+    let want = sha256_hex(pattern().as_bytes());
+    let stop = AtomicBool::new(false);
+    let taken_over: Mutex<Option<f64>> = Mutex::new(None);
+    let failed_at = unix_now();
+    let mut phases = std::thread::scope(|s| {
+        s.spawn(|| {
+            while !stop.load(Ordering::Relaxed) {
+                if mapped_to(c, volume) == std::slice::from_ref(&b_name) {
+                    *taken_over.lock().unwrap_or_else(|p| p.into_inner()) = Some(unix_now());
+                    return;
+                }
+                std::thread::park_timeout(Duration::from_millis(50));
+            }
+        });
+        fail(swarm);
+        let phases = follow_failover(swarm, &a_name, b, &want, failed_at);
+        stop.store(true, Ordering::Relaxed);
+        phases
+    });
+    phases.taken_over = taken_over
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .map_or(f64::NAN, |t| t - failed_at);
+    phases
 }
 
 /// Follows the failover until the rescheduled task on node `b` read the pattern.
@@ -384,11 +450,11 @@ fn plugin_log(log: &Path, n: usize) -> String {
     lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
-fn report(p: &Phases) {
+fn report(what: &str, p: &Phases) {
     summary(&format!(
-        "swarm failover (worker killed; dispatcher heartbeat 1 s, MDM sdc_session_timeout 4 s, \
-         plugin takeover_wait 15 s): node down after {:.1} s, task rescheduled at {:.1} s, \
-         volume taken over at {:.1} s, container started at {:.1} s, data read at {:.1} s",
+        "swarm failover ({what}; dispatcher heartbeat 1 s, MDM sdc_session_timeout 4 s, plugin \
+         takeover_wait 15 s): node down after {:.1} s, task rescheduled at {:.1} s, volume \
+         taken over at {:.1} s, container started at {:.1} s, data read at {:.1} s",
         p.node_down, p.task_created, p.taken_over, p.container_started, p.data_read
     ));
 }
@@ -484,4 +550,132 @@ fn volume_mounts_under(dir: &Path) -> Vec<PathBuf> {
             ours.then_some(at)
         })
         .collect()
+}
+
+#[test]
+fn swarm_service_follows_a_partitioned_host() {
+    let (mut demo, a) = Demo::start("swarmpt");
+    let Demo {
+        swarm,
+        d,
+        volume,
+        want,
+        ..
+    } = &mut demo;
+    let (c, volume, want) = (&d.c, volume.as_str(), want.as_str());
+    let b = other_worker(swarm, a);
+    let a_name = swarm.nodes[a].name.clone();
+    let old_task = swarm.nodes[a].task_container(SERVICE).expect("A's task");
+
+    // Host A is cut off, alive: seen from the others, it is dead.
+    let phases = time_failover(swarm, c, volume, a, b, |swarm| swarm.cut(a));
+    report("worker cut off", &phases);
+
+    // A's task still runs there, but nothing it writes reaches the volume (its SDC can reach
+    // no SDS until its I/O times out; once the network is back, its mapping is fenced).
+    let o = swarm.nodes[a].cli(&[
+        "exec",
+        &old_task,
+        "sh",
+        "-c",
+        "echo cut-off | dd of=/data/from-a conv=fsync",
+    ]);
+    assert!(!o.ok, "the cut-off host wrote to the volume: {}", o.stdout);
+
+    // The network heals: Swarm stops A's old task, whose Unmount releases what was left there.
+    swarm.heal(a);
+    wait_for_explained(
+        "the healed host to stop its old task and leave nothing of the volume",
+        Duration::from_secs(120),
+        || {
+            (swarm.nodes[a].task_container(SERVICE).is_none()
+                && volume_mounts_under(&swarm.nodes[a].dir).is_empty()
+                && loops_of(volume).len() == 1)
+                .then_some(())
+        },
+        || {
+            format!(
+                "; tasks {:?}; mounts {:?}; loop devices {:?}\nthe plugin's lines in \
+                 {a_name}'s dockerd log:\n{}",
+                swarm.tasks(SERVICE),
+                volume_mounts_under(&swarm.nodes[a].dir),
+                loops_of(volume),
+                plugin_log(&swarm.nodes[a].dir.join("dockerd.log"), 20)
+            )
+        },
+    );
+    must_hold_the_pattern(swarm, b, want);
+}
+
+#[test]
+fn swarm_service_restarted_after_its_plugin_crashed() {
+    let (mut demo, a) = Demo::start("swarmsc");
+    let Demo {
+        swarm,
+        volume,
+        want,
+        ..
+    } = &mut demo;
+    let (volume, want) = (volume.as_str(), want.as_str());
+    let sdc = ["/bin/sdc", "plugin"];
+
+    // The plugin's SDC dies on A; dockerd restarts the plugin. Its FUSE keeper died with it
+    // (a managed plugin is a container), so the task's filesystem there is dead.
+    let old = swarm.nodes[a].pids_running(&sdc);
+    assert!(!old.is_empty(), "no plugin SDC on {}", swarm.nodes[a].name);
+    for pid in &old {
+        // SAFETY: kill(2) on a process of this test's own namespace.
+        unsafe { libc::kill(*pid, libc::SIGKILL) };
+    }
+    wait_for(
+        "dockerd to restart the plugin",
+        Duration::from_secs(60),
+        || {
+            let now = swarm.nodes[a].pids_running(&sdc);
+            (!now.is_empty() && now.iter().all(|p| !old.contains(p))).then_some(())
+        },
+    );
+
+    // What the README tells the operator: restart the service's tasks. The old task's
+    // Unmount frees the dead device; the new task, wherever Swarm puts it, reads the pattern.
+    let old_task = swarm.tasks(SERVICE)[0].0.clone();
+    swarm
+        .manager()
+        .must(&["service", "update", "--detach", "--force", SERVICE]);
+    let (n, _) = wait_for_explained(
+        "a new task to read the pattern",
+        Duration::from_secs(120),
+        || {
+            let t = swarm
+                .tasks(SERVICE)
+                .into_iter()
+                .find(|t| t.0 != old_task && t.2 == "Running" && t.3.starts_with("Running"))?;
+            let n = swarm.index(&t.1);
+            let id = swarm.nodes[n].task_container(SERVICE)?;
+            let line = swarm.nodes[n]
+                .logs(&id)
+                .into_iter()
+                .find(|(_, l)| l.starts_with("read "))?;
+            Some((n, line.1))
+        },
+        || format!("; tasks {:?}", swarm.tasks(SERVICE)),
+    );
+    wait_for_explained(
+        "one device of the volume left",
+        Duration::from_secs(60),
+        || (loops_of(volume).len() == 1).then_some(()),
+        || format!("; loop devices {:?}", loops_of(volume)),
+    );
+    must_hold_the_pattern(swarm, n, want);
+}
+
+/// Node `n`'s task reads the pattern, and sees no file but the pattern's (and ext4's).
+fn must_hold_the_pattern(swarm: &Swarm, n: usize, want: &str) {
+    let node = &swarm.nodes[n];
+    let id = node.task_container(SERVICE).expect("a task");
+    let sum = node.must(&["exec", &id, "sha256sum", "/data/pattern"]);
+    assert_eq!(sum.split_whitespace().next(), Some(want), "{sum}");
+    let ls = node.must(&["exec", &id, "ls", "/data"]);
+    let files: Vec<&str> = ls.split_whitespace().collect();
+    assert_eq!(files, ["lost+found", "pattern"], "{ls}");
 }
