@@ -164,6 +164,19 @@ impl SwarmNode {
             .collect()
     }
 
+    /// SIGKILLs the node's dockerd alone: its containerd goes with it, the shims, containers
+    /// and plugins live on.
+    pub fn kill_dockerd(&mut self) {
+        if let Some(mut p) = self.proc.take() {
+            p.kill();
+        }
+    }
+
+    /// Starts the node's dockerd again after [`kill_dockerd`](Self::kill_dockerd).
+    pub fn restart_dockerd(&mut self) {
+        self.launch();
+    }
+
     /// SIGKILLs every process of the node until none is left; returns how many there were.
     fn kill_all(&mut self) -> usize {
         let mut killed = BTreeSet::new();

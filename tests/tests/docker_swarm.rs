@@ -642,7 +642,106 @@ fn swarm_service_restarted_after_its_plugin_crashed() {
     swarm
         .manager()
         .must(&["service", "update", "--detach", "--force", SERVICE]);
-    let (n, _) = wait_for_explained(
+    let n = wait_new_reader(swarm, &old_task);
+    wait_for_explained(
+        "one device of the volume left",
+        Duration::from_secs(60),
+        || (loops_of(volume).len() == 1).then_some(()),
+        || format!("; loop devices {:?}", loops_of(volume)),
+    );
+    must_hold_the_pattern(swarm, n, want);
+}
+
+#[test]
+fn swarm_service_waits_for_a_host_whose_dockerd_died() {
+    let (mut demo, a) = Demo::start("swarmdd");
+    let Demo {
+        swarm,
+        d,
+        volume,
+        want,
+        ..
+    } = &mut demo;
+    let (c, volume, want) = (&d.c, volume.as_str(), want.as_str());
+    let b = other_worker(swarm, a);
+    let (a_name, b_name) = (swarm.nodes[a].name.clone(), swarm.nodes[b].name.clone());
+    let old_task = swarm.tasks(SERVICE)[0].0.clone();
+    // The task's process: `sleep`, its last command, in A's namespace.
+    let task_pid = *swarm.nodes[a]
+        .pids_running(&["sleep", "1000000"])
+        .first()
+        .expect("A's task process");
+
+    // dockerd dies on A; its containers, their shims and the plugin's SDC live on.
+    swarm.nodes[a].kill_dockerd();
+    swarm.wait_node_state(&a_name, "down");
+
+    // Swarm places the task elsewhere, but its Mount is refused: A's SDC is alive.
+    let log = swarm.nodes[b].dir.join("dockerd.log");
+    let refusal = format!("refused: volume {volume} is in use on another host");
+    wait_for_explained(
+        &format!("{b_name}'s Mount to be refused"),
+        Duration::from_secs(120),
+        || {
+            std::fs::read_to_string(&log)
+                .is_ok_and(|t| t.contains(&refusal))
+                .then_some(())
+        },
+        || {
+            format!(
+                "; tasks {:?}\n{}",
+                swarm.tasks(SERVICE),
+                plugin_log(&log, 20)
+            )
+        },
+    );
+    assert_eq!(mapped_to(c, volume), std::slice::from_ref(&a_name));
+
+    // Meanwhile A's task keeps the volume and writes to it.
+    let o = sh(
+        "nsenter",
+        &[
+            "-t",
+            &task_pid.to_string(),
+            "-m",
+            "-r",
+            "/bin/sh",
+            "-c",
+            "echo while-dockerd-was-dead | dd of=/data/from-a conv=fsync && sync -f /data",
+        ],
+    );
+    assert!(o.ok, "A's task could not write: {}{}", o.stdout, o.stderr);
+
+    // dockerd comes back: it stops the old containers (Swarm mode has no --live-restore), their
+    // Unmount releases the volume, and the next try takes it over, wherever Swarm puts it. It
+    // finds what A's task wrote.
+    swarm.nodes[a].restart_dockerd();
+    let n = wait_new_reader(swarm, &old_task);
+    must_hold(swarm, n, want, &["from-a", "lost+found", "pattern"]);
+    let id = swarm.nodes[n].task_container(SERVICE).expect("the task");
+    let text = swarm.nodes[n].must(&["exec", &id, "cat", "/data/from-a"]);
+    assert_eq!(text.trim(), "while-dockerd-was-dead");
+}
+
+/// Node `n`'s task reads the pattern, and sees no file but the pattern's (and ext4's).
+fn must_hold_the_pattern(swarm: &Swarm, n: usize, want: &str) {
+    must_hold(swarm, n, want, &["lost+found", "pattern"]);
+}
+
+/// Node `n`'s task reads the pattern, and `/data` holds exactly `files`.
+fn must_hold(swarm: &Swarm, n: usize, want: &str, files: &[&str]) {
+    let node = &swarm.nodes[n];
+    let id = node.task_container(SERVICE).expect("a task");
+    let sum = node.must(&["exec", &id, "sha256sum", "/data/pattern"]);
+    assert_eq!(sum.split_whitespace().next(), Some(want), "{sum}");
+    let ls = node.must(&["exec", &id, "ls", "/data"]);
+    let have: Vec<&str> = ls.split_whitespace().collect();
+    assert_eq!(have, files, "{ls}");
+}
+
+/// Waits until a task other than `old_task` runs and read the pattern; returns its node.
+fn wait_new_reader(swarm: &Swarm, old_task: &str) -> usize {
+    let (n, line) = wait_for_explained(
         "a new task to read the pattern",
         Duration::from_secs(120),
         || {
@@ -660,22 +759,7 @@ fn swarm_service_restarted_after_its_plugin_crashed() {
         },
         || format!("; tasks {:?}", swarm.tasks(SERVICE)),
     );
-    wait_for_explained(
-        "one device of the volume left",
-        Duration::from_secs(60),
-        || (loops_of(volume).len() == 1).then_some(()),
-        || format!("; loop devices {:?}", loops_of(volume)),
-    );
-    must_hold_the_pattern(swarm, n, want);
-}
-
-/// Node `n`'s task reads the pattern, and sees no file but the pattern's (and ext4's).
-fn must_hold_the_pattern(swarm: &Swarm, n: usize, want: &str) {
-    let node = &swarm.nodes[n];
-    let id = node.task_container(SERVICE).expect("a task");
-    let sum = node.must(&["exec", &id, "sha256sum", "/data/pattern"]);
-    assert_eq!(sum.split_whitespace().next(), Some(want), "{sum}");
-    let ls = node.must(&["exec", &id, "ls", "/data"]);
-    let files: Vec<&str> = ls.split_whitespace().collect();
-    assert_eq!(files, ["lost+found", "pattern"], "{ls}");
+    let want = sha256_hex(pattern().as_bytes());
+    assert_eq!(line, format!("read {} {want}", swarm.nodes[n].name));
+    n
 }
