@@ -5,7 +5,7 @@
 //! (routing, retries, flush tracking), [`volume`] (byte ranges to chunks, pure), [`daemon`]
 //! (registration and map following), [`attach`] (volumes as local block devices: FUSE file +
 //! loop device), [`admin`] (the local socket of `sdc attach|detach|list`), [`docker`] (the
-//! Docker volume plugin), [`persist`] (state files), [`metrics`], [`config`].
+//! Docker volume plugin), [`persist`] (state files), [`supervisor`] (PID 1 of the managed plugin), [`metrics`], [`config`].
 
 pub mod admin;
 pub mod attach;
@@ -18,4 +18,5 @@ pub mod io_path;
 pub mod metrics;
 pub mod nbd;
 pub mod persist;
+pub mod supervisor;
 pub mod volume;

@@ -67,8 +67,13 @@ enum Cmd {
     /// packaging/build-docker-plugin assembles): settings come from the environment Docker
     /// passes (`docker plugin set`), paths are fixed inside the plugin. When a setting or the
     /// certificate is wrong, the plugin still starts and every Docker command fails with what
-    /// to fix.
-    Plugin,
+    /// to fix. As PID 1 (in the plugin) it supervises the SDC: a crashed SDC is started again
+    /// and takes the attached devices over from the FUSE keeper.
+    Plugin {
+        /// Run the SDC itself, not the supervisor (what the supervisor starts).
+        #[arg(long, hide = true)]
+        child: bool,
+    },
     /// Internal: hold the FUSE descriptor across SDC restarts (started by `sdc run`).
     #[command(hide = true)]
     FuseKeeper {
@@ -198,7 +203,13 @@ fn cli_main() -> anyhow::Result<()> {
         Cmd::FuseKeeper { socket } => {
             sdc::attach::keeper::run(&socket).context("run the FUSE keeper")
         }
-        Cmd::Plugin => {
+        Cmd::Plugin { child } => {
+            if !child && std::process::id() == 1 {
+                let exe = std::env::current_exe().context("find the sdc binary")?;
+                let code = sdc::supervisor::run(&exe, &["plugin", "--child"])
+                    .context("supervise the SDC")?;
+                std::process::exit(code);
+            }
             proto::daemon::init_logging();
             let env: std::collections::BTreeMap<String, String> = std::env::vars().collect();
             match sdc::docker::managed::config(&env) {
@@ -207,7 +218,17 @@ fn cli_main() -> anyhow::Result<()> {
                     rt.block_on(async move {
                         match run(cfg).await {
                             Ok(()) => Ok(()),
-                            Err(e) => serve_failed(proto::daemon::error_line(e.as_ref())).await,
+                            Err(e) => {
+                                let line = proto::daemon::error_line(e.as_ref());
+                                serve_failed(format!(
+                                    "{line} (in the plugin, {} is its `certs` mount: docker \
+                                     plugin set PLUGIN certs.source=DIR; {} its `password` \
+                                     mount: password.source=FILE)",
+                                    sdc::docker::managed::CERT_DIR,
+                                    sdc::docker::managed::PASSWORD_FILE
+                                ))
+                                .await
+                            }
                         }
                     })
                 }

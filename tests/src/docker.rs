@@ -841,6 +841,44 @@ impl Setup {
         ])
     }
 
+    /// Starts, in running container `c` (its volume at /data), a loop writing an increasing
+    /// counter to /data/counter with an fsync each time, noting failed writes in /data/errors,
+    /// until /data/stop exists; returns once it has written a few.
+    pub fn start_fsync_writer(&self, c: &str) {
+        self.docker().must(&[
+            "exec",
+            "-d",
+            c,
+            "sh",
+            "-c",
+            "i=0; while [ ! -e /data/stop ]; do i=$((i+1)); \
+             echo $i | dd of=/data/counter conv=fsync 2>/dev/null || echo $i >> /data/errors; done",
+        ]);
+        wait_for("the writer to start", Duration::from_secs(20), || {
+            (self.fsync_counter(c) > 10).then_some(())
+        });
+    }
+
+    /// The fsync writer's last count in container `c` (0 before its first).
+    pub fn fsync_counter(&self, c: &str) -> u64 {
+        let o = self.docker().cli(&["exec", c, "cat", "/data/counter"]);
+        o.stdout.trim().parse().unwrap_or(0)
+    }
+
+    /// Waits until the fsync writer in `c` has carried on, stops it and panics if any of its
+    /// writes failed; returns the count it had reached when asked.
+    pub fn check_fsync_writer(&self, c: &str) -> u64 {
+        let after = self.fsync_counter(c);
+        wait_for("the writer to carry on", Duration::from_secs(30), || {
+            (self.fsync_counter(c) > after + 10).then_some(())
+        });
+        self.docker()
+            .must(&["exec", c, "sh", "-c", "touch /data/stop"]);
+        let errors = self.docker().cli(&["exec", c, "cat", "/data/errors"]);
+        assert!(!errors.ok, "writes failed: {}", errors.stdout);
+        after
+    }
+
     pub fn mountpoint(&self, vol: &str) -> PathBuf {
         self.plugin().mount_root.join(vol)
     }

@@ -553,37 +553,11 @@ fn shared_volume_survives_dockerd_and_sdc_restarts() {
 
     // A crash (SIGKILL) in the middle of a stream of fsynced writes: the kernel resends what
     // the dead SDC had read, the writer sees no error and carries on.
-    s.docker().must(&[
-        "exec",
-        "-d",
-        "c2",
-        "sh",
-        "-c",
-        "i=0; while [ ! -e /data/stop ]; do i=$((i+1)); \
-         echo $i | dd of=/data/counter conv=fsync 2>/dev/null || echo $i >> /data/errors; done",
-    ]);
-    let counter = |s: &Setup| -> u64 {
-        let o = s.docker().cli(&["exec", "c2", "cat", "/data/counter"]);
-        o.stdout.trim().parse().unwrap_or(0)
-    };
-    wait_for("the writer to start", Duration::from_secs(20), || {
-        (counter(&s) > 10).then_some(())
-    });
+    s.start_fsync_writer("c2");
     s.d.sdc.kill();
     s.d.sdc.start();
     s.plugin().wait_ready(&s.d);
-    let after = counter(&s);
-    wait_for("the writer to carry on", Duration::from_secs(30), || {
-        (counter(&s) > after + 10).then_some(())
-    });
-    s.docker()
-        .must(&["exec", "c2", "sh", "-c", "touch /data/stop"]);
-    let errors = s.docker().cli(&["exec", "c2", "cat", "/data/errors"]);
-    assert!(
-        !errors.ok,
-        "writes failed across the SDC crash: {}",
-        errors.stdout
-    );
+    s.check_fsync_writer("c2");
     s.docker()
         .must(&["exec", "c2", "sh", "-c", "echo four > /data/four && sync"]);
 

@@ -46,7 +46,16 @@ fn docker_name_of(c: &Cluster, cname: &str) -> Option<String> {
 /// nothing; `docker volume prune -a` leaves an scli volume mapped to this host alone.
 #[test]
 fn long_and_anonymous_names_created_at_and_prune() {
-    let s = Setup::start("docker-names");
+    names_created_at_and_prune(Kind::Legacy);
+}
+
+#[test]
+fn managed_plugin_long_names_created_at_and_prune() {
+    names_created_at_and_prune(Kind::Managed);
+}
+
+fn names_created_at_and_prune(kind: Kind) {
+    let s = Setup::start_kind("docker-names", kind);
     require("qemu-io").expect("qemu-io");
     let drv = s.drv();
     let p = s.plugin();
@@ -231,7 +240,7 @@ fn long_and_anonymous_names_created_at_and_prune() {
         "prune removed vol1 (docker volume create vol1: {adopt:?})"
     );
     assert_eq!(s.volume_mappings("vol1"), 1, "vol1 lost its scli mapping");
-    assert!(loops_under(&p.state_dir).is_empty());
+    assert!(p.loops().is_empty());
     must_qemu_io(&uri, &verify);
     // Whatever Docker's version prunes, the plugin itself never removes it.
     let e = call_err(p, "VolumeDriver.Remove", "vol1");

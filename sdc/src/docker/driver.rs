@@ -178,6 +178,21 @@ impl Driver {
         }
     }
 
+    /// The error of a call that needs the cluster map while the MDM cannot be reached: which
+    /// MDM, and why when registration has been failing.
+    fn unreachable(&self, what: &str) -> DriverError {
+        let why = self
+            .registration
+            .failing()
+            .map(|(_, why)| format!(" ({why})"))
+            .unwrap_or_default();
+        DriverError::Cluster(format!(
+            "{what}: the Meshblock MDM at {} cannot be reached{why}; check that it is up and \
+             that this host's certificate and MDM addresses are right, then retry",
+            self.registration.mdm()
+        ))
+    }
+
     fn lock_of(&self, name: &str) -> Arc<tokio::sync::Mutex<()>> {
         let mut l = self.locks.lock().unwrap_or_else(|p| p.into_inner());
         l.entry(name.to_string()).or_default().clone()
@@ -214,9 +229,7 @@ impl Driver {
         let _g = _g.lock().await;
         let map = self.cluster.fresh_map().await;
         if map.version == 0 {
-            return Err(DriverError::Cluster(
-                "cannot create: the Meshblock MDM cannot be reached; retry when it is up".into(),
-            ));
+            return Err(self.unreachable("cannot create"));
         }
         if let Some(v) = find(&map, name)? {
             return Self::dockers(v).and_then(|()| self.compatible(&map, v, &spec));
@@ -420,9 +433,7 @@ impl Driver {
         let v = match find(&map, name)? {
             Some(v) => v.clone(),
             None if map.version == 0 => {
-                return Err(DriverError::Cluster(format!(
-                    "cannot remove volume {name}: the Meshblock MDM cannot be reached; retry"
-                )))
+                return Err(self.unreachable(&format!("cannot remove volume {name}")))
             }
             None => {
                 self.forget(name);
@@ -891,9 +902,9 @@ impl Driver {
                     .unwrap_or_default();
                 Ok(info)
             }
-            _ if map.version == 0 => Err(DriverError::Cluster(format!(
-                "volume {name} is unknown here and the MDM cannot be reached; retry"
-            ))),
+            _ if map.version == 0 => {
+                Err(self.unreachable(&format!("volume {name} is unknown here")))
+            }
             _ => Err(DriverError::NotFound(format!(
                 "volume {name} does not exist"
             ))),

@@ -84,6 +84,21 @@ pub fn config(env: &BTreeMap<String, String>) -> Result<SdcConfig, String> {
             "MDM is not set: give the MDM addresses, IP:PORT[,IP:PORT...]".into(),
         ));
     }
+    for a in &cfg.mdm {
+        if a.parse::<std::net::SocketAddr>().is_err() {
+            problems.push(fix("MDM", format!("MDM: '{a}' is not IP:PORT")));
+        }
+    }
+    if !crate::docker::options::FSTYPES.contains(&cfg.docker.default_fstype.as_str()) {
+        problems.push(fix(
+            "FSTYPE",
+            format!(
+                "FSTYPE='{}' is not one of {}",
+                cfg.docker.default_fstype,
+                crate::docker::options::FSTYPES.join(", ")
+            ),
+        ));
+    }
     if cfg.docker.username.is_empty() {
         problems.push(fix(
             "USER",
@@ -135,8 +150,11 @@ pub fn config(env: &BTreeMap<String, String>) -> Result<SdcConfig, String> {
         }
     }
     if problems.is_empty() {
+        // Whatever the checks above missed, in the configuration's own terms.
         if let Err(e) = cfg.validate() {
-            problems.push(fix("MDM", e));
+            problems.push(format!(
+                "{e}; fix the plugin's settings with `docker plugin set`"
+            ));
         }
     }
     if problems.is_empty() {
@@ -203,7 +221,10 @@ mod tests {
             assert!(e.contains(needle), "{needle} missing in: {e}");
         }
         let e = config(&env(&[("MDM", "10.0.0.1:7611"), ("FSTYPE", "ntfs")])).expect_err("fstype");
-        assert!(e.contains("ntfs"), "{e}");
+        assert!(
+            e.contains("FSTYPE='ntfs'") && e.contains("PLUGIN FSTYPE="),
+            "{e}"
+        );
         let e = config(&env(&[("MDM", "mdm.example")])).expect_err("not ip:port");
         assert!(e.contains("not IP:PORT"), "{e}");
     }
