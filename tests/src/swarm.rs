@@ -152,15 +152,18 @@ impl SwarmNode {
             .collect()
     }
 
-    /// Pids of the node's processes whose command line starts with `argv` (e.g. the plugin's
-    /// SDC, `/bin/sdc plugin`).
+    /// Pids of the node's processes whose command line is exactly `argv` (e.g. the plugin's
+    /// supervisor `/bin/sdc plugin`, its SDC `/bin/sdc plugin --child`).
     pub fn pids_running(&self, argv: &[&str]) -> Vec<i32> {
-        let want: Vec<u8> = argv.join("\0").into_bytes();
+        let want: Vec<u8> = argv
+            .iter()
+            .flat_map(|a| [a.as_bytes(), b"\0"])
+            .flatten()
+            .copied()
+            .collect();
         self.pids()
             .into_iter()
-            .filter(|pid| {
-                std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| c.starts_with(&want))
-            })
+            .filter(|pid| std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| c == want))
             .collect()
     }
 

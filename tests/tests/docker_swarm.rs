@@ -11,7 +11,7 @@
 
 use bytes::Bytes;
 use meshblock_tests::docker::{plugin_user, require_all, sh};
-use meshblock_tests::swarm::{loops_of, parse_rfc3339, unix_now, Swarm};
+use meshblock_tests::swarm::{loops_of, parse_rfc3339, unix_now, Swarm, SwarmNode};
 use meshblock_tests::*;
 use proto::data::{DataHeader, DataOp};
 use proto::ErrorCode;
@@ -608,7 +608,7 @@ fn swarm_service_follows_a_partitioned_host() {
 }
 
 #[test]
-fn swarm_service_restarted_after_its_plugin_crashed() {
+fn swarm_service_outlives_a_plugin_crash() {
     let (mut demo, a) = Demo::start("swarmsc");
     let Demo {
         swarm,
@@ -617,24 +617,24 @@ fn swarm_service_restarted_after_its_plugin_crashed() {
         ..
     } = &mut demo;
     let (volume, want) = (volume.as_str(), want.as_str());
-    let sdc = ["/bin/sdc", "plugin"];
+    let task = swarm.nodes[a].task_container(SERVICE).expect("A's task");
 
-    // The plugin's SDC dies on A; dockerd restarts the plugin. Its FUSE keeper died with it
-    // (a managed plugin is a container), so the task's filesystem there is dead.
-    let old = swarm.nodes[a].pids_running(&sdc);
-    assert!(!old.is_empty(), "no plugin SDC on {}", swarm.nodes[a].name);
-    for pid in &old {
-        // SAFETY: kill(2) on a process of this test's own namespace.
-        unsafe { libc::kill(*pid, libc::SIGKILL) };
-    }
-    wait_for(
-        "dockerd to restart the plugin",
-        Duration::from_secs(60),
-        || {
-            let now = swarm.nodes[a].pids_running(&sdc);
-            (!now.is_empty() && now.iter().all(|p| !old.contains(p))).then_some(())
-        },
-    );
+    // The plugin's SDC dies on A: the plugin's PID 1 starts it again, and it takes the devices
+    // over from the FUSE keeper. The task notices nothing.
+    let child = ["/bin/sdc", "plugin", "--child"];
+    must_kill_and_see_restarted(&swarm.nodes[a], &child, "the plugin to restart its SDC");
+    swarm.nodes[a].must(&[
+        "exec",
+        &task,
+        "sh",
+        "-c",
+        "echo after-sdc-crash | dd of=/data/after-sdc-crash conv=fsync",
+    ]);
+
+    // The whole plugin dies (its PID 1, and the FUSE keeper with it): dockerd starts it again,
+    // but the devices it served are gone, and the task's filesystem with them.
+    let plugin = ["/bin/sdc", "plugin"];
+    must_kill_and_see_restarted(&swarm.nodes[a], &plugin, "dockerd to restart the plugin");
 
     // What the README tells the operator: restart the service's tasks. The old task's
     // Unmount frees the dead device; the new task, wherever Swarm puts it, reads the pattern.
@@ -649,7 +649,26 @@ fn swarm_service_restarted_after_its_plugin_crashed() {
         || (loops_of(volume).len() == 1).then_some(()),
         || format!("; loop devices {:?}", loops_of(volume)),
     );
-    must_hold_the_pattern(swarm, n, want);
+    must_hold(
+        swarm,
+        n,
+        want,
+        &["after-sdc-crash", "lost+found", "pattern"],
+    );
+}
+
+/// SIGKILLs the node's processes running `argv` and waits until others run it.
+fn must_kill_and_see_restarted(node: &SwarmNode, argv: &[&str], what: &str) {
+    let old = node.pids_running(argv);
+    assert!(!old.is_empty(), "nothing runs {argv:?} on {}", node.name);
+    for pid in &old {
+        // SAFETY: kill(2) on a process of this test's own namespace.
+        unsafe { libc::kill(*pid, libc::SIGKILL) };
+    }
+    wait_for(what, Duration::from_secs(60), || {
+        let now = node.pids_running(argv);
+        (!now.is_empty() && now.iter().all(|p| !old.contains(p))).then_some(())
+    });
 }
 
 #[test]
