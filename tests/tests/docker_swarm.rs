@@ -6,8 +6,12 @@
 //! takes the volume over through the MDM's fencing, and the task reads the pattern back. The
 //! dead host, brought back with its dockerd and plugin state, can change nothing on the volume.
 //!
-//! The test prints how long each phase took (kill → node down → task rescheduled → volume
-//! taken over → container started → data read); it never fails on a duration.
+//! The other tests fail the host running the task in the other ways README "When a Docker host
+//! dies" describes: its network is cut (alive, partitioned), its dockerd dies (the SDC lives),
+//! its plugin's SDC or the whole plugin dies (dockerd lives).
+//!
+//! The kill and the cut print how long each phase took (node down → task rescheduled → volume
+//! taken over → container started → data read); no test fails on a duration.
 
 use bytes::Bytes;
 use meshblock_tests::docker::{plugin_user, require_all, sh};
