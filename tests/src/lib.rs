@@ -1321,6 +1321,7 @@ pub mod flushes;
 pub mod hosts;
 pub mod nbd;
 pub mod netns;
+pub mod swarm;
 
 /// The cluster map, as an SDS or SDC gets it (with the certificate of an SDC host `probe`
 /// that registers nowhere: GetMap without a session to renew).

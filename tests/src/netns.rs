@@ -133,6 +133,11 @@ impl Net {
         node
     }
 
+    /// The bridge's interface name (for a firewall rule of the test's own).
+    pub fn bridge(&self) -> &str {
+        &self.bridge
+    }
+
     /// The command prefix that runs a program in `node`'s namespace.
     pub fn exec_prefix(node: &Node) -> Vec<String> {
         vec!["netns".into(), "exec".into(), node.ns.clone()]

@@ -553,6 +553,17 @@ impl Driver {
             let mut refs = self.refs.lock().await;
             if let Some(v) = refs.volumes.get(&cname).cloned() {
                 if system::mount_at(&mp).is_some() {
+                    // The map the SDC holds is enough: a host that cannot hear the MDM is
+                    // fenced by the SDS either way; one that hears it must not hand a stale
+                    // mount to a new container.
+                    let core = self.core.borrow().clone();
+                    if let Some(now) = core.and_then(|c| self.taken_over(&c, &cname)) {
+                        return Err(DriverError::InUse(format!(
+                            "volume {name} is {now} while this host was away: its mount here is \
+                             stale and every write to it is refused; it is released when the \
+                             containers using it here stop (or when the plugin restarts)"
+                        )));
+                    }
                     let n = refs.add(&cname, id, mp.clone(), v.device);
                     self.save_refs(&refs).await?;
                     tracing::info!(volume = %name, id, refs = n, "mounted again");
@@ -681,6 +692,74 @@ impl Driver {
         }
     }
 
+    /// How volume `cname` (a cluster name) left this host, if it did, as the SDC's map shows:
+    /// "taken over by HOST" (another host's Mount, the MDM having fenced this one) or "unmapped
+    /// from this host". `None` while it is mapped here (or gone from the map: nothing to fence).
+    fn taken_over(&self, core: &Core, cname: &str) -> Option<String> {
+        let map = self.cluster.map();
+        let v = map.volume_by_name(cname)?;
+        if map.mappings_of(v.id).any(|m| m.sdc == core.me) {
+            return None;
+        }
+        let hosts: Vec<String> = map
+            .mappings_of(v.id)
+            .map(|m| {
+                map.sdcs
+                    .get(&m.sdc)
+                    .map_or(m.sdc.to_string(), |s| s.name.clone())
+            })
+            .collect();
+        Some(match hosts.is_empty() {
+            true => "unmapped from this host".to_string(),
+            false => format!("taken over by {}", hosts.join(", ")),
+        })
+    }
+
+    /// Unmounts the stale mount of volume `cname` (taken over while this host was away; its
+    /// filesystem can write nothing) and frees its device, so nothing of it is left behind:
+    /// lazily, since containers that died with the host may still pin it, and the loop device
+    /// under it is detached once the filesystem lets go of it.
+    async fn drop_stale_mount(&self, cname: &str) {
+        let mp = self.mountpoint(cname);
+        let Some(m) = system::mount_at(&mp) else {
+            return;
+        };
+        if let Err(e) = system::unmount(&mp, true) {
+            tracing::warn!(volume = %cname, "failed to unmount the stale mount: {e}");
+            return;
+        }
+        // Off the runtime thread (see `unmount`).
+        let _ = tokio::fs::remove_dir(&mp).await;
+        self.free_dead_device(cname, &m.source).await;
+    }
+
+    /// Detaches `source`, the loop device a filesystem of volume `cname` was mounted from,
+    /// unless the attach layer serves it: one left from an SDC that died with its FUSE keeper
+    /// (a managed plugin's keeper dies with it), whose backing connection is gone and which
+    /// nothing else would ever free.
+    async fn free_dead_device(&self, cname: &str, source: &str) {
+        if !source.starts_with("/dev/loop") {
+            return;
+        }
+        let dev = PathBuf::from(source);
+        if let Ok(core) = self.core().await {
+            if core.attacher.device(cname).await.as_ref() == Some(&dev) {
+                return;
+            }
+        }
+        if !system::loop_devices().iter().any(|l| l.device == dev) {
+            return;
+        }
+        match system::loop_detach(&dev) {
+            Ok(()) => {
+                tracing::info!(volume = %cname, device = %source, "freed the device left by a dead SDC")
+            }
+            Err(e) => {
+                tracing::warn!(volume = %cname, device = %source, "failed to free the device left by a dead SDC: {e}")
+            }
+        }
+    }
+
     /// Records something Docker's Mount acquired.
     async fn hold(&self, v: &Volume, f: impl FnOnce(&mut Held)) -> Result<(), DriverError> {
         let mut refs = self.refs.lock().await;
@@ -737,7 +816,8 @@ impl Driver {
             return Ok(());
         }
         let mp = self.mountpoint(&cname);
-        if system::mount_at(&mp).is_some() {
+        let mounted = system::mount_at(&mp);
+        if mounted.is_some() {
             if let Err(e) = fs::unmount(&mp).await {
                 self.save_refs(&refs).await?;
                 return Err(DriverError::Host(format!(
@@ -745,6 +825,9 @@ impl Driver {
                     mp.display()
                 )));
             }
+        }
+        if let Some(m) = mounted {
+            self.free_dead_device(&cname, &m.source).await;
         }
         // Off the runtime thread: removing a mount point detaches copies of the mount that
         // propagated into other namespaces (Docker's), and the last one's shutdown flushes the
@@ -897,7 +980,20 @@ impl Driver {
         for name in names {
             let mp = self.mountpoint(&name);
             if system::mount_at(&mp).is_some() {
-                tracing::info!(volume = %name, refs = refs.count(&name), "still mounted: references kept");
+                let Some(now) = self.taken_over(&core, &name) else {
+                    tracing::info!(volume = %name, refs = refs.count(&name), "still mounted: references kept");
+                    continue;
+                };
+                // This host died or was cut off, and another one took the volume over: the
+                // containers that used it here are gone (or can write nothing); release it
+                // all, so no operator has to.
+                tracing::warn!(
+                    volume = %name,
+                    refs = refs.count(&name),
+                    "{now} while this host was away: unmounting its stale mount and releasing it"
+                );
+                self.drop_stale_mount(&name).await;
+                refs.volumes.remove(&name);
                 continue;
             }
             tracing::warn!(volume = %name, "its mount is gone: dropping its references and releasing it");
