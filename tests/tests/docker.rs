@@ -239,8 +239,16 @@ fn leaves_volumes_it_did_not_create_alone(kind: Kind) {
         !ls.lines().any(|l| l == format!("{drv} vol1")),
         "Docker lists an scli volume: {ls}"
     );
+    // Docker resolves a name without a driver by asking every plugin it finds, and legacy
+    // plugins' sockets in /run/docker/plugins are every dockerd's: other tests' plugins (whose
+    // clusters have a vol1 too) could answer first. Let Docker learn of vol1 from this driver,
+    // as a user's `docker volume create --driver` of an existing name does (Docker adopts what
+    // the driver's Get finds).
+    let adopt = s
+        .docker()
+        .cli(&["volume", "create", "--driver", &drv, "vol1"]);
     let o = s.docker().cli(&["volume", "rm", "vol1"]);
-    assert!(!o.ok, "docker volume rm vol1 succeeded");
+    assert!(!o.ok, "docker volume rm vol1 succeeded (create: {adopt:?})");
     assert!(o.stderr.contains("not created by Docker"), "{}", o.stderr);
     // No container gets it either: a first mount makes a filesystem on a blank-looking device.
     let o = s.docker().cli(&[

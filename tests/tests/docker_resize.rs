@@ -34,7 +34,13 @@ fn grows_online(kind: Kind) {
         // CAP_SYS_RESOURCE is capability 24.
         .is_some_and(|bits| bits & (1 << 24) != 0);
     for fstype in ["xfs", "ext4"] {
-        let vol = format!("grow-{fstype}");
+        // Distinct per kind: the two tests run side by side and see each other's plugins.
+        let which = if kind == Kind::Legacy {
+            "legacy"
+        } else {
+            "managed"
+        };
+        let vol = format!("grow-{fstype}-{which}");
         let c = format!("c-{fstype}");
         s.docker().must(&[
             "volume",
