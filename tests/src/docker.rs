@@ -781,7 +781,7 @@ impl Setup {
         let docker = Dockerd::start(&d.c.dir.join("docker"), None, &[]);
         let image = docker.import_busybox();
         let name = format!("mbt{}x{}", std::process::id(), rand::random::<u16>());
-        let m = Managed::create(&docker, &name, &d.c.dir.join("."));
+        let m = Managed::create(&docker, &name, &d.c.dir.path);
         PluginSdc::stop_sdc(&mut d);
         std::fs::create_dir_all(m.state_dir()).expect("the plugin's state dir");
         std::fs::copy(d.c.dir.join("sdc/guid"), m.state_dir().join("guid"))

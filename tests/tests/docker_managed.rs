@@ -138,7 +138,7 @@ fn managed_plugin_says_what_is_wrong() {
     PluginSdc::stop_sdc(&mut d);
     let docker = Dockerd::start(&d.c.dir.join("docker"), None, &[]);
     let name = format!("mbt{}x{}", std::process::id(), rand::random::<u16>());
-    let m = Managed::create(&docker, &name, &d.c.dir.join("."));
+    let m = Managed::create(&docker, &name, &d.c.dir.path);
     let mut good = Managed::settings_for(&d.c, "sdc1");
     // Each case below changes one setting of these.
     good.push("FSTYPE=ext4".into());

@@ -178,7 +178,15 @@ fn volume_limits_are_enforced_and_changes_reach_running_io() {
         .spawn()
         .expect("run fio");
     let t0 = Instant::now();
-    std::thread::sleep(Duration::from_secs(3));
+    // Raise once fio has run about two seconds at the old limit: its 32 requests then wait
+    // about 32 s per second between them (the SDC's own count of throttled time).
+    let throttled = |addr| vol1_metric(addr, "meshblock_sdc_volume_throttled_seconds_total");
+    let base = throttled(metrics).unwrap_or(0.0);
+    wait_for(
+        "fio to run at the old limit",
+        Duration::from_secs(30),
+        || (throttled(metrics).unwrap_or(0.0) >= base + 64.0).then_some(()),
+    );
     let raised_at = t0.elapsed();
     set_limits(&d, 2000, 0);
     let status = child.wait().expect("fio");
@@ -246,8 +254,8 @@ fn kill_an_sds_under_qos_limits() {
         "--limit_bandwidth_kbps",
         "32768",
     ]);
-    // The writer's first second would otherwise run before the SDC's next map poll.
-    std::thread::sleep(Duration::from_secs(2));
+    // The writer starts once the SDC applies the limits.
+    wait_applied(sdc_metrics(&mut dc), 1500, 32 << 20);
     let started = std::time::Instant::now();
     let w = Writer::start(&dc, 128 << 20, 11);
     w.wait_more(1500, "writes before the kill");
