@@ -52,7 +52,8 @@ fn command_senders(command: &Command) -> &'static [CertRole] {
         | Command::RemoveVolume { .. }
         | Command::MapVolumeToSdc { .. }
         | Command::UnmapVolumeFromSdc { .. }
-        | Command::SetSdcVolumeLimits { .. } => &[Admin, Sdc],
+        | Command::SetSdcVolumeLimits { .. }
+        | Command::SnapshotVolumes { .. } => &[Admin, Sdc],
         Command::AddProtectionDomain { .. }
         | Command::AddFaultSet { .. }
         | Command::AddStoragePool { .. }
@@ -64,6 +65,8 @@ fn command_senders(command: &Command) -> &'static [CertRole] {
         | Command::ClearSdsDeviceError { .. }
         | Command::ModifyVolumeCapacity { .. }
         | Command::RenameVolume { .. }
+        | Command::RemoveConsistencyGroupSnapshots { .. }
+        | Command::OverwriteVolumeContent { .. }
         | Command::AddUser { .. }
         | Command::AddStandbyMdm { .. }
         | Command::SwitchClusterMode { .. } => &[Admin],
@@ -107,6 +110,9 @@ pub fn command_name(c: &Command) -> &'static str {
         Command::MapVolumeToSdc { .. } => "map_volume_to_sdc",
         Command::UnmapVolumeFromSdc { .. } => "unmap_volume_from_sdc",
         Command::SetSdcVolumeLimits { .. } => "set_sdc_volume_limits",
+        Command::SnapshotVolumes { .. } => "snapshot_volume",
+        Command::RemoveConsistencyGroupSnapshots { .. } => "remove_consistency_group_snapshots",
+        Command::OverwriteVolumeContent { .. } => "overwrite_volume_content",
         Command::AddUser { .. } => "add_user",
         Command::AddStandbyMdm { .. } => "add_standby_mdm",
         Command::SwitchClusterMode { .. } => "switch_cluster_mode",
@@ -256,7 +262,13 @@ mod tests {
                 }),
                 docker,
             ),
-            (command(Command::RemoveVolume { name: s() }), docker),
+            (
+                command(Command::RemoveVolume {
+                    name: s(),
+                    mode: Default::default(),
+                }),
+                docker,
+            ),
             (
                 command(Command::MapVolumeToSdc {
                     volume: s(),

@@ -290,10 +290,7 @@ mod tests {
             for (n, k, g) in [(64u64, 43u32, 64u32), (4096, 21, 64), (10_000, 171, 256)] {
                 let on = (0..n)
                     .filter(|i| {
-                        let c = proto::ChunkId {
-                            vtree: proto::VtreeId(vtree),
-                            index: proto::ChunkIndex(*i),
-                        };
+                        let c = proto::ChunkId::new(proto::VtreeId(vtree), proto::ChunkIndex(*i));
                         c.pg(g).0 < k
                     })
                     .count() as u64;
@@ -454,6 +451,8 @@ mod tests {
                 created_unix: 0,
                 labels: Default::default(),
                 preempt: false,
+                layer: Default::default(),
+                snapshot: None,
             },
         );
     }

@@ -219,6 +219,8 @@ mod tests {
                 created_unix: 0,
                 labels: Default::default(),
                 preempt: false,
+                layer: Default::default(),
+                snapshot: None,
             },
         );
         let report = |stored: u64, thick: u64| SdsStats {

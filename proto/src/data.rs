@@ -4,8 +4,11 @@
 //!
 //! ```text
 //! op u8 | flags u8 | reserved u16 | pg u32 | pool u64 | epoch u64 | vtree u64 | chunk u64 |
-//! offset u32 | len u32 | fence u64 | reserved u64
+//! offset u32 | len u32 | fence u64 | layer u32 | reserved u32
 //! ```
+//! `layer` is the chunk's layer in its V-tree (0 for a volume never snapshotted): a client's
+//! request names the layer its volume writes to, and the primary resolves reads through the
+//! layers below it (see `sds::layers`).
 //! `offset`/`len` are bytes inside the chunk (for [`DataOp::AllocStatus`], `chunk` is the first
 //! chunk and `len` a chunk count). `fence` is the volume mapping generation the SDC was given
 //! (0 when the request does not come from a mapped volume).
@@ -97,10 +100,7 @@ impl DataHeader {
             PoolId(0),
             PgId(0),
             Epoch(0),
-            ChunkId {
-                vtree: VtreeId(0),
-                index: ChunkIndex(0),
-            },
+            ChunkId::new(VtreeId(0), ChunkIndex(0)),
             0,
             0,
         )
@@ -138,6 +138,10 @@ pub enum DataHeaderError {
     Op(u8),
     #[error("range {offset}+{len} exceeds the chunk")]
     Range { offset: u32, len: u32 },
+    #[error(
+        "chunk {0} is out of range (layers up to {MAX_LAYER}, indexes below {MAX_CHUNK_INDEX})"
+    )]
+    Chunk(ChunkId),
 }
 
 impl DataHeader {
@@ -153,6 +157,7 @@ impl DataHeader {
         b[40..44].copy_from_slice(&self.offset.to_le_bytes());
         b[44..48].copy_from_slice(&self.len.to_le_bytes());
         b[48..56].copy_from_slice(&self.fence.to_le_bytes());
+        b[56..60].copy_from_slice(&self.chunk.layer.0.to_le_bytes());
         b
     }
 
@@ -175,12 +180,16 @@ impl DataHeader {
             epoch: Epoch(u64_at(16)),
             chunk: ChunkId {
                 vtree: VtreeId(u64_at(24)),
+                layer: LayerId(u32_at(56)),
                 index: ChunkIndex(u64_at(32)),
             },
             offset: u32_at(40),
             len: u32_at(44),
             fence: u64_at(48),
         };
+        if h.chunk.layer.0 > MAX_LAYER || h.chunk.index.0 >= MAX_CHUNK_INDEX {
+            return Err(DataHeaderError::Chunk(h.chunk));
+        }
         let ranged = !matches!(op, DataOp::Flush | DataOp::AllocStatus);
         if ranged && u64::from(h.offset) + u64::from(h.len) > crate::CHUNK_SIZE {
             return Err(DataHeaderError::Range {
@@ -200,10 +209,10 @@ mod tests {
     proptest! {
         #[test]
         fn round_trips_and_rejects_truncation(op in 1u8..=9, flags: u8, pg: u32, pool: u64, epoch: u64,
-            vtree: u64, idx: u64, offset in 0u32..(1 << 20), fence: u64) {
+            vtree: u64, layer in 0u32..=MAX_LAYER, idx in 0u64..MAX_CHUNK_INDEX, offset in 0u32..(1 << 20), fence: u64) {
             let len = ((1u32 << 20) - offset).min(65536);
             let h = DataHeader { op: DataOp::from_u8(op).expect("op"), flags, pool: PoolId(pool), pg: PgId(pg),
-                epoch: Epoch(epoch), chunk: ChunkId { vtree: VtreeId(vtree), index: ChunkIndex(idx) },
+                epoch: Epoch(epoch), chunk: ChunkId::new(VtreeId(vtree), ChunkIndex(idx)).in_layer(LayerId(layer)),
                 offset, len, fence };
             let b = h.encode();
             prop_assert_eq!(DataHeader::decode(&b), Ok(h));
@@ -221,10 +230,7 @@ mod tests {
             pool: PoolId(1),
             pg: PgId(0),
             epoch: Epoch(1),
-            chunk: ChunkId {
-                vtree: VtreeId(1),
-                index: ChunkIndex(0),
-            },
+            chunk: ChunkId::new(VtreeId(1), ChunkIndex(0)),
             offset: 1 << 20,
             len: 1,
             fence: 0,

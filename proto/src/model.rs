@@ -380,8 +380,44 @@ pub struct Volume {
     /// Another host may take the volume over while its current host is alive.
     #[serde(default)]
     pub preempt: bool,
+    /// The layer of its V-tree this volume writes to (0 until the tree's first snapshot).
+    #[serde(default, skip_serializing_if = "is_layer_zero")]
+    pub layer: LayerId,
+    /// Set on a snapshot: what it was taken of, when, and in which consistency group.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot: Option<SnapshotOf>,
 }
 
+fn is_layer_zero(l: &LayerId) -> bool {
+    l.0 == 0
+}
+
+/// Where a snapshot came from.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotOf {
+    /// The volume (or snapshot) it was taken of; it may have been removed since.
+    pub volume: VolumeId,
+    /// When it was taken (the proposing leader's clock).
+    pub unix: u64,
+    /// The consistency group: every snapshot taken by the same command (one volume or several)
+    /// shares it, and `--remove_consistency_group_snapshots` removes them together.
+    pub group: u64,
+}
+
+/// A V-tree (ScaleIO's name): a volume and every snapshot descended from it share one tree,
+/// whose chunks live in the same PGs. Each member writes to a layer of its own; a snapshot
+/// freezes the member's layer and gives it and the new snapshot fresh layers on top, so taking
+/// one copies nothing, and reading a member finds each block in the first layer of its chain
+/// (its layer, then each parent) that wrote it. A tree absent from the map has the single
+/// layer 0 (volumes never snapshotted).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct Vtree {
+    /// Every layer still in use (a member's, or below one), with its parent.
+    pub layers: BTreeMap<LayerId, Option<LayerId>>,
+    /// The next layer id to hand out (ids are never reused: an SDS may still hold a removed
+    /// layer's chunks until its collector frees them).
+    pub next_layer: u32,
+}
 impl Volume {
     /// Made by the Docker driver's Create (see [`LABEL_CREATED_BY`]).
     pub fn created_by_docker(&self) -> bool {
@@ -423,6 +459,9 @@ pub enum FenceCheck {
     Fenced,
     /// The generation is a current mapping of the volume, but to another SDC.
     OtherHost,
+    /// The volume writes to another layer now (a snapshot froze the one asked for): the
+    /// requester's map is older than the snapshot; refresh and retry.
+    OldLayer,
 }
 
 /// The whole replicated state.
@@ -445,6 +484,9 @@ pub struct ClusterState {
     pub volumes: BTreeMap<VolumeId, Volume>,
     pub sdcs: BTreeMap<SdcId, Sdc>,
     pub mappings: Vec<Mapping>,
+    /// The V-trees that have had snapshots (see [`Vtree`]).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub vtrees: BTreeMap<VtreeId, Vtree>,
 }
 
 impl ClusterState {
@@ -482,28 +524,85 @@ impl ClusterState {
     pub fn volume_by_vtree(&self, vtree: VtreeId) -> Option<&Volume> {
         self.volumes.values().find(|v| v.vtree == vtree)
     }
+    /// The members of a V-tree (the volume and its snapshots).
+    pub fn vtree_members(&self, vtree: VtreeId) -> impl Iterator<Item = &Volume> {
+        self.volumes.values().filter(move |v| v.vtree == vtree)
+    }
+    /// Layer `layer` of `vtree` and then each layer below it, down to the tree's first: the
+    /// order in which a read looks for a block. Empty if the layer is not in the map.
+    pub fn chain(&self, vtree: VtreeId, layer: LayerId) -> Vec<LayerId> {
+        let Some(t) = self.vtrees.get(&vtree) else {
+            return if layer.0 == 0 {
+                vec![layer]
+            } else {
+                Vec::new()
+            };
+        };
+        let mut out = Vec::new();
+        let mut at = Some(layer);
+        while let Some(l) = at {
+            let Some(parent) = t.layers.get(&l) else {
+                return Vec::new();
+            };
+            if out.len() > t.layers.len() {
+                return Vec::new(); // a cycle: never made by apply, refused rather than looped
+            }
+            out.push(l);
+            at = *parent;
+        }
+        out
+    }
+    /// Whether `layer` of `vtree` is in the map (its chunks are to be kept).
+    pub fn has_layer(&self, vtree: VtreeId, layer: LayerId) -> bool {
+        match self.vtrees.get(&vtree) {
+            Some(t) => t.layers.contains_key(&layer),
+            None => layer.0 == 0,
+        }
+    }
+    /// Every layer of `vtree` in the map.
+    pub fn layers_of(&self, vtree: VtreeId) -> Vec<LayerId> {
+        match self.vtrees.get(&vtree) {
+            Some(t) => t.layers.keys().copied().collect(),
+            None => vec![LayerId(0)],
+        }
+    }
     /// May the SDC named `sdc` (its certificate's name), stamping its requests with mapping
-    /// generation `fence`, touch `vtree`? Only under a current mapping of the volume to that
-    /// very SDC: a generation of another host's mapping is [`FenceCheck::OtherHost`].
+    /// generation `fence`, touch `chunk`? Only under a current mapping of a volume of the
+    /// chunk's tree to that very SDC (a generation of another host's mapping is
+    /// [`FenceCheck::OtherHost`]), and only in the layer that volume writes to now (a request
+    /// routed before a snapshot froze its layer is [`FenceCheck::OldLayer`]).
     ///
     /// A vtree that belongs to no volume in this map, asked with fence 0, is allowed (tools
     /// and tests that install hand-made maps); a removed volume's I/O carries a non-zero fence
     /// and is refused.
-    pub fn check_fence(&self, vtree: VtreeId, fence: u64, sdc: &str) -> FenceCheck {
-        let volume = self.volume_by_vtree(vtree);
-        let mapping = volume.and_then(|v| self.mappings_of(v.id).find(|m| m.generation == fence));
-        match (volume, mapping) {
-            (None, _) if fence == 0 => FenceCheck::Allowed,
-            (Some(_), Some(m)) => {
-                if self.sdcs.get(&m.sdc).is_some_and(|c| c.name == sdc) {
-                    FenceCheck::Allowed
-                } else {
+    pub fn check_fence(&self, chunk: ChunkId, fence: u64, sdc: &str) -> FenceCheck {
+        let mapping = self.mappings.iter().find(|m| {
+            m.generation == fence
+                && self
+                    .volumes
+                    .get(&m.volume)
+                    .is_some_and(|v| v.vtree == chunk.vtree)
+        });
+        match mapping {
+            None if fence == 0 && self.volume_by_vtree(chunk.vtree).is_none() => {
+                FenceCheck::Allowed
+            }
+            Some(m) => {
+                if self.sdcs.get(&m.sdc).is_none_or(|c| c.name != sdc) {
                     FenceCheck::OtherHost
+                } else if self
+                    .volumes
+                    .get(&m.volume)
+                    .is_some_and(|v| v.layer != chunk.layer)
+                {
+                    FenceCheck::OldLayer
+                } else {
+                    FenceCheck::Allowed
                 }
             }
             // Generations are values of the `next_id` counter: one above it is newer than this map.
-            _ if fence > self.next_id => FenceCheck::NewerThanMap,
-            _ => FenceCheck::Fenced,
+            None if fence > self.next_id => FenceCheck::NewerThanMap,
+            None => FenceCheck::Fenced,
         }
     }
     /// Raw capacity of a pool: the sum of its devices that are not failed.

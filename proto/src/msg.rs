@@ -91,6 +91,44 @@ pub struct NewDevice {
     pub capacity_bytes: Option<u64>,
 }
 
+/// What `RemoveVolume` removes besides (or instead of) the volume (ScaleIO's remove modes).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RemoveMode {
+    /// The volume alone; its snapshots stay.
+    #[default]
+    OnlyMe,
+    /// The volume and every snapshot descended from it.
+    IncludingDescendants,
+    /// Every snapshot descended from the volume; the volume stays.
+    DescendantsOnly,
+    /// Every member of the volume's V-tree.
+    WholeVtree,
+}
+
+impl RemoveMode {
+    fn only_me(&self) -> bool {
+        *self == RemoveMode::OnlyMe
+    }
+}
+
+impl std::str::FromStr for RemoveMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Ok(match s {
+            "only_me" | "ONLY_ME" => RemoveMode::OnlyMe,
+            "including_descendants" | "INCLUDING_DESCENDANTS" => RemoveMode::IncludingDescendants,
+            "descendants_only" | "DESCENDANTS_ONLY" => RemoveMode::DescendantsOnly,
+            "whole_vtree" | "WHOLE_VTREE" => RemoveMode::WholeVtree,
+            _ => {
+                return Err(format!(
+                    "unknown remove mode {s:?}: one of only_me, including_descendants, descendants_only, whole_vtree"
+                ))
+            }
+        })
+    }
+}
+
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub enum Command {
     AddProtectionDomain {
@@ -157,6 +195,30 @@ pub enum Command {
     },
     RemoveVolume {
         name: String,
+        /// What else goes with it when it has snapshots (ScaleIO's `--remove_mode`). Left out
+        /// of the entry when only the volume goes, so the entry reads as older versions wrote it.
+        #[serde(default, skip_serializing_if = "RemoveMode::only_me")]
+        mode: RemoveMode,
+    },
+    /// Snapshot `volumes` at one instant (ScaleIO's `--snapshot_volume`): each gets a writable,
+    /// thin snapshot named by `names` (same order; empty for generated names). With several
+    /// volumes the snapshots form a consistency group.
+    SnapshotVolumes {
+        volumes: Vec<String>,
+        #[serde(default)]
+        names: Vec<String>,
+    },
+    /// Remove every snapshot a `SnapshotVolumes` command made (by its group id).
+    RemoveConsistencyGroupSnapshots {
+        group: u64,
+    },
+    /// Make `volume` read what `source` (a member of its V-tree) reads now; refused while
+    /// `volume` is mapped unless `force`.
+    OverwriteVolumeContent {
+        volume: String,
+        source: String,
+        #[serde(default)]
+        force: bool,
     },
     ModifyVolumeCapacity {
         name: String,
@@ -223,6 +285,10 @@ pub enum Query {
         name: String,
     },
     AllVolumes,
+    /// A volume's V-tree: every member with its place in the tree and the space it alone holds.
+    Vtree {
+        name: String,
+    },
 }
 
 /// The cluster's Raft view, as `--query_cluster` prints it.
@@ -266,6 +332,10 @@ pub struct SdsStats {
     /// PGs this SDS is copying to a new secondary right now (as their primary).
     #[serde(default)]
     pub rebuild_pgs_active: u64,
+    /// Chunks this SDS holds (every copy it has) in each layer of the V-trees that have
+    /// snapshots, as `(vtree, layer, chunks)`: what `--query_vtree` adds up.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub layer_chunks: Vec<(VtreeId, LayerId, u64)>,
     /// Chunks those copies still have to visit (each at most 1 MiB).
     #[serde(default)]
     pub rebuild_chunks_left: u64,

@@ -61,12 +61,24 @@ pub struct Args {
     /// [--preempt] [--label KEY=VALUE]...
     #[arg(long)]
     pub add_volume: bool,
-    /// --volume_name.
+    /// --volume_name [--remove_mode only_me|including_descendants|descendants_only|whole_vtree].
     #[arg(long)]
     pub remove_volume: bool,
     /// --volume_name --size_gb (volumes only grow).
     #[arg(long)]
     pub modify_volume_capacity: bool,
+    /// --volume_name V[,V2...] [--snapshot_name S[,S2...]]: a writable, thin snapshot of each
+    /// volume, all at one instant (a consistency group when several). A snapshot is a volume:
+    /// map it, snapshot it, give it to Docker.
+    #[arg(long)]
+    pub snapshot_volume: bool,
+    /// --consistency_group_id N (printed by --snapshot_volume and --query_vtree).
+    #[arg(long)]
+    pub remove_consistency_group_snapshots: bool,
+    /// --source_volume_name S --destination_volume_name V [--allow_overwrite_mapped]: V reads
+    /// what S (a member of its V-tree) reads now.
+    #[arg(long)]
+    pub overwrite_volume_content: bool,
     /// --volume_name --new_name.
     #[arg(long)]
     pub rename_volume: bool,
@@ -112,6 +124,9 @@ pub struct Args {
     pub query_volume: bool,
     #[arg(long)]
     pub query_all_volumes: bool,
+    /// --volume_name: the volume's V-tree, each member's size and the space it alone holds.
+    #[arg(long)]
+    pub query_vtree: bool,
 
     // ---- options ----
     /// MDM addresses, comma-separated IP or IP:PORT (default port 7611).
@@ -159,6 +174,22 @@ pub struct Args {
     pub volume_name: Option<String>,
     #[arg(long)]
     pub new_name: Option<String>,
+    /// With --snapshot_volume: the snapshots' names, comma-separated, one per volume.
+    #[arg(long)]
+    pub snapshot_name: Option<String>,
+    /// With --remove_volume: what goes besides the volume (default only_me).
+    #[arg(long, value_parser = clap::value_parser!(proto::msg::RemoveMode))]
+    pub remove_mode: Option<proto::msg::RemoveMode>,
+    #[arg(long)]
+    pub consistency_group_id: Option<String>,
+    #[arg(long)]
+    pub source_volume_name: Option<String>,
+    #[arg(long)]
+    pub destination_volume_name: Option<String>,
+    /// With --overwrite_volume_content: even while the destination is mapped (its hosts see
+    /// its content change under them).
+    #[arg(long)]
+    pub allow_overwrite_mapped: bool,
     #[arg(long)]
     pub size_gb: Option<String>,
     #[arg(long)]
@@ -304,6 +335,12 @@ impl Args {
             (self.add_volume, "--add_volume"),
             (self.remove_volume, "--remove_volume"),
             (self.modify_volume_capacity, "--modify_volume_capacity"),
+            (self.snapshot_volume, "--snapshot_volume"),
+            (
+                self.remove_consistency_group_snapshots,
+                "--remove_consistency_group_snapshots",
+            ),
+            (self.overwrite_volume_content, "--overwrite_volume_content"),
             (self.rename_volume, "--rename_volume"),
             (self.map_volume_to_sdc, "--map_volume_to_sdc"),
             (self.unmap_volume_from_sdc, "--unmap_volume_from_sdc"),
@@ -320,6 +357,7 @@ impl Args {
             (self.query_sdc, "--query_sdc"),
             (self.query_volume, "--query_volume"),
             (self.query_all_volumes, "--query_all_volumes"),
+            (self.query_vtree, "--query_vtree"),
         ];
         all.iter().filter(|(on, _)| *on).map(|(_, n)| *n).collect()
     }
@@ -467,7 +505,39 @@ impl Args {
                     preempt: self.preempt,
                 }
             }
-            "--remove_volume" => Command::RemoveVolume { name: vol()? },
+            "--remove_volume" => Command::RemoveVolume {
+                name: vol()?,
+                mode: self.remove_mode.unwrap_or_default(),
+            },
+            "--snapshot_volume" => {
+                let list = |v: &str| -> Vec<String> {
+                    v.split(',').map(|x| x.trim().to_string()).collect()
+                };
+                let volumes = list(&vol()?);
+                let names = self.snapshot_name.as_deref().map(list).unwrap_or_default();
+                if volumes.iter().chain(&names).any(String::is_empty) {
+                    bail!("--volume_name and --snapshot_name take comma-separated names without empty ones");
+                }
+                if !names.is_empty() && names.len() != volumes.len() {
+                    bail!(
+                        "--snapshot_name needs one name per --volume_name ({} volumes, {} names)",
+                        volumes.len(),
+                        names.len()
+                    );
+                }
+                Command::SnapshotVolumes { volumes, names }
+            }
+            "--remove_consistency_group_snapshots" => Command::RemoveConsistencyGroupSnapshots {
+                group: parse_u64(
+                    need(&self.consistency_group_id, "--consistency_group_id")?,
+                    "--consistency_group_id",
+                )?,
+            },
+            "--overwrite_volume_content" => Command::OverwriteVolumeContent {
+                volume: need(&self.destination_volume_name, "--destination_volume_name")?.into(),
+                source: need(&self.source_volume_name, "--source_volume_name")?.into(),
+                force: self.allow_overwrite_mapped,
+            },
             "--modify_volume_capacity" => Command::ModifyVolumeCapacity {
                 name: vol()?,
                 size_bytes: parse_gb(need(&self.size_gb, "--size_gb")?, "--size_gb")?,
@@ -589,6 +659,9 @@ impl Args {
                 name: need(&self.volume_name, "--volume_name")?.into(),
             },
             "--query_all_volumes" => Query::AllVolumes,
+            "--query_vtree" => Query::Vtree {
+                name: need(&self.volume_name, "--volume_name")?.into(),
+            },
             _ => return Ok(None),
         }))
     }

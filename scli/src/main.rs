@@ -6,6 +6,7 @@ mod args;
 mod client;
 mod output;
 mod session;
+mod vtree;
 
 use args::Args;
 use clap::Parser;

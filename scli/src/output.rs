@@ -441,6 +441,11 @@ pub fn render(q: &Query, a: &Args, c: &ClusterStatus, s: &ClusterState) -> anyho
                 proto::docker::volume_by_either_name(s, name).ok_or_else(|| missing("volume"))?;
             (volume_text(s, v), volume_json(s, v))
         }
+        Query::Vtree { name } => {
+            let v =
+                proto::docker::volume_by_either_name(s, name).ok_or_else(|| missing("volume"))?;
+            crate::vtree::render(s, c, v)
+        }
         Query::AllVolumes => {
             let t: Vec<String> = s.volumes.values().map(|v| volume_text(s, v)).collect();
             let t = if t.is_empty() {

@@ -368,9 +368,11 @@ impl VolumeIo {
         let mut last;
         loop {
             let map = self.io.map();
-            let (_, pool) = volume::lookup(&map, self.volume).ok_or(IoError::VolumeGone)?;
+            let (vol, pool) = volume::lookup(&map, self.volume).ok_or(IoError::VolumeGone)?;
             let fence = self.generation(&map).ok_or(IoError::VolumeGone)?;
-            let route = volume::route(pool, p.chunk)
+            // The layer the volume writes to in this map (a snapshot since gives it a new one).
+            let chunk = p.chunk.in_layer(vol.layer);
+            let route = volume::route(pool, chunk)
                 .ok_or_else(|| IoError::Unavailable("the pool has no placement".into()))?;
             if let Some(primary) = route.mapping.primary {
                 let h = DataHeader {
@@ -379,7 +381,7 @@ impl VolumeIo {
                     pool: pool.id,
                     pg: route.pg,
                     epoch: route.epoch,
-                    chunk: p.chunk,
+                    chunk,
                     offset: p.offset,
                     len: p.len,
                     fence,
@@ -693,10 +695,7 @@ impl VolumeIo {
                 pool: pool.id,
                 pg: proto::PgId(0),
                 epoch: pool.epoch,
-                chunk: ChunkId {
-                    vtree: vol.vtree,
-                    index: ChunkIndex(first),
-                },
+                chunk: ChunkId::new(vol.vtree, ChunkIndex(first)).in_layer(vol.layer),
                 offset: 0,
                 len: count as u32,
                 fence,

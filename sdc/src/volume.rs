@@ -25,10 +25,7 @@ pub fn split(vol: &Volume, offset: u64, len: u64) -> Vec<Piece> {
         let in_chunk = pos % CHUNK_SIZE;
         let n = (CHUNK_SIZE - in_chunk).min(end - pos);
         out.push(Piece {
-            chunk: ChunkId {
-                vtree: vol.vtree,
-                index: ChunkIndex(index),
-            },
+            chunk: ChunkId::new(vol.vtree, ChunkIndex(index)).in_layer(vol.layer),
             offset: in_chunk as u32,
             len: n as u32,
             buf_offset: (pos - offset) as usize,
@@ -78,6 +75,8 @@ mod tests {
             created_unix: 0,
             labels: Default::default(),
             preempt: false,
+            layer: Default::default(),
+            snapshot: None,
         }
     }
 

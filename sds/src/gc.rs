@@ -1,6 +1,7 @@
 //! The garbage collector: frees the chunks of PGs this SDS no longer holds (a rebalance moved
-//! the copy off, the PG was rebuilt elsewhere while this SDS was away, the volume was removed),
-//! so the capacity the MDM sees as free is free on disk too.
+//! the copy off, the PG was rebuilt elsewhere while this SDS was away, the volume was removed)
+//! and of V-tree layers the map no longer has (removed snapshots, a restored volume's old
+//! layer), so the capacity the MDM sees as free is free on disk too.
 //!
 //! Safety: a chunk is freed only when two passes, `interval` apart, both find it unneeded, the
 //! SDS holds a lease (its map is current), and a last check against the current map passes
@@ -16,9 +17,10 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-/// Whether SDS `me` must keep `chunk` under `map`: the chunk's volume exists and its PG names
-/// `me` as primary, secondary (in sync or being filled), the copy a move replaces, or the copy
-/// dropped for a backward rebuild. A pool or PG the map does not show is kept (conservative).
+/// Whether SDS `me` must keep `chunk` under `map`: the chunk's volume and layer exist and its
+/// PG names `me` as primary, secondary (in sync or being filled), the copy a move replaces, or
+/// the copy dropped for a backward rebuild. A pool or PG the map does not show is kept
+/// (conservative).
 pub fn keeps(map: &ClusterState, me: SdsId, chunk: ChunkId) -> bool {
     let Some(v) = map.volume_by_vtree(chunk.vtree) else {
         return false;
@@ -27,6 +29,9 @@ pub fn keeps(map: &ClusterState, me: SdsId, chunk: ChunkId) -> bool {
 }
 
 fn keeps_in(map: &ClusterState, me: SdsId, chunk: ChunkId, pool: proto::PoolId) -> bool {
+    if !map.has_layer(chunk.vtree, chunk.layer) {
+        return false;
+    }
     let Some(p) = map.pools.get(&pool) else {
         return true;
     };
@@ -123,6 +128,8 @@ mod tests {
                 created_unix: 0,
                 labels: Default::default(),
                 preempt: false,
+                layer: Default::default(),
+                snapshot: None,
             },
         );
         s
@@ -131,10 +138,7 @@ mod tests {
     #[test]
     fn keeps_every_copy_the_map_names_and_only_those() {
         let (a, b, c) = (SdsId(1), SdsId(2), SdsId(3));
-        let chunk = ChunkId {
-            vtree: VtreeId(7),
-            index: ChunkIndex(4),
-        };
+        let chunk = ChunkId::new(VtreeId(7), ChunkIndex(4));
         assert_eq!(chunk.pg(1), PgId(0));
         let plain = PgMapping {
             primary: Some(a),
@@ -149,6 +153,22 @@ mod tests {
             ..chunk
         };
         assert!(!keeps(&s, a, other_volume), "a removed volume's chunk");
+        let layer = |l| chunk.in_layer(proto::LayerId(l));
+        assert!(!keeps(&s, a, layer(1)), "a layer the map does not have");
+        let mut layered = s.clone();
+        layered.vtrees.insert(
+            VtreeId(7),
+            proto::model::Vtree {
+                layers: [
+                    (proto::LayerId(0), None),
+                    (proto::LayerId(2), Some(proto::LayerId(0))),
+                ]
+                .into(),
+                next_layer: 3,
+            },
+        );
+        assert!(keeps(&layered, a, layer(0)) && keeps(&layered, a, layer(2)));
+        assert!(!keeps(&layered, a, layer(1)), "a removed snapshot's layer");
         let moving = PgMapping {
             secondary: Some(c),
             rebuild: Some(Epoch(3)),

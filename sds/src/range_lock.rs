@@ -253,10 +253,7 @@ mod tests {
     use std::time::Duration;
 
     fn c(i: u64) -> ChunkId {
-        ChunkId {
-            vtree: VtreeId(1),
-            index: ChunkIndex(i),
-        }
+        ChunkId::new(VtreeId(1), ChunkIndex(i))
     }
 
     fn waiters(locks: &RangeLocks, chunk: ChunkId) -> usize {

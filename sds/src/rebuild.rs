@@ -416,21 +416,13 @@ impl<D: BlockDevice> Rebuilder<D> {
             return 0;
         };
         let storage = self.service.storage();
-        map.volumes
-            .values()
-            .filter(|v| v.pool == a.pool)
-            .map(|v| {
+        trees_of(&map, a.pool)
+            .into_keys()
+            .map(|vtree| {
                 storage
-                    .chunks_of(v.vtree)
+                    .chunks_of(vtree)
                     .into_iter()
-                    .filter(|i| {
-                        ChunkId {
-                            vtree: v.vtree,
-                            index: *i,
-                        }
-                        .pg(pool.pg_count)
-                            == a.pg
-                    })
+                    .filter(|c| map.has_layer(vtree, c.layer) && c.pg(pool.pg_count) == a.pg)
                     .count() as i64
             })
             .sum()
@@ -588,29 +580,48 @@ impl<D: BlockDevice> Rebuilder<D> {
         let pg_count = pool.pg_count;
         let storage = self.service.storage();
         let mut bytes = 0;
-        for v in map.volumes.values().filter(|v| v.pool == a.pool) {
-            let in_pg = |index: u64| {
-                ChunkId {
-                    vtree: v.vtree,
-                    index: ChunkIndex(index),
-                }
-                .pg(pg_count)
-                    == a.pg
-            };
-            let mut local: BTreeSet<u64> = storage
-                .chunks_of(v.vtree)
-                .into_iter()
-                .map(|c| c.0)
+        for (vtree, chunks) in trees_of(&map, a.pool) {
+            let held = storage.chunks_of(vtree);
+            for layer in map.layers_of(vtree) {
+                bytes += self
+                    .copy_layer(a, pg_count, vtree, layer, chunks, &held)
+                    .await?;
+            }
+        }
+        Ok(bytes)
+    }
+
+    /// Copy one layer of a V-tree's chunks in the PG (see [`Rebuilder::copy_pg`]).
+    async fn copy_layer(
+        &self,
+        a: &Assignment,
+        pg_count: u32,
+        vtree: proto::VtreeId,
+        layer: proto::LayerId,
+        chunks: u64,
+        held: &[ChunkId],
+    ) -> Result<u64, proto::WireError> {
+        let mut bytes = 0;
+        {
+            let in_pg = |index: u64| ChunkId::new(vtree, ChunkIndex(index)).pg(pg_count) == a.pg;
+            let mut local: BTreeSet<u64> = held
+                .iter()
+                .filter(|c| c.layer == layer)
+                .map(|c| c.index.0)
                 .filter(|i| in_pg(*i))
                 .collect();
             let mut remote = BTreeSet::new();
-            let chunks = v.size_bytes.div_ceil(CHUNK_SIZE);
             let mut first = 0;
             while first < chunks {
                 let count = (chunks - first).min(u64::from(ALLOC_STATUS_MAX_CHUNKS)) as u32;
                 let have = self
                     .service
-                    .remote_allocation(a.target, a.pool, v.vtree, first, count)
+                    .remote_allocation(
+                        a.target,
+                        a.pool,
+                        ChunkId::new(vtree, ChunkIndex(first)).in_layer(layer),
+                        count,
+                    )
                     .await?;
                 for (i, b) in have.iter().enumerate() {
                     let index = first + i as u64;
@@ -625,10 +636,7 @@ impl<D: BlockDevice> Rebuilder<D> {
             left.inc_by(local.len() as i64);
             let mut todo = local.len() as i64;
             for index in local {
-                let chunk = ChunkId {
-                    vtree: v.vtree,
-                    index: ChunkIndex(index),
-                };
+                let chunk = ChunkId::new(vtree, ChunkIndex(index)).in_layer(layer);
                 let _permit = self
                     .service
                     .copy_throttle()
@@ -651,4 +659,19 @@ impl<D: BlockDevice> Rebuilder<D> {
         }
         Ok(bytes)
     }
+}
+
+/// Each V-tree with a member in `pool`, with the most chunks any member spans (a layer's chunks
+/// lie below its members' sizes, which only grow).
+fn trees_of(
+    map: &proto::model::ClusterState,
+    pool: PoolId,
+) -> std::collections::BTreeMap<proto::VtreeId, u64> {
+    let mut out = std::collections::BTreeMap::new();
+    for v in map.volumes.values().filter(|v| v.pool == pool) {
+        let chunks = v.size_bytes.div_ceil(CHUNK_SIZE);
+        let e = out.entry(v.vtree).or_insert(0);
+        *e = chunks.max(*e);
+    }
+    out
 }

@@ -488,10 +488,7 @@ mod tests {
     /// A header for a chunk of `pg` (found by search) at `epoch`.
     fn header(pg: u32, epoch: u64) -> DataHeader {
         let chunk = (0..)
-            .map(|i| ChunkId {
-                vtree: VtreeId(5),
-                index: ChunkIndex(i),
-            })
+            .map(|i| ChunkId::new(VtreeId(5), ChunkIndex(i)))
             .find(|c| c.pg(4) == PgId(pg))
             .expect("some chunk maps to every PG");
         DataHeader {

@@ -65,7 +65,22 @@ impl<D: BlockDevice> Scrubber<D> {
             rebuild_chunks_skipped: m.rebuild_chunks_skipped.get(),
             thick_chunks_stored: self.service.storage().thick_stored(),
             thick_chunks_no_space: m.thick_chunks_no_space.get().max(0) as u64,
+            layer_chunks: self.layer_chunks(),
         }
+    }
+
+    /// Chunks held per layer of each V-tree with snapshots (see `SdsStats::layer_chunks`).
+    fn layer_chunks(&self) -> Vec<(proto::VtreeId, proto::LayerId, u64)> {
+        let map = self.map.state();
+        let mut out = Vec::new();
+        for vtree in map.vtrees.keys() {
+            let mut counts: std::collections::BTreeMap<proto::LayerId, u64> = Default::default();
+            for c in self.service.storage().chunks_of(*vtree) {
+                *counts.entry(c.layer).or_default() += 1;
+            }
+            out.extend(counts.into_iter().map(|(l, n)| (*vtree, l, n)));
+        }
+        out
     }
 
     /// Scrub forever.
@@ -106,8 +121,8 @@ impl<D: BlockDevice> Scrubber<D> {
             map.volumes.values().map(|v| (v.vtree, v.pool)).collect();
         let mut out = Vec::new();
         for (vtree, pool) in pools {
-            for index in self.service.storage().chunks_of(vtree) {
-                out.push((ChunkId { vtree, index }, pool));
+            for chunk in self.service.storage().chunks_of(vtree) {
+                out.push((chunk, pool));
             }
         }
         out

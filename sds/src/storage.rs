@@ -337,6 +337,13 @@ impl<D: BlockDevice> Storage<D> {
         r
     }
 
+    /// The blocks of `chunk` written here (as reads see them), or `None` if it is not held.
+    pub fn written(&self, chunk: ChunkId) -> Option<[u64; 4]> {
+        let devs = self.devices();
+        let i = Self::locate(&devs, chunk)?;
+        devs[i].store.meta_of(chunk).map(|m| m.written)
+    }
+
     pub async fn write(&self, chunk: ChunkId, offset: u32, data: &[u8]) -> Result<(), StoreError> {
         if data.is_empty() {
             return Ok(());
@@ -600,9 +607,9 @@ impl<D: BlockDevice> Storage<D> {
         Ok(freed)
     }
 
-    /// Every allocated chunk of `vtree` on any device, ascending.
-    pub fn chunks_of(&self, vtree: VtreeId) -> Vec<proto::ChunkIndex> {
-        let mut out: Vec<proto::ChunkIndex> = self
+    /// Every allocated chunk of `vtree` (every layer) on any device, ascending.
+    pub fn chunks_of(&self, vtree: VtreeId) -> Vec<ChunkId> {
+        let mut out: Vec<ChunkId> = self
             .devices()
             .iter()
             .flat_map(|d| d.store.chunks_of(vtree))
@@ -612,11 +619,12 @@ impl<D: BlockDevice> Storage<D> {
         out
     }
 
-    /// One byte per chunk `first .. first + count` of `vtree`: 1 if allocated on any device.
-    pub fn allocated(&self, vtree: VtreeId, first: u64, count: u32) -> Vec<u8> {
+    /// One byte per chunk `first .. first + count` (of `first`'s tree and layer): 1 if
+    /// allocated on any device.
+    pub fn allocated(&self, first: ChunkId, count: u32) -> Vec<u8> {
         let mut out = vec![0u8; count as usize];
         for d in self.devices().iter() {
-            for (o, a) in out.iter_mut().zip(d.store.allocated(vtree, first, count)) {
+            for (o, a) in out.iter_mut().zip(d.store.allocated(first, count)) {
                 *o |= a;
             }
         }
@@ -646,10 +654,7 @@ mod tests {
     use proto::ChunkIndex;
 
     fn c(i: u64) -> ChunkId {
-        ChunkId {
-            vtree: VtreeId(3),
-            index: ChunkIndex(i),
-        }
+        ChunkId::new(VtreeId(3), ChunkIndex(i))
     }
 
     async fn store(f: &Scratch) -> ChunkStore<FaultyDevice<FileDevice>> {
@@ -671,7 +676,10 @@ mod tests {
         }
         let per: Vec<usize> = s.devices().iter().map(|d| d.store.chunk_count()).collect();
         assert_eq!(per, vec![3, 3], "new chunks go to the emptier device");
-        assert_eq!(s.allocated(VtreeId(3), 0, 8), vec![1, 1, 1, 1, 1, 1, 0, 0]);
+        assert_eq!(
+            s.allocated(ChunkId::new(VtreeId(3), proto::ChunkIndex(0)), 8),
+            vec![1, 1, 1, 1, 1, 1, 0, 0]
+        );
         for i in 0..6 {
             assert_eq!(s.read(c(i), 0, 1).await.expect("read"), vec![i as u8]);
         }
@@ -829,10 +837,7 @@ mod tests {
         let s = Storage::new(vec![("a".into(), store(&f).await)]);
         let free = s.devices()[0].store.free_slots();
         assert!(free >= 3, "a device of a few slots: {free}");
-        let thick = |i| ChunkId {
-            vtree: VtreeId(9),
-            index: ChunkIndex(i),
-        };
+        let thick = |i| ChunkId::new(VtreeId(9), ChunkIndex(i));
         // Promise all but one free slot to thick vtree 9.
         s.set_thick_reservation([VtreeId(9)].into_iter().collect(), free - 1, 0);
         s.write(c(0), 0, &[1; 4096])

@@ -41,10 +41,7 @@ pub fn thick_chunks(map: &ClusterState, me: SdsId) -> Vec<ChunkId> {
             continue;
         }
         for index in 0..v.size_bytes.div_ceil(CHUNK_SIZE) {
-            let chunk = ChunkId {
-                vtree: v.vtree,
-                index: ChunkIndex(index),
-            };
+            let chunk = ChunkId::new(v.vtree, ChunkIndex(index));
             let holds = pool
                 .pg(chunk.pg(pool.pg_count))
                 .is_some_and(|m| m.primary == Some(me) || m.secondary == Some(me));

@@ -186,10 +186,7 @@ fn cluster(a: SocketAddr, b: SocketAddr, epoch: u64, version: u64) -> ClusterSta
 /// The `nth` chunk of volume tree 9 that falls in `pg`.
 fn chunk_in(pg: u32, nth: usize) -> ChunkId {
     (0..)
-        .map(|i| ChunkId {
-            vtree: VtreeId(9),
-            index: ChunkIndex(i),
-        })
+        .map(|i| ChunkId::new(VtreeId(9), ChunkIndex(i)))
         .filter(|c| c.pg(PGS) == PgId(pg))
         .nth(nth)
         .expect("chunks exist in every PG")
@@ -349,10 +346,7 @@ async fn writes_are_mirrored_to_the_secondary() {
     let status = |conn: &RpcClient| {
         let conn = conn.clone();
         async move {
-            let first = ChunkId {
-                vtree: VtreeId(9),
-                index: ChunkIndex(0),
-            };
+            let first = ChunkId::new(VtreeId(9), ChunkIndex(0));
             let mut h = header(DataOp::AllocStatus, first, 2, 0, 0);
             h.len = (c.index.0 + 2) as u32;
             let r = call(&conn, h, Bytes::new()).await.expect("alloc status");
@@ -516,6 +510,8 @@ fn cluster_with_mapping(a: SocketAddr, b: SocketAddr) -> ClusterState {
             created_unix: 0,
             labels: Default::default(),
             preempt: false,
+            layer: Default::default(),
+            snapshot: None,
         },
     );
     for (id, name) in [(1, "host1"), (2, "host2")] {

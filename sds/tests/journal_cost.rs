@@ -10,10 +10,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 fn c(i: u64) -> ChunkId {
-    ChunkId {
-        vtree: VtreeId(1),
-        index: ChunkIndex(i),
-    }
+    ChunkId::new(VtreeId(1), ChunkIndex(i))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

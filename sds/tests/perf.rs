@@ -116,10 +116,7 @@ fn cluster(a: SocketAddr, b: SocketAddr, mirrored: bool) -> ClusterState {
 
 fn req(op: DataOp, n: u64) -> (Bytes, Bytes) {
     let x = n.wrapping_mul(0x9E37_79B9_7F4A_7C15);
-    let chunk = ChunkId {
-        vtree: VtreeId(1),
-        index: ChunkIndex(x % SPAN_CHUNKS),
-    };
+    let chunk = ChunkId::new(VtreeId(1), ChunkIndex(x % SPAN_CHUNKS));
     let h = DataHeader {
         op,
         flags: 0,

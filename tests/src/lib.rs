@@ -1034,6 +1034,25 @@ impl Drop for Writer {
     }
 }
 
+/// The SDC's metrics address (its `--metrics-listen`).
+pub fn sdc_metrics(d: &mut DataCluster) -> SocketAddr {
+    let cmd = d.sdc.cmd();
+    let at = cmd
+        .iter()
+        .position(|a| a == "--metrics-listen")
+        .expect("metrics flag");
+    cmd[at + 1].parse().expect("metrics address")
+}
+
+/// The value of `name{volume="VOLUME"}` in the metrics at `addr`.
+pub fn volume_metric(addr: SocketAddr, name: &str, volume: &str) -> Option<f64> {
+    let body = http_get(addr, "/metrics").ok()?;
+    let key = format!("{name}{{volume=\"{volume}\"}} ");
+    body.lines()
+        .find_map(|l| l.strip_prefix(&key))
+        .and_then(|v| v.trim().parse().ok())
+}
+
 /// The state `scli --query_sds` reports for SDS `name` (empty if the query fails).
 pub fn sds_state(dc: &DataCluster, name: &str) -> String {
     state_of(&query_sds(dc, name))
@@ -1410,10 +1429,7 @@ fn compare_copies_under(
         let mut compared = 0;
         let mut diffs = Vec::new();
         for index in 0..chunks {
-            let chunk = proto::ChunkId {
-                vtree: vol.vtree,
-                index: proto::ChunkIndex(index),
-            };
+            let chunk = proto::ChunkId::new(vol.vtree, proto::ChunkIndex(index));
             let pg = chunk.pg(pool.pg_count);
             let m = pool.pgs[pg.0 as usize];
             let (Some(a), Some(b)) = (m.primary, m.secondary) else {

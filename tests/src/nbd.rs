@@ -190,7 +190,7 @@ impl Nbd {
 }
 
 /// Granularity of the writer's non-overlap bookkeeping.
-const SLOT: u64 = 64 << 10;
+pub const SLOT: u64 = 64 << 10;
 /// A chunk: one write in eight covers a whole one (the SDS writes those out of place).
 const WHOLE: u64 = 1 << 20;
 
@@ -212,7 +212,44 @@ pub struct WriteReport {
     pub stalls: Vec<(f64, Duration)>,
 }
 
+/// A view into a running [`write_load`] for snapshot tests: [`Probe::begin`] copies the model
+/// (what every write acknowledged so far left) and starts noting every slot a write may still
+/// change (in flight, failed, or sent since); [`Probe::end`] stops and returns both. A snapshot
+/// taken between the two must equal the copy outside the noted slots.
+#[derive(Default)]
+pub struct Probe {
+    shared: Mutex<Option<SharedState>>,
+}
+
+/// A writer's state and the condition its threads wait on.
+type SharedState = Arc<(Mutex<Shared>, Condvar)>;
+
+impl Probe {
+    fn shared(&self) -> SharedState {
+        let s = self.shared.lock().expect("probe");
+        s.clone().expect("the writer has not started")
+    }
+
+    /// Copy the model and start noting the slots writes may change.
+    pub fn begin(&self) {
+        let sh = self.shared();
+        let mut s = sh.0.lock().expect("writer state");
+        let mut touched: HashSet<u64> = s.busy.clone();
+        touched.extend(s.uncertain.iter().copied());
+        s.probe = Some((s.model.clone(), touched));
+    }
+
+    /// Stop noting; the model copied at `begin` and the slots noted since.
+    pub fn end(&self) -> (Vec<u8>, HashSet<u64>) {
+        let sh = self.shared();
+        let mut s = sh.0.lock().expect("writer state");
+        s.probe.take().expect("Probe::begin first")
+    }
+}
+
 struct Shared {
+    /// Set by [`Probe::begin`]: the model then, and every slot a write may have changed since.
+    probe: Option<(Vec<u8>, HashSet<u64>)>,
     /// The expected content of `[0, region)`.
     model: Vec<u8>,
     /// Slots that had a failed write: excluded from the check.
@@ -235,6 +272,22 @@ pub fn write_load(
     stop: Arc<AtomicBool>,
     progress: Arc<std::sync::atomic::AtomicU64>,
 ) -> io::Result<(WriteReport, Vec<u8>, HashSet<u64>)> {
+    let probe = Probe::default();
+    write_load_probed(socket, export, region, depth, seed, stop, progress, &probe)
+}
+
+/// [`write_load`], with a [`Probe`] a snapshot test can look through.
+#[allow(clippy::too_many_arguments)]
+pub fn write_load_probed(
+    socket: &Path,
+    export: &str,
+    region: u64,
+    depth: usize,
+    seed: u64,
+    stop: Arc<AtomicBool>,
+    progress: Arc<std::sync::atomic::AtomicU64>,
+    probe: &Probe,
+) -> io::Result<(WriteReport, Vec<u8>, HashSet<u64>)> {
     let mut tx = Nbd::connect(socket, export)?;
     let mut rx = tx.try_clone()?;
     let region = region.min(tx.size) / SLOT * SLOT;
@@ -248,6 +301,7 @@ pub fn write_load(
     let started = Instant::now();
     let shared = Arc::new((
         Mutex::new(Shared {
+            probe: None,
             model: initial,
             uncertain: HashSet::new(),
             busy: HashSet::new(),
@@ -258,6 +312,9 @@ pub fn write_load(
         }),
         Condvar::new(),
     ));
+    if let Ok(mut p) = probe.shared.lock() {
+        *p = Some(shared.clone());
+    }
     let reader = {
         let shared = shared.clone();
         let progress = progress.clone();
@@ -353,6 +410,9 @@ pub fn write_load(
                 s.last_done = Instant::now();
             }
             s.busy.extend(slots_of(off, data.len()));
+            if let Some((_, touched)) = &mut s.probe {
+                touched.extend(slots_of(off, data.len()));
+            }
             s.pending.insert(handle, (off, data.clone()));
             (off, data)
         };

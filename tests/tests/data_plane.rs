@@ -314,10 +314,7 @@ fn compare_copies(d: &DataCluster) {
         let chunks = vol.size_bytes / proto::CHUNK_SIZE;
         let mut compared = 0;
         for i in 0..chunks {
-            let chunk = proto::ChunkId {
-                vtree: vol.vtree,
-                index: proto::ChunkIndex(i),
-            };
+            let chunk = proto::ChunkId::new(vol.vtree, proto::ChunkIndex(i));
             let pg = chunk.pg(pool.pg_count);
             let m = pool.pgs[pg.0 as usize];
             let (Some(p), Some(s)) = (m.primary, m.secondary) else {

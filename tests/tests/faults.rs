@@ -267,11 +267,7 @@ fn corruption_is_detected_and_repaired() {
     let map = cluster_map(&dc.c);
     let vol = map.volume_by_name("vol1").expect("vol1").clone();
     let pool = &map.pools[&vol.pool];
-    let pg = proto::ChunkId {
-        vtree: vol.vtree,
-        index: proto::ChunkIndex(0),
-    }
-    .pg(pool.pg_count);
+    let pg = proto::ChunkId::new(vol.vtree, proto::ChunkIndex(0)).pg(pool.pg_count);
     let m = pool.pgs[pg.0 as usize];
     let idx = |id: Option<proto::SdsId>| {
         let name = &map.sds[&id.expect("copy")].name;
@@ -747,10 +743,7 @@ fn primary_of_chunk(
     let map = cluster_map(&dc.c);
     let vol = map.volume_by_name("vol1").expect("vol1");
     let pool = map.pools.get(&vol.pool).expect("pool");
-    let chunk = proto::ChunkId {
-        vtree: vol.vtree,
-        index: proto::ChunkIndex(index),
-    };
+    let chunk = proto::ChunkId::new(vol.vtree, proto::ChunkIndex(index));
     let pg = chunk.pg(pool.pg_count);
     let primary = pool.pg(pg).and_then(|m| m.primary).expect("a primary");
     let name = &map.sds.get(&primary).expect("primary in the map").name;

@@ -8,23 +8,9 @@ use meshblock_tests::nbd::check_model;
 use meshblock_tests::*;
 use std::time::{Duration, Instant};
 
-/// The SDC's metrics address (its `--metrics-listen`).
-fn sdc_metrics(d: &mut DataCluster) -> std::net::SocketAddr {
-    let cmd = d.sdc.cmd();
-    let at = cmd
-        .iter()
-        .position(|a| a == "--metrics-listen")
-        .expect("metrics flag");
-    cmd[at + 1].parse().expect("metrics address")
-}
-
 /// The value of `name{volume="vol1"}` in the SDC's metrics.
 fn vol1_metric(addr: std::net::SocketAddr, name: &str) -> Option<f64> {
-    let body = http_get(addr, "/metrics").ok()?;
-    let key = format!("{name}{{volume=\"vol1\"}} ");
-    body.lines()
-        .find_map(|l| l.strip_prefix(&key))
-        .and_then(|v| v.trim().parse().ok())
+    volume_metric(addr, name, "vol1")
 }
 
 fn set_limits(d: &DataCluster, iops: u64, kbps: u64) {

@@ -228,7 +228,13 @@ fn table(token: &str) -> Vec<(MdmRequest, &'static [&'static str])> {
             docker,
         ),
         (
-            command(t, Command::RemoveVolume { name: s("vol1") }),
+            command(
+                t,
+                Command::RemoveVolume {
+                    name: s("vol1"),
+                    mode: Default::default(),
+                },
+            ),
             docker,
         ),
         (

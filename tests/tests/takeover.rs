@@ -40,10 +40,7 @@ fn raw_chunk0(
     let map = cluster_map(c);
     let v = map.volume_by_name(volume).expect("volume");
     let pool = &map.pools[&v.pool];
-    let chunk = proto::ChunkId {
-        vtree: v.vtree,
-        index: proto::ChunkIndex(0),
-    };
+    let chunk = proto::ChunkId::new(v.vtree, proto::ChunkIndex(0));
     let pg = chunk.pg(pool.pg_count);
     let primary = pool.pgs[pg.0 as usize].primary.expect("primary");
     let addr = map.sds[&primary].addr.parse().expect("addr");

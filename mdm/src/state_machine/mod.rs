@@ -19,6 +19,7 @@ use std::collections::BTreeMap;
 mod sds;
 #[cfg(test)]
 mod tests;
+mod vtree;
 
 use sds::{
     add_sds, clear_device_error, move_pg, new_device, pg_rebuilt, remove_sds, remove_sds_device,
@@ -552,6 +553,8 @@ fn apply_command(
                     created_unix: proposed_unix,
                     labels: labels.clone(),
                     preempt: *preempt,
+                    layer: LayerId(0),
+                    snapshot: None,
                 },
             );
             done(
@@ -559,17 +562,16 @@ fn apply_command(
                 Some(id.0),
             )
         }
-        Command::RemoveVolume { name } => {
-            let id = volume_id(s, name)?;
-            if s.mappings_of(id).next().is_some() {
-                return err(
-                    ErrorCode::Conflict,
-                    format!("Volume {name} is mapped to an SDC; unmap it first"),
-                );
-            }
-            s.volumes.remove(&id);
-            done("Successfully removed volume.", Some(id.0))
+        Command::RemoveVolume { name, mode } => vtree::remove_volume(s, name, *mode),
+        Command::SnapshotVolumes { volumes, names } => {
+            vtree::snapshot(s, volumes, names, proposed_unix)
         }
+        Command::RemoveConsistencyGroupSnapshots { group } => vtree::remove_group(s, *group),
+        Command::OverwriteVolumeContent {
+            volume,
+            source,
+            force,
+        } => vtree::overwrite(s, volume, source, *force),
         Command::ModifyVolumeCapacity { name, size_bytes } => {
             let id = volume_id(s, name)?;
             let size = round_size(*size_bytes)?;

@@ -112,6 +112,7 @@ fn refused_commands_change_nothing() {
         volume("big", 200 << 30, false),
         Command::RemoveVolume {
             name: "nope".into(),
+            mode: Default::default(),
         },
         Command::RemoveSds {
             name: "nope".into(),
@@ -186,12 +187,21 @@ fn takeover_fences_the_old_mapping() {
     );
     let old = s.mappings_of(vol.id).next().expect("m").generation;
     assert_ne!(old, 0);
-    assert_eq!(s.check_fence(vol.vtree, old, "a"), FenceCheck::Allowed);
-    // Only the SDC the volume is mapped to may use its generation.
-    assert_eq!(s.check_fence(vol.vtree, old, "b"), FenceCheck::OtherHost);
-    assert_eq!(s.check_fence(vol.vtree, 0, "a"), FenceCheck::Fenced);
     assert_eq!(
-        s.check_fence(vol.vtree, s.next_id + 1, "a"),
+        s.check_fence(ChunkId::new(vol.vtree, ChunkIndex(0)), old, "a"),
+        FenceCheck::Allowed
+    );
+    // Only the SDC the volume is mapped to may use its generation.
+    assert_eq!(
+        s.check_fence(ChunkId::new(vol.vtree, ChunkIndex(0)), old, "b"),
+        FenceCheck::OtherHost
+    );
+    assert_eq!(
+        s.check_fence(ChunkId::new(vol.vtree, ChunkIndex(0)), 0, "a"),
+        FenceCheck::Fenced
+    );
+    assert_eq!(
+        s.check_fence(ChunkId::new(vol.vtree, ChunkIndex(0)), s.next_id + 1, "a"),
         FenceCheck::NewerThanMap
     );
     // The leader may evict nobody: a live mapping refuses the takeover, changing nothing.
@@ -210,18 +220,35 @@ fn takeover_fences_the_old_mapping() {
     assert_eq!(maps.len(), 1);
     assert_eq!(maps[0].sdc, b);
     assert!(maps[0].generation > old);
-    assert_eq!(s.check_fence(vol.vtree, old, "a"), FenceCheck::Fenced);
     assert_eq!(
-        s.check_fence(vol.vtree, maps[0].generation, "b"),
+        s.check_fence(ChunkId::new(vol.vtree, ChunkIndex(0)), old, "a"),
+        FenceCheck::Fenced
+    );
+    assert_eq!(
+        s.check_fence(
+            ChunkId::new(vol.vtree, ChunkIndex(0)),
+            maps[0].generation,
+            "b"
+        ),
         FenceCheck::Allowed
     );
     assert_eq!(
-        s.check_fence(vol.vtree, maps[0].generation, "a"),
+        s.check_fence(
+            ChunkId::new(vol.vtree, ChunkIndex(0)),
+            maps[0].generation,
+            "a"
+        ),
         FenceCheck::OtherHost
     );
     // An unknown tree with fence 0 (hand-made maps) passes; with a fence it does not.
-    assert_eq!(s.check_fence(VtreeId(12345), 0, "a"), FenceCheck::Allowed);
-    assert_eq!(s.check_fence(VtreeId(12345), old, "a"), FenceCheck::Fenced);
+    assert_eq!(
+        s.check_fence(ChunkId::new(VtreeId(12345), ChunkIndex(0)), 0, "a"),
+        FenceCheck::Allowed
+    );
+    assert_eq!(
+        s.check_fence(ChunkId::new(VtreeId(12345), ChunkIndex(0)), old, "a"),
+        FenceCheck::Fenced
+    );
 }
 
 #[test]

@@ -454,6 +454,8 @@ impl Driver {
             .cluster
             .command(Command::RemoveVolume {
                 name: cname.clone(),
+                // Its snapshots (made with `snapshot_of`) are volumes of their own and stay.
+                mode: proto::msg::RemoveMode::OnlyMe,
             })
             .await
         {

@@ -64,6 +64,8 @@ mod tests {
             created_unix: 0,
             labels,
             preempt: false,
+            layer: Default::default(),
+            snapshot: None,
         }
     }
 

@@ -2,7 +2,7 @@
 //! no I/O. See the parent module for how they are used; every field is little-endian.
 
 use super::layout::{SlotIndex, PAGE, PAGE_FORMAT};
-use proto::{ChunkId, ChunkIndex, VtreeId};
+use proto::{ChunkId, VtreeId};
 
 /// First 4 bytes of a record header ("MBJR").
 pub const RECORD_MAGIC: u32 = 0x524A_424D;
@@ -106,7 +106,7 @@ impl RecordHeader {
     }
 
     /// Encode into a 4 KiB block: magic u32, format version u32, device uuid u128, epoch u64,
-    /// seq u64, kind u32, slot u32, vtree u64, chunk index u64, first block u32, block count
+    /// seq u64, kind u32, slot u32, vtree u64, chunk index u64 (with its layer), first block u32, block count
     /// u32, generation u64, payload CRC32 u32, the `Relocate` source slot u32 (zero in records
     /// of format version 2), zeros, header CRC32 in the last 4 bytes.
     pub fn encode(&self, p: &mut [u8], device_uuid: u128) {
@@ -119,7 +119,7 @@ impl RecordHeader {
         p[40..44].copy_from_slice(&(self.kind as u32).to_le_bytes());
         p[44..48].copy_from_slice(&self.slot.0.to_le_bytes());
         p[48..56].copy_from_slice(&self.chunk.vtree.0.to_le_bytes());
-        p[56..64].copy_from_slice(&self.chunk.index.0.to_le_bytes());
+        p[56..64].copy_from_slice(&self.chunk.disk_index().to_le_bytes());
         p[64..68].copy_from_slice(&self.first.to_le_bytes());
         p[68..72].copy_from_slice(&self.count.to_le_bytes());
         p[72..80].copy_from_slice(&self.generation.to_le_bytes());
@@ -153,10 +153,7 @@ impl RecordHeader {
             } else {
                 slot
             },
-            chunk: ChunkId {
-                vtree: VtreeId(u64_at(p, 48)),
-                index: ChunkIndex(u64_at(p, 56)),
-            },
+            chunk: ChunkId::from_disk(VtreeId(u64_at(p, 48)), u64_at(p, 56)),
             first: u32_at(p, 64),
             count: u32_at(p, 68),
             generation: u64_at(p, 72),
@@ -220,6 +217,7 @@ impl Checkpoint {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proto::{ChunkIndex, LayerId};
 
     #[test]
     fn records_take_at_most_an_eighth_of_the_journal_and_a_chunk() {
@@ -236,10 +234,7 @@ mod tests {
             epoch: 9,
             seq: 77,
             kind: RecordKind::Write,
-            chunk: ChunkId {
-                vtree: VtreeId(3),
-                index: ChunkIndex(4),
-            },
+            chunk: ChunkId::new(VtreeId(3), ChunkIndex(4)).in_layer(LayerId(6)),
             slot: SlotIndex(5),
             from: SlotIndex(5),
             first: 10,

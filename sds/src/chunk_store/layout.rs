@@ -2,7 +2,7 @@
 //! See the parent module for the layout; every field is little-endian.
 
 use crate::range_lock::BLOCKS;
-use proto::{ChunkId, ChunkIndex, VtreeId, CHUNK_SIZE};
+use proto::{ChunkId, VtreeId, CHUNK_SIZE};
 
 /// Version of the device format, in the superblock. Bump on any change; the store refuses
 /// versions it does not know. Version 3 added the journal's `Relocate` record (a whole chunk
@@ -277,7 +277,7 @@ impl ChunkMeta {
         p[8..24].copy_from_slice(&device_uuid.to_le_bytes());
         p[24..28].copy_from_slice(&slot.0.to_le_bytes());
         p[32..40].copy_from_slice(&self.chunk.vtree.0.to_le_bytes());
-        p[40..48].copy_from_slice(&self.chunk.index.0.to_le_bytes());
+        p[40..48].copy_from_slice(&self.chunk.disk_index().to_le_bytes());
         p[48..56].copy_from_slice(&self.generation.to_le_bytes());
         for (i, w) in self.written.iter().enumerate() {
             p[64 + i * 8..72 + i * 8].copy_from_slice(&w.to_le_bytes());
@@ -318,10 +318,7 @@ impl ChunkMeta {
     }
 
     fn fields(p: &[u8]) -> ChunkMeta {
-        let mut m = ChunkMeta::new(ChunkId {
-            vtree: VtreeId(u64_at(p, 32)),
-            index: ChunkIndex(u64_at(p, 40)),
-        });
+        let mut m = ChunkMeta::new(ChunkId::from_disk(VtreeId(u64_at(p, 32)), u64_at(p, 40)));
         m.generation = u64_at(p, 48);
         for (i, w) in m.written.iter_mut().enumerate() {
             *w = u64_at(p, 64 + i * 8);
@@ -337,6 +334,7 @@ impl ChunkMeta {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+    use proto::{ChunkIndex, LayerId, MAX_CHUNK_INDEX, MAX_LAYER};
 
     #[test]
     fn plan_fits_the_device() {
@@ -388,10 +386,12 @@ mod tests {
 
     proptest! {
         #[test]
-        fn meta_page_round_trips_and_rejects_any_flip(vtree: u64, index: u64, gen: u64,
+        fn meta_page_round_trips_and_rejects_any_flip(vtree: u64, index in 0..MAX_CHUNK_INDEX,
+            layer in 0..=MAX_LAYER, gen: u64,
             blocks in proptest::collection::vec((0usize..BLOCKS, any::<u32>()), 0..40),
             flip in 0usize..PAGE * 8) {
-            let mut m = ChunkMeta::new(ChunkId { vtree: VtreeId(vtree), index: ChunkIndex(index) });
+            let chunk = ChunkId::new(VtreeId(vtree), ChunkIndex(index)).in_layer(LayerId(layer));
+            let mut m = ChunkMeta::new(chunk);
             m.generation = gen;
             for (b, crc) in blocks {
                 m.set_written(b, crc);

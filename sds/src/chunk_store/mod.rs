@@ -24,7 +24,8 @@
 //! [`PAGE_FORMAT`] (2: unchanged since version 2).
 //!
 //! Meta page of a slot in use: magic `"MBCK"` u32, format version u32, device uuid u128, slot
-//! index u32, reserved u32, vtree u64, chunk index u64, generation u64, reserved u64, "written"
+//! index u32, reserved u32, vtree u64, chunk index u64 (its V-tree layer in the top 24 bits, 0 before
+//! snapshots existed: `ChunkId::disk_index`), generation u64, reserved u64, "written"
 //! bitmap (256 bits = 4 x u64: blocks written since allocation; the others read as zeros), 256
 //! block CRC32s (1 KiB), zeros up to the page CRC32 in the last 4 bytes. A page that is zero, or
 //! carries another device uuid (an earlier format of the same disk, or random bytes), is a free
@@ -138,7 +139,7 @@ pub use layout::{
 use crate::device::{AlignedBuf, BlockDevice, BufferPool, DeviceError, PoolConfig};
 use crate::range_lock::{BlockMask, RangeLocks, BLOCKS};
 use bytes::{Bytes, BytesMut};
-use proto::{ChunkId, ChunkIndex, VtreeId, CHUNK_SIZE};
+use proto::{ChunkId, ChunkIndex, LayerId, VtreeId, CHUNK_SIZE};
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
@@ -2010,22 +2011,19 @@ impl<D: BlockDevice> ChunkStore<D> {
             .collect())
     }
 
-    /// One byte per chunk `first .. first + count` of `vtree`: 1 if allocated here.
-    pub fn allocated(&self, vtree: VtreeId, first: u64, count: u32) -> Vec<u8> {
+    /// One byte per chunk `first .. first + count` (of `first`'s tree and layer): 1 if
+    /// allocated here.
+    pub fn allocated(&self, first: ChunkId, count: u32) -> Vec<u8> {
         let mut out = vec![0u8; count as usize];
         let Ok(index) = self.index.read() else {
             return out;
         };
-        let lo = ChunkId {
-            vtree,
-            index: ChunkIndex(first),
-        };
         let hi = ChunkId {
-            vtree,
-            index: ChunkIndex(first.saturating_add(u64::from(count))),
+            index: ChunkIndex(first.index.0.saturating_add(u64::from(count))),
+            ..first
         };
-        for c in index.range(lo..hi).map(|(c, _)| c) {
-            if let Some(b) = out.get_mut((c.index.0 - first) as usize) {
+        for c in index.range(first..hi).map(|(c, _)| c) {
+            if let Some(b) = out.get_mut((c.index.0 - first.index.0) as usize) {
                 *b = 1;
             }
         }
@@ -2040,20 +2038,14 @@ impl<D: BlockDevice> ChunkStore<D> {
             .unwrap_or_default()
     }
 
-    /// Every allocated chunk of `vtree`, ascending.
-    pub fn chunks_of(&self, vtree: VtreeId) -> Vec<ChunkIndex> {
+    /// Every allocated chunk of `vtree`, every layer, ascending.
+    pub fn chunks_of(&self, vtree: VtreeId) -> Vec<ChunkId> {
         let Ok(index) = self.index.read() else {
             return Vec::new();
         };
-        let lo = ChunkId {
-            vtree,
-            index: ChunkIndex(0),
-        };
-        let hi = ChunkId {
-            vtree,
-            index: ChunkIndex(u64::MAX),
-        };
-        index.range(lo..=hi).map(|(c, _)| c.index).collect()
+        let lo = ChunkId::new(vtree, ChunkIndex(0)).in_layer(LayerId(0));
+        let hi = ChunkId::new(vtree, ChunkIndex(u64::MAX)).in_layer(LayerId(u32::MAX));
+        index.range(lo..=hi).map(|(c, _)| *c).collect()
     }
 
     /// The written-block map and CRCs of a chunk as reads see them (for tests and the

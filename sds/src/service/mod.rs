@@ -56,6 +56,8 @@ use proto::{ErrorCode, WireError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+mod layers;
+
 /// Most chunks one AllocStatus request may ask about (the answer is one byte each).
 pub const ALLOC_STATUS_MAX_CHUNKS: u32 = 1 << 16;
 /// Checksum (and repair) granularity.
@@ -207,13 +209,15 @@ impl<D: BlockDevice> Service<D> {
     /// of one of the volume's current mappings to that SDC (the SDC stamps it). A generation
     /// newer than this SDS's map makes it fetch the map first; a removed one (the volume was
     /// unmapped or taken over by another host) is refused with `Fenced`, whatever the
-    /// request's epoch; another host's is refused with `PermissionDenied`.
+    /// request's epoch; another host's is refused with `PermissionDenied`. A request for a
+    /// layer the volume no longer writes to (a snapshot froze it) is `StaleEpoch` once this
+    /// SDS's map is current: the SDC refreshes its map and sends it to the new layer.
     async fn check_fence(&self, sdc: &str, h: &DataHeader) -> Result<(), WireError> {
         use proto::model::FenceCheck;
-        let mut check = self.map.state().check_fence(h.chunk.vtree, h.fence, sdc);
-        if check == FenceCheck::NewerThanMap {
+        let mut check = self.map.state().check_fence(h.chunk, h.fence, sdc);
+        if matches!(check, FenceCheck::NewerThanMap | FenceCheck::OldLayer) {
             self.map.refresh(self.opts.refresh_timeout).await;
-            check = self.map.state().check_fence(h.chunk.vtree, h.fence, sdc);
+            check = self.map.state().check_fence(h.chunk, h.fence, sdc);
         }
         match check {
             FenceCheck::Allowed => Ok(()),
@@ -225,6 +229,7 @@ impl<D: BlockDevice> Service<D> {
                 ),
             )),
             FenceCheck::Fenced => Err(fenced(h)),
+            FenceCheck::OldLayer => Err(old_layer(h)),
             FenceCheck::OtherHost => Err(WireError::new(
                 ErrorCode::PermissionDenied,
                 format!(
@@ -399,17 +404,22 @@ impl<D: BlockDevice> Service<D> {
         } else {
             // The volume may have been taken over while this write waited.
             use proto::model::FenceCheck;
-            if matches!(
-                map.check_fence(h.chunk.vtree, h.fence, sdc),
-                FenceCheck::Fenced | FenceCheck::OtherHost
-            ) {
-                return Err(WireError::new(
-                    ErrorCode::Fenced,
-                    format!("mapping generation {} was fenced while the write waited; this host may not do I/O on the volume", h.fence),
-                ));
+            match map.check_fence(h.chunk, h.fence, sdc) {
+                FenceCheck::Fenced | FenceCheck::OtherHost => {
+                    return Err(WireError::new(
+                        ErrorCode::Fenced,
+                        format!("mapping generation {} was fenced while the write waited; this host may not do I/O on the volume", h.fence),
+                    ));
+                }
+                // A snapshot froze the layer while the write waited: it must not land there.
+                FenceCheck::OldLayer => return Err(old_layer(&h)),
+                FenceCheck::Allowed | FenceCheck::NewerThanMap => {}
             }
             self.map.check(&h, Role::Primary).map_err(refusal)?
         };
+        // A member of a V-tree with snapshots below it: partial blocks it has not written take
+        // their rest from the layers below, and trims of blocks those hold become zeros.
+        let (h, data) = self.resolve_layers(h, data).await?;
         let in_sync = route.secondary.is_some()
             && map
                 .pools
@@ -540,13 +550,13 @@ impl<D: BlockDevice> Service<D> {
         Ok(n)
     }
 
-    /// Ask `target` which chunks `first .. first + count` of `vtree` it holds (one byte each).
+    /// Ask `target` which chunks `first .. first + count` (of `first`'s tree and layer) it
+    /// holds (one byte each).
     pub async fn remote_allocation(
         &self,
         target: proto::SdsId,
         pool: proto::PoolId,
-        vtree: proto::VtreeId,
-        first: u64,
+        first: proto::ChunkId,
         count: u32,
     ) -> Result<Bytes, WireError> {
         let map = self.map.state();
@@ -566,10 +576,7 @@ impl<D: BlockDevice> Service<D> {
             pool,
             pg: proto::PgId(0),
             epoch: map.pools.get(&pool).map(|p| p.epoch).unwrap_or_default(),
-            chunk: proto::ChunkId {
-                vtree,
-                index: proto::ChunkIndex(first),
-            },
+            chunk: first,
             offset: 0,
             len: count,
             fence: 0,
@@ -884,7 +891,7 @@ impl<D: BlockDevice> Service<D> {
                 self.route(&h, Role::Primary).await?;
                 self.check_fence(name, &h).await?;
                 self.metrics.user_requests.inc();
-                let out = self.read_repairing(&h).await?;
+                let out = self.read_through_layers(&h).await?;
                 self.metrics
                     .read_seconds
                     .observe(started.elapsed().as_secs_f64());
@@ -938,14 +945,24 @@ impl<D: BlockDevice> Service<D> {
                 self.route_pool(&h).await?;
                 if role == CertRole::Sdc {
                     self.check_fence(name, &h).await?;
+                    // A client sees its volume: every layer its reads look through.
+                    return Ok(Bytes::from(self.allocated_through_layers(&h)));
                 }
-                let v = self
-                    .storage
-                    .allocated(h.chunk.vtree, h.chunk.index.0, h.len);
-                Ok(Bytes::from(v))
+                Ok(Bytes::from(self.storage.allocated(h.chunk, h.len)))
             }
         }
     }
+}
+
+/// The refusal of I/O for a layer a snapshot has frozen since the SDC routed it.
+fn old_layer(h: &DataHeader) -> WireError {
+    WireError::new(
+        ErrorCode::StaleEpoch,
+        format!(
+            "chunk {} is in a layer a snapshot has frozen; retry with the new map",
+            h.chunk
+        ),
+    )
 }
 
 /// The refusal of I/O under a mapping generation that is no longer current.

@@ -1,0 +1,92 @@
+//! Queries: the map and the leader's view of the cluster, as scli reads them.
+
+use super::*;
+
+impl Service {
+    pub(super) fn query(&self, q: &Query) -> Result<MdmResponse, WireError> {
+        let state = self.raft.shared.read_state();
+        let missing = |what: &str, name: &str| {
+            WireError::new(
+                ErrorCode::NotFound,
+                format!("Could not find the {what} {name}"),
+            )
+        };
+        match q {
+            Query::ProtectionDomain { name } if state.pd_by_name(name).is_none() => {
+                return Err(missing("protection domain", name))
+            }
+            Query::StoragePool { name } if state.pool_by_name(name).is_none() => {
+                return Err(missing("storage pool", name))
+            }
+            Query::Sds { name } if state.sds_by_name(name).is_none() => {
+                return Err(missing("SDS", name))
+            }
+            Query::Volume { name } | Query::Vtree { name }
+                if proto::docker::volume_by_either_name(&state, name).is_none() =>
+            {
+                return Err(missing("volume", name))
+            }
+            Query::Sdc { sdc: Some(sel) } => {
+                state_machine::sdc_id(&state, sel)?;
+            }
+            _ => {}
+        }
+        Ok(MdmResponse::View {
+            status: self.cluster_status(&state),
+            state: Box::new(state.redacted()),
+        })
+    }
+
+    pub(super) fn cluster_status(&self, state: &ClusterState) -> ClusterStatus {
+        let st = self.raft.shared.status();
+        let describe = |id: u64| {
+            let m = state.mdms.get(&MdmId(id));
+            MdmStatus {
+                id: MdmId(id),
+                name: m.map(|m| m.name.clone()).unwrap_or_default(),
+                addr: m.map(|m| m.addr.clone()).unwrap_or_default(),
+                active: st.active.get(&id).copied().unwrap_or(false),
+            }
+        };
+        let leader = (st.leader_id != 0).then(|| describe(st.leader_id));
+        let followers: Vec<MdmStatus> = st
+            .voters
+            .iter()
+            .filter(|v| **v != st.leader_id)
+            .map(|v| describe(*v))
+            .collect();
+        let standbys: Vec<MdmStatus> = st.learners.iter().map(|v| describe(*v)).collect();
+        let active = leader
+            .iter()
+            .chain(followers.iter())
+            .filter(|m| m.active)
+            .count();
+        let total = st.voters.len();
+        ClusterStatus {
+            sdc_last_seen_ms: self
+                .sdc_seen
+                .lock()
+                .map(|m| {
+                    m.seen
+                        .iter()
+                        .map(|(id, t)| (*id, t.elapsed().as_millis() as u64))
+                        .collect()
+                })
+                .unwrap_or_default(),
+            sds_stats: self.sds_stats.lock().map(|m| m.clone()).unwrap_or_default(),
+            mode: state.mode,
+            state: if active == total {
+                "Normal".into()
+            } else {
+                "Degraded".into()
+            },
+            active,
+            total,
+            leader,
+            followers,
+            standbys,
+            term: st.term,
+            commit_index: st.commit,
+        }
+    }
+}

@@ -1,0 +1,474 @@
+//! Snapshots in V-trees against the real daemons, read back through NBD: a snapshot taken under
+//! a QD32 writer holds exactly the writes acknowledged before the command (and none sent after
+//! it returned), also with an SDS killed as it is taken and for a consistency group of three
+//! volumes; the source keeps changing meanwhile and loses nothing; a restore makes the volume
+//! equal to the snapshot (and `qemu-img compare` agrees); the space a snapshot costs; bad input.
+
+use meshblock_tests::nbd::{self, Nbd, Probe, SLOT};
+use meshblock_tests::*;
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Bytes of each volume the writers write (and the checks read).
+const REGION: u64 = 256 << 20;
+/// The writers' IOPS while a snapshot is taken (a QoS limit): the command takes a lease period
+/// (1.5 s) and a free-running QD32 writer would touch every slot meanwhile, leaving nothing to
+/// check.
+const SLOW_IOPS: u64 = 100;
+
+/// Set `volume`'s IOPS limit on the lab's SDC (0: none) and wait until the SDC applies it.
+fn limit(dc: &mut DataCluster, volume: &str, iops: u64) {
+    dc.c.must_scli(&[
+        "--set_sdc_volume_limits",
+        "--volume_name",
+        volume,
+        "--sdc_name",
+        "sdc1",
+        "--limit_iops",
+        &iops.to_string(),
+    ]);
+    let addr = sdc_metrics(dc);
+    wait_for(
+        "the SDC to apply the limit",
+        Duration::from_secs(60),
+        || {
+            (volume_metric(addr, "meshblock_sdc_volume_iops_limit", volume) == Some(iops as f64))
+                .then_some(())
+        },
+    );
+}
+
+/// A QD32 recording writer on one export, with a probe for snapshot instants.
+struct Load {
+    stop: Arc<AtomicBool>,
+    acked: Arc<AtomicU64>,
+    probe: Arc<Probe>,
+    thread: Option<std::thread::JoinHandle<WriterResult>>,
+}
+
+impl Load {
+    fn start(dc: &DataCluster, export: &str, seed: u64) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let acked = Arc::new(AtomicU64::new(0));
+        let probe = Arc::new(Probe::default());
+        let (s, a, p, socket, export) = (
+            stop.clone(),
+            acked.clone(),
+            probe.clone(),
+            dc.socket.clone(),
+            export.to_string(),
+        );
+        let thread = std::thread::spawn(move || {
+            nbd::write_load_probed(&socket, &export, REGION, 32, seed, s, a, &p)
+        });
+        Load {
+            stop,
+            acked,
+            probe,
+            thread: Some(thread),
+        }
+    }
+
+    fn wait_more(&self, n: u64) {
+        let base = self.acked.load(Ordering::Relaxed);
+        wait_for("the writer's progress", Duration::from_secs(300), || {
+            (self.acked.load(Ordering::Relaxed) >= base + n).then_some(())
+        });
+    }
+
+    fn finish(mut self) -> (Vec<u8>, HashSet<u64>) {
+        self.stop.store(true, Ordering::Relaxed);
+        let t = self.thread.take().expect("writer thread");
+        let (report, model, uncertain) = t.join().expect("writer panicked").expect("writer failed");
+        assert!(report.acked > 0, "the writer wrote nothing");
+        (model, uncertain)
+    }
+}
+
+impl Drop for Load {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Map `volume` to the lab's SDC and wait for its NBD export.
+fn export(dc: &DataCluster, volume: &str) {
+    dc.c.must_scli(&[
+        "--map_volume_to_sdc",
+        "--volume_name",
+        volume,
+        "--sdc_name",
+        "sdc1",
+    ]);
+    wait_export(&dc.uri(volume));
+}
+
+/// Read `export`'s first `model.len()` bytes through NBD and count the 4 KiB blocks outside
+/// `skip` (slots) that differ from `model`: (checked, wrong, first wrong offset).
+fn differences(
+    dc: &DataCluster,
+    export: &str,
+    model: &[u8],
+    skip: &HashSet<u64>,
+) -> (u64, u64, Option<u64>) {
+    nbd::check_model(&dc.socket, export, model, skip).expect("read the export")
+}
+
+/// Take a snapshot of `volumes` (names `names`) while their writers run; returns each
+/// writer's model at the instant and the slots its writes may have changed meanwhile.
+fn snapshot(
+    dc: &mut DataCluster,
+    loads: &[&Load],
+    volumes: &str,
+    names: &str,
+) -> Vec<(Vec<u8>, HashSet<u64>)> {
+    for v in volumes.split(',') {
+        limit(dc, v, SLOW_IOPS);
+    }
+    for l in loads {
+        l.probe.begin();
+    }
+    let out = dc.c.scli_raw(&[
+        "--snapshot_volume",
+        "--volume_name",
+        volumes,
+        "--snapshot_name",
+        names,
+    ]);
+    let views: Vec<_> = loads.iter().map(|l| l.probe.end()).collect();
+    assert!(out.ok, "snapshot failed: {}{}", out.stdout, out.stderr);
+    for v in volumes.split(',') {
+        limit(dc, v, 0);
+    }
+    views
+}
+
+fn check_snapshot(dc: &DataCluster, name: &str, view: &(Vec<u8>, HashSet<u64>)) {
+    export(dc, name);
+    let (model, touched) = view;
+    let (checked, wrong, first) = differences(dc, name, model, touched);
+    let total = REGION / 4096;
+    summary(&format!(
+        "snapshot {name}: {checked} of {total} blocks checked ({} slots had writes in flight or sent during the command), {wrong} wrong",
+        touched.len()
+    ));
+    assert!(
+        checked > total / 2,
+        "too few blocks checked: the writer touched {} of {} slots during the snapshot",
+        touched.len(),
+        REGION / SLOT
+    );
+    assert_eq!(
+        wrong, 0,
+        "snapshot {name} differs from the writes acknowledged before it (first at {first:?})"
+    );
+}
+
+#[test]
+fn a_snapshot_under_load_holds_exactly_the_writes_acknowledged_before_it() {
+    let mut dc = DataCluster::start("snap-load", 3, 1);
+    let load = Load::start(&dc, "vol1", 11);
+    load.wait_more(1000);
+    let first = snapshot(&mut dc, &[&load], "vol1", "snap1");
+    load.wait_more(1000);
+    check_snapshot(&dc, "snap1", &first[0]);
+
+    // An SDS killed just before the next snapshot: the MDM takes it with the SDS still in the
+    // map, then fails its PGs over; the snapshot is still exact.
+    dc.sds[1].kill();
+    let second = snapshot(&mut dc, &[&load], "vol1", "snap2");
+    load.wait_more(1000);
+    check_snapshot(&dc, "snap2", &second[0]);
+    // The first snapshot did not change while the source was written and an SDS died.
+    let (checked, wrong, _) = differences(&dc, "snap1", &first[0].0, &first[0].1);
+    assert!(checked > 0 && wrong == 0, "snap1 changed: {wrong} blocks");
+
+    // The source lost nothing acknowledged and flushed.
+    let (model, uncertain) = load.finish();
+    let (checked, wrong, at) = differences(&dc, "vol1", &model, &uncertain);
+    assert!(checked > 0);
+    assert_eq!(wrong, 0, "vol1 lost acknowledged writes (first at {at:?})");
+
+    // Writing to a snapshot changes neither the source nor its sibling.
+    let mut c = Nbd::connect(&dc.socket, "snap2").expect("connect snap2");
+    c.write_at(4096 + 512, &[0xab; 1000]).expect("write snap2");
+    c.flush().expect("flush snap2");
+    let got = c.read_at(4096, 4096).expect("read snap2");
+    let mut want = second[0].0[4096..8192].to_vec();
+    want[512..1512].fill(0xab);
+    if !second[0].1.contains(&0) {
+        assert_eq!(
+            got, want,
+            "a partial write to a snapshot keeps the rest of its block"
+        );
+    }
+    c.disconnect();
+    let (_, wrong, _) = differences(&dc, "vol1", &model, &uncertain);
+    assert_eq!(wrong, 0, "writing the snapshot changed its source");
+
+    // Restore: vol1 reads what snap1 reads, checked block by block and by qemu-img compare.
+    dc.c.must_scli(&[
+        "--overwrite_volume_content",
+        "--source_volume_name",
+        "snap1",
+        "--destination_volume_name",
+        "vol1",
+        "--allow_overwrite_mapped",
+    ]);
+    let mut snap1 = vec![0u8; REGION as usize];
+    let mut r = Nbd::connect(&dc.socket, "snap1").expect("connect snap1");
+    for off in (0..REGION).step_by(1 << 20) {
+        let d = r.read_at(off, 1 << 20).expect("read snap1");
+        snap1[off as usize..off as usize + d.len()].copy_from_slice(&d);
+    }
+    r.disconnect();
+    let (_, wrong, at) = differences(&dc, "vol1", &snap1, &HashSet::new());
+    assert_eq!(
+        wrong, 0,
+        "the restored volume differs from the snapshot at {at:?}"
+    );
+    let out = run(
+        "qemu-img",
+        &[
+            "compare",
+            "-f",
+            "raw",
+            "-F",
+            "raw",
+            &dc.uri("snap1"),
+            &dc.uri("vol1"),
+        ],
+    )
+    .expect("qemu-img compare");
+    assert!(
+        out.status.success(),
+        "qemu-img compare: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // The V-tree view: three members; what the snapshots alone hold comes from the SDS reports.
+    let tree =
+        dc.c.must_scli(&["--query_vtree", "--volume_name", "vol1", "--json"])
+            .json();
+    let members = tree["members"].as_array().cloned().unwrap_or_default();
+    assert_eq!(members.len(), 3, "{tree}");
+    summary(&format!(
+        "V-tree after two snapshots and a restore: stored {} MiB, shared {} MiB",
+        tree["stored_bytes"].as_u64().unwrap_or(0) >> 20,
+        tree["shared_bytes"].as_u64().unwrap_or(0) >> 20
+    ));
+}
+
+#[test]
+fn a_consistency_group_is_taken_at_one_instant_across_three_volumes() {
+    let mut dc = DataCluster::start("snap-group", 3, 1);
+    for v in ["vol2", "vol3"] {
+        dc.c.must_scli(&[
+            "--add_volume",
+            "--storage_pool_name",
+            "sp1",
+            "--volume_name",
+            v,
+            "--size_gb",
+            "1",
+        ]);
+        export(&dc, v);
+    }
+    let loads: Vec<Load> = ["vol1", "vol2", "vol3"]
+        .iter()
+        .enumerate()
+        .map(|(i, v)| Load::start(&dc, v, 20 + i as u64))
+        .collect();
+    for l in &loads {
+        l.wait_more(300);
+    }
+    let refs: Vec<&Load> = loads.iter().collect();
+    let views = snapshot(&mut dc, &refs, "vol1,vol2,vol3", "g1,g2,g3");
+    for l in &loads {
+        l.wait_more(300);
+    }
+    for (name, view) in ["g1", "g2", "g3"].iter().zip(&views) {
+        check_snapshot(&dc, name, view);
+    }
+    let tree =
+        dc.c.must_scli(&["--query_vtree", "--volume_name", "vol2", "--json"])
+            .json();
+    let group = tree["members"]
+        .as_array()
+        .and_then(|m| m.iter().find_map(|x| x["consistency_group"].as_u64()))
+        .expect("the snapshot's consistency group");
+    for l in loads {
+        let (model, uncertain) = l.finish();
+        assert!(!model.is_empty() && uncertain.len() < (REGION / SLOT) as usize);
+    }
+    // The group goes at once; refused while one of its snapshots is mapped.
+    let mapped = dc.c.scli_raw(&[
+        "--remove_consistency_group_snapshots",
+        "--consistency_group_id",
+        &group.to_string(),
+    ]);
+    assert!(!mapped.ok && mapped.stderr.contains("unmap"), "{mapped:?}");
+    for g in ["g1", "g2", "g3"] {
+        dc.c.must_scli(&[
+            "--unmap_volume_from_sdc",
+            "--volume_name",
+            g,
+            "--sdc_name",
+            "sdc1",
+        ]);
+    }
+    dc.c.must_scli(&[
+        "--remove_consistency_group_snapshots",
+        "--consistency_group_id",
+        &group.to_string(),
+    ]);
+    let all = dc.c.query_all();
+    let names: Vec<&str> = all["state"]["volumes"]
+        .as_object()
+        .map(|m| m.values().filter_map(|v| v["name"].as_str()).collect())
+        .unwrap_or_default();
+    assert_eq!(names.len(), 3, "only the three volumes are left: {names:?}");
+}
+
+#[test]
+fn bad_snapshot_requests_are_refused_and_change_nothing() {
+    let dc = DataCluster::start("snap-bad", 2, 1);
+    let before = dc.c.query_all()["state"]["volumes"].clone();
+    let refused = |args: &[&str], says: &str| {
+        let r = dc.c.scli_raw(args);
+        assert!(!r.ok, "{args:?} was accepted: {}", r.stdout);
+        assert!(
+            r.stderr.contains(says),
+            "{args:?}: expected '{says}' in: {}",
+            r.stderr
+        );
+    };
+    refused(
+        &["--snapshot_volume", "--volume_name", "nope"],
+        "Could not find the volume",
+    );
+    refused(
+        &[
+            "--snapshot_volume",
+            "--volume_name",
+            "vol1",
+            "--snapshot_name",
+            "vol1",
+        ],
+        "already exists",
+    );
+    refused(
+        &["--snapshot_volume", "--volume_name", "vol1,vol1"],
+        "named twice",
+    );
+    refused(
+        &[
+            "--snapshot_volume",
+            "--volume_name",
+            "vol1",
+            "--snapshot_name",
+            "a,b",
+        ],
+        "one name per --volume_name",
+    );
+    dc.c.must_scli(&[
+        "--add_volume",
+        "--storage_pool_name",
+        "sp1",
+        "--volume_name",
+        "thick1",
+        "--size_gb",
+        "1",
+        "--thick_provisioned",
+    ]);
+    refused(&["--snapshot_volume", "--volume_name", "thick1"], "thick");
+    refused(
+        &[
+            "--remove_volume",
+            "--volume_name",
+            "vol1",
+            "--remove_mode",
+            "everything",
+        ],
+        "unknown remove mode",
+    );
+    refused(
+        &[
+            "--overwrite_volume_content",
+            "--source_volume_name",
+            "thick1",
+            "--destination_volume_name",
+            "vol1",
+        ],
+        "not in the V-tree",
+    );
+    refused(
+        &[
+            "--remove_consistency_group_snapshots",
+            "--consistency_group_id",
+            "424242",
+        ],
+        "No snapshots of consistency group",
+    );
+    dc.c.must_scli(&[
+        "--snapshot_volume",
+        "--volume_name",
+        "vol1",
+        "--snapshot_name",
+        "s1",
+    ]);
+    refused(
+        &[
+            "--overwrite_volume_content",
+            "--source_volume_name",
+            "s1",
+            "--destination_volume_name",
+            "vol1",
+        ],
+        "is mapped",
+    );
+    refused(
+        &[
+            "--remove_volume",
+            "--volume_name",
+            "vol1",
+            "--remove_mode",
+            "whole_vtree",
+        ],
+        "unmap first",
+    );
+    let mut after = dc.c.query_all()["state"]["volumes"].clone();
+    if let Some(m) = after.as_object_mut() {
+        m.retain(|_, v| v["name"] != "s1" && v["name"] != "thick1");
+    }
+    let mut expected = before.clone();
+    if let (Some(b), Some(a)) = (expected.as_object_mut(), after.as_object()) {
+        // vol1 now writes to a new layer (the snapshot froze its old one): nothing else changed.
+        for (k, v) in b.iter_mut() {
+            if let Some(l) = a.get(k).and_then(|x| x.get("layer")) {
+                v["layer"] = l.clone();
+            }
+        }
+    }
+    assert_eq!(after, expected, "a refused request changed the volumes");
+    // Removing the volume alone leaves its snapshot readable.
+    dc.c.must_scli(&[
+        "--unmap_volume_from_sdc",
+        "--volume_name",
+        "vol1",
+        "--all_sdcs",
+    ]);
+    dc.c.must_scli(&[
+        "--remove_volume",
+        "--volume_name",
+        "vol1",
+        "--remove_mode",
+        "only_me",
+    ]);
+    export(&dc, "s1");
+    let r = Nbd::connect(&dc.socket, "s1").and_then(|mut c| c.read_at(0, 4096));
+    assert!(r.is_ok(), "the snapshot outlives its volume: {r:?}");
+}
