@@ -207,6 +207,9 @@ pub enum Command {
         volumes: Vec<String>,
         #[serde(default)]
         names: Vec<String>,
+        /// Labels every new snapshot carries (the Docker driver's, for `snapshot_of`).
+        #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+        labels: BTreeMap<String, String>,
     },
     /// Remove every snapshot a `SnapshotVolumes` command made (by its group id).
     RemoveConsistencyGroupSnapshots {

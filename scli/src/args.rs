@@ -525,7 +525,11 @@ impl Args {
                         names.len()
                     );
                 }
-                Command::SnapshotVolumes { volumes, names }
+                Command::SnapshotVolumes {
+                    volumes,
+                    names,
+                    labels: Default::default(),
+                }
             }
             "--remove_consistency_group_snapshots" => Command::RemoveConsistencyGroupSnapshots {
                 group: parse_u64(

@@ -472,3 +472,97 @@ fn bad_snapshot_requests_are_refused_and_change_nothing() {
     let r = Nbd::connect(&dc.socket, "s1").and_then(|mut c| c.read_at(0, 4096));
     assert!(r.is_ok(), "the snapshot outlives its volume: {r:?}");
 }
+
+/// `--query_vtree --json` of `volume`.
+fn vtree(dc: &DataCluster, volume: &str) -> serde_json::Value {
+    dc.c.must_scli(&["--query_vtree", "--volume_name", volume, "--json"])
+        .json()
+}
+
+/// What `name` alone holds in `tree`, bytes.
+fn alone(tree: &serde_json::Value, name: &str) -> u64 {
+    tree["members"]
+        .as_array()
+        .and_then(|m| m.iter().find(|x| x["name"] == name))
+        .and_then(|x| x["alone_bytes"].as_u64())
+        .unwrap_or(u64::MAX)
+}
+
+#[test]
+fn a_snapshot_costs_space_only_as_its_volume_is_written_after_it() {
+    let dc = DataCluster::start("snap-space", 2, 1);
+    const GIB: u64 = 1 << 30;
+    const MIB: u64 = 1 << 20;
+    // Fill the whole volume.
+    let mut c = Nbd::connect(&dc.socket, "vol1").expect("connect");
+    let chunk: Vec<u8> = (0..MIB).map(|i| (i % 251) as u8 + 1).collect();
+    for off in (0..GIB).step_by(MIB as usize) {
+        c.write_at(off, &chunk).expect("fill");
+    }
+    c.flush().expect("flush");
+    dc.c.must_scli(&[
+        "--snapshot_volume",
+        "--volume_name",
+        "vol1",
+        "--snapshot_name",
+        "s1",
+    ]);
+    let t = wait_for(
+        "the SDS to report the tree's chunks",
+        Duration::from_secs(60),
+        || {
+            let t = vtree(&dc, "vol1");
+            (t["stored_bytes"].as_u64() == Some(GIB)).then_some(t)
+        },
+    );
+    assert_eq!((alone(&t, "vol1"), alone(&t, "s1")), (0, 0), "{t}");
+    assert_eq!(t["shared_bytes"].as_u64(), Some(GIB));
+    let snap_cost = t["stored_bytes"].as_u64().unwrap_or(0) - GIB;
+
+    // Write a tenth of the volume (102 chunks, spread out).
+    let tenth = 102u64;
+    for i in 0..tenth {
+        c.write_at(i * 10 * MIB, &vec![0xee; MIB as usize])
+            .expect("write");
+    }
+    c.flush().expect("flush");
+    c.disconnect();
+    let t = wait_for(
+        "the SDS to report the new chunks",
+        Duration::from_secs(60),
+        || {
+            let t = vtree(&dc, "vol1");
+            (alone(&t, "vol1") == tenth * MIB).then_some(t)
+        },
+    );
+    let stored = t["stored_bytes"].as_u64().unwrap_or(0);
+    summary(&format!(
+        "snapshot space: a snapshot of a full 1 GiB volume cost {} MiB ({:.2}%); after writing {} MiB of the volume the tree stores {} MiB ({:.1}% more than the volume alone)",
+        snap_cost / MIB,
+        snap_cost as f64 * 100.0 / GIB as f64,
+        tenth,
+        stored / MIB,
+        (stored - GIB) as f64 * 100.0 / GIB as f64
+    ));
+    assert_eq!(stored, GIB + tenth * MIB, "{t}");
+    assert_eq!(alone(&t, "s1"), 0);
+
+    // Removing the volume alone leaves the snapshot holding the frozen data; what the volume
+    // wrote after the snapshot goes back through the collector.
+    dc.c.must_scli(&[
+        "--unmap_volume_from_sdc",
+        "--volume_name",
+        "vol1",
+        "--all_sdcs",
+    ]);
+    dc.c.must_scli(&["--remove_volume", "--volume_name", "vol1"]);
+    let t = wait_for(
+        "the collectors to free the removed volume's layer",
+        Duration::from_secs(120),
+        || {
+            let t = vtree(&dc, "s1");
+            (t["stored_bytes"].as_u64() == Some(GIB)).then_some(t)
+        },
+    );
+    assert_eq!(alone(&t, "s1"), GIB, "{t}");
+}

@@ -563,8 +563,13 @@ fn apply_command(
             )
         }
         Command::RemoveVolume { name, mode } => vtree::remove_volume(s, name, *mode),
-        Command::SnapshotVolumes { volumes, names } => {
-            vtree::snapshot(s, volumes, names, proposed_unix)
+        Command::SnapshotVolumes {
+            volumes,
+            names,
+            labels,
+        } => {
+            validate_labels(labels)?;
+            vtree::snapshot(s, volumes, names, labels, proposed_unix)
         }
         Command::RemoveConsistencyGroupSnapshots { group } => vtree::remove_group(s, *group),
         Command::OverwriteVolumeContent {

@@ -56,6 +56,7 @@ pub(super) fn snapshot(
     s: &mut ClusterState,
     volumes: &[String],
     names: &[String],
+    labels: &BTreeMap<String, String>,
     unix: u64,
 ) -> Result<Outcome, WireError> {
     if volumes.is_empty() {
@@ -160,7 +161,7 @@ pub(super) fn snapshot(
                 thin: true,
                 vtree: v.vtree,
                 created_unix: unix,
-                labels: BTreeMap::new(),
+                labels: labels.clone(),
                 preempt: false,
                 layer: snap_layer,
                 snapshot: Some(SnapshotOf {

@@ -234,6 +234,9 @@ impl Driver {
         if let Some(v) = find(&map, name)? {
             return Self::dockers(v).and_then(|()| self.compatible(&map, v, &spec));
         }
+        if let Some(src) = &spec.snapshot_of {
+            return self.create_snapshot(&map, name, &cname, src, &spec).await;
+        }
         let pool = self.pick_pool(&map, &spec)?;
         let size = spec.size_bytes.unwrap_or(self.cfg.default_size_bytes);
         let mut labels = options::labels(&spec, &self.cfg.default_fstype);
@@ -260,6 +263,68 @@ impl Driver {
                 }
             }
             Err(e) => Err(cluster_err(&format!("cannot create volume {name}"), e)),
+        }
+    }
+
+    /// Create `name` as a snapshot of Docker volume `src` (option `snapshot_of`): its content
+    /// at this instant, its size, pool and filesystem; limits as the options say, else the
+    /// source's.
+    async fn create_snapshot(
+        &self,
+        map: &ClusterState,
+        name: &str,
+        cname: &str,
+        src: &str,
+        spec: &CreateSpec,
+    ) -> Result<(), DriverError> {
+        let source = find(map, src)?.ok_or_else(|| {
+            DriverError::Invalid(format!(
+                "option snapshot_of={src}: there is no such volume (docker volume ls lists them)"
+            ))
+        })?;
+        Self::dockers(source)?;
+        let mut labels: BTreeMap<String, String> = source
+            .labels
+            .iter()
+            .filter(|(k, _)| !proto::docker::is_name_label(k))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        for (key, limit) in [
+            (options::LABEL_IOPS, spec.iops_limit),
+            (options::LABEL_BANDWIDTH, spec.bandwidth_limit_kbps),
+        ] {
+            match limit {
+                Some(0) => {
+                    labels.remove(key);
+                }
+                Some(n) => {
+                    labels.insert(key.into(), n.to_string());
+                }
+                None => {}
+            }
+        }
+        labels.extend(names::name_labels(name));
+        let cmd = Command::SnapshotVolumes {
+            volumes: vec![source.name.clone()],
+            names: vec![cname.to_string()],
+            labels,
+        };
+        match self.cluster.command(cmd).await {
+            Ok(_) => {
+                tracing::info!(volume = %name, cluster_volume = %cname, source = %src, "created a volume for Docker as a snapshot");
+                Ok(())
+            }
+            Err(e) if e.code == ErrorCode::AlreadyExists => {
+                let map = self.cluster.fresh_map().await;
+                match find(&map, name)? {
+                    Some(v) => Self::dockers(v).and_then(|()| self.compatible(&map, v, spec)),
+                    None => Err(cluster_err("cannot create", e)),
+                }
+            }
+            Err(e) => Err(cluster_err(
+                &format!("cannot snapshot volume {src} as {name}"),
+                e,
+            )),
         }
     }
 
@@ -331,6 +396,16 @@ impl Driver {
         spec: &CreateSpec,
     ) -> Result<(), DriverError> {
         let mut diffs = Vec::new();
+        if let Some(src) = &spec.snapshot_of {
+            let of = v
+                .snapshot
+                .as_ref()
+                .and_then(|x| map.volumes.get(&x.volume))
+                .map(proto::docker::held_name);
+            if of.as_deref() != Some(src.as_str()) {
+                diffs.push(format!("not a snapshot of {src}"));
+            }
+        }
         if let Some(size) = spec.size_bytes {
             let rounded = size.div_ceil(proto::CHUNK_SIZE) * proto::CHUNK_SIZE;
             if rounded != v.size_bytes {

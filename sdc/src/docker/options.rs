@@ -29,6 +29,10 @@ pub struct CreateSpec {
     pub iops_limit: Option<u64>,
     pub bandwidth_limit_kbps: Option<u64>,
     pub preempt: Option<bool>,
+    /// The Docker volume to snapshot (`snapshot_of`, or REX-Ray's `snapshotName` /
+    /// `volumeName`): the new volume starts as its content at this instant, with its size,
+    /// pool and filesystem.
+    pub snapshot_of: Option<String>,
 }
 
 /// Parses a size: a number of bytes or a number with a unit (`500MiB`, `8GiB`, `1TiB`; `KB`,
@@ -133,12 +137,36 @@ pub fn parse(opts: &HashMap<String, String>) -> Result<CreateSpec, String> {
                 spec.bandwidth_limit_kbps = Some(kib);
             }
             "preempt" => spec.preempt = Some(parse_bool(key, v)?),
+            "snapshot_of" | "snapshotname" | "volumename" => {
+                let src = nonempty(key, v)?;
+                if spec.snapshot_of.as_ref().is_some_and(|s| *s != src) {
+                    return Err("options snapshot_of, snapshotName and volumeName name different volumes: give one".to_string());
+                }
+                spec.snapshot_of = Some(src);
+            }
             _ => {
                 return Err(format!(
                     "unknown option {key:?}: the meshblock driver accepts size, pool, \
-                     protection_domain, thin, thick, fstype, iops_limit, bandwidth_limit, preempt"
+                     protection_domain, thin, thick, fstype, iops_limit, bandwidth_limit, \
+                     preempt, snapshot_of"
                 ))
             }
+        }
+    }
+    if spec.snapshot_of.is_some() {
+        let inherited = [
+            ("size", spec.size_bytes.is_some()),
+            ("pool", spec.pool.is_some()),
+            ("protection_domain", spec.protection_domain.is_some()),
+            ("thin/thick", spec.thin.is_some()),
+            ("fstype", spec.fstype.is_some()),
+            ("preempt", spec.preempt.is_some()),
+        ];
+        if let Some((k, _)) = inherited.iter().find(|(_, given)| *given) {
+            return Err(format!(
+                "option {k} cannot go with snapshot_of: a snapshot has its source's size, pool, \
+                 provisioning and filesystem (grow it afterwards if needed)"
+            ));
         }
     }
     Ok(spec)
@@ -242,5 +270,27 @@ mod tests {
         assert_eq!(l.get(LABEL_FSTYPE).map(String::as_str), Some("ext4"));
         assert_eq!(l.get(LABEL_CREATED_BY).map(String::as_str), Some("docker"));
         assert!(!l.contains_key(LABEL_IOPS));
+    }
+
+    #[test]
+    fn a_snapshot_takes_its_source_and_inherits_the_rest() {
+        for key in ["snapshot_of", "snapshotName", "volumeName"] {
+            let s = parse(&opts(&[(key, "db"), ("iops_limit", "100")])).expect("snapshot_of");
+            assert_eq!(s.snapshot_of.as_deref(), Some("db"));
+            assert_eq!(s.iops_limit, Some(100));
+        }
+        let e = parse(&opts(&[("snapshot_of", "a"), ("volumeName", "b")])).expect_err("two");
+        assert!(e.contains("different"), "{e}");
+        for inherited in ["size", "pool", "fstype", "thin", "preempt"] {
+            let v = match inherited {
+                "size" => "1GiB",
+                "fstype" => "xfs",
+                "thin" | "preempt" => "true",
+                _ => "sp1",
+            };
+            let e = parse(&opts(&[("snapshot_of", "db"), (inherited, v)])).expect_err(inherited);
+            assert!(e.contains("cannot go with snapshot_of"), "{e}");
+        }
+        assert!(parse(&opts(&[("snapshot_of", " ")])).is_err());
     }
 }
