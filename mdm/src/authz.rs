@@ -66,6 +66,11 @@ fn command_senders(command: &Command) -> &'static [CertRole] {
         | Command::ModifyVolumeCapacity { .. }
         | Command::RenameVolume { .. }
         | Command::RemoveConsistencyGroupSnapshots { .. }
+        | Command::AddSnapshotPolicy { .. }
+        | Command::RemoveSnapshotPolicy { .. }
+        | Command::AddSourceVolumeToSnapshotPolicy { .. }
+        | Command::RemoveSourceVolumeFromSnapshotPolicy { .. }
+        | Command::PauseSnapshotPolicy { .. }
         | Command::OverwriteVolumeContent { .. }
         | Command::AddUser { .. }
         | Command::AddStandbyMdm { .. }
@@ -113,6 +118,14 @@ pub fn command_name(c: &Command) -> &'static str {
         Command::SnapshotVolumes { .. } => "snapshot_volume",
         Command::RemoveConsistencyGroupSnapshots { .. } => "remove_consistency_group_snapshots",
         Command::OverwriteVolumeContent { .. } => "overwrite_volume_content",
+        Command::AddSnapshotPolicy { .. } => "add_snapshot_policy",
+        Command::RemoveSnapshotPolicy { .. } => "remove_snapshot_policy",
+        Command::AddSourceVolumeToSnapshotPolicy { .. } => "add_source_volume_to_snapshot_policy",
+        Command::RemoveSourceVolumeFromSnapshotPolicy { .. } => {
+            "remove_source_volume_from_snapshot_policy"
+        }
+        Command::PauseSnapshotPolicy { paused: true, .. } => "pause_snapshot_policy",
+        Command::PauseSnapshotPolicy { paused: false, .. } => "resume_snapshot_policy",
         Command::AddUser { .. } => "add_user",
         Command::AddStandbyMdm { .. } => "add_standby_mdm",
         Command::SwitchClusterMode { .. } => "switch_cluster_mode",

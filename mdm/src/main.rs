@@ -351,6 +351,7 @@ async fn serve(cfg: MdmConfig) -> anyhow::Result<()> {
     tokio::spawn(mdm::raft_net::raft_network(svc.clone(), out_rx));
     tokio::spawn(svc.clone().watch_sds());
     tokio::spawn(svc.clone().rebalance());
+    tokio::spawn(svc.clone().run_snapshot_policies());
     let m = metrics.clone();
     let metrics_addr = cfg.metrics_listen;
     tokio::spawn(async move {

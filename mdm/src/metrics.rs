@@ -26,6 +26,9 @@ pub struct MdmMetrics {
     pub request_errors: Counter,
     pub proposals: Counter,
     pub sds_declared_down: Counter,
+    /// Snapshot policy runs this MDM committed as leader, and those refused.
+    pub snapshot_policy_runs: Counter,
+    pub snapshot_policy_failures: Counter,
     /// SDS leases granted (hellos answered after a quorum confirmed this leader).
     pub leases_granted: Counter,
     /// Hellos refused because no quorum confirmed this leader in time.
@@ -48,6 +51,16 @@ impl MdmMetrics {
             "meshblock_mdm_sds_declared_down",
             "SDS this MDM declared down after missing heartbeats",
             m.sds_declared_down.clone(),
+        );
+        r.register(
+            "meshblock_mdm_snapshot_policy_runs",
+            "Snapshot policy runs this MDM committed as leader",
+            m.snapshot_policy_runs.clone(),
+        );
+        r.register(
+            "meshblock_mdm_snapshot_policy_failures",
+            "Snapshot policy runs this MDM proposed as leader that failed (the log says why)",
+            m.snapshot_policy_failures.clone(),
         );
         r.register(
             "meshblock_mdm_sds_leases_granted",

@@ -402,6 +402,29 @@ pub struct SnapshotOf {
     /// The consistency group: every snapshot taken by the same command (one volume or several)
     /// shares it, and `--remove_consistency_group_snapshots` removes them together.
     pub group: u64,
+    /// Set on a snapshot a policy took: the policy's name and the number of the run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy: Option<(String, u64)>,
+}
+
+/// A snapshot policy (ScaleIO's): every `cadence_secs` the MDM leader snapshots the policy's
+/// source volumes together (one consistency group per run) and prunes older runs by level:
+/// level 0 keeps the newest `retain[0]` runs, level 1 the newest `retain[1]` of every
+/// `retain[0]`-th run, level 2 the newest `retain[2]` of every `retain[0]·retain[1]`-th, and so
+/// on. Its state is in the map, so a new leader carries on where the old one stopped.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotPolicy {
+    pub name: String,
+    pub cadence_secs: u64,
+    pub retain: Vec<u32>,
+    /// The source volumes, snapshotted together at each run.
+    pub volumes: Vec<VolumeId>,
+    #[serde(default)]
+    pub paused: bool,
+    /// Runs so far (each run's snapshots carry its number).
+    pub runs: u64,
+    /// When the last run was (the proposing leader's clock); 0 before the first.
+    pub last_run_unix: u64,
 }
 
 /// A V-tree (ScaleIO's name): a volume and every snapshot descended from it share one tree,
@@ -487,6 +510,9 @@ pub struct ClusterState {
     /// The V-trees that have had snapshots (see [`Vtree`]).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub vtrees: BTreeMap<VtreeId, Vtree>,
+    /// Snapshot policies, by name.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub snapshot_policies: BTreeMap<String, SnapshotPolicy>,
 }
 
 impl ClusterState {

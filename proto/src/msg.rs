@@ -215,6 +215,29 @@ pub enum Command {
     RemoveConsistencyGroupSnapshots {
         group: u64,
     },
+    /// A snapshot policy (see `model::SnapshotPolicy`), without source volumes yet.
+    AddSnapshotPolicy {
+        name: String,
+        cadence_secs: u64,
+        retain: Vec<u32>,
+    },
+    /// Remove a policy that has no source volumes left; the snapshots it took stay.
+    RemoveSnapshotPolicy {
+        name: String,
+    },
+    AddSourceVolumeToSnapshotPolicy {
+        policy: String,
+        volume: String,
+    },
+    RemoveSourceVolumeFromSnapshotPolicy {
+        policy: String,
+        volume: String,
+    },
+    /// Pause (`true`) or resume a policy's runs.
+    PauseSnapshotPolicy {
+        name: String,
+        paused: bool,
+    },
     /// Make `volume` read what `source` (a member of its V-tree) reads now; refused while
     /// `volume` is mapped unless `force`.
     OverwriteVolumeContent {
@@ -291,6 +314,10 @@ pub enum Query {
     /// A volume's V-tree: every member with its place in the tree and the space it alone holds.
     Vtree {
         name: String,
+    },
+    /// One snapshot policy, or all of them.
+    SnapshotPolicy {
+        name: Option<String>,
     },
 }
 

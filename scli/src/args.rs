@@ -75,6 +75,27 @@ pub struct Args {
     /// --consistency_group_id N (printed by --snapshot_volume and --query_vtree).
     #[arg(long)]
     pub remove_consistency_group_snapshots: bool,
+    /// --snapshot_policy_name P (--auto_snapshot_creation_cadence_in_min N |
+    /// --auto_snapshot_creation_cadence_in_sec N) --num_of_retained_snapshots_per_level
+    /// L0[,L1...]: the MDM leader snapshots the policy's volumes together at that cadence and
+    /// keeps the newest L0 runs, the newest L1 of every L0-th run, and so on.
+    #[arg(long)]
+    pub add_snapshot_policy: bool,
+    /// --snapshot_policy_name P (it must have no source volumes; its snapshots stay).
+    #[arg(long)]
+    pub remove_snapshot_policy: bool,
+    /// --snapshot_policy_name P --volume_name V.
+    #[arg(long)]
+    pub add_source_volume_to_snapshot_policy: bool,
+    /// --snapshot_policy_name P --volume_name V.
+    #[arg(long)]
+    pub remove_source_volume_from_snapshot_policy: bool,
+    /// --snapshot_policy_name P.
+    #[arg(long)]
+    pub pause_snapshot_policy: bool,
+    /// --snapshot_policy_name P.
+    #[arg(long)]
+    pub resume_snapshot_policy: bool,
     /// --source_volume_name S --destination_volume_name V [--allow_overwrite_mapped]: V reads
     /// what S (a member of its V-tree) reads now.
     #[arg(long)]
@@ -127,6 +148,9 @@ pub struct Args {
     /// --volume_name: the volume's V-tree, each member's size and the space it alone holds.
     #[arg(long)]
     pub query_vtree: bool,
+    /// [--snapshot_policy_name P]: one snapshot policy, or all.
+    #[arg(long)]
+    pub query_snapshot_policy: bool,
 
     // ---- options ----
     /// MDM addresses, comma-separated IP or IP:PORT (default port 7611).
@@ -182,6 +206,15 @@ pub struct Args {
     pub remove_mode: Option<proto::msg::RemoveMode>,
     #[arg(long)]
     pub consistency_group_id: Option<String>,
+    #[arg(long)]
+    pub snapshot_policy_name: Option<String>,
+    #[arg(long)]
+    pub auto_snapshot_creation_cadence_in_min: Option<u64>,
+    #[arg(long)]
+    pub auto_snapshot_creation_cadence_in_sec: Option<u64>,
+    /// Snapshots kept per level, comma-separated (e.g. 4,6,2).
+    #[arg(long, value_delimiter = ',')]
+    pub num_of_retained_snapshots_per_level: Vec<u32>,
     #[arg(long)]
     pub source_volume_name: Option<String>,
     #[arg(long)]
@@ -341,6 +374,18 @@ impl Args {
                 "--remove_consistency_group_snapshots",
             ),
             (self.overwrite_volume_content, "--overwrite_volume_content"),
+            (self.add_snapshot_policy, "--add_snapshot_policy"),
+            (self.remove_snapshot_policy, "--remove_snapshot_policy"),
+            (
+                self.add_source_volume_to_snapshot_policy,
+                "--add_source_volume_to_snapshot_policy",
+            ),
+            (
+                self.remove_source_volume_from_snapshot_policy,
+                "--remove_source_volume_from_snapshot_policy",
+            ),
+            (self.pause_snapshot_policy, "--pause_snapshot_policy"),
+            (self.resume_snapshot_policy, "--resume_snapshot_policy"),
             (self.rename_volume, "--rename_volume"),
             (self.map_volume_to_sdc, "--map_volume_to_sdc"),
             (self.unmap_volume_from_sdc, "--unmap_volume_from_sdc"),
@@ -358,6 +403,7 @@ impl Args {
             (self.query_volume, "--query_volume"),
             (self.query_all_volumes, "--query_all_volumes"),
             (self.query_vtree, "--query_vtree"),
+            (self.query_snapshot_policy, "--query_snapshot_policy"),
         ];
         all.iter().filter(|(on, _)| *on).map(|(_, n)| *n).collect()
     }
@@ -438,6 +484,8 @@ impl Args {
             || need(&self.protection_domain_name, "--protection_domain_name").map(String::from);
         let pool = || need(&self.storage_pool_name, "--storage_pool_name").map(String::from);
         let vol = || need(&self.volume_name, "--volume_name").map(String::from);
+        let policy =
+            || need(&self.snapshot_policy_name, "--snapshot_policy_name").map(String::from);
         let c = match name {
             "--add_protection_domain" => Command::AddProtectionDomain { name: pd()? },
             "--add_fault_set" => Command::AddFaultSet {
@@ -536,6 +584,47 @@ impl Args {
                     need(&self.consistency_group_id, "--consistency_group_id")?,
                     "--consistency_group_id",
                 )?,
+            },
+            "--add_snapshot_policy" => Command::AddSnapshotPolicy {
+                name: policy()?,
+                cadence_secs: match (
+                    self.auto_snapshot_creation_cadence_in_min,
+                    self.auto_snapshot_creation_cadence_in_sec,
+                ) {
+                    (Some(m), None) => m.saturating_mul(60),
+                    (None, Some(s)) => s,
+                    (None, None) => {
+                        bail!("missing --auto_snapshot_creation_cadence_in_min (or _in_sec)")
+                    }
+                    (Some(_), Some(_)) => {
+                        bail!("give the cadence in minutes or in seconds, not both")
+                    }
+                },
+                retain: {
+                    if self.num_of_retained_snapshots_per_level.is_empty() {
+                        bail!("missing --num_of_retained_snapshots_per_level (e.g. 4,6,2)");
+                    }
+                    self.num_of_retained_snapshots_per_level.clone()
+                },
+            },
+            "--remove_snapshot_policy" => Command::RemoveSnapshotPolicy { name: policy()? },
+            "--add_source_volume_to_snapshot_policy" => Command::AddSourceVolumeToSnapshotPolicy {
+                policy: policy()?,
+                volume: vol()?,
+            },
+            "--remove_source_volume_from_snapshot_policy" => {
+                Command::RemoveSourceVolumeFromSnapshotPolicy {
+                    policy: policy()?,
+                    volume: vol()?,
+                }
+            }
+            "--pause_snapshot_policy" => Command::PauseSnapshotPolicy {
+                name: policy()?,
+                paused: true,
+            },
+            "--resume_snapshot_policy" => Command::PauseSnapshotPolicy {
+                name: policy()?,
+                paused: false,
             },
             "--overwrite_volume_content" => Command::OverwriteVolumeContent {
                 volume: need(&self.destination_volume_name, "--destination_volume_name")?.into(),
@@ -665,6 +754,9 @@ impl Args {
             "--query_all_volumes" => Query::AllVolumes,
             "--query_vtree" => Query::Vtree {
                 name: need(&self.volume_name, "--volume_name")?.into(),
+            },
+            "--query_snapshot_policy" => Query::SnapshotPolicy {
+                name: self.snapshot_policy_name.clone(),
             },
             _ => return Ok(None),
         }))

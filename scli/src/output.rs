@@ -441,6 +441,7 @@ pub fn render(q: &Query, a: &Args, c: &ClusterStatus, s: &ClusterState) -> anyho
                 proto::docker::volume_by_either_name(s, name).ok_or_else(|| missing("volume"))?;
             (volume_text(s, v), volume_json(s, v))
         }
+        Query::SnapshotPolicy { name } => crate::vtree::policies(s, name.as_deref()),
         Query::Vtree { name } => {
             let v =
                 proto::docker::volume_by_either_name(s, name).ok_or_else(|| missing("volume"))?;

@@ -129,6 +129,63 @@ pub fn render(s: &ClusterState, c: &ClusterStatus, v: &Volume) -> (String, Value
     )
 }
 
+/// The text and JSON of `--query_snapshot_policy`: one policy (`name`) or all.
+pub fn policies(s: &ClusterState, name: Option<&str>) -> (String, Value) {
+    let list: Vec<&proto::model::SnapshotPolicy> = s
+        .snapshot_policies
+        .values()
+        .filter(|p| name.is_none_or(|n| p.name == n))
+        .collect();
+    let mut t = String::new();
+    for p in &list {
+        let vols: Vec<String> = p
+            .volumes
+            .iter()
+            .map(|v| s.volumes.get(v).map_or(v.to_string(), |x| x.name.clone()))
+            .collect();
+        let kept = s
+            .volumes
+            .values()
+            .filter(|v| {
+                v.snapshot
+                    .as_ref()
+                    .and_then(|x| x.policy.as_ref())
+                    .is_some_and(|(n, _)| *n == p.name)
+            })
+            .count();
+        let _ = writeln!(
+            t,
+            "Snapshot policy {}: {}, every {} s, keeps {} per level\n    Source volumes: {}\n    Runs: {} (last {}), snapshots held: {kept}",
+            p.name,
+            if p.paused { "Paused" } else { "Active" },
+            p.cadence_secs,
+            p.retain
+                .iter()
+                .map(u32::to_string)
+                .collect::<Vec<_>>()
+                .join(","),
+            if vols.is_empty() {
+                "(none)".to_string()
+            } else {
+                vols.join(", ")
+            },
+            p.runs,
+            if p.last_run_unix == 0 {
+                "never".to_string()
+            } else {
+                proto::clock::rfc3339(p.last_run_unix)
+            },
+        );
+    }
+    if t.is_empty() {
+        t = "No snapshot policies defined".into();
+    }
+    (
+        t.trim_end().to_string(),
+        serde_json::to_value(&list).unwrap_or(Value::Null),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -150,6 +207,7 @@ mod tests {
                 volume: VolumeId(o),
                 unix: 0,
                 group: 1,
+                policy: None,
             }),
         }
     }

@@ -566,3 +566,128 @@ fn a_snapshot_costs_space_only_as_its_volume_is_written_after_it() {
     );
     assert_eq!(alone(&t, "s1"), GIB, "{t}");
 }
+
+/// The policy `name`'s runs and the runs its snapshots in the map carry, from one map.
+fn policy_state(dc: &DataCluster, name: &str) -> (u64, Vec<u64>) {
+    let map = cluster_map(&dc.c);
+    let runs = map.snapshot_policies.get(name).map_or(0, |p| p.runs);
+    let mut held: Vec<u64> = map
+        .volumes
+        .values()
+        .filter_map(|v| v.snapshot.as_ref()?.policy.clone())
+        .filter(|(n, _)| n == name)
+        .map(|(_, r)| r)
+        .collect();
+    held.sort_unstable();
+    (runs, held)
+}
+
+/// The runs a policy keeping `retain` per level holds after runs `1..=runs`, counted
+/// independently of the MDM: run r is at level k when every level below's product divides it.
+fn expected_runs(runs: u64, retain: &[u64]) -> Vec<u64> {
+    let mut keep = std::collections::BTreeSet::new();
+    for (k, n) in retain.iter().enumerate() {
+        let period: u64 = retain[..k].iter().product();
+        keep.extend(
+            (1..=runs)
+                .rev()
+                .filter(|r| r % period == 0)
+                .take(*n as usize),
+        );
+    }
+    keep.into_iter().collect()
+}
+
+#[test]
+fn a_snapshot_policy_keeps_its_levels_and_carries_on_after_a_leader_failover() {
+    let mut dc = DataCluster::start_full("snap-policy", 3, 2, 1, &[]);
+    let refused = |args: &[&str], says: &str| {
+        let r = dc.c.scli_raw(args);
+        assert!(
+            !r.ok && r.stderr.contains(says),
+            "{args:?}: {}{}",
+            r.stdout,
+            r.stderr
+        );
+    };
+    let add = [
+        "--add_snapshot_policy",
+        "--snapshot_policy_name",
+        "p1",
+        "--auto_snapshot_creation_cadence_in_sec",
+        "2",
+        "--num_of_retained_snapshots_per_level",
+    ];
+    refused(&[&add[..], &["0"]].concat(), "at least one snapshot");
+    refused(&[&add[..], &["30,31"]].concat(), "at most 60");
+    refused(
+        &[
+            "--add_snapshot_policy",
+            "--snapshot_policy_name",
+            "p0",
+            "--auto_snapshot_creation_cadence_in_sec",
+            "0",
+            "--num_of_retained_snapshots_per_level",
+            "2",
+        ],
+        "at least one second",
+    );
+    dc.c.must_scli(&[&add[..], &["2,2"]].concat());
+    dc.c.must_scli(&[
+        "--add_source_volume_to_snapshot_policy",
+        "--snapshot_policy_name",
+        "p1",
+        "--volume_name",
+        "vol1",
+    ]);
+    refused(
+        &["--remove_snapshot_policy", "--snapshot_policy_name", "p1"],
+        "still has source volumes",
+    );
+    let retain = [2u64, 2];
+    let (runs, held) = wait_for("five policy runs", Duration::from_secs(300), || {
+        let (runs, held) = policy_state(&dc, "p1");
+        (runs >= 5).then_some((runs, held))
+    });
+    assert_eq!(held, expected_runs(runs, &retain), "after {runs} runs");
+
+    // The leader dies; the next one carries on from the map.
+    let old = dc.c.wait_leader(Duration::from_secs(60));
+    dc.c.mdms[old].proc.kill();
+    let (runs2, held2) = wait_for(
+        "policy runs under the new leader",
+        Duration::from_secs(300),
+        || {
+            let (r, h) = policy_state(&dc, "p1");
+            (r >= runs + 3).then_some((r, h))
+        },
+    );
+    assert_eq!(held2, expected_runs(runs2, &retain), "after {runs2} runs");
+    summary(&format!(
+        "snapshot policy every 2 s keeping 2,2: {runs} runs before the leader died, {runs2} after; held runs {held2:?}"
+    ));
+    let text =
+        dc.c.must_scli(&["--query_snapshot_policy", "--snapshot_policy_name", "p1"])
+            .stdout;
+    assert!(text.contains("Active") && text.contains("vol1"), "{text}");
+
+    // Paused, removed from the policy, the policy removed: its snapshots stay.
+    dc.c.must_scli(&["--pause_snapshot_policy", "--snapshot_policy_name", "p1"]);
+    dc.c.must_scli(&[
+        "--remove_source_volume_from_snapshot_policy",
+        "--snapshot_policy_name",
+        "p1",
+        "--volume_name",
+        "vol1",
+    ]);
+    let (_, held3) = policy_state(&dc, "p1");
+    dc.c.must_scli(&["--remove_snapshot_policy", "--snapshot_policy_name", "p1"]);
+    let map = cluster_map(&dc.c);
+    assert!(map.snapshot_policies.is_empty());
+    let left = map
+        .volumes
+        .values()
+        .filter(|v| v.snapshot.as_ref().is_some_and(|x| x.policy.is_some()))
+        .count();
+    assert_eq!(left, held3.len(), "the policy's snapshots stay");
+}

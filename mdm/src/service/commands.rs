@@ -248,4 +248,44 @@ impl Service {
         }
         self.propose(Op::SetMode { mode }).await
     }
+
+    /// The leader's snapshot policy runner: every second, each policy whose cadence came round
+    /// (by the map's last run, so a new leader carries on) gets its next run committed. Runs
+    /// for the life of the process; idle on followers.
+    pub async fn run_snapshot_policies(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let st = self.raft.shared.status();
+            if !(st.is_leader && st.leader_ready) {
+                continue;
+            }
+            let now = auth::now_unix();
+            let state = self.raft.shared.read_state();
+            for p in state.snapshot_policies.values() {
+                if p.paused
+                    || p.volumes.is_empty()
+                    || now < p.last_run_unix.saturating_add(p.cadence_secs)
+                {
+                    continue;
+                }
+                let op = Op::RunSnapshotPolicy {
+                    name: p.name.clone(),
+                    run: p.runs + 1,
+                    unix: now,
+                };
+                match self.propose(op).await {
+                    Ok(out) => {
+                        self.metrics.snapshot_policy_runs.inc();
+                        tracing::info!(policy = %p.name, "{}", out.message)
+                    }
+                    Err(e) => {
+                        self.metrics.snapshot_policy_failures.inc();
+                        tracing::warn!(policy = %p.name, "snapshot policy run failed: {e}")
+                    }
+                }
+            }
+        }
+    }
 }

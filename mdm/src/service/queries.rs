@@ -26,6 +26,11 @@ impl Service {
             {
                 return Err(missing("volume", name))
             }
+            Query::SnapshotPolicy { name: Some(name) }
+                if !state.snapshot_policies.contains_key(name) =>
+            {
+                return Err(missing("snapshot policy", name))
+            }
             Query::Sdc { sdc: Some(sel) } => {
                 state_machine::sdc_id(&state, sel)?;
             }

@@ -16,6 +16,7 @@ use proto::*;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
+pub mod policy;
 mod sds;
 #[cfg(test)]
 mod tests;
@@ -82,6 +83,13 @@ pub enum Op {
         volume: VolumeId,
         sdc: SdcId,
         evict: Vec<SdcId>,
+    },
+    /// The leader's run `run` of a snapshot policy whose cadence came round, at its clock
+    /// `unix` (see `policy::run`).
+    RunSnapshotPolicy {
+        name: String,
+        run: u64,
+        unix: u64,
     },
     /// The primary finished copying a PG to its rebuilding secondary.
     PgRebuilt {
@@ -317,6 +325,7 @@ fn apply_inner(s: &mut ClusterState, op: &Op) -> Result<Outcome, WireError> {
             boot,
         } => sds_report(s, *sds, devices, *backward, boot),
         Op::TakeOverVolume { volume, sdc, evict } => take_over(s, *volume, *sdc, evict),
+        Op::RunSnapshotPolicy { name, run, unix } => policy::run(s, name, *run, *unix),
         Op::SdcRegister { guid, name, ip } => {
             if let Some(sdc) = s.sdcs.values_mut().find(|c| &c.guid == guid) {
                 sdc.name = name.clone();
@@ -572,6 +581,19 @@ fn apply_command(
             vtree::snapshot(s, volumes, names, labels, proposed_unix)
         }
         Command::RemoveConsistencyGroupSnapshots { group } => vtree::remove_group(s, *group),
+        Command::AddSnapshotPolicy {
+            name,
+            cadence_secs,
+            retain,
+        } => policy::add(s, name, *cadence_secs, retain),
+        Command::RemoveSnapshotPolicy { name } => policy::remove(s, name),
+        Command::AddSourceVolumeToSnapshotPolicy { policy, volume } => {
+            policy::add_source(s, policy, volume)
+        }
+        Command::RemoveSourceVolumeFromSnapshotPolicy { policy, volume } => {
+            policy::remove_source(s, policy, volume)
+        }
+        Command::PauseSnapshotPolicy { name, paused } => policy::pause(s, name, *paused),
         Command::OverwriteVolumeContent {
             volume,
             source,

@@ -463,3 +463,75 @@ fn entries_of_older_versions_still_apply() {
     let again = serde_json::to_string(&op).expect("json");
     assert_eq!(again, old);
 }
+
+#[test]
+fn snapshots_freeze_layers_and_removal_prunes_the_ones_nobody_reads() {
+    let mut s = cluster();
+    cmd(&mut s, volume("v", 1 << 30, true)).expect("v");
+    let snap = |s: &mut ClusterState, of: &str, name: &str| {
+        cmd(
+            s,
+            Command::SnapshotVolumes {
+                volumes: vec![of.into()],
+                names: vec![name.into()],
+                labels: Default::default(),
+            },
+        )
+    };
+    let epoch = s.pool_by_name("sp1").expect("pool").epoch;
+    snap(&mut s, "v", "s1").expect("s1");
+    assert!(
+        s.pool_by_name("sp1").expect("pool").epoch > epoch,
+        "a snapshot bumps the epoch"
+    );
+    snap(&mut s, "s1", "s2").expect("snapshot of a snapshot");
+    let layer = |s: &ClusterState, n: &str| s.volume_by_name(n).expect(n).layer;
+    let vt = s.volume_by_name("v").expect("v").vtree;
+    // v: 1 -> 0; s1: 3 -> 2 -> 0; s2: 4 -> 2 -> 0.
+    assert_eq!(s.chain(vt, layer(&s, "v")), vec![LayerId(1), LayerId(0)]);
+    assert_eq!(
+        s.chain(vt, layer(&s, "s2")),
+        vec![LayerId(4), LayerId(2), LayerId(0)]
+    );
+    // A restore: v reads what s2 reads now; v's own old layer goes.
+    cmd(
+        &mut s,
+        Command::OverwriteVolumeContent {
+            volume: "v".into(),
+            source: "s2".into(),
+            force: false,
+        },
+    )
+    .expect("restore");
+    assert_eq!(
+        s.chain(vt, layer(&s, "v"))[1..],
+        [LayerId(4), LayerId(2), LayerId(0)]
+    );
+    assert!(!s.has_layer(vt, LayerId(1)), "v's old layer is pruned");
+    // Removing s1 with its descendants leaves v (which reads s2's old layer) intact.
+    let remove = |s: &mut ClusterState, n: &str, mode| {
+        cmd(
+            s,
+            Command::RemoveVolume {
+                name: n.into(),
+                mode,
+            },
+        )
+    };
+    remove(&mut s, "s1", proto::msg::RemoveMode::IncludingDescendants).expect("s1 and s2");
+    assert!(s.volume_by_name("s2").is_none() && s.volume_by_name("v").is_some());
+    assert_eq!(s.chain(vt, layer(&s, "v")).len(), 4);
+    assert!(
+        !s.has_layer(vt, LayerId(3)) && !s.has_layer(vt, LayerId(5)),
+        "s1's and s2's own layers are pruned"
+    );
+    remove(&mut s, "v", proto::msg::RemoveMode::WholeVtree).expect("the whole tree");
+    assert!(s.vtrees.is_empty() && s.volumes.is_empty());
+    // Bad input changes nothing.
+    cmd(&mut s, volume("t", 1 << 30, false)).expect("thick");
+    let before = s.clone();
+    assert!(snap(&mut s, "t", "ts").is_err(), "a thick volume");
+    assert!(snap(&mut s, "nope", "x").is_err());
+    assert!(remove(&mut s, "t", proto::msg::RemoveMode::DescendantsOnly).is_err());
+    assert_eq!(s, before);
+}

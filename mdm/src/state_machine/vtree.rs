@@ -92,6 +92,18 @@ pub(super) fn snapshot(
         }
         ids.push(id);
     }
+    take(s, &ids, names, labels, unix, None)
+}
+
+/// Snapshot volumes `ids` together (see [`snapshot`]); `policy` marks a policy's run.
+pub(super) fn take(
+    s: &mut ClusterState,
+    ids: &[VolumeId],
+    names: &[String],
+    labels: &BTreeMap<String, String>,
+    unix: u64,
+    policy: Option<(String, u64)>,
+) -> Result<Outcome, WireError> {
     let members: Vec<Volume> = ids
         .iter()
         .filter_map(|i| s.volumes.get(i).cloned())
@@ -168,6 +180,7 @@ pub(super) fn snapshot(
                     volume: v.id,
                     unix,
                     group,
+                    policy: policy.clone(),
                 }),
             },
         );
@@ -200,7 +213,7 @@ fn descendants(s: &ClusterState, id: VolumeId) -> BTreeSet<VolumeId> {
 }
 
 /// Remove `ids` (refused, changing nothing, while any is mapped), then prune their trees.
-fn remove_all(s: &mut ClusterState, ids: &BTreeSet<VolumeId>) -> Result<(), WireError> {
+pub(super) fn remove_all(s: &mut ClusterState, ids: &BTreeSet<VolumeId>) -> Result<(), WireError> {
     let mapped: Vec<String> = ids
         .iter()
         .filter(|i| s.mappings_of(**i).next().is_some())
@@ -222,6 +235,9 @@ fn remove_all(s: &mut ClusterState, ids: &BTreeSet<VolumeId>) -> Result<(), Wire
         .collect();
     for i in ids {
         s.volumes.remove(i);
+    }
+    for p in s.snapshot_policies.values_mut() {
+        p.volumes.retain(|v| !ids.contains(v));
     }
     for t in trees {
         prune(s, t);
