@@ -1428,8 +1428,11 @@ fn compare_copies_under(
         let mut conns = std::collections::HashMap::new();
         let mut compared = 0;
         let mut diffs = Vec::new();
-        for index in 0..chunks {
-            let chunk = proto::ChunkId::new(vol.vtree, proto::ChunkIndex(index));
+        // Every layer of the volume's V-tree (one, for a tree without snapshots).
+        let layers = map.layers_of(vol.vtree);
+        let each = (0..chunks).flat_map(|i| layers.iter().map(move |l| (i, *l)));
+        for (index, layer) in each {
+            let chunk = proto::ChunkId::new(vol.vtree, proto::ChunkIndex(index)).in_layer(layer);
             let pg = chunk.pg(pool.pg_count);
             let m = pool.pgs[pg.0 as usize];
             let (Some(a), Some(b)) = (m.primary, m.secondary) else {
@@ -1505,7 +1508,7 @@ fn compare_copies_under(
                     })
                     .collect();
                 diffs.push(format!(
-                    "chunk {index} (PG {pg}): copies on SDS {a} and {b} differ from byte {at}; \
+                    "chunk {chunk} (PG {pg}): copies on SDS {a} and {b} differ from byte {at}; \
                      {} blocks differ (block:primary/secondary, 0 = zeros, d = data) {:?}; \
                      mapping {m:?}; map version {}",
                     blocks.len(),

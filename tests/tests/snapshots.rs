@@ -187,6 +187,10 @@ fn a_snapshot_under_load_holds_exactly_the_writes_acknowledged_before_it() {
 
     // The source lost nothing acknowledged and flushed.
     let (model, uncertain) = load.finish();
+    // The rebuild after the kill copied every layer: the two copies of each chunk of each
+    // layer agree.
+    let (compared, diffs) = compare_copies(&dc.c, "vol1", REGION / (1 << 20));
+    assert!(compared > 0 && diffs.is_empty(), "copies differ: {diffs:?}");
     let (checked, wrong, at) = differences(&dc, "vol1", &model, &uncertain);
     assert!(checked > 0);
     assert_eq!(wrong, 0, "vol1 lost acknowledged writes (first at {at:?})");
