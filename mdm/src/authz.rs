@@ -261,6 +261,7 @@ mod tests {
                 MdmRequest::GetMap {
                     known_version: 0,
                     sdc: None,
+                    throttled_ms: Vec::new(),
                 },
                 &[Sds, Sdc],
             ),

@@ -49,6 +49,10 @@ pub enum MdmRequest {
         /// Set by an SDC: the poll doubles as its session heartbeat.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         sdc: Option<SdcId>,
+        /// Set by an SDC: what each volume mapped to it spent waiting for its QoS limits
+        /// (total since the SDC started), as `(volume, milliseconds)`.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        throttled_ms: Vec<(VolumeId, u64)>,
     },
     /// Who is this MDM (used before adding it as a standby).
     Identify,
@@ -331,6 +335,9 @@ pub struct ClusterStatus {
     /// What each SDS last reported about checksums and scrubbing, by SDS name.
     #[serde(default)]
     pub sds_stats: std::collections::BTreeMap<String, SdsStats>,
+    /// The QoS wait each SDC last reported per mapped volume: `(sdc, volume, milliseconds)`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sdc_throttled_ms: Vec<(SdcId, VolumeId, u64)>,
     pub mode: ClusterMode,
     /// `Normal` when every manager is reachable, `Degraded` otherwise.
     pub state: String,
@@ -417,7 +424,7 @@ pub enum MdmResponse {
     },
     /// A query's answer: the cluster status and the (redacted) state.
     View {
-        status: ClusterStatus,
+        status: Box<ClusterStatus>,
         state: Box<ClusterState>,
     },
     /// The answer to `SdsHello`.

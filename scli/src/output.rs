@@ -60,11 +60,20 @@ fn pool_json(s: &ClusterState, c: &ClusterStatus, p: &StoragePool) -> Value {
     })
 }
 
-fn volume_json(s: &ClusterState, v: &Volume) -> Value {
+/// The QoS wait the SDC `sdc` last reported for volume `v`, milliseconds (None: not reported).
+fn throttled_ms(c: &ClusterStatus, sdc: proto::SdcId, v: proto::VolumeId) -> Option<u64> {
+    c.sdc_throttled_ms
+        .iter()
+        .find(|(s, vol, _)| *s == sdc && *vol == v)
+        .map(|(_, _, ms)| *ms)
+}
+
+fn volume_json(s: &ClusterState, c: &ClusterStatus, v: &Volume) -> Value {
     let maps: Vec<Value> = s.mappings_of(v.id).map(|m| {
         let sdc = s.sdcs.get(&m.sdc);
         json!({"sdc_id": m.sdc, "sdc_name": sdc.map(|c| c.name.clone()), "sdc_ip": sdc.map(|c| c.ip.clone()),
-               "iops_limit": m.iops_limit, "bandwidth_limit_kbps": m.bandwidth_limit_kbps, "generation": m.generation})
+               "iops_limit": m.iops_limit, "bandwidth_limit_kbps": m.bandwidth_limit_kbps, "generation": m.generation,
+               "throttled_ms": throttled_ms(c, m.sdc, v.id)})
     }).collect();
     json!({
         "id": v.id, "name": v.name, "size_bytes": v.size_bytes, "provisioning": if v.thin { "thin" } else { "thick" },
@@ -72,6 +81,8 @@ fn volume_json(s: &ClusterState, v: &Volume) -> Value {
         "preempt": v.preempt, "labels": v.labels,
         "docker_name": proto::docker::stored_name(&v.labels),
         "created": (v.created_unix > 0).then(|| proto::clock::rfc3339(v.created_unix)),
+        "snapshot_of": v.snapshot.as_ref().map(|x| x.volume),
+        "consistency_group": v.snapshot.as_ref().map(|x| x.group),
     })
 }
 
@@ -197,7 +208,7 @@ fn pool_text(s: &ClusterState, c: &ClusterStatus, p: &StoragePool) -> String {
         gb(j["usable_capacity_bytes"].as_u64().unwrap_or(0)), gb(j["thick_reserved_bytes"].as_u64().unwrap_or(0)))
 }
 
-fn volume_text(s: &ClusterState, v: &Volume) -> String {
+fn volume_text(s: &ClusterState, c: &ClusterStatus, v: &Volume) -> String {
     let mut o = format!(
         "Volume ID: {} Name: {}\n    Size: {}, {} provisioned, Storage Pool: {}\n",
         v.id,
@@ -214,6 +225,22 @@ fn volume_text(s: &ClusterState, v: &Volume) -> String {
     }
     if v.preempt {
         o.push_str("    Preemptible: another host may take it over while its host is alive\n");
+    }
+    if let Some(x) = &v.snapshot {
+        let of = s
+            .volumes
+            .get(&x.volume)
+            .map_or("(removed)", |o| o.name.as_str());
+        let _ = writeln!(
+            o,
+            "    Snapshot of {of} taken {}, consistency group {}{} (see --query_vtree)",
+            proto::clock::rfc3339(x.unix),
+            x.group,
+            x.policy
+                .as_ref()
+                .map(|(p, r)| format!(", snapshot policy {p} run {r}"))
+                .unwrap_or_default()
+        );
     }
     let l: Vec<String> = v
         .labels
@@ -237,9 +264,13 @@ fn volume_text(s: &ClusterState, v: &Volume) -> String {
                 x.to_string()
             }
         };
+        let throttled = match throttled_ms(c, m.sdc, v.id) {
+            Some(ms) => format!("{:.1} s", ms as f64 / 1000.0),
+            None => "not reported".into(),
+        };
         let _ = writeln!(
             o,
-            "    Mapped to SDC {} (IP {}, mapping generation {}), IOPS limit: {}, bandwidth limit: {} KB/s",
+            "    Mapped to SDC {} (IP {}, mapping generation {}), IOPS limit: {}, bandwidth limit: {} KB/s, throttled: {throttled}",
             sdc.map(|c| c.name.as_str()).unwrap_or("?"),
             sdc.map(|c| c.ip.as_str()).unwrap_or("?"),
             m.generation,
@@ -439,7 +470,7 @@ pub fn render(q: &Query, a: &Args, c: &ClusterStatus, s: &ClusterState) -> anyho
             // A cluster name, or else the Docker name of a volume the Docker driver made.
             let v =
                 proto::docker::volume_by_either_name(s, name).ok_or_else(|| missing("volume"))?;
-            (volume_text(s, v), volume_json(s, v))
+            (volume_text(s, c, v), volume_json(s, c, v))
         }
         Query::SnapshotPolicy { name } => crate::vtree::policies(s, name.as_deref()),
         Query::Vtree { name } => {
@@ -448,7 +479,7 @@ pub fn render(q: &Query, a: &Args, c: &ClusterStatus, s: &ClusterState) -> anyho
             crate::vtree::render(s, c, v)
         }
         Query::AllVolumes => {
-            let t: Vec<String> = s.volumes.values().map(|v| volume_text(s, v)).collect();
+            let t: Vec<String> = s.volumes.values().map(|v| volume_text(s, c, v)).collect();
             let t = if t.is_empty() {
                 "No volumes defined".to_string()
             } else {
@@ -456,7 +487,7 @@ pub fn render(q: &Query, a: &Args, c: &ClusterStatus, s: &ClusterState) -> anyho
             };
             (
                 t,
-                Value::Array(s.volumes.values().map(|v| volume_json(s, v)).collect()),
+                Value::Array(s.volumes.values().map(|v| volume_json(s, c, v)).collect()),
             )
         }
     };

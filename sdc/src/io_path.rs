@@ -235,6 +235,11 @@ impl IoPath {
                 &MdmRequest::GetMap {
                     known_version: known,
                     sdc: self.me.get().copied(),
+                    throttled_ms: self
+                        .throttles()
+                        .into_iter()
+                        .map(|(v, t)| (v, t.throttled().as_millis() as u64))
+                        .collect(),
                 },
                 MAP_REFRESH_TIMEOUT,
             )

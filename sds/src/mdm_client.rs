@@ -204,6 +204,7 @@ impl MdmLink {
         let req = MdmRequest::GetMap {
             known_version: self.map.version(),
             sdc: None,
+            throttled_ms: Vec::new(),
         };
         match self.client.request(&req, self.opts.request_timeout).await? {
             MdmResponse::Map { state: Some(s) } => {

@@ -1351,6 +1351,7 @@ pub fn cluster_map(c: &Cluster) -> proto::model::ClusterState {
         &proto::msg::MdmRequest::GetMap {
             known_version: 0,
             sdc: None,
+            throttled_ms: Vec::new(),
         },
     ) {
         Ok(proto::msg::MdmResponse::Map { state: Some(s) }) => *s,

@@ -126,6 +126,21 @@ fn volume_limits_are_enforced_and_changes_reach_running_io() {
     let throttled = vol1_metric(metrics, "meshblock_sdc_volume_throttled_seconds_total")
         .expect("throttled time");
     assert!(throttled > 0.0, "no throttled time counted");
+    // scli --query_volume shows it too (the SDC reports it with its map polls).
+    wait_for(
+        "scli --query_volume to show the throttled time",
+        Duration::from_secs(30),
+        || {
+            let v =
+                d.c.must_scli(&["--query_volume", "--volume_name", "vol1", "--json"])
+                    .json();
+            (v["mapped_sdcs"][0]["throttled_ms"].as_u64().unwrap_or(0) > 0).then_some(())
+        },
+    );
+    let text =
+        d.c.must_scli(&["--query_volume", "--volume_name", "vol1"])
+            .stdout;
+    assert!(text.contains("throttled: "), "{text}");
 
     // 20 MiB/s, no IOPS limit.
     set_limits(&d, 0, 20 * 1024);

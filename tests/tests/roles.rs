@@ -42,7 +42,7 @@ fn view(c: &Cluster, token: &str) -> (ClusterStatus, ClusterState) {
         query: Query::All,
     };
     match request(c, &c.dir.join("certs/admin"), &q) {
-        Ok(MdmResponse::View { status, state }) => (status, *state),
+        Ok(MdmResponse::View { status, state }) => (*status, *state),
         other => panic!("query: {other:?}"),
     }
 }
@@ -120,6 +120,7 @@ fn table(token: &str) -> Vec<(MdmRequest, &'static [&'static str])> {
             MdmRequest::GetMap {
                 known_version: 0,
                 sdc: None,
+                throttled_ms: Vec::new(),
             },
             &[SDS, SDC],
         ),
@@ -464,6 +465,7 @@ fn each_mdm_request_from_a_wrong_role_is_refused_and_changes_nothing() {
         &MdmRequest::GetMap {
             known_version: 0,
             sdc: Some(host2),
+            throttled_ms: Vec::new(),
         },
     )
     .expect_err("renewing another host's session");
@@ -475,6 +477,7 @@ fn each_mdm_request_from_a_wrong_role_is_refused_and_changes_nothing() {
         &MdmRequest::GetMap {
             known_version: 0,
             sdc: Some(host1),
+            throttled_ms: Vec::new(),
         },
     );
     assert!(matches!(own, Ok(MdmResponse::Map { .. })), "{own:?}");

@@ -74,6 +74,8 @@ struct SdcSessions {
     term: u64,
     since: Option<Instant>,
     seen: HashMap<proto::SdcId, Instant>,
+    /// The QoS wait each SDC reported with its last poll, per volume (milliseconds).
+    throttled: HashMap<proto::SdcId, Vec<(proto::VolumeId, u64)>>,
 }
 
 impl SdcSessions {
@@ -82,6 +84,7 @@ impl SdcSessions {
             self.term = term;
             self.since = Some(Instant::now());
             self.seen.clear();
+            self.throttled.clear();
         }
     }
 
@@ -395,13 +398,22 @@ impl Service {
                     id: proto::SdcId(out.object_id.unwrap_or(0)),
                 })
             }
-            MdmRequest::GetMap { known_version, sdc } => {
+            MdmRequest::GetMap {
+                known_version,
+                sdc,
+                throttled_ms,
+            } => {
                 if let Some(id) = sdc {
                     authz::require_own_sdc_id(peer, &self.raft.shared.read_state(), id)?;
                     let term = self.raft.shared.status().term;
                     if let Ok(mut m) = self.sdc_seen.lock() {
                         m.roll(term);
                         m.seen.insert(id, Instant::now());
+                        // Bounded: one entry per volume the SDC says it has mapped, at most
+                        // as many as the map has.
+                        let mut t = throttled_ms;
+                        t.truncate(self.raft.shared.read_state().volumes.len());
+                        m.throttled.insert(id, t);
                     }
                 }
                 let state = self.raft.shared.read_state();

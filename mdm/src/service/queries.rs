@@ -37,7 +37,7 @@ impl Service {
             _ => {}
         }
         Ok(MdmResponse::View {
-            status: self.cluster_status(&state),
+            status: Box::new(self.cluster_status(&state)),
             state: Box::new(state.redacted()),
         })
     }
@@ -79,6 +79,16 @@ impl Service {
                 })
                 .unwrap_or_default(),
             sds_stats: self.sds_stats.lock().map(|m| m.clone()).unwrap_or_default(),
+            sdc_throttled_ms: self
+                .sdc_seen
+                .lock()
+                .map(|m| {
+                    m.throttled
+                        .iter()
+                        .flat_map(|(sdc, v)| v.iter().map(move |(vol, ms)| (*sdc, *vol, *ms)))
+                        .collect()
+                })
+                .unwrap_or_default(),
             mode: state.mode,
             state: if active == total {
                 "Normal".into()
