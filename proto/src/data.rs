@@ -8,7 +8,7 @@
 //! ```
 //! `layer` is the chunk's layer in its V-tree (0 for a volume never snapshotted): a client's
 //! request names the layer its volume writes to, and the primary resolves reads through the
-//! layers below it (see `sds::layers`).
+//! layers below it (see `sds::service::layers`).
 //! `offset`/`len` are bytes inside the chunk (for [`DataOp::AllocStatus`], `chunk` is the first
 //! chunk and `len` a chunk count). `fence` is the volume mapping generation the SDC was given
 //! (0 when the request does not come from a mapped volume).
