@@ -9,51 +9,21 @@
 #   RUNTIME=30 benches/qos.sh
 #
 # It starts its own lab in a scratch directory (ports from 17710) and removes it afterwards.
-set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 RUNTIME=${RUNTIME:-10}
-WORK=$(mktemp -d "${BENCH_DIR:-$ROOT/target}/bench.XXXXXX")
-export MESHBLOCK_LAB="$WORK/lab" MESHBLOCK_LAB_PORT_BASE=${MESHBLOCK_LAB_PORT_BASE:-17710}
-NBDKIT_PID=""
-cleanup() {
-  [ -n "$NBDKIT_PID" ] && kill "$NBDKIT_PID" 2>/dev/null || true
-  "$ROOT/lab" down >/dev/null 2>&1 || true
-  rm -rf "$WORK"
-}
-trap cleanup EXIT
-for p in fio nbdkit python3; do command -v $p >/dev/null || { echo "$p is missing (./test installs it)"; exit 1; }; done
-
-"$ROOT/lab" up >/dev/null
-MB_URI="nbd+unix:///vol1?socket=$MESHBLOCK_LAB/sdc1/nbd.sock"
-truncate -s 1g "$WORK/plain.img"
-nbdkit --exit-with-parent -f -U "$WORK/nbdkit.sock" file file="$WORK/plain.img" &
-NBDKIT_PID=$!
-for _ in $(seq 1 50); do [ -S "$WORK/nbdkit.sock" ] && break; sleep 0.1; done
-KIT_URI="nbd+unix:///?socket=$WORK/nbdkit.sock"
-SDC_PID=$(cat "$MESHBLOCK_LAB/sdc1/pid")
-
-fio --name=pre --ioengine=nbd --uri="$MB_URI" --rw=write --bs=1m --iodepth=8 --size=1g --output=/dev/null
+# shellcheck source=benches/lib.sh
+. "$ROOT/benches/lib.sh"
 
 limits() {
   "$ROOT/lab" scli --set_sdc_volume_limits --volume_name vol1 --sdc_name sdc1 \
     --limit_iops "$1" --limit_bandwidth_kbps "$2" >/dev/null
   sleep 2 # a map poll (500 ms) and then some
 }
-# ticks of the SDC process (user + system)
-ticks() { awk '{print $14 + $15}' "/proc/$SDC_PID/stat"; }
-run() { # NAME URI BS
-  local t0 t1
-  t0=$(ticks)
-  fio --name="$1" --ioengine=nbd --uri="$2" --rw=randread --bs="$3" --iodepth=32 --size=1g \
-    --time_based --runtime="$RUNTIME" --randrepeat=0 --output-format=json --output="$WORK/$1.json"
-  t1=$(ticks)
-  echo "$((t1 - t0))" > "$WORK/$1.ticks"
-}
-run nbdkit-4k "$KIT_URI" 4k
-run nbdkit-128k "$KIT_URI" 128k
-limits 0 0; run none-4k "$MB_URI" 4k
-limits 500 0; run iops500-4k "$MB_URI" 4k
-limits 0 20480; run bw20-128k "$MB_URI" 128k
+run nbdkit-4k "$KIT_URI" randread 4k
+run nbdkit-128k "$KIT_URI" randread 128k
+limits 0 0; run none-4k "$MB_URI" randread 4k
+limits 500 0; run iops500-4k "$MB_URI" randread 4k
+limits 0 20480; run bw20-128k "$MB_URI" randread 128k
 
 python3 - "$WORK" "$(getconf CLK_TCK)" <<'PY'
 import json, sys
