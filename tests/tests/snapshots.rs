@@ -297,6 +297,15 @@ fn a_consistency_group_is_taken_at_one_instant_across_three_volumes() {
     for (name, view) in ["g1", "g2", "g3"].iter().zip(&views) {
         check_snapshot(&dc, name, view);
     }
+    // Again with an SDS killed as the group is taken.
+    dc.sds[2].kill();
+    let views = snapshot(&mut dc, &refs, "vol1,vol2,vol3", "k1,k2,k3");
+    for l in &loads {
+        l.wait_more(300);
+    }
+    for (name, view) in ["k1", "k2", "k3"].iter().zip(&views) {
+        check_snapshot(&dc, name, view);
+    }
     let tree =
         dc.c.must_scli(&["--query_vtree", "--volume_name", "vol2", "--json"])
             .json();
@@ -315,7 +324,7 @@ fn a_consistency_group_is_taken_at_one_instant_across_three_volumes() {
         &group.to_string(),
     ]);
     assert!(!mapped.ok && mapped.stderr.contains("unmap"), "{mapped:?}");
-    for g in ["g1", "g2", "g3"] {
+    for g in ["g1", "g2", "g3", "k1", "k2", "k3"] {
         dc.c.must_scli(&[
             "--unmap_volume_from_sdc",
             "--volume_name",
@@ -334,7 +343,11 @@ fn a_consistency_group_is_taken_at_one_instant_across_three_volumes() {
         .as_object()
         .map(|m| m.values().filter_map(|v| v["name"].as_str()).collect())
         .unwrap_or_default();
-    assert_eq!(names.len(), 3, "only the three volumes are left: {names:?}");
+    assert_eq!(
+        names.len(),
+        6,
+        "the three volumes and the second group are left: {names:?}"
+    );
 }
 
 #[test]

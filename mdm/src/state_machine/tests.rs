@@ -529,9 +529,45 @@ fn snapshots_freeze_layers_and_removal_prunes_the_ones_nobody_reads() {
     assert!(s.vtrees.is_empty() && s.volumes.is_empty());
     // Bad input changes nothing.
     cmd(&mut s, volume("t", 1 << 30, false)).expect("thick");
+    cmd(&mut s, Command::AddProtectionDomain { name: "pd2".into() }).expect("pd2");
+    cmd(
+        &mut s,
+        Command::AddStoragePool {
+            pd: "pd2".into(),
+            name: "sp2".into(),
+            media_type: "".into(),
+            pg_count: Some(8),
+        },
+    )
+    .expect("sp2");
+    cmd(&mut s, volume("a", 1 << 30, true)).expect("a");
+    cmd(
+        &mut s,
+        Command::AddVolume {
+            pool: "sp2".into(),
+            name: "b".into(),
+            size_bytes: 1 << 30,
+            thin: true,
+            labels: Default::default(),
+            preempt: false,
+        },
+    )
+    .expect("b in pd2");
     let before = s.clone();
     assert!(snap(&mut s, "t", "ts").is_err(), "a thick volume");
     assert!(snap(&mut s, "nope", "x").is_err());
+    let across = cmd(
+        &mut s,
+        Command::SnapshotVolumes {
+            volumes: vec!["a".into(), "b".into()],
+            names: Vec::new(),
+            labels: Default::default(),
+        },
+    );
+    assert!(
+        across.is_err_and(|e| e.message.contains("one protection domain")),
+        "a group across protection domains"
+    );
     assert!(remove(&mut s, "t", proto::msg::RemoveMode::DescendantsOnly).is_err());
     assert_eq!(s, before);
 }
