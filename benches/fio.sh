@@ -10,29 +10,13 @@
 #   RUNTIME=30 SIZE=4g benches/fio.sh
 #
 # It starts its own lab in a scratch directory (ports from 17610) and removes it afterwards.
-set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 RUNTIME=${RUNTIME:-10}
 SIZE=${SIZE:-1g}
-WORK=$(mktemp -d "${BENCH_DIR:-$ROOT/target}/bench.XXXXXX")
-export MESHBLOCK_LAB="$WORK/lab" MESHBLOCK_LAB_PORT_BASE=${MESHBLOCK_LAB_PORT_BASE:-17610}
-NBDKIT_PID=""
-cleanup() {
-  [ -n "$NBDKIT_PID" ] && kill "$NBDKIT_PID" 2>/dev/null || true
-  "$ROOT/lab" down >/dev/null 2>&1 || true
-  rm -rf "$WORK"
-}
-trap cleanup EXIT
-for p in fio nbdkit python3; do command -v $p >/dev/null || { echo "$p is missing (./test installs it)"; exit 1; }; done
-
-"$ROOT/lab" up >/dev/null
-MB_URI="nbd+unix:///vol1?socket=$MESHBLOCK_LAB/sdc1/nbd.sock"
-truncate -s "$SIZE" "$WORK/plain.img"
-fallocate -l "$SIZE" "$WORK/plain.img" 2>/dev/null || true
-nbdkit --exit-with-parent -f -U "$WORK/nbdkit.sock" file file="$WORK/plain.img" &
-NBDKIT_PID=$!
-for _ in $(seq 1 50); do [ -S "$WORK/nbdkit.sock" ] && break; sleep 0.1; done
-KIT_URI="nbd+unix:///?socket=$WORK/nbdkit.sock"
+: "${MESHBLOCK_LAB_PORT_BASE:=17610}"
+PREFILL=0 # every target is preconditioned below
+# shellcheck source=benches/lib.sh
+. "$ROOT/benches/lib.sh"
 
 JOBS=("randwrite 4k 1" "randwrite 4k 32" "randread 4k 1" "randread 4k 32" "write 1m 8" "read 1m 8")
 

@@ -1,7 +1,8 @@
-# Shared setup of the lab benchmarks (sourced by qos.sh and snapshots.sh): a lab in a scratch
-# directory, nbdkit serving a plain 1 GiB file as the baseline of the run, vol1 written once,
-# process CPU ticks, and one fio job whose JSON and the SDC's and SDS's ticks land in $WORK.
-# Expects ROOT and RUNTIME; sets WORK, MB_URI, KIT_URI, SDC_PID, SDS_PIDS.
+# Shared setup of the lab benchmarks (sourced by fio.sh, qos.sh and snapshots.sh): a lab in a
+# scratch directory, nbdkit serving a plain file of SIZE (default 1g) as the baseline of the
+# run, vol1 written once (unless PREFILL=0), process CPU ticks, and one fio job whose JSON and
+# the SDC's and SDS's ticks land in $WORK. Expects ROOT and RUNTIME; sets WORK, MB_URI,
+# KIT_URI, SDC_PID, SDS_PIDS.
 set -euo pipefail
 WORK=$(mktemp -d "${BENCH_DIR:-$ROOT/target}/bench.XXXXXX")
 export MESHBLOCK_LAB="$WORK/lab" MESHBLOCK_LAB_PORT_BASE=${MESHBLOCK_LAB_PORT_BASE:-17710}
@@ -16,7 +17,9 @@ for p in fio nbdkit python3; do command -v $p >/dev/null || { echo "$p is missin
 
 "$ROOT/lab" up >/dev/null
 MB_URI="nbd+unix:///vol1?socket=$MESHBLOCK_LAB/sdc1/nbd.sock"
-truncate -s 1g "$WORK/plain.img"
+SIZE=${SIZE:-1g}
+truncate -s "$SIZE" "$WORK/plain.img"
+fallocate -l "$SIZE" "$WORK/plain.img" 2>/dev/null || true
 nbdkit --exit-with-parent -f -U "$WORK/nbdkit.sock" file file="$WORK/plain.img" &
 NBDKIT_PID=$!
 for _ in $(seq 1 50); do [ -S "$WORK/nbdkit.sock" ] && break; sleep 0.1; done
@@ -24,7 +27,9 @@ KIT_URI="nbd+unix:///?socket=$WORK/nbdkit.sock"
 SDC_PID=$(cat "$MESHBLOCK_LAB/sdc1/pid")
 SDS_PIDS="$(cat "$MESHBLOCK_LAB"/sds{1,2,3}/pid)"
 
-fio --name=pre --ioengine=nbd --uri="$MB_URI" --rw=write --bs=1m --iodepth=8 --size=1g --output=/dev/null
+if [ "${PREFILL:-1}" != 0 ]; then
+  fio --name=pre --ioengine=nbd --uri="$MB_URI" --rw=write --bs=1m --iodepth=8 --size="$SIZE" --output=/dev/null
+fi
 
 # CPU ticks (user + system) of the processes given.
 ticks() { local t=0 p; for p in "$@"; do t=$((t + $(awk '{print $14 + $15}' "/proc/$p/stat"))); done; echo $t; }

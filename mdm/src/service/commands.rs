@@ -253,14 +253,9 @@ impl Service {
     /// (by the map's last run, so a new leader carries on) gets its next run committed. Runs
     /// for the life of the process; idle on followers.
     pub async fn run_snapshot_policies(self: Arc<Self>) {
-        let mut tick = tokio::time::interval(Duration::from_secs(1));
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut tick = leader_interval(Duration::from_secs(1));
         loop {
-            tick.tick().await;
-            let st = self.raft.shared.status();
-            if !(st.is_leader && st.leader_ready) {
-                continue;
-            }
+            self.leader_tick(&mut tick).await;
             let now = auth::now_unix();
             let state = self.raft.shared.read_state();
             for p in state.snapshot_policies.values() {

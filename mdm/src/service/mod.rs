@@ -28,6 +28,13 @@ mod commands;
 mod queries;
 mod rebalance;
 
+/// The ticks of a leader-only loop: every `period`, a late tick not made up for.
+fn leader_interval(period: Duration) -> tokio::time::Interval {
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick
+}
+
 /// How long a membership step may take.
 const MEMBERSHIP_TIMEOUT: Duration = Duration::from_secs(20);
 /// PG moves (rebalance) in flight per pool at once.
@@ -197,18 +204,25 @@ impl Service {
         out
     }
 
+    /// Wait for the next tick of a leader-only loop at which this MDM leads and has caught up
+    /// with its term; its Raft status then.
+    async fn leader_tick(&self, tick: &mut tokio::time::Interval) -> crate::raft::RaftStatus {
+        loop {
+            tick.tick().await;
+            let st = self.raft.shared.status();
+            if st.is_leader && st.leader_ready {
+                return st;
+            }
+        }
+    }
+
     /// The leader's failure detector: declare SDS down through Raft once they have been silent
     /// past the timeout. Runs for the life of the process; idle on followers.
     pub async fn watch_sds(self: Arc<Self>) {
         let period = (self.sds_down_timeout / 5).max(Duration::from_millis(50));
-        let mut tick = tokio::time::interval(period);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut tick = leader_interval(period);
         loop {
-            tick.tick().await;
-            let st = self.raft.shared.status();
-            if !(st.is_leader && st.leader_ready) {
-                continue;
-            }
+            let st = self.leader_tick(&mut tick).await;
             let state = self.raft.shared.read_state();
             for sds in self.silent_sds(&state, st.term) {
                 let name = state

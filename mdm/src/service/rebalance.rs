@@ -10,14 +10,9 @@ impl Service {
     /// duration. Runs for the life of the process; idle on followers. A pool with PGs that
     /// are degraded, rebuilding or unavailable is left alone until they are Normal.
     pub async fn rebalance(self: Arc<Self>) {
-        let mut tick = tokio::time::interval(REBALANCE_PERIOD);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut tick = leader_interval(REBALANCE_PERIOD);
         loop {
-            tick.tick().await;
-            let st = self.raft.shared.status();
-            if !(st.is_leader && st.leader_ready) {
-                continue;
-            }
+            self.leader_tick(&mut tick).await;
             let state = self.raft.shared.read_state();
             for pool in state.pools.values() {
                 self.log_pool_progress(&state, pool);
