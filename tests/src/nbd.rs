@@ -25,6 +25,8 @@ const CMD_READ: u16 = 0;
 const CMD_WRITE: u16 = 1;
 const CMD_DISC: u16 = 2;
 const CMD_FLUSH: u16 = 3;
+const CMD_TRIM: u16 = 4;
+const CMD_WRITE_ZEROES: u16 = 6;
 
 fn read_u32(r: &mut impl Read) -> io::Result<u32> {
     let mut b = [0u8; 4];
@@ -171,6 +173,17 @@ impl Nbd {
         let r = self.recv(|_| 0)?;
         if r.error != 0 {
             return Err(io::Error::other(format!("write error {}", r.error)));
+        }
+        Ok(())
+    }
+
+    /// One synchronous trim (`zeroes: false`) or write-zeroes.
+    pub fn zero_at(&mut self, offset: u64, len: u32, zeroes: bool) -> io::Result<()> {
+        let cmd = if zeroes { CMD_WRITE_ZEROES } else { CMD_TRIM };
+        self.send(cmd, 5, offset, len, &[])?;
+        let r = self.recv(|_| 0)?;
+        if r.error != 0 {
+            return Err(io::Error::other(format!("trim/zero error {}", r.error)));
         }
         Ok(())
     }

@@ -708,3 +708,94 @@ fn a_snapshot_policy_keeps_its_levels_and_carries_on_after_a_leader_failover() {
         .count();
     assert_eq!(left, held3.len(), "the policy's snapshots stay");
 }
+
+/// A seeded mix of writes (partial blocks among them), trims and write-zeroes on the members
+/// of one V-tree, snapshots of volumes and of snapshots, and restores: every member then reads
+/// exactly its model, through chains of up to a dozen layers.
+#[test]
+fn snapshots_of_snapshots_read_their_own_history_through_every_layer() {
+    use rand::{Rng, SeedableRng};
+    const SPAN: usize = 3 << 20;
+    let dc = DataCluster::start("snap-chain", 2, 1);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(21);
+    let mut models: Vec<(String, Vec<u8>)> = vec![("vol1".into(), vec![0u8; SPAN])];
+    let mut conns = vec![Nbd::connect(&dc.socket, "vol1").expect("connect vol1")];
+    let (mut snaps, mut restores) = (0, 0);
+    for step in 0..120 {
+        let m = rng.gen_range(0..models.len());
+        match rng.gen_range(0..10) {
+            0..=4 => {
+                let len = rng.gen_range(1..=200 << 10);
+                let off = rng.gen_range(0..SPAN - len);
+                let data: Vec<u8> = (0..len).map(|_| rng.gen()).collect();
+                conns[m].write_at(off as u64, &data).expect("write");
+                models[m].1[off..off + len].copy_from_slice(&data);
+            }
+            5 | 6 => {
+                let len = rng.gen_range(1..=300 << 10);
+                let off = rng.gen_range(0..SPAN - len);
+                conns[m]
+                    .zero_at(off as u64, len as u32, rng.gen())
+                    .expect("trim");
+                models[m].1[off..off + len].fill(0);
+            }
+            7 | 8 if models.len() < 8 => {
+                let name = format!("c{step}");
+                conns[m].flush().expect("flush");
+                dc.c.must_scli(&[
+                    "--snapshot_volume",
+                    "--volume_name",
+                    &models[m].0,
+                    "--snapshot_name",
+                    &name,
+                ]);
+                export(&dc, &name);
+                conns.push(Nbd::connect(&dc.socket, &name).expect("connect snapshot"));
+                let copy = models[m].1.clone();
+                models.push((name, copy));
+                snaps += 1;
+            }
+            _ => {
+                let src = rng.gen_range(0..models.len());
+                if src == m {
+                    continue;
+                }
+                dc.c.must_scli(&[
+                    "--overwrite_volume_content",
+                    "--source_volume_name",
+                    &models[src].0,
+                    "--destination_volume_name",
+                    &models[m].0,
+                    "--allow_overwrite_mapped",
+                ]);
+                models[m].1 = models[src].1.clone();
+                restores += 1;
+            }
+        }
+    }
+    for c in &mut conns {
+        c.flush().expect("flush");
+    }
+    let map = cluster_map(&dc.c);
+    let deepest = models
+        .iter()
+        .filter_map(|(n, _)| map.volume_by_name(n))
+        .map(|v| map.chain(v.vtree, v.layer).len())
+        .max()
+        .unwrap_or(0);
+    for (name, model) in &models {
+        let (checked, wrong, first) = differences(&dc, name, model, &HashSet::new());
+        assert_eq!(
+            wrong, 0,
+            "{name}: {wrong} of {checked} blocks differ (first at {first:?})"
+        );
+    }
+    summary(&format!(
+        "V-tree of {} members after {snaps} snapshots and {restores} restores: every member reads its model; longest chain {deepest} layers",
+        models.len()
+    ));
+    assert!(
+        snaps >= 3 && deepest >= 4,
+        "too shallow a tree: {snaps} snapshots, {deepest} layers"
+    );
+}
