@@ -93,6 +93,9 @@ pub struct SdsMetrics {
     /// Forwarded writes and trims refused because they arrived on a connection the primary
     /// had since given up on (it timed the forward out and sent later writes on a new one).
     pub stale_forwards_refused: Counter,
+    /// Writes sent to the secondary a second time, under its newer map, after it refused them
+    /// for their epoch while the local copy had taken them.
+    pub resent_forwards: Counter,
     /// Writes and trims (client or forwarded) refused, not applied or not acknowledged,
     /// because the lease ran out while they waited (for the range lock, or for the device).
     pub lease_expired_writes: Counter,
@@ -253,6 +256,7 @@ impl SdsMetrics {
             draining_chunks: Gauge::default(),
             drained_chunks: Counter::default(),
             stale_forwards_refused: Counter::default(),
+            resent_forwards: Counter::default(),
             lease_expired_writes: Counter::default(),
             gc_freed_chunks: Counter::default(),
             leased: Gauge::default(),
@@ -352,6 +356,11 @@ impl SdsMetrics {
             "meshblock_sds_stale_forwards_refused",
             "Forwarded writes not applied: they came on a connection the primary had replaced",
             m.stale_forwards_refused.clone(),
+        );
+        r.register(
+            "meshblock_sds_resent_forwards",
+            "Writes the secondary refused for its newer map after the local copy took them, sent again under that map",
+            m.resent_forwards.clone(),
         );
         r.register(
             "meshblock_sds_lease_expired_writes",

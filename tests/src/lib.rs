@@ -799,6 +799,34 @@ impl DataCluster {
         format!("nbd+unix:///{vol}?socket={}", self.socket.display())
     }
 
+    /// The index in `sds` of the primary of `volume`'s chunk `index` (its own layer), with the
+    /// chunk's pool, PG and epoch.
+    pub fn primary_of_chunk(
+        &self,
+        volume: &str,
+        index: u64,
+    ) -> (
+        usize,
+        proto::PoolId,
+        proto::PgId,
+        proto::Epoch,
+        proto::ChunkId,
+    ) {
+        let map = cluster_map(&self.c);
+        let vol = map.volume_by_name(volume).expect("the volume in the map");
+        let pool = map.pools.get(&vol.pool).expect("its pool");
+        let chunk = proto::ChunkId::new(vol.vtree, proto::ChunkIndex(index)).in_layer(vol.layer);
+        let pg = chunk.pg(pool.pg_count);
+        let primary = pool.pg(pg).and_then(|m| m.primary).expect("a primary");
+        let name = &map.sds.get(&primary).expect("primary in the map").name;
+        let i = self
+            .sds
+            .iter()
+            .position(|p| &p.name == name)
+            .expect("a started SDS");
+        (i, pool.id, pg, pool.epoch, chunk)
+    }
+
     /// The value of the Prometheus metric `name` on SDS `i` (NaN when absent or unreachable).
     pub fn sds_metric(&self, i: usize, name: &str) -> f64 {
         let text = http_get(self.sds_metrics[i], "/metrics").unwrap_or_default();

@@ -728,33 +728,6 @@ fn busiest_primary(dc: &DataCluster) -> usize {
     )
 }
 
-/// The index in `dc.sds` of the primary of `vol1`'s chunk `index`, with the chunk's pool, PG
-/// and epoch.
-fn primary_of_chunk(
-    dc: &DataCluster,
-    index: u64,
-) -> (
-    usize,
-    proto::PoolId,
-    proto::PgId,
-    proto::Epoch,
-    proto::ChunkId,
-) {
-    let map = cluster_map(&dc.c);
-    let vol = map.volume_by_name("vol1").expect("vol1");
-    let pool = map.pools.get(&vol.pool).expect("pool");
-    let chunk = proto::ChunkId::new(vol.vtree, proto::ChunkIndex(index));
-    let pg = chunk.pg(pool.pg_count);
-    let primary = pool.pg(pg).and_then(|m| m.primary).expect("a primary");
-    let name = &map.sds.get(&primary).expect("primary in the map").name;
-    let i = dc
-        .sds
-        .iter()
-        .position(|p| &p.name == name)
-        .expect("a started SDS");
-    (i, pool.id, pg, pool.epoch, chunk)
-}
-
 /// Issue 18 item 4: a write held at its range lock (a fail point) past the lease of its
 /// primary, which is cut off from the MDM meanwhile, is refused, not applied: the primary's own
 /// copy keeps the old data once the hold is over, the write is acknowledged by the copy that
@@ -783,7 +756,7 @@ fn a_write_held_past_the_lease_is_refused_not_applied() {
     let mut nbd = Nbd::connect(&dc.socket, "vol1").expect("connect");
     nbd.write_at(PROBE, &old).expect("write the old data");
     nbd.flush().expect("flush");
-    let (i, pool, pg, epoch, chunk) = primary_of_chunk(&dc, PROBE >> 20);
+    let (i, pool, pg, epoch, chunk) = dc.primary_of_chunk("vol1", PROBE >> 20);
     let name = dc.sds[i].name.clone();
     let read_local = |dc: &DataCluster| {
         let h = proto::data::DataHeader::at(

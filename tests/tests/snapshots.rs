@@ -187,12 +187,12 @@ fn a_snapshot_under_load_holds_exactly_the_writes_acknowledged_before_it() {
 
     // The source lost nothing acknowledged and flushed.
     let (model, uncertain) = load.finish();
-    // Not compared here: the two copies of the frozen layers (`compare_copies`). A write in
-    // flight as a snapshot froze its layer can be applied by the primary and refused by a
-    // secondary that already holds the new map; it fails, its retry goes to the new layer, and
-    // the frozen layer's copies keep differing in those blocks (an unacknowledged write, so
-    // both contents are allowed, but a read of the snapshot may change after a failover). See
-    // ARCHITECTURE, known gaps. The chain test below compares content on every layer.
+    // The copies of every layer agree, the frozen ones included: a write in flight as a
+    // snapshot froze its layer, applied by the primary and refused by a secondary that already
+    // held the new map, was sent to the secondary again under that map.
+    let (compared, diffs) = compare_copies(&dc.c, "vol1", REGION >> 20);
+    assert!(compared > 0, "no chunk compared");
+    assert!(diffs.is_empty(), "the copies differ: {diffs:?}");
     let (checked, wrong, at) = differences(&dc, "vol1", &model, &uncertain);
     assert!(checked > 0);
     assert_eq!(wrong, 0, "vol1 lost acknowledged writes (first at {at:?})");
@@ -266,6 +266,115 @@ fn a_snapshot_under_load_holds_exactly_the_writes_acknowledged_before_it() {
         tree["stored_bytes"].as_u64().unwrap_or(0) >> 20,
         tree["shared_bytes"].as_u64().unwrap_or(0) >> 20
     ));
+}
+
+/// A write in flight as a snapshot freezes its layer, applied by its primary and refused by a
+/// secondary that already holds the new map, is sent to the secondary again under that map: the
+/// frozen layer's two copies stay equal, the write lands in the volume's new layer on retry,
+/// and the snapshot holds either the old or the new data in each block (the write was not
+/// acknowledged when the command started). A fail point holds the forward at the secondary
+/// until the snapshot is taken.
+#[test]
+fn a_write_refused_by_a_secondary_holding_the_new_map_leaves_the_copies_equal() {
+    // The held forward must outlast the snapshot command, and the primary must wait for it
+    // (a forward that times out is a different path): 9 s, below the SDC's 10 s call timeout.
+    let conf = TestDir::new("snap-refused-conf");
+    let config = conf.path.join("sds.toml");
+    std::fs::write(&config, "forward_timeout_ms = 9000\n").expect("write the SDS config");
+    let dc = DataCluster::start_opts(
+        "snap-refused",
+        &DataOpts {
+            n_sds: 2,
+            vol_gb: 1,
+            sds_bin: Some(failpoint_sds()),
+            sds_extra: vec![
+                "--config".into(),
+                config.display().to_string(),
+                "--failpoints-file".into(),
+                "{dir}/{name}.failpoints".into(),
+            ],
+            ..DataOpts::default()
+        },
+    );
+    let (old, new) = (vec![0xA1u8; 64 << 10], vec![0xB2u8; 64 << 10]);
+    let resent = |i: usize| dc.sds_metric(i, "meshblock_sds_resent_forwards_total");
+    // Each attempt writes its own chunk and takes its own snapshot; one whose command outlasted
+    // the hold (a very busy machine) did not race the write, and the next holds it longer.
+    let mut exercised = None;
+    for attempt in 0..4u64 {
+        let probe = (attempt * 4 + 1) << 20;
+        let mut nbd = Nbd::connect(&dc.socket, "vol1").expect("connect");
+        nbd.write_at(probe, &old).expect("write the old data");
+        nbd.flush().expect("flush");
+        let (i, ..) = dc.primary_of_chunk("vol1", probe >> 20);
+        let (before, forwards) = (resent(i), dc.sds_metric(i, "meshblock_sds_forwards_total"));
+        let hold = 4000 + 1500 * attempt;
+        dc.set_failpoints(
+            1 - i,
+            &format!("sds::service::before_replica_apply=1*return({hold})"),
+        );
+        let writer = {
+            let (socket, new) = (dc.socket.clone(), new.clone());
+            std::thread::spawn(move || -> std::io::Result<()> {
+                let mut c = Nbd::connect(&socket, "vol1")?;
+                c.write_at(probe, &new)?;
+                c.flush()?;
+                c.disconnect();
+                Ok(())
+            })
+        };
+        wait_for(
+            "the write's forward to reach the secondary (and be held)",
+            Duration::from_secs(60),
+            || (dc.sds_metric(i, "meshblock_sds_forwards_total") > forwards).then_some(()),
+        );
+        let snap = format!("held{attempt}");
+        dc.c.must_scli(&[
+            "--snapshot_volume",
+            "--volume_name",
+            "vol1",
+            "--snapshot_name",
+            &snap,
+        ]);
+        writer
+            .join()
+            .expect("writer panicked")
+            .expect("the held write is acknowledged after its retry");
+        dc.set_failpoints(1 - i, "");
+        let back = nbd
+            .read_at(probe, new.len() as u32)
+            .expect("read the volume");
+        assert!(back == new, "the volume lost its acknowledged write");
+        nbd.disconnect();
+        if resent(i) > before {
+            exercised = Some((probe, snap));
+            break;
+        }
+        summary(&format!(
+            "refused-forward attempt {attempt}: the snapshot outlasted a {hold} ms hold; trying again"
+        ));
+    }
+    let (probe, snap) = exercised.expect("no attempt had the secondary refuse the held write");
+    // The snapshot holds the old or the new data in each block, never a mix within one.
+    export(&dc, &snap);
+    let mut c = Nbd::connect(&dc.socket, &snap).expect("connect to the snapshot");
+    let got = c
+        .read_at(probe, new.len() as u32)
+        .expect("read the snapshot");
+    c.disconnect();
+    for (b, block) in got.chunks(4096).enumerate() {
+        assert!(
+            block == &old[..4096] || block == &new[..4096],
+            "snapshot block {b} is neither the old nor the new data"
+        );
+    }
+    let (compared, diffs) = compare_copies(&dc.c, "vol1", (probe >> 20) + 1);
+    summary(&format!(
+        "refused forward resent: {compared} chunks compared over every layer, {} differ",
+        diffs.len()
+    ));
+    assert!(compared > 0, "no chunk compared");
+    assert!(diffs.is_empty(), "the copies differ: {diffs:?}");
 }
 
 #[test]

@@ -55,14 +55,21 @@ fn runs(first: u32, sources: &[Option<usize>]) -> Vec<(u32, u32, Option<usize>)>
 }
 
 impl<D: BlockDevice> Service<D> {
-    /// The chain of layers a client's request on `chunk` looks through: its own first.
-    fn chain(&self, chunk: ChunkId) -> Vec<LayerId> {
-        let chain = self.map.state().chain(chunk.vtree, chunk.layer);
-        if chain.is_empty() {
-            vec![chunk.layer]
-        } else {
-            chain
+    /// The chain of layers a client's request on `chunk` looks through, its own first, when it
+    /// has layers below; `None` for a layer with none (a volume never snapshotted, the common
+    /// case, answered without building a chain).
+    fn chain(&self, chunk: ChunkId) -> Option<Vec<LayerId>> {
+        let map = self.map.state();
+        let below = map
+            .vtrees
+            .get(&chunk.vtree)
+            .and_then(|t| t.layers.get(&chunk.layer))
+            .is_some_and(Option::is_some);
+        if !below {
+            return None;
         }
+        let chain = map.chain(chunk.vtree, chunk.layer);
+        (chain.len() >= 2).then_some(chain)
     }
 
     /// The written blocks of `chunk` in each layer of `chain`.
@@ -76,10 +83,9 @@ impl<D: BlockDevice> Service<D> {
     /// A client read: from the volume's own layer, and through the layers below for blocks
     /// it has not written.
     pub(super) async fn read_through_layers(&self, h: &DataHeader) -> Result<Bytes, WireError> {
-        let chain = self.chain(h.chunk);
-        if chain.len() < 2 {
+        let Some(chain) = self.chain(h.chunk) else {
             return self.read_repairing(h).await;
-        }
+        };
         let written = self.written_in(h.chunk, &chain);
         if written[1..].iter().all(Option::is_none) {
             return self.read_repairing(h).await;
@@ -110,7 +116,8 @@ impl<D: BlockDevice> Service<D> {
     /// Which chunks of a client's AllocStatus are allocated in any layer its volume reads.
     pub(super) fn allocated_through_layers(&self, h: &DataHeader) -> Vec<u8> {
         let mut out = vec![0u8; h.len as usize];
-        for layer in self.chain(h.chunk) {
+        let chain = self.chain(h.chunk).unwrap_or_else(|| vec![h.chunk.layer]);
+        for layer in chain {
             for (o, a) in out
                 .iter_mut()
                 .zip(self.storage.allocated(h.chunk.in_layer(layer), h.len))
@@ -129,10 +136,9 @@ impl<D: BlockDevice> Service<D> {
         h: DataHeader,
         data: Bytes,
     ) -> Result<(DataHeader, Bytes), WireError> {
-        let chain = self.chain(h.chunk);
-        if chain.len() < 2 || h.len == 0 {
+        let Some(chain) = self.chain(h.chunk).filter(|_| h.len > 0) else {
             return Ok((h, data));
-        }
+        };
         let written = self.written_in(h.chunk, &chain);
         if written[1..].iter().all(Option::is_none) {
             return Ok((h, data));

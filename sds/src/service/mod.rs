@@ -18,7 +18,10 @@
 //! - The primary writes locally and forwards to the secondary in parallel, and acknowledges
 //!   only when both copies are written. It holds the chunk's block-range lock across both, so
 //!   overlapping writes reach the two copies in the same order. A PG without a secondary
-//!   (degraded) is written locally only.
+//!   (degraded) is written locally only. A forward the secondary refused for its newer map,
+//!   after the local copy took the write, is sent again under that map before the lock is
+//!   released (`resend_refused`), so the copies agree even where the client's retry goes
+//!   elsewhere (a layer a snapshot froze meanwhile).
 //! - FUA: write, then flush, on both copies (the flag is forwarded). Flush flushes every local
 //!   device; the SDC sends it to every SDS it wrote to, so the primary forwards nothing. Its
 //!   answer is this host's boot tag (see [`proto::data`]).
@@ -477,11 +480,51 @@ impl<D: BlockDevice> Service<D> {
         if local.is_err() || remote.is_err() {
             self.dirty.note_failed(h.pool, h.pg, h.chunk, route.version);
         }
+        if local.is_ok()
+            && remote
+                .as_ref()
+                .is_err_and(|e| e.code == ErrorCode::StaleEpoch)
+        {
+            self.resend_refused(&replica, &data).await;
+        }
         local?;
         remote?;
         moving?;
         crate::failpoints::fail_point(crate::failpoints::SERVICE_AFTER_FORWARD_BEFORE_ACK);
         self.lease_held(&h)
+    }
+
+    /// The local copy took a write whose forward the secondary refused because it already held
+    /// a newer map: a snapshot froze the layer, or the PG's epoch moved, between the two. The
+    /// client retries (in the volume's new layer, after a snapshot), but the blocks here now
+    /// differ from the secondary's, and a frozen layer is never written again by a client, so
+    /// send the same blocks again under the new map. The caller still holds their order lock,
+    /// so nothing can land between the local write and this one. If this SDS is no longer the
+    /// PG's primary, the dirty log (`note_failed`) leaves it to the rebuild.
+    async fn resend_refused(&self, replica: &DataHeader, data: &Bytes) {
+        self.map.refresh(self.opts.refresh_timeout).await;
+        let Some(epoch) = self.map.state().pools.get(&replica.pool).map(|p| p.epoch) else {
+            return;
+        };
+        let h = DataHeader { epoch, ..*replica };
+        let Ok(Route {
+            secondary: Some((sds, addr)),
+            ..
+        }) = self.map.check(&h, Role::Primary)
+        else {
+            return;
+        };
+        match self.replicas.forward(sds, addr, &h, data.clone()).await {
+            Ok(_) => {
+                self.metrics.resent_forwards.inc();
+                tracing::debug!(chunk = %h.chunk, offset = h.offset, len = h.len,
+                    "sent a write the secondary refused for its newer map again under that map");
+            }
+            Err(e) => {
+                tracing::warn!(chunk = %h.chunk, offset = h.offset, len = h.len,
+                    "could not send a refused write again; the copies of these blocks differ until the next rebuild or scrub: {e}");
+            }
+        }
     }
 
     /// Rebuild: make `target`'s copy of `chunk` equal to this primary's, under the chunk's
