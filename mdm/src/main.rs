@@ -371,7 +371,10 @@ async fn serve(cfg: MdmConfig) -> anyhow::Result<()> {
             metrics.commit_index.set(st.commit as i64);
             metrics.applied_index.set(st.applied as i64);
             if st.is_leader {
-                metrics.set_pools(&r2.shared.read_state(), &s2.sds_stats());
+                let state = r2.shared.read_state();
+                let status = s2.cluster_status(&state);
+                metrics.set_pools(&state, &status.sds_stats);
+                metrics.set_cluster(&state, &status);
             } else {
                 metrics.clear_pools();
             }

@@ -1,14 +1,17 @@
-//! MDM metrics (Prometheus text format): Raft and request counters, and each pool's capacity
-//! (`meshblock_mdm_pool_*{pool}`, set by the leader from the SDS's hellos; followers export none).
+//! MDM metrics (Prometheus text format): Raft and request counters on every MDM; on the leader
+//! only (followers export none, so a sum over MDMs counts each once), the cluster as operators
+//! alert on it: MDMs in the cluster and active, SDS and SDC by state, volumes and snapshots, and
+//! per pool its capacity, PGs by state and rebuild progress (`meshblock_mdm_pool_*{pool}`), from
+//! the map and the SDS's hellos.
 
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
-use proto::capacity::pool_capacity;
-use proto::model::ClusterState;
-use proto::msg::SdsStats;
+use proto::capacity::{pool_capacity, pool_rebuild};
+use proto::model::{ClusterState, SdsState};
+use proto::msg::{ClusterStatus, SdsStats, SDC_SESSION_MS};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
@@ -41,6 +44,21 @@ pub struct MdmMetrics {
     pub pool_used_percent: Family<Labels, Gauge>,
     pub pool_capacity_state: Family<Labels, Gauge>,
     pub pool_thick_chunks_no_space: Family<Labels, Gauge>,
+    /// Per pool and `state` (Normal, Rebalancing, Rebuilding, Degraded, Unavailable).
+    pub pool_pgs: Family<Labels, Gauge>,
+    pub pool_rebuild_bytes_left: Family<Labels, Gauge>,
+    pub pool_rebuild_bytes_per_second: Family<Labels, Gauge>,
+    /// The cluster's MDMs (voters) and those the leader hears (itself included).
+    pub mdms: Gauge,
+    pub mdms_active: Gauge,
+    /// 1 for the cluster's mode (label `mode`: 1_node, 3_node, 5_node).
+    pub cluster_mode: Family<Labels, Gauge>,
+    /// SDS by `state` (Initializing, Normal, Down, Removing).
+    pub sds: Family<Labels, Gauge>,
+    /// SDC by `state` (Connected, Disconnected).
+    pub sdc: Family<Labels, Gauge>,
+    /// Volumes by `kind` (volume, snapshot).
+    pub volumes: Family<Labels, Gauge>,
 }
 
 impl MdmMetrics {
@@ -147,6 +165,56 @@ impl MdmMetrics {
         for (name, help, family) in pools {
             r.register(name, help, family.clone());
         }
+        let cluster = [
+            (
+                "meshblock_mdm_pool_pgs",
+                "The pool's PGs by state (Normal, Rebalancing, Rebuilding, Degraded, Unavailable)",
+                &m.pool_pgs,
+            ),
+            (
+                "meshblock_mdm_pool_rebuild_bytes_left",
+                "Bytes the pool's rebuild and rebalance sources still have to visit (at most)",
+                &m.pool_rebuild_bytes_left,
+            ),
+            (
+                "meshblock_mdm_pool_rebuild_bytes_per_second",
+                "The pool's rebuild and rebalance copy rate over the SDS's last hello interval",
+                &m.pool_rebuild_bytes_per_second,
+            ),
+            (
+                "meshblock_mdm_cluster_mode",
+                "1 for the cluster's mode (1_node, 3_node or 5_node)",
+                &m.cluster_mode,
+            ),
+            (
+                "meshblock_mdm_sds",
+                "SDS by state (Initializing, Normal, Down, Removing)",
+                &m.sds,
+            ),
+            (
+                "meshblock_mdm_sdc",
+                "SDC by state (Connected: heard within 5 s; Disconnected)",
+                &m.sdc,
+            ),
+            (
+                "meshblock_mdm_volumes",
+                "Volumes by kind (volume, snapshot)",
+                &m.volumes,
+            ),
+        ];
+        for (name, help, family) in cluster {
+            r.register(name, help, family.clone());
+        }
+        r.register(
+            "meshblock_mdm_cluster_mdms",
+            "MDMs voting in the cluster (the leader's view; 0 on followers)",
+            m.mdms.clone(),
+        );
+        r.register(
+            "meshblock_mdm_cluster_mdms_active",
+            "MDMs voting in the cluster that the leader hears, itself included",
+            m.mdms_active.clone(),
+        );
         Arc::new(m)
     }
 
@@ -177,8 +245,99 @@ impl MdmMetrics {
         }
     }
 
-    /// Drop the pool gauges (a follower knows no SDS usage).
+    /// Set the cluster's gauges from the map and the leader's status (leader).
+    pub fn set_cluster(&self, s: &ClusterState, c: &ClusterStatus) {
+        let g = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        let one = |k: &str, v: &str| -> Labels { vec![(k.into(), v.into())] };
+        for p in s.pools.values() {
+            let h = s.pool_health(p);
+            let pool = |state: &str| -> Labels {
+                vec![
+                    ("pool".into(), p.name.clone()),
+                    ("state".into(), state.into()),
+                ]
+            };
+            for (state, n) in [
+                ("Normal", h.normal_pgs),
+                ("Rebalancing", h.rebalancing_pgs),
+                ("Rebuilding", h.rebuilding_pgs),
+                ("Degraded", h.degraded_pgs),
+                ("Unavailable", h.unavailable_pgs),
+            ] {
+                self.pool_pgs.get_or_create(&pool(state)).set(i64::from(n));
+            }
+            let r = pool_rebuild(s, &c.sds_stats, p.id);
+            let l = one("pool", &p.name);
+            self.pool_rebuild_bytes_left
+                .get_or_create(&l)
+                .set(g(r.bytes_left_at_most));
+            self.pool_rebuild_bytes_per_second
+                .get_or_create(&l)
+                .set(g(r.bytes_per_sec));
+        }
+        self.mdms.set(g(c.total as u64));
+        self.mdms_active.set(g(c.active as u64));
+        let mode = serde_json::to_value(s.mode)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_string))
+            .unwrap_or_default();
+        self.cluster_mode.clear();
+        self.cluster_mode.get_or_create(&one("mode", &mode)).set(1);
+        let mut sds: BTreeMap<&str, i64> = ["Initializing", "Normal", "Down", "Removing"]
+            .into_iter()
+            .map(|k| (k, 0))
+            .collect();
+        for x in s.sds.values() {
+            let state = match x.state {
+                _ if x.removing => "Removing",
+                SdsState::Initializing => "Initializing",
+                SdsState::Normal => "Normal",
+                SdsState::Down => "Down",
+            };
+            *sds.entry(state).or_default() += 1;
+        }
+        for (state, n) in sds {
+            self.sds.get_or_create(&one("state", state)).set(n);
+        }
+        let connected = s
+            .sdcs
+            .keys()
+            .filter(|id| {
+                c.sdc_last_seen_ms
+                    .get(id)
+                    .is_some_and(|ms| *ms <= SDC_SESSION_MS)
+            })
+            .count();
+        self.sdc
+            .get_or_create(&one("state", "Connected"))
+            .set(g(connected as u64));
+        self.sdc
+            .get_or_create(&one("state", "Disconnected"))
+            .set(g((s.sdcs.len() - connected) as u64));
+        let snapshots = s.volumes.values().filter(|v| v.snapshot.is_some()).count();
+        self.volumes
+            .get_or_create(&one("kind", "snapshot"))
+            .set(g(snapshots as u64));
+        self.volumes
+            .get_or_create(&one("kind", "volume"))
+            .set(g((s.volumes.len() - snapshots) as u64));
+    }
+
+    /// Drop the leader's gauges (a follower knows no SDS usage).
     pub fn clear_pools(&self) {
+        self.mdms.set(0);
+        self.mdms_active.set(0);
+        for f in [
+            &self.pool_pgs,
+            &self.pool_rebuild_bytes_left,
+            &self.pool_rebuild_bytes_per_second,
+            &self.cluster_mode,
+            &self.sds,
+            &self.sdc,
+            &self.volumes,
+        ] {
+            f.clear();
+        }
         for f in [
             &self.pool_raw_bytes,
             &self.pool_thin_used_bytes,
@@ -204,5 +363,5 @@ pub async fn serve(
     addr: std::net::SocketAddr,
     metrics: std::sync::Arc<MdmMetrics>,
 ) -> std::io::Result<()> {
-    proto::http::serve_metrics(addr, std::sync::Arc::new(move || metrics.render())).await
+    web::serve_metrics(addr, std::sync::Arc::new(move || metrics.render())).await
 }

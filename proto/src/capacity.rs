@@ -1,6 +1,7 @@
 //! A storage pool's capacity as operators see it, shared by the MDM (metrics, thick admission)
 //! and scli (`--query_storage_pool`): raw capacity, thin data stored, space reserved by thick
-//! volumes, what is free, and a warning state raised before the pool is full.
+//! volumes, what is free, and a warning state raised before the pool is full; and its rebuild
+//! progress ([`pool_rebuild`]): what is left to copy, at what rate, and when it should end.
 //!
 //! Pure: computed from the cluster map and the usage the SDS report in their hellos
 //! ([`SdsStats`]); no I/O, no clock. An SDS keeps all its devices as one chunk space, so its
@@ -145,6 +146,46 @@ pub fn pool_capacity(
         c.state = CapacityState::Normal;
     }
     c
+}
+
+/// A pool's rebuild and rebalance progress, from its SDS's hellos.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RebuildProgress {
+    /// PGs being copied right now.
+    pub pgs_copying: u64,
+    /// PGs not fully protected yet: rebuilding, degraded or rebalancing.
+    pub pgs_left: u64,
+    /// Bytes the copy sources still have to visit (an upper bound: chunks both copies lack
+    /// are skipped).
+    pub bytes_left_at_most: u64,
+    /// Copy rate over the SDS's last hello interval, bytes per second.
+    pub bytes_per_sec: u64,
+    /// `bytes_left_at_most / bytes_per_sec`, while something is copied.
+    pub eta_seconds: Option<u64>,
+}
+
+/// Rebuild progress of pool `pool`, as the SDS of its protection domain report it (an SDS
+/// serving several pools counts in each).
+pub fn pool_rebuild(
+    s: &ClusterState,
+    stats: &BTreeMap<String, SdsStats>,
+    pool: PoolId,
+) -> RebuildProgress {
+    let Some(p) = s.pools.get(&pool) else {
+        return RebuildProgress::default();
+    };
+    let mut r = RebuildProgress::default();
+    for x in s.sds.values().filter(|x| x.pd == p.pd) {
+        if let Some(st) = stats.get(&x.name) {
+            r.pgs_copying += st.rebuild_pgs_active;
+            r.bytes_left_at_most += st.rebuild_chunks_left * CHUNK_SIZE;
+            r.bytes_per_sec += st.rebuild_bytes_per_sec;
+        }
+    }
+    let h = s.pool_health(p);
+    r.pgs_left = u64::from(h.rebuilding_pgs + h.degraded_pgs + h.rebalancing_pgs);
+    r.eta_seconds = (r.bytes_per_sec > 0).then(|| r.bytes_left_at_most / r.bytes_per_sec);
+    r
 }
 
 /// A size for messages: MiB below 10 GiB, else GB with two decimals.

@@ -14,7 +14,6 @@ pub mod daemon;
 pub mod data;
 pub mod docker;
 pub mod error;
-pub mod http;
 pub mod ids;
 pub mod model;
 pub mod msg;

@@ -325,6 +325,10 @@ pub enum Query {
     },
 }
 
+/// An SDC heard from (its map poll, the session heartbeat) within this many milliseconds is
+/// connected.
+pub const SDC_SESSION_MS: u64 = 5000;
+
 /// The cluster's Raft view, as `--query_cluster` prints it.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct ClusterStatus {

@@ -3,7 +3,7 @@
 
 use crate::args::Args;
 use anyhow::anyhow;
-use proto::capacity::{human, pool_capacity, CapacityState, PoolCapacity};
+use proto::capacity::{human, pool_capacity, pool_rebuild, CapacityState, PoolCapacity};
 use proto::model::{ClusterState, StoragePool, Volume};
 use proto::msg::{ClusterStatus, MdmStatus, Query};
 use serde_json::{json, Value};
@@ -27,18 +27,7 @@ fn pool_json(s: &ClusterState, c: &ClusterStatus, p: &StoragePool) -> Value {
         .filter(|m| m.primary.is_some() && m.secondary.is_some())
         .count();
     let h = s.pool_health(p);
-    // Rebuild progress as the pool's SDS report it (an SDS may serve several pools).
-    let (mut active, mut left, mut rate) = (0u64, 0u64, 0u64);
-    for x in s.sds.values().filter(|x| x.pd == p.pd) {
-        if let Some(st) = c.sds_stats.get(&x.name) {
-            active += st.rebuild_pgs_active;
-            left += st.rebuild_chunks_left;
-            rate += st.rebuild_bytes_per_sec;
-        }
-    }
-    let left_bytes = left << 20;
-    let eta = (rate > 0).then(|| left_bytes / rate);
-    let pgs_left = h.rebuilding_pgs + h.degraded_pgs + h.rebalancing_pgs;
+    let rebuild = pool_rebuild(s, &c.sds_stats, p.id);
     let removing: Vec<String> = s
         .sds
         .values()
@@ -46,8 +35,7 @@ fn pool_json(s: &ClusterState, c: &ClusterStatus, p: &StoragePool) -> Value {
         .map(|x| x.name.clone())
         .collect();
     json!({
-        "rebuild": {"pgs_copying": active, "pgs_left": pgs_left, "bytes_left_at_most": left_bytes,
-                    "bytes_per_sec": rate, "eta_seconds": eta},
+        "rebuild": rebuild,
         "rebuild_rebalance_policy": p.rebuild_policy, "sds_removing": removing,
         "state": h.state, "normal_pgs": h.normal_pgs, "rebalancing_pgs": h.rebalancing_pgs,
         "rebuilding_pgs": h.rebuilding_pgs,
@@ -334,9 +322,6 @@ fn sds_text(s: &ClusterState, c: &ClusterStatus, x: &proto::model::Sds) -> Strin
     o.trim_end().to_string()
 }
 
-/// An SDC polls the map every 500 ms; silent longer than this, its session counts as lost.
-const SDC_SESSION_MS: u64 = 5000;
-
 pub fn render(q: &Query, a: &Args, c: &ClusterStatus, s: &ClusterState) -> anyhow::Result<String> {
     let missing = |what: &str| anyhow!("MDM failed command.  Status: Could not find the {what}");
     let (text, value): (String, Value) = match q {
@@ -431,7 +416,7 @@ pub fn render(q: &Query, a: &Args, c: &ClusterStatus, s: &ClusterState) -> anyho
                         .filter_map(|m| s.volumes.get(&m.volume).map(|v| v.name.clone()))
                         .collect();
                     let session = match cs.sdc_last_seen_ms.get(&c.id) {
-                        Some(ms) if *ms <= SDC_SESSION_MS => "Connected".to_string(),
+                        Some(ms) if *ms <= proto::msg::SDC_SESSION_MS => "Connected".to_string(),
                         Some(ms) => format!("Disconnected (last heard {:.1} s ago)", *ms as f64 / 1000.0),
                         None => "Disconnected (not heard by this MDM leader)".to_string(),
                     };
@@ -459,7 +444,8 @@ pub fn render(q: &Query, a: &Args, c: &ClusterStatus, s: &ClusterState) -> anyho
                 .map(|x| {
                     let mut v = serde_json::to_value(x).unwrap_or(Value::Null);
                     let seen = cs.sdc_last_seen_ms.get(&x.id).copied();
-                    v["session_connected"] = json!(seen.is_some_and(|ms| ms <= SDC_SESSION_MS));
+                    v["session_connected"] =
+                        json!(seen.is_some_and(|ms| ms <= proto::msg::SDC_SESSION_MS));
                     v["last_heard_ms"] = json!(seen);
                     v
                 })

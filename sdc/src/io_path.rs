@@ -12,6 +12,7 @@
 //! acknowledged only when every one is durable. That is what makes CAN_MULTI_CONN truthful.
 
 use crate::flush::{FlushDebt, Member, Outcome, Ticket};
+use crate::metrics::{Op, SdcMetrics, VolumeIoMetrics};
 use crate::qos::Throttle;
 use crate::volume::{self, Piece};
 use bytes::{Bytes, BytesMut};
@@ -78,6 +79,9 @@ pub struct IoPath {
     /// Per volume, its QoS limits on this host (from its mapping to this SDC), shared by every
     /// export and attach of the volume.
     throttles: Mutex<HashMap<VolumeId, Arc<Throttle>>>,
+    metrics: Arc<SdcMetrics>,
+    /// Per volume, its I/O metric handles, shared by every export and attach of the volume.
+    volume_metrics: Mutex<HashMap<VolumeId, VolumeIoMetrics>>,
 }
 
 /// Counts a request as stuck while alive.
@@ -90,7 +94,12 @@ impl Drop for Stuck<'_> {
 }
 
 impl IoPath {
-    pub fn new(mdm: Arc<MdmClient>, endpoint: Endpoint, io_timeout: Duration) -> Arc<IoPath> {
+    pub fn new(
+        mdm: Arc<MdmClient>,
+        endpoint: Endpoint,
+        io_timeout: Duration,
+        metrics: Arc<SdcMetrics>,
+    ) -> Arc<IoPath> {
         Arc::new(IoPath {
             map: RwLock::new(Arc::new(ClusterState::default())),
             mdm,
@@ -103,7 +112,28 @@ impl IoPath {
             me: std::sync::OnceLock::new(),
             debts: Mutex::new(HashMap::new()),
             throttles: Mutex::new(HashMap::new()),
+            metrics,
+            volume_metrics: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// The I/O metric handles of `volume` (labelled with its name in the current map when this
+    /// process first serves it).
+    pub fn metrics_of(&self, volume: VolumeId) -> VolumeIoMetrics {
+        let mut all = self
+            .volume_metrics
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        all.entry(volume)
+            .or_insert_with(|| {
+                let map = self.map();
+                let name = map
+                    .volumes
+                    .get(&volume)
+                    .map_or_else(|| volume.to_string(), |v| v.name.clone());
+                self.metrics.volume_io(volume, &name)
+            })
+            .clone()
     }
 
     /// The flush debt of `volume`, shared by every export and attach of it. A volume this
@@ -311,18 +341,50 @@ pub struct VolumeIo {
     pub volume: VolumeId,
     debt: Arc<FlushDebt>,
     qos: Arc<Throttle>,
+    metrics: VolumeIoMetrics,
 }
 
 impl VolumeIo {
     pub fn new(io: Arc<IoPath>, volume: VolumeId) -> VolumeIo {
         let debt = io.debt_of(volume);
         let qos = io.throttle_of(volume);
+        let metrics = io.metrics_of(volume);
         VolumeIo {
             io,
             volume,
             debt,
             qos,
+            metrics,
         }
+    }
+
+    /// Count a finished request of `op` (`bytes` long, started at `started`) by its outcome.
+    fn account<T>(
+        &self,
+        op: Op,
+        bytes: u64,
+        started: std::time::Instant,
+        r: Result<T, IoError>,
+    ) -> Result<T, IoError> {
+        match &r {
+            Ok(_) => {
+                let seconds = started.elapsed().as_secs_f64();
+                self.metrics.done(op, bytes, seconds);
+            }
+            Err(IoError::Unavailable(_)) => {
+                self.metrics.timeouts.inc();
+            }
+            Err(IoError::Fenced(_)) => {
+                self.metrics.fenced.inc();
+            }
+            Err(e) => self.metrics.error(match e {
+                IoError::VolumeGone => "volume_gone",
+                IoError::Storage(_) => "storage",
+                IoError::NoSpace(_) => "no_space",
+                _ => "invalid",
+            }),
+        }
+        r
     }
 
     pub fn size(&self) -> u64 {
@@ -371,6 +433,7 @@ impl VolumeIo {
     ) -> Result<Bytes, IoError> {
         let deadline = tokio::time::Instant::now() + self.io.io_timeout;
         let mut last;
+        let mut tried: Option<Option<SdsId>> = None;
         loop {
             let map = self.io.map();
             let (vol, pool) = volume::lookup(&map, self.volume).ok_or(IoError::VolumeGone)?;
@@ -379,6 +442,12 @@ impl VolumeIo {
             let chunk = p.chunk.in_layer(vol.layer);
             let route = volume::route(pool, chunk)
                 .ok_or_else(|| IoError::Unavailable("the pool has no placement".into()))?;
+            if let Some(before) = tried.replace(route.mapping.primary) {
+                self.metrics.retries.inc();
+                if before != route.mapping.primary {
+                    self.metrics.reroutes.inc();
+                }
+            }
             if let Some(primary) = route.mapping.primary {
                 let h = DataHeader {
                     op,
@@ -457,6 +526,12 @@ impl VolumeIo {
     }
 
     pub async fn read(&self, offset: u64, len: u32) -> Result<Bytes, IoError> {
+        let started = std::time::Instant::now();
+        let r = self.read_pieces(offset, len).await;
+        self.account(Op::Read, u64::from(len), started, r)
+    }
+
+    async fn read_pieces(&self, offset: u64, len: u32) -> Result<Bytes, IoError> {
         let pieces = self.pieces(offset, u64::from(len))?;
         self.qos.admit(u64::from(len)).await;
         if let [p] = pieces.as_slice() {
@@ -483,6 +558,12 @@ impl VolumeIo {
     }
 
     pub async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), IoError> {
+        let (started, len) = (std::time::Instant::now(), data.len() as u64);
+        let r = self.write_pieces(offset, data, fua).await;
+        self.account(Op::Write, len, started, r)
+    }
+
+    async fn write_pieces(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), IoError> {
         let pieces = self.pieces(offset, data.len() as u64)?;
         self.qos.admit(data.len() as u64).await;
         let flags = if fua { FLAG_FUA } else { 0 };
@@ -504,6 +585,17 @@ impl VolumeIo {
     }
 
     async fn zero_or_trim(&self, offset: u64, len: u64, may_trim: bool) -> Result<(), IoError> {
+        let started = std::time::Instant::now();
+        let r = self.zero_or_trim_pieces(offset, len, may_trim).await;
+        self.account(Op::Trim, len, started, r)
+    }
+
+    async fn zero_or_trim_pieces(
+        &self,
+        offset: u64,
+        len: u64,
+        may_trim: bool,
+    ) -> Result<(), IoError> {
         let pieces = self.pieces(offset, len)?;
         // One I/O; no data crosses the network.
         self.qos.admit(0).await;
@@ -531,6 +623,12 @@ impl VolumeIo {
     /// volume) durable on every copy. Owed SDS that turn out to be gone hand their debt to every
     /// holder of the pool, flushed in a further round (at most one per SDS of the map).
     pub async fn flush(&self) -> Result<(), IoError> {
+        let started = std::time::Instant::now();
+        let r = self.flush_rounds().await;
+        self.account(Op::Flush, 0, started, r)
+    }
+
+    async fn flush_rounds(&self) -> Result<(), IoError> {
         let rounds = self.io.map().sds.len() + 1;
         for _ in 0..rounds {
             let ticket = self.debt.ticket();

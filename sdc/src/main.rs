@@ -332,13 +332,14 @@ async fn run(cfg: SdcConfig) -> anyhow::Result<()> {
         .with_data_transport(cfg.data_transport);
     let addrs = parse_addrs(&cfg.mdm.join(","), 7611).map_err(anyhow::Error::msg)?;
     let mdm = Arc::new(MdmClient::new(endpoint.clone(), addrs));
+    let metrics = Arc::new(SdcMetrics::default());
     let io = IoPath::new(
         mdm.clone(),
         endpoint,
         Duration::from_millis(cfg.io_timeout_ms),
+        metrics.clone(),
     );
     tokio::spawn(io.clone().fast_poll());
-    let metrics = Arc::new(SdcMetrics::default());
 
     // The Docker plugin listens first (Docker gives plugins ~10 s); calls needing the
     // cluster wait for `core`.
@@ -413,7 +414,7 @@ async fn run(cfg: SdcConfig) -> anyhow::Result<()> {
             metrics.render()
         });
         tokio::spawn(async move {
-            if let Err(e) = proto::http::serve_metrics(addr, render).await {
+            if let Err(e) = web::serve_metrics(addr, render).await {
                 tracing::warn!("the metrics endpoint stopped: {e}");
             }
         });

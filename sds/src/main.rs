@@ -260,7 +260,9 @@ async fn run(cfg: SdsConfig, volatile_cache: bool) -> anyhow::Result<()> {
     let endpoint = Endpoint::server(cfg.listen, &identity, &format!("sds:{}", cfg.name))
         .context("open the data port (QUIC on UDP, TLS on TCP)")?
         .with_data_transport(cfg.data_transport);
-    let metrics = Arc::new(SdsMetrics::new());
+    let mut metrics = SdsMetrics::new();
+    metrics.register_device_io(storage.device_io());
+    let metrics = Arc::new(metrics);
     let map = Arc::new(MapCache::new());
     let service = Service::new(
         storage.clone(),
@@ -359,9 +361,12 @@ async fn run(cfg: SdsConfig, volatile_cache: bool) -> anyhow::Result<()> {
             svc.update_gauges();
             svc.metrics().render()
         });
-        if let Err(e) = sds::metrics::serve_on(metrics_listener, render).await {
-            tracing::warn!("the metrics endpoint stopped: {e}");
-        }
+        web::serve(
+            metrics_listener,
+            web::metrics_router(render),
+            web::Limits::default(),
+        )
+        .await;
     });
 
     tracing::info!(name = %cfg.name, listen = %cfg.listen, "SDS serving");

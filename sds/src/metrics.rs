@@ -1,5 +1,4 @@
-//! The SDS's Prometheus metrics (`meshblock_sds_*`) and the tiny HTTP responder serving them at
-//! `GET /metrics`.
+//! The SDS's Prometheus metrics (`meshblock_sds_*`), served at `GET /metrics` by the `web` crate.
 //!
 //! Counters are atomics bumped on the I/O path; gauges (device state, chunk counts, map version)
 //! are set by whoever owns the state, just before rendering.
@@ -10,23 +9,89 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
-use std::net::SocketAddr;
-use std::sync::Arc;
-use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Label set with one `(name, value)` pair.
 pub type Labels = Vec<(String, String)>;
 
-/// Renders the metrics text (may refresh gauges first).
-pub type Render = Arc<dyn Fn() -> String + Send + Sync>;
+/// What a device did, as the `op` label spells it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeviceOp {
+    Read,
+    Write,
+    /// Trim and write-zeroes.
+    Trim,
+}
 
-/// Largest HTTP request head read.
-const MAX_REQUEST: usize = 8192;
-/// Connections served at once.
-const MAX_CONNECTIONS: usize = 16;
-/// Time a client gets to send its request and read the answer.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+impl DeviceOp {
+    const ALL: [DeviceOp; 3] = [DeviceOp::Read, DeviceOp::Write, DeviceOp::Trim];
+
+    fn label(self) -> &'static str {
+        match self {
+            DeviceOp::Read => "read",
+            DeviceOp::Write => "write",
+            DeviceOp::Trim => "trim",
+        }
+    }
+}
+
+fn latency_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(25e-6, 2.0, 16))
+}
+
+/// Per-device I/O metric families (label `device`: the configured path). The storage keeps
+/// them and gives each device its [`DeviceIo`] handles; [`SdsMetrics::register_device_io`]
+/// exports them.
+#[derive(Clone)]
+pub struct DeviceIoFamilies {
+    requests: Family<Labels, Counter>,
+    bytes: Family<Labels, Counter>,
+    seconds: Family<Labels, Histogram, fn() -> Histogram>,
+}
+
+impl Default for DeviceIoFamilies {
+    fn default() -> Self {
+        DeviceIoFamilies {
+            requests: Family::default(),
+            bytes: Family::default(),
+            seconds: Family::new_with_constructor(latency_histogram),
+        }
+    }
+}
+
+impl DeviceIoFamilies {
+    /// The handles of the device at `path`.
+    pub fn device(&self, path: &str) -> DeviceIo {
+        let labels = |op: DeviceOp| -> Labels {
+            vec![
+                ("device".into(), path.into()),
+                ("op".into(), op.label().into()),
+            ]
+        };
+        DeviceIo {
+            requests: DeviceOp::ALL.map(|op| self.requests.get_or_create(&labels(op)).clone()),
+            bytes: DeviceOp::ALL.map(|op| self.bytes.get_or_create(&labels(op)).clone()),
+            seconds: DeviceOp::ALL.map(|op| self.seconds.get_or_create(&labels(op)).clone()),
+        }
+    }
+}
+
+/// One device's I/O counters and latency.
+#[derive(Clone)]
+pub struct DeviceIo {
+    requests: [Counter; 3],
+    bytes: [Counter; 3],
+    seconds: [Histogram; 3],
+}
+
+impl DeviceIo {
+    /// Count one successful `op` of `bytes` started at `started`.
+    pub fn done(&self, op: DeviceOp, bytes: u64, started: std::time::Instant) {
+        let i = op as usize;
+        self.requests[i].inc();
+        self.bytes[i].inc_by(bytes);
+        self.seconds[i].observe(started.elapsed().as_secs_f64());
+    }
+}
 
 pub struct SdsMetrics {
     registry: Registry,
@@ -219,6 +284,26 @@ impl DeviceTotal {
 }
 
 impl SdsMetrics {
+    /// Export the storage's per-device I/O metrics.
+    pub fn register_device_io(&mut self, f: &DeviceIoFamilies) {
+        let r = &mut self.registry;
+        r.register(
+            "meshblock_sds_device_requests",
+            "Requests a device completed, by device and op (read, write, trim); journaled writes count once",
+            f.requests.clone(),
+        );
+        r.register(
+            "meshblock_sds_device_bytes",
+            "Bytes a device's completed requests carried, by device and op",
+            f.bytes.clone(),
+        );
+        r.register(
+            "meshblock_sds_device_request_seconds",
+            "Latency of a device's completed requests (chunk store and journal included), by device and op",
+            f.seconds.clone(),
+        );
+    }
+
     pub fn new() -> SdsMetrics {
         let buckets = || Histogram::new(exponential_buckets(25e-6, 2.0, 16));
         let mut m = SdsMetrics {
@@ -424,76 +509,13 @@ impl SdsMetrics {
     }
 }
 
-/// Serve `GET /metrics` on `addr` until the process ends; `render` produces the body. Anything
-/// else gets a 404.
-pub async fn serve(addr: SocketAddr, render: Render) -> std::io::Result<()> {
-    let listener = tokio::net::TcpListener::bind(addr).await?;
-    serve_on(listener, render).await
-}
-
-/// [`serve`] on a bound listener (tests bind port 0).
-pub async fn serve_on(listener: tokio::net::TcpListener, render: Render) -> std::io::Result<()> {
-    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
-    loop {
-        let (sock, _) = listener.accept().await?;
-        let Ok(permit) = slots.clone().acquire_owned().await else {
-            return Ok(());
-        };
-        let render = render.clone();
-        tokio::spawn(async move {
-            let _ = tokio::time::timeout(REQUEST_TIMEOUT, answer(sock, render)).await;
-            drop(permit);
-        });
-    }
-}
-
-async fn answer(mut sock: tokio::net::TcpStream, render: Render) -> std::io::Result<()> {
-    let mut buf = vec![0u8; MAX_REQUEST];
-    let mut n = 0;
-    while n < buf.len() && !buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {
-        let got = sock.read(&mut buf[n..]).await?;
-        if got == 0 {
-            break;
-        }
-        n += got;
-    }
-    let line = buf[..n].split(|b| *b == b'\n').next().unwrap_or_default();
-    let mut parts = line.split(|b| *b == b' ');
-    let method = parts.next().unwrap_or_default();
-    let target = parts.next().unwrap_or_default();
-    let path = target.split(|b| *b == b'?').next().unwrap_or_default();
-    let (status, body) = if method == b"GET" && path == b"/metrics" {
-        ("200 OK", render())
-    } else {
-        ("404 Not Found", "try GET /metrics\n".to_string())
-    };
-    let head = format!(
-        "HTTP/1.1 {status}\r\ncontent-type: text/plain; version=0.0.4; charset=utf-8\r\n\
-         content-length: {}\r\nconnection: close\r\n\r\n",
-        body.len()
-    );
-    sock.write_all(head.as_bytes()).await?;
-    sock.write_all(body.as_bytes()).await?;
-    sock.shutdown().await
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    async fn get(addr: SocketAddr, path: &str) -> String {
-        let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
-        s.write_all(format!("GET {path} HTTP/1.1\r\nhost: x\r\n\r\n").as_bytes())
-            .await
-            .expect("send");
-        let mut out = String::new();
-        s.read_to_string(&mut out).await.expect("read");
-        out
-    }
-
-    #[tokio::test]
-    async fn metrics_are_served_over_http() {
-        let m = Arc::new(SdsMetrics::new());
+    #[test]
+    fn metrics_render_in_the_prometheus_text_format() {
+        let m = SdsMetrics::new();
         m.reads.inc();
         m.request_error(proto::ErrorCode::StaleEpoch);
         m.set_device_failed("/dev/x", true);
@@ -501,14 +523,7 @@ mod tests {
         for total in [5, 7, 3, 4] {
             m.journal_records_merged.set(total);
         }
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        let m2 = m.clone();
-        tokio::spawn(serve_on(listener, Arc::new(move || m2.render())));
-        let body = get(addr, "/metrics").await;
-        assert!(body.starts_with("HTTP/1.1 200 OK"), "{body}");
+        let body = m.render();
         assert!(body.contains("meshblock_sds_reads_total 1"), "{body}");
         assert!(
             body.contains("meshblock_sds_request_errors_total{code=\"StaleEpoch\"} 1"),
@@ -526,6 +541,5 @@ mod tests {
             body.contains("meshblock_sds_write_seconds_bucket"),
             "{body}"
         );
-        assert!(get(addr, "/other").await.starts_with("HTTP/1.1 404"));
     }
 }

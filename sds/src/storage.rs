@@ -13,7 +13,7 @@
 //! change of a chunk holds the lock of the blocks it changes) and frees the old copy only after
 //! the new one is flushed; reads prefer the draining copy until it is gone, so a half-made copy
 //! is never read. After a crash mid-move, [`Storage::resolve_duplicates`] keeps the complete
-//! copy.
+//! copy. Each device counts its completed requests, bytes and latency ([`Device::io`]).
 //!
 //! **Thick reservation**: slots promised to thick volumes are not given to other chunks. The
 //! `thick` task tells [`Storage::set_thick_reservation`] which vtrees are thick and how many of
@@ -24,6 +24,7 @@
 
 use crate::chunk_store::{ChunkStore, StoreError, BLOCK};
 use crate::device::{BlockDevice, DeviceError};
+use crate::metrics::{DeviceIo, DeviceIoFamilies, DeviceOp};
 use crate::range_lock::{BlockMask, RangeLocks, BLOCKS};
 use bytes::Bytes;
 use proto::msg::DeviceReport;
@@ -31,6 +32,7 @@ use proto::{ChunkId, VtreeId};
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
+use std::time::Instant;
 
 /// One device and its chunk store.
 pub struct Device<D> {
@@ -41,6 +43,8 @@ pub struct Device<D> {
     /// The error that failed it.
     failure: Mutex<String>,
     draining: AtomicBool,
+    /// Its I/O counters and latency (metrics).
+    pub io: DeviceIo,
 }
 
 impl<D> Device<D> {
@@ -80,23 +84,32 @@ pub struct Storage<D> {
     moves: RangeLocks,
     /// Signalled when a device's writes call for an apply round ([`Storage::apply_wanted`]).
     apply_wanted: Arc<tokio::sync::Notify>,
+    /// Every device's I/O metric families.
+    io: DeviceIoFamilies,
 }
 
 impl<D: BlockDevice> Storage<D> {
     /// `(path, store)` per device, in configuration order.
     pub fn new(devices: Vec<(String, ChunkStore<D>)>) -> Storage<D> {
         let apply_wanted = Arc::new(tokio::sync::Notify::new());
+        let io = DeviceIoFamilies::default();
         Storage {
             devices: RwLock::new(
                 devices
                     .into_iter()
-                    .map(|(p, s)| new_device(p, s, &apply_wanted))
+                    .map(|(p, s)| new_device(p, s, &apply_wanted, &io))
                     .collect(),
             ),
             placement: Mutex::new(ThickReservation::default()),
             moves: RangeLocks::new(),
             apply_wanted,
+            io,
         }
+    }
+
+    /// The devices' I/O metric families (for [`crate::metrics::SdsMetrics::register_device_io`]).
+    pub fn device_io(&self) -> &DeviceIoFamilies {
+        &self.io
     }
 
     /// Returns when some device's writes have called for an apply round (its journal is half
@@ -119,7 +132,7 @@ impl<D: BlockDevice> Storage<D> {
         let _one_at_a_time = self.placement.lock().unwrap_or_else(|p| p.into_inner());
         let mut devs = self.devices.write().unwrap_or_else(|p| p.into_inner());
         let mut next: Vec<Arc<Device<D>>> = devs.iter().cloned().collect();
-        next.push(new_device(path, store, &self.apply_wanted));
+        next.push(new_device(path, store, &self.apply_wanted, &self.io));
         *devs = next.into();
     }
 
@@ -164,7 +177,7 @@ impl<D: BlockDevice> Storage<D> {
             return false;
         };
         let mut next: Vec<Arc<Device<D>>> = devs.iter().cloned().collect();
-        next[i] = new_device(path.to_owned(), store, &self.apply_wanted);
+        next[i] = new_device(path.to_owned(), store, &self.apply_wanted, &self.io);
         *devs = next.into();
         true
     }
@@ -325,7 +338,11 @@ impl<D: BlockDevice> Storage<D> {
             return crate::chunk_store::zeros(offset, len);
         };
         Self::working(&devs, i)?;
+        let started = Instant::now();
         let r = self.note(i, devs[i].store.read(chunk, offset, len).await);
+        if r.is_ok() {
+            devs[i].io.done(DeviceOp::Read, u64::from(len), started);
+        }
         // A move may have freed this copy between the lookup and the read (which then saw
         // zeros): read the new copy. (With one device there is nowhere to move to.)
         if devs.len() > 1 && !devs[i].store.contains(chunk) {
@@ -355,7 +372,12 @@ impl<D: BlockDevice> Storage<D> {
         let devs = self.devices();
         let i = self.place(&devs, chunk)?;
         Self::working(&devs, i)?;
-        self.note(i, devs[i].store.write(chunk, offset, data).await)
+        let started = Instant::now();
+        let r = self.note(i, devs[i].store.write(chunk, offset, data).await);
+        if r.is_ok() {
+            devs[i].io.done(DeviceOp::Write, data.len() as u64, started);
+        }
+        r
     }
 
     /// The device at `path` has failed and the cluster map says so (the MDM dropped this SDS's
@@ -384,7 +406,12 @@ impl<D: BlockDevice> Storage<D> {
         match Self::locate(&devs, chunk) {
             Some(i) => {
                 Self::working(&devs, i)?;
-                self.note(i, devs[i].store.trim(chunk, offset, len).await)
+                let started = Instant::now();
+                let r = self.note(i, devs[i].store.trim(chunk, offset, len).await);
+                if r.is_ok() {
+                    devs[i].io.done(DeviceOp::Trim, u64::from(len), started);
+                }
+                r
             }
             None => crate::chunk_store::zeros(offset, len).map(|_| ()),
         }
@@ -402,7 +429,12 @@ impl<D: BlockDevice> Storage<D> {
         match Self::locate(&devs, chunk) {
             Some(i) => {
                 Self::working(&devs, i)?;
-                self.note(i, devs[i].store.zero_keeping(chunk, offset, len).await)
+                let started = Instant::now();
+                let r = self.note(i, devs[i].store.zero_keeping(chunk, offset, len).await);
+                if r.is_ok() {
+                    devs[i].io.done(DeviceOp::Trim, u64::from(len), started);
+                }
+                r
             }
             None => crate::chunk_store::zeros(offset, len).map(|_| ()),
         }
@@ -636,8 +668,10 @@ fn new_device<D: BlockDevice>(
     path: String,
     store: ChunkStore<D>,
     apply_wanted: &Arc<tokio::sync::Notify>,
+    io: &DeviceIoFamilies,
 ) -> Arc<Device<D>> {
     Arc::new(Device {
+        io: io.device(&path),
         path,
         store: Arc::new(store.apply_in_background(apply_wanted.clone())),
         failed: AtomicBool::new(false),

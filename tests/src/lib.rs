@@ -799,6 +799,17 @@ impl DataCluster {
         format!("nbd+unix:///{vol}?socket={}", self.socket.display())
     }
 
+    /// `scli --set_rebuild_rebalance_policy` on pool sp1 with `args` (e.g. `--concurrency 1`).
+    pub fn set_rebuild_policy(&self, args: &[&str]) {
+        let mut a = vec![
+            "--set_rebuild_rebalance_policy",
+            "--storage_pool_name",
+            "sp1",
+        ];
+        a.extend_from_slice(args);
+        self.c.must_scli(&a);
+    }
+
     /// The index in `sds` of the primary of `volume`'s chunk `index` (its own layer), with the
     /// chunk's pool, PG and epoch.
     pub fn primary_of_chunk(

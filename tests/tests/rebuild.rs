@@ -94,16 +94,6 @@ fn must_have_identical_copies(dc: &DataCluster, bytes: u64) {
     }
 }
 
-fn set_policy(dc: &DataCluster, args: &[&str]) {
-    let mut a = vec![
-        "--set_rebuild_rebalance_policy",
-        "--storage_pool_name",
-        "sp1",
-    ];
-    a.extend_from_slice(args);
-    dc.c.must_scli(&a);
-}
-
 fn mdm_logs(dc: &DataCluster) -> String {
     dc.c.mdms.iter().map(|m| m.proc.log_text()).collect()
 }
@@ -207,7 +197,7 @@ fn mdm_leader_killed_mid_rebuild() {
     );
     fill_pattern(&dc.socket, "vol1", FILL_START, FILL, 31).expect("fill");
     // Slow enough that the rebuild is caught half way.
-    set_policy(&dc, &["--concurrency", "1", "--bandwidth_mib_s", "8"]);
+    dc.set_rebuild_policy(&["--concurrency", "1", "--bandwidth_mib_s", "8"]);
     let w = Writer::start(&dc, REGION, 32);
     w.wait_more(500, "writes before the failure");
     dc.sds[3].kill();
@@ -236,7 +226,7 @@ fn mdm_leader_killed_mid_rebuild() {
         "the new leader restarted finished PGs: before {before}, after {after}"
     );
     assert_eq!(after["degraded_pgs"], 0, "{after}");
-    set_policy(&dc, &["--concurrency", "4", "--bandwidth_mib_s", "0"]);
+    dc.set_rebuild_policy(&["--concurrency", "4", "--bandwidth_mib_s", "0"]);
     wait_pool(&dc, "Normal", Duration::from_secs(300));
     must_have_two_live_copies(&dc);
     w.wait_more(300, "writes after the rebuild");
@@ -433,7 +423,7 @@ fn backward_rebuild_copies_only_changes() {
     );
     fill_pattern(&dc.socket, "vol1", FILL_START, FILL, 71).expect("fill");
     // A slow forward rebuild, so the outage is over before it could finish.
-    set_policy(&dc, &["--concurrency", "1", "--bandwidth_mib_s", "1"]);
+    dc.set_rebuild_policy(&["--concurrency", "1", "--bandwidth_mib_s", "1"]);
     let w = Writer::start(&dc, REGION, 72);
     w.wait_more(500, "writes before the outage");
     let stored = {
@@ -448,7 +438,7 @@ fn backward_rebuild_copies_only_changes() {
     w.wait_more(1000, "writes during the outage");
     dc.sds[2].start();
     wait_sds_state(&dc, "sds3", "Normal");
-    set_policy(&dc, &["--concurrency", "4", "--bandwidth_mib_s", "0"]);
+    dc.set_rebuild_policy(&["--concurrency", "4", "--bandwidth_mib_s", "0"]);
     wait_pool(&dc, "Normal", Duration::from_secs(300));
     must_have_two_live_copies(&dc);
     let copied = sds_sum(&dc, "meshblock_sds_rebuild_bytes_total", &[0, 1]) - copied_before;
@@ -606,7 +596,7 @@ fn device_drain_follows_the_pool_copy_policy() {
     let (old, new) = add_second_device(&dc);
     let held = dc.sds_metric(0, "meshblock_sds_chunks_allocated");
     assert!(held > 40.0, "sds1 holds only {held} chunks");
-    set_policy(&dc, &["--bandwidth_mib_s", "4", "--adaptive", "off"]);
+    dc.set_rebuild_policy(&["--bandwidth_mib_s", "4", "--adaptive", "off"]);
     let started = std::time::Instant::now();
     dc.c.must_scli(&[
         "--remove_sds_device",
@@ -623,7 +613,7 @@ fn device_drain_follows_the_pool_copy_policy() {
         took >= Duration::from_millis(2500),
         "12 chunks moved in {took:?} under a 4 MiB/s limit"
     );
-    set_policy(&dc, &["--bandwidth_mib_s", "0"]);
+    dc.set_rebuild_policy(&["--bandwidth_mib_s", "0"]);
     wait_for(
         "the old device's record to go",
         Duration::from_secs(120),

@@ -42,7 +42,8 @@ impl Service {
         })
     }
 
-    pub(super) fn cluster_status(&self, state: &ClusterState) -> ClusterStatus {
+    /// The cluster's status as this MDM sees it (`--query_cluster`, metrics).
+    pub fn cluster_status(&self, state: &ClusterState) -> ClusterStatus {
         let st = self.raft.shared.status();
         let describe = |id: u64| {
             let m = state.mdms.get(&MdmId(id));

@@ -1,0 +1,305 @@
+//! What operators alert on, from the real daemons: every daemon's `/metrics` passes
+//! `promtool check metrics` and answers only its exact path; the SDC counts each volume's
+//! requests, bytes and latency; the SDS each device's; the MDM leader's gauges follow the cluster
+//! through an SDS failure and its rebuild (SDS by state, PGs by state, rebuild bytes left).
+//! `docs/monitoring/`'s alert rules pass `promtool check rules` and their unit tests, and every
+//! metric its rules and Grafana dashboard name is one the daemons export.
+
+use meshblock_tests::nbd::Nbd;
+use meshblock_tests::*;
+use std::collections::BTreeSet;
+use std::io::{Read, Write};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+/// `promtool check metrics` on `body` (a daemon's exposition): its lint findings fail the test.
+fn promtool_check(what: &str, body: &str) {
+    let mut child = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run promtool (./test installs Debian's prometheus package)");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(body.as_bytes())
+        .expect("feed promtool");
+    let out = child.wait_with_output().expect("promtool");
+    assert!(
+        out.status.success(),
+        "promtool check metrics on {what} ({}): {}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The value of the series `name` whose labels include every `(key, value)` of `labels`.
+fn value(body: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    body.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
+        let (series, v) = l.rsplit_once(' ')?;
+        let (n, rest) = series.split_once('{').unwrap_or((series, ""));
+        if n != name {
+            return None;
+        }
+        let have: Vec<(&str, &str)> = rest
+            .trim_end_matches('}')
+            .split("\",")
+            .filter_map(|kv| kv.split_once("=\""))
+            .map(|(k, v)| (k, v.trim_end_matches('"')))
+            .collect();
+        labels
+            .iter()
+            .all(|want| have.contains(want))
+            .then(|| v.parse().ok())
+            .flatten()
+    })
+}
+
+/// The status line of `GET path` (e.g. "HTTP/1.1 404 Not Found").
+fn status_of(addr: SocketAddr, path: &str) -> String {
+    let mut s =
+        std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5)).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n"
+    )
+    .expect("send");
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out.lines().next().unwrap_or_default().to_string()
+}
+
+fn metrics(addr: SocketAddr) -> String {
+    http_get(addr, "/metrics").unwrap_or_default()
+}
+
+fn monitoring_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../docs/monitoring")
+}
+
+/// Run promtool with `args` in docs/monitoring; its failure fails the test.
+fn promtool(args: &[&str]) {
+    let out = Command::new("promtool")
+        .args(args)
+        .current_dir(monitoring_dir())
+        .output()
+        .expect("run promtool (./test installs Debian's prometheus package)");
+    assert!(
+        out.status.success(),
+        "promtool {args:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The metric family names declared (`# TYPE`) in an exposition.
+fn families(body: &str) -> BTreeSet<String> {
+    body.lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.split(' ').next())
+        .map(str::to_string)
+        .collect()
+}
+
+/// Every `meshblock_*` name in `text` (a rules file, a dashboard) must be an exported family
+/// (a histogram's `_bucket`, `_sum` and `_count` series count as theirs).
+fn names_exist(what: &str, text: &str, exported: &BTreeSet<String>) {
+    let mut missing = Vec::new();
+    for (i, _) in text.match_indices("meshblock_") {
+        let name: String = text[i..]
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+            .collect();
+        let base = ["_bucket", "_sum", "_count"]
+            .iter()
+            .find_map(|s| name.strip_suffix(s))
+            .unwrap_or(&name);
+        if !exported.contains(&name) && !exported.contains(base) {
+            missing.push(name);
+        }
+    }
+    assert!(
+        missing.is_empty(),
+        "{what} names metrics no daemon exports: {missing:?}"
+    );
+}
+
+#[test]
+fn every_daemon_exports_what_operators_alert_on_and_promtool_accepts_it() {
+    let mut dc = DataCluster::start("monitoring", 3, 1);
+    let sdc = sdc_metrics(&mut dc);
+    let mdm = dc.c.mdms[0].metrics;
+
+    // Some I/O on vol1: 1 MiB written, flushed, read back.
+    let mut nbd = Nbd::connect(&dc.socket, "vol1").expect("connect");
+    let data = vec![0x5Au8; 1 << 20];
+    nbd.write_at(0, &data).expect("write");
+    nbd.flush().expect("flush");
+    assert_eq!(nbd.read_at(0, 1 << 20).expect("read"), data);
+    nbd.disconnect();
+
+    let vol = |op: &'static str| [("volume", "vol1"), ("op", op)];
+    let body = metrics(sdc);
+    let mut exported = families(&body);
+    for op in ["read", "write", "flush"] {
+        let n = value(&body, "meshblock_sdc_volume_requests_total", &vol(op)).unwrap_or(0.0);
+        assert!(n >= 1.0, "no {op} counted for vol1 by the SDC:\n{body}");
+        let c = value(
+            &body,
+            "meshblock_sdc_volume_request_seconds_count",
+            &vol(op),
+        )
+        .unwrap_or(0.0);
+        assert!(c >= 1.0, "no {op} latency observed for vol1:\n{body}");
+    }
+    let written = value(&body, "meshblock_sdc_volume_bytes_total", &vol("write")).unwrap_or(0.0);
+    assert!(
+        written >= (1 << 20) as f64,
+        "vol1's written bytes: {written}"
+    );
+    promtool_check("the SDC", &body);
+
+    // Each SDS counts its devices' requests; the writes landed on two copies.
+    let mut device_writes = 0.0;
+    for (i, addr) in dc.sds_metrics.iter().enumerate() {
+        let body = metrics(*addr);
+        promtool_check(&format!("SDS {i}"), &body);
+        exported.extend(families(&body));
+        device_writes += body
+            .lines()
+            .filter(|l| {
+                l.starts_with("meshblock_sds_device_bytes_total{") && l.contains("op=\"write\"")
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>();
+    }
+    assert!(
+        device_writes >= (2 << 20) as f64,
+        "the devices wrote {device_writes} bytes for 1 MiB written with two copies"
+    );
+
+    // The leader's view of the cluster (set every 500 ms).
+    let healthy = wait_for(
+        "the leader's cluster gauges",
+        Duration::from_secs(60),
+        || {
+            let b = metrics(mdm);
+            let ok = value(&b, "meshblock_mdm_sds", &[("state", "Normal")]) == Some(3.0)
+                && value(
+                    &b,
+                    "meshblock_mdm_pool_pgs",
+                    &[("pool", "sp1"), ("state", "Normal")],
+                ) == Some(64.0)
+                && value(&b, "meshblock_mdm_sdc", &[("state", "Connected")]) == Some(1.0)
+                && value(&b, "meshblock_mdm_volumes", &[("kind", "volume")]) == Some(1.0)
+                && value(&b, "meshblock_mdm_cluster_mdms_active", &[]) == Some(1.0)
+                && value(&b, "meshblock_mdm_cluster_mode", &[("mode", "1_node")]) == Some(1.0);
+            ok.then_some(b)
+        },
+    );
+    promtool_check("the MDM leader", &healthy);
+    exported.extend(families(&healthy));
+
+    // The documented rules and dashboard: valid, unit-tested, and naming only real metrics.
+    promtool(&["check", "rules", "alerts.yml"]);
+    promtool(&["test", "rules", "alerts.test.yml"]);
+    promtool(&["check", "config", "prometheus.yml"]);
+    for file in ["alerts.yml", "alerts.test.yml", "grafana-dashboard.json"] {
+        let text = std::fs::read_to_string(monitoring_dir().join(file)).expect("read");
+        names_exist(file, &text, &exported);
+    }
+    let dashboard: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(monitoring_dir().join("grafana-dashboard.json")).expect("read"),
+    )
+    .expect("the dashboard is JSON");
+    assert!(
+        dashboard["panels"]
+            .as_array()
+            .is_some_and(|p| p.len() >= 10),
+        "the dashboard has its panels"
+    );
+
+    // Every daemon answers only its exact path.
+    for (what, addr) in [("MDM", mdm), ("SDS", dc.sds_metrics[0]), ("SDC", sdc)] {
+        assert!(
+            status_of(addr, "/metrics").starts_with("HTTP/1.1 200"),
+            "{what}"
+        );
+        for path in ["/metricsX", "/", "/metrics/extra"] {
+            let st = status_of(addr, path);
+            assert!(st.starts_with("HTTP/1.1 404"), "{what} {path}: {st}");
+        }
+    }
+
+    // An SDS dies: the leader counts it down and its PGs rebuilding (throttled to 1 MiB/s over
+    // 64 MiB, so the state lasts), then, with the throttle lifted, rebuilt.
+    let mut nbd = Nbd::connect(&dc.socket, "vol1").expect("connect");
+    let fill = vec![0xC3u8; 1 << 20];
+    for mib in 0..64u64 {
+        nbd.write_at(mib << 20, &fill).expect("write");
+    }
+    nbd.flush().expect("flush");
+    nbd.disconnect();
+    dc.set_rebuild_policy(&["--concurrency", "1", "--bandwidth_mib_s", "1"]);
+    dc.sds[2].kill();
+    let degraded = wait_for(
+        "the leader to count the SDS down and PGs rebuilding",
+        Duration::from_secs(300),
+        || {
+            let b = metrics(mdm);
+            let down = value(&b, "meshblock_mdm_sds", &[("state", "Down")]) == Some(1.0);
+            let normal = value(
+                &b,
+                "meshblock_mdm_pool_pgs",
+                &[("pool", "sp1"), ("state", "Normal")],
+            )
+            .unwrap_or(64.0);
+            let left = value(
+                &b,
+                "meshblock_mdm_pool_rebuild_bytes_left",
+                &[("pool", "sp1")],
+            )
+            .unwrap_or(0.0);
+            (down && normal < 64.0 && left > 0.0).then_some(b)
+        },
+    );
+    promtool_check("the MDM leader with an SDS down", &degraded);
+    let pgs = |state: &str| {
+        value(&degraded, "meshblock_mdm_pool_pgs", &[("state", state)]).unwrap_or(-1.0)
+    };
+    summary(&format!(
+        "metrics with an SDS down: {} PGs Normal, {} Rebuilding, {} Degraded; {} bytes left to copy at {} bytes/s",
+        pgs("Normal"),
+        pgs("Rebuilding"),
+        pgs("Degraded"),
+        value(&degraded, "meshblock_mdm_pool_rebuild_bytes_left", &[]).unwrap_or(-1.0),
+        value(&degraded, "meshblock_mdm_pool_rebuild_bytes_per_second", &[]).unwrap_or(-1.0),
+    ));
+    dc.set_rebuild_policy(&["--concurrency", "4", "--bandwidth_mib_s", "0"]);
+    wait_for(
+        "the rebuild to end in the metrics",
+        Duration::from_secs(600),
+        || {
+            let b = metrics(mdm);
+            let normal = value(
+                &b,
+                "meshblock_mdm_pool_pgs",
+                &[("pool", "sp1"), ("state", "Normal")],
+            );
+            let left = value(
+                &b,
+                "meshblock_mdm_pool_rebuild_bytes_left",
+                &[("pool", "sp1")],
+            );
+            (normal == Some(64.0) && left == Some(0.0)).then_some(())
+        },
+    );
+}
