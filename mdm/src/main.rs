@@ -352,6 +352,7 @@ async fn serve(cfg: MdmConfig) -> anyhow::Result<()> {
     tokio::spawn(svc.clone().watch_sds());
     tokio::spawn(svc.clone().rebalance());
     tokio::spawn(svc.clone().run_snapshot_policies());
+    tokio::spawn(svc.clone().record_leadership());
     let m = metrics.clone();
     let metrics_addr = cfg.metrics_listen;
     tokio::spawn(async move {

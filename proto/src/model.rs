@@ -513,13 +513,66 @@ pub struct ClusterState {
     /// Snapshot policies, by name.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub snapshot_policies: BTreeMap<String, SnapshotPolicy>,
+    /// What happened, oldest first: the newest [`EVENTS_KEPT`]. Kept by every MDM (it is in
+    /// the replicated state) but not sent with maps ([`ClusterState::redacted`]).
+    #[serde(default, skip_serializing_if = "std::collections::VecDeque::is_empty")]
+    pub events: std::collections::VecDeque<Event>,
+}
+
+/// How many events the MDMs keep.
+pub const EVENTS_KEPT: usize = 1000;
+
+/// How much an event matters.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum Severity {
+    Info,
+    Warning,
+    Error,
+}
+
+impl fmt::Display for Severity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Severity::Info => "Info",
+            Severity::Warning => "Warning",
+            Severity::Error => "Error",
+        })
+    }
+}
+
+/// Something that happened in the cluster, with when and who.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Event {
+    /// The Raft log index that recorded it: increasing, unique.
+    pub seq: u64,
+    /// The leader's clock when it proposed the change (Unix seconds; 0 when unknown).
+    pub unix: u64,
+    pub severity: Severity,
+    /// What kind of event: `sds_down`, `sds_up`, `device_failed`, `rebuild_started`,
+    /// `rebuild_finished`, `takeover`, `leader`, `login`, `login_failed`, `command`.
+    pub kind: String,
+    /// Who: a user, an SDC, an MDM, or `cluster` for what the leader decided itself.
+    pub actor: String,
+    pub message: String,
 }
 
 impl ClusterState {
-    /// A copy safe to hand to SDS, SDC and scli: no token key, no password hashes.
+    /// Record `e`, dropping the oldest beyond [`EVENTS_KEPT`].
+    pub fn push_event(&mut self, e: Event) {
+        self.events.push_back(e);
+        while self.events.len() > EVENTS_KEPT {
+            self.events.pop_front();
+        }
+    }
+}
+
+impl ClusterState {
+    /// A copy safe to hand to SDS, SDC and scli: no token key, no password hashes (and no
+    /// events, which `Query::Events` returns on their own).
     pub fn redacted(&self) -> ClusterState {
         let mut s = self.clone();
         s.secret.clear();
+        s.events.clear();
         for u in s.users.values_mut() {
             u.salt.clear();
             u.password_sha256.clear();

@@ -315,6 +315,12 @@ pub enum Query {
         name: String,
     },
     AllVolumes,
+    /// The events the MDMs recorded (`model::Event`), those at or after `since_unix` (Unix
+    /// seconds) when given, oldest first.
+    Events {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        since_unix: Option<u64>,
+    },
     /// A volume's V-tree: every member with its place in the tree and the space it alone holds.
     Vtree {
         name: String,

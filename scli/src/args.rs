@@ -151,6 +151,10 @@ pub struct Args {
     /// [--snapshot_policy_name P]: one snapshot policy, or all.
     #[arg(long)]
     pub query_snapshot_policy: bool,
+    /// [--since WHEN]: what happened (SDS down and up, failed devices, rebuilds, takeovers,
+    /// leader changes, logins, commands), oldest first.
+    #[arg(long)]
+    pub query_events: bool,
 
     // ---- options ----
     /// MDM addresses, comma-separated IP or IP:PORT (default port 7611).
@@ -162,6 +166,10 @@ pub struct Args {
     /// Print queries as JSON.
     #[arg(long)]
     pub json: bool,
+    /// --query_events from WHEN: a UTC time (2026-12-06T15:00:00Z), Unix seconds, or a span
+    /// back from now (90s, 30m, 2h, 7d).
+    #[arg(long, value_name = "WHEN")]
+    pub since: Option<String>,
     #[arg(long)]
     pub username: Option<String>,
     /// File holding the password, on its first line (--login, --add_user). --login also takes
@@ -404,6 +412,7 @@ impl Args {
             (self.query_all_volumes, "--query_all_volumes"),
             (self.query_vtree, "--query_vtree"),
             (self.query_snapshot_policy, "--query_snapshot_policy"),
+            (self.query_events, "--query_events"),
         ];
         all.iter().filter(|(on, _)| *on).map(|(_, n)| *n).collect()
     }
@@ -758,6 +767,13 @@ impl Args {
             "--query_snapshot_policy" => Query::SnapshotPolicy {
                 name: self.snapshot_policy_name.clone(),
             },
+            "--query_events" => Query::Events {
+                since_unix: self
+                    .since
+                    .as_deref()
+                    .map(|w| crate::events::parse_since(w, proto::clock::now_unix()))
+                    .transpose()?,
+            },
             _ => return Ok(None),
         }))
     }
@@ -772,6 +788,9 @@ pub async fn run(a: Args) -> anyhow::Result<String> {
         [] => bail!("no command given; see scli --help"),
         many => bail!("give exactly one command, got {}", many.join(" ")),
     };
+    if a.since.is_some() && name != "--query_events" {
+        bail!("--since goes with --query_events only");
+    }
     if name == "--logout" {
         session::remove()?;
         return Ok("Logged out.".into());

@@ -4,6 +4,7 @@
 
 mod args;
 mod client;
+mod events;
 mod output;
 mod session;
 mod vtree;

@@ -459,6 +459,7 @@ pub fn render(q: &Query, a: &Args, c: &ClusterStatus, s: &ClusterState) -> anyho
             (volume_text(s, c, v), volume_json(s, c, v))
         }
         Query::SnapshotPolicy { name } => crate::vtree::policies(s, name.as_deref()),
+        Query::Events { .. } => crate::events::render(s),
         Query::Vtree { name } => {
             let v =
                 proto::docker::volume_by_either_name(s, name).ok_or_else(|| missing("volume"))?;

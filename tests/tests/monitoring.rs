@@ -302,4 +302,79 @@ fn every_daemon_exports_what_operators_alert_on_and_promtool_accepts_it() {
             (normal == Some(64.0) && left == Some(0.0)).then_some(())
         },
     );
+
+    // The events: the failure, and the rebuild with how long it took.
+    let events = wait_for(
+        "the rebuild's end in the events",
+        Duration::from_secs(60),
+        || {
+            let out =
+                dc.c.scli_raw(&["--query_events", "--since", "1h", "--json"]);
+            let list: Vec<serde_json::Value> = serde_json::from_str(&out.stdout).ok()?;
+            list.iter()
+                .any(|e| e["kind"] == "rebuild_finished")
+                .then_some(list)
+        },
+    );
+    let find = |kind: &str| {
+        events
+            .iter()
+            .find(|e| e["kind"] == kind)
+            .unwrap_or_else(|| panic!("no {kind} event in {events:#?}"))
+    };
+    let down = find("sds_down");
+    assert!(down["message"]
+        .as_str()
+        .is_some_and(|m| m.contains(&dc.sds[2].name)));
+    assert_eq!(down["severity"], "Warning");
+    let started = find("rebuild_started");
+    let finished = events
+        .iter()
+        .rev()
+        .find(|e| e["kind"] == "rebuild_finished")
+        .expect("finished");
+    assert!(
+        finished["message"]
+            .as_str()
+            .is_some_and(|m| m.contains(" s;")),
+        "the rebuild's duration: {finished}"
+    );
+    assert!(started["unix"].as_u64() <= finished["unix"].as_u64());
+    assert!(started["seq"].as_u64() < finished["seq"].as_u64());
+    find("leader");
+    assert_eq!(find("login")["actor"], "admin");
+    let policy = events
+        .iter()
+        .find(|e| {
+            e["kind"] == "command" && e["message"].as_str().is_some_and(|m| m.contains("rebuild"))
+        })
+        .unwrap_or_else(|| panic!("no command event for the rebuild policy in {events:#?}"));
+    assert_eq!(policy["actor"], "admin");
+    summary(&format!(
+        "events: {} recorded; {}; {}",
+        events.len(),
+        down["message"].as_str().unwrap_or_default(),
+        finished["message"].as_str().unwrap_or_default()
+    ));
+    let text = dc.c.must_scli(&["--query_events"]).stdout;
+    assert!(text.contains("rebuild_finished"), "{text}");
+    // Nothing from the future; a bad --since, or --since elsewhere, is refused.
+    let later =
+        dc.c.scli_raw(&["--query_events", "--since", "2999-01-01T00:00:00Z"]);
+    assert!(
+        later.ok && later.stdout.contains("No events"),
+        "{}",
+        later.stdout
+    );
+    for bad in [
+        vec!["--query_events", "--since", "yesterday"],
+        vec!["--query_all_sds", "--since", "1h"],
+    ] {
+        let out = dc.c.scli_raw(&bad);
+        assert!(
+            !out.ok && out.stderr.contains("--since"),
+            "{bad:?}: {}",
+            out.stderr
+        );
+    }
 }

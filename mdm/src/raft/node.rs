@@ -329,6 +329,7 @@ impl Node {
                     proposer: self.id,
                     seq,
                     op,
+                    unix: crate::auth::now_unix(),
                 }) {
                     Ok(d) => d,
                     Err(e) => {
@@ -467,7 +468,7 @@ impl Node {
             }
         };
         let result = match self.shared.state.write() {
-            Ok(mut s) => state_machine::apply(&mut s, &proposal.op, e.index),
+            Ok(mut s) => state_machine::apply_at(&mut s, &proposal.op, e.index, proposal.unix),
             Err(_) => Err(WireError::new(ErrorCode::Internal, "state lock poisoned")),
         };
         if proposal.proposer == self.id {

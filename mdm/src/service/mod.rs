@@ -14,7 +14,7 @@ use crate::raft::RaftHandle;
 use crate::raft_net;
 use crate::state_machine::{self, Op, Outcome};
 use proto::codec::{kind, Frame};
-use proto::model::{ClusterMode, ClusterState, MdmMember, MdmRole, Role, SdsState, User};
+use proto::model::{ClusterMode, ClusterState, MdmMember, MdmRole, Role, SdsState, Severity, User};
 use proto::msg::*;
 use proto::transport::{check_status, Endpoint, Handler, Peer, Response, RpcClient};
 use proto::{ErrorCode, MdmId, WireError};
@@ -309,7 +309,23 @@ impl Service {
             MdmRequest::Identify | MdmRequest::Introduce { .. } => {
                 unreachable!("answered above")
             }
-            MdmRequest::Login { username, password } => self.login(&username, &password),
+            MdmRequest::Login { username, password } => {
+                let r = self.login(&username, &password);
+                let (severity, kind, message) = match &r {
+                    Ok(_) => (
+                        Severity::Info,
+                        "login",
+                        format!("User {username} logged in from {}", peer.addr.ip()),
+                    ),
+                    Err(_) => (
+                        Severity::Warning,
+                        "login_failed",
+                        format!("Failed login as {username} from {}", peer.addr.ip()),
+                    ),
+                };
+                self.record_event(severity, kind, &username, message);
+                r
+            }
             MdmRequest::Command { token, command } => {
                 let need = match command {
                     Command::AddUser { .. }
@@ -319,7 +335,14 @@ impl Service {
                 };
                 let user = self.authorize(&token, need)?;
                 tracing::info!(%user, peer = %peer.addr, "command {}", authz::command_name(&command));
+                let name = authz::command_name(&command);
                 let out = self.command(command).await?;
+                self.record_event(
+                    Severity::Info,
+                    "command",
+                    &user,
+                    format!("{name}: {}", out.message),
+                );
                 Ok(MdmResponse::Done {
                     message: out.message,
                     object_id: out.object_id.map(|i| format!("{i:016x}")),
@@ -461,6 +484,52 @@ impl Service {
             role: user.role,
             expires_unix,
         })
+    }
+
+    /// Record an event through Raft without waiting for it (a lost leadership loses it; what
+    /// it reports already happened).
+    /// Client-given text in it (a user name) is cut to a bounded length.
+    fn record_event(&self, severity: Severity, kind: &str, actor: &str, message: String) {
+        let cut = |s: &str, max: usize| -> String { s.chars().take(max).collect() };
+        let op = Op::RecordEvent {
+            severity,
+            kind: kind.into(),
+            actor: cut(actor, 64),
+            message: cut(&message, 512),
+        };
+        let raft = self.raft.clone();
+        tokio::spawn(async move {
+            if let Err(e) = raft.propose(op).await {
+                tracing::debug!("event not recorded: {e}");
+            }
+        });
+    }
+
+    /// Record each new term this MDM leads as a `leader` event. Runs for the life of the
+    /// process; idle on followers.
+    pub async fn record_leadership(self: Arc<Self>) {
+        let mut tick = leader_interval(Duration::from_millis(500));
+        let mut recorded = 0;
+        loop {
+            let st = self.leader_tick(&mut tick).await;
+            if st.term == recorded {
+                continue;
+            }
+            let state = self.raft.shared.read_state();
+            let name = state
+                .mdms
+                .get(&self.raft.id)
+                .map_or_else(|| self.raft.id.to_string(), |m| m.name.clone());
+            let op = Op::RecordEvent {
+                severity: Severity::Info,
+                kind: "leader".into(),
+                actor: name.clone(),
+                message: format!("MDM {name} became the leader (term {})", st.term),
+            };
+            if self.propose(op).await.is_ok() {
+                recorded = st.term;
+            }
+        }
     }
 
     async fn propose(&self, op: Op) -> Result<Outcome, WireError> {

@@ -36,9 +36,18 @@ impl Service {
             }
             _ => {}
         }
+        let mut view = state.redacted();
+        if let Query::Events { since_unix } = q {
+            view.events = state
+                .events
+                .iter()
+                .filter(|e| since_unix.is_none_or(|t| e.unix >= t))
+                .cloned()
+                .collect();
+        }
         Ok(MdmResponse::View {
             status: Box::new(self.cluster_status(&state)),
-            state: Box::new(state.redacted()),
+            state: Box::new(view),
         })
     }
 

@@ -16,6 +16,7 @@ use proto::*;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
+mod events;
 pub mod policy;
 mod sds;
 #[cfg(test)]
@@ -108,6 +109,14 @@ pub enum Op {
         from: SdsId,
         to: SdsId,
     },
+    /// Record an event that changes nothing else (a login, a new leader, a command's result):
+    /// the map's version stays, so no SDS or SDC fetches the map for it.
+    RecordEvent {
+        severity: Severity,
+        kind: String,
+        actor: String,
+        message: String,
+    },
 }
 
 fn is_zero(n: &u64) -> bool {
@@ -120,6 +129,9 @@ pub struct Proposal {
     pub proposer: u64,
     pub seq: u64,
     pub op: Op,
+    /// The proposing leader's clock (Unix seconds): the time of the events the op records.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub unix: u64,
 }
 
 /// What a successful op reports.
@@ -262,12 +274,43 @@ fn new_id(s: &mut ClusterState) -> u64 {
     (s.cluster_id & 0xFFFF_FFFF_0000_0000) | s.next_id
 }
 
-/// Apply one committed op at log `index`.
+/// Apply one committed op at log `index` (no clock: events get time 0).
 pub fn apply(s: &mut ClusterState, op: &Op, index: u64) -> Result<Outcome, WireError> {
+    apply_at(s, op, index, 0)
+}
+
+/// Apply one committed op at log `index`, proposed at the leader's `unix` time, and record the
+/// events it makes (see [`events`]).
+pub fn apply_at(
+    s: &mut ClusterState,
+    op: &Op,
+    index: u64,
+    unix: u64,
+) -> Result<Outcome, WireError> {
+    if let Op::RecordEvent {
+        severity,
+        kind,
+        actor,
+        message,
+    } = op
+    {
+        s.push_event(Event {
+            seq: index,
+            unix,
+            severity: *severity,
+            kind: kind.clone(),
+            actor: actor.clone(),
+            message: message.clone(),
+        });
+        return done("Event recorded", None);
+    }
     let before = s.clone();
     let r = apply_inner(s, op);
     match &r {
-        Ok(_) => s.version = index,
+        Ok(_) => {
+            s.version = index;
+            events::derive(&before, s, op, index, unix);
+        }
         // A refused command changes nothing.
         Err(_) => *s = before,
     }
@@ -326,6 +369,8 @@ fn apply_inner(s: &mut ClusterState, op: &Op) -> Result<Outcome, WireError> {
         } => sds_report(s, *sds, devices, *backward, boot),
         Op::TakeOverVolume { volume, sdc, evict } => take_over(s, *volume, *sdc, evict),
         Op::RunSnapshotPolicy { name, run, unix } => policy::run(s, name, *run, *unix),
+        // Recorded by `apply_at` without touching anything else.
+        Op::RecordEvent { .. } => done("Event recorded", None),
         Op::SdcRegister { guid, name, ip } => {
             if let Some(sdc) = s.sdcs.values_mut().find(|c| &c.guid == guid) {
                 sdc.name = name.clone();

@@ -571,3 +571,83 @@ fn snapshots_freeze_layers_and_removal_prunes_the_ones_nobody_reads() {
     assert!(remove(&mut s, "t", proto::msg::RemoveMode::DescendantsOnly).is_err());
     assert_eq!(s, before);
 }
+
+#[test]
+fn failures_and_rebuilds_are_recorded_as_events_with_their_time() {
+    let mut s = cluster();
+    let pool = s.pool_by_name("sp1").expect("pool").id;
+    for n in ["sds1", "sds2", "sds3"] {
+        let report = Op::SdsReport {
+            sds: sds_id(&s, n),
+            devices: vec![],
+            backward: false,
+            boot: String::new(),
+        };
+        let v = s.version + 1;
+        apply_at(&mut s, &report, v, 900).expect("report");
+    }
+    let joined: Vec<&str> = s.events.iter().map(|e| e.kind.as_str()).collect();
+    assert_eq!(joined, ["sds_up"; 3], "{:?}", s.events);
+    s.events.clear();
+    let down = sds_id(&s, "sds3");
+    let v = s.version + 1;
+    apply_at(&mut s, &Op::SdsDown { sds: down }, v, 1000).expect("down");
+    let kinds: Vec<&str> = s.events.iter().map(|e| e.kind.as_str()).collect();
+    assert_eq!(kinds, ["sds_down", "rebuild_started"]);
+    let e = &s.events[0];
+    assert!(e.message.contains("sds3"), "{e:?}");
+    assert_eq!((e.seq, e.unix, e.severity), (v, 1000, Severity::Warning));
+
+    // Every rebuilding PG copied: the pool is whole again, and the event says how long it took.
+    let copies: Vec<(PgId, SdsId, Epoch)> = s.pools[&pool]
+        .pgs
+        .iter()
+        .enumerate()
+        .filter_map(|(i, m)| Some((PgId(i as u32), m.secondary?, m.rebuild?)))
+        .collect();
+    assert!(!copies.is_empty());
+    for (pg, target, rebuild) in &copies {
+        let v = s.version + 1;
+        let op = Op::PgRebuilt {
+            pool,
+            pg: *pg,
+            target: *target,
+            rebuild: *rebuild,
+        };
+        apply_at(&mut s, &op, v, 1075).expect("rebuilt");
+    }
+    let last = s.events.back().expect("an event");
+    assert_eq!(last.kind, "rebuild_finished");
+    assert!(last.message.contains("in 75 s"), "{last:?}");
+    assert_eq!(
+        s.events
+            .iter()
+            .filter(|e| e.kind == "rebuild_finished")
+            .count(),
+        1
+    );
+
+    // An event of its own keeps the map's version (no SDS or SDC fetches a map for it); a
+    // refused command records nothing.
+    let (version, n) = (s.version, s.events.len());
+    let note = Op::RecordEvent {
+        severity: Severity::Info,
+        kind: "login".into(),
+        actor: "admin".into(),
+        message: "User admin logged in".into(),
+    };
+    apply_at(&mut s, &note, version + 1, 2000).expect("recorded");
+    assert_eq!((s.version, s.events.len()), (version, n + 1));
+    cmd(&mut s, Command::AddProtectionDomain { name: "pd1".into() }).expect_err("exists");
+    assert_eq!(s.events.len(), n + 1);
+    // The newest EVENTS_KEPT stay; maps carry none.
+    for i in 0..EVENTS_KEPT as u64 + 10 {
+        apply_at(&mut s, &note, version + 2 + i, 3000).expect("recorded");
+    }
+    assert_eq!(s.events.len(), EVENTS_KEPT);
+    assert_eq!(
+        s.events.back().map(|e| e.seq),
+        Some(version + 1 + EVENTS_KEPT as u64 + 10)
+    );
+    assert!(s.redacted().events.is_empty());
+}
