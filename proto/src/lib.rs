@@ -17,6 +17,7 @@ pub mod error;
 pub mod ids;
 pub mod model;
 pub mod msg;
+pub mod resilience;
 pub mod secret;
 pub mod transport;
 

@@ -315,6 +315,9 @@ pub enum Query {
         name: String,
     },
     AllVolumes,
+    /// What losing each SDS, fault set or device would do (`resilience::Resilience`, in the
+    /// answer's status).
+    Resilience,
     /// The events the MDMs recorded (`model::Event`), those at or after `since_unix` (Unix
     /// seconds) when given, oldest first.
     Events {
@@ -358,6 +361,9 @@ pub struct ClusterStatus {
     pub standbys: Vec<MdmStatus>,
     pub term: u64,
     pub commit_index: u64,
+    /// The leader's analysis of single losses, for `Query::Resilience` only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resilience: Option<crate::resilience::Resilience>,
 }
 
 /// An SDS's data-integrity counters since it started, and its scrubber's progress.

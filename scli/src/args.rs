@@ -155,6 +155,10 @@ pub struct Args {
     /// leader changes, logins, commands), oldest first.
     #[arg(long)]
     pub query_events: bool,
+    /// What losing each SDS, fault set or device would do now: PGs left with one copy or none,
+    /// data to rebuild and how long; and which single losses the cluster cannot survive.
+    #[arg(long)]
+    pub query_resilience: bool,
 
     // ---- options ----
     /// MDM addresses, comma-separated IP or IP:PORT (default port 7611).
@@ -413,6 +417,7 @@ impl Args {
             (self.query_vtree, "--query_vtree"),
             (self.query_snapshot_policy, "--query_snapshot_policy"),
             (self.query_events, "--query_events"),
+            (self.query_resilience, "--query_resilience"),
         ];
         all.iter().filter(|(on, _)| *on).map(|(_, n)| *n).collect()
     }
@@ -767,6 +772,7 @@ impl Args {
             "--query_snapshot_policy" => Query::SnapshotPolicy {
                 name: self.snapshot_policy_name.clone(),
             },
+            "--query_resilience" => Query::Resilience,
             "--query_events" => Query::Events {
                 since_unix: self
                     .since

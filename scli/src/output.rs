@@ -460,6 +460,7 @@ pub fn render(q: &Query, a: &Args, c: &ClusterStatus, s: &ClusterState) -> anyho
         }
         Query::SnapshotPolicy { name } => crate::vtree::policies(s, name.as_deref()),
         Query::Events { .. } => crate::events::render(s),
+        Query::Resilience => crate::resilience::render(c)?,
         Query::Vtree { name } => {
             let v =
                 proto::docker::volume_by_either_name(s, name).ok_or_else(|| missing("volume"))?;

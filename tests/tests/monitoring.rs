@@ -132,6 +132,33 @@ fn names_exist(what: &str, text: &str, exported: &BTreeSet<String>) {
     );
 }
 
+/// For each SDS not down: the PGs whose every complete, reachable copy (primary and in-sync
+/// secondary) is on it.
+fn unavailable_if_lost(
+    map: &proto::model::ClusterState,
+) -> std::collections::BTreeMap<String, u64> {
+    use proto::model::SdsState;
+    let up = |id: &proto::SdsId| map.sds.get(id).is_some_and(|x| x.state != SdsState::Down);
+    let mut out = std::collections::BTreeMap::new();
+    for x in map.sds.values().filter(|x| x.state != SdsState::Down) {
+        let n = map
+            .pools
+            .values()
+            .flat_map(|p| p.pgs.iter())
+            .filter(|m| {
+                let copies: Vec<_> = [m.primary, m.in_sync_secondary()]
+                    .into_iter()
+                    .flatten()
+                    .filter(up)
+                    .collect();
+                !copies.is_empty() && copies.iter().all(|c| *c == x.id)
+            })
+            .count() as u64;
+        out.insert(x.name.clone(), n);
+    }
+    out
+}
+
 #[test]
 fn every_daemon_exports_what_operators_alert_on_and_promtool_accepts_it() {
     let mut dc = DataCluster::start("monitoring", 3, 1);
@@ -272,6 +299,45 @@ fn every_daemon_exports_what_operators_alert_on_and_promtool_accepts_it() {
         },
     );
     promtool_check("the MDM leader with an SDS down", &degraded);
+
+    // Mid-rebuild, the resilience view names the single losses that would leave PGs without a
+    // reachable copy, with the numbers a count from the map gives (asked under a map that did
+    // not change meanwhile).
+    let (answer, expected) = wait_for(
+        "a resilience answer under a stable map",
+        Duration::from_secs(120),
+        || {
+            let before = cluster_map(&dc.c);
+            let out = dc.c.scli_raw(&["--query_resilience", "--json"]);
+            let after = cluster_map(&dc.c);
+            if !out.ok || before.version != after.version {
+                return None;
+            }
+            let v: serde_json::Value = serde_json::from_str(&out.stdout).ok()?;
+            Some((v, unavailable_if_lost(&after)))
+        },
+    );
+    assert!(
+        expected.values().any(|n| *n > 0),
+        "mid-rebuild, some single loss should leave PGs without a copy: {expected:?}"
+    );
+    for (name, n) in &expected {
+        let loss = answer["losses"]
+            .as_array()
+            .and_then(|l| l.iter().find(|l| l["kind"] == "sds" && l["name"] == *name))
+            .unwrap_or_else(|| panic!("no loss of SDS {name} in {answer:#}"));
+        assert_eq!(loss["pgs_unavailable"].as_u64(), Some(*n), "{name}: {loss}");
+        let named = answer["cannot_survive"]
+            .as_array()
+            .is_some_and(|c| c.iter().any(|x| *x == format!("sds {name}")));
+        assert_eq!(named, *n > 0, "{name} in cannot_survive: {answer:#}");
+    }
+    summary(&format!(
+        "resilience mid-rebuild: {} PGs on one copy; losses that would leave PGs without a copy: {}",
+        answer["pgs_single_copy_now"], answer["cannot_survive"]
+    ));
+    let text = dc.c.must_scli(&["--query_resilience"]).stdout;
+    assert!(text.contains("Cannot survive now"), "{text}");
     let pgs = |state: &str| {
         value(&degraded, "meshblock_mdm_pool_pgs", &[("state", state)]).unwrap_or(-1.0)
     };

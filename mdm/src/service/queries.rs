@@ -45,8 +45,12 @@ impl Service {
                 .cloned()
                 .collect();
         }
+        let mut status = self.cluster_status(&state);
+        if matches!(q, Query::Resilience) {
+            status.resilience = Some(proto::resilience::analyze(&state, &status.sds_stats));
+        }
         Ok(MdmResponse::View {
-            status: Box::new(self.cluster_status(&state)),
+            status: Box::new(status),
             state: Box::new(view),
         })
     }
@@ -112,6 +116,7 @@ impl Service {
             standbys,
             term: st.term,
             commit_index: st.commit,
+            resilience: None,
         }
     }
 }

@@ -364,6 +364,20 @@ fn sds_id(s: &ClusterState, n: &str) -> SdsId {
     s.sds_by_name(n).expect("sds").id
 }
 
+/// sds1..sds3 report in (Initializing becomes Normal), at the leader's clock `unix`.
+fn report_all(s: &mut ClusterState, unix: u64) {
+    for n in ["sds1", "sds2", "sds3"] {
+        let report = Op::SdsReport {
+            sds: sds_id(s, n),
+            devices: vec![],
+            backward: false,
+            boot: String::new(),
+        };
+        let v = s.version + 1;
+        apply_at(s, &report, v, unix).expect("report");
+    }
+}
+
 #[test]
 fn a_move_keeps_two_in_sync_copies_through_failures() {
     let mut s = cluster();
@@ -373,21 +387,7 @@ fn a_move_keeps_two_in_sync_copies_through_failures() {
     let (p, sec) = (m0.primary.expect("p"), m0.secondary.expect("s"));
     let ids = [sds_id(&s, "sds1"), sds_id(&s, "sds2"), sds_id(&s, "sds3")];
     let other = *ids.iter().find(|x| **x != p && **x != sec).expect("third");
-    for n in ["sds1", "sds2", "sds3"] {
-        let id = sds_id(&s, n);
-        let v = s.version + 1;
-        apply(
-            &mut s,
-            &Op::SdsReport {
-                sds: id,
-                devices: vec![],
-                backward: false,
-                boot: String::new(),
-            },
-            v,
-        )
-        .expect("report");
-    }
+    report_all(&mut s, 0);
     // Move the primary's copy: the secondary leads, the old primary keeps getting writes.
     let v = s.version + 1;
     apply(
@@ -576,16 +576,7 @@ fn snapshots_freeze_layers_and_removal_prunes_the_ones_nobody_reads() {
 fn failures_and_rebuilds_are_recorded_as_events_with_their_time() {
     let mut s = cluster();
     let pool = s.pool_by_name("sp1").expect("pool").id;
-    for n in ["sds1", "sds2", "sds3"] {
-        let report = Op::SdsReport {
-            sds: sds_id(&s, n),
-            devices: vec![],
-            backward: false,
-            boot: String::new(),
-        };
-        let v = s.version + 1;
-        apply_at(&mut s, &report, v, 900).expect("report");
-    }
+    report_all(&mut s, 900);
     let joined: Vec<&str> = s.events.iter().map(|e| e.kind.as_str()).collect();
     assert_eq!(joined, ["sds_up"; 3], "{:?}", s.events);
     s.events.clear();
@@ -650,4 +641,64 @@ fn failures_and_rebuilds_are_recorded_as_events_with_their_time() {
         Some(version + 1 + EVENTS_KEPT as u64 + 10)
     );
     assert!(s.redacted().events.is_empty());
+}
+
+#[test]
+fn resilience_names_the_losses_a_rebuilding_pool_cannot_survive() {
+    let mut s = cluster();
+    let pool = s.pool_by_name("sp1").expect("pool").id;
+    report_all(&mut s, 0);
+    let healthy = proto::resilience::analyze(&s, &Default::default());
+    assert_eq!(
+        (healthy.pgs_single_copy_now, healthy.pgs_unavailable_now),
+        (0, 0)
+    );
+    assert!(healthy.cannot_survive.is_empty(), "{healthy:?}");
+    // Losing one of three SDS leaves its PGs on one copy, none without.
+    let held = |s: &ClusterState, id: SdsId| {
+        s.pools[&pool]
+            .pgs
+            .iter()
+            .filter(|m| m.primary == Some(id) || m.secondary == Some(id))
+            .count() as u64
+    };
+    for l in healthy.losses.iter().filter(|l| l.kind == "sds") {
+        assert_eq!(l.pgs_unavailable, 0, "{l:?}");
+        assert_eq!(l.pgs_single_copy, held(&s, sds_id(&s, &l.name)), "{l:?}");
+    }
+    assert_eq!(healthy.copy_rate_source, "policy");
+
+    // sds3 dies: its PGs rebuild from their surviving copy, which is now the only one.
+    let (v, sds3) = (s.version + 1, sds_id(&s, "sds3"));
+    apply(&mut s, &Op::SdsDown { sds: sds3 }, v).expect("down");
+    let r = proto::resilience::analyze(&s, &Default::default());
+    let rebuilding = |id: SdsId| {
+        s.pools[&pool]
+            .pgs
+            .iter()
+            .filter(|m| m.rebuild.is_some() && m.primary == Some(id))
+            .count() as u64
+    };
+    let total: u64 = ["sds1", "sds2"]
+        .iter()
+        .map(|n| rebuilding(sds_id(&s, n)))
+        .sum();
+    assert!(total > 0);
+    assert_eq!(r.pgs_single_copy_now, total);
+    for n in ["sds1", "sds2"] {
+        let l = r
+            .losses
+            .iter()
+            .find(|l| l.kind == "sds" && l.name == n)
+            .expect("a loss per SDS up");
+        assert_eq!(l.pgs_unavailable, rebuilding(sds_id(&s, n)), "{l:?}");
+        assert_eq!(
+            r.cannot_survive.contains(&format!("sds {n}")),
+            l.pgs_unavailable > 0
+        );
+    }
+    assert!(
+        r.losses.iter().all(|l| l.name != "sds3"),
+        "a down SDS cannot be lost again"
+    );
 }
