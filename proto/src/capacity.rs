@@ -88,6 +88,16 @@ pub struct PoolCapacity {
     pub thick_chunks_no_space: u64,
     /// SDS of the pool whose usage the MDM has not heard (counted as storing nothing).
     pub sds_unreported: u32,
+    /// What the pool has promised: the sizes of its volumes and snapshots added up (one copy).
+    #[serde(default)]
+    pub provisioned_bytes: u64,
+    /// What it has: half the raw capacity (every chunk is stored twice).
+    #[serde(default)]
+    pub usable_bytes: u64,
+    /// `provisioned / usable` in percent (above 100: thin provisioning promised more than the
+    /// pool holds).
+    #[serde(default)]
+    pub provisioned_percent: u64,
 }
 
 /// Bytes an SDS reports storing for thin volumes (every chunk that is not a thick volume's).
@@ -137,6 +147,13 @@ pub fn pool_capacity(
             c.fullest_sds_percent = c.fullest_sds_percent.max(percent(stored, cap));
         }
     }
+    c.provisioned_bytes = s
+        .volumes
+        .values()
+        .filter(|v| v.pool == pool)
+        .fold(0u64, |a, v| a.saturating_add(v.size_bytes));
+    c.usable_bytes = raw / 2;
+    c.provisioned_percent = percent(c.provisioned_bytes, c.usable_bytes);
     let used = c.thin_used_bytes.saturating_add(thick);
     c.free_bytes = raw.saturating_sub(used);
     c.used_percent = percent(used, raw);

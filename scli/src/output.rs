@@ -96,6 +96,15 @@ fn sds_json(s: &ClusterState, c: &ClusterStatus, x: &proto::model::Sds) -> Value
         })
         .sum();
     v["pg_copies"] = json!(pgs);
+    let space = proto::capacity::sds_capacity_bytes(x);
+    if let Some(st) = c.sds_stats.get(&x.name) {
+        let stored = st.chunks_stored << 20;
+        v["capacity"] = json!({
+            "chunk_space_bytes": space, "stored_bytes": stored,
+            "free_bytes": space.saturating_sub(stored),
+            "used_percent": proto::capacity::percent(stored, space),
+        });
+    }
     v
 }
 
@@ -164,6 +173,18 @@ fn capacity_text(c: &PoolCapacity) -> String {
         human(c.thick_reserved_bytes),
         human(c.free_bytes),
         c.fullest_sds_percent
+    );
+    let _ = write!(
+        o,
+        "\n    Provisioned: {} in volumes and snapshots against {} usable ({}%{})",
+        human(c.provisioned_bytes),
+        human(c.usable_bytes),
+        c.provisioned_percent,
+        if c.provisioned_percent > 100 {
+            ": thin provisioning promised more than the pool holds"
+        } else {
+            ""
+        }
     );
     if c.state >= CapacityState::Warning {
         o.push_str("\n    WARNING: the pool is running out of space; thin volumes' writes get ENOSPC when it is full. Add capacity or remove volumes");
@@ -285,13 +306,17 @@ fn sds_text(s: &ClusterState, c: &ClusterStatus, x: &proto::model::Sds) -> Strin
             st.checksum_errors, st.repaired_blocks, st.unrecoverable_blocks, st.scrub_passes,
             st.scrub_chunks_done, st.scrub_chunks_total, st.scrub_rate_bytes >> 20
         );
+        let space = proto::capacity::sds_capacity_bytes(x);
+        let stored = st.chunks_stored << 20;
         let _ = writeln!(
             o,
-            "    Stored: {} chunks ({}), of which {} of thick volumes; chunk space {}",
+            "    Stored: {} chunks ({}), of which {} of thick volumes; chunk space {}, free {} ({}% used)",
             st.chunks_stored,
-            human(st.chunks_stored << 20),
+            human(stored),
             st.thick_chunks_stored,
-            human(proto::capacity::sds_capacity_bytes(x))
+            human(space),
+            human(space.saturating_sub(stored)),
+            proto::capacity::percent(stored, space)
         );
         if st.thick_chunks_no_space > 0 {
             let _ = writeln!(

@@ -127,6 +127,32 @@ fn thick_reservations_hold_while_thin_data_fills_the_pool() {
     );
     let p = pool(c);
     assert_eq!(p["capacity"]["thick_reserved_bytes"], 64u64 << 20);
+    // What the pool promised (1 GiB thin and 32 MiB thick, one copy) against what it has.
+    let promised = (1u64 << 30) + (32 << 20);
+    assert_eq!(p["capacity"]["provisioned_bytes"], promised);
+    assert_eq!(p["capacity"]["usable_bytes"], raw / 2);
+    assert_eq!(
+        p["capacity"]["provisioned_percent"].as_u64(),
+        Some(promised * 100 / (raw / 2))
+    );
+    let text = c
+        .must_scli(&["--query_storage_pool", "--storage_pool_name", "sp1"])
+        .stdout;
+    assert!(
+        text.contains("thin provisioning promised more than the pool holds"),
+        "{text}"
+    );
+    // Each SDS: stored and free add up to its chunk space.
+    let all = c.must_scli(&["--query_all_sds", "--json"]).json();
+    for x in all.as_array().expect("SDS list") {
+        let cap = &x["capacity"];
+        let (space, stored, free) = (
+            cap["chunk_space_bytes"].as_u64().expect("space"),
+            cap["stored_bytes"].as_u64().expect("stored"),
+            cap["free_bytes"].as_u64().expect("free"),
+        );
+        assert!(stored > 0 && stored + free == space, "{x}");
+    }
 
     // Thin data fills the pool: writes past the free space get ENOSPC, promptly.
     let thin = d.uri("vol1");
