@@ -170,6 +170,13 @@ pub struct Args {
     /// Print queries as JSON.
     #[arg(long)]
     pub json: bool,
+    /// With --remove_sds or --remove_sds_device: follow the removal until done, with a progress
+    /// line (chunks and PG copies left, copy rate, ETA).
+    #[arg(long)]
+    pub wait: bool,
+    /// With --query_storage_pool: redraw the pool every 2 s until interrupted (Ctrl-C).
+    #[arg(long)]
+    pub watch: bool,
     /// --query_events from WHEN: a UTC time (2026-12-06T15:00:00Z), Unix seconds, or a span
     /// back from now (90s, 30m, 2h, 7d).
     #[arg(long, value_name = "WHEN")]
@@ -797,6 +804,12 @@ pub async fn run(a: Args) -> anyhow::Result<String> {
     if a.since.is_some() && name != "--query_events" {
         bail!("--since goes with --query_events only");
     }
+    if a.wait && !matches!(name, "--remove_sds" | "--remove_sds_device") {
+        bail!("--wait goes with --remove_sds and --remove_sds_device only");
+    }
+    if a.watch && name != "--query_storage_pool" {
+        bail!("--watch goes with --query_storage_pool only");
+    }
     if name == "--logout" {
         session::remove()?;
         return Ok("Logged out.".into());
@@ -872,25 +885,48 @@ pub async fn run(a: Args) -> anyhow::Result<String> {
         .await
         .context("connect to the MDM")?;
     if let Some(command) = command {
+        let waited = match (&command, a.wait) {
+            (Command::RemoveSds { name }, true) => Some(crate::progress::Waited::Sds(name.clone())),
+            (Command::RemoveSdsDevice { sds, path }, true) => {
+                Some(crate::progress::Waited::Device {
+                    sds: sds.clone(),
+                    path: path.clone(),
+                })
+            }
+            _ => None,
+        };
         let r = client::request(
             &c,
             &MdmRequest::Command {
-                token: s.token,
+                token: s.token.clone(),
                 command,
             },
         )
         .await?;
-        return match r {
-            MdmResponse::Done { message, object_id } => Ok(match object_id {
+        let done = match r {
+            MdmResponse::Done { message, object_id } => match object_id {
                 Some(id) => format!("{message} Object ID {id}"),
                 None => message,
-            }),
-            _ => Err(anyhow!("unexpected answer from the MDM")),
+            },
+            _ => bail!("unexpected answer from the MDM"),
+        };
+        return match waited {
+            Some(w) => {
+                println!("{done}");
+                crate::progress::wait(&c, &s.token, w).await
+            }
+            None => Ok(done),
         };
     }
     let Some(query) = query else {
         bail!("unknown command {name}")
     };
+    if a.watch {
+        return crate::progress::watch(&c, &s.token, |status, state| {
+            output::render(&query, &a, status, state)
+        })
+        .await;
+    }
     let r = client::request(
         &c,
         &MdmRequest::Query {

@@ -6,6 +6,7 @@ mod args;
 mod client;
 mod events;
 mod output;
+mod progress;
 mod resilience;
 mod session;
 mod vtree;

@@ -121,6 +121,17 @@ pub fn wait_for_explained<T>(
     }
 }
 
+/// A child process a test spawned (a long-running client); SIGKILLed and reaped on drop, so a
+/// failing test leaves nothing running.
+pub struct Spawned(pub std::process::Child);
+
+impl Drop for Spawned {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// A running process; SIGKILLed and reaped on drop.
 pub struct Proc {
     pub name: String,
@@ -498,6 +509,15 @@ impl Cluster {
     /// Run scli with this cluster's admin certificate and session.
     pub fn scli_raw(&self, args: &[&str]) -> Scli {
         self.scli_as(&self.session_file(), args)
+    }
+
+    /// scli with `args` under this cluster's admin session, to spawn (see [`Spawned`]).
+    pub fn scli_command(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(bin("scli"));
+        c.args(args)
+            .env("MESHBLOCK_CERT_DIR", self.dir.join("certs/admin"))
+            .env("MESHBLOCK_SCLI_SESSION", self.session_file());
+        c
     }
 
     pub fn scli_as(&self, session: &Path, args: &[&str]) -> Scli {

@@ -338,6 +338,62 @@ fn every_daemon_exports_what_operators_alert_on_and_promtool_accepts_it() {
     ));
     let text = dc.c.must_scli(&["--query_resilience"]).stdout;
     assert!(text.contains("Cannot survive now"), "{text}");
+
+    // `--query_storage_pool --watch` redraws the pool (plain, dated blocks: no terminal).
+    let mut watch = Spawned(
+        dc.c.scli_command(&[
+            "--query_storage_pool",
+            "--storage_pool_name",
+            "sp1",
+            "--watch",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("run scli"),
+    );
+    let stdout = watch.0.stdout.take().expect("stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufRead::lines(std::io::BufReader::new(stdout)).map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut seen = Vec::new();
+    wait_for(
+        "two redraws of the watched pool",
+        Duration::from_secs(120),
+        || {
+            seen.extend(rx.try_iter());
+            (seen.iter().filter(|l| l.starts_with("--- ")).count() >= 2).then_some(())
+        },
+    );
+    assert!(seen.iter().any(|l| l.contains("sp1")), "{seen:#?}");
+    drop(watch);
+    for (args, why) in [
+        (
+            vec!["--query_all_sds", "--watch"],
+            "--watch goes with --query_storage_pool",
+        ),
+        (
+            vec![
+                "--add_protection_domain",
+                "--protection_domain_name",
+                "pdx",
+                "--wait",
+            ],
+            "--wait goes with --remove_sds",
+        ),
+    ] {
+        let out = dc.c.scli_raw(&args);
+        assert!(
+            !out.ok && out.stderr.contains(why),
+            "{args:?}: {}",
+            out.stderr
+        );
+    }
     let pgs = |state: &str| {
         value(&degraded, "meshblock_mdm_pool_pgs", &[("state", state)]).unwrap_or(-1.0)
     };

@@ -346,11 +346,43 @@ fn rebalance_on_add_and_remove() {
     assert!(sds_sum(&dc, "meshblock_sds_gc_freed_chunks_total", &[0, 1, 2]) > 100.0);
     w.wait_more(300, "writes after the rebalance");
 
-    let r = dc.c.must_scli(&["--remove_sds", "--sds_name", "sds2"]);
-    assert!(r.stdout.contains("being removed"), "{}", r.stdout);
-    wait_for("sds2 removed", Duration::from_secs(300), || {
-        (!dc.c.scli_raw(&["--query_sds", "--sds_name", "sds2"]).ok).then_some(())
-    });
+    // `--wait` follows the removal to its end with progress lines (plain ones: no terminal).
+    let mut remove = Spawned(
+        dc.c.scli_command(&["--remove_sds", "--sds_name", "sds2", "--wait"])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("run scli"),
+    );
+    let status = wait_for(
+        "--remove_sds --wait to return",
+        Duration::from_secs(300),
+        || remove.0.try_wait().ok().flatten(),
+    );
+    let mut out = String::new();
+    if let Some(mut o) = remove.0.stdout.take() {
+        std::io::Read::read_to_string(&mut o, &mut out).expect("read scli's output");
+    }
+    assert!(status.success(), "--remove_sds --wait failed: {out}");
+    assert!(out.contains("being removed"), "{out}");
+    let lines: Vec<&str> = out
+        .lines()
+        .filter(|l| l.starts_with("Removing SDS sds2:"))
+        .collect();
+    assert!(!lines.is_empty(), "no progress line: {out}");
+    assert!(
+        lines[0].contains("chunks") && lines[0].contains("PG copies left"),
+        "{out}"
+    );
+    assert!(out.contains("SDS sds2 removed after"), "{out}");
+    summary(&format!(
+        "--remove_sds --wait: {} progress lines, first {:?}, last {:?}",
+        lines.len(),
+        lines[0],
+        out.lines().last().unwrap_or_default()
+    ));
+    // Done means gone.
+    assert!(!dc.c.scli_raw(&["--query_sds", "--sds_name", "sds2"]).ok);
     wait_pool(&dc, "Normal", Duration::from_secs(60));
     must_have_two_live_copies(&dc);
     dc.sds[1].kill();
