@@ -23,6 +23,10 @@ pub const DATA_HEADER_LEN: usize = 64;
 
 /// Set on a write that must be durable when acknowledged (NBD FUA).
 pub const FLAG_FUA: u8 = 1;
+/// Set on a rebuild or rebalance copy (a whole chunk written or trimmed by its PG's primary
+/// onto a new copy): the target counts it as copy bytes received. SDS that do not know the
+/// flag ignore it.
+pub const FLAG_COPY: u8 = 2;
 
 /// A 64-bit tag of a host boot id (FNV-1a), as a flush answer carries it; `boot_tag("")` is 0.
 pub fn boot_tag(boot: &str) -> u64 {

@@ -134,6 +134,8 @@ pub struct SdsMetrics {
     pub rebuild_chunks: Counter,
     /// Bytes copied onto rebuild targets.
     pub rebuild_bytes: Counter,
+    /// Bytes received as a rebuild or rebalance target (copies of whole chunks).
+    pub rebuild_bytes_in: Counter,
     /// PGs this SDS finished rebuilding (as their primary).
     pub rebuilt_pgs: Counter,
     /// PGs this SDS is copying right now.
@@ -195,6 +197,11 @@ fn r_rebuild(m: &mut SdsMetrics) {
         "meshblock_sds_rebuild_bytes",
         "Bytes copied onto rebuild targets (as primary)",
         m.rebuild_bytes.clone(),
+    );
+    r.register(
+        "meshblock_sds_rebuild_bytes_in",
+        "Bytes received as a rebuild or rebalance target",
+        m.rebuild_bytes_in.clone(),
     );
     r.register(
         "meshblock_sds_rebuilt_pgs",
@@ -330,6 +337,7 @@ impl SdsMetrics {
             write_seconds: buckets(),
             rebuild_chunks: Counter::default(),
             rebuild_bytes: Counter::default(),
+            rebuild_bytes_in: Counter::default(),
             rebuilt_pgs: Counter::default(),
             rebuilding_pgs: Gauge::default(),
             user_requests: Counter::default(),

@@ -425,6 +425,17 @@ fn every_daemon_exports_what_operators_alert_on_and_promtool_accepts_it() {
         },
     );
 
+    // The survivors copied to each other: what one sent, the other received.
+    let (mut out, mut received) = (0.0, 0.0);
+    for i in 0..2 {
+        out += dc.sds_metric(i, "meshblock_sds_rebuild_bytes_total");
+        received += dc.sds_metric(i, "meshblock_sds_rebuild_bytes_in_total");
+    }
+    assert!(
+        out > 0.0 && received >= out,
+        "rebuild bytes out {out}, in {received}"
+    );
+
     // The events: the failure, and the rebuild with how long it took.
     let events = wait_for(
         "the rebuild's end in the events",

@@ -328,6 +328,9 @@ impl<D: BlockDevice> Service<D> {
             }
         };
         r.map_err(|e| self.store_error(e))?;
+        if h.flags & proto::data::FLAG_COPY != 0 && h.op == DataOp::ReplicaWrite {
+            self.metrics.rebuild_bytes_in.inc_by(data.len() as u64);
+        }
         if h.flags & FLAG_FUA != 0 {
             self.storage
                 .flush()
@@ -546,15 +549,18 @@ impl<D: BlockDevice> Service<D> {
             .get(&pool)
             .map(|p| p.epoch)
             .unwrap_or_default();
-        let h = DataHeader::at(
-            DataOp::ReplicaWrite,
-            pool,
-            pg,
-            epoch,
-            chunk,
-            0,
-            proto::CHUNK_SIZE as u32,
-        );
+        let h = DataHeader {
+            flags: proto::data::FLAG_COPY,
+            ..DataHeader::at(
+                DataOp::ReplicaWrite,
+                pool,
+                pg,
+                epoch,
+                chunk,
+                0,
+                proto::CHUNK_SIZE as u32,
+            )
+        };
         let route = self.map.check(&h, Role::Primary).map_err(refusal)?;
         let addr = match route.secondary {
             Some((s, addr)) if s == target => addr,
