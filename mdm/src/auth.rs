@@ -93,13 +93,6 @@ pub fn verify_token(secret: &str, token: &str, now_unix: u64) -> Result<(String,
     Ok((c.user, c.role))
 }
 
-pub fn now_unix() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

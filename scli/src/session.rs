@@ -27,13 +27,6 @@ pub fn home() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("/root"))
 }
 
-pub fn now_unix() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
-
 pub fn save(s: &Session) -> anyhow::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
@@ -69,7 +62,7 @@ pub fn load() -> anyhow::Result<Session> {
     };
     let s: Session = serde_json::from_str(&text)
         .with_context(|| format!("read the session in {}; log in again", p.display()))?;
-    if s.expires_unix <= now_unix() {
+    if s.expires_unix <= proto::clock::now_unix() {
         bail!("session expired, log in again with scli --login");
     }
     Ok(s)

@@ -26,13 +26,6 @@ fn call_err(p: &PluginSdc, endpoint: &str, name: &str) -> String {
     j["Err"].as_str().unwrap_or("?").to_string()
 }
 
-fn now_unix() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
-
 /// The Docker name recorded on cluster volume `cname`, if it exists.
 fn docker_name_of(c: &Cluster, cname: &str) -> Option<String> {
     let map = cluster_map(c);
@@ -71,7 +64,7 @@ fn names_created_at_and_prune(kind: Kind) {
     let compose = "meshblock-compose-project_postgres-data";
     let cname = cluster_name(compose);
     assert_ne!(cname, compose);
-    let before = now_unix();
+    let before = proto::clock::now_unix();
     s.docker().must(&[
         "volume",
         "create",
@@ -81,7 +74,7 @@ fn names_created_at_and_prune(kind: Kind) {
         "size=256MiB",
         compose,
     ]);
-    let after = now_unix();
+    let after = proto::clock::now_unix();
     assert_eq!(docker_name_of(c, &cname).as_deref(), Some(compose));
     s.run(compose, "echo compose > /data/f && sync");
     assert!(!is_mounted(&s.mountpoint(&cname)));

@@ -329,7 +329,7 @@ impl Node {
                     proposer: self.id,
                     seq,
                     op,
-                    unix: crate::auth::now_unix(),
+                    unix: proto::clock::now_unix(),
                 }) {
                     Ok(d) => d,
                     Err(e) => {

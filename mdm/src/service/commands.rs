@@ -256,7 +256,7 @@ impl Service {
         let mut tick = leader_interval(Duration::from_secs(1));
         loop {
             self.leader_tick(&mut tick).await;
-            let now = auth::now_unix();
+            let now = proto::clock::now_unix();
             let state = self.raft.shared.read_state();
             for p in state.snapshot_policies.values() {
                 if p.paused

@@ -277,7 +277,7 @@ impl Service {
             .read()
             .map(|s| s.secret.clone())
             .unwrap_or_default();
-        let (user, role) = auth::verify_token(&secret, token, auth::now_unix())?;
+        let (user, role) = auth::verify_token(&secret, token, proto::clock::now_unix())?;
         if role < need {
             return fail(
                 ErrorCode::PermissionDenied,
@@ -477,7 +477,7 @@ impl Service {
         if auth::hash_password(&user.salt, password) != user.password_sha256 {
             return Err(denied());
         }
-        let expires_unix = auth::now_unix() + self.session_ttl_secs;
+        let expires_unix = proto::clock::now_unix() + self.session_ttl_secs;
         let token = auth::make_token(&state.secret, username, user.role, expires_unix);
         Ok(MdmResponse::Session {
             token,
@@ -542,7 +542,7 @@ impl Service {
     async fn propose_command(&self, command: Command) -> Result<Outcome, WireError> {
         self.propose(Op::Command {
             command,
-            proposed_unix: auth::now_unix(),
+            proposed_unix: proto::clock::now_unix(),
         })
         .await
     }
