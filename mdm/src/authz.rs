@@ -262,6 +262,7 @@ mod tests {
                     known_version: 0,
                     sdc: None,
                     throttled_ms: Vec::new(),
+                    io: Vec::new(),
                 },
                 &[Sds, Sdc],
             ),

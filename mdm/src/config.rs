@@ -51,6 +51,17 @@ pub struct MdmConfig {
     /// backward rebuild (only the chunks written while it was away) in the PGs it was dropped
     /// from; later it is treated as new capacity. Default: 300000 (5 minutes).
     pub backward_rebuild_window_ms: u64,
+    /// TCP address of the HTTPS REST API and web dashboard, or "off". Default: 0.0.0.0:8443.
+    pub api_listen: String,
+    /// The URL other MDMs send browsers and API clients to when this MDM leads. Default:
+    /// `https://` with the advertise address's IP and `api_listen`'s port.
+    pub api_url: Option<String>,
+    /// Directory with node.pem and node.key for HTTPS. Default: `cert_dir` (the MDM's
+    /// certificate from the cluster CA, named "meshblock").
+    pub api_cert_dir: Option<PathBuf>,
+    /// Seconds between the leader's samples of I/O rates for the dashboard (an hour of them is
+    /// kept). Default: 10.
+    pub history_sample_secs: u64,
 }
 
 impl Default for MdmConfig {
@@ -71,6 +82,10 @@ impl Default for MdmConfig {
             sds_down_timeout_ms: 1500,
             sdc_session_timeout_ms: 4000,
             backward_rebuild_window_ms: 300_000,
+            api_listen: "0.0.0.0:8443".into(),
+            api_url: None,
+            api_cert_dir: None,
+            history_sample_secs: 10,
         }
     }
 }
@@ -85,6 +100,32 @@ impl MdmConfig {
             }
             None => self.listen,
         }
+    }
+
+    /// The REST API's address; `None` when it is "off".
+    pub fn api_addr(&self) -> Result<Option<SocketAddr>, String> {
+        if self.api_listen == "off" {
+            return Ok(None);
+        }
+        self.api_listen.parse().map(Some).map_err(|_| {
+            format!(
+                "api_listen must be an address such as 0.0.0.0:8443, or \"off\"; got {:?}",
+                self.api_listen
+            )
+        })
+    }
+
+    /// The URL of this MDM's REST API and dashboard, when it serves them.
+    pub fn api_url(&self) -> Option<String> {
+        let addr = self.api_addr().ok()??;
+        Some(self.api_url.clone().unwrap_or_else(|| {
+            let ip = if addr.ip().is_unspecified() {
+                self.advertise_addr().ip()
+            } else {
+                addr.ip()
+            };
+            format!("https://{}", SocketAddr::new(ip, addr.port()))
+        }))
     }
 
     /// Every problem at once.
@@ -109,6 +150,17 @@ impl MdmConfig {
             problems.push(
                 "sdc_session_timeout_ms must be at least 1000 (SDCs poll every 500 ms)".to_string(),
             );
+        }
+        if let Err(e) = self.api_addr() {
+            problems.push(e);
+        }
+        if self.history_sample_secs == 0 || self.history_sample_secs > 600 {
+            problems.push("history_sample_secs must be between 1 and 600".to_string());
+        }
+        if let Some(u) = &self.api_url {
+            if !u.starts_with("https://") {
+                problems.push(format!("api_url must start with https://; got {u:?}"));
+            }
         }
         if problems.is_empty() {
             Ok(())
@@ -203,10 +255,36 @@ const FIELD_DOCS: &[(&str, &str)] = &[
          backward rebuild (only the chunks written while it was away) in the PGs it was \
          dropped from; later it is treated as new capacity (300000: 5 minutes).",
     ),
+    (
+        "api_listen",
+        "TCP address of the HTTPS REST API and web dashboard (log in with scli's users), or \
+         \"off\". Any MDM redirects to the leader's.",
+    ),
+    (
+        "api_url",
+        "The URL other MDMs redirect browsers and API clients to when this MDM leads. Unset: \
+         https:// with the advertise address's IP and api_listen's port.",
+    ),
+    (
+        "api_cert_dir",
+        "Directory with node.pem and node.key served over HTTPS. Unset: cert_dir, whose \
+         certificate (from the cluster CA) carries the name \"meshblock\": clients trust ca.pem \
+         and connect to that name (curl --cacert ca.pem --connect-to meshblock:8443:HOST:8443), \
+         or give here a certificate issued for the hosts' names.",
+    ),
+    (
+        "history_sample_secs",
+        "Seconds between the leader's samples of I/O rates per pool, SDS and volume for the \
+         dashboard's plots; an hour of samples is kept.",
+    ),
 ];
 
 /// Examples shown (commented out) for the keys unset by default.
-const UNSET_EXAMPLES: &[(&str, &str)] = &[("advertise", "\"10.0.0.1:7611\"")];
+const UNSET_EXAMPLES: &[(&str, &str)] = &[
+    ("advertise", "\"10.0.0.1:7611\""),
+    ("api_url", "\"https://mdm1.example.com:8443\""),
+    ("api_cert_dir", "\"/etc/meshblock/api-certs\""),
+];
 
 #[cfg(test)]
 mod tests {

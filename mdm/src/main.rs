@@ -75,6 +75,12 @@ struct ConfigArgs {
     /// Applied entries between log compactions.
     #[arg(long)]
     snapshot_interval_entries: Option<u64>,
+    /// HTTPS address of the REST API and dashboard, or "off".
+    #[arg(long)]
+    api_listen: Option<String>,
+    /// Seconds between the leader's samples of I/O rates for the dashboard.
+    #[arg(long)]
+    history_sample_secs: Option<u64>,
 }
 
 #[derive(Args)]
@@ -199,6 +205,12 @@ fn configure(args: ConfigArgs) -> anyhow::Result<MdmConfig> {
     }
     if let Some(v) = args.cert_dir {
         cfg.cert_dir = v;
+    }
+    if let Some(v) = args.api_listen {
+        cfg.api_listen = v;
+    }
+    if let Some(v) = args.history_sample_secs {
+        cfg.history_sample_secs = v;
     }
     if let Some(v) = args.metrics_listen {
         cfg.metrics_listen = v;
@@ -346,8 +358,26 @@ async fn serve(cfg: MdmConfig) -> anyhow::Result<()> {
             sds_down: Duration::from_millis(cfg.sds_down_timeout_ms),
             sdc_session: Duration::from_millis(cfg.sdc_session_timeout_ms),
             backward_window: Duration::from_millis(cfg.backward_rebuild_window_ms),
+            history_sample: Duration::from_secs(cfg.history_sample_secs),
         },
     );
+    if let (Some(addr), Some(url)) = (cfg.api_addr().map_err(anyhow::Error::msg)?, cfg.api_url()) {
+        let dir = cfg
+            .api_cert_dir
+            .clone()
+            .unwrap_or_else(|| cfg.cert_dir.clone());
+        let tls = Identity::load(&dir)
+            .and_then(|i| i.https_server_config())
+            .with_context(|| format!("load the HTTPS certificate from {}", dir.display()))?;
+        let _ = svc.api_url.set(url);
+        let s = svc.clone();
+        tokio::spawn(async move {
+            if let Err(e) = mdm::rest::serve(s, addr, tls).await {
+                tracing::warn!("REST API and dashboard on {addr} stopped: {e}");
+            }
+        });
+    }
+    tokio::spawn(svc.clone().sample_history());
     tokio::spawn(mdm::raft_net::raft_network(svc.clone(), out_rx));
     tokio::spawn(svc.clone().watch_sds());
     tokio::spawn(svc.clone().rebalance());

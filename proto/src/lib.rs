@@ -20,6 +20,7 @@ pub mod msg;
 pub mod resilience;
 pub mod secret;
 pub mod transport;
+pub mod views;
 
 pub use error::{ErrorCode, WireError};
 pub use ids::*;

@@ -53,6 +53,10 @@ pub enum MdmRequest {
         /// (total since the SDC started), as `(volume, milliseconds)`.
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         throttled_ms: Vec<(VolumeId, u64)>,
+        /// Set by an SDC: each mapped volume's I/O since the SDC started (the leader samples it
+        /// for the dashboard's plots).
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        io: Vec<(VolumeId, IoCounters)>,
     },
     /// Who is this MDM (used before adding it as a standby).
     Identify,
@@ -77,6 +81,40 @@ pub struct DeviceReport {
     /// Why the device failed (the first error that failed it); empty while it works.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub error: String,
+    /// The device's I/O since the SDS started (client, copy and rebuild I/O alike): the
+    /// leader samples it for the dashboard's plots.
+    #[serde(default, skip_serializing_if = "IoCounters::is_zero")]
+    pub io: IoCounters,
+}
+
+/// Cumulative I/O counters a process reports (since it started): operations, bytes and the
+/// summed latency of each direction. Rates and mean latencies come from two samples' difference.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IoCounters {
+    pub read_ops: u64,
+    pub write_ops: u64,
+    pub read_bytes: u64,
+    pub write_bytes: u64,
+    /// Summed latency of the reads, in microseconds.
+    pub read_micros: u64,
+    /// Summed latency of the writes, in microseconds.
+    pub write_micros: u64,
+}
+
+impl IoCounters {
+    pub fn is_zero(&self) -> bool {
+        *self == IoCounters::default()
+    }
+
+    /// The field-wise sum (saturating).
+    pub fn add(&mut self, o: &IoCounters) {
+        self.read_ops = self.read_ops.saturating_add(o.read_ops);
+        self.write_ops = self.write_ops.saturating_add(o.write_ops);
+        self.read_bytes = self.read_bytes.saturating_add(o.read_bytes);
+        self.write_bytes = self.write_bytes.saturating_add(o.write_bytes);
+        self.read_micros = self.read_micros.saturating_add(o.read_micros);
+        self.write_micros = self.write_micros.saturating_add(o.write_micros);
+    }
 }
 
 /// Picks an SDC the ScaleIO way: by name, IP or GUID.
@@ -464,5 +502,9 @@ pub enum MdmResponse {
     Identity {
         id: MdmId,
         cluster_id: u64,
+        /// Where this MDM serves its REST API and dashboard (`https://host:port`), when it
+        /// does: a follower redirects browsers and API clients to the leader's.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        api_url: Option<String>,
     },
 }

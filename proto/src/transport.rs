@@ -11,22 +11,24 @@
 //!
 //! Everything about QUIC stays in this module so the transport can be tuned or replaced.
 
-use crate::ca::{CA_CERT_FILE, CLUSTER_SERVER_NAME, NODE_CERT_FILE, NODE_KEY_FILE};
+use crate::ca::CLUSTER_SERVER_NAME;
 use crate::codec::{kind, CodecError, Frame, Header, FLAG_RESPONSE, HEADER_LEN};
 use crate::error::{ErrorCode, WireError};
 use bytes::{Bytes, BytesMut};
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::pki_types::CertificateDer;
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
+mod identity;
 mod tcp;
+
+pub use identity::Identity;
 
 /// ALPN protocol name of Meshblock's wire protocol.
 const ALPN: &[u8] = b"meshblock/1";
@@ -84,112 +86,6 @@ pub enum TransportError {
     Codec(#[from] CodecError),
     #[error("timed out after {0:?}")]
     Timeout(Duration),
-}
-
-/// A process's identity: its certificate and key, and the cluster CA it trusts.
-#[derive(Clone)]
-pub struct Identity {
-    certs: Vec<CertificateDer<'static>>,
-    key: Arc<PrivateKeyDer<'static>>,
-    roots: Arc<rustls::RootCertStore>,
-}
-
-impl Identity {
-    /// Load `node.pem`, `node.key` and `ca.pem` from a certificate directory.
-    pub fn load(dir: &Path) -> Result<Identity, TransportError> {
-        let read = |name: &str| {
-            let path = dir.join(name);
-            std::fs::read(&path).map_err(|source| match source.kind() {
-                std::io::ErrorKind::NotFound => TransportError::MissingIdentity { path },
-                _ => TransportError::File { path, source },
-            })
-        };
-        let certs: Vec<CertificateDer<'static>> =
-            CertificateDer::pem_slice_iter(&read(NODE_CERT_FILE)?)
-                .collect::<Result<_, _>>()
-                .map_err(|e| TransportError::Tls(format!("parse {NODE_CERT_FILE}: {e}")))?;
-        let key = PrivateKeyDer::from_pem_slice(&read(NODE_KEY_FILE)?)
-            .map_err(|e| TransportError::Tls(format!("parse {NODE_KEY_FILE}: {e}")))?;
-        if certs.is_empty() {
-            return Err(TransportError::NoIdentity(dir.to_owned()));
-        }
-        let mut roots = rustls::RootCertStore::empty();
-        for ca in CertificateDer::pem_slice_iter(&read(CA_CERT_FILE)?) {
-            let ca = ca.map_err(|e| TransportError::Tls(format!("parse {CA_CERT_FILE}: {e}")))?;
-            roots
-                .add(ca)
-                .map_err(|e| TransportError::Tls(format!("add CA: {e}")))?;
-        }
-        Ok(Identity {
-            certs,
-            key: Arc::new(key),
-            roots: Arc::new(roots),
-        })
-    }
-
-    /// ring's TLS 1.3 suites, AES-128-GCM first: it takes 10 AES rounds where AES-256 takes 14,
-    /// and every byte of block data is sealed and opened once per hop (about a tenth of the
-    /// daemons' CPU at 1 MiB writes). Both sides prefer it, so it is what they agree on.
-    fn provider() -> Arc<rustls::crypto::CryptoProvider> {
-        use rustls::crypto::ring::cipher_suite;
-        let mut p = rustls::crypto::ring::default_provider();
-        p.cipher_suites = vec![
-            cipher_suite::TLS13_AES_128_GCM_SHA256,
-            cipher_suite::TLS13_AES_256_GCM_SHA384,
-            cipher_suite::TLS13_CHACHA20_POLY1305_SHA256,
-        ];
-        Arc::new(p)
-    }
-
-    fn server_config(&self) -> Result<quinn::ServerConfig, TransportError> {
-        let tls = |e: &dyn std::fmt::Display| TransportError::Tls(e.to_string());
-        let cfg = self.rustls_server()?;
-        let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(cfg).map_err(|e| tls(&e))?;
-        let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-        server.transport_config(transport_config());
-        Ok(server)
-    }
-
-    /// The TLS 1.3 server side: our certificate, and client certificates the CA signed.
-    fn rustls_server(&self) -> Result<rustls::ServerConfig, TransportError> {
-        let tls = |e: &dyn std::fmt::Display| TransportError::Tls(e.to_string());
-        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
-            self.roots.clone(),
-            Self::provider(),
-        )
-        .build()
-        .map_err(|e| tls(&e))?;
-        let mut cfg = rustls::ServerConfig::builder_with_provider(Self::provider())
-            .with_protocol_versions(&[&rustls::version::TLS13])
-            .map_err(|e| tls(&e))?
-            .with_client_cert_verifier(verifier)
-            .with_single_cert(self.certs.clone(), self.key.clone_key())
-            .map_err(|e| tls(&e))?;
-        cfg.alpn_protocols = vec![ALPN.to_vec()];
-        Ok(cfg)
-    }
-
-    fn client_config(&self) -> Result<quinn::ClientConfig, TransportError> {
-        let tls = |e: &dyn std::fmt::Display| TransportError::Tls(e.to_string());
-        let cfg = self.rustls_client()?;
-        let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(cfg).map_err(|e| tls(&e))?;
-        let mut client = quinn::ClientConfig::new(Arc::new(crypto));
-        client.transport_config(transport_config());
-        Ok(client)
-    }
-
-    /// The TLS 1.3 client side: our certificate, and servers the CA signed.
-    fn rustls_client(&self) -> Result<rustls::ClientConfig, TransportError> {
-        let tls = |e: &dyn std::fmt::Display| TransportError::Tls(e.to_string());
-        let mut cfg = rustls::ClientConfig::builder_with_provider(Self::provider())
-            .with_protocol_versions(&[&rustls::version::TLS13])
-            .map_err(|e| tls(&e))?
-            .with_root_certificates(self.roots.clone())
-            .with_client_auth_cert(self.certs.clone(), self.key.clone_key())
-            .map_err(|e| tls(&e))?;
-        cfg.alpn_protocols = vec![ALPN.to_vec()];
-        Ok(cfg)
-    }
 }
 
 fn transport_config() -> Arc<quinn::TransportConfig> {
@@ -982,6 +878,7 @@ pub fn check_status(f: Frame) -> Result<Frame, WireError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::Path;
 
     struct Echo;
     impl Handler for Echo {

@@ -3,9 +3,10 @@
 
 use crate::args::Args;
 use anyhow::anyhow;
-use proto::capacity::{human, pool_capacity, pool_rebuild, CapacityState, PoolCapacity};
+use proto::capacity::{human, pool_capacity, CapacityState, PoolCapacity};
 use proto::model::{ClusterState, StoragePool, Volume};
 use proto::msg::{ClusterStatus, MdmStatus, Query};
+use proto::views;
 use serde_json::{json, Value};
 use std::fmt::Write;
 
@@ -16,96 +17,6 @@ fn gb(bytes: u64) -> String {
     } else {
         format!("{g:.2} GB")
     }
-}
-
-fn pool_json(s: &ClusterState, c: &ClusterStatus, p: &StoragePool) -> Value {
-    let raw = s.pool_raw_capacity(p.id);
-    let reserved = s.pool_thick_reserved(p.id);
-    let placed = p
-        .pgs
-        .iter()
-        .filter(|m| m.primary.is_some() && m.secondary.is_some())
-        .count();
-    let h = s.pool_health(p);
-    let rebuild = pool_rebuild(s, &c.sds_stats, p.id);
-    let removing: Vec<String> = s
-        .sds
-        .values()
-        .filter(|x| x.pd == p.pd && x.removing)
-        .map(|x| x.name.clone())
-        .collect();
-    json!({
-        "rebuild": rebuild,
-        "rebuild_rebalance_policy": p.rebuild_policy, "sds_removing": removing,
-        "state": h.state, "normal_pgs": h.normal_pgs, "rebalancing_pgs": h.rebalancing_pgs,
-        "rebuilding_pgs": h.rebuilding_pgs,
-        "degraded_pgs": h.degraded_pgs, "unavailable_pgs": h.unavailable_pgs,
-        "id": p.id, "name": p.name, "protection_domain": s.pds.get(&p.pd).map(|d| d.name.clone()),
-        "media_type": p.media_type, "pg_count": p.pg_count, "map_epoch": p.epoch, "pgs_fully_placed": placed,
-        "raw_capacity_bytes": raw, "usable_capacity_bytes": raw / 2, "thick_reserved_bytes": reserved / 2,
-        "capacity": pool_capacity(s, &c.sds_stats, p.id),
-        "volumes": s.volumes.values().filter(|v| v.pool == p.id).map(|v| v.name.clone()).collect::<Vec<_>>(),
-    })
-}
-
-/// The QoS wait the SDC `sdc` last reported for volume `v`, milliseconds (None: not reported).
-fn throttled_ms(c: &ClusterStatus, sdc: proto::SdcId, v: proto::VolumeId) -> Option<u64> {
-    c.sdc_throttled_ms
-        .iter()
-        .find(|(s, vol, _)| *s == sdc && *vol == v)
-        .map(|(_, _, ms)| *ms)
-}
-
-fn volume_json(s: &ClusterState, c: &ClusterStatus, v: &Volume) -> Value {
-    let maps: Vec<Value> = s.mappings_of(v.id).map(|m| {
-        let sdc = s.sdcs.get(&m.sdc);
-        json!({"sdc_id": m.sdc, "sdc_name": sdc.map(|c| c.name.clone()), "sdc_ip": sdc.map(|c| c.ip.clone()),
-               "iops_limit": m.iops_limit, "bandwidth_limit_kbps": m.bandwidth_limit_kbps, "generation": m.generation,
-               "throttled_ms": throttled_ms(c, m.sdc, v.id)})
-    }).collect();
-    json!({
-        "id": v.id, "name": v.name, "size_bytes": v.size_bytes, "provisioning": if v.thin { "thin" } else { "thick" },
-        "storage_pool": s.pools.get(&v.pool).map(|p| p.name.clone()), "vtree": v.vtree, "mapped_sdcs": maps,
-        "preempt": v.preempt, "labels": v.labels,
-        "docker_name": proto::docker::stored_name(&v.labels),
-        "created": (v.created_unix > 0).then(|| proto::clock::rfc3339(v.created_unix)),
-        "snapshot_of": v.snapshot.as_ref().map(|x| x.volume),
-        "consistency_group": v.snapshot.as_ref().map(|x| x.group),
-    })
-}
-
-fn sds_json(s: &ClusterState, c: &ClusterStatus, x: &proto::model::Sds) -> Value {
-    let mut v = serde_json::to_value(x).unwrap_or(Value::Null);
-    v["integrity"] = serde_json::to_value(c.sds_stats.get(&x.name).cloned().unwrap_or_default())
-        .unwrap_or(Value::Null);
-    v["protection_domain"] = json!(s.pds.get(&x.pd).map(|d| d.name.clone()));
-    v["fault_set_name"] = json!(x
-        .fault_set
-        .and_then(|f| s.fault_sets.get(&f))
-        .map(|f| f.name.clone()));
-    let pgs: usize = s
-        .pools
-        .values()
-        .map(|p| {
-            p.pgs
-                .iter()
-                .filter(|m| {
-                    m.primary == Some(x.id) || m.secondary == Some(x.id) || m.leaving == Some(x.id)
-                })
-                .count()
-        })
-        .sum();
-    v["pg_copies"] = json!(pgs);
-    let space = proto::capacity::sds_capacity_bytes(x);
-    if let Some(st) = c.sds_stats.get(&x.name) {
-        let stored = st.chunks_stored << 20;
-        v["capacity"] = json!({
-            "chunk_space_bytes": space, "stored_bytes": stored,
-            "free_bytes": space.saturating_sub(stored),
-            "used_percent": proto::capacity::percent(stored, space),
-        });
-    }
-    v
 }
 
 fn mdm_line(m: &MdmStatus) -> String {
@@ -203,7 +114,7 @@ fn capacity_text(c: &PoolCapacity) -> String {
 }
 
 fn pool_text(s: &ClusterState, c: &ClusterStatus, p: &StoragePool) -> String {
-    let j = pool_json(s, c, p);
+    let j = views::pool(s, c, p);
     let capacity = capacity_text(&pool_capacity(s, &c.sds_stats, p.id));
     format!(
         "Storage Pool {} (Id: {}) has {} volumes\n    State: {} (PGs: {} normal, {} rebalancing, {} rebuilding, {} degraded, {} unavailable){}\n    Rebuild/rebalance policy per SDS: {} concurrent copies, {}, adaptive {}\n    Protection Domain: {}, Media type: {}\n    PGs: {} ({} fully placed), map epoch {}\n    Raw capacity: {}, usable (2 copies): {}, reserved by thick volumes: {}{capacity}",
@@ -273,7 +184,7 @@ fn volume_text(s: &ClusterState, c: &ClusterStatus, v: &Volume) -> String {
                 x.to_string()
             }
         };
-        let throttled = match throttled_ms(c, m.sdc, v.id) {
+        let throttled = match views::throttled_ms(c, m.sdc, v.id) {
             Some(ms) => format!("{:.1} s", ms as f64 / 1000.0),
             None => "not reported".into(),
         };
@@ -291,7 +202,7 @@ fn volume_text(s: &ClusterState, c: &ClusterStatus, v: &Volume) -> String {
 }
 
 fn sds_text(s: &ClusterState, c: &ClusterStatus, x: &proto::model::Sds) -> String {
-    let j = sds_json(s, c, x);
+    let j = views::sds(s, c, x);
     let mut o = format!("SDS ID: {} Name: {} IP: {} State: {:?}{}\n    Protection Domain: {}, Fault Set: {}, PG copies: {}\n",
         x.id, x.name, x.addr, x.state, if x.removing { " (removing: its copies are being moved off)" } else { "" }, j["protection_domain"].as_str().unwrap_or("?"), j["fault_set_name"].as_str().unwrap_or("(none)"), j["pg_copies"]);
     if let Some(st) = c.sds_stats.get(&x.name) {
@@ -372,36 +283,33 @@ pub fn render(q: &Query, a: &Args, c: &ClusterStatus, s: &ClusterState) -> anyho
             let pd = s
                 .pd_by_name(name)
                 .ok_or_else(|| missing("protection domain"))?;
-            let pools: Vec<Value> = s
-                .pools
-                .values()
-                .filter(|p| p.pd == pd.id)
-                .map(|p| pool_json(s, c, p))
-                .collect();
-            let sds: Vec<String> = s
-                .sds
-                .values()
-                .filter(|x| x.pd == pd.id)
-                .map(|x| x.name.clone())
-                .collect();
-            let fs: Vec<String> = s
-                .fault_sets
-                .values()
-                .filter(|f| f.pd == pd.id)
-                .map(|f| f.name.clone())
-                .collect();
-            let t = format!("Protection Domain {} (Id: {})\n    Storage pools: {}\n    Fault sets: {}\n    SDS: {}", pd.name, pd.id,
-                pools.iter().filter_map(|p| p["name"].as_str()).collect::<Vec<_>>().join(", "), fs.join(", "), sds.join(", "));
-            (
-                t,
-                json!({"id": pd.id, "name": pd.name, "storage_pools": pools, "fault_sets": fs, "sds": sds}),
-            )
+            let v = views::protection_domain(s, c, pd);
+            let names = |key: &str| {
+                v[key]
+                    .as_array()
+                    .map(|a| {
+                        a.iter()
+                            .filter_map(|x| x.as_str().or_else(|| x["name"].as_str()))
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    })
+                    .unwrap_or_default()
+            };
+            let t = format!(
+                "Protection Domain {} (Id: {})\n    Storage pools: {}\n    Fault sets: {}\n    SDS: {}",
+                pd.name,
+                pd.id,
+                names("storage_pools"),
+                names("fault_sets"),
+                names("sds")
+            );
+            (t, v)
         }
         Query::StoragePool { name } => {
             let p = s
                 .pool_by_name(name)
                 .ok_or_else(|| missing("storage pool"))?;
-            (pool_text(s, c, p), pool_json(s, c, p))
+            (pool_text(s, c, p), views::pool(s, c, p))
         }
         Query::AllSds => {
             let t: Vec<String> = s.sds.values().map(|x| sds_text(s, c, x)).collect();
@@ -412,12 +320,12 @@ pub fn render(q: &Query, a: &Args, c: &ClusterStatus, s: &ClusterState) -> anyho
             };
             (
                 t,
-                Value::Array(s.sds.values().map(|x| sds_json(s, c, x)).collect()),
+                Value::Array(s.sds.values().map(|x| views::sds(s, c, x)).collect()),
             )
         }
         Query::Sds { name } => {
             let x = s.sds_by_name(name).ok_or_else(|| missing("SDS"))?;
-            (sds_text(s, c, x), sds_json(s, c, x))
+            (sds_text(s, c, x), views::sds(s, c, x))
         }
         Query::Sdc { sdc } => {
             let cs = c;
@@ -464,24 +372,14 @@ pub fn render(q: &Query, a: &Args, c: &ClusterStatus, s: &ClusterState) -> anyho
             } else {
                 t.join("\n")
             };
-            let json: Vec<Value> = list
-                .iter()
-                .map(|x| {
-                    let mut v = serde_json::to_value(x).unwrap_or(Value::Null);
-                    let seen = cs.sdc_last_seen_ms.get(&x.id).copied();
-                    v["session_connected"] =
-                        json!(seen.is_some_and(|ms| ms <= proto::msg::SDC_SESSION_MS));
-                    v["last_heard_ms"] = json!(seen);
-                    v
-                })
-                .collect();
+            let json: Vec<Value> = list.iter().map(|x| views::sdc(cs, x)).collect();
             (t, Value::Array(json))
         }
         Query::Volume { name } => {
             // A cluster name, or else the Docker name of a volume the Docker driver made.
             let v =
                 proto::docker::volume_by_either_name(s, name).ok_or_else(|| missing("volume"))?;
-            (volume_text(s, c, v), volume_json(s, c, v))
+            (volume_text(s, c, v), views::volume(s, c, v))
         }
         Query::SnapshotPolicy { name } => crate::vtree::policies(s, name.as_deref()),
         Query::Events { .. } => crate::events::render(s),
@@ -500,7 +398,7 @@ pub fn render(q: &Query, a: &Args, c: &ClusterStatus, s: &ClusterState) -> anyho
             };
             (
                 t,
-                Value::Array(s.volumes.values().map(|v| volume_json(s, c, v)).collect()),
+                Value::Array(s.volumes.values().map(|v| views::volume(s, c, v)).collect()),
             )
         }
     };

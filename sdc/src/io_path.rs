@@ -117,6 +117,15 @@ impl IoPath {
         })
     }
 
+    /// Every volume's I/O on this host so far (those it has served), for the map poll.
+    fn io_counters(&self) -> Vec<(VolumeId, proto::msg::IoCounters)> {
+        let all = self
+            .volume_metrics
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        all.iter().map(|(v, m)| (*v, m.counters())).collect()
+    }
+
     /// The I/O metric handles of `volume` (labelled with its name in the current map when this
     /// process first serves it).
     pub fn metrics_of(&self, volume: VolumeId) -> VolumeIoMetrics {
@@ -270,6 +279,7 @@ impl IoPath {
                         .into_iter()
                         .map(|(v, t)| (v, t.throttled().as_millis() as u64))
                         .collect(),
+                    io: self.io_counters(),
                 },
                 MAP_REFRESH_TIMEOUT,
             )

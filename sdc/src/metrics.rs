@@ -16,7 +16,9 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
-use std::sync::atomic::AtomicU64;
+use proto::msg::IoCounters;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 /// A volume's operations, as the `op` label spells them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -49,6 +51,8 @@ fn latency_histogram() -> Histogram {
 /// One volume's I/O metric handles (shared with the families in [`SdcMetrics`]).
 #[derive(Clone)]
 pub struct VolumeIoMetrics {
+    /// Summed latency per op, in microseconds (reported to the MDM with map polls).
+    micros: Arc<[AtomicU64; 4]>,
     ops: [Counter; 4],
     bytes: [Counter; 4],
     seconds: [Histogram; 4],
@@ -67,6 +71,20 @@ impl VolumeIoMetrics {
         self.ops[i].inc();
         self.bytes[i].inc_by(bytes);
         self.seconds[i].observe(seconds);
+        self.micros[i].fetch_add((seconds * 1e6) as u64, Ordering::Relaxed);
+    }
+
+    /// The volume's reads and writes on this host so far, as map polls report them.
+    pub fn counters(&self) -> IoCounters {
+        let (r, w) = (Op::Read as usize, Op::Write as usize);
+        IoCounters {
+            read_ops: self.ops[r].get(),
+            write_ops: self.ops[w].get(),
+            read_bytes: self.bytes[r].get(),
+            write_bytes: self.bytes[w].get(),
+            read_micros: self.micros[r].load(Ordering::Relaxed),
+            write_micros: self.micros[w].load(Ordering::Relaxed),
+        }
     }
 
     /// Count one failed request by `kind` (other than timeouts and fencing, counted apart).
@@ -237,6 +255,7 @@ impl SdcMetrics {
         let bytes = Op::ALL.map(|op| self.volume_bytes.get_or_create(&with_op(op)).clone());
         let seconds = Op::ALL.map(|op| self.volume_seconds.get_or_create(&with_op(op)).clone());
         VolumeIoMetrics {
+            micros: Arc::new(Op::ALL.map(|_| AtomicU64::new(0))),
             ops,
             bytes,
             seconds,

@@ -87,6 +87,7 @@ impl<D: BlockDevice> DeviceSet<D> {
                 chunks: 0,
                 draining: false,
                 error: format!("cannot open: {e}"),
+                io: Default::default(),
             }));
         }
         out

@@ -205,6 +205,7 @@ impl MdmLink {
             known_version: self.map.version(),
             sdc: None,
             throttled_ms: Vec::new(),
+            io: Vec::new(),
         };
         match self.client.request(&req, self.opts.request_timeout).await? {
             MdmResponse::Map { state: Some(s) } => {

@@ -9,6 +9,9 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
+use proto::msg::IoCounters;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 /// Label set with one `(name, value)` pair.
 pub type Labels = Vec<(String, String)>;
@@ -68,6 +71,7 @@ impl DeviceIoFamilies {
             ]
         };
         DeviceIo {
+            micros: Arc::new(DeviceOp::ALL.map(|_| AtomicU64::new(0))),
             requests: DeviceOp::ALL.map(|op| self.requests.get_or_create(&labels(op)).clone()),
             bytes: DeviceOp::ALL.map(|op| self.bytes.get_or_create(&labels(op)).clone()),
             seconds: DeviceOp::ALL.map(|op| self.seconds.get_or_create(&labels(op)).clone()),
@@ -78,6 +82,8 @@ impl DeviceIoFamilies {
 /// One device's I/O counters and latency.
 #[derive(Clone)]
 pub struct DeviceIo {
+    /// Summed latency per op, in microseconds (for the hello's [`IoCounters`]).
+    micros: Arc<[AtomicU64; 3]>,
     requests: [Counter; 3],
     bytes: [Counter; 3],
     seconds: [Histogram; 3],
@@ -89,7 +95,25 @@ impl DeviceIo {
         let i = op as usize;
         self.requests[i].inc();
         self.bytes[i].inc_by(bytes);
-        self.seconds[i].observe(started.elapsed().as_secs_f64());
+        let took = started.elapsed();
+        self.seconds[i].observe(took.as_secs_f64());
+        self.micros[i].fetch_add(
+            u64::try_from(took.as_micros()).unwrap_or(u64::MAX),
+            Ordering::Relaxed,
+        );
+    }
+
+    /// The device's reads and writes so far, as the hello reports them.
+    pub fn counters(&self) -> IoCounters {
+        let (r, w) = (DeviceOp::Read as usize, DeviceOp::Write as usize);
+        IoCounters {
+            read_ops: self.requests[r].get(),
+            write_ops: self.requests[w].get(),
+            read_bytes: self.bytes[r].get(),
+            write_bytes: self.bytes[w].get(),
+            read_micros: self.micros[r].load(Ordering::Relaxed),
+            write_micros: self.micros[w].load(Ordering::Relaxed),
+        }
     }
 }
 

@@ -209,6 +209,7 @@ impl<D: BlockDevice> Storage<D> {
                 chunks: d.store.chunk_count() as u64,
                 draining: d.draining(),
                 error: d.failure.lock().map(|e| e.clone()).unwrap_or_default(),
+                io: d.io.counters(),
             })
             .collect()
     }

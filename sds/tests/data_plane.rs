@@ -852,6 +852,7 @@ async fn the_mdm_link_follows_the_leader_registers_and_fetches_the_map() {
             chunks: 0,
             draining: false,
             error: String::new(),
+            io: Default::default(),
         }]
     });
     let link = Arc::new(MdmLink::new(

@@ -277,6 +277,8 @@ pub struct Mdm {
     pub node: Option<netns::Node>,
     pub addr: SocketAddr,
     pub metrics: SocketAddr,
+    /// Its HTTPS REST API and dashboard.
+    pub api: SocketAddr,
     pub proc: Proc,
 }
 
@@ -405,6 +407,7 @@ impl Cluster {
         let ip = node.as_ref().map_or([127, 0, 0, 1], |n| n.ip.octets());
         let addr: SocketAddr = (ip, port).into();
         let metrics: SocketAddr = (ip, mport).into();
+        let api: SocketAddr = (ip, free_port()).into();
         // A test's own --config (in `extra_mdm_args`) replaces the harness's empty one.
         let mut args: Vec<String> = Vec::new();
         if !self.extra_mdm_args.iter().any(|a| a == "--config") {
@@ -424,6 +427,8 @@ impl Cluster {
             self.dir.join("certs/mdm").display().to_string(),
             "--metrics-listen".into(),
             metrics.to_string(),
+            "--api-listen".into(),
+            api.to_string(),
         ]);
         args.extend(self.extra_mdm_args.iter().cloned());
         if bootstrap {
@@ -447,6 +452,7 @@ impl Cluster {
             node,
             addr,
             metrics,
+            api,
             proc,
         });
     }
@@ -709,7 +715,8 @@ impl DataCluster {
 
     /// The most general start: see [`DataOpts`].
     pub fn start_opts(name: &str, o: &DataOpts) -> DataCluster {
-        let c = Cluster::start_in(name, o.n_mdm, &[], o.net.clone());
+        let mdm_extra: Vec<&str> = o.mdm_extra.iter().map(String::as_str).collect();
+        let c = Cluster::start_in(name, o.n_mdm, &mdm_extra, o.net.clone());
         let mut sds_nodes = Vec::new();
         c.must_scli(&["--add_protection_domain", "--protection_domain_name", "pd1"]);
         c.must_scli(&[
@@ -1193,6 +1200,8 @@ pub struct DataOpts {
     pub sds_bin: Option<PathBuf>,
     /// Extra flags for the SDC `sdc1`.
     pub sdc_extra: Vec<String>,
+    /// Extra flags for every MDM.
+    pub mdm_extra: Vec<String>,
 }
 
 impl Default for DataOpts {
@@ -1208,6 +1217,7 @@ impl Default for DataOpts {
             adaptive_rebuild: false,
             sds_bin: None,
             sdc_extra: Vec::new(),
+            mdm_extra: Vec::new(),
         }
     }
 }
@@ -1411,6 +1421,7 @@ pub fn cluster_map(c: &Cluster) -> proto::model::ClusterState {
             known_version: 0,
             sdc: None,
             throttled_ms: Vec::new(),
+            io: Vec::new(),
         },
     ) {
         Ok(proto::msg::MdmResponse::Map { state: Some(s) }) => *s,

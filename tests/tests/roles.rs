@@ -121,6 +121,7 @@ fn table(token: &str) -> Vec<(MdmRequest, &'static [&'static str])> {
                 known_version: 0,
                 sdc: None,
                 throttled_ms: Vec::new(),
+                io: Vec::new(),
             },
             &[SDS, SDC],
         ),
@@ -466,6 +467,7 @@ fn each_mdm_request_from_a_wrong_role_is_refused_and_changes_nothing() {
             known_version: 0,
             sdc: Some(host2),
             throttled_ms: Vec::new(),
+            io: Vec::new(),
         },
     )
     .expect_err("renewing another host's session");
@@ -478,6 +480,7 @@ fn each_mdm_request_from_a_wrong_role_is_refused_and_changes_nothing() {
             known_version: 0,
             sdc: Some(host1),
             throttled_ms: Vec::new(),
+            io: Vec::new(),
         },
     );
     assert!(matches!(own, Ok(MdmResponse::Map { .. })), "{own:?}");

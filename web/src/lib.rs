@@ -15,6 +15,8 @@
 //!   the classic text format 0.0.4 the content type announces, which `promtool check metrics`
 //!   and every scraper read.
 //! - [`serve_metrics`]: bind and serve that router, what every daemon's `metrics_listen` runs.
+//! - [`serve_tls`]: the same over TLS (the MDM's HTTPS API and dashboard). Handlers may take
+//!   `Extension<ConnectInfo<SocketAddr>>` to learn who connected.
 
 use axum::http::{header, StatusCode};
 use axum::response::IntoResponse;
@@ -27,6 +29,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
 
 /// Renders the metrics text (may refresh gauges first).
 pub type Render = Arc<dyn Fn() -> String + Send + Sync>;
@@ -61,6 +64,27 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
 /// Serve `router` on `listener` until the process ends (see the module doc).
 pub async fn serve(listener: TcpListener, router: Router, limits: Limits) {
+    accept_loop(listener, router, limits, None).await
+}
+
+/// Serve `router` over TLS (HTTPS) on `listener` until the process ends, with the same
+/// limits; the TLS handshake must finish within [`Limits::header_timeout`]. A connection over
+/// the cap is closed without an answer (a plain `503` would be garbage to a TLS client).
+pub async fn serve_tls(
+    listener: TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    router: Router,
+    limits: Limits,
+) {
+    accept_loop(listener, router, limits, Some(TlsAcceptor::from(tls))).await
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    router: Router,
+    limits: Limits,
+    tls: Option<TlsAcceptor>,
+) {
     let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
     loop {
         let (sock, peer) = match listener.accept().await {
@@ -73,24 +97,53 @@ pub async fn serve(listener: TcpListener, router: Router, limits: Limits) {
         };
         let Ok(permit) = slots.clone().try_acquire_owned() else {
             tracing::debug!(%peer, "HTTP connection refused: {} already served", limits.max_connections);
-            tokio::spawn(refuse_busy(sock));
+            if tls.is_none() {
+                tokio::spawn(refuse_busy(sock));
+            }
             continue;
         };
-        let service = TowerToHyperService::new(router.clone());
+        // Handlers see who connected (`ConnectInfo<SocketAddr>`).
+        let service = TowerToHyperService::new(
+            router
+                .clone()
+                .layer(axum::Extension(axum::extract::ConnectInfo(peer))),
+        );
+        let tls = tls.clone();
         tokio::spawn(async move {
-            let mut builder = hyper::server::conn::http1::Builder::new();
-            builder
-                .timer(TokioTimer::new())
-                .header_read_timeout(limits.header_timeout)
-                .max_buf_size(64 << 10);
-            let conn = builder.serve_connection(TokioIo::new(sock), service);
-            match tokio::time::timeout(limits.connection_lifetime, conn).await {
-                Ok(Err(e)) => tracing::debug!(%peer, "HTTP connection ended: {e}"),
-                Ok(Ok(())) => {}
-                Err(_) => tracing::debug!(%peer, "HTTP connection closed at its lifetime"),
+            match tls {
+                None => serve_connection(sock, service, peer, limits).await,
+                Some(acceptor) => {
+                    match tokio::time::timeout(limits.header_timeout, acceptor.accept(sock)).await {
+                        Ok(Ok(stream)) => serve_connection(stream, service, peer, limits).await,
+                        Ok(Err(e)) => tracing::debug!(%peer, "TLS handshake failed: {e}"),
+                        Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                    }
+                }
             }
             drop(permit);
         });
+    }
+}
+
+/// Drive one connection's requests until it ends or reaches its lifetime.
+async fn serve_connection<S>(
+    stream: S,
+    service: TowerToHyperService<Router>,
+    peer: SocketAddr,
+    limits: Limits,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_timeout)
+        .max_buf_size(64 << 10);
+    let conn = builder.serve_connection(TokioIo::new(stream), service);
+    match tokio::time::timeout(limits.connection_lifetime, conn).await {
+        Ok(Err(e)) => tracing::debug!(%peer, "HTTP connection ended: {e}"),
+        Ok(Ok(())) => {}
+        Err(_) => tracing::debug!(%peer, "HTTP connection closed at its lifetime"),
     }
 }
 

@@ -144,7 +144,7 @@ impl Service {
             .map_err(|e| WireError::new(ErrorCode::Unavailable, format!("Could not reach the new MDM at {addr}: {e}. Is it running with this cluster's certificates?")))?;
         let resp = call_control(&client, &MdmRequest::Identify).await?;
         client.close();
-        let MdmResponse::Identity { id, cluster_id } = resp else {
+        let MdmResponse::Identity { id, cluster_id, .. } = resp else {
             return fail(ErrorCode::Internal, "unexpected answer to Identify");
         };
         let state = self.raft.shared.read_state();

@@ -71,6 +71,11 @@ pub struct Service {
     backward_window: Duration,
     /// Held from a thick create's or growth's capacity check until it is applied.
     thick_admission: tokio::sync::Mutex<()>,
+    /// The last hour of I/O rates, from hellos and map polls (leader-only soft state).
+    pub history: Mutex<crate::history::History>,
+    history_period: Duration,
+    /// Where this MDM serves its REST API and dashboard (told to peers in `Identity`).
+    pub api_url: std::sync::OnceLock<String>,
 }
 
 /// The SDC session clock (leader-only soft state). A new term forgets what an earlier
@@ -132,6 +137,8 @@ pub struct Timeouts {
     pub sdc_session: Duration,
     /// A down SDS back within this long is refilled by backward rebuild.
     pub backward_window: Duration,
+    /// How often the leader samples I/O rates for the dashboard.
+    pub history_sample: Duration,
 }
 
 impl Service {
@@ -147,6 +154,7 @@ impl Service {
             sds_down: sds_down_timeout,
             sdc_session: sdc_session_timeout,
             backward_window,
+            history_sample,
         } = timeouts;
         Arc::new(Service {
             raft,
@@ -165,6 +173,9 @@ impl Service {
             down_since: Mutex::new(HashMap::new()),
             backward_window,
             thick_admission: tokio::sync::Mutex::new(()),
+            history: Mutex::new(crate::history::History::new(history_sample)),
+            history_period: history_sample,
+            api_url: std::sync::OnceLock::new(),
         })
     }
 
@@ -212,6 +223,25 @@ impl Service {
             let st = self.raft.shared.status();
             if st.is_leader && st.leader_ready {
                 return st;
+            }
+        }
+    }
+
+    /// The leader's I/O sampler: every history period, turn the counters SDS and SDCs last
+    /// reported into a point per pool, SDS and volume ([`crate::history`]). Idle on followers.
+    pub async fn sample_history(self: Arc<Self>) {
+        let mut tick = leader_interval(self.history_period);
+        let start = Instant::now();
+        loop {
+            let st = self.leader_tick(&mut tick).await;
+            let objects = crate::history::Objects::of(&self.raft.shared.read_state());
+            if let Ok(mut h) = self.history.lock() {
+                h.sample(
+                    st.term,
+                    &objects,
+                    proto::clock::now_unix(),
+                    start.elapsed().as_secs_f64(),
+                );
             }
         }
     }
@@ -299,6 +329,7 @@ impl Service {
             return Ok(MdmResponse::Identity {
                 id: self.raft.id,
                 cluster_id,
+                api_url: self.api_url.get().cloned(),
             });
         }
         if let MdmRequest::Introduce { members } = req {
@@ -310,48 +341,12 @@ impl Service {
                 unreachable!("answered above")
             }
             MdmRequest::Login { username, password } => {
-                let r = self.login(&username, &password);
-                let (severity, kind, message) = match &r {
-                    Ok(_) => (
-                        Severity::Info,
-                        "login",
-                        format!("User {username} logged in from {}", peer.addr.ip()),
-                    ),
-                    Err(_) => (
-                        Severity::Warning,
-                        "login_failed",
-                        format!("Failed login as {username} from {}", peer.addr.ip()),
-                    ),
-                };
-                self.record_event(severity, kind, &username, message);
-                r
+                self.login_from(peer.addr.ip(), &username, &password, None)
             }
             MdmRequest::Command { token, command } => {
-                let need = match command {
-                    Command::AddUser { .. }
-                    | Command::AddStandbyMdm { .. }
-                    | Command::SwitchClusterMode { .. } => Role::Administrator,
-                    _ => Role::Configure,
-                };
-                let user = self.authorize(&token, need)?;
-                tracing::info!(%user, peer = %peer.addr, "command {}", authz::command_name(&command));
-                let name = authz::command_name(&command);
-                let out = self.command(command).await?;
-                self.record_event(
-                    Severity::Info,
-                    "command",
-                    &user,
-                    format!("{name}: {}", out.message),
-                );
-                Ok(MdmResponse::Done {
-                    message: out.message,
-                    object_id: out.object_id.map(|i| format!("{i:016x}")),
-                })
+                self.command_as(peer.addr, &token, command).await
             }
-            MdmRequest::Query { token, query } => {
-                self.authorize(&token, Role::Monitor)?;
-                self.query(&query)
-            }
+            MdmRequest::Query { token, query } => self.query_as(&token, &query),
             MdmRequest::SdsHello {
                 name,
                 devices,
@@ -439,10 +434,15 @@ impl Service {
                 known_version,
                 sdc,
                 throttled_ms,
+                io,
             } => {
                 if let Some(id) = sdc {
                     authz::require_own_sdc_id(peer, &self.raft.shared.read_state(), id)?;
                     let term = self.raft.shared.status().term;
+                    if let Ok(mut h) = self.history.lock() {
+                        let state = self.raft.shared.read_state();
+                        h.report_sdc(term, id, &io, |v| state.volumes.contains_key(&v));
+                    }
                     if let Ok(mut m) = self.sdc_seen.lock() {
                         m.roll(term);
                         m.seen.insert(id, Instant::now());
@@ -465,7 +465,81 @@ impl Service {
         }
     }
 
-    fn login(&self, username: &str, password: &str) -> Result<MdmResponse, WireError> {
+    /// A login from `from` (scli over QUIC, or the REST API), recorded as an event.
+    pub fn login_from(
+        &self,
+        from: std::net::IpAddr,
+        username: &str,
+        password: &str,
+        ttl_secs: Option<u64>,
+    ) -> Result<MdmResponse, WireError> {
+        self.require_leader()?;
+        let r = self.login(username, password, ttl_secs);
+        let (severity, kind, message) = match &r {
+            Ok(_) => (
+                Severity::Info,
+                "login",
+                format!("User {username} logged in from {from}"),
+            ),
+            Err(_) => (
+                Severity::Warning,
+                "login_failed",
+                format!("Failed login as {username} from {from}"),
+            ),
+        };
+        self.record_event(severity, kind, username, message);
+        r
+    }
+
+    /// The role a user needs for `command`: Administrator for users, MDMs and the cluster
+    /// mode, Configure for the rest.
+    pub fn role_needed(command: &Command) -> Role {
+        match command {
+            Command::AddUser { .. }
+            | Command::AddStandbyMdm { .. }
+            | Command::SwitchClusterMode { .. } => Role::Administrator,
+            _ => Role::Configure,
+        }
+    }
+
+    /// Run `command` for the user whose session `token` is (from `from`), if their role allows
+    /// it; recorded as an event.
+    pub async fn command_as(
+        &self,
+        from: std::net::SocketAddr,
+        token: &str,
+        command: Command,
+    ) -> Result<MdmResponse, WireError> {
+        self.require_leader()?;
+        let user = self.authorize(token, Self::role_needed(&command))?;
+        let name = authz::command_name(&command);
+        tracing::info!(%user, peer = %from, "command {name}");
+        let out = self.command(command).await?;
+        self.record_event(
+            Severity::Info,
+            "command",
+            &user,
+            format!("{name}: {}", out.message),
+        );
+        Ok(MdmResponse::Done {
+            message: out.message,
+            object_id: out.object_id.map(|i| format!("{i:016x}")),
+        })
+    }
+
+    /// Answer `query` for any logged-in user (Monitor and up).
+    pub fn query_as(&self, token: &str, query: &Query) -> Result<MdmResponse, WireError> {
+        self.require_leader()?;
+        self.authorize(token, Role::Monitor)?;
+        self.query(query)
+    }
+
+    fn login(
+        &self,
+        username: &str,
+        password: &str,
+        ttl_secs: Option<u64>,
+    ) -> Result<MdmResponse, WireError> {
         let state = self.raft.shared.read_state();
         let denied = || {
             WireError::new(
@@ -477,7 +551,9 @@ impl Service {
         if auth::hash_password(&user.salt, password) != user.password_sha256 {
             return Err(denied());
         }
-        let expires_unix = proto::clock::now_unix() + self.session_ttl_secs;
+        // A client may ask for a shorter session than the configured one, never a longer.
+        let ttl = ttl_secs.map_or(self.session_ttl_secs, |t| t.clamp(1, self.session_ttl_secs));
+        let expires_unix = proto::clock::now_unix() + ttl;
         let token = auth::make_token(&state.secret, username, user.role, expires_unix);
         Ok(MdmResponse::Session {
             token,
@@ -602,6 +678,9 @@ impl Service {
             });
         let id = sds.id;
         self.heard(id);
+        if let Ok(mut h) = self.history.lock() {
+            h.report_sds(self.raft.shared.status().term, id, &devices);
+        }
         if changed {
             if sds.state == proto::model::SdsState::Down {
                 tracing::info!(%name, "a down SDS reports again; it holds no copy until rebuilt");

@@ -341,6 +341,7 @@ fn a_device_is_drained_before_its_record_goes() {
                     chunks,
                     draining,
                     error: String::new(),
+                    io: Default::default(),
                 }],
                 backward: false,
                 boot: String::new(),
