@@ -48,9 +48,10 @@ pub struct MdmMetrics {
     pub pool_pgs: Family<Labels, Gauge>,
     pub pool_rebuild_bytes_left: Family<Labels, Gauge>,
     pub pool_rebuild_bytes_per_second: Family<Labels, Gauge>,
-    /// The cluster's MDMs (voters) and those the leader hears (itself included).
-    pub mdms: Gauge,
-    pub mdms_active: Gauge,
+    /// The cluster's MDMs (voters) and those the leader hears (itself included), labelled with
+    /// the leader's name; absent on followers.
+    pub mdms: Family<Labels, Gauge>,
+    pub mdms_active: Family<Labels, Gauge>,
     /// 1 for the cluster's mode (label `mode`: 1_node, 3_node, 5_node).
     pub cluster_mode: Family<Labels, Gauge>,
     /// SDS by `state` (Initializing, Normal, Down, Removing).
@@ -207,7 +208,7 @@ impl MdmMetrics {
         }
         r.register(
             "meshblock_mdm_cluster_mdms",
-            "MDMs voting in the cluster (the leader's view; 0 on followers)",
+            "MDMs voting in the cluster (exported by the leader only, label leader)",
             m.mdms.clone(),
         );
         r.register(
@@ -275,8 +276,13 @@ impl MdmMetrics {
                 .get_or_create(&l)
                 .set(g(r.bytes_per_sec));
         }
-        self.mdms.set(g(c.total as u64));
-        self.mdms_active.set(g(c.active as u64));
+        let leader = one("leader", c.leader.as_ref().map_or("", |l| l.name.as_str()));
+        self.mdms.clear();
+        self.mdms_active.clear();
+        self.mdms.get_or_create(&leader).set(g(c.total as u64));
+        self.mdms_active
+            .get_or_create(&leader)
+            .set(g(c.active as u64));
         let mode = serde_json::to_value(s.mode)
             .ok()
             .and_then(|v| v.as_str().map(str::to_string))
@@ -325,9 +331,9 @@ impl MdmMetrics {
 
     /// Drop the leader's gauges (a follower knows no SDS usage).
     pub fn clear_pools(&self) {
-        self.mdms.set(0);
-        self.mdms_active.set(0);
         for f in [
+            &self.mdms,
+            &self.mdms_active,
             &self.pool_pgs,
             &self.pool_rebuild_bytes_left,
             &self.pool_rebuild_bytes_per_second,

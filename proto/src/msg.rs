@@ -399,6 +399,10 @@ pub struct ClusterStatus {
     pub standbys: Vec<MdmStatus>,
     pub term: u64,
     pub commit_index: u64,
+    /// Per pool: the PG moves the rebalance still plans beyond those in flight (pools with
+    /// none left out).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub rebalance_moves_planned: std::collections::BTreeMap<String, u64>,
     /// The leader's analysis of single losses, for `Query::Resilience` only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resilience: Option<crate::resilience::Resilience>,

@@ -171,7 +171,8 @@ pub struct Args {
     #[arg(long)]
     pub json: bool,
     /// With --remove_sds or --remove_sds_device: follow the removal until done, with a progress
-    /// line (chunks and PG copies left, copy rate, ETA).
+    /// line (chunks and PG copies left, copy rate, ETA); with --add_sds: until the SDS serves
+    /// and the rebalance onto it is over (PG moves left, copy rate).
     #[arg(long)]
     pub wait: bool,
     /// With --query_storage_pool: redraw the pool every 2 s until interrupted (Ctrl-C).
@@ -804,8 +805,8 @@ pub async fn run(a: Args) -> anyhow::Result<String> {
     if a.since.is_some() && name != "--query_events" {
         bail!("--since goes with --query_events only");
     }
-    if a.wait && !matches!(name, "--remove_sds" | "--remove_sds_device") {
-        bail!("--wait goes with --remove_sds and --remove_sds_device only");
+    if a.wait && !matches!(name, "--remove_sds" | "--remove_sds_device" | "--add_sds") {
+        bail!("--wait goes with --add_sds, --remove_sds and --remove_sds_device only");
     }
     if a.watch && name != "--query_storage_pool" {
         bail!("--watch goes with --query_storage_pool only");
@@ -887,6 +888,9 @@ pub async fn run(a: Args) -> anyhow::Result<String> {
     if let Some(command) = command {
         let waited = match (&command, a.wait) {
             (Command::RemoveSds { name }, true) => Some(crate::progress::Waited::Sds(name.clone())),
+            (Command::AddSds { name, .. }, true) => {
+                Some(crate::progress::Waited::Added(name.clone()))
+            }
             (Command::RemoveSdsDevice { sds, path }, true) => {
                 Some(crate::progress::Waited::Device {
                     sds: sds.clone(),

@@ -1,6 +1,7 @@
 //! Long operations followed to their end: `--remove_sds --wait` and `--remove_sds_device
 //! --wait` show a progress line (chunks and PG copies left to move, the copy rate, an ETA)
-//! until the SDS or device is gone; `--query_storage_pool --watch` redraws the pool every two
+//! until the SDS or device is gone; `--add_sds --wait` until the rebalance onto the new SDS is
+//! over; `--query_storage_pool --watch` redraws the pool every two
 //! seconds until interrupted. On a terminal the line is rewritten in place (the pool view
 //! redrawn); otherwise each update is a plain line, for logs.
 
@@ -19,6 +20,9 @@ pub enum Waited {
     Sds(String),
     /// A device being removed: done when its SDS no longer lists it.
     Device { sds: String, path: String },
+    /// A new SDS: done when it serves and no pool of its protection domain has PG moves in
+    /// flight or planned.
+    Added(String),
 }
 
 /// How often the progress is asked for.
@@ -50,9 +54,47 @@ fn show(line: &str, tty: bool) {
     let _ = out.flush();
 }
 
+/// The rebalance onto a new SDS: a progress line, or `None` once it is over.
+fn rebalance(name: &str, c: &ClusterStatus, s: &ClusterState) -> Option<String> {
+    let x = s.sds_by_name(name)?;
+    let pools: Vec<_> = s.pools.values().filter(|p| p.pd == x.pd).collect();
+    let moves: u32 = pools.iter().map(|p| s.pool_health(p).rebalancing_pgs).sum();
+    let planned: u64 = pools
+        .iter()
+        .filter_map(|p| c.rebalance_moves_planned.get(&p.name))
+        .sum();
+    let serving = x.state == proto::model::SdsState::Normal;
+    if serving && moves == 0 && planned == 0 {
+        return None;
+    }
+    let copies = pools
+        .iter()
+        .flat_map(|p| p.pgs.iter())
+        .filter(|m| m.primary == Some(x.id) || m.secondary == Some(x.id))
+        .count();
+    let rate: u64 = s
+        .sds
+        .values()
+        .filter(|y| y.pd == x.pd)
+        .filter_map(|y| c.sds_stats.get(&y.name))
+        .map(|y| y.rebuild_bytes_per_sec)
+        .sum();
+    if !serving {
+        return Some(format!(
+            "Adding SDS {name}: waiting for it to report ({:?})",
+            x.state
+        ));
+    }
+    Some(format!(
+        "Rebalancing onto SDS {name}: {moves} PG moves in flight and {planned} more planned, {copies} PG copies on it, {}/s",
+        human(rate)
+    ))
+}
+
 /// One progress line for `w`, or `None` once it is done.
 fn progress(w: &Waited, c: &ClusterStatus, s: &ClusterState) -> Option<String> {
     let (x, what) = match w {
+        Waited::Added(name) => return rebalance(name, c, s),
         Waited::Sds(name) => (s.sds_by_name(name)?, format!("SDS {name}")),
         Waited::Device { sds, path } => {
             let x = s.sds_by_name(sds)?;
@@ -62,8 +104,8 @@ fn progress(w: &Waited, c: &ClusterStatus, s: &ClusterState) -> Option<String> {
     };
     let st = c.sds_stats.get(&x.name).cloned().unwrap_or_default();
     let left = match w {
-        Waited::Sds(_) => st.chunks_stored,
         Waited::Device { .. } => st.chunks_draining,
+        Waited::Sds(_) | Waited::Added(_) => st.chunks_stored,
     };
     let copies: usize = s
         .pools
@@ -101,14 +143,16 @@ pub async fn wait(c: &MdmClient, token: &str, w: Waited) -> anyhow::Result<Strin
                 if tty {
                     println!();
                 }
-                let what = match &w {
-                    Waited::Sds(name) => format!("SDS {name}"),
-                    Waited::Device { sds, path } => format!("Device {path} of SDS {sds}"),
-                };
-                return Ok(format!(
-                    "{what} removed after {} s.",
-                    started.elapsed().as_secs()
-                ));
+                let secs = started.elapsed().as_secs();
+                return Ok(match &w {
+                    Waited::Sds(name) => format!("SDS {name} removed after {secs} s."),
+                    Waited::Device { sds, path } => {
+                        format!("Device {path} of SDS {sds} removed after {secs} s.")
+                    }
+                    Waited::Added(name) => {
+                        format!("SDS {name} serves; the rebalance onto it ended after {secs} s.")
+                    }
+                });
             }
         }
         tokio::time::sleep(POLL).await;

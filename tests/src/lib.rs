@@ -1202,6 +1202,9 @@ pub struct DataOpts {
     pub sdc_extra: Vec<String>,
     /// Extra flags for every MDM.
     pub mdm_extra: Vec<String>,
+    /// Add SDS with `scli --add_sds --wait`, checking that it returns once the rebalance onto
+    /// the new SDS is over.
+    pub add_sds_wait: bool,
 }
 
 impl Default for DataOpts {
@@ -1218,6 +1221,7 @@ impl Default for DataOpts {
             sds_bin: None,
             sdc_extra: Vec::new(),
             mdm_extra: Vec::new(),
+            add_sds_wait: false,
         }
     }
 }
@@ -1266,7 +1270,21 @@ fn spawn_sds(
     if let Some(fs) = fs {
         add.extend(["--fault_set_name".to_string(), fs]);
     }
-    c.must_scli(&add.iter().map(String::as_str).collect::<Vec<_>>());
+    // With `add_sds_wait`, scli follows the SDS until its rebalance ends: it runs while the SDS
+    // starts, and is waited for after.
+    let waiter = if o.add_sds_wait {
+        add.push("--wait".into());
+        let child = c
+            .scli_command(&add.iter().map(String::as_str).collect::<Vec<_>>())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("run scli --add_sds --wait");
+        Some(child)
+    } else {
+        c.must_scli(&add.iter().map(String::as_str).collect::<Vec<_>>());
+        None
+    };
     // A test's own --config (in `sds_extra`) replaces the harness's empty one.
     let config: Vec<String> = if o.sds_extra.iter().any(|a| a == "--config") {
         Vec::new()
@@ -1307,6 +1325,26 @@ fn spawn_sds(
         &args,
         c.dir.join(&format!("{n}.log")),
     );
+    if let Some(child) = waiter {
+        let out = child.wait_with_output().expect("scli --add_sds --wait");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "scli --add_sds --wait: {text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let last = text.lines().last().unwrap_or_default();
+        assert!(
+            last.contains("the rebalance onto it ended"),
+            "scli --add_sds --wait ends when the rebalance does: {text}"
+        );
+        summary(&format!(
+            "scli --add_sds {n} --wait: {} progress lines, then \"{last}\"",
+            text.lines()
+                .filter(|l| l.contains("PG moves in flight"))
+                .count()
+        ));
+    }
     (p, addr, metrics, node)
 }
 

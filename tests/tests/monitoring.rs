@@ -384,7 +384,7 @@ fn every_daemon_exports_what_operators_alert_on_and_promtool_accepts_it() {
                 "pdx",
                 "--wait",
             ],
-            "--wait goes with --remove_sds",
+            "--wait goes with --add_sds, --remove_sds",
         ),
     ] {
         let out = dc.c.scli_raw(&args);

@@ -310,14 +310,26 @@ fn rebalance_on_add_and_remove() {
     fill_pattern(&dc.socket, "vol1", FILL_START, FILL, 51).expect("fill");
     let w = Writer::start(&dc, REGION, 52);
     w.wait_more(500, "writes before the new SDS");
-    dc.add_sds(&opts, 4);
+    // scli follows the new SDS until the rebalance onto it ends (checked in `add_sds`).
+    dc.add_sds(
+        &DataOpts {
+            add_sds_wait: true,
+            ..opts.clone()
+        },
+        4,
+    );
     wait_sds_state(&dc, "sds4", "Normal");
     let copies = |dc: &DataCluster, name: &str| -> u64 {
         let v =
             dc.c.must_scli(&["--query_sds", "--sds_name", name, "--json"]);
         v.json()["pg_copies"].as_u64().unwrap_or(0)
     };
-    // 64 PGs x 2 copies over 4 equal SDS: 32 each.
+    // 64 PGs x 2 copies over 4 equal SDS: 32 each. `--wait` returned only once it was so.
+    let at_return = copies(&dc, "sds4");
+    assert!(
+        (29..=35).contains(&at_return),
+        "scli --add_sds --wait returned with {at_return} copies on sds4, its share is 32"
+    );
     wait_for("sds4 filled to its share", Duration::from_secs(300), || {
         let v = pool_state(&dc.c, "sp1");
         (v["state"] == "Normal" && copies(&dc, "sds4") >= 29).then_some(())

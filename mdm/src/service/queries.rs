@@ -116,6 +116,15 @@ impl Service {
             standbys,
             term: st.term,
             commit_index: st.commit,
+            rebalance_moves_planned: state
+                .pools
+                .values()
+                .map(|p| {
+                    let n = rebalance::planned_moves(state, p, usize::MAX).len() as u64;
+                    (p.name.clone(), n)
+                })
+                .filter(|(_, n)| *n > 0)
+                .collect(),
             resilience: None,
         }
     }

@@ -3,6 +3,40 @@
 
 use super::*;
 
+/// The PG moves the rebalance driver would start next in `pool` (at most `max`; copies already
+/// moving count as moved): toward each SDS's share by capacity, and off SDS being removed.
+/// Empty when the pool is balanced, or holds no volume (nothing to move).
+pub(crate) fn planned_moves(
+    state: &ClusterState,
+    pool: &proto::model::StoragePool,
+    max: usize,
+) -> Vec<crate::placement::Move> {
+    if !state.volumes.values().any(|v| v.pool == pool.id) {
+        return Vec::new();
+    }
+    let cands: Vec<crate::placement::Candidate> = state
+        .sds
+        .values()
+        .filter(|x| x.pd == pool.pd && x.state == SdsState::Normal && !x.removing)
+        .map(|x| crate::placement::Candidate {
+            id: x.id,
+            fault_set: x.fault_set,
+            capacity: x.capacity_in(pool.id),
+        })
+        .collect();
+    let leaving: Vec<proto::SdsId> = state
+        .sds
+        .values()
+        .filter(|x| x.removing)
+        .map(|x| x.id)
+        .collect();
+    let mut pgs = pool.pgs.clone();
+    for m in pgs.iter_mut() {
+        m.leaving = None;
+    }
+    crate::placement::plan_moves(&pgs, &cands, &leaving, max)
+}
+
 impl Service {
     /// The leader's rebalance driver: moves PG copies (a bounded number per pool at a time,
     /// through Raft) until every SDS holds about its share by capacity, empties SDS being
@@ -84,31 +118,7 @@ impl Service {
         if in_flight >= REBALANCE_MOVES_MAX {
             return Ok(());
         }
-        let cands: Vec<crate::placement::Candidate> = state
-            .sds
-            .values()
-            .filter(|x| x.pd == pool.pd && x.state == SdsState::Normal && !x.removing)
-            .map(|x| crate::placement::Candidate {
-                id: x.id,
-                fault_set: x.fault_set,
-                capacity: x.capacity_in(pool.id),
-            })
-            .collect();
-        let leaving: Vec<proto::SdsId> = state
-            .sds
-            .values()
-            .filter(|x| x.removing)
-            .map(|x| x.id)
-            .collect();
-        // Copies already moving count as moved.
-        let mut pgs = pool.pgs.clone();
-        for m in pgs.iter_mut() {
-            if m.leaving.is_some() {
-                m.leaving = None;
-            }
-        }
-        let moves =
-            crate::placement::plan_moves(&pgs, &cands, &leaving, REBALANCE_MOVES_MAX - in_flight);
+        let moves = planned_moves(state, pool, REBALANCE_MOVES_MAX - in_flight);
         for mv in moves {
             let out = self
                 .propose(Op::MovePg {
