@@ -205,6 +205,21 @@ pub fn pool_rebuild(
     r
 }
 
+/// Bytes allocated to V-tree `vtree` (one copy: each chunk is stored twice), from what the SDS
+/// last reported; `None` before any SDS reported.
+pub fn vtree_allocated(stats: &BTreeMap<String, SdsStats>, vtree: crate::VtreeId) -> Option<u64> {
+    if stats.is_empty() {
+        return None;
+    }
+    let copies: u64 = stats
+        .values()
+        .flat_map(|s| s.vtree_chunks.iter())
+        .filter(|(t, _)| *t == vtree)
+        .map(|(_, n)| n)
+        .sum();
+    Some(copies.div_ceil(2) * CHUNK_SIZE)
+}
+
 /// A size for messages: MiB below 10 GiB, else GB with two decimals.
 pub fn human(bytes: u64) -> String {
     if bytes < 10 << 30 {

@@ -431,6 +431,10 @@ pub struct SdsStats {
     /// snapshots, as `(vtree, layer, chunks)`: what `--query_vtree` adds up.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub layer_chunks: Vec<(VtreeId, LayerId, u64)>,
+    /// Chunks this SDS holds (every copy) of each V-tree, recounted every few seconds: the
+    /// space volumes use, as `--query_volume` shows it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub vtree_chunks: Vec<(VtreeId, u64)>,
     /// Chunks those copies still have to visit (each at most 1 MiB).
     #[serde(default)]
     pub rebuild_chunks_left: u64,

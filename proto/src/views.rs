@@ -60,6 +60,7 @@ pub fn volume(s: &ClusterState, c: &ClusterStatus, v: &Volume) -> Value {
         "created": (v.created_unix > 0).then(|| crate::clock::rfc3339(v.created_unix)),
         "snapshot_of": v.snapshot.as_ref().map(|x| x.volume),
         "consistency_group": v.snapshot.as_ref().map(|x| x.group),
+        "capacity": volume_capacity(s, c, v),
     })
 }
 
@@ -95,6 +96,22 @@ pub fn sds(s: &ClusterState, c: &ClusterStatus, x: &crate::model::Sds) -> Value 
         });
     }
     v
+}
+
+/// A volume's space: what its V-tree has allocated (1 MiB chunks written to, one copy) against
+/// its size; for a volume alone in its V-tree (no snapshots) that is the volume's own use, else
+/// `--query_vtree` splits it among the members.
+pub fn volume_capacity(s: &ClusterState, c: &ClusterStatus, v: &Volume) -> Value {
+    let alone = s.vtree_members(v.vtree).count() == 1;
+    match crate::capacity::vtree_allocated(&c.sds_stats, v.vtree) {
+        None => Value::Null,
+        Some(b) if alone => json!({
+            "allocated_bytes": b,
+            "free_bytes": v.size_bytes.saturating_sub(b),
+            "allocated_percent": crate::capacity::percent(b, v.size_bytes),
+        }),
+        Some(b) => json!({"vtree_allocated_bytes": b}),
+    }
 }
 
 /// A protection domain with its pools (as [`pool`]), fault sets and SDS by name.

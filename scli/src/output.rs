@@ -140,6 +140,23 @@ fn volume_text(s: &ClusterState, c: &ClusterStatus, v: &Volume) -> String {
     if let Some(d) = proto::docker::stored_name(&v.labels) {
         let _ = writeln!(o, "    Docker volume: {d}");
     }
+    let cap = views::volume_capacity(s, c, v);
+    if let Some(a) = cap["allocated_bytes"].as_u64() {
+        let _ = writeln!(
+            o,
+            "    Allocated: {} of {} ({}%), {} free",
+            human(a),
+            human(v.size_bytes),
+            cap["allocated_percent"],
+            human(cap["free_bytes"].as_u64().unwrap_or(0))
+        );
+    } else if let Some(a) = cap["vtree_allocated_bytes"].as_u64() {
+        let _ = writeln!(
+            o,
+            "    Allocated: {} in its V-tree with its snapshots (--query_vtree splits it)",
+            human(a)
+        );
+    }
     if v.created_unix > 0 {
         let _ = writeln!(o, "    Created: {}", proto::clock::rfc3339(v.created_unix));
     }

@@ -13,8 +13,14 @@ use proto::msg::SdsStats;
 use proto::{ChunkId, ErrorCode, CHUNK_SIZE};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// How long a count of chunks per V-tree (a scan of the chunk index) is reused by hellos.
+const VTREE_COUNT_PERIOD: Duration = Duration::from_secs(5);
+
+/// Chunks held per V-tree.
+type VtreeCounts = Vec<(proto::VtreeId, u64)>;
 
 /// Pause between passes over an empty SDS, and before the first pass.
 const IDLE: Duration = Duration::from_secs(5);
@@ -33,6 +39,8 @@ pub struct Scrubber<D> {
     /// Bytes per second; 0 disables the scrubber.
     rate: u64,
     pub progress: Arc<ScrubProgress>,
+    /// The last count of chunks per V-tree, and when it was made.
+    vtree_counts: Mutex<Option<(Instant, VtreeCounts)>>,
 }
 
 impl<D: BlockDevice> Scrubber<D> {
@@ -42,6 +50,7 @@ impl<D: BlockDevice> Scrubber<D> {
             service,
             rate: rate_bytes_per_sec,
             progress: Arc::new(ScrubProgress::default()),
+            vtree_counts: Mutex::new(None),
         })
     }
 
@@ -66,7 +75,31 @@ impl<D: BlockDevice> Scrubber<D> {
             thick_chunks_stored: self.service.storage().thick_stored(),
             thick_chunks_no_space: m.thick_chunks_no_space.get().max(0) as u64,
             layer_chunks: self.layer_chunks(),
+            vtree_chunks: self.vtree_chunks(),
         }
+    }
+
+    /// Chunks held per V-tree of the map's volumes (see `SdsStats::vtree_chunks`), recounted
+    /// at most every [`VTREE_COUNT_PERIOD`].
+    fn vtree_chunks(&self) -> Vec<(proto::VtreeId, u64)> {
+        let Ok(mut cache) = self.vtree_counts.lock() else {
+            return Vec::new();
+        };
+        if let Some((at, counts)) = cache.as_ref() {
+            if at.elapsed() < VTREE_COUNT_PERIOD {
+                return counts.clone();
+            }
+        }
+        let map = self.map.state();
+        let vtrees: std::collections::BTreeSet<proto::VtreeId> =
+            map.volumes.values().map(|v| v.vtree).collect();
+        let counts: Vec<(proto::VtreeId, u64)> = vtrees
+            .into_iter()
+            .map(|t| (t, self.service.storage().chunks_of(t).len() as u64))
+            .filter(|(_, n)| *n > 0)
+            .collect();
+        *cache = Some((Instant::now(), counts.clone()));
+        counts
     }
 
     /// Chunks held per layer of each V-tree with snapshots (see `SdsStats::layer_chunks`).

@@ -142,6 +142,30 @@ fn thick_reservations_hold_while_thin_data_fills_the_pool() {
         text.contains("thin provisioning promised more than the pool holds"),
         "{text}"
     );
+    // Each volume: what its chunks take against its size (the SDS recount every few seconds).
+    let volume = |name: &str| {
+        c.must_scli(&["--query_volume", "--volume_name", name, "--json"])
+            .json()
+    };
+    let thick = wait_for(
+        "the thick volume's chunks counted as its space",
+        Duration::from_secs(60),
+        || {
+            let v = volume("thick1");
+            (v["capacity"]["allocated_bytes"].as_u64() == Some(32 << 20)).then_some(v)
+        },
+    );
+    assert_eq!(thick["capacity"]["free_bytes"], 0, "{thick}");
+    assert_eq!(thick["capacity"]["allocated_percent"], 100, "{thick}");
+    assert_eq!(volume("vol1")["capacity"]["allocated_bytes"], 0);
+    let text = c
+        .must_scli(&["--query_volume", "--volume_name", "thick1"])
+        .stdout;
+    assert!(
+        text.contains("Allocated: 32 MiB of 32 MiB (100%), 0 MiB free"),
+        "{text}"
+    );
+
     // Each SDS: stored and free add up to its chunk space.
     let all = c.must_scli(&["--query_all_sds", "--json"]).json();
     for x in all.as_array().expect("SDS list") {
