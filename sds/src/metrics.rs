@@ -140,6 +140,9 @@ pub struct SdsMetrics {
     pub reads_from_other_copy: Counter,
     /// 1 per device that has failed.
     pub device_failed: Family<Labels, Gauge>,
+    /// Bytes of each device's journal taken by records not yet applied, and its size.
+    pub device_journal_used: Family<Labels, Gauge>,
+    pub device_journal_size: Family<Labels, Gauge>,
     pub chunks_allocated: Gauge,
     /// Blocks journaled but not yet applied in place (held in memory).
     pub journal_overlay_blocks: Gauge,
@@ -351,6 +354,8 @@ impl SdsMetrics {
             device_errors: Counter::default(),
             reads_from_other_copy: Counter::default(),
             device_failed: Family::default(),
+            device_journal_used: Family::default(),
+            device_journal_size: Family::default(),
             chunks_allocated: Gauge::default(),
             journal_overlay_blocks: Gauge::default(),
             journal_records_merged: DeviceTotal::default(),
@@ -440,6 +445,17 @@ impl SdsMetrics {
             m.reads_from_other_copy.clone(),
         );
         r.register(
+            "meshblock_sds_device_journal_used_bytes",
+            "Bytes of the device's write-ahead journal taken by records not yet applied in place \
+             (writes wait when it is full)",
+            m.device_journal_used.clone(),
+        );
+        r.register(
+            "meshblock_sds_device_journal_size_bytes",
+            "Size of the device's write-ahead journal ring",
+            m.device_journal_size.clone(),
+        );
+        r.register(
             "meshblock_sds_device_failed",
             "1 when the device has failed",
             m.device_failed.clone(),
@@ -525,6 +541,14 @@ impl SdsMetrics {
     }
 
     /// Set a device's failed gauge.
+    /// Record a device's journal fill.
+    pub fn set_device_journal(&self, path: &str, used: u64, size: u64) {
+        let l: Labels = vec![("device".into(), path.into())];
+        let g = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        self.device_journal_used.get_or_create(&l).set(g(used));
+        self.device_journal_size.get_or_create(&l).set(g(size));
+    }
+
     pub fn set_device_failed(&self, path: &str, failed: bool) {
         self.device_failed
             .get_or_create(&vec![("device".to_string(), path.to_string())])

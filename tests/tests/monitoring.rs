@@ -207,6 +207,13 @@ fn every_daemon_exports_what_operators_alert_on_and_promtool_accepts_it() {
             })
             .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
             .sum::<f64>();
+        // Its journal's fill: the ring's size, and what unapplied records take of it.
+        let size = value(&body, "meshblock_sds_device_journal_size_bytes", &[]).unwrap_or(0.0);
+        let used = value(&body, "meshblock_sds_device_journal_used_bytes", &[]).unwrap_or(-1.0);
+        assert!(
+            size >= (1 << 20) as f64 && (0.0..=size).contains(&used),
+            "SDS {i}: journal {used} of {size} bytes"
+        );
     }
     assert!(
         device_writes >= (2 << 20) as f64,

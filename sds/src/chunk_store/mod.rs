@@ -537,6 +537,13 @@ struct Plan {
 }
 
 impl<D: BlockDevice> ChunkStore<D> {
+    /// The journal's fill: bytes its records not yet applied and reclaimed take, of the bytes
+    /// the ring holds. Writes wait for room once it is full; the apply frees it.
+    pub fn journal_fill(&self) -> (u64, u64) {
+        let (start, end) = self.ring();
+        (lock(&self.journal).used, end.saturating_sub(start))
+    }
+
     /// The device's geometry and identity.
     pub fn superblock(&self) -> &Superblock {
         &self.sb

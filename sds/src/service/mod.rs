@@ -172,6 +172,8 @@ impl<D: BlockDevice> Service<D> {
         );
         for d in self.storage.devices().iter() {
             self.metrics.set_device_failed(&d.path, d.failed());
+            let (used, size) = d.store.journal_fill();
+            self.metrics.set_device_journal(&d.path, used, size);
         }
         let devices = self.storage.devices();
         self.metrics.journal_records_merged.set(
