@@ -54,6 +54,16 @@ fn show(line: &str, tty: bool) {
     let _ = out.flush();
 }
 
+/// The copy rate (rebuild and rebalance) of the SDS of `x`'s protection domain, bytes/s.
+fn copy_rate(c: &ClusterStatus, s: &ClusterState, x: &proto::model::Sds) -> u64 {
+    s.sds
+        .values()
+        .filter(|y| y.pd == x.pd)
+        .filter_map(|y| c.sds_stats.get(&y.name))
+        .map(|y| y.rebuild_bytes_per_sec)
+        .sum()
+}
+
 /// The rebalance onto a new SDS: a progress line, or `None` once it is over.
 fn rebalance(name: &str, c: &ClusterStatus, s: &ClusterState) -> Option<String> {
     let x = s.sds_by_name(name)?;
@@ -72,13 +82,7 @@ fn rebalance(name: &str, c: &ClusterStatus, s: &ClusterState) -> Option<String> 
         .flat_map(|p| p.pgs.iter())
         .filter(|m| m.primary == Some(x.id) || m.secondary == Some(x.id))
         .count();
-    let rate: u64 = s
-        .sds
-        .values()
-        .filter(|y| y.pd == x.pd)
-        .filter_map(|y| c.sds_stats.get(&y.name))
-        .map(|y| y.rebuild_bytes_per_sec)
-        .sum();
+    let rate = copy_rate(c, s, x);
     if !serving {
         return Some(format!(
             "Adding SDS {name}: waiting for it to report ({:?})",
@@ -113,13 +117,7 @@ fn progress(w: &Waited, c: &ClusterStatus, s: &ClusterState) -> Option<String> {
         .flat_map(|p| p.pgs.iter())
         .filter(|m| [m.primary, m.secondary, m.leaving].contains(&Some(x.id)))
         .count();
-    let rate: u64 = s
-        .sds
-        .values()
-        .filter(|y| y.pd == x.pd)
-        .filter_map(|y| c.sds_stats.get(&y.name))
-        .map(|y| y.rebuild_bytes_per_sec)
-        .sum();
+    let rate = copy_rate(c, s, x);
     let eta = match (w, rate) {
         (Waited::Sds(_), r) if r > 0 => format!("ETA {} s", (left << 20).div_ceil(r)),
         _ => "ETA unknown".into(),

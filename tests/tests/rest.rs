@@ -399,6 +399,11 @@ fn any_mdm_but_the_leader_redirects_to_the_leaders_api() {
     assert_eq!(a.status, 307, "{}", a.body);
     let want = format!("https://{}/api/v1/cluster?x=1", c.mdms[leader].api);
     assert_eq!(a.header("location").as_deref(), Some(want.as_str()));
+    // The dashboard too.
+    let d = f.call("GET", "/", None, None);
+    assert_eq!(d.status, 307);
+    let want = format!("https://{}/", c.mdms[leader].api);
+    assert_eq!(d.header("location").as_deref(), Some(want.as_str()));
     let l = Api::new(&c, c.mdms[leader].api);
     let token = l.login("admin", ADMIN_PASSWORD);
     let cluster = l.get("/api/v1/cluster", &token).json();
