@@ -429,6 +429,7 @@ pub fn render(q: &Query, a: &Args, c: &ClusterStatus, s: &ClusterState) -> anyho
                     Some(proto::msg::SdcSelector::Name(n)) => &c.name == n,
                     Some(proto::msg::SdcSelector::Ip(i)) => &c.ip == i,
                     Some(proto::msg::SdcSelector::Guid(g)) => c.guid.eq_ignore_ascii_case(g),
+                    Some(proto::msg::SdcSelector::Id(i)) => &c.id == i,
                 })
                 .collect();
             let t: Vec<String> = list

@@ -55,6 +55,8 @@ pub struct Service {
     liveness: Mutex<Liveness>,
     sds_down_timeout: Duration,
     /// What each SDS reported in its last hello to this MDM (soft state, not replicated).
+    /// What each SDS last said in its hello, by the name its certificate carries (see
+    /// `sds_stats()` for them by display name).
     sds_stats: Mutex<std::collections::BTreeMap<String, SdsStats>>,
     /// Per SDS: bytes copied at the start of the rate window, its start, the last rate.
     rebuild_rates: Mutex<HashMap<String, (u64, Instant, u64)>>,
@@ -329,11 +331,14 @@ impl Service {
             MdmRequest::Command { token, command } => {
                 let need = match command {
                     Command::AddUser { .. }
+                    | Command::RemoveUser { .. }
                     | Command::AddStandbyMdm { .. }
+                    | Command::RemoveStandbyMdm { .. }
                     | Command::SwitchClusterMode { .. } => Role::Administrator,
                     _ => Role::Configure,
                 };
                 let user = self.authorize(&token, need)?;
+                authz::refuse_self_removal(&command, &user)?;
                 tracing::info!(%user, peer = %peer.addr, "command {}", authz::command_name(&command));
                 let name = authz::command_name(&command);
                 let out = self.command(command).await?;
@@ -391,7 +396,7 @@ impl Service {
             } => {
                 authz::require_own_sds(peer, &name)?;
                 let state = self.raft.shared.read_state();
-                let me = state.sds_by_name(&name).map(|x| x.id);
+                let me = state.sds_by_cert_name(&name).map(|x| x.id);
                 let primary = state
                     .pools
                     .get(&pool)
@@ -421,7 +426,7 @@ impl Service {
                 authz::require_own_sdc(peer, &name)?;
                 let state = self.raft.shared.read_state();
                 if let Some(c) = state.sdcs.values().find(|c| c.guid == guid) {
-                    if c.name == name || name.is_empty() {
+                    if c.cert_name() == name || name.is_empty() {
                         return Ok(MdmResponse::SdcRegistered { id: c.id });
                     }
                 }
@@ -567,7 +572,7 @@ impl Service {
     ) -> Result<MdmResponse, WireError> {
         let received = Instant::now();
         let state = self.raft.shared.read_state();
-        let Some(mut sds) = state.sds_by_name(name).cloned() else {
+        let Some(mut sds) = state.sds_by_cert_name(name).cloned() else {
             return fail(
                 ErrorCode::NotFound,
                 format!("No SDS named {name} was added; add it with scli --add_sds"),
@@ -582,7 +587,13 @@ impl Service {
             tracing::warn!(%name, "the SDS's host restarted (new boot id): declaring it down, its copies are rebuilt");
             let out = self.propose(Op::SdsDown { sds: sds.id }).await?;
             tracing::info!(%name, "{}", out.message);
-            let Some(again) = self.raft.shared.read_state().sds_by_name(name).cloned() else {
+            let Some(again) = self
+                .raft
+                .shared
+                .read_state()
+                .sds_by_cert_name(name)
+                .cloned()
+            else {
                 return fail(ErrorCode::NotFound, format!("SDS {name} was removed"));
             };
             sds = again;

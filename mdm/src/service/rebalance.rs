@@ -167,7 +167,7 @@ impl Service {
         pd: proto::PdId,
         skip: impl Fn(&proto::model::Sds, &proto::model::Device) -> bool,
     ) -> (HashMap<proto::SdsId, u64>, u64) {
-        let stats = self.sds_stats.lock().map(|m| m.clone()).unwrap_or_default();
+        let stats = self.sds_stats(state);
         let mut stored = HashMap::new();
         let mut capacity = 0u64;
         for x in state

@@ -1,9 +1,10 @@
-//! The [`Command`] each changing flag sends, built and checked before anything is sent.
+//! The [`Command`] each changing flag sends, built and checked before anything is sent. clap
+//! already checked that the options each command needs are there and well formed; objects
+//! given by id were turned into names (`ids`) before this runs.
 
-use super::values::{need, parse_gb, parse_u64};
+use super::values::need;
 use super::Args;
-use anyhow::{anyhow, bail};
-use proto::model::{ClusterMode, Role};
+use anyhow::bail;
 use proto::msg::Command;
 
 impl Args {
@@ -13,11 +14,22 @@ impl Args {
             || need(&self.protection_domain_name, "--protection_domain_name").map(String::from);
         let pool = || need(&self.storage_pool_name, "--storage_pool_name").map(String::from);
         let vol = || need(&self.volume_name, "--volume_name").map(String::from);
+        let sds = || need(&self.sds_name, "--sds_name").map(String::from);
+        let size = || match self.size_gb {
+            Some(b) => Ok(b),
+            None => bail!("missing --size_gb"),
+        };
         let policy =
             || need(&self.snapshot_policy_name, "--snapshot_policy_name").map(String::from);
+        let new_name = || need(&self.new_name, "--new_name").map(String::from);
         let c = match name {
             "--add_protection_domain" => Command::AddProtectionDomain { name: pd()? },
+            "--remove_protection_domain" => Command::RemoveProtectionDomain { name: pd()? },
             "--add_fault_set" => Command::AddFaultSet {
+                pd: pd()?,
+                name: need(&self.fault_set_name, "--fault_set_name")?.into(),
+            },
+            "--remove_fault_set" => Command::RemoveFaultSet {
                 pd: pd()?,
                 name: need(&self.fault_set_name, "--fault_set_name")?.into(),
             },
@@ -25,25 +37,21 @@ impl Args {
                 pd: pd()?,
                 name: pool()?,
                 media_type: self.media_type.clone().unwrap_or_default(),
-                pg_count: self
-                    .pg_count
-                    .as_deref()
-                    .map(|v| {
-                        parse_u64(v, "--pg_count").and_then(|n| {
-                            u32::try_from(n).map_err(|_| anyhow!("--pg_count is too large"))
-                        })
-                    })
-                    .transpose()?,
+                pg_count: self.pg_count,
             },
+            "--remove_storage_pool" => Command::RemoveStoragePool { name: pool()? },
             "--add_sds" => Command::AddSds {
-                name: need(&self.sds_name, "--sds_name")?.into(),
+                name: sds()?,
                 addr: need(&self.sds_ip, "--sds_ip")?.into(),
                 pd: pd()?,
                 fault_set: self.fault_set_name.clone(),
                 devices: self.devices(&pool()?)?,
             },
-            "--remove_sds" => Command::RemoveSds {
-                name: need(&self.sds_name, "--sds_name")?.into(),
+            "--remove_sds" => Command::RemoveSds { name: sds()? },
+            "--abort_remove_sds" => Command::AbortRemoveSds { name: sds()? },
+            "--rename_sds" => Command::RenameSds {
+                name: sds()?,
+                new_name: new_name()?,
             },
             "--add_sds_device" => {
                 let mut d = self.devices(&pool()?)?;
@@ -51,12 +59,12 @@ impl Args {
                     bail!("--add_sds_device takes one --device_path");
                 }
                 Command::AddSdsDevice {
-                    sds: need(&self.sds_name, "--sds_name")?.into(),
+                    sds: sds()?,
                     device: d.remove(0),
                 }
             }
             "--clear_sds_device_error" => Command::ClearSdsDeviceError {
-                sds: need(&self.sds_name, "--sds_name")?.into(),
+                sds: sds()?,
                 path: need(&self.device_path, "--device_path")?.into(),
             },
             "--remove_sds_device" => {
@@ -65,23 +73,18 @@ impl Args {
                     bail!("--remove_sds_device takes one --device_path");
                 }
                 Command::RemoveSdsDevice {
-                    sds: need(&self.sds_name, "--sds_name")?.into(),
+                    sds: sds()?,
                     path: path.into(),
                 }
             }
-            "--add_volume" => {
-                if self.thin_provisioned && self.thick_provisioned {
-                    bail!("give --thin_provisioned or --thick_provisioned, not both");
-                }
-                Command::AddVolume {
-                    pool: pool()?,
-                    name: vol()?,
-                    size_bytes: parse_gb(need(&self.size_gb, "--size_gb")?, "--size_gb")?,
-                    thin: !self.thick_provisioned,
-                    labels: self.parse_labels()?,
-                    preempt: self.preempt,
-                }
-            }
+            "--add_volume" => Command::AddVolume {
+                pool: pool()?,
+                name: vol()?,
+                size_bytes: size()?,
+                thin: !self.thick_provisioned,
+                labels: self.parse_labels()?,
+                preempt: self.preempt,
+            },
             "--remove_volume" => Command::RemoveVolume {
                 name: vol()?,
                 mode: self.remove_mode.unwrap_or_default(),
@@ -108,25 +111,22 @@ impl Args {
                     labels: Default::default(),
                 }
             }
-            "--remove_consistency_group_snapshots" => Command::RemoveConsistencyGroupSnapshots {
-                group: parse_u64(
-                    need(&self.consistency_group_id, "--consistency_group_id")?,
-                    "--consistency_group_id",
-                )?,
-            },
+            "--remove_consistency_group_snapshots" => {
+                let Some(group) = self.consistency_group_id else {
+                    bail!("missing --consistency_group_id");
+                };
+                Command::RemoveConsistencyGroupSnapshots { group }
+            }
             "--add_snapshot_policy" => Command::AddSnapshotPolicy {
                 name: policy()?,
                 cadence_secs: match (
                     self.auto_snapshot_creation_cadence_in_min,
                     self.auto_snapshot_creation_cadence_in_sec,
                 ) {
-                    (Some(m), None) => m.saturating_mul(60),
+                    (Some(m), _) => m.saturating_mul(60),
                     (None, Some(s)) => s,
                     (None, None) => {
                         bail!("missing --auto_snapshot_creation_cadence_in_min (or _in_sec)")
-                    }
-                    (Some(_), Some(_)) => {
-                        bail!("give the cadence in minutes or in seconds, not both")
                     }
                 },
                 retain: {
@@ -162,11 +162,11 @@ impl Args {
             },
             "--modify_volume_capacity" => Command::ModifyVolumeCapacity {
                 name: vol()?,
-                size_bytes: parse_gb(need(&self.size_gb, "--size_gb")?, "--size_gb")?,
+                size_bytes: size()?,
             },
             "--rename_volume" => Command::RenameVolume {
                 name: vol()?,
-                new_name: need(&self.new_name, "--new_name")?.into(),
+                new_name: new_name()?,
             },
             "--map_volume_to_sdc" => Command::MapVolumeToSdc {
                 volume: vol()?,
@@ -175,9 +175,9 @@ impl Args {
                 takeover: self.takeover,
             },
             "--unmap_volume_from_sdc" => {
-                let sdc = self.sdc()?;
+                let sdc = self.sdc();
                 if sdc.is_none() && !self.all_sdcs {
-                    bail!("missing --sdc_name, --sdc_ip, --sdc_guid or --all_sdcs");
+                    bail!("missing --sdc_name, --sdc_ip, --sdc_guid, --sdc_id or --all_sdcs");
                 }
                 Command::UnmapVolumeFromSdc {
                     volume: vol()?,
@@ -185,59 +185,41 @@ impl Args {
                 }
             }
             "--set_rebuild_rebalance_policy" => {
-                let num = |v: &Option<String>, flag: &str| -> anyhow::Result<Option<u32>> {
-                    v.as_deref()
-                        .map(|x| {
-                            parse_u64(x, flag).and_then(|n| {
-                                u32::try_from(n).map_err(|_| anyhow!("{flag} is too large"))
-                            })
-                        })
-                        .transpose()
-                };
-                let adaptive = match self.adaptive.as_deref() {
-                    None => None,
-                    Some("on") | Some("true") | Some("yes") => Some(true),
-                    Some("off") | Some("false") | Some("no") => Some(false),
-                    Some(x) => bail!("--adaptive takes on or off, got '{x}'"),
-                };
-                let concurrency = num(&self.concurrency, "--concurrency")?;
-                let bandwidth_mib_s = num(&self.bandwidth_mib_s, "--bandwidth_mib_s")?;
-                if concurrency.is_none() && bandwidth_mib_s.is_none() && adaptive.is_none() {
+                if self.concurrency.is_none()
+                    && self.bandwidth_mib_s.is_none()
+                    && self.adaptive.is_none()
+                {
                     bail!("missing --concurrency, --bandwidth_mib_s and/or --adaptive");
                 }
                 Command::SetRebuildPolicy {
-                    pool: need(&self.storage_pool_name, "--storage_pool_name")?.to_string(),
-                    concurrency,
-                    bandwidth_mib_s,
-                    adaptive,
+                    pool: pool()?,
+                    concurrency: self.concurrency,
+                    bandwidth_mib_s: self.bandwidth_mib_s,
+                    adaptive: self.adaptive,
                 }
             }
             "--set_sdc_volume_limits" => {
-                let iops = self
-                    .limit_iops
-                    .as_deref()
-                    .map(|v| parse_u64(v, "--limit_iops"))
-                    .transpose()?;
-                let bw = self
-                    .limit_bandwidth_kbps
-                    .as_deref()
-                    .map(|v| parse_u64(v, "--limit_bandwidth_kbps"))
-                    .transpose()?;
-                if iops.is_none() && bw.is_none() {
+                if self.limit_iops.is_none() && self.limit_bandwidth_kbps.is_none() {
                     bail!("missing --limit_iops and/or --limit_bandwidth_kbps");
                 }
                 Command::SetSdcVolumeLimits {
                     volume: vol()?,
                     sdc: self.need_sdc()?,
-                    iops_limit: iops,
-                    bandwidth_limit_kbps: bw,
+                    iops_limit: self.limit_iops,
+                    bandwidth_limit_kbps: self.limit_bandwidth_kbps,
                 }
             }
+            "--remove_sdc" => Command::RemoveSdc {
+                sdc: self.need_sdc()?,
+            },
+            "--rename_sdc" => Command::RenameSdc {
+                sdc: self.need_sdc()?,
+                new_name: new_name()?,
+            },
             "--add_user" => {
-                let role = need(&self.user_role, "--user_role")?;
-                let role = Role::parse(role).ok_or_else(|| {
-                    anyhow!("invalid --user_role '{role}': use Monitor, Configure or Administrator")
-                })?;
+                let Some(role) = self.user_role else {
+                    bail!("missing --user_role");
+                };
                 let name = need(&self.username, "--username")?;
                 Command::AddUser {
                     name: name.into(),
@@ -245,17 +227,21 @@ impl Args {
                     password: self.new_user_password(name)?,
                 }
             }
+            "--remove_user" => Command::RemoveUser {
+                name: need(&self.username, "--username")?.into(),
+            },
             "--add_standby_mdm" => Command::AddStandbyMdm {
                 addr: need(&self.new_mdm_ip, "--new_mdm_ip")?.into(),
                 name: self.mdm_name.clone(),
             },
+            "--remove_standby_mdm" => Command::RemoveStandbyMdm {
+                name: need(&self.mdm_name, "--mdm_name")?.into(),
+            },
             "--switch_cluster_mode" => {
-                let m = need(&self.cluster_mode, "--cluster_mode")?;
-                Command::SwitchClusterMode {
-                    mode: ClusterMode::parse(m).ok_or_else(|| {
-                        anyhow!("invalid --cluster_mode '{m}': use 1_node, 3_node or 5_node")
-                    })?,
-                }
+                let Some(mode) = self.cluster_mode else {
+                    bail!("missing --cluster_mode");
+                };
+                Command::SwitchClusterMode { mode }
             }
             _ => return Ok(None),
         };

@@ -19,7 +19,7 @@ impl Args {
             "--query_sds" => Query::Sds {
                 name: need(&self.sds_name, "--sds_name")?.into(),
             },
-            "--query_sdc" => Query::Sdc { sdc: self.sdc()? },
+            "--query_sdc" => Query::Sdc { sdc: self.sdc() },
             "--query_volume" => Query::Volume {
                 name: need(&self.volume_name, "--volume_name")?.into(),
             },

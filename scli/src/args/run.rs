@@ -2,29 +2,22 @@
 //! MDM, with its answer as text.
 
 use super::values::need;
-use super::Args;
+use super::{Args, DESTRUCTIVE};
 use crate::{client, output, session};
 use anyhow::{anyhow, bail, Context};
 use proto::msg::{Command, MdmRequest, MdmResponse, Query};
 
 /// Run the command line; the returned text goes to stdout.
-pub async fn run(a: Args) -> anyhow::Result<String> {
+pub async fn run(mut a: Args) -> anyhow::Result<String> {
     a.refuse_secrets()?;
     let cmds = a.commands();
+    // clap lets exactly one command through; this guards callers that build `Args` by hand.
     let name = match cmds.as_slice() {
         [one] => *one,
         [] => bail!("no command given; see scli --help"),
         many => bail!("give exactly one command, got {}", many.join(" ")),
     };
-    if a.since.is_some() && name != "--query_events" {
-        bail!("--since goes with --query_events only");
-    }
-    if a.wait && !matches!(name, "--remove_sds" | "--remove_sds_device") {
-        bail!("--wait goes with --remove_sds and --remove_sds_device only");
-    }
-    if a.watch && name != "--query_storage_pool" {
-        bail!("--watch goes with --query_storage_pool only");
-    }
+    refuse_unconfirmed(&a, name)?;
     if name == "--logout" {
         session::remove()?;
         return Ok("Logged out.".into());
@@ -87,18 +80,37 @@ pub async fn run(a: Args) -> anyhow::Result<String> {
         })?;
         return Ok(format!("Logged in. User role is {role}. System ID is not shown; session valid until {} (unix time).", expires_unix));
     }
-    // Validate the arguments before anything else, so a wrong command never reaches the MDM.
-    let command = a.command(name)?;
-    let query = if command.is_none() {
-        a.query(name)?
-    } else {
+    // Validate the arguments before anything else, so a wrong command never reaches the MDM;
+    // objects given by id need the map first.
+    let built = if a.has_ids() {
         None
+    } else {
+        Some(build(&a, name)?)
     };
     let s = session::load()?;
     let ips = a.mdm_ip.clone().unwrap_or_else(|| s.mdm_ips.clone());
     let c = client::connect(&ips, a.cert_dir.as_deref())
         .await
         .context("connect to the MDM")?;
+    if a.has_ids() {
+        let r = client::request(
+            &c,
+            &MdmRequest::Query {
+                token: s.token.clone(),
+                query: Query::Cluster,
+            },
+        )
+        .await
+        .context("read the map to find the objects given by id")?;
+        let MdmResponse::View { state, .. } = r else {
+            bail!("unexpected answer from the MDM")
+        };
+        a.resolve_ids(&state)?;
+    }
+    let (command, query) = match built {
+        Some(b) => b,
+        None => build(&a, name)?,
+    };
     if let Some(command) = command {
         let waited = match (&command, a.wait) {
             (Command::RemoveSds { name }, true) => Some(crate::progress::Waited::Sds(name.clone())),
@@ -176,4 +188,26 @@ fn remember_mdms(state: &proto::model::ClusterState) {
         s.mdm_ips = ips.join(",");
         let _ = session::save(&s);
     }
+}
+
+/// Refuse a command in [`DESTRUCTIVE`] without `--i_am_sure`, before anything is sent.
+pub(super) fn refuse_unconfirmed(a: &Args, name: &str) -> anyhow::Result<()> {
+    if DESTRUCTIVE.contains(&name) && !a.i_am_sure {
+        bail!(
+            "{name} removes or overwrites something for good: add --i_am_sure to confirm. \
+             Nothing was sent"
+        );
+    }
+    Ok(())
+}
+
+/// The command or query `name` sends (at most once: `--add_user` may ask for a password).
+fn build(a: &Args, name: &str) -> anyhow::Result<(Option<Command>, Option<Query>)> {
+    let command = a.command(name)?;
+    let query = if command.is_none() {
+        a.query(name)?
+    } else {
+        None
+    };
+    Ok((command, query))
 }

@@ -1,6 +1,6 @@
 //! Argument parsing and command building, without an MDM.
 
-use super::values::parse_gb;
+use super::values::parse_gb_arg;
 use super::*;
 use proto::msg::Command;
 
@@ -8,20 +8,24 @@ fn parse(v: &[&str]) -> Args {
     Args::try_parse_from(std::iter::once("scli").chain(v.iter().copied())).expect("parse")
 }
 
+/// clap's refusal of a command line: its kind, and the text of its message.
+fn must_not_parse(v: &[&str]) -> (clap::error::ErrorKind, String) {
+    let e = Args::try_parse_from(std::iter::once("scli").chain(v.iter().copied()))
+        .expect_err("refused by clap");
+    assert_eq!(e.exit_code(), 2, "{e}");
+    (e.kind(), e.to_string())
+}
+
 #[test]
 fn commands_need_their_options() {
-    let a = parse(&[
+    let (_, e) = must_not_parse(&[
         "--add_volume",
         "--storage_pool_name",
         "sp1",
         "--volume_name",
         "v",
     ]);
-    assert!(a
-        .command("--add_volume")
-        .expect_err("size missing")
-        .to_string()
-        .contains("--size_gb"));
+    assert!(e.contains("--size_gb"), "{e}");
     let a = parse(&[
         "--add_volume",
         "--storage_pool_name",
@@ -37,14 +41,164 @@ fn commands_need_their_options() {
         }) => assert_eq!((size_bytes, thin), (512 << 20, true)),
         other => panic!("{other:?}"),
     }
-    assert!(parse(&["--map_volume_to_sdc", "--volume_name", "v"])
-        .command("--map_volume_to_sdc")
-        .is_err());
-    assert!(
-        parse(&["--add_user", "--username", "u", "--user_role", "King"])
-            .command("--add_user")
-            .is_err()
+    let (_, e) = must_not_parse(&["--map_volume_to_sdc", "--volume_name", "v"]);
+    assert!(e.contains("--sdc_name"), "{e}");
+    let (_, e) = must_not_parse(&["--add_user", "--username", "u", "--user_role", "King"]);
+    assert!(e.contains("King"), "{e}");
+    let (_, e) = must_not_parse(&["--rename_sds", "--sds_name", "a"]);
+    assert!(e.contains("--new_name"), "{e}");
+}
+
+#[test]
+fn clap_checks_values_and_combinations() {
+    use clap::error::ErrorKind;
+    for (args, kind) in [
+        (
+            &["--query_all", "--query_cluster"][..],
+            ErrorKind::ArgumentConflict,
+        ),
+        (&[][..], ErrorKind::MissingRequiredArgument),
+        (
+            &["--query_volume", "--volume_name", "v", "--volume_id", "1"][..],
+            ErrorKind::ArgumentConflict,
+        ),
+        (
+            &["--query_volume", "--volume_id", "xyz"][..],
+            ErrorKind::ValueValidation,
+        ),
+        (
+            &[
+                "--modify_volume_capacity",
+                "--volume_name",
+                "v",
+                "--size_gb",
+                "0",
+            ][..],
+            ErrorKind::ValueValidation,
+        ),
+        (
+            &[
+                "--set_sdc_volume_limits",
+                "--volume_name",
+                "v",
+                "--sdc_name",
+                "h",
+                "--limit_iops",
+                "lots",
+            ][..],
+            ErrorKind::ValueValidation,
+        ),
+        (
+            &["--switch_cluster_mode", "--cluster_mode", "2_node"][..],
+            ErrorKind::ValueValidation,
+        ),
+        (
+            &[
+                "--add_volume",
+                "--storage_pool_name",
+                "p",
+                "--volume_name",
+                "v",
+                "--size_gb",
+                "1",
+                "--thin_provisioned",
+                "--thick_provisioned",
+            ][..],
+            ErrorKind::ArgumentConflict,
+        ),
+        (
+            &["--query_all", "--wait"][..],
+            ErrorKind::MissingRequiredArgument,
+        ),
+        (
+            &["--query_all", "--since", "1h"][..],
+            ErrorKind::MissingRequiredArgument,
+        ),
+        (
+            &["--remove_fault_set", "--fault_set_name", "fs1"][..],
+            ErrorKind::MissingRequiredArgument,
+        ),
+        (
+            &[
+                "--add_storage_pool",
+                "--protection_domain_name",
+                "pd",
+                "--storage_pool_name",
+                "p",
+                "--media_type",
+                "tape",
+            ][..],
+            ErrorKind::InvalidValue,
+        ),
+    ] {
+        let (k, e) = must_not_parse(args);
+        assert_eq!(k, kind, "{args:?}: {e}");
+    }
+}
+
+#[test]
+fn ids_parse_as_scli_prints_them() {
+    let a = parse(&["--query_sds", "--sds_id", "0x00000000000000ab"]);
+    assert_eq!(a.sds_id, Some(0xab));
+    let a = parse(&["--query_sds", "--sds_id", "abcd000000000007"]);
+    assert_eq!(a.sds_id, Some(0xabcd_0000_0000_0007));
+    assert!(a.has_ids());
+    let a = parse(&["--remove_sdc", "--sdc_id", "12", "--i_am_sure"]);
+    assert!(!a.has_ids(), "the MDM resolves SDC ids");
+    match a.command("--remove_sdc").expect("ok") {
+        Some(Command::RemoveSdc { sdc }) => {
+            assert_eq!(sdc, proto::msg::SdcSelector::Id(proto::SdcId(0x12)))
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn ids_resolve_to_names_or_are_refused() {
+    let mut s = proto::model::ClusterState::default();
+    let pd = proto::PdId(0x11);
+    s.pds.insert(
+        pd,
+        proto::model::ProtectionDomain {
+            id: pd,
+            name: "pd1".into(),
+        },
     );
+    let fs = proto::FaultSetId(0x22);
+    s.fault_sets.insert(
+        fs,
+        proto::model::FaultSet {
+            id: fs,
+            name: "fs1".into(),
+            pd,
+        },
+    );
+    let mut a = parse(&["--remove_fault_set", "--fault_set_id", "22", "--i_am_sure"]);
+    a.resolve_ids(&s).expect("known");
+    match a.command("--remove_fault_set").expect("ok") {
+        Some(Command::RemoveFaultSet { pd, name }) => {
+            assert_eq!((pd.as_str(), name.as_str()), ("pd1", "fs1"))
+        }
+        other => panic!("{other:?}"),
+    }
+    let mut a = parse(&["--remove_protection_domain", "--protection_domain_id", "99"]);
+    let e = a.resolve_ids(&s).expect_err("unknown");
+    assert!(
+        e.to_string()
+            .contains("no protection domain has id 0000000000000099"),
+        "{e}"
+    );
+}
+
+#[test]
+fn destructive_commands_need_i_am_sure() {
+    let a = parse(&["--remove_volume", "--volume_name", "v"]);
+    let e = run::refuse_unconfirmed(&a, "--remove_volume").expect_err("refused");
+    assert!(e.to_string().contains("add --i_am_sure"), "{e}");
+    let a = parse(&["--remove_volume", "--volume_name", "v", "--i_am_sure"]);
+    assert!(run::refuse_unconfirmed(&a, "--remove_volume").is_ok());
+    let a = parse(&["--rename_volume", "--volume_name", "v", "--new_name", "w"]);
+    assert!(run::refuse_unconfirmed(&a, "--rename_volume").is_ok());
 }
 
 #[test]
@@ -75,10 +229,10 @@ fn the_docker_label_is_reserved() {
 
 #[test]
 fn sizes_are_validated() {
-    assert!(parse_gb("abc", "--size_gb").is_err());
-    assert!(parse_gb("-1", "--size_gb").is_err());
-    assert!(parse_gb("0", "--size_gb").is_err());
-    assert_eq!(parse_gb("8", "--size_gb").expect("8"), 8 << 30);
+    assert!(parse_gb_arg("abc").is_err());
+    assert!(parse_gb_arg("-1").is_err());
+    assert!(parse_gb_arg("0").is_err());
+    assert_eq!(parse_gb_arg("8").expect("8"), 8 << 30);
 }
 
 #[test]
@@ -120,7 +274,5 @@ fn passwords_come_from_files_never_from_the_command_line() {
 
 #[test]
 fn exactly_one_command() {
-    let a = parse(&["--query_all", "--query_cluster"]);
-    assert_eq!(a.commands().len(), 2);
-    assert!(parse(&[]).commands().is_empty());
+    assert_eq!(parse(&["--query_all"]).commands(), ["--query_all"]);
 }
