@@ -693,7 +693,7 @@ impl ClusterState {
                 FenceCheck::Allowed
             }
             Some(m) => {
-                if self.sdcs.get(&m.sdc).is_none_or(|c| c.name != sdc) {
+                if self.sdcs.get(&m.sdc).is_none_or(|c| c.cert_name() != sdc) {
                     FenceCheck::OtherHost
                 } else if self
                     .volumes

@@ -373,10 +373,7 @@ fn every_daemon_exports_what_operators_alert_on_and_promtool_accepts_it() {
     assert!(seen.iter().any(|l| l.contains("sp1")), "{seen:#?}");
     drop(watch);
     for (args, why) in [
-        (
-            vec!["--query_all_sds", "--watch"],
-            "<--query_storage_pool>",
-        ),
+        (vec!["--query_all_sds", "--watch"], "<--query_storage_pool>"),
         (
             vec![
                 "--add_protection_domain",

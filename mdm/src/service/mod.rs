@@ -272,14 +272,26 @@ impl Service {
     }
 
     fn authorize(&self, token: &str, need: Role) -> Result<String, WireError> {
-        let secret = self
+        let (secret, users) = self
             .raft
             .shared
             .state
             .read()
-            .map(|s| s.secret.clone())
+            .map(|s| {
+                (
+                    s.secret.clone(),
+                    s.users.keys().cloned().collect::<Vec<_>>(),
+                )
+            })
             .unwrap_or_default();
         let (user, role) = auth::verify_token(&secret, token, proto::clock::now_unix())?;
+        // A removed user's sessions end with it (`--remove_user`).
+        if !users.contains(&user) {
+            return fail(
+                ErrorCode::PermissionDenied,
+                format!("User {user} no longer exists; log in as another user"),
+            );
+        }
         if role < need {
             return fail(
                 ErrorCode::PermissionDenied,
