@@ -24,7 +24,7 @@ mod secrets;
 mod values;
 
 pub use run::run;
-use values::{parse_adaptive, parse_cluster_mode, parse_gb_arg, parse_id, parse_role};
+use values::{parse_adaptive, parse_addr, parse_cluster_mode, parse_gb_arg, parse_id, parse_role};
 
 #[derive(Parser, Debug, Default)]
 #[command(
@@ -311,7 +311,8 @@ pub struct Args {
     pub media_type: Option<String>,
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
     pub pg_count: Option<u32>,
-    #[arg(long)]
+    /// The SDS's data address, IP:PORT.
+    #[arg(long, value_parser = parse_addr)]
     pub sds_ip: Option<String>,
     #[arg(long)]
     pub sds_name: Option<String>,
@@ -393,7 +394,8 @@ pub struct Args {
     pub limit_iops: Option<u64>,
     #[arg(long)]
     pub limit_bandwidth_kbps: Option<u64>,
-    #[arg(long)]
+    /// The new MDM's address, IP:PORT.
+    #[arg(long, value_parser = parse_addr)]
     pub new_mdm_ip: Option<String>,
     #[arg(long)]
     pub mdm_name: Option<String>,

@@ -93,6 +93,10 @@ fn clap_checks_values_and_combinations() {
             ErrorKind::ValueValidation,
         ),
         (
+            &["--add_standby_mdm", "--new_mdm_ip", "mdm2"][..],
+            ErrorKind::ValueValidation,
+        ),
+        (
             &[
                 "--add_volume",
                 "--storage_pool_name",

@@ -43,6 +43,13 @@ pub(super) fn parse_id(v: &str) -> Result<u64, String> {
         .map_err(|_| format!("'{v}' is not an id: ids are hex digits, as scli prints them"))
 }
 
+/// clap's parser of a daemon's address: `IP:PORT`.
+pub(super) fn parse_addr(v: &str) -> Result<String, String> {
+    v.parse::<std::net::SocketAddr>()
+        .map(|_| v.to_string())
+        .map_err(|_| format!("'{v}' is not IP:PORT"))
+}
+
 pub(super) fn parse_role(v: &str) -> Result<Role, String> {
     Role::parse(v).ok_or_else(|| format!("'{v}': use Monitor, Configure or Administrator"))
 }
