@@ -373,7 +373,10 @@ fn every_daemon_exports_what_operators_alert_on_and_promtool_accepts_it() {
     assert!(seen.iter().any(|l| l.contains("sp1")), "{seen:#?}");
     drop(watch);
     for (args, why) in [
-        (vec!["--query_all_sds", "--watch"], "<--query_storage_pool>"),
+        (
+            vec!["--query_all_sds", "--watch"],
+            "cannot be used with '--watch'",
+        ),
         (
             vec![
                 "--add_protection_domain",
@@ -381,7 +384,7 @@ fn every_daemon_exports_what_operators_alert_on_and_promtool_accepts_it() {
                 "pdx",
                 "--wait",
             ],
-            "<--remove_sds|--remove_sds_device>",
+            "cannot be used with '--wait'",
         ),
     ] {
         // clap refuses them (exit code 2) before anything is sent.

@@ -54,9 +54,8 @@ pub struct Service {
     /// When the leader last heard each SDS (leader-only, reset at every new term).
     liveness: Mutex<Liveness>,
     sds_down_timeout: Duration,
-    /// What each SDS reported in its last hello to this MDM (soft state, not replicated).
-    /// What each SDS last said in its hello, by the name its certificate carries (see
-    /// `sds_stats()` for them by display name).
+    /// What each SDS reported in its last hello to this MDM (soft state, not replicated), by
+    /// the name its certificate carries (see `sds_stats()` for them by display name).
     sds_stats: Mutex<std::collections::BTreeMap<String, SdsStats>>,
     /// Per SDS: bytes copied at the start of the rate window, its start, the last rate.
     rebuild_rates: Mutex<HashMap<String, (u64, Instant, u64)>>,
@@ -272,21 +271,22 @@ impl Service {
     }
 
     fn authorize(&self, token: &str, need: Role) -> Result<String, WireError> {
-        let (secret, users) = self
+        let secret = self
             .raft
             .shared
             .state
             .read()
-            .map(|s| {
-                (
-                    s.secret.clone(),
-                    s.users.keys().cloned().collect::<Vec<_>>(),
-                )
-            })
+            .map(|s| s.secret.clone())
             .unwrap_or_default();
         let (user, role) = auth::verify_token(&secret, token, proto::clock::now_unix())?;
         // A removed user's sessions end with it (`--remove_user`).
-        if !users.contains(&user) {
+        let exists = self
+            .raft
+            .shared
+            .state
+            .read()
+            .is_ok_and(|s| s.users.contains_key(&user));
+        if !exists {
             return fail(
                 ErrorCode::PermissionDenied,
                 format!("User {user} no longer exists; log in as another user"),

@@ -5,12 +5,12 @@ use super::*;
 use proto::msg::Command;
 
 fn parse(v: &[&str]) -> Args {
-    Args::try_parse_from(std::iter::once("scli").chain(v.iter().copied())).expect("parse")
+    try_parse_from(std::iter::once("scli").chain(v.iter().copied())).expect("parse")
 }
 
 /// clap's refusal of a command line: its kind, and the text of its message.
 fn must_not_parse(v: &[&str]) -> (clap::error::ErrorKind, String) {
-    let e = Args::try_parse_from(std::iter::once("scli").chain(v.iter().copied()))
+    let e = try_parse_from(std::iter::once("scli").chain(v.iter().copied()))
         .expect_err("refused by clap");
     assert_eq!(e.exit_code(), 2, "{e}");
     (e.kind(), e.to_string())
@@ -110,13 +110,24 @@ fn clap_checks_values_and_combinations() {
             ][..],
             ErrorKind::ArgumentConflict,
         ),
-        (
-            &["--query_all", "--wait"][..],
-            ErrorKind::MissingRequiredArgument,
-        ),
+        (&["--query_all", "--wait"][..], ErrorKind::ArgumentConflict),
         (
             &["--query_all", "--since", "1h"][..],
-            ErrorKind::MissingRequiredArgument,
+            ErrorKind::ArgumentConflict,
+        ),
+        (&["--query_all", "--watch"][..], ErrorKind::ArgumentConflict),
+        (
+            &[
+                "--add_volume",
+                "--storage_pool_name",
+                "p",
+                "--volume_name",
+                "v",
+                "--size_gb",
+                "1",
+                "--takeover",
+            ][..],
+            ErrorKind::ArgumentConflict,
         ),
         (
             &["--remove_fault_set", "--fault_set_name", "fs1"][..],
@@ -138,6 +149,26 @@ fn clap_checks_values_and_combinations() {
         let (k, e) = must_not_parse(args);
         assert_eq!(k, kind, "{args:?}: {e}");
     }
+}
+
+#[test]
+fn an_option_for_another_command_is_named_in_the_refusal() {
+    let (_, e) = must_not_parse(&["--query_all_sds", "--since", "1h"]);
+    assert!(
+        e.contains("cannot be used with")
+            && e.contains("'--since <WHEN>'")
+            && e.contains("'--query_all_sds'"),
+        "{e}"
+    );
+    parse(&["--query_events", "--since", "1h"]);
+    parse(&[
+        "--remove_sds_device",
+        "--sds_name",
+        "a",
+        "--device_path",
+        "/d",
+        "--wait",
+    ]);
 }
 
 #[test]
