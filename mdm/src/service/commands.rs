@@ -105,6 +105,10 @@ impl Service {
                 self.propose_command(Command::RemoveSdsDevice { sds, path })
                     .await
             }
+            command @ Command::AbortRemoveSds { .. } => {
+                let _in_order = self.sds_removal.lock().await;
+                self.propose_command(command).await
+            }
             Command::RemoveSds { name } => {
                 self.check_removal_fits(&name)?;
                 self.propose_command(Command::RemoveSds { name }).await

@@ -72,6 +72,9 @@ pub struct Service {
     backward_window: Duration,
     /// Held from a thick create's or growth's capacity check until it is applied.
     thick_admission: tokio::sync::Mutex<()>,
+    /// Orders the rebalance driver's removal of an emptied SDS against `--abort_remove_sds`:
+    /// each re-reads the map under it, so an aborted removal is never completed.
+    sds_removal: tokio::sync::Mutex<()>,
 }
 
 /// The SDC session clock (leader-only soft state). A new term forgets what an earlier
@@ -166,6 +169,7 @@ impl Service {
             down_since: Mutex::new(HashMap::new()),
             backward_window,
             thick_admission: tokio::sync::Mutex::new(()),
+            sds_removal: tokio::sync::Mutex::new(()),
         })
     }
 

@@ -27,6 +27,17 @@ impl Service {
                     .map(|p| state_machine::copies_on(p, sds.id))
                     .sum();
                 if held == 0 {
+                    // Not if `--abort_remove_sds` came in meanwhile.
+                    let _in_order = self.sds_removal.lock().await;
+                    let still = self
+                        .raft
+                        .shared
+                        .state
+                        .read()
+                        .is_ok_and(|s| s.sds.get(&sds.id).is_some_and(|x| x.removing));
+                    if !still {
+                        continue;
+                    }
                     let command = Command::RemoveSds {
                         name: sds.name.clone(),
                     };
