@@ -74,7 +74,16 @@ fn command_senders(command: &Command) -> &'static [CertRole] {
         | Command::OverwriteVolumeContent { .. }
         | Command::AddUser { .. }
         | Command::AddStandbyMdm { .. }
-        | Command::SwitchClusterMode { .. } => &[Admin],
+        | Command::SwitchClusterMode { .. }
+        | Command::RemoveProtectionDomain { .. }
+        | Command::RemoveStoragePool { .. }
+        | Command::RemoveFaultSet { .. }
+        | Command::RemoveSdc { .. }
+        | Command::RemoveUser { .. }
+        | Command::RemoveStandbyMdm { .. }
+        | Command::RenameSds { .. }
+        | Command::RenameSdc { .. }
+        | Command::AbortRemoveSds { .. } => &[Admin],
     }
 }
 
@@ -129,6 +138,15 @@ pub fn command_name(c: &Command) -> &'static str {
         Command::AddUser { .. } => "add_user",
         Command::AddStandbyMdm { .. } => "add_standby_mdm",
         Command::SwitchClusterMode { .. } => "switch_cluster_mode",
+        Command::RemoveProtectionDomain { .. } => "remove_protection_domain",
+        Command::RemoveStoragePool { .. } => "remove_storage_pool",
+        Command::RemoveFaultSet { .. } => "remove_fault_set",
+        Command::RemoveSdc { .. } => "remove_sdc",
+        Command::RemoveUser { .. } => "remove_user",
+        Command::RemoveStandbyMdm { .. } => "remove_standby_mdm",
+        Command::RenameSds { .. } => "rename_sds",
+        Command::RenameSdc { .. } => "rename_sdc",
+        Command::AbortRemoveSds { .. } => "abort_remove_sds",
     }
 }
 
@@ -139,6 +157,20 @@ pub fn check(peer: &Peer, req: Request<'_>) -> Result<(), WireError> {
     match CertRole::of(&peer.name) {
         Some((role, _)) if allowed.contains(&role) => Ok(()),
         _ => Err(forbidden(&peer.name, &request_name(req), allowed)),
+    }
+}
+
+/// A user may not remove their own account (whoever else may, an Administrator).
+pub fn refuse_self_removal(command: &Command, user: &str) -> Result<(), WireError> {
+    match command {
+        Command::RemoveUser { name } if name == user => Err(WireError::new(
+            ErrorCode::Conflict,
+            format!(
+                "Cannot remove user {name}: it is the user sending the command; log in as \
+                 another Administrator to remove it. Nothing was changed"
+            ),
+        )),
+        _ => Ok(()),
     }
 }
 
@@ -173,7 +205,7 @@ pub fn require_own_sdc(peer: &Peer, name: &str) -> Result<(), WireError> {
 /// An SDC renews only its own session: `sdc` must be the SDC registered under the name of the
 /// caller's certificate.
 pub fn require_own_sdc_id(peer: &Peer, state: &ClusterState, sdc: SdcId) -> Result<(), WireError> {
-    let registered = state.sdcs.get(&sdc).map(|c| c.name.as_str());
+    let registered = state.sdcs.get(&sdc).map(|c| c.cert_name());
     match (CertRole::of(&peer.name), registered) {
         (Some((CertRole::Sdc, n)), Some(r)) if n == r => Ok(()),
         (_, registered) => Err(WireError::new(
@@ -303,6 +335,26 @@ mod tests {
             (command(Command::AddProtectionDomain { name: s() }), admin),
             (command(Command::RemoveSds { name: s() }), admin),
             (
+                command(Command::RemoveProtectionDomain { name: s() }),
+                admin,
+            ),
+            (
+                command(Command::RemoveSdc {
+                    sdc: SdcSelector::Id(SdcId(1)),
+                }),
+                admin,
+            ),
+            (command(Command::RemoveUser { name: s() }), admin),
+            (command(Command::RemoveStandbyMdm { name: s() }), admin),
+            (
+                command(Command::RenameSds {
+                    name: s(),
+                    new_name: s(),
+                }),
+                admin,
+            ),
+            (command(Command::AbortRemoveSds { name: s() }), admin),
+            (
                 command(Command::AddStandbyMdm {
                     addr: s(),
                     name: None,
@@ -362,6 +414,7 @@ mod tests {
                     guid: format!("g{id}"),
                     name: name.into(),
                     ip: "127.0.0.1".into(),
+                    cert_name: None,
                 },
             );
         }

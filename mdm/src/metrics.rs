@@ -38,6 +38,8 @@ pub struct MdmMetrics {
     pub leases_refused: Counter,
     /// Per pool (label `pool`), from [`proto::capacity::PoolCapacity`].
     pub pool_raw_bytes: Family<Labels, Gauge>,
+    /// The pools the per-pool families were last set for.
+    exported_pools: std::sync::Mutex<std::collections::BTreeSet<String>>,
     pub pool_thin_used_bytes: Family<Labels, Gauge>,
     pub pool_thick_reserved_bytes: Family<Labels, Gauge>,
     pub pool_free_bytes: Family<Labels, Gauge>,
@@ -223,6 +225,7 @@ impl MdmMetrics {
     /// (Pools are never removed, so no stale series remain.)
     pub fn set_pools(&self, s: &ClusterState, stats: &BTreeMap<String, SdsStats>) {
         let g = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        self.forget_removed_pools(s);
         for p in s.pools.values() {
             let c = pool_capacity(s, stats, p.id);
             let l: Labels = vec![("pool".into(), p.name.clone())];
@@ -243,6 +246,48 @@ impl MdmMetrics {
             self.pool_thick_chunks_no_space
                 .get_or_create(&l)
                 .set(g(c.thick_chunks_no_space));
+        }
+    }
+
+    /// Stop exporting the pools `s` no longer has (`--remove_storage_pool`).
+    fn forget_removed_pools(&self, s: &ClusterState) {
+        let now: std::collections::BTreeSet<String> =
+            s.pools.values().map(|p| p.name.clone()).collect();
+        let gone: Vec<String> = match self.exported_pools.lock() {
+            Ok(mut before) => {
+                let gone = before.difference(&now).cloned().collect();
+                *before = now;
+                gone
+            }
+            Err(_) => return,
+        };
+        for name in gone {
+            let l: Labels = vec![("pool".into(), name.clone())];
+            for f in [
+                &self.pool_raw_bytes,
+                &self.pool_thin_used_bytes,
+                &self.pool_thick_reserved_bytes,
+                &self.pool_free_bytes,
+                &self.pool_used_percent,
+                &self.pool_capacity_state,
+                &self.pool_thick_chunks_no_space,
+                &self.pool_rebuild_bytes_left,
+                &self.pool_rebuild_bytes_per_second,
+            ] {
+                f.remove(&l);
+            }
+            for state in [
+                "Normal",
+                "Rebalancing",
+                "Rebuilding",
+                "Degraded",
+                "Unavailable",
+            ] {
+                self.pool_pgs.remove(&vec![
+                    ("pool".into(), name.clone()),
+                    ("state".into(), state.into()),
+                ]);
+            }
         }
     }
 
@@ -370,4 +415,44 @@ pub async fn serve(
     metrics: std::sync::Arc<MdmMetrics>,
 ) -> std::io::Result<()> {
     web::serve_metrics(addr, std::sync::Arc::new(move || metrics.render())).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proto::model::StoragePool;
+
+    #[test]
+    fn a_removed_pool_is_no_longer_exported() {
+        let m = MdmMetrics::new();
+        let mut s = ClusterState::default();
+        for (id, name) in [(1, "sp1"), (2, "sp2")] {
+            s.pools.insert(
+                proto::PoolId(id),
+                StoragePool {
+                    id: proto::PoolId(id),
+                    name: name.into(),
+                    pd: proto::PdId(9),
+                    media_type: "HDD".into(),
+                    pg_count: 0,
+                    epoch: proto::Epoch(1),
+                    pgs: Vec::new(),
+                    rebuild_policy: Default::default(),
+                },
+            );
+        }
+        m.set_pools(&s, &BTreeMap::new());
+        let text = m.render();
+        assert!(
+            text.contains("pool=\"sp1\"") && text.contains("pool=\"sp2\""),
+            "{text}"
+        );
+        s.pools.remove(&proto::PoolId(1));
+        m.set_pools(&s, &BTreeMap::new());
+        let text = m.render();
+        assert!(
+            !text.contains("pool=\"sp1\"") && text.contains("pool=\"sp2\""),
+            "{text}"
+        );
+    }
 }

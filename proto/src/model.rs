@@ -343,9 +343,19 @@ pub struct Sds {
     /// treated as down and comes back holding nothing (see ARCHITECTURE, "Flushes").
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub boot: String,
+    /// The name its certificate carries (`sds:NAME`), by which it says hello and speaks to its
+    /// peers, once `--rename_sds` gave it another display name; `None` while the two are the
+    /// same (every SDS until renamed, and every map written before renames existed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cert_name: Option<String>,
 }
 
 impl Sds {
+    /// The name its certificate carries: how it identifies itself, whatever its display name.
+    pub fn cert_name(&self) -> &str {
+        self.cert_name.as_deref().unwrap_or(&self.name)
+    }
+
     /// Usable capacity this SDS brings to `pool` (devices not failed).
     pub fn capacity_in(&self, pool: PoolId) -> u64 {
         self.devices
@@ -454,6 +464,18 @@ pub struct Sdc {
     pub guid: String,
     pub name: String,
     pub ip: String,
+    /// The name its certificate carries (`sdc:NAME`), by which it registers and renews its
+    /// session, once `--rename_sdc` gave it another display name; `None` while the two are the
+    /// same.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cert_name: Option<String>,
+}
+
+impl Sdc {
+    /// The name its certificate carries: how it identifies itself, whatever its display name.
+    pub fn cert_name(&self) -> &str {
+        self.cert_name.as_deref().unwrap_or(&self.name)
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -589,6 +611,10 @@ impl ClusterState {
     pub fn sds_by_name(&self, name: &str) -> Option<&Sds> {
         self.sds.values().find(|s| s.name == name)
     }
+    /// The SDS whose certificate names it `name` (what it says in its hello and to its peers).
+    pub fn sds_by_cert_name(&self, name: &str) -> Option<&Sds> {
+        self.sds.values().find(|s| s.cert_name() == name)
+    }
     pub fn volume_by_name(&self, name: &str) -> Option<&Volume> {
         self.volumes.values().find(|v| v.name == name)
     }
@@ -667,7 +693,7 @@ impl ClusterState {
                 FenceCheck::Allowed
             }
             Some(m) => {
-                if self.sdcs.get(&m.sdc).is_none_or(|c| c.name != sdc) {
+                if self.sdcs.get(&m.sdc).is_none_or(|c| c.cert_name() != sdc) {
                     FenceCheck::OtherHost
                 } else if self
                     .volumes

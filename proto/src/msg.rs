@@ -117,12 +117,13 @@ impl IoCounters {
     }
 }
 
-/// Picks an SDC the ScaleIO way: by name, IP or GUID.
+/// Picks an SDC the ScaleIO way: by name, IP, GUID or id.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum SdcSelector {
     Name(String),
     Ip(String),
     Guid(String),
+    Id(SdcId),
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -327,6 +328,48 @@ pub enum Command {
     },
     SwitchClusterMode {
         mode: ClusterMode,
+    },
+    /// Remove a protection domain; refused while it has storage pools, fault sets or SDS.
+    RemoveProtectionDomain {
+        name: String,
+    },
+    /// Remove a storage pool; refused while it has volumes or devices.
+    RemoveStoragePool {
+        name: String,
+    },
+    /// Remove fault set `name` of protection domain `pd`; refused while it has SDS.
+    RemoveFaultSet {
+        pd: String,
+        name: String,
+    },
+    /// Forget an SDC; refused while volumes are mapped to it or (checked by the leader) while
+    /// its session is alive. An SDC that registers again later comes back as a new one.
+    RemoveSdc {
+        sdc: SdcSelector,
+    },
+    /// Remove a user; refused for the last Administrator and for the user sending it.
+    RemoveUser {
+        name: String,
+    },
+    /// Remove a standby MDM (a Raft learner, never a voter: switch the cluster mode down
+    /// first to turn a manager into a standby).
+    RemoveStandbyMdm {
+        name: String,
+    },
+    /// Give an SDS another display name; it keeps saying hello by its certificate's name.
+    RenameSds {
+        name: String,
+        new_name: String,
+    },
+    /// Give an SDC another display name; it keeps registering by its certificate's name.
+    RenameSdc {
+        sdc: SdcSelector,
+        new_name: String,
+    },
+    /// Stop removing an SDS: it takes copies again (moves already under way finish, then
+    /// rebalance evens the pool out). Refused unless the SDS is being removed.
+    AbortRemoveSds {
+        name: String,
     },
 }
 

@@ -11,11 +11,12 @@ mod resilience;
 mod session;
 mod vtree;
 
-use args::Args;
-use clap::Parser;
-
 fn main() {
-    let mut args = Args::parse();
+    let mut args = match args::try_parse_from(std::env::args_os()) {
+        Ok(a) => a,
+        // Help and version go to stdout with code 0; wrong arguments to stderr with code 2.
+        Err(e) => e.exit(),
+    };
     args.can_prompt = proto::secret::can_prompt();
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()

@@ -220,7 +220,11 @@ fn volume_text(s: &ClusterState, c: &ClusterStatus, v: &Volume) -> String {
 
 fn sds_text(s: &ClusterState, c: &ClusterStatus, x: &proto::model::Sds) -> String {
     let j = views::sds(s, c, x);
-    let mut o = format!("SDS ID: {} Name: {} IP: {} State: {:?}{}\n    Protection Domain: {}, Fault Set: {}, PG copies: {}\n",
+    let cert = match &x.cert_name {
+        Some(n) => format!(" (certificate sds:{n})"),
+        None => String::new(),
+    };
+    let mut o = format!("SDS ID: {} Name: {}{cert} IP: {} State: {:?}{}\n    Protection Domain: {}, Fault Set: {}, PG copies: {}\n",
         x.id, x.name, x.addr, x.state, if x.removing { " (removing: its copies are being moved off)" } else { "" }, j["protection_domain"].as_str().unwrap_or("?"), j["fault_set_name"].as_str().unwrap_or("(none)"), j["pg_copies"]);
     if let Some(st) = c.sds_stats.get(&x.name) {
         let pct = if st.scrub_chunks_total == 0 {
@@ -354,6 +358,7 @@ pub fn render(q: &Query, a: &Args, c: &ClusterStatus, s: &ClusterState) -> anyho
                     Some(proto::msg::SdcSelector::Name(n)) => &c.name == n,
                     Some(proto::msg::SdcSelector::Ip(i)) => &c.ip == i,
                     Some(proto::msg::SdcSelector::Guid(g)) => c.guid.eq_ignore_ascii_case(g),
+                    Some(proto::msg::SdcSelector::Id(i)) => &c.id == i,
                 })
                 .collect();
             let t: Vec<String> = list
@@ -370,8 +375,12 @@ pub fn render(q: &Query, a: &Args, c: &ClusterStatus, s: &ClusterState) -> anyho
                         Some(ms) => format!("Disconnected (last heard {:.1} s ago)", *ms as f64 / 1000.0),
                         None => "Disconnected (not heard by this MDM leader)".to_string(),
                     };
+                    let cert = match &c.cert_name {
+                        Some(n) => format!(" (certificate sdc:{n})"),
+                        None => String::new(),
+                    };
                     format!(
-                        "SDC ID: {} Name: {} IP: {} GUID: {}\n    Session: {session}\n    Mapped volumes: {}",
+                        "SDC ID: {} Name: {}{cert} IP: {} GUID: {}\n    Session: {session}\n    Mapped volumes: {}",
                         c.id,
                         c.name,
                         c.ip,

@@ -62,7 +62,7 @@ pub fn require_pg_peer(
     h: &DataHeader,
     copy: PgCopy,
 ) -> Result<(), WireError> {
-    let sender = map.sds_by_name(sds).map(|x| x.id);
+    let sender = map.sds_by_cert_name(sds).map(|x| x.id);
     let pg = map.pools.get(&h.pool).and_then(|p| p.pg(h.pg));
     let holds = match (sender, pg) {
         (Some(s), Some(m)) => match copy {

@@ -96,7 +96,7 @@ impl<D: BlockDevice> DeviceSet<D> {
     /// The devices `map` gives this SDS, as `(path, state)`; `None` when the map does not
     /// know this SDS (yet).
     pub fn listed(&self, map: &ClusterState) -> Option<Vec<(String, DeviceState)>> {
-        let sd = map.sds_by_name(&self.name)?;
+        let sd = map.sds_by_cert_name(&self.name)?;
         Some(
             sd.devices
                 .iter()
@@ -207,7 +207,7 @@ impl<D: BlockDevice> DeviceSet<D> {
     /// once the map no longer lists it).
     fn policy_of(&self, path: &str) -> RebuildPolicy {
         let map = self.service.map().state();
-        map.sds_by_name(&self.name)
+        map.sds_by_cert_name(&self.name)
             .and_then(|s| s.devices.iter().find(|d| d.path == path))
             .and_then(|d| map.pools.get(&d.pool))
             .map(|p| p.rebuild_policy)

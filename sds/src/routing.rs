@@ -479,6 +479,7 @@ mod tests {
                     state: SdsState::Normal,
                     removing: false,
                     boot: String::new(),
+                    cert_name: None,
                 },
             );
         }

@@ -177,6 +177,7 @@ fn cluster(a: SocketAddr, b: SocketAddr, epoch: u64, version: u64) -> ClusterSta
                 state: SdsState::Normal,
                 removing: false,
                 boot: String::new(),
+                cert_name: None,
             },
         );
     }
@@ -522,6 +523,7 @@ fn cluster_with_mapping(a: SocketAddr, b: SocketAddr) -> ClusterState {
                 guid: format!("guid{id}"),
                 name: name.into(),
                 ip: "127.0.0.1".into(),
+                cert_name: None,
             },
         );
     }

@@ -108,6 +108,7 @@ fn cluster(a: SocketAddr, b: SocketAddr, mirrored: bool) -> ClusterState {
                 state: SdsState::Normal,
                 removing: false,
                 boot: String::new(),
+                cert_name: None,
             },
         );
     }

@@ -399,7 +399,9 @@ impl Cluster {
         c
     }
 
-    fn spawn_mdm(&mut self, i: usize, bootstrap: bool) {
+    /// Start MDM `mdmI` (bootstrapping a new cluster when `bootstrap`); a later MDM joins with
+    /// `--add_standby_mdm`.
+    pub fn spawn_mdm(&mut self, i: usize, bootstrap: bool) {
         let port = free_port();
         let mport = free_port();
         let name = format!("mdm{i}");

@@ -185,7 +185,7 @@ fn object_tree_placement_and_queries() {
         "--sdc_name",
         "host1",
     ]);
-    c.must_scli(&["--remove_volume", "--volume_name", "thin2"]);
+    c.must_scli(&["--remove_volume", "--i_am_sure", "--volume_name", "thin2"]);
     assert!(!volume_names(&c).contains("thin2"));
     for q in [
         vec![
@@ -478,7 +478,7 @@ fn bad_input_is_refused_and_changes_nothing() {
             "--storage_pool_name",
             "sp1",
         ],
-        vec!["--remove_sds", "--sds_name", "nosds"],
+        vec!["--remove_sds", "--i_am_sure", "--sds_name", "nosds"],
         vec![
             "--add_volume",
             "--storage_pool_name",
@@ -532,8 +532,8 @@ fn bad_input_is_refused_and_changes_nothing() {
             "huge",
             "--thick_provisioned",
         ],
-        vec!["--remove_volume", "--volume_name", "nope"],
-        vec!["--remove_volume", "--volume_name", "thin1"],
+        vec!["--remove_volume", "--i_am_sure", "--volume_name", "nope"],
+        vec!["--remove_volume", "--i_am_sure", "--volume_name", "thin1"],
         vec![
             "--modify_volume_capacity",
             "--volume_name",

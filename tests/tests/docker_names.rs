@@ -200,7 +200,7 @@ fn names_created_at_and_prune(kind: Kind) {
         "{}",
         o.stderr
     );
-    c.must_scli(&["--remove_volume", "--volume_name", &taken]);
+    c.must_scli(&["--remove_volume", "--i_am_sure", "--volume_name", &taken]);
     // The derived name used as a Docker name of its own (31 characters: its own cluster name).
     assert_eq!(cluster_name(&taken), taken);
     assert_eq!(call_err(p, "VolumeDriver.Create", &taken), "");

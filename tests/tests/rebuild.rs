@@ -360,11 +360,17 @@ fn rebalance_on_add_and_remove() {
 
     // `--wait` follows the removal to its end with progress lines (plain ones: no terminal).
     let mut remove = Spawned(
-        dc.c.scli_command(&["--remove_sds", "--sds_name", "sds2", "--wait"])
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .expect("run scli"),
+        dc.c.scli_command(&[
+            "--remove_sds",
+            "--i_am_sure",
+            "--sds_name",
+            "sds2",
+            "--wait",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run scli"),
     );
     let status = wait_for(
         "--remove_sds --wait to return",
@@ -428,7 +434,8 @@ fn remove_sds_refused_when_data_cannot_fit() {
         (v.json()["integrity"]["chunks_stored"].as_u64().unwrap_or(0) > 300).then_some(())
     });
     let before = cluster_map(&dc.c);
-    let r = dc.c.scli_raw(&["--remove_sds", "--sds_name", "sds1"]);
+    let r =
+        dc.c.scli_raw(&["--remove_sds", "--i_am_sure", "--sds_name", "sds1"]);
     assert!(!r.ok, "removal accepted: {}", r.stdout);
     assert!(
         r.stderr.contains("Cannot remove SDS sds1") && r.stderr.contains("Nothing was changed"),
@@ -546,6 +553,7 @@ fn device_added_and_removed_while_running() {
     let before = cluster_map(&dc.c);
     let r = dc.c.scli_raw(&[
         "--remove_sds_device",
+        "--i_am_sure",
         "--sds_name",
         "sds2",
         "--device_path",
@@ -559,6 +567,7 @@ fn device_added_and_removed_while_running() {
     );
     let r = dc.c.scli_raw(&[
         "--remove_sds_device",
+        "--i_am_sure",
         "--sds_name",
         "sds1",
         "--device_path",
@@ -571,6 +580,7 @@ fn device_added_and_removed_while_running() {
     let held = dc.sds_metric(0, "meshblock_sds_chunks_allocated");
     let r = dc.c.must_scli(&[
         "--remove_sds_device",
+        "--i_am_sure",
         "--sds_name",
         "sds1",
         "--device_path",
@@ -644,6 +654,7 @@ fn device_drain_follows_the_pool_copy_policy() {
     let started = std::time::Instant::now();
     dc.c.must_scli(&[
         "--remove_sds_device",
+        "--i_am_sure",
         "--sds_name",
         "sds1",
         "--device_path",

@@ -302,8 +302,19 @@ fn the_api_and_dashboard_follow_an_sds_failure_and_its_rebuild() {
     assert_eq!(sds3["state"], "Down", "{sds3}");
     let listed = api.get("/api/v1/storage-pools", &token).json();
     assert_eq!(listed.as_array().map(Vec::len), Some(1), "{listed}");
-    let res = api.get("/api/v1/resilience", &token).json();
-    let scli_res = dc.c.must_scli(&["--query_resilience", "--json"]).json();
+    // The same for the resilience view (its losses change as PGs finish copying).
+    let (res, scli_res) = wait_for(
+        "the API's resilience between two equal scli answers",
+        Duration::from_secs(120),
+        || {
+            let before = dc.c.must_scli(&["--query_resilience", "--json"]).json();
+            let rest = api.get("/api/v1/resilience", &token).json();
+            let after = dc.c.must_scli(&["--query_resilience", "--json"]).json();
+            (before["cannot_survive"] == after["cannot_survive"]
+                && before["pgs_single_copy_now"] == after["pgs_single_copy_now"])
+                .then_some((rest, after))
+        },
+    );
     assert!(
         !res["cannot_survive"]
             .as_array()
@@ -311,6 +322,7 @@ fn the_api_and_dashboard_follow_an_sds_failure_and_its_rebuild() {
         "mid-rebuild some single loss is fatal: {res}"
     );
     assert_eq!(res["cannot_survive"], scli_res["cannot_survive"]);
+    assert_eq!(res["pgs_single_copy_now"], scli_res["pgs_single_copy_now"]);
     let events = api.get("/api/v1/events", &token).json();
     let messages: Vec<String> = events
         .as_array()

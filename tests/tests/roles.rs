@@ -170,6 +170,54 @@ fn table(token: &str) -> Vec<(MdmRequest, &'static [&'static str])> {
         ),
         (command(t, Command::RemoveSds { name: s("sds1") }), admin),
         (
+            command(t, Command::AbortRemoveSds { name: s("sds1") }),
+            admin,
+        ),
+        (
+            command(
+                t,
+                Command::RenameSds {
+                    name: s("sds1"),
+                    new_name: s("sdsz"),
+                },
+            ),
+            admin,
+        ),
+        (
+            command(
+                t,
+                Command::RenameSdc {
+                    sdc: host(),
+                    new_name: s("hostz"),
+                },
+            ),
+            admin,
+        ),
+        (command(t, Command::RemoveSdc { sdc: host() }), admin),
+        (
+            command(t, Command::RemoveProtectionDomain { name: s("pd1") }),
+            admin,
+        ),
+        (
+            command(t, Command::RemoveStoragePool { name: s("sp1") }),
+            admin,
+        ),
+        (
+            command(
+                t,
+                Command::RemoveFaultSet {
+                    pd: s("pd1"),
+                    name: s("fs1"),
+                },
+            ),
+            admin,
+        ),
+        (command(t, Command::RemoveUser { name: s("admin") }), admin),
+        (
+            command(t, Command::RemoveStandbyMdm { name: s("mdm1") }),
+            admin,
+        ),
+        (
             command(
                 t,
                 Command::SetRebuildPolicy {

@@ -217,6 +217,7 @@ fn a_snapshot_under_load_holds_exactly_the_writes_acknowledged_before_it() {
     // Restore: vol1 reads what snap1 reads, checked block by block and by qemu-img compare.
     dc.c.must_scli(&[
         "--overwrite_volume_content",
+        "--i_am_sure",
         "--source_volume_name",
         "snap1",
         "--destination_volume_name",
@@ -431,6 +432,7 @@ fn a_consistency_group_is_taken_at_one_instant_across_three_volumes() {
     // The group goes at once; refused while one of its snapshots is mapped.
     let mapped = dc.c.scli_raw(&[
         "--remove_consistency_group_snapshots",
+        "--i_am_sure",
         "--consistency_group_id",
         &group.to_string(),
     ]);
@@ -446,6 +448,7 @@ fn a_consistency_group_is_taken_at_one_instant_across_three_volumes() {
     }
     dc.c.must_scli(&[
         "--remove_consistency_group_snapshots",
+        "--i_am_sure",
         "--consistency_group_id",
         &group.to_string(),
     ]);
@@ -516,6 +519,7 @@ fn bad_snapshot_requests_are_refused_and_change_nothing() {
     refused(
         &[
             "--remove_volume",
+            "--i_am_sure",
             "--volume_name",
             "vol1",
             "--remove_mode",
@@ -526,6 +530,7 @@ fn bad_snapshot_requests_are_refused_and_change_nothing() {
     refused(
         &[
             "--overwrite_volume_content",
+            "--i_am_sure",
             "--source_volume_name",
             "thick1",
             "--destination_volume_name",
@@ -536,6 +541,7 @@ fn bad_snapshot_requests_are_refused_and_change_nothing() {
     refused(
         &[
             "--remove_consistency_group_snapshots",
+            "--i_am_sure",
             "--consistency_group_id",
             "424242",
         ],
@@ -551,6 +557,7 @@ fn bad_snapshot_requests_are_refused_and_change_nothing() {
     refused(
         &[
             "--overwrite_volume_content",
+            "--i_am_sure",
             "--source_volume_name",
             "s1",
             "--destination_volume_name",
@@ -561,6 +568,7 @@ fn bad_snapshot_requests_are_refused_and_change_nothing() {
     refused(
         &[
             "--remove_volume",
+            "--i_am_sure",
             "--volume_name",
             "vol1",
             "--remove_mode",
@@ -591,6 +599,7 @@ fn bad_snapshot_requests_are_refused_and_change_nothing() {
     ]);
     dc.c.must_scli(&[
         "--remove_volume",
+        "--i_am_sure",
         "--volume_name",
         "vol1",
         "--remove_mode",
@@ -683,7 +692,7 @@ fn a_snapshot_costs_space_only_as_its_volume_is_written_after_it() {
         "vol1",
         "--all_sdcs",
     ]);
-    dc.c.must_scli(&["--remove_volume", "--volume_name", "vol1"]);
+    dc.c.must_scli(&["--remove_volume", "--i_am_sure", "--volume_name", "vol1"]);
     let t = wait_for(
         "the collectors to free the removed volume's layer",
         Duration::from_secs(120),
@@ -873,6 +882,7 @@ fn snapshots_of_snapshots_read_their_own_history_through_every_layer() {
                 }
                 dc.c.must_scli(&[
                     "--overwrite_volume_content",
+                    "--i_am_sure",
                     "--source_volume_name",
                     &models[src].0,
                     "--destination_volume_name",

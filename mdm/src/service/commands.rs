@@ -88,6 +88,11 @@ impl Service {
                 .await
             }
             Command::AddStandbyMdm { addr, name } => self.add_standby(&addr, name).await,
+            Command::RemoveStandbyMdm { name } => self.remove_standby(&name).await,
+            Command::RemoveSdc { sdc } => {
+                self.check_sdc_silent(&sdc)?;
+                self.propose_command(Command::RemoveSdc { sdc }).await
+            }
             Command::SwitchClusterMode { mode } => self.switch_mode(mode).await,
             Command::MapVolumeToSdc {
                 volume,
@@ -100,6 +105,10 @@ impl Service {
                 self.propose_command(Command::RemoveSdsDevice { sds, path })
                     .await
             }
+            command @ Command::AbortRemoveSds { .. } => {
+                let _in_order = self.sds_removal.lock().await;
+                self.propose_command(command).await
+            }
             Command::RemoveSds { name } => {
                 self.check_removal_fits(&name)?;
                 self.propose_command(Command::RemoveSds { name }).await
@@ -109,7 +118,7 @@ impl Service {
                 // command at a time (apply checks only the pool's raw capacity).
                 let _one_at_a_time = self.thick_admission.lock().await;
                 let state = self.raft.shared.read_state();
-                crate::capacity::check_command(&state, &self.sds_stats(), &command)?;
+                crate::capacity::check_command(&state, &self.sds_stats(&state), &command)?;
                 self.propose_command(command).await
             }
             command
@@ -125,9 +134,21 @@ impl Service {
         }
     }
 
-    /// What each SDS reported in its last hello to this MDM (by name; leader's soft state).
-    pub fn sds_stats(&self) -> std::collections::BTreeMap<String, SdsStats> {
-        self.sds_stats.lock().map(|m| m.clone()).unwrap_or_default()
+    /// What each SDS of `state` reported in its last hello to this MDM (leader's soft state),
+    /// by the SDS's display name: hellos name the SDS by its certificate, which a rename keeps.
+    pub fn sds_stats(&self, state: &ClusterState) -> std::collections::BTreeMap<String, SdsStats> {
+        let Ok(by_cert) = self.sds_stats.lock() else {
+            return Default::default();
+        };
+        state
+            .sds
+            .values()
+            .filter_map(|x| {
+                by_cert
+                    .get(x.cert_name())
+                    .map(|st| (x.name.clone(), st.clone()))
+            })
+            .collect()
     }
 
     async fn add_standby(&self, addr: &str, name: Option<String>) -> Result<Outcome, WireError> {
@@ -182,6 +203,67 @@ impl Service {
         Ok(Outcome {
             message: "Successfully added a standby MDM.".into(),
             object_id: Some(id.0),
+        })
+    }
+
+    /// Refuse to forget an SDC this leader heard from within the session timeout: it is
+    /// connected (a new leader counts from its own start, so it waits that long first).
+    fn check_sdc_silent(&self, sdc: &SdcSelector) -> Result<(), WireError> {
+        let state = self.raft.shared.read_state();
+        let id = state_machine::sdc_id(&state, sdc)?;
+        let name = state
+            .sdcs
+            .get(&id)
+            .map(|c| c.name.clone())
+            .unwrap_or_default();
+        let term = self.raft.shared.status().term;
+        let silence = self
+            .sdc_seen
+            .lock()
+            .map(|mut x| x.silence(term, id))
+            .unwrap_or_default();
+        if silence < self.sdc_session_timeout {
+            return fail(
+                ErrorCode::Busy,
+                format!(
+                    "Cannot remove SDC {name}: it is connected (heard {} ms ago); stop its SDC \
+                     first, then remove it once it has been silent for {} ms. Nothing was changed",
+                    silence.as_millis(),
+                    self.sdc_session_timeout.as_millis()
+                ),
+            );
+        }
+        Ok(())
+    }
+
+    /// Remove a standby MDM (a Raft learner): refused for managers, which vote.
+    async fn remove_standby(&self, name: &str) -> Result<Outcome, WireError> {
+        let state = self.raft.shared.read_state();
+        let Some(member) = state.mdms.values().find(|m| m.name == name).cloned() else {
+            return fail(
+                ErrorCode::NotFound,
+                format!("Could not find the MDM {name}"),
+            );
+        };
+        let learners = self.raft.shared.status().learners;
+        if member.role != MdmRole::Standby || !learners.contains(&member.id.0) {
+            return fail(
+                ErrorCode::Conflict,
+                format!(
+                    "Cannot remove MDM {name}: it is a manager (a Raft voter), not a standby; \
+                     switch the cluster mode down first (--switch_cluster_mode) to make it a \
+                     standby. Nothing was changed"
+                ),
+            );
+        }
+        self.membership(ConfChangeType::RemoveNode, member.clone())
+            .await?;
+        if let Ok(mut p) = self.peers.lock() {
+            p.remove(&member.id.0);
+        }
+        Ok(Outcome {
+            message: format!("Successfully removed standby MDM {name}."),
+            object_id: Some(member.id.0),
         })
     }
 

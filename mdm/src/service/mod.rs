@@ -54,7 +54,8 @@ pub struct Service {
     /// When the leader last heard each SDS (leader-only, reset at every new term).
     liveness: Mutex<Liveness>,
     sds_down_timeout: Duration,
-    /// What each SDS reported in its last hello to this MDM (soft state, not replicated).
+    /// What each SDS reported in its last hello to this MDM (soft state, not replicated), by
+    /// the name its certificate carries (see `sds_stats()` for them by display name).
     sds_stats: Mutex<std::collections::BTreeMap<String, SdsStats>>,
     /// Per SDS: bytes copied at the start of the rate window, its start, the last rate.
     rebuild_rates: Mutex<HashMap<String, (u64, Instant, u64)>>,
@@ -76,6 +77,9 @@ pub struct Service {
     history_period: Duration,
     /// Where this MDM serves its REST API and dashboard (told to peers in `Identity`).
     pub api_url: std::sync::OnceLock<String>,
+    /// Orders the rebalance driver's removal of an emptied SDS against `--abort_remove_sds`:
+    /// each re-reads the map under it, so an aborted removal is never completed.
+    sds_removal: tokio::sync::Mutex<()>,
 }
 
 /// The SDC session clock (leader-only soft state). A new term forgets what an earlier
@@ -176,6 +180,7 @@ impl Service {
             history: Mutex::new(crate::history::History::new(history_sample)),
             history_period: history_sample,
             api_url: std::sync::OnceLock::new(),
+            sds_removal: tokio::sync::Mutex::new(()),
         })
     }
 
@@ -308,6 +313,19 @@ impl Service {
             .map(|s| s.secret.clone())
             .unwrap_or_default();
         let (user, role) = auth::verify_token(&secret, token, proto::clock::now_unix())?;
+        // A removed user's sessions end with it (`--remove_user`).
+        let exists = self
+            .raft
+            .shared
+            .state
+            .read()
+            .is_ok_and(|s| s.users.contains_key(&user));
+        if !exists {
+            return fail(
+                ErrorCode::PermissionDenied,
+                format!("User {user} no longer exists; log in as another user"),
+            );
+        }
         if role < need {
             return fail(
                 ErrorCode::PermissionDenied,
@@ -386,7 +404,7 @@ impl Service {
             } => {
                 authz::require_own_sds(peer, &name)?;
                 let state = self.raft.shared.read_state();
-                let me = state.sds_by_name(&name).map(|x| x.id);
+                let me = state.sds_by_cert_name(&name).map(|x| x.id);
                 let primary = state
                     .pools
                     .get(&pool)
@@ -416,7 +434,7 @@ impl Service {
                 authz::require_own_sdc(peer, &name)?;
                 let state = self.raft.shared.read_state();
                 if let Some(c) = state.sdcs.values().find(|c| c.guid == guid) {
-                    if c.name == name || name.is_empty() {
+                    if c.cert_name() == name || name.is_empty() {
                         return Ok(MdmResponse::SdcRegistered { id: c.id });
                     }
                 }
@@ -496,7 +514,9 @@ impl Service {
     pub fn role_needed(command: &Command) -> Role {
         match command {
             Command::AddUser { .. }
+            | Command::RemoveUser { .. }
             | Command::AddStandbyMdm { .. }
+            | Command::RemoveStandbyMdm { .. }
             | Command::SwitchClusterMode { .. } => Role::Administrator,
             _ => Role::Configure,
         }
@@ -512,6 +532,7 @@ impl Service {
     ) -> Result<MdmResponse, WireError> {
         self.require_leader()?;
         let user = self.authorize(token, Self::role_needed(&command))?;
+        authz::refuse_self_removal(&command, &user)?;
         let name = authz::command_name(&command);
         tracing::info!(%user, peer = %from, "command {name}");
         let out = self.command(command).await?;
@@ -643,7 +664,7 @@ impl Service {
     ) -> Result<MdmResponse, WireError> {
         let received = Instant::now();
         let state = self.raft.shared.read_state();
-        let Some(mut sds) = state.sds_by_name(name).cloned() else {
+        let Some(mut sds) = state.sds_by_cert_name(name).cloned() else {
             return fail(
                 ErrorCode::NotFound,
                 format!("No SDS named {name} was added; add it with scli --add_sds"),
@@ -658,7 +679,13 @@ impl Service {
             tracing::warn!(%name, "the SDS's host restarted (new boot id): declaring it down, its copies are rebuilt");
             let out = self.propose(Op::SdsDown { sds: sds.id }).await?;
             tracing::info!(%name, "{}", out.message);
-            let Some(again) = self.raft.shared.read_state().sds_by_name(name).cloned() else {
+            let Some(again) = self
+                .raft
+                .shared
+                .read_state()
+                .sds_by_cert_name(name)
+                .cloned()
+            else {
                 return fail(ErrorCode::NotFound, format!("SDS {name} was removed"));
             };
             sds = again;

@@ -92,7 +92,7 @@ impl Service {
                         .collect()
                 })
                 .unwrap_or_default(),
-            sds_stats: self.sds_stats.lock().map(|m| m.clone()).unwrap_or_default(),
+            sds_stats: self.sds_stats(state),
             sdc_throttled_ms: self
                 .sdc_seen
                 .lock()

@@ -61,6 +61,17 @@ impl Service {
                     .map(|p| state_machine::copies_on(p, sds.id))
                     .sum();
                 if held == 0 {
+                    // Not if `--abort_remove_sds` came in meanwhile.
+                    let _in_order = self.sds_removal.lock().await;
+                    let still = self
+                        .raft
+                        .shared
+                        .state
+                        .read()
+                        .is_ok_and(|s| s.sds.get(&sds.id).is_some_and(|x| x.removing));
+                    if !still {
+                        continue;
+                    }
                     let command = Command::RemoveSds {
                         name: sds.name.clone(),
                     };
@@ -177,7 +188,7 @@ impl Service {
         pd: proto::PdId,
         skip: impl Fn(&proto::model::Sds, &proto::model::Device) -> bool,
     ) -> (HashMap<proto::SdsId, u64>, u64) {
-        let stats = self.sds_stats.lock().map(|m| m.clone()).unwrap_or_default();
+        let stats = self.sds_stats(state);
         let mut stored = HashMap::new();
         let mut capacity = 0u64;
         for x in state

@@ -7,7 +7,9 @@
 //! bumps the pool's epoch.
 //!
 //! This file: [`Op`], `apply` and the commands; [`sds`]: SDS, devices and PG copies (adding and
-//! removing SDS and devices, reports, failures, rebuild and moves, placement); `tests`.
+//! removing SDS and devices, reports, failures, rebuild and moves, placement); `admin`: removing
+//! PDs, pools, fault sets, SDCs and users, renaming SDS and SDC, aborting an SDS's removal;
+//! `tests`, `admin_tests`.
 
 use crate::placement::{self, Candidate};
 use proto::model::*;
@@ -16,6 +18,9 @@ use proto::*;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
+mod admin;
+#[cfg(test)]
+mod admin_tests;
 mod events;
 pub mod policy;
 mod sds;
@@ -373,7 +378,12 @@ fn apply_inner(s: &mut ClusterState, op: &Op) -> Result<Outcome, WireError> {
         Op::RecordEvent { .. } => done("Event recorded", None),
         Op::SdcRegister { guid, name, ip } => {
             if let Some(sdc) = s.sdcs.values_mut().find(|c| &c.guid == guid) {
-                sdc.name = name.clone();
+                // The same certificate keeps the display name an operator may have given it
+                // (`--rename_sdc`); a host registering under a new certificate name takes it.
+                if sdc.cert_name() != name.as_str() {
+                    sdc.name = name.clone();
+                    sdc.cert_name = None;
+                }
                 sdc.ip = ip.clone();
                 let id = sdc.id.0;
                 return done("SDC re-registered", Some(id));
@@ -394,6 +404,7 @@ fn apply_inner(s: &mut ClusterState, op: &Op) -> Result<Outcome, WireError> {
                     guid: guid.clone(),
                     name,
                     ip: ip.clone(),
+                    cert_name: None,
                 },
             );
             done("SDC registered", Some(id.0))
@@ -437,6 +448,7 @@ pub fn sdc_id(s: &ClusterState, sel: &SdcSelector) -> Result<SdcId, WireError> {
         SdcSelector::Name(n) => &c.name == n,
         SdcSelector::Ip(ip) => &c.ip == ip,
         SdcSelector::Guid(g) => c.guid.eq_ignore_ascii_case(g),
+        SdcSelector::Id(id) => c.id == *id,
     });
     match found {
         Some(c) => Ok(c.id),
@@ -769,8 +781,17 @@ fn apply_command(
             }
             done("Successfully set the SDC's volume limits.", Some(vid.0))
         }
+        Command::RemoveProtectionDomain { name } => admin::remove_pd(s, name),
+        Command::RemoveStoragePool { name } => admin::remove_pool(s, name),
+        Command::RemoveFaultSet { pd, name } => admin::remove_fault_set(s, pd, name),
+        Command::RemoveSdc { sdc } => admin::remove_sdc(s, sdc),
+        Command::RemoveUser { name } => admin::remove_user(s, name),
+        Command::RenameSds { name, new_name } => admin::rename_sds(s, name, new_name),
+        Command::RenameSdc { sdc, new_name } => admin::rename_sdc(s, sdc, new_name),
+        Command::AbortRemoveSds { name } => admin::abort_remove_sds(s, name),
         Command::AddUser { .. }
         | Command::AddStandbyMdm { .. }
+        | Command::RemoveStandbyMdm { .. }
         | Command::SwitchClusterMode { .. } => {
             err(ErrorCode::Internal, "this command is not applied directly")
         }

@@ -46,7 +46,7 @@ pub(super) fn add_sds(
     devices: &[NewDevice],
 ) -> Result<Outcome, WireError> {
     validate_name("SDS", name)?;
-    if s.sds_by_name(name).is_some() {
+    if s.sds_by_name(name).is_some() || s.sds_by_cert_name(name).is_some() {
         return err(
             ErrorCode::AlreadyExists,
             format!("An SDS named {name} already exists"),
@@ -103,6 +103,7 @@ pub(super) fn add_sds(
             state: SdsState::Initializing,
             removing: false,
             boot: String::new(),
+            cert_name: None,
         },
     );
     for p in pools {

@@ -5,7 +5,7 @@ use super::*;
 /// The leader's clock in test proposals.
 const TEST_NOW_UNIX: u64 = 1_800_000_000;
 
-fn cmd(s: &mut ClusterState, c: Command) -> Result<Outcome, WireError> {
+pub(super) fn cmd(s: &mut ClusterState, c: Command) -> Result<Outcome, WireError> {
     let v = s.version + 1;
     let op = Op::Command {
         command: c,
@@ -15,7 +15,7 @@ fn cmd(s: &mut ClusterState, c: Command) -> Result<Outcome, WireError> {
 }
 
 /// Add volume `name` to pool sp1 (no labels, not preemptible).
-fn volume(name: &str, size_bytes: u64, thin: bool) -> Command {
+pub(super) fn volume(name: &str, size_bytes: u64, thin: bool) -> Command {
     Command::AddVolume {
         pool: "sp1".into(),
         name: name.into(),
@@ -26,7 +26,7 @@ fn volume(name: &str, size_bytes: u64, thin: bool) -> Command {
     }
 }
 
-fn cluster() -> ClusterState {
+pub(super) fn cluster() -> ClusterState {
     let mut s = ClusterState::default();
     let admin = User {
         name: "admin".into(),
@@ -361,12 +361,12 @@ fn a_device_is_drained_before_its_record_goes() {
     assert_eq!(cap(&s), 100 << 30);
 }
 
-fn sds_id(s: &ClusterState, n: &str) -> SdsId {
+pub(super) fn sds_id(s: &ClusterState, n: &str) -> SdsId {
     s.sds_by_name(n).expect("sds").id
 }
 
 /// sds1..sds3 report in (Initializing becomes Normal), at the leader's clock `unix`.
-fn report_all(s: &mut ClusterState, unix: u64) {
+pub(super) fn report_all(s: &mut ClusterState, unix: u64) {
     for n in ["sds1", "sds2", "sds3"] {
         let report = Op::SdsReport {
             sds: sds_id(s, n),
