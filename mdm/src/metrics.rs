@@ -263,17 +263,7 @@ impl MdmMetrics {
         };
         for name in gone {
             let l: Labels = vec![("pool".into(), name.clone())];
-            for f in [
-                &self.pool_raw_bytes,
-                &self.pool_thin_used_bytes,
-                &self.pool_thick_reserved_bytes,
-                &self.pool_free_bytes,
-                &self.pool_used_percent,
-                &self.pool_capacity_state,
-                &self.pool_thick_chunks_no_space,
-                &self.pool_rebuild_bytes_left,
-                &self.pool_rebuild_bytes_per_second,
-            ] {
+            for f in self.per_pool() {
                 f.remove(&l);
             }
             for state in [
@@ -376,20 +366,23 @@ impl MdmMetrics {
 
     /// Drop the leader's gauges (a follower knows no SDS usage).
     pub fn clear_pools(&self) {
-        for f in [
+        let cluster = [
             &self.mdms,
             &self.mdms_active,
             &self.pool_pgs,
-            &self.pool_rebuild_bytes_left,
-            &self.pool_rebuild_bytes_per_second,
             &self.cluster_mode,
             &self.sds,
             &self.sdc,
             &self.volumes,
-        ] {
+        ];
+        for f in self.per_pool().into_iter().chain(cluster) {
             f.clear();
         }
-        for f in [
+    }
+
+    /// The gauge families labelled by `pool` alone.
+    fn per_pool(&self) -> [&Family<Labels, Gauge>; 9] {
+        [
             &self.pool_raw_bytes,
             &self.pool_thin_used_bytes,
             &self.pool_thick_reserved_bytes,
@@ -397,9 +390,9 @@ impl MdmMetrics {
             &self.pool_used_percent,
             &self.pool_capacity_state,
             &self.pool_thick_chunks_no_space,
-        ] {
-            f.clear();
-        }
+            &self.pool_rebuild_bytes_left,
+            &self.pool_rebuild_bytes_per_second,
+        ]
     }
 
     pub fn render(&self) -> String {

@@ -190,6 +190,25 @@ fn plot_row(name: &str, points: &[Point], now: u64) -> String {
 
 const PLOT_HEAD: &str = "<tr><th scope=\"col\"></th><th scope=\"col\">IOPS</th><th scope=\"col\">Bandwidth</th><th scope=\"col\">Mean latency</th></tr>";
 
+/// A rebuild's or rebalance's progress in words: PGs and bytes left, rate, ETA.
+fn progress_text(r: &proto::capacity::RebuildProgress) -> String {
+    let mut t = format!(
+        "{} PGs left, {} at most",
+        r.pgs_left,
+        human(r.bytes_left_at_most)
+    );
+    if r.bytes_per_sec > 0 {
+        let _ = write!(t, " at {}", rate(r.bytes_per_sec as f64));
+    }
+    match r.eta_seconds {
+        Some(e) => {
+            let _ = write!(t, ", ETA {e} s");
+        }
+        None => t.push_str(", waiting to copy"),
+    }
+    t
+}
+
 /// The overall verdict: a class and a headline listing what is wrong.
 fn verdict(s: &ClusterState, c: &ClusterStatus) -> (&'static str, String, Vec<String>) {
     let mut problems = Vec::new();
@@ -224,19 +243,7 @@ fn verdict(s: &ClusterState, c: &ClusterStatus) -> (&'static str, String, Vec<St
         let r = pool_rebuild(s, &c.sds_stats, p.id);
         let mut line = format!("pool {} is {}", p.name, h.state.to_lowercase());
         if r.pgs_left > 0 {
-            let _ = write!(line, " ({} PGs left", r.pgs_left);
-            if r.bytes_per_sec > 0 {
-                let _ = write!(
-                    line,
-                    ", {} at most at {}",
-                    human(r.bytes_left_at_most),
-                    rate(r.bytes_per_sec as f64)
-                );
-            }
-            if let Some(eta) = r.eta_seconds {
-                let _ = write!(line, ", ETA {eta} s");
-            }
-            line.push(')');
+            let _ = write!(line, " ({})", progress_text(&r));
         }
         problems.push(line);
         worst = worst.max(if h.state == "Unavailable" { 2 } else { 1 });
@@ -359,21 +366,7 @@ fn pools(o: &mut String, s: &ClusterState, c: &ClusterStatus) {
         let progress = if r.pgs_left == 0 {
             "none".to_string()
         } else {
-            let mut t = format!(
-                "{} PGs left, {} at most",
-                r.pgs_left,
-                human(r.bytes_left_at_most)
-            );
-            if r.bytes_per_sec > 0 {
-                let _ = write!(t, " at {}", rate(r.bytes_per_sec as f64));
-            }
-            match r.eta_seconds {
-                Some(e) => {
-                    let _ = write!(t, ", ETA {e} s");
-                }
-                None => t.push_str(", waiting to copy"),
-            }
-            t
+            progress_text(&r)
         };
         let used = cap.thin_used_bytes + cap.thick_reserved_bytes;
         let _ = write!(
@@ -523,20 +516,18 @@ fn plots(o: &mut String, r: &super::Rest, s: &ClusterState, now: u64) {
     o.push_str("<section id=\"io\"><h2>I/O over the last hour</h2><p class=\"muted\">Sampled by this leader every few seconds since it took office.</p><table class=\"plots\"><caption class=\"muted\">Pools and volumes: what hosts asked for. SDS: their devices' I/O, copies and rebuild included.</caption>");
     o.push_str(PLOT_HEAD);
     for p in s.pools.values() {
-        plot_row_into(
-            o,
+        o.push_str(&plot_row(
             &format!("pool {}", p.name),
             &h.series(Subject::Pool(p.id)),
             now,
-        );
+        ));
     }
     for x in s.sds.values() {
-        plot_row_into(
-            o,
+        o.push_str(&plot_row(
             &format!("SDS {}", x.name),
             &h.series(Subject::Sds(x.id)),
             now,
-        );
+        ));
     }
     let mut vols: Vec<(f32, &proto::model::Volume)> = s
         .volumes
@@ -548,12 +539,11 @@ fn plots(o: &mut String, r: &super::Rest, s: &ClusterState, now: u64) {
         .collect();
     vols.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.name.cmp(&b.1.name)));
     for (_, v) in vols.iter().take(PLOTTED_VOLUMES) {
-        plot_row_into(
-            o,
+        o.push_str(&plot_row(
             &format!("volume {}", v.name),
             &h.series(Subject::Volume(v.id)),
             now,
-        );
+        ));
     }
     o.push_str("</table>");
     if vols.len() > PLOTTED_VOLUMES {
@@ -564,10 +554,6 @@ fn plots(o: &mut String, r: &super::Rest, s: &ClusterState, now: u64) {
         );
     }
     o.push_str("</section>");
-}
-
-fn plot_row_into(o: &mut String, name: &str, points: &[Point], now: u64) {
-    o.push_str(&plot_row(name, points, now));
 }
 
 fn events_table(o: &mut String, events: &[proto::model::Event]) {

@@ -304,7 +304,7 @@ impl Service {
         fail(ErrorCode::NotLeader, hint)
     }
 
-    fn authorize(&self, token: &str, need: Role) -> Result<String, WireError> {
+    pub(crate) fn authorize(&self, token: &str, need: Role) -> Result<String, WireError> {
         let secret = self
             .raft
             .shared
