@@ -59,6 +59,15 @@ pub fn routes() -> Router<Shared> {
         .route("/api/v1/history", get(history))
 }
 
+/// The most of a refused (over-limit) body that is read and thrown away before the `413`, so
+/// that a client which sends its body without asking first (`Expect: 100-continue`) is done
+/// sending and reads the answer, instead of a reset connection. A longer body is refused
+/// unread, and so is any body whose client asked first (it then never sends it).
+pub const DRAIN_LIMIT: usize = 1 << 20;
+
+/// How long the server keeps reading a refused body.
+const DRAIN_TIME: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// A JSON body of at most [`BODY_LIMIT`] bytes, decoded strictly.
 pub struct Body<T>(pub T);
 
@@ -78,16 +87,68 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for Body<T> {
             .get(header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok());
+        let asked_first = req
+            .headers()
+            .get(header::EXPECT)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+        let mut body = req.into_body();
+        let drain = !asked_first && declared.is_none_or(|n| n <= DRAIN_LIMIT as u64);
         if declared.is_some_and(|n| n > BODY_LIMIT as u64) {
+            if drain {
+                discard(&mut body, DRAIN_LIMIT).await;
+            }
             return Err(too_large());
         }
-        let bytes = axum::body::to_bytes(req.into_body(), BODY_LIMIT)
-            .await
-            .map_err(|_| too_large())?;
+        let mut bytes = Vec::new();
+        loop {
+            match next_data(&mut body).await {
+                None => break,
+                Some(Err(())) => {
+                    return Err(ApiError::bad_request("the request body could not be read"))
+                }
+                Some(Ok(chunk)) if bytes.len() + chunk.len() > BODY_LIMIT => {
+                    if drain {
+                        discard(&mut body, DRAIN_LIMIT - bytes.len().min(DRAIN_LIMIT)).await;
+                    }
+                    return Err(too_large());
+                }
+                Some(Ok(chunk)) => bytes.extend_from_slice(&chunk),
+            }
+        }
         serde_json::from_slice(&bytes)
             .map(Body)
             .map_err(|e| ApiError::bad_request(format!("malformed JSON body: {e}")))
     }
+}
+
+/// The body's next piece of data (trailers are skipped); `None` at its end.
+async fn next_data(body: &mut axum::body::Body) -> Option<Result<bytes::Bytes, ()>> {
+    use axum::body::HttpBody;
+    loop {
+        let frame = std::future::poll_fn(|cx| std::pin::Pin::new(&mut *body).poll_frame(cx)).await;
+        match frame? {
+            Err(_) => return Some(Err(())),
+            Ok(f) => {
+                if let Ok(data) = f.into_data() {
+                    return Some(Ok(data));
+                }
+            }
+        }
+    }
+}
+
+/// Read and drop up to `max` more bytes of `body`, for at most [`DRAIN_TIME`].
+async fn discard(body: &mut axum::body::Body, max: usize) {
+    let mut left = max;
+    let _ = tokio::time::timeout(DRAIN_TIME, async {
+        while let Some(Ok(chunk)) = next_data(body).await {
+            left = left.saturating_sub(chunk.len());
+            if left == 0 {
+                break;
+            }
+        }
+    })
+    .await;
 }
 
 fn need_token(headers: &HeaderMap, cookie_ok: bool) -> Result<String, ApiError> {
@@ -145,7 +206,10 @@ async fn run(
     command: Command,
     created: bool,
 ) -> Result<impl IntoResponse, ApiError> {
-    match svc.command_as(from.0 .0, &token.0, command).await? {
+    match svc
+        .command_as(from.0 .0, &token.0, command, Vec::new())
+        .await?
+    {
         MdmResponse::Done { message, object_id } => Ok((
             if created {
                 StatusCode::CREATED
