@@ -237,6 +237,7 @@ mod tests {
         MdmRequest::Command {
             token: String::new(),
             command,
+            expect: Vec::new(),
         }
     }
 

@@ -602,6 +602,63 @@ impl ClusterState {
         s
     }
 
+    /// Whether `b`'s name still belongs to its object; if not, why, in words for the operator.
+    /// Names are unique (fault set names within their protection domain), so a name that is
+    /// still its object's cannot name another.
+    pub fn check_binding(&self, b: &crate::msg::Binding) -> Result<(), String> {
+        use crate::msg::Binding as B;
+        let (kind, id, name, now) = match b {
+            B::ProtectionDomain { id, name } => (
+                "protection domain",
+                id.to_string(),
+                name,
+                self.pds.get(id).map(|x| x.name.clone()),
+            ),
+            B::FaultSet { id, pd, name } => (
+                "fault set",
+                id.to_string(),
+                name,
+                self.fault_sets.get(id).map(|f| {
+                    let in_pd = self.pds.get(&f.pd).map_or("", |p| p.name.as_str());
+                    if in_pd == pd {
+                        f.name.clone()
+                    } else {
+                        format!("{} in protection domain {in_pd}", f.name)
+                    }
+                }),
+            ),
+            B::StoragePool { id, name } => (
+                "storage pool",
+                id.to_string(),
+                name,
+                self.pools.get(id).map(|x| x.name.clone()),
+            ),
+            B::Sds { id, name } => (
+                "SDS",
+                id.to_string(),
+                name,
+                self.sds.get(id).map(|x| x.name.clone()),
+            ),
+            B::Volume { id, name } => (
+                "volume",
+                id.to_string(),
+                name,
+                self.volumes.get(id).map(|x| x.name.clone()),
+            ),
+            B::Mdm { id, name } => (
+                "MDM",
+                format!("0x{:016x}", id.0),
+                name,
+                self.mdms.get(id).map(|x| x.name.clone()),
+            ),
+        };
+        match now {
+            Some(n) if n == *name => Ok(()),
+            Some(n) => Err(format!("the {kind} with id {id} was {name} but is now {n}")),
+            None => Err(format!("the {kind} with id {id} ({name}) is gone")),
+        }
+    }
+
     pub fn pd_by_name(&self, name: &str) -> Option<&ProtectionDomain> {
         self.pds.values().find(|p| p.name == name)
     }
@@ -721,5 +778,60 @@ impl ClusterState {
             .filter(|v| v.pool == pool && !v.thin)
             .map(|v| v.size_bytes.saturating_mul(2))
             .sum()
+    }
+}
+
+#[cfg(test)]
+mod binding_tests {
+    use super::*;
+    use crate::msg::Binding;
+
+    fn state() -> ClusterState {
+        let mut s = ClusterState::default();
+        for (id, name) in [(1, "pd1"), (2, "pd2")] {
+            s.pds.insert(
+                PdId(id),
+                ProtectionDomain {
+                    id: PdId(id),
+                    name: name.into(),
+                },
+            );
+        }
+        s.fault_sets.insert(
+            FaultSetId(3),
+            FaultSet {
+                id: FaultSetId(3),
+                name: "rack1".into(),
+                pd: PdId(1),
+            },
+        );
+        s
+    }
+
+    #[test]
+    fn a_binding_holds_while_the_name_is_its_objects() {
+        let s = state();
+        let pd = |id, name: &str| Binding::ProtectionDomain {
+            id: PdId(id),
+            name: name.into(),
+        };
+        assert_eq!(s.check_binding(&pd(1, "pd1")), Ok(()));
+        let renamed = s.check_binding(&pd(1, "pd2")).expect_err("another name");
+        assert!(renamed.contains("was pd2 but is now pd1"), "{renamed}");
+        let gone = s.check_binding(&pd(9, "pd1")).expect_err("no such id");
+        assert!(gone.contains("is gone"), "{gone}");
+        let fs = |pd: &str| Binding::FaultSet {
+            id: FaultSetId(3),
+            pd: pd.into(),
+            name: "rack1".into(),
+        };
+        assert_eq!(s.check_binding(&fs("pd1")), Ok(()));
+        let moved = s.check_binding(&fs("pd2")).expect_err("other PD");
+        assert!(moved.contains("rack1 in protection domain pd1"), "{moved}");
+        let v = Binding::Volume {
+            id: VolumeId(5),
+            name: "vol".into(),
+        };
+        assert!(s.check_binding(&v).is_err(), "no volumes at all");
     }
 }

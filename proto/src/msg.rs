@@ -14,7 +14,15 @@ pub enum MdmRequest {
     /// Exchange a username and password for a session token.
     Login { username: String, password: String },
     /// Change the object model (goes through Raft).
-    Command { token: String, command: Command },
+    Command {
+        token: String,
+        command: Command,
+        /// The objects the client named by id (scli's `--volume_id` and the like), with the
+        /// names it sent for them: the command is refused, changing nothing, unless each name
+        /// still belongs to that id when the command is applied.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        expect: Vec<Binding>,
+    },
     /// Read the object model.
     Query { token: String, query: Query },
     /// An SDS announces itself (by the name scli gave it) and reports its devices.
@@ -115,6 +123,39 @@ impl IoCounters {
         self.read_micros = self.read_micros.saturating_add(o.read_micros);
         self.write_micros = self.write_micros.saturating_add(o.write_micros);
     }
+}
+
+/// A name a client took for the object with an id: scli looks ids up in the map and sends
+/// commands by name, and this lets the MDM check that nothing renamed or replaced the object
+/// in between ([`ClusterState::check_binding`]).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Binding {
+    ProtectionDomain {
+        id: PdId,
+        name: String,
+    },
+    FaultSet {
+        id: FaultSetId,
+        pd: String,
+        name: String,
+    },
+    StoragePool {
+        id: PoolId,
+        name: String,
+    },
+    Sds {
+        id: SdsId,
+        name: String,
+    },
+    Volume {
+        id: VolumeId,
+        name: String,
+    },
+    Mdm {
+        id: MdmId,
+        name: String,
+    },
 }
 
 /// Picks an SDC the ScaleIO way: by name, IP, GUID or id.

@@ -51,6 +51,7 @@ fn command(token: &str, command: Command) -> MdmRequest {
     MdmRequest::Command {
         token: token.into(),
         command,
+        expect: Vec::new(),
     }
 }
 

@@ -519,5 +519,105 @@ fn scli_admin_grammar() {
     assert!(cluster_map(&dc.c).mdms.values().all(|m| m.name != "mdm2"));
     let r = dc.c.must_scli(&["--query_cluster"]);
     assert!(!r.stdout.contains("mdm2"), "{}", r.stdout);
+    names_that_moved_on_refuse_commands_by_id(&dc.c);
     summary("scli admin: ids, --i_am_sure, clap refusals, removals, renames, abort: ok");
+}
+
+/// scli sends a command given by id with the name it looked the id up as; the MDM refuses it,
+/// changing nothing, if that name went to another object in between. The race is made here by
+/// hand: the lookup is taken, then the volume is renamed and a new one takes its old name.
+fn names_that_moved_on_refuse_commands_by_id(c: &Cluster) {
+    use proto::msg::{Binding, Command, MdmRequest, MdmResponse};
+    c.must_scli(&[
+        "--add_volume",
+        "--storage_pool_name",
+        "sp1",
+        "--volume_name",
+        "race1",
+        "--size_gb",
+        "8",
+        "--thin_provisioned",
+    ]);
+    let id = cluster_map(c).volume_by_name("race1").expect("race1").id;
+    let lookup = Binding::Volume {
+        id,
+        name: "race1".into(),
+    };
+    let admin = c.dir.join("certs/admin");
+    let token = match control_request(
+        &admin,
+        &c.mdm_ips(),
+        &MdmRequest::Login {
+            username: "admin".into(),
+            password: ADMIN_PASSWORD.into(),
+        },
+    ) {
+        Ok(MdmResponse::Session { token, .. }) => token,
+        other => panic!("login: {other:?}"),
+    };
+    let resize = |expect: Vec<Binding>| {
+        control_request(
+            &admin,
+            &c.mdm_ips(),
+            &MdmRequest::Command {
+                token: token.clone(),
+                command: Command::ModifyVolumeCapacity {
+                    name: "race1".into(),
+                    size_bytes: 16 << 30,
+                },
+                expect,
+            },
+        )
+    };
+    c.must_scli(&[
+        "--rename_volume",
+        "--volume_id",
+        &hex(id.0),
+        "--new_name",
+        "race2",
+    ]);
+    c.must_scli(&[
+        "--add_volume",
+        "--storage_pool_name",
+        "sp1",
+        "--volume_name",
+        "race1",
+        "--size_gb",
+        "8",
+        "--thin_provisioned",
+    ]);
+    let before = cluster_map(c);
+    let e = resize(vec![lookup]).expect_err("the name moved on");
+    assert_eq!(e.code, proto::ErrorCode::Conflict, "{e:?}");
+    assert!(
+        e.message.contains("was race1 but is now race2") && e.message.contains("nothing was done"),
+        "{}",
+        e.message
+    );
+    let after = cluster_map(c);
+    assert_eq!(after.volumes, before.volumes, "nothing changed");
+    let new = after.volume_by_name("race1").expect("the new race1");
+    assert_eq!(new.size_bytes, 8 << 30);
+    // Without the lookup, the same command resizes whatever race1 now is: what the binding
+    // guards against.
+    resize(Vec::new()).expect("by name");
+    assert_eq!(
+        cluster_map(c)
+            .volume_by_name("race1")
+            .expect("race1")
+            .size_bytes,
+        16 << 30
+    );
+    // scli's own --volume_id commands carry the lookup and work while nothing moves.
+    c.must_scli(&[
+        "--modify_volume_capacity",
+        "--volume_id",
+        &hex(id.0),
+        "--size_gb",
+        "24",
+    ]);
+    assert_eq!(cluster_map(c).volumes[&id].size_bytes, 24 << 30);
+    for v in ["race1", "race2"] {
+        c.must_scli(&["--remove_volume", "--volume_name", v, "--i_am_sure"]);
+    }
 }

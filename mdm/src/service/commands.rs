@@ -13,8 +13,10 @@ impl Service {
         &self,
         volume: &str,
         sdc: &SdcSelector,
+        expect: &[Binding],
     ) -> Result<Outcome, WireError> {
         let state = self.raft.shared.read_state();
+        state_machine::check_bindings(&state, expect)?;
         let Some(v) = state.volume_by_name(volume) else {
             return fail(ErrorCode::NotFound, format!("Volume {volume} not found"));
         };
@@ -61,7 +63,15 @@ impl Service {
         Ok(out)
     }
 
-    pub(super) async fn command(&self, command: Command) -> Result<Outcome, WireError> {
+    /// Run `command`. The names in `expect` are checked first (a clear refusal before any
+    /// other check), and again where the command is applied: commands proposed as such carry
+    /// them into the Raft entry; a takeover checks them on the map it resolves the volume in.
+    pub(super) async fn command(
+        &self,
+        command: Command,
+        expect: Vec<Binding>,
+    ) -> Result<Outcome, WireError> {
+        state_machine::check_bindings(&self.raft.shared.read_state(), &expect)?;
         match command {
             Command::AddUser {
                 name,
@@ -91,7 +101,8 @@ impl Service {
             Command::RemoveStandbyMdm { name } => self.remove_standby(&name).await,
             Command::RemoveSdc { sdc } => {
                 self.check_sdc_silent(&sdc)?;
-                self.propose_command(Command::RemoveSdc { sdc }).await
+                self.propose_command(Command::RemoveSdc { sdc }, expect)
+                    .await
             }
             Command::SwitchClusterMode { mode } => self.switch_mode(mode).await,
             Command::MapVolumeToSdc {
@@ -99,19 +110,20 @@ impl Service {
                 sdc,
                 takeover: true,
                 ..
-            } => self.take_over(&volume, &sdc).await,
+            } => self.take_over(&volume, &sdc, &expect).await,
             Command::RemoveSdsDevice { sds, path } => {
                 self.check_device_removal_fits(&sds, &path)?;
-                self.propose_command(Command::RemoveSdsDevice { sds, path })
+                self.propose_command(Command::RemoveSdsDevice { sds, path }, expect)
                     .await
             }
             command @ Command::AbortRemoveSds { .. } => {
                 let _in_order = self.sds_removal.lock().await;
-                self.propose_command(command).await
+                self.propose_command(command, expect).await
             }
             Command::RemoveSds { name } => {
                 self.check_removal_fits(&name)?;
-                self.propose_command(Command::RemoveSds { name }).await
+                self.propose_command(Command::RemoveSds { name }, expect)
+                    .await
             }
             command @ (Command::AddVolume { .. } | Command::ModifyVolumeCapacity { .. }) => {
                 // Thick reservations must fit beside the thin data the SDS report storing, one
@@ -119,18 +131,18 @@ impl Service {
                 let _one_at_a_time = self.thick_admission.lock().await;
                 let state = self.raft.shared.read_state();
                 crate::capacity::check_command(&state, &self.sds_stats(&state), &command)?;
-                self.propose_command(command).await
+                self.propose_command(command, expect).await
             }
             command
             @ (Command::SnapshotVolumes { .. } | Command::OverwriteVolumeContent { .. }) => {
                 // Answer once the new layers are in force, as a takeover does: every SDS still
                 // serving then holds the new map, so a write sent after this answer can never
                 // land in a layer the snapshot froze.
-                let out = self.propose_command(command).await?;
+                let out = self.propose_command(command, expect).await?;
                 tokio::time::sleep(self.sds_down_timeout).await;
                 Ok(out)
             }
-            command => self.propose_command(command).await,
+            command => self.propose_command(command, expect).await,
         }
     }
 

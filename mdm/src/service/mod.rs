@@ -361,9 +361,11 @@ impl Service {
             MdmRequest::Login { username, password } => {
                 self.login_from(peer.addr.ip(), &username, &password, None)
             }
-            MdmRequest::Command { token, command } => {
-                self.command_as(peer.addr, &token, command).await
-            }
+            MdmRequest::Command {
+                token,
+                command,
+                expect,
+            } => self.command_as(peer.addr, &token, command, expect).await,
             MdmRequest::Query { token, query } => self.query_as(&token, &query),
             MdmRequest::SdsHello {
                 name,
@@ -529,13 +531,14 @@ impl Service {
         from: std::net::SocketAddr,
         token: &str,
         command: Command,
+        expect: Vec<Binding>,
     ) -> Result<MdmResponse, WireError> {
         self.require_leader()?;
         let user = self.authorize(token, Self::role_needed(&command))?;
         authz::refuse_self_removal(&command, &user)?;
         let name = authz::command_name(&command);
         tracing::info!(%user, peer = %from, "command {name}");
-        let out = self.command(command).await?;
+        let out = self.command(command, expect).await?;
         self.record_event(
             Severity::Info,
             "command",
@@ -636,10 +639,16 @@ impl Service {
 
     /// Proposes `command` stamped with this leader's clock (what apply records as the time of
     /// a new volume, the same on every MDM).
-    async fn propose_command(&self, command: Command) -> Result<Outcome, WireError> {
+    /// Propose `command`, to be applied only if the names in `expect` still hold then.
+    async fn propose_command(
+        &self,
+        command: Command,
+        expect: Vec<Binding>,
+    ) -> Result<Outcome, WireError> {
         self.propose(Op::Command {
             command,
             proposed_unix: proto::clock::now_unix(),
+            expect,
         })
         .await
     }

@@ -75,7 +75,7 @@ impl Service {
                     let command = Command::RemoveSds {
                         name: sds.name.clone(),
                     };
-                    match self.propose_command(command).await {
+                    match self.propose_command(command, Vec::new()).await {
                         Ok(out) => {
                             tracing::info!(sds = %sds.name, "emptied by rebalance: {}", out.message)
                         }

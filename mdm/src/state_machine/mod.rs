@@ -13,7 +13,7 @@
 
 use crate::placement::{self, Candidate};
 use proto::model::*;
-use proto::msg::{Command, DeviceReport, NewDevice, SdcSelector};
+use proto::msg::{Binding, Command, DeviceReport, NewDevice, SdcSelector};
 use proto::*;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -55,6 +55,10 @@ pub enum Op {
         /// volume's creation time. 0 in entries of older versions.
         #[serde(default, skip_serializing_if = "is_zero")]
         proposed_unix: u64,
+        /// Names the client took for ids ([`Binding`]): the command is refused, changing
+        /// nothing, unless each still holds when the entry is applied.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        expect: Vec<Binding>,
     },
     AddUser {
         user: User,
@@ -412,7 +416,11 @@ fn apply_inner(s: &mut ClusterState, op: &Op) -> Result<Outcome, WireError> {
         Op::Command {
             command,
             proposed_unix,
-        } => apply_command(s, command, *proposed_unix),
+            expect,
+        } => {
+            check_bindings(s, expect)?;
+            apply_command(s, command, *proposed_unix)
+        }
         Op::SdsDown { sds } => sds_down(s, *sds),
         Op::PgRebuilt {
             pool,
@@ -422,6 +430,19 @@ fn apply_inner(s: &mut ClusterState, op: &Op) -> Result<Outcome, WireError> {
         } => pg_rebuilt(s, *pool, *pg, *target, *rebuild),
         Op::MovePg { pool, pg, from, to } => move_pg(s, *pool, *pg, *from, *to),
     }
+}
+
+/// Refuse (with [`ErrorCode::Conflict`]) unless every binding still holds in `s`.
+pub fn check_bindings(s: &ClusterState, expect: &[Binding]) -> Result<(), WireError> {
+    for b in expect {
+        s.check_binding(b).map_err(|m| {
+            WireError::new(
+                ErrorCode::Conflict,
+                format!("{m}: nothing was done; give the object again"),
+            )
+        })?;
+    }
+    Ok(())
 }
 
 fn pd_id(s: &ClusterState, name: &str) -> Result<PdId, WireError> {

@@ -10,6 +10,7 @@ pub(super) fn cmd(s: &mut ClusterState, c: Command) -> Result<Outcome, WireError
     let op = Op::Command {
         command: c,
         proposed_unix: TEST_NOW_UNIX,
+        expect: Vec::new(),
     };
     apply(s, &op, v)
 }
@@ -702,4 +703,51 @@ fn resilience_names_the_losses_a_rebuilding_pool_cannot_survive() {
         r.losses.iter().all(|l| l.name != "sds3"),
         "a down SDS cannot be lost again"
     );
+}
+
+#[test]
+fn a_command_whose_ids_no_longer_hold_changes_nothing() {
+    let mut s = cluster();
+    cmd(&mut s, volume("v1", 8 << 30, true)).expect("v1");
+    let id = s.volume_by_name("v1").expect("v1").id;
+    let resize = |name: &str| Command::ModifyVolumeCapacity {
+        name: name.into(),
+        size_bytes: 16 << 30,
+    };
+    // scli looked up the id as v1; the volume was renamed, and another took its old name.
+    cmd(
+        &mut s,
+        Command::RenameVolume {
+            name: "v1".into(),
+            new_name: "v2".into(),
+        },
+    )
+    .expect("rename");
+    cmd(&mut s, volume("v1", 8 << 30, true)).expect("a new v1");
+    let before = s.clone();
+    let op = Op::Command {
+        command: resize("v1"),
+        proposed_unix: TEST_NOW_UNIX,
+        expect: vec![Binding::Volume {
+            id,
+            name: "v1".into(),
+        }],
+    };
+    let v = s.version + 1;
+    let e = apply(&mut s, &op, v).expect_err("stale binding");
+    assert_eq!(e.code, ErrorCode::Conflict);
+    assert!(e.message.contains("is now v2"), "{}", e.message);
+    assert_eq!(s, before, "nothing changed");
+    // With the binding true, the same entry applies.
+    let op = Op::Command {
+        command: resize("v2"),
+        proposed_unix: TEST_NOW_UNIX,
+        expect: vec![Binding::Volume {
+            id,
+            name: "v2".into(),
+        }],
+    };
+    let v = s.version + 1;
+    apply(&mut s, &op, v).expect("binding holds");
+    assert_eq!(s.volumes[&id].size_bytes, 16 << 30);
 }

@@ -354,6 +354,10 @@ pub struct Args {
     /// Whether a password may be asked for on the terminal (set by `main`: stdin is one).
     #[arg(skip)]
     pub can_prompt: bool,
+    /// The names the ids given were looked up as ([`Args::resolve_ids`]): sent with the
+    /// command, so the MDM refuses it if an object was renamed or replaced in between.
+    #[arg(skip)]
+    pub bindings: Vec<proto::msg::Binding>,
     /// Monitor, Configure or Administrator.
     #[arg(long, value_parser = parse_role)]
     pub user_role: Option<Role>,

@@ -130,6 +130,7 @@ pub async fn run(mut a: Args) -> anyhow::Result<String> {
             &MdmRequest::Command {
                 token: s.token.clone(),
                 command,
+                expect: a.bindings.clone(),
             },
         )
         .await?;
@@ -153,6 +154,7 @@ pub async fn run(mut a: Args) -> anyhow::Result<String> {
     };
     if a.watch {
         return crate::progress::watch(&c, &s.token, |status, state| {
+            a.check_bindings(state)?;
             output::render(&query, &a, status, state)
         })
         .await;
@@ -169,6 +171,7 @@ pub async fn run(mut a: Args) -> anyhow::Result<String> {
         bail!("unexpected answer from the MDM")
     };
     remember_mdms(&state);
+    a.check_bindings(&state)?;
     output::render(&query, &a, &status, &state)
 }
 

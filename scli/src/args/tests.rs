@@ -216,6 +216,19 @@ fn ids_resolve_to_names_or_are_refused() {
         }
         other => panic!("{other:?}"),
     }
+    assert_eq!(
+        a.bindings,
+        vec![proto::msg::Binding::FaultSet {
+            id: fs,
+            pd: "pd1".into(),
+            name: "fs1".into(),
+        }],
+        "the lookup travels with the command"
+    );
+    a.check_bindings(&s).expect("still true");
+    s.fault_sets.get_mut(&fs).expect("fs").name = "fs2".into();
+    let e = a.check_bindings(&s).expect_err("renamed");
+    assert!(e.to_string().contains("was fs1 but is now fs2"), "{e}");
     let mut a = parse(&["--remove_protection_domain", "--protection_domain_id", "99"]);
     let e = a.resolve_ids(&s).expect_err("unknown");
     assert!(

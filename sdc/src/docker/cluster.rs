@@ -80,6 +80,7 @@ impl Cluster {
             let req = MdmRequest::Command {
                 token,
                 command: command.clone(),
+                expect: Vec::new(),
             };
             match self.mdm.request(&req, REQUEST_TIMEOUT).await {
                 Ok(MdmResponse::Done { message, .. }) => {
