@@ -14,6 +14,7 @@ pub mod daemon;
 pub mod data;
 pub mod docker;
 pub mod error;
+pub mod fence;
 pub mod ids;
 pub mod model;
 pub mod msg;

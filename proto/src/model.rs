@@ -728,45 +728,6 @@ impl ClusterState {
             None => vec![LayerId(0)],
         }
     }
-    /// May the SDC named `sdc` (its certificate's name), stamping its requests with mapping
-    /// generation `fence`, touch `chunk`? Only under a current mapping of a volume of the
-    /// chunk's tree to that very SDC (a generation of another host's mapping is
-    /// [`FenceCheck::OtherHost`]), and only in the layer that volume writes to now (a request
-    /// routed before a snapshot froze its layer is [`FenceCheck::OldLayer`]).
-    ///
-    /// A vtree that belongs to no volume in this map, asked with fence 0, is allowed (tools
-    /// and tests that install hand-made maps); a removed volume's I/O carries a non-zero fence
-    /// and is refused.
-    pub fn check_fence(&self, chunk: ChunkId, fence: u64, sdc: &str) -> FenceCheck {
-        let mapping = self.mappings.iter().find(|m| {
-            m.generation == fence
-                && self
-                    .volumes
-                    .get(&m.volume)
-                    .is_some_and(|v| v.vtree == chunk.vtree)
-        });
-        match mapping {
-            None if fence == 0 && self.volume_by_vtree(chunk.vtree).is_none() => {
-                FenceCheck::Allowed
-            }
-            Some(m) => {
-                if self.sdcs.get(&m.sdc).is_none_or(|c| c.cert_name() != sdc) {
-                    FenceCheck::OtherHost
-                } else if self
-                    .volumes
-                    .get(&m.volume)
-                    .is_some_and(|v| v.layer != chunk.layer)
-                {
-                    FenceCheck::OldLayer
-                } else {
-                    FenceCheck::Allowed
-                }
-            }
-            // Generations are values of the `next_id` counter: one above it is newer than this map.
-            None if fence > self.next_id => FenceCheck::NewerThanMap,
-            None => FenceCheck::Fenced,
-        }
-    }
     /// Raw capacity of a pool: the sum of its devices that are not failed.
     pub fn pool_raw_capacity(&self, pool: PoolId) -> u64 {
         self.sds.values().map(|s| s.capacity_in(pool)).sum()

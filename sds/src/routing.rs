@@ -9,10 +9,13 @@
 //! cannot be driven by an SDC or peer that still routes with the old map. A request from a
 //! newer epoch than the cached map makes the SDS fetch the map first.
 //!
-//! The MDM is the only writer of the map; [`crate::mdm_client`] installs what it fetches here.
+//! The MDM is the only writer of the map; [`crate::mdm_client`] installs what it fetches here,
+//! with the map's [`FenceIndex`] ([`MapSnapshot`]), so the mapping fence of each request is a
+//! lookup by generation whatever the number of volumes and mappings.
 
 use proto::data::DataHeader;
-use proto::model::ClusterState;
+use proto::fence::FenceIndex;
+use proto::model::{ClusterState, FenceCheck};
 use proto::{ChunkId, Epoch, PgId, PoolId, SdsId};
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -208,12 +211,34 @@ pub fn check_epoch<'m>(
 /// SDS that was frozen or cut off has stopped serving before its PGs move elsewhere, and an SDS
 /// that comes back serves nothing until it has the map that says what it still holds.
 pub struct MapCache {
-    state: RwLock<Arc<ClusterState>>,
+    state: RwLock<Arc<MapSnapshot>>,
     floors: Mutex<HashMap<PoolId, Epoch>>,
     me: RwLock<Option<SdsId>>,
     version: watch::Sender<u64>,
     refresh_wanted: Notify,
     lease: Mutex<Lease>,
+}
+
+/// An installed map with its [`FenceIndex`], built once when the map is installed so that the
+/// fence check of every data request is a lookup, not a scan of the mappings.
+#[derive(Default)]
+pub struct MapSnapshot {
+    pub state: Arc<ClusterState>,
+    fences: FenceIndex,
+}
+
+impl MapSnapshot {
+    fn new(state: ClusterState) -> MapSnapshot {
+        MapSnapshot {
+            fences: FenceIndex::new(&state),
+            state: Arc::new(state),
+        }
+    }
+
+    /// [`ClusterState::check_fence`] against this map.
+    pub fn check_fence(&self, chunk: ChunkId, fence: u64, sdc: &str) -> FenceCheck {
+        self.state.check_fence_with(&self.fences, chunk, fence, sdc)
+    }
 }
 
 #[derive(Default)]
@@ -233,7 +258,7 @@ impl MapCache {
     /// An empty cache: no map, not joined.
     pub fn new() -> MapCache {
         MapCache {
-            state: RwLock::new(Arc::new(ClusterState::default())),
+            state: RwLock::new(Arc::new(MapSnapshot::default())),
             floors: Mutex::new(HashMap::new()),
             me: RwLock::new(None),
             version: watch::channel(0).0,
@@ -316,7 +341,7 @@ impl MapCache {
     /// whether it was installed.
     pub fn install(&self, state: ClusterState) -> bool {
         let mut cur = self.state.write().unwrap_or_else(|p| p.into_inner());
-        if state.version <= cur.version && cur.version != 0 {
+        if state.version <= cur.state.version && cur.state.version != 0 {
             return false;
         }
         {
@@ -328,7 +353,7 @@ impl MapCache {
         }
         crate::failpoints::fail_point(crate::failpoints::ROUTING_DURING_MAP_UPDATE);
         let version = state.version;
-        *cur = Arc::new(state);
+        *cur = Arc::new(MapSnapshot::new(state));
         drop(cur);
         self.version.send_replace(version);
         true
@@ -336,7 +361,17 @@ impl MapCache {
 
     /// The current map.
     pub fn state(&self) -> Arc<ClusterState> {
+        self.snapshot().state.clone()
+    }
+
+    /// The current map with its fence index.
+    pub fn snapshot(&self) -> Arc<MapSnapshot> {
         self.state.read().map(|s| s.clone()).unwrap_or_default()
+    }
+
+    /// [`ClusterState::check_fence`] against the current map.
+    pub fn check_fence(&self, chunk: ChunkId, fence: u64, sdc: &str) -> FenceCheck {
+        self.snapshot().check_fence(chunk, fence, sdc)
     }
 
     pub fn version(&self) -> u64 {

@@ -219,10 +219,10 @@ impl<D: BlockDevice> Service<D> {
     /// SDS's map is current: the SDC refreshes its map and sends it to the new layer.
     async fn check_fence(&self, sdc: &str, h: &DataHeader) -> Result<(), WireError> {
         use proto::model::FenceCheck;
-        let mut check = self.map.state().check_fence(h.chunk, h.fence, sdc);
+        let mut check = self.map.check_fence(h.chunk, h.fence, sdc);
         if matches!(check, FenceCheck::NewerThanMap | FenceCheck::OldLayer) {
             self.map.refresh(self.opts.refresh_timeout).await;
-            check = self.map.state().check_fence(h.chunk, h.fence, sdc);
+            check = self.map.check_fence(h.chunk, h.fence, sdc);
         }
         match check {
             FenceCheck::Allowed => Ok(()),
@@ -406,13 +406,14 @@ impl<D: BlockDevice> Service<D> {
         self.lease_held(&h)?;
         // The map may have changed while this write waited for the lock (a rebuild copy of
         // this chunk, for one, holds it): route again so the write reaches the current copies.
-        let map = self.map.state();
+        let snapshot = self.map.snapshot();
+        let map = &snapshot.state;
         let route = if map.version == route.version {
             route
         } else {
             // The volume may have been taken over while this write waited.
             use proto::model::FenceCheck;
-            match map.check_fence(h.chunk, h.fence, sdc) {
+            match snapshot.check_fence(h.chunk, h.fence, sdc) {
                 FenceCheck::Fenced | FenceCheck::OtherHost => {
                     return Err(WireError::new(
                         ErrorCode::Fenced,
