@@ -208,6 +208,12 @@ pub fn require_own_sdc_id(peer: &Peer, state: &ClusterState, sdc: SdcId) -> Resu
     let registered = state.sdcs.get(&sdc).map(|c| c.cert_name());
     match (CertRole::of(&peer.name), registered) {
         (Some((CertRole::Sdc, n)), Some(r)) if n == r => Ok(()),
+        // Removed (while its session had lapsed): the SDC registers again on this answer. Its
+        // certificate stays the check: a new registration is of its own name only.
+        (Some((CertRole::Sdc, _)), None) => Err(WireError::new(
+            ErrorCode::NotFound,
+            format!("SDC {sdc} is not registered (it was removed from the cluster); register again"),
+        )),
         (_, registered) => Err(WireError::new(
             ErrorCode::PermissionDenied,
             format!(
@@ -422,13 +428,17 @@ mod tests {
         assert!(require_own_sdc_id(&peer("sdc:host1"), &state, SdcId(1)).is_ok());
         for (cn, id) in [
             ("sdc:host1", 2),
-            ("sdc:host1", 9),
             ("sds:host1", 1),
+            ("sds:host1", 9),
             ("admin", 1),
         ] {
             let e = require_own_sdc_id(&peer(cn), &state, SdcId(id)).expect_err("refused");
             assert_eq!(e.code, ErrorCode::PermissionDenied, "{cn} {id}");
         }
+        // An id nobody holds (the SDC was removed) tells an SDC to register again.
+        let e = require_own_sdc_id(&peer("sdc:host1"), &state, SdcId(9)).expect_err("removed");
+        assert_eq!(e.code, ErrorCode::NotFound);
+        assert!(e.message.contains("register again"), "{}", e.message);
         assert!(require_own_sdc(&peer("sdc:host1"), "host1").is_ok());
         assert!(require_own_sdc(&peer("sdc:host1"), "host2").is_err());
         assert!(require_own_sds(&peer("sds:a"), "a").is_ok());

@@ -113,11 +113,11 @@ impl RegistrationStatus {
     }
 }
 
-/// The volumes mapped to `me` in `map`.
-pub fn mapped_volumes(map: &ClusterState, me: SdcId) -> Vec<(VolumeId, String)> {
+/// The volumes mapped to `me` in `map` (none while not registered).
+pub fn mapped_volumes(map: &ClusterState, me: Option<SdcId>) -> Vec<(VolumeId, String)> {
     map.mappings
         .iter()
-        .filter(|m| m.sdc == me)
+        .filter(|m| Some(m.sdc) == me)
         .filter_map(|m| map.volumes.get(&m.volume).map(|v| (v.id, v.name.clone())))
         .collect()
 }
@@ -130,16 +130,40 @@ pub trait Exports: Send + Sync + 'static {
     fn connections(&self, name: &str) -> usize;
 }
 
-/// Follow the map forever: poll the MDM and reconcile exports with the mappings.
-pub async fn follow_map(io: Arc<IoPath>, me: SdcId, exports: Arc<dyn Exports>, cfg: &SdcConfig) {
+/// How this SDC registers (again): see [`follow_map`].
+pub struct Registration<'a> {
+    pub mdm: &'a MdmClient,
+    pub guid: &'a str,
+    pub name: &'a str,
+    pub status: &'a RegistrationStatus,
+}
+
+/// Follow the map forever: poll the MDM and reconcile exports with the mappings. If the MDM
+/// says this SDC is not registered (an operator removed it while it was cut off, so its
+/// session had lapsed), register again, as a restart would: the SDC gets a new id and serves
+/// whatever is then mapped to it.
+pub async fn follow_map(
+    io: Arc<IoPath>,
+    exports: Arc<dyn Exports>,
+    cfg: &SdcConfig,
+    again: Registration<'_>,
+) {
     let mut current: HashMap<VolumeId, String> = HashMap::new();
     let mut tick = tokio::time::interval(Duration::from_millis(cfg.map_poll_ms));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
         io.refresh_map().await;
+        if io.unregistered() {
+            let old = io.me().map_or_else(String::new, |id| id.to_string());
+            tracing::warn!(old_id = %old, "this SDC was removed from the cluster; registering again");
+            let id = register(again.mdm, again.guid, again.name, again.status).await;
+            io.set_me(id);
+            tracing::info!(sdc_id = %id, "registered with the MDM again");
+            io.refresh_map().await;
+        }
         let map = io.map();
-        let want: HashMap<VolumeId, String> = mapped_volumes(&map, me).into_iter().collect();
+        let want: HashMap<VolumeId, String> = mapped_volumes(&map, io.me()).into_iter().collect();
         for (id, name) in current.iter() {
             if want.get(id) != Some(name) {
                 tracing::info!(volume = %name, "volume unmapped or renamed: closing its export");

@@ -71,8 +71,12 @@ pub struct IoPath {
     changed: tokio::sync::watch::Sender<u64>,
     /// Requests waiting longer than [`STUCK_AFTER`] right now.
     stuck: std::sync::atomic::AtomicUsize,
-    /// This SDC's id once registered: map polls carry it as the session heartbeat.
-    me: std::sync::OnceLock<proto::SdcId>,
+    /// This SDC's id once registered (0 before): map polls carry it as the session heartbeat.
+    /// It changes if the SDC registers again after the cluster removed it.
+    me: std::sync::atomic::AtomicU64,
+    /// The MDM answered a map poll that this SDC is not registered (it was removed while cut
+    /// off): [`crate::daemon::follow_map`] registers it again.
+    unregistered: std::sync::atomic::AtomicBool,
     /// Per volume, the flushes it owes: one for every export and attach of the volume, kept
     /// for the life of the process (a rename or a re-export keeps its debt).
     debts: Mutex<HashMap<VolumeId, Arc<FlushDebt>>>,
@@ -109,7 +113,8 @@ impl IoPath {
             io_timeout,
             changed: tokio::sync::watch::channel(0).0,
             stuck: std::sync::atomic::AtomicUsize::new(0),
-            me: std::sync::OnceLock::new(),
+            me: std::sync::atomic::AtomicU64::new(0),
+            unregistered: std::sync::atomic::AtomicBool::new(false),
             debts: Mutex::new(HashMap::new()),
             throttles: Mutex::new(HashMap::new()),
             metrics,
@@ -178,7 +183,7 @@ impl IoPath {
     /// Sets `t` to the limits of `volume`'s mapping to this SDC in `map` (none while this SDC
     /// is not registered or the volume is not mapped here).
     fn apply_limits(&self, map: &ClusterState, volume: VolumeId, t: &Throttle) {
-        let me = self.me.get().copied();
+        let me = self.me();
         let (iops, kbps) = map
             .mappings
             .iter()
@@ -187,9 +192,12 @@ impl IoPath {
         t.set_limits(iops, kbps);
     }
 
-    /// Record this SDC's id (after registration) for the session heartbeat.
+    /// Record this SDC's id (after registration, and again after registering anew) for the
+    /// session heartbeat, the fences and the QoS limits of its mappings.
     pub fn set_me(&self, id: proto::SdcId) {
-        let _ = self.me.set(id);
+        self.me.store(id.0, std::sync::atomic::Ordering::Relaxed);
+        self.unregistered
+            .store(false, std::sync::atomic::Ordering::Relaxed);
         let map = self.map();
         for (volume, t) in self.throttles() {
             self.apply_limits(&map, volume, &t);
@@ -273,7 +281,7 @@ impl IoPath {
             .request(
                 &MdmRequest::GetMap {
                     known_version: known,
-                    sdc: self.me.get().copied(),
+                    sdc: self.me(),
                     throttled_ms: self
                         .throttles()
                         .into_iter()
@@ -286,8 +294,27 @@ impl IoPath {
             .await
         {
             Ok(MdmResponse::Map { state: Some(s) }) => self.set_map(*s),
+            Err(e) if e.code == ErrorCode::NotFound && self.me().is_some() => {
+                tracing::warn!("the MDM no longer knows this SDC: {}", e.message);
+                self.unregistered
+                    .store(true, std::sync::atomic::Ordering::Relaxed);
+                false
+            }
             _ => false,
         }
+    }
+
+    /// This SDC's id, once registered.
+    pub fn me(&self) -> Option<proto::SdcId> {
+        match self.me.load(std::sync::atomic::Ordering::Relaxed) {
+            0 => None,
+            id => Some(proto::SdcId(id)),
+        }
+    }
+
+    /// Whether the MDM said this SDC is not registered (since the last [`Self::set_me`]).
+    pub fn unregistered(&self) -> bool {
+        self.unregistered.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     async fn conn(&self, sds: SdsId, map: &ClusterState) -> Result<RpcClient, IoError> {
@@ -422,13 +449,13 @@ impl VolumeIo {
     /// The generation of this SDC's mapping of the volume, stamped on every request as the
     /// fence. `None` once the mapping is gone (unmapped, or taken over by another host).
     fn generation(&self, map: &ClusterState) -> Option<u64> {
-        let Some(me) = self.io.me.get() else {
+        let Some(me) = self.io.me() else {
             // Not registered (tools that drive an IoPath by hand): no mapping to show.
             return Some(0);
         };
         map.mappings
             .iter()
-            .find(|m| m.volume == self.volume && m.sdc == *me)
+            .find(|m| m.volume == self.volume && m.sdc == me)
             .map(|m| m.generation)
     }
 

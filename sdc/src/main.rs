@@ -428,7 +428,7 @@ async fn run(cfg: SdcConfig) -> anyhow::Result<()> {
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
         let exe = std::env::current_exe().context("find the sdc binary")?;
-        let attacher = Attacher::start(&cfg.state_dir, io.clone(), me, &exe)
+        let attacher = Attacher::start(&cfg.state_dir, io.clone(), &exe)
             .await
             .context("start the attach layer")?;
         let _ = attacher_slot.set(attacher.clone());
@@ -459,14 +459,19 @@ async fn run(cfg: SdcConfig) -> anyhow::Result<()> {
         }
         core_tx.send_replace(Some(Core {
             attacher: attacher.clone(),
-            me,
             guid: guid.clone(),
             exports: exports.clone(),
         }));
         if let Some(d) = &driver {
             d.reconcile().await;
         }
-        daemon::follow_map(io.clone(), me, exports, &cfg).await;
+        let again = daemon::Registration {
+            mdm: &mdm,
+            guid: &guid,
+            name: &name,
+            status: &registration,
+        };
+        daemon::follow_map(io.clone(), exports, &cfg, again).await;
         anyhow::Ok(())
     };
     let result = tokio::select! {

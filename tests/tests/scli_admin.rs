@@ -487,6 +487,7 @@ fn scli_admin_grammar() {
             .find(|x| x.name == "sdc1")
             .map(|x| assert_ne!(x.id.0, sdc1, "a removed SDC comes back as a new one"))
     });
+    removed_while_cut_off_it_registers_again(&mut dc);
 
     // Standby MDMs go; managers (voters) do not.
     dc.c.spawn_mdm(2, false);
@@ -521,6 +522,81 @@ fn scli_admin_grammar() {
     assert!(!r.stdout.contains("mdm2"), "{}", r.stdout);
     names_that_moved_on_refuse_commands_by_id(&dc.c);
     summary("scli admin: ids, --i_am_sure, clap refusals, removals, renames, abort: ok");
+}
+
+/// An SDC removed while cut off (frozen here, so its session lapses but its process lives)
+/// hears that it is no longer registered at its next map poll, registers again without a
+/// restart, and serves what is then mapped to it.
+fn removed_while_cut_off_it_registers_again(dc: &mut DataCluster) {
+    let sdc1 = |m: &proto::model::ClusterState| {
+        m.sdcs
+            .values()
+            .find(|x| x.name == "sdc1")
+            .map(|x| (x.id, x.guid.clone()))
+    };
+    let (before, guid) = sdc1(&cluster_map(&dc.c)).expect("sdc1 registered");
+    dc.sdc.signal(libc::SIGSTOP);
+    wait_for(
+        "sdc1 removed once its session lapsed",
+        Duration::from_secs(30),
+        || {
+            let r =
+                dc.c.scli_raw(&["--remove_sdc", "--sdc_name", "sdc1", "--i_am_sure"]);
+            assert!(r.ok || r.stderr.contains("it is connected"), "{}", r.stderr);
+            r.ok.then_some(())
+        },
+    );
+    assert!(sdc1(&cluster_map(&dc.c)).is_none());
+    dc.sdc.signal(libc::SIGCONT);
+    let (after, again) = wait_for(
+        "the cut-off SDC registered again by itself",
+        Duration::from_secs(30),
+        || sdc1(&cluster_map(&dc.c)),
+    );
+    assert_ne!(after, before, "a new registration");
+    assert_eq!(again, guid, "the same host");
+    assert!(dc.sdc.alive(), "no restart: the same process");
+    assert!(
+        dc.sdc.log_text().contains("registering again"),
+        "the SDC says why"
+    );
+    dc.c.must_scli(&[
+        "--map_volume_to_sdc",
+        "--volume_name",
+        "vol1",
+        "--sdc_name",
+        "sdc1",
+    ]);
+    let uri = dc.uri("vol1");
+    wait_export(&uri);
+    let o = run(
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            "-c",
+            "write -P 0x6b 1M 64k",
+            "-c",
+            "read -P 0x6b 1M 64k",
+            &uri,
+        ],
+    )
+    .expect("qemu-io");
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        o.status.success()
+            && !out.contains("verification failed")
+            && out.contains("read 65536/65536"),
+        "I/O through the SDC registered again: {out}{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    dc.c.must_scli(&[
+        "--unmap_volume_from_sdc",
+        "--volume_name",
+        "vol1",
+        "--sdc_name",
+        "sdc1",
+    ]);
 }
 
 /// scli sends a command given by id with the name it looked the id up as; the MDM refuses it,

@@ -64,7 +64,6 @@ pub struct Attacher {
     keeper_socket: PathBuf,
     state_file: PathBuf,
     io: Arc<IoPath>,
-    me: SdcId,
     sdc_exe: PathBuf,
     /// The FUSE directory is mounted and served by this process.
     serving: std::sync::atomic::AtomicBool,
@@ -87,13 +86,17 @@ fn is_fuse_mount(dir: &Path) -> bool {
 }
 
 impl Attacher {
+    /// This SDC's id (it changes if the SDC registers again after being removed).
+    pub fn me(&self) -> Option<SdcId> {
+        self.io.me()
+    }
+
     /// Takes the live FUSE connection over from the keeper if there is one, then restores the
     /// attachments of the previous run. The FUSE directory is mounted only when something is
     /// attached: an SDC that attaches nothing mounts nothing. `io` must already hold a map.
     pub async fn start(
         state_dir: &Path,
         io: Arc<IoPath>,
-        me: SdcId,
         sdc_exe: &Path,
     ) -> anyhow::Result<Arc<Attacher>> {
         let dir = fuse_dir(state_dir);
@@ -106,7 +109,6 @@ impl Attacher {
             keeper_socket: sock,
             state_file,
             io,
-            me,
             sdc_exe: sdc_exe.to_path_buf(),
             serving: std::sync::atomic::AtomicBool::new(false),
             attached: tokio::sync::Mutex::new(BTreeMap::new()),
@@ -324,7 +326,7 @@ impl Attacher {
                 let mapped = map
                     .mappings
                     .iter()
-                    .any(|m| m.volume == v.id && m.sdc == self.me);
+                    .any(|m| m.volume == v.id && Some(m.sdc) == self.me());
                 (v.id, mapped)
             })
         };

@@ -23,7 +23,7 @@ use crate::attach::{system, Attacher};
 use crate::config::DockerConfig;
 use proto::model::{ClusterState, Volume};
 use proto::msg::{Command, SdcSelector};
-use proto::{ErrorCode, SdcId, WireError};
+use proto::{ErrorCode, WireError};
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -92,7 +92,6 @@ fn cluster_err(what: &str, e: WireError) -> DriverError {
 #[derive(Clone)]
 pub struct Core {
     pub attacher: Arc<Attacher>,
-    pub me: SdcId,
     pub guid: String,
     /// The NBD exports, to see clients outside Docker.
     pub exports: Arc<dyn crate::daemon::Exports>,
@@ -475,7 +474,7 @@ impl Driver {
     async fn facts(&self, core: &Core, map: &ClusterState, v: &Volume, refs: &Refs) -> Facts {
         let mapped_elsewhere = map
             .mappings_of(v.id)
-            .filter(|m| m.sdc != core.me)
+            .filter(|m| Some(m.sdc) != core.attacher.me())
             .map(|m| {
                 map.sdcs
                     .get(&m.sdc)
@@ -487,7 +486,9 @@ impl Driver {
             created_by_docker: v.created_by_docker(),
             container_mounts: refs.count(&v.name),
             mapped_elsewhere,
-            mapped_here: map.mappings_of(v.id).any(|m| m.sdc == core.me),
+            mapped_here: map
+                .mappings_of(v.id)
+                .any(|m| Some(m.sdc) == core.attacher.me()),
             attached_device: core
                 .attacher
                 .device(&v.name)
@@ -736,7 +737,10 @@ impl Driver {
         let until = tokio::time::Instant::now() + MAPPING_WAIT;
         loop {
             let map = self.cluster.fresh_map().await;
-            if map.mappings_of(v.id).any(|m| m.sdc == core.me) {
+            if map
+                .mappings_of(v.id)
+                .any(|m| Some(m.sdc) == core.attacher.me())
+            {
                 return Ok(());
             }
             if tokio::time::Instant::now() > until {
@@ -775,7 +779,10 @@ impl Driver {
     fn taken_over(&self, core: &Core, cname: &str) -> Option<String> {
         let map = self.cluster.map();
         let v = map.volume_by_name(cname)?;
-        if map.mappings_of(v.id).any(|m| m.sdc == core.me) {
+        if map
+            .mappings_of(v.id)
+            .any(|m| Some(m.sdc) == core.attacher.me())
+        {
             return None;
         }
         let hosts: Vec<String> = map
