@@ -604,16 +604,19 @@ fn removed_while_cut_off_it_registers_again(dc: &mut DataCluster) {
 /// hand: the lookup is taken, then the volume is renamed and a new one takes its old name.
 fn names_that_moved_on_refuse_commands_by_id(c: &Cluster) {
     use proto::msg::{Binding, Command, MdmRequest, MdmResponse};
-    c.must_scli(&[
-        "--add_volume",
-        "--storage_pool_name",
-        "sp1",
-        "--volume_name",
-        "race1",
-        "--size_gb",
-        "8",
-        "--thin_provisioned",
-    ]);
+    let add_race1 = || {
+        c.must_scli(&[
+            "--add_volume",
+            "--storage_pool_name",
+            "sp1",
+            "--volume_name",
+            "race1",
+            "--size_gb",
+            "8",
+            "--thin_provisioned",
+        ])
+    };
+    add_race1();
     let id = cluster_map(c).volume_by_name("race1").expect("race1").id;
     let lookup = Binding::Volume {
         id,
@@ -652,16 +655,7 @@ fn names_that_moved_on_refuse_commands_by_id(c: &Cluster) {
         "--new_name",
         "race2",
     ]);
-    c.must_scli(&[
-        "--add_volume",
-        "--storage_pool_name",
-        "sp1",
-        "--volume_name",
-        "race1",
-        "--size_gb",
-        "8",
-        "--thin_provisioned",
-    ]);
+    add_race1();
     let before = cluster_map(c);
     let e = resize(vec![lookup]).expect_err("the name moved on");
     assert_eq!(e.code, proto::ErrorCode::Conflict, "{e:?}");

@@ -724,30 +724,23 @@ fn a_command_whose_ids_no_longer_hold_changes_nothing() {
     )
     .expect("rename");
     cmd(&mut s, volume("v1", 8 << 30, true)).expect("a new v1");
-    let before = s.clone();
-    let op = Op::Command {
-        command: resize("v1"),
+    // The resize of `name`, sent with the lookup of `id` as `name`.
+    let bound = |name: &str| Op::Command {
+        command: resize(name),
         proposed_unix: TEST_NOW_UNIX,
         expect: vec![Binding::Volume {
             id,
-            name: "v1".into(),
+            name: name.into(),
         }],
     };
+    let before = s.clone();
     let v = s.version + 1;
-    let e = apply(&mut s, &op, v).expect_err("stale binding");
+    let e = apply(&mut s, &bound("v1"), v).expect_err("stale binding");
     assert_eq!(e.code, ErrorCode::Conflict);
     assert!(e.message.contains("is now v2"), "{}", e.message);
     assert_eq!(s, before, "nothing changed");
     // With the binding true, the same entry applies.
-    let op = Op::Command {
-        command: resize("v2"),
-        proposed_unix: TEST_NOW_UNIX,
-        expect: vec![Binding::Volume {
-            id,
-            name: "v2".into(),
-        }],
-    };
     let v = s.version + 1;
-    apply(&mut s, &op, v).expect("binding holds");
+    apply(&mut s, &bound("v2"), v).expect("binding holds");
     assert_eq!(s.volumes[&id].size_bytes, 16 << 30);
 }
