@@ -1,11 +1,11 @@
 //! The mapping fence every SDS data request passes: [`ClusterState::check_fence_with`] (the
-//! SDS's per-map index) against the scan of mappings it replaced (the baseline, run alongside),
+//! SDS's per-map index) against the scan it replaced (`check_fence`, the baseline, run alongside),
 //! on maps of 10 to 10,000 volumes, each mapped to one of 50 SDCs. Prints nanoseconds of CPU
 //! per check, and what building the index costs once per map.
 //!
 //!     cargo bench -p proto --bench fence
 
-use proto::fence::{by_scan, FenceIndex};
+use proto::fence::FenceIndex;
 use proto::ids::*;
 use proto::model::{ClusterState, Mapping, Sdc, Volume};
 use std::hint::black_box;
@@ -91,11 +91,11 @@ fn main() {
         for (chunk, fence, sdc) in queries.iter().take(1000) {
             assert_eq!(
                 s.check_fence_with(&index, *chunk, *fence, sdc),
-                by_scan(&s, *chunk, *fence, sdc)
+                s.check_fence(*chunk, *fence, sdc)
             );
         }
         let scan = per_check(&queries, |c, f, sdc| {
-            black_box(by_scan(black_box(&s), c, f, sdc));
+            black_box(black_box(&s).check_fence(c, f, sdc));
         });
         let indexed = per_check(&queries, |c, f, sdc| {
             black_box(black_box(&s).check_fence_with(&index, c, f, sdc));

@@ -1,7 +1,8 @@
 //! The mapping fence an SDS checks on every data request ([`ClusterState::check_fence`]), and
 //! [`FenceIndex`], the lookup tables that make that check cost the same at ten mappings as at
-//! ten thousand. An SDS builds the index once per map it installs; the plain `check_fence`
-//! builds one on the spot (the MDM's tests and tools, where a map is checked a few times).
+//! ten thousand. An SDS builds the index once per map it installs and asks
+//! [`ClusterState::check_fence_with`]; the plain `check_fence` scans the map (a map checked a
+//! few times: the MDM's tests and tools), and is what the index is tested and benched against.
 
 use crate::ids::{ChunkId, VtreeId};
 use crate::model::{ClusterState, FenceCheck, Mapping};
@@ -40,7 +41,12 @@ impl ClusterState {
     /// and tests that install hand-made maps); a removed volume's I/O carries a non-zero fence
     /// and is refused.
     pub fn check_fence(&self, chunk: ChunkId, fence: u64, sdc: &str) -> FenceCheck {
-        self.check_fence_with(&FenceIndex::new(self), chunk, fence, sdc)
+        let mapping = self
+            .mappings
+            .iter()
+            .find(|m| m.generation == fence && self.maps_tree(m, chunk));
+        let tree_in_use = self.volumes.values().any(|v| v.vtree == chunk.vtree);
+        self.fence_answer(mapping, tree_in_use, chunk, fence, sdc)
     }
 
     /// [`Self::check_fence`] with the index built for this map: no scan of its volumes or
@@ -105,18 +111,6 @@ impl ClusterState {
             None => FenceCheck::Fenced,
         }
     }
-}
-
-/// The check as it was before the index, a scan of the mappings and volumes: what the
-/// property test compares the index with, and the baseline of `proto/benches/fence.rs`.
-#[doc(hidden)]
-pub fn by_scan(s: &ClusterState, chunk: ChunkId, fence: u64, sdc: &str) -> FenceCheck {
-    let mapping = s
-        .mappings
-        .iter()
-        .find(|m| m.generation == fence && s.maps_tree(m, chunk));
-    let tree_in_use = s.volumes.values().any(|v| v.vtree == chunk.vtree);
-    s.fence_answer(mapping, tree_in_use, chunk, fence, sdc)
 }
 
 #[cfg(test)]
@@ -196,7 +190,7 @@ mod tests {
                 let sdc = if a { "a" } else { "b" };
                 prop_assert_eq!(
                     s.check_fence_with(&index, chunk, fence, sdc),
-                    by_scan(&s, chunk, fence, sdc)
+                    s.check_fence(chunk, fence, sdc)
                 );
             }
         }

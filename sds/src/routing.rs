@@ -340,6 +340,9 @@ impl MapCache {
     /// Install `state` if it is newer than the cached map; raise the epoch floors. Returns
     /// whether it was installed.
     pub fn install(&self, state: ClusterState) -> bool {
+        // The index is built before the lock: every request's fence check reads under it.
+        let next = MapSnapshot::new(state);
+        let state = &next.state;
         let mut cur = self.state.write().unwrap_or_else(|p| p.into_inner());
         if state.version <= cur.state.version && cur.state.version != 0 {
             return false;
@@ -353,7 +356,7 @@ impl MapCache {
         }
         crate::failpoints::fail_point(crate::failpoints::ROUTING_DURING_MAP_UPDATE);
         let version = state.version;
-        *cur = Arc::new(MapSnapshot::new(state));
+        *cur = Arc::new(next);
         drop(cur);
         self.version.send_replace(version);
         true
@@ -361,7 +364,10 @@ impl MapCache {
 
     /// The current map.
     pub fn state(&self) -> Arc<ClusterState> {
-        self.snapshot().state.clone()
+        self.state
+            .read()
+            .map(|s| s.state.clone())
+            .unwrap_or_default()
     }
 
     /// The current map with its fence index.

@@ -108,7 +108,7 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for Body<T> {
                 }
                 Some(Ok(chunk)) if bytes.len() + chunk.len() > BODY_LIMIT => {
                     if drain {
-                        discard(&mut body, DRAIN_LIMIT - bytes.len().min(DRAIN_LIMIT)).await;
+                        discard(&mut body, DRAIN_LIMIT.saturating_sub(bytes.len())).await;
                     }
                     return Err(too_large());
                 }

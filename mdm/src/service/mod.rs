@@ -638,8 +638,8 @@ impl Service {
     }
 
     /// Proposes `command` stamped with this leader's clock (what apply records as the time of
-    /// a new volume, the same on every MDM).
-    /// Propose `command`, to be applied only if the names in `expect` still hold then.
+    /// a new volume, the same on every MDM), to be applied only if the names in `expect` still
+    /// hold then.
     async fn propose_command(
         &self,
         command: Command,
